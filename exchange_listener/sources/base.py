@@ -1,0 +1,65 @@
+"""The boundary between a mail source (EWS today; Graph or IMAP later) and the workers.
+
+The listener turns a source's events into ``NewMail`` jobs; workers see only
+``FetchedMessage`` objects from a ``MailFetcher``. Nothing in ``workers/`` imports
+exchangelib, so another source is a new fetcher plus a new listener, and no worker change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from typing import Protocol, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class NewMail:
+    """One mail the listener saw arrive; the unit a job carries (JSON-safe via ``as_dict``)."""
+
+    mailbox: str
+    item_id: str
+    folder: str = ""
+    seen_at: float = 0.0  # epoch seconds when the listener saw the event
+    via: str = "stream"  # stream | catchup
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "NewMail":
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+@dataclasses.dataclass
+class FetchedMessage:
+    """What a worker needs of one mail: ids, participants and headers; MIME only on request."""
+
+    mailbox: str
+    item_id: str
+    internet_message_id: str | None
+    subject: str
+    sender: str | None
+    from_address: str | None
+    to: list[str]
+    cc: list[str]
+    received_at: datetime.datetime | None
+    conversation_id: str | None
+    in_reply_to: str | None
+    references: str | None
+    headers: list[tuple[str, str]]  # every internet header, in order, as the server gave them
+    mime: bytes | None = None  # the full RFC 5322 source, when fetched
+
+
+class ItemGone(Exception):
+    """The item no longer exists (deleted or moved away before the worker got to it)."""
+
+
+class MailFetcher(Protocol):
+    """Fetch messages of one mailbox by item id, in as few round trips as the source allows."""
+
+    def fetch(self, mailbox: str, item_ids: Sequence[str]) -> list[FetchedMessage | ItemGone]:
+        """Headers and participants for each id, in the given order (``ItemGone`` for missing ones)."""
+
+    def fetch_mime(self, mailbox: str, item_id: str) -> bytes:
+        """The full RFC 5322 source, for classification that needs the body or attachments."""
+
+    def close(self) -> None: ...

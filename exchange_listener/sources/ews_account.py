@@ -1,0 +1,74 @@
+"""Build exchangelib objects from settings: credentials, one Protocol per pool, Accounts.
+
+exchangelib caches one Protocol (one HTTP session pool, one cookie jar) per endpoint and
+credentials. A stream holds its session for up to 30 minutes and affinity cookies leak
+through a shared jar, so callers ask for a *pool* by name (one per subscription group, one
+per worker process): each pool gets credentials that differ only in their pool tag, hence its
+own Protocol, sessions and cookies.
+"""
+from __future__ import annotations
+
+from exchangelib import DELEGATE, IMPERSONATION, Account, Build, Configuration, Credentials, Version
+from exchangelib.credentials import OAuth2Credentials
+from exchangelib.protocol import BaseProtocol, NoVerifyHTTPAdapter
+from exchangelib.transport import NTLM, BASIC, OAUTH2
+import requests.adapters
+
+from exchange_listener.config import Settings
+
+_AUTH = {"basic": BASIC, "ntlm": NTLM, "oauth2": OAUTH2}
+
+
+class _PooledPassword(Credentials):
+    def __init__(self, username: str, password: str, pool: str):
+        super().__init__(username, password)
+        self.pool = pool
+
+
+class _PooledOAuth2(OAuth2Credentials):
+    """Client-credentials OAuth2 whose token endpoint can be set (exchangelib fixes it to Microsoft's)."""
+
+    def __init__(self, *, client_id: str, client_secret: str, tenant_id: str | None, token_url: str, pool: str):
+        super().__init__(client_id=client_id, client_secret=client_secret, tenant_id=tenant_id)
+        self._token_url_override = token_url
+        self.pool = pool
+
+    @property
+    def token_url(self):
+        return self._token_url_override or super().token_url
+
+
+def make_credentials(settings: Settings, pool: str = "default"):
+    if settings.auth_type == "oauth2":
+        return _PooledOAuth2(
+            client_id=settings.client_id,
+            client_secret=settings.client_secret,
+            tenant_id=settings.tenant_id or None,
+            token_url=settings.token_url,
+            pool=pool,
+        )
+    return _PooledPassword(settings.ews_username, settings.ews_password, pool)
+
+
+def _version(settings: Settings) -> Version:
+    parts = [int(p) for p in settings.ews_version.split(".")]
+    return Version(build=Build(*parts[:4]))
+
+
+def make_configuration(settings: Settings, *, pool: str = "default", max_connections: int = 4) -> Configuration:
+    """A Configuration whose Protocol is private to ``pool``; no request is sent here."""
+    settings.require("ews_url")
+    BaseProtocol.HTTP_ADAPTER_CLS = requests.adapters.HTTPAdapter if settings.verify_tls else NoVerifyHTTPAdapter
+    return Configuration(
+        service_endpoint=settings.ews_url,
+        credentials=make_credentials(settings, pool),
+        auth_type=_AUTH[settings.auth_type],
+        version=_version(settings),
+        max_connections=max_connections,
+    )
+
+
+def make_account(settings: Settings, mailbox: str, configuration: Configuration) -> Account:
+    """An Account for ``mailbox`` (impersonated or delegated); sends no request."""
+    access = IMPERSONATION if settings.access_type == "impersonation" else DELEGATE
+    return Account(mailbox, config=configuration, autodiscover=False, access_type=access)

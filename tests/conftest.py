@@ -1,0 +1,35 @@
+"""Shared fixtures: a real redis-server per session on a free port, and the EWS emulator.
+
+Nothing here talks to a shared Redis on 6379; every test gets a flushed database.
+"""
+from __future__ import annotations
+
+import pytest
+import redis
+
+from exchange_listener.local_services import Emulator, RedisServer
+
+SERVICE_ACCOUNT = ("svc", "svc-password")
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    if redis_server.proc.poll() is not None:  # a test stopped it: bring it back
+        redis_server.start()
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def emulator():
+    """A fresh emulator process per test, with the service account that may impersonate anyone."""
+    with Emulator(accounts=[":".join(SERVICE_ACCOUNT)], heartbeat_seconds=1.0) as emu:
+        yield emu
