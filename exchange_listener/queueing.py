@@ -1,0 +1,64 @@
+"""The job contract between listener and workers: one queue, JSON payloads, deterministic ids.
+
+A job is ``workers.jobs.handle_mail(payload)`` with
+``payload = {"mailbox": str, "source": "ews", "mails": [NewMail.as_dict(), ...]}``.
+Its id hashes the mailbox and item ids (EWS ItemIds hold characters RQ forbids in ids), and it
+is enqueued with ``unique=True``, so the same mail enqueued twice while the first is queued or
+running runs once. Later duplicates are harmless: workers are idempotent.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Sequence
+
+import redis
+from rq import Queue, Retry
+from rq.exceptions import DuplicateJobError
+from rq.serializers import JSONSerializer
+
+from exchange_listener.sources.base import NewMail
+
+JOB_FUNC = "workers.jobs.handle_mail"
+RETRY_INTERVALS = [2, 10, 30, 120, 600]  # seconds; the last repeats for further retries
+
+
+def make_queue(connection: redis.Redis, name: str, **kwargs) -> Queue:
+    return Queue(name, connection=connection, serializer=JSONSerializer, **kwargs)
+
+
+def job_id(mailbox: str, item_ids: Iterable[str]) -> str:
+    digest = hashlib.sha256("\n".join([mailbox.lower(), *sorted(item_ids)]).encode()).hexdigest()
+    return f"mail-{digest[:40]}"
+
+
+def payload(mails: Sequence[NewMail], source: str = "ews") -> dict:
+    mailboxes = {m.mailbox for m in mails}
+    if len(mailboxes) != 1:
+        raise ValueError("one job carries mail of one mailbox")
+    return {"mailbox": mails[0].mailbox, "source": source, "mails": [m.as_dict() for m in mails]}
+
+
+def retry_policy(retries: int) -> Retry | None:
+    if retries <= 0:
+        return None
+    intervals = RETRY_INTERVALS[: min(retries, len(RETRY_INTERVALS))] + [RETRY_INTERVALS[-1]] * max(0, retries - len(RETRY_INTERVALS))
+    return Retry(max=retries, interval=intervals)
+
+
+def enqueue_new_mail(queue: Queue, mails: Sequence[NewMail], *, retries: int = 5, job_timeout: int = 120,
+                     source: str = "ews"):
+    """Enqueue one job for ``mails`` (all of one mailbox). Returns the job, or None if its twin is pending."""
+    try:
+        return queue.enqueue(
+            JOB_FUNC,
+            payload(mails, source),
+            job_id=job_id(mails[0].mailbox, [m.item_id for m in mails]),
+            unique=True,
+            retry=retry_policy(retries),
+            job_timeout=job_timeout,
+            result_ttl=3600,
+            failure_ttl=7 * 86400,
+            description=f"new mail for {mails[0].mailbox} ({len(mails)} item(s))",
+        )
+    except DuplicateJobError:
+        return None
