@@ -1,0 +1,28 @@
+"""Prometheus metrics for listeners and workers, served on ``metrics_port`` when it is set.
+
+Workers count in the process that runs the job; the worker runs jobs in-process (no fork per
+job), so no multiprocess directory is needed and nothing is lost when a horse exits.
+"""
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+EVENTS_RECEIVED = Counter("el_events_received_total", "Streaming events received from the mail source", ["kind"])
+JOBS_ENQUEUED = Counter("el_jobs_enqueued_total", "Jobs put on the queue", ["via"])
+RECONNECTS = Counter("el_reconnects_total", "Streaming connections reopened", ["reason"])
+RESUBSCRIBES = Counter("el_resubscribes_total", "Mailboxes resubscribed", ["reason"])
+CATCHUP_ITEMS = Counter("el_catchup_items_total", "Items found by SyncFolderItems catch-up")
+CLASSIFIED = Counter("el_classified_total", "Messages classified, by kind", ["kind"])
+TRANSITIONS = Counter("el_transitions_total", "Enrollment transitions made", ["status", "reason"])
+UNMATCHED = Counter("el_unmatched_total", "Messages that matched no recorded send", ["kind"])
+JOBS_PROCESSED = Counter("el_jobs_processed_total", "Jobs finished by workers", ["outcome"])
+DELIVERY_TO_STOP = Histogram(
+    "el_delivery_to_stop_seconds", "From the listener seeing a reply to its enrollment transition",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+
+
+def serve(port: int) -> None:
+    """Start the /metrics endpoint on ``port`` (0 = disabled)."""
+    if port:
+        start_http_server(port, addr="0.0.0.0")
