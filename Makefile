@@ -4,9 +4,17 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 EL := $(BIN)/exchange-listener
+# Settings file for start/status/failed/...: copy deploy/exchange-listener.example.toml to it.
 CONFIG ?= deploy/exchange-listener.toml
 SIZE ?= small
 QUICK ?=
+
+export EL_BIN := $(CURDIR)/$(BIN)
+export EL_RUN_DIR := $(CURDIR)/var/run
+export EL_LOG_DIR := $(CURDIR)/var/log
+export EXCHANGE_LISTENER_CONFIG := $(abspath $(CONFIG))
+SUPERVISORD := $(BIN)/supervisord -c deploy/supervisord.conf
+SUPERVISORCTL := $(BIN)/supervisorctl -c deploy/supervisord.conf
 
 .DEFAULT_GOAL := help
 .PHONY: help install test lint demo start stop restart status drain resume failed requeue-failed tail bench chaos
@@ -28,4 +36,46 @@ test: $(VENV)/.installed ## run the test suite (starts its own redis-server and 
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed ## ruff
-	$(BIN)/ruff check exchange_listener workers tests
+	$(BIN)/ruff check exchange_listener workers tests bench tools
+
+demo: $(VENV)/.installed ## emulator + Redis + listener + workers under supervisord; play replies; print the table
+	$(BIN)/python tools/demo.py
+
+config-check: $(VENV)/.installed
+	@test -f "$(CONFIG)" || { echo "no settings file $(CONFIG): cp deploy/exchange-listener.example.toml $(CONFIG) and edit it (or make ... CONFIG=path)"; exit 2; }
+
+start: config-check ## start listener + workers under supervisord (CONFIG=settings file)
+	@mkdir -p "$(EL_RUN_DIR)" "$(EL_LOG_DIR)"
+	@if [ -S "$(EL_RUN_DIR)/supervisor.sock" ] && $(SUPERVISORCTL) pid >/dev/null 2>&1; then $(SUPERVISORCTL) start all; else $(SUPERVISORD); fi
+	@sleep 2; $(SUPERVISORCTL) status
+
+stop: ## stop everything (workers finish their running job first) and supervisord
+	-$(SUPERVISORCTL) shutdown
+
+restart: ## restart every process (warm: running jobs finish)
+	$(SUPERVISORCTL) restart all
+
+status: config-check ## health: listeners, leases, queue, workers, failed jobs (non-zero when unhealthy)
+	-@$(SUPERVISORCTL) status 2>/dev/null
+	$(EL) status --config "$(CONFIG)"
+
+drain: ## stop taking jobs, let running jobs finish, stop workers (the listener keeps enqueueing)
+	$(SUPERVISORCTL) stop 'worker:*'
+
+resume: ## start the workers again after a drain
+	$(SUPERVISORCTL) start 'worker:*'
+
+failed: config-check ## list failed jobs with their errors
+	$(EL) jobs failed --config "$(CONFIG)"
+
+requeue-failed: config-check ## put every failed job back on the queue
+	$(EL) jobs requeue-failed --config "$(CONFIG)"
+
+tail: ## follow every process's log
+	tail -F $(EL_LOG_DIR)/*.log
+
+bench: $(VENV)/.installed ## benchmarks -> bench-results/*.json and a table (QUICK=1 for a short run)
+	$(BIN)/python bench/run_all.py $(if $(QUICK),--quick,)
+
+chaos: $(VENV)/.installed ## fault drill with ground-truth check (SIZE=small|large); JSON report as last line
+	$(BIN)/python bench/chaos.py --size $(SIZE)

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sends": ("sends", "record or look up outbound sends"),
     "enrollments": ("enrollments", "show or change enrollment state"),
     "classify": ("classify", "classify message files (human_reply, auto_reply, bounce, ...)"),
+    "jobs": ("jobs", "list failed jobs with their errors, requeue them, show queue depth"),
     "status": ("status", "health of listeners, queue and workers (non-zero exit when unhealthy)"),
 }
 

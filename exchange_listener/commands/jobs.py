@@ -1,0 +1,58 @@
+"""``exchange-listener jobs failed|requeue-failed|queue``: what failed and why, and retrying it."""
+from __future__ import annotations
+
+import json
+
+from rq.job import Job
+from rq.registry import FailedJobRegistry
+from rq.serializers import JSONSerializer
+
+from exchange_listener import redis_conn
+from exchange_listener.commands import add_config_argument, load_settings
+from exchange_listener.queueing import make_queue
+
+
+def add_arguments(parser) -> None:
+    add_config_argument(parser)
+    parser.add_argument("action", choices=["failed", "requeue-failed", "queue"],
+                        help="failed: list failed jobs with their errors; requeue-failed: put them back; queue: depth")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--limit", type=int, default=100, help="most jobs to list")
+
+
+def _last_error_line(job: Job) -> str:
+    text = (job.exc_info or "").strip()
+    return text.splitlines()[-1] if text else ""
+
+
+def run(args) -> int:
+    settings = load_settings(args)
+    conn = redis_conn.connect(settings.redis_url)
+    queue = make_queue(conn, settings.queue_name)
+    registry = FailedJobRegistry(queue=queue)
+    if args.action == "queue":
+        print(json.dumps({"queue": settings.queue_name, "queued": queue.count, "failed": registry.count}))
+        return 0
+    ids = registry.get_job_ids()
+    if args.action == "requeue-failed":
+        requeued = 0
+        for job_id in ids:
+            try:
+                registry.requeue(job_id)
+                requeued += 1
+            except Exception as exc:  # a job whose data expired cannot come back; say so and go on
+                print(f"{job_id}: not requeued ({exc})")
+        print(f"requeued {requeued} of {len(ids)} failed job(s)")
+        return 0
+    jobs = [j for j in Job.fetch_many(ids[: args.limit], connection=conn, serializer=JSONSerializer) if j]
+    for job in jobs:
+        row = {
+            "id": job.id,
+            "mailbox": (job.args[0] or {}).get("mailbox") if job.args and isinstance(job.args[0], dict) else None,
+            "ended_at": job.ended_at.isoformat() if job.ended_at else None,
+            "error": _last_error_line(job),
+        }
+        print(json.dumps(row) if args.json else f"{row['id']}  {row['mailbox'] or '-'}  {row['ended_at'] or '-'}  {row['error']}")
+    if not args.json:
+        print(f"{len(ids)} failed job(s)")
+    return 0
