@@ -1,0 +1,263 @@
+"""Enrollment state in Redis: each transition happens exactly once, with an audit trail and outbox.
+
+An enrollment is active, paused (until a time; an out-of-office) or stopped (terminal: replied,
+bounced, ...). ``transition`` is one Lua script, so replays, duplicate jobs and concurrent workers
+cannot apply the same event twice, and the notification for a transition is written to the
+outbox in the same atomic step (``workers.notify`` delivers it; a crash loses nothing).
+
+API::
+
+    store = EnrollmentStore(redis, retention_days=180, pause_days=7)
+    store.get(enrollment_id) -> dict | None       # effective state; None if unknown
+    store.get_many(ids) -> list[dict | None]      # one round trip
+    store.history(enrollment_id) -> list[dict]    # every transition, oldest first
+    store.transition(enrollment_id, status, reason, *, event_key, by=None, item_id=None,
+                     message_id=None, mailbox=None, until=None) -> Transition | None
+    store.resume(enrollment_id, by, *, force=False) -> Transition | None   # operators
+    store.ensure(enrollment_id, sequence_id="", mailbox="")   # create as active if missing
+
+Rules of ``transition`` (``None`` means nothing changed):
+- the same ``event_key`` for the same enrollment applies at most once, ever (within retention);
+  use a key that names the cause, e.g. ``f"{status}:{mailbox}:{item_id}"``;
+- ``stopped`` is terminal: nothing but ``resume(force=True)`` leaves it;
+- a pause never overrides a stop; a stop overrides a pause; a pause may only extend a pause;
+- a pause whose ``paused_until`` has passed counts as active (``get`` reports ``active``,
+  reason ``pause_expired``);
+- ``until`` (datetime, date or ISO string; naive = UTC) defaults to now + ``pause_days``.
+
+Fields of ``get``: enrollment_id, status, reason, updated_at (ISO 8601 UTC), paused_until,
+stopped_by, by, item_id, message_id, mailbox, sequence_id, created_at, version (number of
+transitions). Empty values are ``None``.
+
+Redis keys (all expire ``retention_days`` after their last write):
+- ``el:enrollment:{id}``          hash: the fields above (+ ``paused_until_ms``, ``updated_at_ms``)
+- ``el:enrollment:{id}:events``   set: event keys already seen (the exactly-once guard)
+- ``el:enrollment:{id}:history``  list: JSON transitions, oldest first
+- ``el:transition:{tid}``         string: JSON of one transition, read by the notifier
+- ``el:outbox``                   zset: transition id -> epoch ms when it may next be delivered
+- ``el:transitions``              stream: every transition (field ``data`` = JSON), capped
+  at ~100,000 entries, for anyone who wants to follow along (XREAD)
+
+A transition's id is ``sha256(enrollment_id + "\\n" + event_key)[:32]``: stable across replays,
+so webhook receivers can deduplicate by it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import uuid
+from typing import Any, Iterable
+
+import redis
+
+PREFIX = "el:"
+OUTBOX_KEY = "el:outbox"
+STREAM_KEY = "el:transitions"
+STREAM_MAXLEN = 100_000
+STATUSES = ("active", "paused", "stopped")
+FIELDS = ("status", "reason", "updated_at", "paused_until", "stopped_by", "by", "item_id", "message_id",
+          "mailbox", "sequence_id", "created_at", "version")
+
+
+def enrollment_key(enrollment_id: str) -> str:
+    return f"el:enrollment:{enrollment_id}"
+
+
+def transition_key(transition_id: str) -> str:
+    return f"el:transition:{transition_id}"
+
+
+def transition_id(enrollment_id: str, event_key: str) -> str:
+    return hashlib.sha256(f"{enrollment_id}\n{event_key}".encode()).hexdigest()[:32]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def iso(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def to_utc(value: dt.datetime | dt.date | str) -> dt.datetime:
+    """A datetime, date or ISO 8601 string as an aware UTC datetime (naive means UTC)."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = dt.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+        except ValueError:
+            raise ValueError(f"not an ISO 8601 date/time: {value!r}") from None
+    if not isinstance(value, dt.datetime):  # a date: the start of that day, UTC
+        value = dt.datetime(value.year, value.month, value.day)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.astimezone(dt.timezone.utc)
+
+
+@dataclasses.dataclass(frozen=True)
+class Transition:
+    """One applied change of an enrollment's status; what the platform is told."""
+
+    id: str
+    enrollment_id: str
+    status: str
+    previous_status: str
+    reason: str
+    at: str
+    event_key: str
+    version: int
+    by: str | None = None
+    item_id: str | None = None
+    message_id: str | None = None
+    mailbox: str | None = None
+    sequence_id: str | None = None
+    paused_until: str | None = None
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Transition":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# KEYS: 1 enrollment hash, 2 events set, 3 history list, 4 outbox zset, 5 transition key, 6 stream
+# ARGV: 1 enrollment_id, 2 status, 3 reason, 4 event_key, 5 by, 6 item_id, 7 message_id, 8 mailbox,
+#       9 until_iso, 10 until_ms, 11 now_iso, 12 now_ms, 13 ttl_seconds, 14 transition_id,
+#       15 reopen ("1" lets "active" leave "stopped"), 16 stream maxlen
+_TRANSITION_LUA = r"""
+local ttl = tonumber(ARGV[13])
+if redis.call('SISMEMBER', KEYS[2], ARGV[4]) == 1 then return false end
+redis.call('SADD', KEYS[2], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ttl)
+local cur = redis.call('HMGET', KEYS[1], 'status', 'paused_until_ms', 'sequence_id')
+local status = cur[1] or 'active'
+local now = tonumber(ARGV[12])
+if status == 'paused' and (tonumber(cur[2]) or 0) <= now then status = 'active' end
+local target = ARGV[2]
+if status == 'stopped' and not (target == 'active' and ARGV[15] == '1') then return false end
+if target == 'paused' and status == 'paused' and tonumber(ARGV[10]) <= tonumber(cur[2]) then return false end
+if target == 'active' and status == 'active' then return false end
+local function opt(v) if v == nil or v == '' or v == false then return cjson.null end return v end
+local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HSETNX', KEYS[1], 'created_at', ARGV[11])
+redis.call('HSET', KEYS[1], 'status', target, 'reason', ARGV[3], 'updated_at', ARGV[11],
+  'updated_at_ms', ARGV[12], 'by', ARGV[5], 'item_id', ARGV[6], 'message_id', ARGV[7], 'event_key', ARGV[4])
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'mailbox', ARGV[8]) end
+if target == 'paused' then
+  redis.call('HSET', KEYS[1], 'paused_until', ARGV[9], 'paused_until_ms', ARGV[10])
+else
+  redis.call('HDEL', KEYS[1], 'paused_until', 'paused_until_ms')
+end
+if target == 'stopped' then redis.call('HSET', KEYS[1], 'stopped_by', ARGV[5])
+else redis.call('HDEL', KEYS[1], 'stopped_by') end
+local mailbox = redis.call('HGET', KEYS[1], 'mailbox')
+local payload = cjson.encode({
+  id = ARGV[14], enrollment_id = ARGV[1], status = target, previous_status = status,
+  reason = ARGV[3], at = ARGV[11], event_key = ARGV[4], version = version,
+  by = opt(ARGV[5]), item_id = opt(ARGV[6]), message_id = opt(ARGV[7]), mailbox = opt(mailbox),
+  sequence_id = opt(cur[3]), paused_until = (target == 'paused') and ARGV[9] or cjson.null,
+})
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('RPUSH', KEYS[3], payload)
+redis.call('EXPIRE', KEYS[3], ttl)
+redis.call('SET', KEYS[5], payload, 'EX', ttl)
+redis.call('ZADD', KEYS[4], now, ARGV[14])
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[16], '*', 'data', payload)
+return payload
+"""
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    return text or None
+
+
+class EnrollmentStore:
+    """Read and change enrollment state; see the module docstring for rules and keys."""
+
+    def __init__(self, redis_client: redis.Redis, retention_days: int = 180, pause_days: int = 7):
+        self.redis = redis_client
+        self.ttl = int(retention_days) * 86400
+        self.pause_days = pause_days
+        self._transition = redis_client.register_script(_TRANSITION_LUA)
+
+    # -- reading -------------------------------------------------------------------------
+    def _view(self, enrollment_id: str, raw: dict) -> dict | None:
+        if not raw:
+            return None
+        data = {_text(k): _text(v) for k, v in raw.items()}
+        view = {"enrollment_id": enrollment_id, **{name: data.get(name) for name in FIELDS}}
+        view["status"] = view["status"] or "active"
+        view["version"] = int(view["version"] or 0)
+        until_ms = data.get("paused_until_ms")
+        if view["status"] == "paused" and until_ms and int(until_ms) <= utcnow().timestamp() * 1000:
+            view["status"], view["reason"] = "active", "pause_expired"
+        return view
+
+    def get(self, enrollment_id: str) -> dict | None:
+        return self._view(enrollment_id, self.redis.hgetall(enrollment_key(enrollment_id)))
+
+    def get_many(self, enrollment_ids: Iterable[str]) -> list[dict | None]:
+        ids = list(enrollment_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for eid in ids:
+            pipe.hgetall(enrollment_key(eid))
+        return [self._view(eid, raw) for eid, raw in zip(ids, pipe.execute())]
+
+    def history(self, enrollment_id: str) -> list[dict]:
+        return [json.loads(item) for item in self.redis.lrange(enrollment_key(enrollment_id) + ":history", 0, -1)]
+
+    # -- writing -------------------------------------------------------------------------
+    def ensure_commands(self, pipe, enrollment_id: str, sequence_id: str = "", mailbox: str = "") -> None:
+        """Queue on ``pipe`` the commands that create the enrollment as active if it is missing."""
+        key = enrollment_key(enrollment_id)
+        now = iso(utcnow())
+        pipe.hsetnx(key, "status", "active")
+        pipe.hsetnx(key, "reason", "enrolled")
+        pipe.hsetnx(key, "created_at", now)
+        pipe.hsetnx(key, "updated_at", now)
+        pipe.hsetnx(key, "version", 0)
+        if sequence_id:
+            pipe.hsetnx(key, "sequence_id", sequence_id)
+        if mailbox:
+            pipe.hsetnx(key, "mailbox", mailbox)
+        pipe.expire(key, self.ttl)
+
+    def ensure(self, enrollment_id: str, sequence_id: str = "", mailbox: str = "") -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        self.ensure_commands(pipe, enrollment_id, sequence_id, mailbox)
+        pipe.execute()
+
+    def transition(self, enrollment_id: str, status: str, reason: str, *, event_key: str, by: str | None = None,
+                   item_id: str | None = None, message_id: str | None = None, mailbox: str | None = None,
+                   until: dt.datetime | dt.date | str | None = None, _reopen: bool = False) -> Transition | None:
+        """Apply ``status`` once per ``event_key``; the applied Transition, or None if nothing changed."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {', '.join(STATUSES)} (got {status!r})")
+        if not enrollment_id or not event_key:
+            raise ValueError("enrollment_id and event_key are required")
+        now = utcnow()
+        until_iso, until_ms = "", "0"
+        if status == "paused":
+            moment = to_utc(until) if until is not None else now + dt.timedelta(days=self.pause_days)
+            until_iso, until_ms = iso(moment), str(int(moment.timestamp() * 1000))
+        tid = transition_id(enrollment_id, event_key)
+        key = enrollment_key(enrollment_id)
+        payload = self._transition(
+            keys=[key, key + ":events", key + ":history", OUTBOX_KEY, transition_key(tid), STREAM_KEY],
+            args=[enrollment_id, status, reason or "", event_key, by or "", item_id or "", message_id or "",
+                  mailbox or "", until_iso, until_ms, iso(now), int(now.timestamp() * 1000), self.ttl, tid,
+                  "1" if _reopen else "0", STREAM_MAXLEN],
+        )
+        return Transition.from_dict(json.loads(payload)) if payload else None
+
+    def resume(self, enrollment_id: str, by: str, *, force: bool = False) -> Transition | None:
+        """Operator action: lift a pause (and, with ``force``, reopen a stopped enrollment)."""
+        return self.transition(enrollment_id, "active", "resumed", event_key=f"resume:{uuid.uuid4().hex}",
+                               by=by, _reopen=force)

@@ -1,0 +1,169 @@
+"""The send registry: which enrollment each outbound Message-ID belongs to, kept for a retention.
+
+A reply names the sends it answers in In-Reply-To/References; a bounce carries the original
+Message-ID. Both are looked up here in one round trip. A send may carry several Message-IDs
+(the one we set and the one the mail server assigned, e.g. Amazon SES rewrites it); each id
+points at the whole send. Recording a send also creates its enrollment (active) if missing.
+
+API::
+
+    registry = SendRegistry(redis, retention_days=180)
+    registry.record(message_ids, enrollment_id, sequence_id, mailbox, to, cc=(), sent_at=None) -> Send
+    registry.get(message_id) -> Send | None
+    registry.lookup_many(message_ids) -> list[Send]   # distinct sends, in the order first matched
+    registry.enrollments_for_domain(domain) -> list[str]   # enrollments sent to anyone @domain
+
+Message-IDs are stored normalized (``workers.message_ids.normalize``), so ``<A@x>``, ``A@x``
+and `` <A@x> `` all find the same send. Recording an id that already belongs to another
+enrollment raises ``ValueError`` and changes nothing; recording it again for the same
+enrollment merges the id lists.
+
+Redis keys:
+- ``el:send:{normalized message id}``  string: JSON of the Send; expires ``retention_days``
+  after ``sent_at``
+- ``el:domain:{domain}``               zset: enrollment id -> epoch seconds of its latest send to
+  a ``to`` address at that (lower-cased) domain; entries older than the retention are trimmed
+- ``el:enrollment:{id}``               created active if missing (see ``workers.enrollments``)
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from typing import Iterable, Sequence
+
+import redis
+
+from workers.enrollments import EnrollmentStore, iso, to_utc, utcnow
+from workers.message_ids import normalize
+
+
+def send_key(message_id: str) -> str:
+    return f"el:send:{message_id}"
+
+
+def domain_key(domain: str) -> str:
+    return f"el:domain:{domain.lower()}"
+
+
+def _domain(address: str) -> str | None:
+    _, at, domain = address.strip().rpartition("@")
+    return domain.strip().strip(">").lower() or None if at else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Send:
+    message_ids: tuple[str, ...]
+    enrollment_id: str
+    sequence_id: str
+    mailbox: str
+    to: tuple[str, ...]
+    cc: tuple[str, ...] = ()
+    sent_at: str = ""  # ISO 8601 UTC
+
+    def as_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> "Send":
+        data = json.loads(raw)
+        for name in ("message_ids", "to", "cc"):
+            data[name] = tuple(data.get(name) or ())
+        return cls(**data)
+
+
+def _addresses(values: Iterable[str] | str, what: str) -> tuple[str, ...]:
+    values = [values] if isinstance(values, str) else list(values)
+    cleaned = tuple(v.strip() for v in values if v and v.strip())
+    for address in cleaned:
+        if "@" not in address or any(c in address for c in "\r\n"):
+            raise ValueError(f"{what}: not an email address: {address!r}")
+    return cleaned
+
+
+class SendRegistry:
+    """Record and look up outbound sends; see the module docstring for keys and rules."""
+
+    def __init__(self, redis_client: redis.Redis, retention_days: int = 180):
+        self.redis = redis_client
+        self.retention = dt.timedelta(days=int(retention_days))
+        self.enrollments = EnrollmentStore(redis_client, retention_days=retention_days)
+
+    def record(self, message_ids: Sequence[str] | str, enrollment_id: str, sequence_id: str, mailbox: str,
+               to: Sequence[str] | str, cc: Sequence[str] | str = (), sent_at: dt.datetime | str | None = None) -> Send:
+        ids = [message_ids] if isinstance(message_ids, str) else list(message_ids)
+        normalized = []
+        for raw in ids:
+            mid = normalize(raw) if raw else None
+            if not mid:
+                raise ValueError(f"message id: not a Message-ID: {raw!r}")
+            if mid not in normalized:
+                normalized.append(mid)
+        if not normalized:
+            raise ValueError("message id: at least one is required")
+        if not enrollment_id or not str(enrollment_id).strip():
+            raise ValueError("enrollment: required")
+        to_addrs, cc_addrs = _addresses(to, "to"), _addresses(cc, "cc")
+        if not to_addrs:
+            raise ValueError("to: at least one recipient is required")
+        moment = to_utc(sent_at) if sent_at is not None else utcnow()
+        expires = moment + self.retention
+        if expires <= utcnow():
+            raise ValueError(f"sent_at {iso(moment)} is older than the retention ({self.retention.days} days)")
+        keys = [send_key(m) for m in normalized]
+
+        def write(pipe: redis.client.Pipeline) -> Send:
+            merged = list(normalized)
+            for raw in pipe.mget(keys):
+                if raw is None:
+                    continue
+                old = Send.from_json(raw)
+                if old.enrollment_id != enrollment_id:
+                    raise ValueError(f"message id already recorded for enrollment {old.enrollment_id!r}")
+                merged += [m for m in old.message_ids if m not in merged]
+            send = Send(tuple(merged), enrollment_id, sequence_id or "", mailbox or "", to_addrs, cc_addrs, iso(moment))
+            body = send.to_json()
+            pipe.multi()
+            for key in keys:
+                pipe.set(key, body, exat=int(expires.timestamp()))
+            oldest = (utcnow() - self.retention).timestamp()
+            for domain in {d for d in map(_domain, to_addrs) if d}:
+                pipe.zadd(domain_key(domain), {enrollment_id: moment.timestamp()}, gt=True)  # GT still adds new
+                pipe.zremrangebyscore(domain_key(domain), "-inf", oldest)
+                pipe.expire(domain_key(domain), int(self.retention.total_seconds()))
+            self.enrollments.ensure_commands(pipe, enrollment_id, sequence_id or "", mailbox or "")
+            return send
+
+        return self.redis.transaction(write, *keys, value_from_callable=True)
+
+    def get(self, message_id: str) -> Send | None:
+        found = self.lookup_many([message_id])
+        return found[0] if found else None
+
+    def lookup_many(self, message_ids: Iterable[str]) -> list[Send]:
+        """The distinct sends any of ``message_ids`` belongs to (one MGET; unknown ids skipped)."""
+        keys = []
+        for raw in message_ids:
+            mid = normalize(raw) if raw else None
+            if mid and send_key(mid) not in keys:
+                keys.append(send_key(mid))
+        if not keys:
+            return []
+        sends, seen = [], set()
+        for raw in self.redis.mget(keys):
+            if raw is None:
+                continue
+            send = Send.from_json(raw)
+            if not seen.intersection(send.message_ids):
+                sends.append(send)
+            seen.update(send.message_ids)
+        return sends
+
+    def enrollments_for_domain(self, domain: str) -> list[str]:
+        """Enrollments with a send to a ``to`` address at ``domain`` within the retention."""
+        oldest = (utcnow() - self.retention).timestamp()
+        return [m.decode() for m in self.redis.zrangebyscore(domain_key(domain.strip().lstrip("@")), oldest, "+inf")]
