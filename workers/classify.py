@@ -1,0 +1,611 @@
+"""Classify an incoming message: human reply, auto-reply, bounce, read receipt, complaint, other.
+
+Order matters: bounce, read receipt, complaint and auto-reply are decided first, from every
+signal available; only a message that is none of those can be a ``human_reply`` (it points
+at an earlier message through In-Reply-To/References, or its subject says "Re:").
+
+Two entry points:
+- ``classify_headers`` works from internet headers alone (what EWS InternetMessageHeaders
+  gives) — the hot path. ``needs_body`` says when headers cannot settle the kind or its
+  details (bounce / report / auto-reply return date), so the caller fetches MIME only then.
+- ``classify_message`` works from the full MIME message (bytes or ``email.message.Message``).
+
+Robustness: neither function raises on broken MIME, non-UTF-8 bytes, a missing Message-ID,
+CR/LF smuggled into header values or a 10,000-id References; they return a Classification
+(kind ``other`` when nothing can be said). ``classify_message`` raises ``UnparseableMessage``
+only when its input is not a message at all (not bytes/str/Message, or empty).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import email
+import email.header
+import email.parser
+import email.policy
+import email.utils
+import re
+from dataclasses import asdict, dataclass, field
+from email.message import Message
+
+from workers.message_ids import normalize, parse_id_list, references_of
+
+KINDS = ("human_reply", "auto_reply", "bounce", "read_receipt", "complaint", "other")
+MAX_PARTS = 200            # parts walked in one message
+MAX_TEXT = 200_000         # characters of body text scanned for bounce details / return dates
+MAX_HEADER_VALUE = 1_000_000
+
+
+class UnparseableMessage(ValueError):
+    """The input is not an email message at all (nothing could be parsed)."""
+
+
+@dataclass
+class Classification:
+    kind: str = "other"
+    message_id: str | None = None
+    from_address: str | None = None
+    references: list[str] = field(default_factory=list)
+    original_message_id: str | None = None
+    failed_recipients: list[str] = field(default_factory=list)
+    bounce_type: str | None = None          # "hard" | "soft" | None
+    return_date: dt.date | None = None
+    reasons: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["return_date"] = self.return_date.isoformat() if self.return_date else None
+        return data
+
+
+# --- signals -------------------------------------------------------------------------------
+
+_BOUNCE_SENDERS = re.compile(r"^(mailer-daemon|postmaster|mail-daemon|mailerdaemon|"
+                             r"mail\.?delivery\.?(system|subsystem)?|bounces?|"
+                             r"microsoftexchange[0-9a-f]*|nobody-bounce)(\+.*)?$", re.I)
+_BOUNCE_SENDER_NAMES = re.compile(r"mail delivery (sub)?system|mailer.?daemon|post.?master|"
+                                  r"delivery status notification|mdaemon", re.I)
+_BOUNCE_SUBJECTS = re.compile(
+    r"undeliver|undelivered|delivery (status )?notification|delivery (has )?failed|"
+    r"delivery failure|failure notice|returned mail|mail delivery failed|returned to sender|"
+    r"non.?delivery|not delivered|could not be delivered|delivery problem|"
+    r"mail system error|nondeliverable|unzustellbar|nicht zustellbar|non remis|"
+    r"no se puede entregar|non recapitabile|onbestelbaar|delivery report|"
+    r"warning: could not send|delayed mail|delivery delayed|message delayed|"
+    r"mail could not|message not delivered|rejected|bounce|unable to deliver|"
+    r"permanent error|temporary error|failed delivery|return(ed)? mail|"
+    r"notice of mail delivery|mail error|delivery error|delivery attempt|delivery warning|"
+    r"user unknown|no such user|mailbox (is )?full|over quota|"
+    r"メールエラー|エラー通知|不達|送信失敗|退信|投递失败|系统退信", re.I)
+_COMPLAINT_SUBJECTS = re.compile(r"complaint about message|abuse report|spam report|"
+                                 r"^\s*\[?abuse\]?\s*:", re.I)
+_BOUNCE_BODY = re.compile(
+    r"transcript of session follows|original message follows|could not be delivered to|"
+    r"following address(es)? (had permanent fatal errors|failed)|delivery to the following "
+    r"recipients? (failed|has been delayed)|permanent fatal error|user unknown|no such user|"
+    r"mailbox unavailable|message was undeliverable|your message (could not|wasn't|was not) "
+    r"(be )?delivered|\"notificationType\"\s*:\s*\"Bounce\"|^final-recipient\s*:|"
+    r"^diagnostic-code\s*:|undeliverable to|unable to deliver", re.I | re.M)
+_FORWARD_SUBJECT = re.compile(r"^\s*(fwd?|fw|wg|tr|rv|i)\s*:", re.I)
+_RECEIPT_SUBJECTS = re.compile(r"^(read|gelesen|lu|leído|letto|gelezen|läst|lest|"
+                               r"not read|ungelesen|non lu|no leído)\s*:", re.I)
+_OOO_SUBJECTS = re.compile(
+    r"automatic reply|auto(matic|mated)?[- ]?(reply|response|antwort)|autoreply|"
+    r"out of (the )?office|out-of-office|\booo\b|abwesenheit|automatische antwort|"
+    r"réponse automatique|reponse automatique|absence du bureau|"
+    r"respuesta automática|respuesta automatica|fuera de la oficina|"
+    r"risposta automatica|fuori sede|fuori ufficio|automatisch antwoord|afwezig|"
+    r"resposta automática|fora do escritório|autosvar|automatiskt svar|frånvaro|"
+    r"automaattinen vastaus|automatyczna odpowiedź|poza biurem|on vacation|vacation reply|"
+    r"away from (the )?office|im urlaub|en vacances|de vacaciones|in ferie|"
+    r"自動応答|自动回复|不在", re.I)
+_REPLY_SUBJECT = re.compile(r"^\s*(re|aw|sv|vs|antw|ref|rif|r|res|odp|vá|atb|ynt|回复|答复)"
+                            r"(\[\d+\])?\s*:", re.I)
+_STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
+_SMTP_REPLY = re.compile(r"(?<!\d)([45])\d\d[ -](?=\D)")
+_MSGID_LINE = re.compile(r"^[\s>]*message-id\s*:\s*(\S[^\r\n]*)", re.I | re.M)
+_HTML_TAG = re.compile(r"<[^>]{0,2000}>|&nbsp;")
+
+
+def _clean(value) -> str:
+    """A header value as one safe line: decoded, CR/LF and other controls replaced."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        try:
+            value = str(value)
+        except Exception:
+            return ""
+    value = value[:MAX_HEADER_VALUE]
+    if "\r" in value or "\n" in value:
+        value = re.sub(r"\r\n[ \t]|\r[ \t]|\n[ \t]", " ", value)  # unfold
+        value = value.replace("\r", " ").replace("\n", " ")  # injected line breaks: neutralised
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace") \
+        if any("\udc80" <= c <= "\udcff" for c in value) else value
+
+
+def _decoded(value: str) -> str:
+    """RFC 2047 encoded-words decoded, best effort (subjects in any language)."""
+    if "=?" not in value:
+        return value
+    try:
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except Exception:
+        return value
+
+
+class _Headers:
+    """Case-insensitive multi-valued view of a header list."""
+
+    def __init__(self, pairs):
+        self._values: dict[str, list[str]] = {}
+        for name, value in pairs:
+            key = _clean(name).strip().lower()
+            if key:
+                self._values.setdefault(key, []).append(_clean(value))
+
+    def get(self, name: str) -> str | None:
+        values = self._values.get(name)
+        return values[0] if values else None
+
+    def all(self, name: str) -> list[str]:
+        return self._values.get(name, [])
+
+    def has(self, name: str) -> bool:
+        return name in self._values
+
+
+def _address(value: str | None) -> tuple[str, str]:
+    """(display name, lower-cased address) of the first address in a header value."""
+    if not value:
+        return "", ""
+    try:
+        pairs = email.utils.getaddresses([value])
+    except Exception:
+        return "", ""
+    for name, addr in pairs:
+        if addr or name:
+            return _decoded(name or ""), (addr or "").strip().lower()
+    return "", ""
+
+
+def _content_type(value: str | None) -> tuple[str, str]:
+    """(main type, report-type) of a Content-Type value."""
+    if not value:
+        return "", ""
+    main = value.split(";", 1)[0].strip().lower()
+    match = re.search(r"report-type\s*=\s*\"?([\w.-]+)", value, re.I)
+    return main, (match.group(1).lower() if match else "")
+
+
+def _from_headers(h: _Headers) -> tuple[Classification, dict]:
+    """Classification from headers alone, plus the hints ``needs_body`` and the body pass use."""
+    c = Classification()
+    c.message_id = normalize(h.get("message-id") or "")
+    name, addr = _address(h.get("from"))
+    c.from_address = addr or None
+    in_reply_to = " ".join(h.all("in-reply-to")) or None
+    refs = " ".join(h.all("references")) or None
+    c.references = references_of(in_reply_to, refs)
+    subject = _decoded(h.get("subject") or "").strip()
+    ctype, report_type = _content_type(h.get("content-type"))
+    local = addr.split("@", 1)[0] if addr else ""
+    return_path = h.get("return-path")
+    null_return = return_path is not None and return_path.strip() in ("<>", "")
+
+    hints = {"report": ctype == "multipart/report", "suspect_bounce": False,
+             "ooo": False, "subject": subject}
+    # Reports say what they are in their Content-Type.
+    if ctype == "multipart/report" and report_type == "delivery-status":
+        c.kind = "bounce"
+        c.reasons.append("report-type=delivery-status")
+    elif ctype == "multipart/report" and report_type == "disposition-notification":
+        c.kind = "read_receipt"
+        c.reasons.append("report-type=disposition-notification")
+    elif ctype == "multipart/report" and report_type == "feedback-report":
+        c.kind = "complaint"
+        c.reasons.append("report-type=feedback-report")
+    if c.kind != "other":
+        return c, hints
+
+    failed = [a for _n, a in email.utils.getaddresses(h.all("x-failed-recipients")) if a]
+    if failed:
+        c.failed_recipients = [a.lower() for a in failed]
+        c.reasons.append("x-failed-recipients")
+    raw_from = h.get("from") or ""
+    bounce_sender = bool(_BOUNCE_SENDERS.match(local)) or bool(_BOUNCE_SENDER_NAMES.search(name)) \
+        or bool(re.search(r"mailer-daemon|post_?master@|<>", raw_from, re.I)) \
+        or (h.has("from") and not addr)
+    if bounce_sender:
+        c.reasons.append("bounce sender")
+    if null_return:
+        c.reasons.append("null return path")
+    bounce_subject = bool(_BOUNCE_SUBJECTS.search(subject))
+    if bounce_subject:
+        c.reasons.append("bounce subject")
+    plain_subject = not (_REPLY_SUBJECT.match(subject) or _FORWARD_SUBJECT.match(subject))
+    if failed or bounce_sender or (null_return and bounce_subject) \
+            or (bounce_subject and plain_subject and not c.references) \
+            or h.has("x-ms-exchange-message-is-ndr"):
+        c.kind = "bounce"
+        return c, hints
+    hints["suspect_bounce"] = null_return or bounce_subject or ctype == "multipart/report" \
+        or h.has("x-amz-sns-message-id")
+
+    if _RECEIPT_SUBJECTS.match(subject) and (null_return or ctype == "multipart/report"
+                                             or ctype == "application/ms-tnef"
+                                             or not c.references):
+        c.kind = "read_receipt"
+        c.reasons.append("receipt subject")
+        return c, hints
+    if h.has("feedback-type") or _COMPLAINT_SUBJECTS.search(subject):
+        c.kind = "complaint"
+        c.reasons.append("feedback headers")
+        return c, hints
+
+    auto = _auto_reply_reasons(h, subject)
+    if auto:
+        c.kind = "auto_reply"
+        c.reasons.extend(auto)
+        hints["ooo"] = True
+        return c, hints
+    if c.references:
+        c.kind = "human_reply"
+        c.reasons.append("in-reply-to/references")
+    elif _REPLY_SUBJECT.match(subject):
+        c.kind = "human_reply"
+        c.reasons.append("reply subject")
+    return c, hints
+
+
+def _auto_reply_reasons(h: _Headers, subject: str) -> list[str]:
+    reasons = []
+    auto_submitted = (h.get("auto-submitted") or "").strip().lower()
+    if auto_submitted and not auto_submitted.startswith("no"):
+        reasons.append(f"auto-submitted: {auto_submitted.split(';')[0][:40]}")
+    for name in ("x-autoreply", "x-autorespond", "x-autoresponder", "x-autogenerated",
+                 "x-ms-exchange-generated-message-source", "x-ms-exchange-inbox-rules-loop",
+                 "x-auto-reply-from", "x-mailer-autoreply"):
+        value = (h.get(name) or "").strip().lower()
+        if h.has(name) and value not in ("no", "false", "0"):
+            reasons.append(name)
+    precedence = (h.get("precedence") or "").strip().lower()
+    if precedence in ("auto_reply", "bulk", "junk"):
+        reasons.append(f"precedence: {precedence}")
+    if (h.get("x-precedence") or "").strip().lower() == "auto_reply":
+        reasons.append("x-precedence: auto_reply")
+    if _OOO_SUBJECTS.search(subject):
+        reasons.append("out-of-office subject")
+    return reasons
+
+
+def classify_headers(headers: list[tuple[str, str]]) -> Classification:
+    """Classify from internet headers only (EWS InternetMessageHeaders). Never raises."""
+    try:
+        return _from_headers(_Headers(headers or []))[0]
+    except Exception as exc:  # a bug must not take the worker down; say why in reasons
+        return Classification(reasons=[f"header parse error: {type(exc).__name__}"])
+
+
+def needs_body(headers: list[tuple[str, str]]) -> bool:
+    """True when the body is needed to settle the kind or its details.
+
+    That is: any bounce / report / complaint / receipt or a hint of one (original Message-ID
+    and failed recipients live in the body), and auto-replies (the return date is in the
+    body). False for an ordinary human reply or plain mail, so the hot path skips MIME.
+    """
+    try:
+        c, hints = _from_headers(_Headers(headers or []))
+    except Exception:
+        return True
+    if c.kind in ("bounce", "read_receipt", "complaint", "auto_reply"):
+        return True
+    return bool(hints["report"] or hints["suspect_bounce"])
+
+
+# --- full message ----------------------------------------------------------------------------
+
+def _parse(raw) -> Message:
+    if isinstance(raw, Message):
+        return raw
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogateescape")
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise UnparseableMessage(f"not a message: {type(raw).__name__}")
+    data = bytes(raw)
+    if not data.strip():
+        raise UnparseableMessage("empty message")
+    try:
+        return email.message_from_bytes(data, policy=email.policy.compat32)
+    except Exception as exc:
+        raise UnparseableMessage(f"cannot parse message: {type(exc).__name__}") from None
+
+
+def _parts(msg: Message):
+    """Up to MAX_PARTS parts, depth first, tolerant of broken structure."""
+    stack, count = [msg], 0
+    while stack and count < MAX_PARTS:
+        part = stack.pop()
+        count += 1
+        yield part
+        try:
+            payload = part.get_payload()
+        except Exception:
+            continue
+        if isinstance(payload, list):
+            stack.extend(reversed([p for p in payload if isinstance(p, Message)]))
+
+
+def _text_of(part: Message) -> str:
+    try:
+        data = part.get_payload(decode=True)
+    except Exception:
+        data = None
+    if data is None:
+        payload = part.get_payload()
+        return payload if isinstance(payload, str) else ""
+    charset = part.get_content_charset() or "utf-8"
+    try:
+        return data.decode(charset, "replace")
+    except (LookupError, UnicodeError):
+        return data.decode("utf-8", "replace")
+
+
+def _ctype(part: Message) -> str:
+    try:
+        return part.get_content_type()
+    except Exception:
+        return "text/plain"
+
+
+def _headers_of(msg: Message) -> list[tuple[str, str]]:
+    try:
+        return [(k, v) for k, v in msg.items()]
+    except Exception:
+        return []
+
+
+def _embedded_id(part: Message) -> str | None:
+    """The Message-ID of an attached original (message/rfc822 or text/rfc822-headers)."""
+    ctype = _ctype(part)
+    if ctype == "message/rfc822":
+        payload = part.get_payload()
+        if isinstance(payload, list) and payload and isinstance(payload[0], Message):
+            found = normalize(_clean(payload[0].get("message-id")))
+            if found:
+                return found
+        text = payload if isinstance(payload, str) else ""
+    else:
+        text = _text_of(part)
+    match = _MSGID_LINE.search(text[:MAX_TEXT])
+    return normalize(match.group(1).strip()) if match else None
+
+
+def _dsn_fields(part: Message) -> list[dict[str, str]]:
+    """Per-recipient field blocks of a message/delivery-status part."""
+    payload = part.get_payload()
+    blocks = []
+    if isinstance(payload, list):
+        for block in payload:
+            if isinstance(block, Message):
+                blocks.append({k.lower(): _clean(v) for k, v in block.items()})
+        return blocks
+    text = payload if isinstance(payload, str) else ""
+    for chunk in re.split(r"\r?\n\s*\r?\n", text[:MAX_TEXT]):
+        try:
+            block = email.parser.HeaderParser(policy=email.policy.compat32).parsestr(chunk)
+        except Exception:
+            continue
+        blocks.append({k.lower(): _clean(v) for k, v in block.items()})
+    return blocks
+
+
+def _bounce_details(c: Classification, msg: Message, parts: list[Message]) -> None:
+    statuses: list[str] = []
+    actions: list[str] = []
+    recipients: list[str] = list(c.failed_recipients)
+    for part in parts:
+        ctype = _ctype(part)
+        if ctype in ("message/delivery-status", "message/global-delivery-status"):
+            for block in _dsn_fields(part):
+                if "status" in block:
+                    statuses.append(block["status"])
+                if "action" in block:
+                    actions.append(block["action"].strip().lower())
+                if block.get("message-id") and not c.original_message_id:
+                    c.original_message_id = normalize(block["message-id"])  # original glued on
+                rcpt = block.get("final-recipient") or block.get("original-recipient")
+                if rcpt and block.get("action", "failed").strip().lower() != "delivered":
+                    recipients.append(rcpt.split(";", 1)[-1].strip().strip("<>").lower())
+        elif ctype in ("message/rfc822", "text/rfc822-headers") and not c.original_message_id:
+            c.original_message_id = _embedded_id(part)
+        elif part is not msg and part.get("message-id") and not c.original_message_id:
+            # a broken bounce whose attached original's headers became the part's headers
+            c.original_message_id = normalize(_clean(part.get("message-id")))
+    try:
+        from flufl.bounce import all_failures
+        temporary, permanent = all_failures(msg)
+    except Exception:
+        temporary, permanent = set(), set()
+    for addr in list(permanent) + list(temporary):
+        text = addr.decode("utf-8", "replace") if isinstance(addr, bytes) else str(addr)
+        recipients.append(text.strip().strip("<>").lower())
+    seen = set()
+    c.failed_recipients = [r for r in recipients
+                           if r and "@" in r and not (r in seen or seen.add(r))][:100]
+
+    codes = [m.group(1) for s in statuses for m in _STATUS.finditer(s)]
+    if "5" in codes:
+        c.bounce_type = "hard"
+    elif "4" in codes or "delayed" in actions:
+        c.bounce_type = "soft"
+    elif "failed" in actions or permanent:
+        c.bounce_type = "hard"
+    elif temporary:
+        c.bounce_type = "soft"
+    else:
+        text = _body_text(parts)
+        codes = [m.group(1) for m in _STATUS.finditer(text)] + \
+                [m.group(1) for m in _SMTP_REPLY.finditer(text)]
+        if "5" in codes:
+            c.bounce_type = "hard"
+        elif "4" in codes or re.search(r"delay|will (be )?retr|temporar|deferred|"
+                                       r"not yet been delivered", text, re.I):
+            c.bounce_type = "soft"
+        else:
+            c.bounce_type = "hard"
+    if not c.original_message_id:
+        own = c.message_id
+        for match in _MSGID_LINE.finditer(_body_text(parts)):
+            found = normalize(match.group(1).strip())
+            if found and found != own:
+                c.original_message_id = found
+                break
+
+
+def _body_text(parts: list[Message]) -> str:
+    chunks, size = [], 0
+    for part in parts:
+        ctype = _ctype(part)
+        broken_multipart = ctype.startswith("multipart/") and isinstance(part.get_payload(), str)
+        if broken_multipart or ctype in ("text/plain", "text/html", "message/delivery-status",
+                                         "text/rfc822-headers"):
+            text = _text_of(part)
+            if ctype == "text/html":
+                text = _HTML_TAG.sub(" ", text)
+            chunks.append(text)
+            size += len(text)
+            if size > MAX_TEXT:
+                break
+    return "\n".join(chunks)[:MAX_TEXT]
+
+
+def classify_message(raw: bytes | Message) -> Classification:
+    """Classify a full MIME message. Raises ``UnparseableMessage`` only for non-messages."""
+    msg = _parse(raw)
+    headers = _headers_of(msg)
+    try:
+        c, hints = _from_headers(_Headers(headers))
+    except Exception as exc:
+        c, hints = Classification(reasons=[f"header parse error: {type(exc).__name__}"]), {}
+    try:
+        _refine(c, hints, msg)
+    except Exception as exc:  # broken MIME: keep what the headers said
+        c.reasons.append(f"body parse error: {type(exc).__name__}")
+    return c
+
+
+def _refine(c: Classification, hints: dict, msg: Message) -> None:
+    parts = list(_parts(msg))
+    types = {_ctype(p) for p in parts}
+    if c.kind in ("other", "human_reply", "auto_reply"):
+        if types & {"message/delivery-status", "message/global-delivery-status"}:
+            c.kind, c.references = "bounce", c.references
+            c.reasons.append("message/delivery-status part")
+        elif "message/disposition-notification" in types:
+            c.kind = "read_receipt"
+            c.reasons.append("message/disposition-notification part")
+        elif "message/feedback-report" in types:
+            c.kind = "complaint"
+            c.reasons.append("message/feedback-report part")
+        elif c.kind != "auto_reply" or hints.get("suspect_bounce"):
+            if _flufl_says_bounce(msg, hints):
+                c.kind = "bounce"
+                c.reasons.append("flufl.bounce")
+    if c.kind == "bounce":
+        _bounce_details(c, msg, parts)
+    elif c.kind in ("read_receipt", "complaint"):
+        for part in parts:
+            ctype = _ctype(part)
+            if ctype == "message/disposition-notification" and not c.original_message_id:
+                match = re.search(r"original-message-id\s*:\s*(\S+)", _text_of_any(part), re.I)
+                c.original_message_id = normalize(match.group(1)) if match else None
+            elif ctype in ("message/rfc822", "text/rfc822-headers") and not c.original_message_id:
+                c.original_message_id = _embedded_id(part)
+        if c.kind == "read_receipt" and not c.original_message_id and c.references:
+            c.original_message_id = c.references[0]
+    elif c.kind == "auto_reply":
+        c.return_date = find_return_date(_body_text(parts), _message_date(msg))
+        if c.return_date:
+            c.reasons.append("return date in body")
+
+
+def _text_of_any(part: Message) -> str:
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        return "\n".join(f"{k}: {v}" for p in payload if isinstance(p, Message)
+                         for k, v in p.items())
+    return _text_of(part)
+
+
+def _flufl_says_bounce(msg: Message, hints: dict) -> bool:
+    """Vendor bounce formats without DSN parts: ask flufl.bounce, but only for messages that
+    already look like a bounce (sender, null return path, subject), never for plain replies."""
+    if not hints.get("suspect_bounce"):
+        return False
+    try:
+        from flufl.bounce import all_failures
+        temporary, permanent = all_failures(msg)
+    except Exception:
+        temporary, permanent = set(), set()
+    if temporary or permanent:
+        return True
+    return bool(_BOUNCE_BODY.search(_body_text(list(_parts(msg)))))
+
+
+def _message_date(msg: Message) -> dt.date:
+    try:
+        parsed = email.utils.parsedate_to_datetime(_clean(msg.get("date")))
+        if parsed:
+            return parsed.date()
+    except Exception:
+        pass
+    return dt.datetime.now(dt.timezone.utc).date()
+
+
+# --- out-of-office return dates -------------------------------------------------------------
+
+_RETURN_CUES = re.compile(
+    r"(?:back|return(?:ing)?|returns|in the office|available again|reachable again)"
+    r"(?:\s+(?:to|in|into)\s+(?:the\s+)?office)?\s+(?:on|by|from)?\s*"
+    r"|(?:until|till|through|thru)\s+"
+    r"|(?:bis\s+(?:zum|einschließlich|einschl\.|am)?|zurück\s+(?:am|ab)|"
+    r"wieder\s+(?:im büro\s+|erreichbar\s+|da\s+)?(?:am|ab)|ab\s+dem|ab)\s*"
+    r"|(?:de retour\s+(?:le|au bureau le)?|jusqu'au|jusqu’au|à partir du|a partir du|"
+    r"retour prévu le|je serai de retour le|dès le)\s*"
+    r"|(?:hasta el|de vuelta el|regresaré el|volveré el|a partir del|estaré de vuelta el)\s*"
+    r"|(?:fino al|rientro il|di ritorno il|rientrerò il|a partire dal)\s*"
+    r"|(?:tot en met|terug op|vanaf|weer aanwezig op|tot)\s+",
+    re.I)
+_DATE_LANGS = ["en", "de", "fr", "es", "it", "nl"]
+
+
+def find_return_date(text: str, base: dt.date | None = None) -> dt.date | None:
+    """The return date an out-of-office states ("back on 14 December", "bis zum 14.12.",
+    "de retour le lundi 7 décembre", "hasta el 3 de enero"), or None. Dates are read
+    relative to ``base`` (the message's date) and must fall within a year after it."""
+    if not text:
+        return None
+    import dateparser  # imported lazily: only auto-replies pay for it
+
+    base = base or dt.date.today()
+    start = dt.datetime.combine(base, dt.time())
+    settings = {"PREFER_DATES_FROM": "future", "RELATIVE_BASE": start,
+                "PREFER_DAY_OF_MONTH": "first", "REQUIRE_PARTS": ["day"]}
+    text = " ".join(text[:20_000].split())
+    tried = 0
+    for cue in _RETURN_CUES.finditer(text):
+        words = text[cue.end():cue.end() + 60].split()
+        for n in range(min(5, len(words)), 0, -1):
+            candidate = " ".join(words[:n]).rstrip(".,;:!)")
+            if not any(ch.isdigit() for ch in candidate):
+                continue
+            tried += 1
+            try:
+                found = dateparser.parse(candidate, languages=_DATE_LANGS, settings=settings)
+            except Exception:
+                found = None
+            if found and base <= found.date() <= base + dt.timedelta(days=366):
+                return found.date()
+            if tried > 40:
+                return None
+    return None
