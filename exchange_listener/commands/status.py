@@ -1,0 +1,104 @@
+"""``exchange-listener status [--json]``: is every mailbox streamed, is the queue moving?
+
+Exit status, so a monitor can call it: 0 healthy; 1 unhealthy (a watched mailbox held by no
+listener, a stale listener or silent stream, a stuck queue, jobs waiting with no worker);
+3 Redis unreachable; 2 configuration error.
+"""
+from __future__ import annotations
+
+import json
+
+from exchange_listener import health, redis_conn
+from exchange_listener.commands import add_config_argument, load_settings
+
+
+def add_arguments(parser) -> None:
+    add_config_argument(parser)
+    parser.add_argument("--json", action="store_true", help="one JSON object (the facts, the problems, healthy)")
+    parser.add_argument("--stale-listener", type=float, metavar="S",
+                        help="a listener whose last heartbeat is older is stale (default: lease_seconds)")
+    parser.add_argument("--silent-group", type=float, metavar="S",
+                        help="a stream silent this long is a problem (default: 3 x heartbeat_seconds + 15)")
+    parser.add_argument("--stuck-queue", type=float, metavar="S", default=120.0,
+                        help="oldest queued job this old with no busy worker: stuck (default: 120)")
+
+
+def _age(value) -> str:
+    if value is None:
+        return "-"
+    if value < 120:
+        return f"{value:.0f}s ago" if value >= 1 else "now"
+    if value < 7200:
+        return f"{value / 60:.0f}m ago"
+    return f"{value / 3600:.1f}h ago"
+
+
+def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def render(snap: dict, found: list[str]) -> str:
+    lines = [f"exchange-listener status at {snap['checked_at']}: {'HEALTHY' if not found else 'UNHEALTHY'}"]
+    for problem in found:
+        lines.append(f"  ! {problem}")
+    lines.append("")
+    listeners = snap["listeners"]
+    lines.append(f"Listeners ({len(listeners)})")
+    if listeners:
+        rows = [["LISTENER", "MAILBOXES", "HEARTBEAT", "GROUPS (mailboxes, connected, last activity)"]]
+        for item in listeners:
+            groups = "; ".join(
+                f"{g['group']} ({g['mailboxes']}, {'up' if g['connected'] else 'DOWN'}, {_age(g['last_activity_age_s'])})"
+                for g in item["groups"]) or "-"
+            rows.append([item["id"], str(item["mailboxes"]), _age(item["last_heartbeat_age_s"]), groups])
+        lines += _table(rows)
+    else:
+        lines.append("  none")
+    mb = snap["mailboxes"]
+    lines.append("")
+    lines.append(f"Mailboxes: {mb['watched']} watched, {mb['held']} held, {len(mb['unowned'])} unowned")
+    for address in mb["unowned"][:20]:
+        lines.append(f"  unowned: {address}")
+    if len(mb["unowned"]) > 20:
+        lines.append(f"  ... and {len(mb['unowned']) - 20} more")
+    q = snap["queue"]
+    oldest = f", oldest waiting {q['oldest_job_age_s']:.1f}s" if q["oldest_job_age_s"] is not None else ""
+    lines.append("")
+    lines.append(f"Queue {q['name']}: {q['depth']} queued{oldest}, {q['running']} running, "
+                 f"{q['scheduled_retries']} waiting to retry, {q['failed']} failed")
+    workers = snap["workers"]
+    lines.append("")
+    lines.append(f"Workers ({len(workers)})")
+    if workers:
+        rows = [["WORKER", "STATE", "CURRENT JOB", "HEARTBEAT", "DONE", "FAILED"]]
+        for w in workers:
+            rows.append([w["name"], w["state"], w["current_job"] or "-", _age(w["last_heartbeat_age_s"]),
+                         str(w["successful_jobs"]), str(w["failed_jobs"])])
+        lines += _table(rows)
+    else:
+        lines.append("  none")
+    hour = snap["last_hour"]
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(hour["stops_by_reason"].items()))
+    lines.append("")
+    lines.append(f"Last hour: {hour['stops']} stopped{f' ({reasons})' if reasons else ''}, {hour['pauses']} paused")
+    if snap["notifications_failed"]:
+        lines.append(f"Notifications that gave up: {snap['notifications_failed']} (exchange-listener enrollments outbox)")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    settings = load_settings(args)
+    limits = health.Limits(
+        stale_listener=args.stale_listener if args.stale_listener is not None else settings.lease_seconds,
+        silent_group=args.silent_group if args.silent_group is not None else 3 * settings.heartbeat_seconds + 15,
+        stuck_queue=args.stuck_queue,
+    )
+    conn = redis_conn.connect(settings.redis_url)
+    snap = health.snapshot(conn, settings.queue_name)
+    found = health.problems(snap, limits)
+    if args.json:
+        print(json.dumps({"healthy": not found, "problems": found, **snap}, indent=2))
+    else:
+        print(render(snap, found))
+    return 1 if found else 0

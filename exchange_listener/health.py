@@ -1,0 +1,182 @@
+"""One snapshot of the whole system's health, read from Redis, for ``exchange-listener status``.
+
+Everything comes from what the parts already publish: listener liveness and group activity
+(``exchange_listener.leases``), the watched set (``exchange_listener.mailboxes``), RQ's queue,
+registries and worker records, the transition stream (``workers.enrollments``) and the
+notification outbox (``workers.notify``). Nothing here writes.
+
+``snapshot(conn, queue_name)`` gathers the facts; ``problems(snap, limits)`` judges them, so a
+test or a monitor can apply its own limits to the same facts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import time
+
+import redis
+from rq import Worker
+from rq.job import Job
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from exchange_listener import leases, mailboxes
+from exchange_listener.queueing import make_queue
+
+TRANSITIONS_STREAM = "el:transitions"  # workers.enrollments.STREAM_KEY
+NOTIFY_FAILED_KEY = "el:outbox:failed"  # workers.notify.FAILED_KEY
+STOPS_WINDOW = 3600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """When a fact becomes a problem (seconds)."""
+
+    stale_listener: float = 30.0  # a listener's heartbeat older than this: it is stale
+    silent_group: float = 150.0  # a group's stream silent (no heartbeat, no event) this long
+    stuck_queue: float = 120.0  # oldest queued job this old and no worker busy: the queue is stuck
+
+
+def _age(now: float, then: float | None) -> float | None:
+    return None if then is None else round(max(0.0, now - then), 1)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _listeners(conn: redis.Redis, now: float) -> list[dict]:
+    found = []
+    for raw_id, score in conn.zrange(leases.LISTENERS_KEY, 0, -1, withscores=True):
+        listener_id = _text(raw_id)
+        info = {_text(k): _text(v) for k, v in conn.hgetall(leases.LISTENER_PREFIX + listener_id).items()}
+        try:
+            groups = json.loads(info.get("groups") or "[]")
+        except ValueError:
+            groups = []
+        found.append({
+            "id": listener_id,
+            "host": info.get("host"),
+            "pid": int(info["pid"]) if info.get("pid", "").isdigit() else None,
+            "last_heartbeat_age_s": _age(now, score),
+            "mailboxes": int(info.get("mailboxes") or 0),
+            "groups": [{
+                "group": g.get("group"),
+                "anchor": g.get("anchor"),
+                "mailboxes": g.get("mailboxes"),
+                "connected": bool(g.get("connected")),
+                "last_activity_age_s": _age(now, g.get("last_activity")),
+            } for g in groups if isinstance(g, dict)],
+        })
+    return found
+
+
+def _leases(conn: redis.Redis, watched: list[str]) -> dict[str, str | None]:
+    if not watched:
+        return {}
+    values = conn.mget([leases.lease_key(m) for m in watched])
+    return {m: (_text(v) if v is not None else None) for m, v in zip(watched, values)}
+
+
+def _queue(conn: redis.Redis, queue_name: str, now: float) -> tuple[dict, list[dict]]:
+    queue = make_queue(conn, queue_name)
+    oldest_age = None
+    for job_id in queue.get_job_ids(0, 5):  # the head; a job whose data expired is skipped
+        job = Job.fetch_many([job_id], connection=conn, serializer=JSONSerializer)[0]
+        if job is not None and job.enqueued_at is not None:
+            oldest_age = _age(now, job.enqueued_at.timestamp())
+            break
+    facts = {
+        "name": queue_name,
+        "depth": queue.count,
+        "oldest_job_age_s": oldest_age,
+        "running": StartedJobRegistry(queue=queue).count,
+        "scheduled_retries": ScheduledJobRegistry(queue=queue).count,
+        "failed": FailedJobRegistry(queue=queue).count,
+    }
+    workers = []
+    for worker in Worker.all(queue=queue, serializer=JSONSerializer):
+        workers.append({
+            "name": worker.name,
+            "hostname": worker.hostname,
+            "pid": worker.pid,
+            "state": getattr(worker.get_state(), "value", None) or str(worker.get_state()),
+            "current_job": worker.get_current_job_id(),
+            "last_heartbeat_age_s": _age(now, worker.last_heartbeat.timestamp()) if worker.last_heartbeat else None,
+            "successful_jobs": worker.successful_job_count,
+            "failed_jobs": worker.failed_job_count,
+        })
+    workers.sort(key=lambda w: w["name"])
+    return facts, workers
+
+
+def _transitions(conn: redis.Redis, now: float, window: float = STOPS_WINDOW) -> dict:
+    """Stops and pauses in the last ``window`` seconds, from the transition stream (read in pages)."""
+    stops: dict[str, int] = {}
+    paused = 0
+    start = f"{int((now - window) * 1000)}-0"
+    while True:
+        page = conn.xrange(TRANSITIONS_STREAM, min=start, max="+", count=1000)
+        for entry_id, fields in page:
+            try:
+                data = json.loads(fields.get(b"data") or fields.get("data") or "{}")
+            except ValueError:
+                continue
+            if data.get("status") == "stopped":
+                reason = data.get("reason") or "unknown"
+                stops[reason] = stops.get(reason, 0) + 1
+            elif data.get("status") == "paused":
+                paused += 1
+        if len(page) < 1000:
+            break
+        start = "(" + _text(page[-1][0])
+    return {"window_s": window, "stops": sum(stops.values()), "stops_by_reason": stops, "pauses": paused}
+
+
+def snapshot(conn: redis.Redis, queue_name: str, now: float | None = None) -> dict:
+    """Every fact ``status`` shows, as one JSON-safe dict."""
+    now = time.time() if now is None else now
+    watched = sorted(mailboxes.list_all(conn))
+    holders = _leases(conn, watched)
+    queue, workers = _queue(conn, queue_name, now)
+    return {
+        "checked_at": dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(timespec="seconds"),
+        "listeners": _listeners(conn, now),
+        "mailboxes": {
+            "watched": len(watched),
+            "held": sum(1 for h in holders.values() if h),
+            "unowned": [m for m, h in holders.items() if not h],
+        },
+        "queue": queue,
+        "workers": workers,
+        "last_hour": _transitions(conn, now),
+        "notifications_failed": conn.hlen(NOTIFY_FAILED_KEY),
+    }
+
+
+def problems(snap: dict, limits: Limits = Limits()) -> list[str]:
+    """What is wrong, one sentence each; empty when healthy."""
+    found = []
+    unowned = snap["mailboxes"]["unowned"]
+    if unowned:
+        shown = ", ".join(unowned[:5]) + (f" and {len(unowned) - 5} more" if len(unowned) > 5 else "")
+        found.append(f"{len(unowned)} watched mailbox(es) held by no listener: {shown}")
+    for listener in snap["listeners"]:
+        age = listener["last_heartbeat_age_s"]
+        if age is not None and age > limits.stale_listener:
+            found.append(f"listener {listener['id']} is stale: last heartbeat {age:.0f} s ago")
+            continue
+        for group in listener["groups"]:
+            silent = group["last_activity_age_s"]
+            if not group["connected"] and (silent is None or silent > limits.silent_group):
+                found.append(f"listener {listener['id']} group {group['group']} is not connected")
+            elif silent is not None and silent > limits.silent_group:
+                found.append(f"listener {listener['id']} group {group['group']} silent for {silent:.0f} s")
+    queue = snap["queue"]
+    busy = [w for w in snap["workers"] if w["state"] == "busy"]
+    if queue["depth"] and not snap["workers"]:
+        found.append(f"{queue['depth']} job(s) queued and no worker running")
+    elif queue["depth"] and not busy and (queue["oldest_job_age_s"] or 0) > limits.stuck_queue:
+        found.append(f"queue stuck: oldest job waited {queue['oldest_job_age_s']:.0f} s and no worker is busy")
+    return found
