@@ -1,0 +1,57 @@
+"""``exchange-listener emulator``: serve the EWS emulator until SIGTERM/SIGINT."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from exchange_listener import logs
+
+
+def _pair(value: str) -> tuple[str, str]:
+    name, sep, secret = value.partition(":")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError("expected NAME:SECRET")
+    return name, secret
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8085)
+    parser.add_argument("--account", type=_pair, action="append", default=[], metavar="USER:PASSWORD",
+                        help="Basic-auth account that may impersonate every mailbox (repeatable)")
+    parser.add_argument("--plain-account", type=_pair, action="append", default=[], metavar="USER:PASSWORD",
+                        help="Basic-auth account without impersonation rights: its own mailbox only")
+    parser.add_argument("--oauth-client", type=_pair, action="append", default=[], metavar="ID:SECRET",
+                        help="OAuth2 client-credentials app that may impersonate every mailbox (repeatable)")
+    parser.add_argument("--mailbox", action="append", default=[], metavar="ADDRESS",
+                        help="mailbox to create at start (delivering to an unknown address creates it too)")
+    parser.add_argument("--heartbeat-seconds", type=float, default=45.0,
+                        help="seconds between ConnectionStatus OK heartbeats on an idle stream (default 45)")
+    parser.add_argument("--subscription-idle-timeout", type=float, default=300.0,
+                        help="seconds a subscription with no open stream lives (default 300)")
+    parser.add_argument("--max-streams-per-account", type=int, default=0,
+                        help="open GetStreamingEvents connections per account (0 = unlimited)")
+    parser.add_argument("--max-subscriptions-per-mailbox", type=int, default=0,
+                        help="subscriptions per mailbox (0 = unlimited)")
+    parser.add_argument("--connection-timeout-minute-seconds", type=float, default=60.0,
+                        help="how long one ConnectionTimeout minute lasts (tests shorten it; default 60)")
+    parser.add_argument("--log-level", default="warning")
+
+
+def run(args: argparse.Namespace) -> int:
+    from exchange_listener.emulator.server import Options, run as serve
+
+    logs.configure(args.log_level, "auto", stream=sys.stderr)
+    options = Options(
+        accounts=dict(args.account), plain_accounts=dict(args.plain_account), oauth_clients=dict(args.oauth_client),
+        mailboxes=args.mailbox, heartbeat_seconds=args.heartbeat_seconds, idle_timeout=args.subscription_idle_timeout,
+        max_streams_per_account=args.max_streams_per_account,
+        max_subscriptions_per_mailbox=args.max_subscriptions_per_mailbox,
+        minute_seconds=args.connection_timeout_minute_seconds,
+    )
+
+    def ready(url: str) -> None:
+        print(f"EWS emulator serving {url}", flush=True)
+
+    serve(options, args.host, args.port, ready)
+    return 0

@@ -1,0 +1,322 @@
+"""EWS SOAP on the wire: parse requests, build response XML in the schema's element order.
+
+Responses are built as strings (cheap for thousands of streams); every value goes through
+``esc``. Wire deviations that real Exchange has (``m:Notification``, ``m:SubscriptionId`` in
+``m:ErrorSubscriptionIds``) are reproduced deliberately.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import email
+import email.policy
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from xml.sax.saxutils import escape, quoteattr
+
+from lxml import etree
+
+from exchange_listener.emulator.store import Event, Folder, Item, Store, decoded, unfold
+
+S = "http://schemas.xmlsoap.org/soap/envelope/"
+M = "http://schemas.microsoft.com/exchange/services/2006/messages"
+T = "http://schemas.microsoft.com/exchange/services/2006/types"
+E = "http://schemas.microsoft.com/exchange/services/2006/errors"
+NS = {"s": S, "m": M, "t": T}
+
+SERVER_VERSION = ('<h:ServerVersionInfo MajorVersion="15" MinorVersion="1" MajorBuildNumber="2507" '
+                  f'MinorBuildNumber="6" Version="Exchange2016" xmlns:h="{T}"/>')
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+
+
+class BadRequest(Exception):
+    """The request is not EWS SOAP we can read; answered with a SOAP fault."""
+
+    def __init__(self, code: str, text: str):
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+def esc(value) -> str:
+    return escape(str(value))
+
+
+def ts(value: dt.datetime) -> str:
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -- requests ---------------------------------------------------------------------------------
+@dataclass
+class Request:
+    operation: str
+    body: etree._Element  # the operation element, e.g. m:GetItem
+    impersonated: str | None  # PrimarySmtpAddress/SmtpAddress from ExchangeImpersonation
+
+
+def parse_request(data: bytes) -> Request:
+    try:
+        root = etree.fromstring(data, _PARSER)
+    except etree.XMLSyntaxError as exc:
+        raise BadRequest("ErrorSchemaValidation", f"The request is not well-formed XML: {exc}")
+    body = root.find(f"{{{S}}}Body")
+    if root.tag != f"{{{S}}}Envelope" or body is None or len(body) == 0:
+        raise BadRequest("ErrorInvalidRequest", "The request is not a SOAP 1.1 envelope with a body.")
+    op = body[0]
+    if etree.QName(op).namespace != M:
+        raise BadRequest("ErrorInvalidRequest", "The request body is not in the EWS messages namespace.")
+    impersonated = None
+    header = root.find(f"{{{S}}}Header")
+    if header is not None:
+        imp = header.find(f"{{{T}}}ExchangeImpersonation")
+        if imp is not None:
+            for tag in ("PrimarySmtpAddress", "SmtpAddress", "PrincipalName"):
+                found = imp.find(f".//{{{T}}}{tag}")
+                if found is not None and found.text:
+                    impersonated = found.text.strip()
+                    break
+            if impersonated is None:
+                raise BadRequest("ErrorImpersonateUserDenied", "The impersonation header names no user.")
+    return Request(etree.QName(op).localname, op, impersonated)
+
+
+def mailbox_hint(op: etree._Element) -> str | None:
+    """The mailbox named in a DistinguishedFolderId (delegate access), if any."""
+    found = op.find(f".//{{{T}}}DistinguishedFolderId/{{{T}}}Mailbox/{{{T}}}EmailAddress")
+    return found.text.strip() if found is not None and found.text else None
+
+
+def folder_refs(parent: etree._Element | None) -> list[tuple[str, str]]:
+    """[('distinguished', name) | ('id', folder id)] under a FolderIds-like element."""
+    refs = []
+    if parent is None:
+        return refs
+    for child in parent:
+        name = etree.QName(child).localname
+        if name == "DistinguishedFolderId":
+            refs.append(("distinguished", child.get("Id", "")))
+        elif name == "FolderId":
+            refs.append(("id", child.get("Id", "")))
+    return refs
+
+
+def text_of(op: etree._Element, path: str) -> str | None:
+    found = op.find(path, NS)
+    return found.text.strip() if found is not None and found.text is not None else None
+
+
+def shape(op: etree._Element, tag: str) -> tuple[str, list[str]]:
+    """(BaseShape, [FieldURI, ...]) of an ItemShape/FolderShape element."""
+    elem = op.find(f"m:{tag}", NS)
+    if elem is None:
+        return "IdOnly", []
+    base = text_of(elem, "t:BaseShape") or "IdOnly"
+    fields = [f.get("FieldURI") for f in elem.findall("t:AdditionalProperties/t:FieldURI", NS)]
+    return base, [f for f in fields if f]
+
+
+# -- envelopes -------------------------------------------------------------------------------
+def envelope(body: str, *, header: bool = True) -> bytes:
+    head = f"<s:Header>{SERVER_VERSION}</s:Header>" if header else ""
+    return (f'<?xml version="1.0" encoding="utf-8"?><s:Envelope xmlns:s="{S}">{head}'
+            f"<s:Body>{body}</s:Body></s:Envelope>").encode()
+
+
+def stream_envelope(body: str) -> bytes:
+    """One streamed document: ``<s:Envelope `` then a space, as exchangelib's splitter needs."""
+    return f'<s:Envelope xmlns:s="{S}"><s:Body>{body}</s:Body></s:Envelope>'.encode()
+
+
+def response(operation: str, messages: list[str]) -> str:
+    return (f'<m:{operation}Response xmlns:m="{M}" xmlns:t="{T}"><m:ResponseMessages>'
+            f'{"".join(messages)}</m:ResponseMessages></m:{operation}Response>')
+
+
+def ok(operation: str, inner: str = "") -> str:
+    return (f'<m:{operation}ResponseMessage ResponseClass="Success"><m:ResponseCode>NoError</m:ResponseCode>'
+            f"{inner}</m:{operation}ResponseMessage>")
+
+
+def error(operation: str, code: str, text: str, inner: str = "") -> str:
+    return (f'<m:{operation}ResponseMessage ResponseClass="Error"><m:MessageText>{esc(text)}</m:MessageText>'
+            f"<m:ResponseCode>{esc(code)}</m:ResponseCode><m:DescriptiveLinkKey>0</m:DescriptiveLinkKey>"
+            f"{inner}</m:{operation}ResponseMessage>")
+
+
+def fault(code: str, text: str, back_off_ms: int | None = None) -> bytes:
+    """A SOAP Fault as Exchange sends it (HTTP 500); exchangelib maps ResponseCode to its error class."""
+    xml = ""
+    if back_off_ms is not None:
+        xml = (f'<t:MessageXml xmlns:t="{T}"><t:Value Name="BackOffMilliseconds">{int(back_off_ms)}</t:Value>'
+               "</t:MessageXml>")
+    body = (f'<s:Fault><faultcode xmlns:a="{T}">a:{esc(code)}</faultcode>'
+            f'<faultstring xml:lang="en-US">{esc(text)}</faultstring><detail>'
+            f'<e:ResponseCode xmlns:e="{E}">{esc(code)}</e:ResponseCode>'
+            f'<e:Message xmlns:e="{E}">{esc(text)}</e:Message>{xml}</detail></s:Fault>')
+    return envelope(body, header=False)
+
+
+# -- folders ----------------------------------------------------------------------------------
+def folder_id(folder: Folder, tag: str = "FolderId") -> str:
+    return f"<t:{tag} Id={quoteattr(folder.id)} ChangeKey={quoteattr(folder.change_key)}/>"
+
+
+def folder_xml(store: Store, folder: Folder) -> str:
+    parts = [folder_id(folder)]
+    if folder.parent_id:
+        parts.append(folder_id(store.folders[folder.parent_id], "ParentFolderId"))
+    if folder.folder_class:
+        parts.append(f"<t:FolderClass>{esc(folder.folder_class)}</t:FolderClass>")
+    parts.append(f"<t:DisplayName>{esc(folder.display_name)}</t:DisplayName>")
+    parts.append(f"<t:TotalCount>{len(folder.items)}</t:TotalCount>")
+    parts.append(f"<t:ChildFolderCount>{len(store.children(folder))}</t:ChildFolderCount>")
+    parts.append(f"<t:UnreadCount>{folder.unread}</t:UnreadCount>")
+    return f"<t:Folder>{''.join(parts)}</t:Folder>"
+
+
+# -- items ------------------------------------------------------------------------------------
+DEFAULT_FIELDS = ("item:ParentFolderId", "item:ItemClass", "item:Subject", "item:DateTimeReceived", "item:Size",
+                  "item:InReplyTo", "item:DateTimeSent", "item:DateTimeCreated", "item:HasAttachments",
+                  "item:ConversationId", "message:Sender", "message:ToRecipients", "message:CcRecipients",
+                  "message:From", "message:InternetMessageId", "message:IsRead", "message:References",
+                  "message:ReplyTo")
+
+
+def item_id(item: Item) -> str:
+    return f"<t:ItemId Id={quoteattr(item.id)} ChangeKey={quoteattr(item.change_key)}/>"
+
+
+def _mailbox(name: str, address: str) -> str:
+    name_xml = f"<t:Name>{esc(name)}</t:Name>" if name else ""
+    return (f"<t:Mailbox>{name_xml}<t:EmailAddress>{esc(address)}</t:EmailAddress>"
+            "<t:RoutingType>SMTP</t:RoutingType><t:MailboxType>OneOff</t:MailboxType></t:Mailbox>")
+
+
+def _single(tag: str, pairs: list[tuple[str, str]]) -> str:
+    return f"<t:{tag}>{_mailbox(*pairs[0])}</t:{tag}>" if pairs else ""
+
+
+def _many(tag: str, pairs: list[tuple[str, str]]) -> str:
+    return f"<t:{tag}>{''.join(_mailbox(n, a) for n, a in pairs)}</t:{tag}>" if pairs else ""
+
+
+def _text(tag: str, value: str | None) -> str:
+    return f"<t:{tag}>{esc(unfold(value))}</t:{tag}>" if value is not None else ""
+
+
+def _sent(item: Item) -> dt.datetime:
+    try:
+        value = parsedate_to_datetime(unfold(item.header("Date") or ""))
+        return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    except (TypeError, ValueError):
+        return item.received
+
+
+def _body(item: Item) -> str:
+    msg = email.message_from_bytes(item.raw, policy=email.policy.default)
+    part = msg.get_body(preferencelist=("plain", "html"))
+    if part is None:
+        return '<t:Body BodyType="Text"></t:Body>'
+    try:
+        content = part.get_content()
+    except Exception:
+        content = ""
+    kind = "HTML" if part.get_content_subtype() == "html" else "Text"
+    return f'<t:Body BodyType="{kind}">{esc(store_safe(content))}</t:Body>'
+
+
+def store_safe(text: str) -> str:
+    return "".join(c for c in text if c in "\t\n\r" or ord(c) >= 0x20)
+
+
+def _has_attachments(item: Item) -> bool:
+    msg = email.message_from_bytes(item.raw, policy=email.policy.default)
+    return any(True for _ in msg.iter_attachments()) if msg.is_multipart() else False
+
+
+# FieldURI -> builder, in the schema's element order (ItemType, then MessageType).
+ITEM_FIELDS = {
+    "item:MimeContent": lambda s, i: f'<t:MimeContent CharacterSet="UTF-8">{base64.b64encode(i.raw).decode()}</t:MimeContent>',
+    "item:ItemId": lambda s, i: "",  # always sent
+    "item:ParentFolderId": lambda s, i: folder_id(s.folders[i.folder_id], "ParentFolderId"),
+    "item:ItemClass": lambda s, i: "<t:ItemClass>IPM.Note</t:ItemClass>",
+    "item:Subject": lambda s, i: f"<t:Subject>{esc(i.subject)}</t:Subject>",
+    "item:Body": lambda s, i: _body(i),
+    "item:DateTimeReceived": lambda s, i: f"<t:DateTimeReceived>{ts(i.received)}</t:DateTimeReceived>",
+    "item:Size": lambda s, i: f"<t:Size>{len(i.raw)}</t:Size>",
+    "item:InReplyTo": lambda s, i: _text("InReplyTo", i.header("In-Reply-To")),
+    "item:InternetMessageHeaders": lambda s, i: "<t:InternetMessageHeaders>" + "".join(
+        f"<t:InternetMessageHeader HeaderName={quoteattr(k)}>{esc(unfold(v))}</t:InternetMessageHeader>"
+        for k, v in i.headers) + "</t:InternetMessageHeaders>" if i.headers else "",
+    "item:DateTimeSent": lambda s, i: f"<t:DateTimeSent>{ts(_sent(i))}</t:DateTimeSent>",
+    "item:DateTimeCreated": lambda s, i: f"<t:DateTimeCreated>{ts(i.received)}</t:DateTimeCreated>",
+    "item:HasAttachments": lambda s, i: f"<t:HasAttachments>{str(_has_attachments(i)).lower()}</t:HasAttachments>",
+    "item:ConversationId": lambda s, i: f"<t:ConversationId Id={quoteattr(i.conversation_id)}/>",
+    "message:Sender": lambda s, i: _single("Sender", i.addresses("Sender") or i.addresses("From")),
+    "message:ToRecipients": lambda s, i: _many("ToRecipients", i.addresses("To")),
+    "message:CcRecipients": lambda s, i: _many("CcRecipients", i.addresses("Cc")),
+    "message:From": lambda s, i: _single("From", i.addresses("From")),
+    "message:InternetMessageId": lambda s, i: _text("InternetMessageId", i.header("Message-ID")),
+    "message:IsRead": lambda s, i: f"<t:IsRead>{str(i.is_read).lower()}</t:IsRead>",
+    "message:References": lambda s, i: _text("References", i.header("References")),
+    "message:ReplyTo": lambda s, i: _many("ReplyTo", i.addresses("Reply-To")),
+}
+_ORDER = {name: n for n, name in enumerate(ITEM_FIELDS)}
+
+
+def item_xml(store: Store, item: Item, base: str, fields: list[str]) -> str:
+    wanted = set(fields)
+    if base in ("Default", "AllProperties"):
+        wanted.update(DEFAULT_FIELDS)
+    parts = []
+    for name in sorted(wanted & ITEM_FIELDS.keys(), key=_ORDER.__getitem__):
+        if name == "item:MimeContent":
+            parts.append(ITEM_FIELDS[name](store, item))
+            parts.append(item_id(item))
+        else:
+            parts.append(ITEM_FIELDS[name](store, item))
+    if "item:MimeContent" not in wanted:
+        parts.insert(0, item_id(item))
+    return f"<t:Message>{''.join(parts)}</t:Message>"
+
+
+# -- notifications ----------------------------------------------------------------------------
+def event_xml(event: Event, store: Store) -> str:
+    def fid(folder_id_: str, tag: str) -> str:
+        folder = store.folders.get(folder_id_)
+        key = f" ChangeKey={quoteattr(folder.change_key)}" if folder else ""
+        return f"<t:{tag} Id={quoteattr(folder_id_)}{key}/>"
+
+    parts = [f"<t:Watermark>{esc(event.watermark)}</t:Watermark>", f"<t:TimeStamp>{ts(event.timestamp)}</t:TimeStamp>"]
+    if event.item_id:
+        parts.append(f"<t:ItemId Id={quoteattr(event.item_id)}/>")
+    else:
+        parts.append(fid(event.folder_id, "FolderId"))
+    parts.append(fid(event.parent_folder_id, "ParentFolderId"))
+    if event.kind == "MovedEvent":
+        parts.append(f"<t:OldItemId Id={quoteattr(event.old_item_id)}/>")
+        parts.append(fid(event.old_parent_folder_id, "OldParentFolderId"))
+    if event.kind == "ModifiedEvent" and event.unread_count is not None:
+        parts.append(f"<t:UnreadCount>{event.unread_count}</t:UnreadCount>")
+    return f"<t:{event.kind}>{''.join(parts)}</t:{event.kind}>"
+
+
+def notification_xml(sub_id: str, events: list[Event], more: bool, store: Store) -> str:
+    return (f"<m:Notification><t:SubscriptionId>{esc(sub_id)}</t:SubscriptionId>"
+            f"<t:MoreEvents>{str(more).lower()}</t:MoreEvents>"
+            f"{''.join(event_xml(e, store) for e in events)}</m:Notification>")
+
+
+def streaming_message(notifications: list[str] = (), status: str | None = None) -> bytes:
+    inner = f"<m:Notifications>{''.join(notifications)}</m:Notifications>" if notifications else ""
+    if status:
+        inner += f"<m:ConnectionStatus>{status}</m:ConnectionStatus>"
+    return stream_envelope(response("GetStreamingEvents", [ok("GetStreamingEvents", inner)]))
+
+
+def streaming_error(code: str, text: str, bad_ids: list[str] = ()) -> bytes:
+    inner = ""
+    if bad_ids:
+        inner = "<m:ErrorSubscriptionIds>" + "".join(
+            f"<m:SubscriptionId>{esc(i)}</m:SubscriptionId>" for i in bad_ids) + "</m:ErrorSubscriptionIds>"
+    return stream_envelope(response("GetStreamingEvents", [error("GetStreamingEvents", code, text, inner)]))

@@ -1,0 +1,396 @@
+"""The emulator's state, in memory: mailboxes, folders, items, subscriptions and their events.
+
+Nothing here knows about HTTP or XML. Ids are opaque base64 strings like real EWS ids; the
+store maps them back to objects. Every change to a folder is appended to that folder's change
+log, which is what SyncFolderItems sync states point into; every change also becomes events on
+the subscriptions that cover the folder.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import email
+import email.policy
+import hashlib
+import itertools
+import os
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from email.header import decode_header, make_header
+from email.utils import getaddresses
+
+DISTINGUISHED = {
+    # name: (display name, parent distinguished name, folder class)
+    "root": ("Top of Information Store", None, None),
+    "msgfolderroot": ("Top of Information Store", "root", "IPF.Note"),
+    "inbox": ("Inbox", "msgfolderroot", "IPF.Note"),
+    "junkemail": ("Junk Email", "msgfolderroot", "IPF.Note"),
+    "sentitems": ("Sent Items", "msgfolderroot", "IPF.Note"),
+    "deleteditems": ("Deleted Items", "msgfolderroot", "IPF.Note"),
+    "drafts": ("Drafts", "msgfolderroot", "IPF.Note"),
+    "outbox": ("Outbox", "msgfolderroot", "IPF.Note"),
+}
+EVENTS_PER_NOTIFICATION = 50
+MAX_QUEUED_EVENTS = 10_000
+
+
+class StoreError(Exception):
+    """An EWS error: ``code`` is the ResponseCode the client receives."""
+
+    def __init__(self, code: str, text: str):
+        super().__init__(f"{code}: {text}")
+        self.code = code
+        self.text = text
+
+
+def _opaque(prefix: bytes, size: int = 32) -> str:
+    return base64.b64encode(prefix + os.urandom(size)).decode()
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+
+
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+_XML_BAD = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def unfold(value: str) -> str:
+    """A header value as Exchange reports it: line folds removed, leading space stripped."""
+    return _XML_BAD.sub("", _FOLD.sub("", value)).strip()
+
+
+def decoded(value: str) -> str:
+    try:
+        return unfold(str(make_header(decode_header(unfold(value)))))
+    except Exception:  # undecodable encoded-words: keep them raw, lose nothing
+        return unfold(value)
+
+
+@dataclass
+class Folder:
+    id: str
+    mailbox: str
+    name: str  # distinguished name or display name
+    display_name: str
+    parent_id: str | None
+    folder_class: str | None
+    distinguished: bool
+    change_key: str = field(default_factory=lambda: _opaque(b"\x01\x00\x00\x00", 12))
+    items: dict = field(default_factory=dict)  # item id -> Item, in arrival order
+    changes: list = field(default_factory=list)  # (seq, kind, item_id, is_read)
+
+    @property
+    def unread(self) -> int:
+        return sum(1 for item in self.items.values() if not item.is_read)
+
+
+@dataclass
+class Item:
+    id: str
+    mailbox: str
+    folder_id: str
+    raw: bytes
+    received: dt.datetime
+    is_read: bool = False
+    change_key: str = field(default_factory=lambda: _opaque(b"\x16\x00\x00\x00", 12))
+    _headers: list | None = None
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """(name, raw value) pairs in message order, parsed once."""
+        if self._headers is None:
+            msg = email.message_from_bytes(self.raw, policy=email.policy.compat32)
+            self._headers = [(name, str(value)) for name, value in msg.raw_items()]
+        return self._headers
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    def addresses(self, name: str) -> list[tuple[str, str]]:
+        """(display name, address) pairs of an address header, names decoded."""
+        values = [v for k, v in self.headers if k.lower() == name.lower()]
+        return [(decoded(n), a) for n, a in getaddresses([unfold(v) for v in values]) if a or n]
+
+    @property
+    def subject(self) -> str:
+        value = self.header("Subject")
+        return decoded(value) if value is not None else ""
+
+    @property
+    def conversation_id(self) -> str:
+        topic = re.sub(r"^((re|fw|fwd|aw|wg|sv|tr)\s*:\s*)+", "", self.subject, flags=re.I).strip().lower()
+        digest = hashlib.sha256(f"{self.mailbox}\0{topic}".encode()).digest()
+        return base64.b64encode(b"\x00\x00\x00\x00" + digest[:16]).decode()
+
+
+@dataclass
+class Event:
+    kind: str  # CreatedEvent, NewMailEvent, ModifiedEvent, MovedEvent, DeletedEvent
+    watermark: str
+    timestamp: dt.datetime
+    item_id: str | None
+    folder_id: str | None
+    parent_folder_id: str
+    old_item_id: str | None = None
+    old_parent_folder_id: str | None = None
+    unread_count: int | None = None
+
+
+@dataclass
+class Subscription:
+    id: str
+    owner: str  # the authenticated principal that created it
+    mailbox: str
+    folder_ids: frozenset | None  # None = all folders
+    event_types: frozenset
+    created: float = field(default_factory=time.monotonic)
+    idle_since: float | None = field(default_factory=time.monotonic)  # None while a stream holds it
+    queue: deque = field(default_factory=deque)
+    stream: object | None = None  # the Stream currently delivering it
+
+    def covers(self, folder_id: str) -> bool:
+        return self.folder_ids is None or folder_id in self.folder_ids
+
+
+class Store:
+    """Mailboxes, folders, items, subscriptions. Single-threaded (one asyncio loop) by design."""
+
+    def __init__(self, *, idle_timeout: float = 300.0, max_subscriptions_per_mailbox: int = 0):
+        self.idle_timeout = idle_timeout
+        self.max_subscriptions_per_mailbox = max_subscriptions_per_mailbox
+        self.mailboxes: dict[str, dict[str, Folder]] = {}  # address -> {distinguished name: Folder}
+        self.folders: dict[str, Folder] = {}
+        self.items: dict[str, Item] = {}
+        self.subscriptions: dict[str, Subscription] = {}
+        self.by_mailbox: dict[str, dict[str, Subscription]] = {}
+        self._seq = itertools.count(1)
+        self._watermarks = itertools.count(1)
+        self.on_event = None  # callback(subscription) when events were queued
+
+    # -- mailboxes and folders -------------------------------------------------------------
+    def mailbox(self, address: str, create: bool = True) -> dict[str, Folder]:
+        key = address.strip().lower()
+        folders = self.mailboxes.get(key)
+        if folders is None:
+            if not create:
+                raise StoreError("ErrorNonExistentMailbox", f"No mailbox with such guid or address: {address}")
+            folders = {}
+            for name, (display, parent, cls) in DISTINGUISHED.items():
+                folder = Folder(id=_opaque(b"\x00\x00\x00\x01", 40), mailbox=key, name=name, display_name=display,
+                                parent_id=folders[parent].id if parent else None, folder_class=cls, distinguished=True)
+                folders[name] = folder
+                self.folders[folder.id] = folder
+            self.mailboxes[key] = folders
+        return folders
+
+    def folder(self, address: str, name: str, create_user_folder: bool = False) -> Folder:
+        folders = self.mailbox(address)
+        key = name.lower()
+        if key in folders:
+            return folders[key]
+        for folder in folders.values():
+            if folder.display_name.lower() == key:
+                return folder
+        if not create_user_folder:
+            raise StoreError("ErrorFolderNotFound", f"The specified folder could not be found: {name}")
+        folder = Folder(id=_opaque(b"\x00\x00\x00\x01", 40), mailbox=address.lower(), name=name, display_name=name,
+                        parent_id=folders["msgfolderroot"].id, folder_class="IPF.Note", distinguished=False)
+        folders[key] = folder
+        self.folders[folder.id] = folder
+        return folder
+
+    def folder_by_id(self, folder_id: str) -> Folder:
+        folder = self.folders.get(folder_id)
+        if folder is None:
+            raise StoreError("ErrorFolderNotFound", "The specified folder could not be found in the store.")
+        return folder
+
+    def children(self, folder: Folder) -> list[Folder]:
+        return [f for f in self.mailboxes[folder.mailbox].values() if f.parent_id == folder.id]
+
+    # -- items -------------------------------------------------------------------------------
+    def item(self, item_id: str) -> Item:
+        item = self.items.get(item_id)
+        if item is None:
+            raise StoreError("ErrorItemNotFound", "The specified object was not found in the store.")
+        return item
+
+    def deliver(self, address: str, raw: bytes, folder_name: str = "inbox") -> Item:
+        folder = self.folder(address, folder_name, create_user_folder=True)
+        item = Item(id=_opaque(b"\x00\x00\x00\x00", 64), mailbox=folder.mailbox, folder_id=folder.id, raw=raw,
+                    received=utcnow())
+        folder.items[item.id] = item
+        self.items[item.id] = item
+        folder.changes.append((next(self._seq), "Create", item.id, False))
+        now = utcnow()
+        self._emit(folder, [
+            Event("CreatedEvent", "", now, item.id, None, folder.id),
+            Event("NewMailEvent", "", now, item.id, None, folder.id),
+            Event("ModifiedEvent", "", now, None, folder.id, folder.parent_id or folder.id, unread_count=folder.unread),
+        ])
+        return item
+
+    def move(self, item_id: str, folder_name: str) -> Item:
+        item = self.item(item_id)
+        source = self.folders[item.folder_id]
+        target = self.folder(item.mailbox, folder_name, create_user_folder=True)
+        if target.id == source.id:
+            return item
+        del source.items[item.id]
+        del self.items[item.id]
+        old_id = item.id
+        item.id = _opaque(b"\x00\x00\x00\x00", 64)  # EWS gives a moved item a new id
+        item.folder_id = target.id
+        target.items[item.id] = item
+        self.items[item.id] = item
+        source.changes.append((next(self._seq), "Delete", old_id, item.is_read))
+        target.changes.append((next(self._seq), "Create", item.id, item.is_read))
+        now = utcnow()
+        moved = Event("MovedEvent", "", now, item.id, None, target.id, old_item_id=old_id, old_parent_folder_id=source.id)
+        self._emit_many([(source, moved), (target, moved)])
+        self._emit(source, [Event("ModifiedEvent", "", now, None, source.id, source.parent_id or source.id,
+                                  unread_count=source.unread)])
+        self._emit(target, [Event("ModifiedEvent", "", now, None, target.id, target.parent_id or target.id,
+                                  unread_count=target.unread)])
+        return item
+
+    def set_read(self, item_id: str, is_read: bool) -> Item:
+        item = self.item(item_id)
+        if item.is_read != is_read:
+            item.is_read = is_read
+            item.change_key = _opaque(b"\x16\x00\x00\x00", 12)
+            folder = self.folders[item.folder_id]
+            folder.changes.append((next(self._seq), "ReadFlagChange", item.id, is_read))
+            self._emit(folder, [Event("ModifiedEvent", "", utcnow(), item.id, None, folder.id)])
+        return item
+
+    def delete(self, item_id: str) -> None:
+        item = self.item(item_id)
+        folder = self.folders[item.folder_id]
+        del folder.items[item.id]
+        del self.items[item.id]
+        folder.changes.append((next(self._seq), "Delete", item.id, item.is_read))
+        self._emit(folder, [Event("DeletedEvent", "", utcnow(), item.id, None, folder.id)])
+
+    def find(self, folder: Folder, message_id: str | None = None) -> list[Item]:
+        """Items of a folder, newest first; optionally only those with this Internet Message-ID."""
+        items = list(reversed(folder.items.values()))
+        if message_id is not None:
+            items = [i for i in items if unfold(i.header("Message-ID") or "") == message_id.strip()]
+        return items
+
+    # -- SyncFolderItems ---------------------------------------------------------------------
+    @staticmethod
+    def sync_state(folder: Folder, seq: int) -> str:
+        return base64.b64encode(f"emu-sync:{seq}:{folder.id}".encode()).decode()
+
+    def parse_sync_state(self, folder: Folder, state: str | None) -> int:
+        if not state:
+            return 0
+        try:
+            tag, seq, folder_id = base64.b64decode(state, validate=True).decode().split(":", 2)
+            if tag != "emu-sync" or folder_id != folder.id:
+                raise ValueError
+            return int(seq)
+        except Exception:
+            raise StoreError("ErrorInvalidSyncStateData", "Synchronization state data is corrupt or otherwise invalid.")
+
+    def sync(self, folder: Folder, state: str | None, max_changes: int, ignore: set[str] = frozenset()):
+        """Changes after ``state``, oldest first, merged per item: (changes, new state, includes last)."""
+        since = self.parse_sync_state(folder, state)
+        pending = [c for c in folder.changes if c[0] > since]
+        merged: dict[str, tuple[str, bool]] = {}
+        last_seq = since
+        consumed = 0
+        for seq, kind, item_id, is_read in pending:
+            previous = merged.get(item_id)
+            if previous is None and len(merged) >= max_changes:
+                break
+            if previous and previous[0] == "Create" and kind == "Delete":
+                del merged[item_id]
+            elif previous and previous[0] == "Create":
+                pass  # a read-flag change on a new item is part of its creation
+            else:
+                merged[item_id] = (kind, is_read)
+            last_seq = seq
+            consumed += 1
+        changes = []
+        for item_id, (kind, is_read) in merged.items():
+            if item_id in ignore:
+                continue
+            if kind == "Create":
+                item = self.items.get(item_id)
+                if item is None or item.folder_id != folder.id:
+                    continue
+                changes.append(("Create", item))
+            else:
+                changes.append((kind, item_id, is_read))
+        return changes, self.sync_state(folder, last_seq), consumed == len(pending)
+
+    # -- subscriptions and events ------------------------------------------------------------
+    def subscribe(self, owner: str, mailbox: str, folder_ids, event_types) -> Subscription:
+        key = mailbox.lower()
+        self.mailbox(key)
+        if self.max_subscriptions_per_mailbox:
+            count = len(self.by_mailbox.get(key, ()))
+            if count >= self.max_subscriptions_per_mailbox:
+                raise StoreError("ErrorExceededSubscriptionCount",
+                                 "You have exceeded the maximum number of subscriptions allowed for this mailbox.")
+        sub = Subscription(id=_opaque(b"\x1c\x00", 40), owner=owner, mailbox=key,
+                           folder_ids=None if folder_ids is None else frozenset(folder_ids),
+                           event_types=frozenset(event_types))
+        self.subscriptions[sub.id] = sub
+        self.by_mailbox.setdefault(key, {})[sub.id] = sub
+        return sub
+
+    def subscription(self, sub_id: str, owner: str) -> Subscription:
+        sub = self.subscriptions.get(sub_id)
+        if sub is not None and sub.idle_since is not None and time.monotonic() - sub.idle_since > self.idle_timeout:
+            self.drop_subscription(sub)
+            sub = None
+        if sub is None:
+            raise StoreError("ErrorSubscriptionNotFound", "The specified subscription was not found.")
+        if sub.owner != owner:
+            raise StoreError("ErrorSubscriptionAccessDenied",
+                             "A subscription can only be accessed by the account that created it.")
+        return sub
+
+    def drop_subscription(self, sub: Subscription) -> None:
+        self.subscriptions.pop(sub.id, None)
+        self.by_mailbox.get(sub.mailbox, {}).pop(sub.id, None)
+
+    def expire_idle(self) -> int:
+        now = time.monotonic()
+        idle = [s for s in self.subscriptions.values()
+                if s.idle_since is not None and now - s.idle_since > self.idle_timeout]
+        for sub in idle:
+            self.drop_subscription(sub)
+        return len(idle)
+
+    def _emit(self, folder: Folder, events: list[Event]) -> None:
+        self._emit_many([(folder, e) for e in events])
+
+    def _emit_many(self, pairs) -> None:
+        touched = {}
+        seen = set()
+        for folder, event in pairs:
+            for sub in list(self.by_mailbox.get(folder.mailbox, {}).values()):
+                if event.kind not in sub.event_types or not sub.covers(folder.id):
+                    continue
+                if (sub.id, id(event)) in seen:
+                    continue  # a move within one subscription's folders is reported once
+                seen.add((sub.id, id(event)))
+                if len(sub.queue) < MAX_QUEUED_EVENTS:
+                    sub.queue.append(event)
+                touched[sub.id] = sub
+        for event in {id(e): e for _, e in pairs}.values():
+            event.watermark = base64.b64encode(f"emu-wm:{next(self._watermarks)}".encode()).decode()
+        if self.on_event:
+            for sub in touched.values():
+                self.on_event(sub)
