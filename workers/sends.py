@@ -129,7 +129,7 @@ class SendRegistry:
             body = send.to_json()
             pipe.multi()
             for key in keys:
-                pipe.set(key, body, exat=int(expires.timestamp()))
+                pipe.set(key, body, pxat=int(expires.timestamp() * 1000))
             oldest = (utcnow() - self.retention).timestamp()
             for domain in {d for d in map(_domain, to_addrs) if d}:
                 pipe.zadd(domain_key(domain), {enrollment_id: moment.timestamp()}, gt=True)  # GT still adds new
@@ -146,11 +146,7 @@ class SendRegistry:
 
     def lookup_many(self, message_ids: Iterable[str]) -> list[Send]:
         """The distinct sends any of ``message_ids`` belongs to (one MGET; unknown ids skipped)."""
-        keys = []
-        for raw in message_ids:
-            mid = normalize(raw) if raw else None
-            if mid and send_key(mid) not in keys:
-                keys.append(send_key(mid))
+        keys = list(dict.fromkeys(send_key(mid) for mid in (normalize(raw) if raw else None for raw in message_ids) if mid))
         if not keys:
             return []
         sends, seen = [], set()
