@@ -1,0 +1,293 @@
+"""``make demo``: the whole product on one machine, under supervisord, in well under a minute.
+
+Starts Redis, the EWS emulator, a listener and two workers with the shipped supervisord
+configuration (deploy/demo/supervisord.conf), records one send per enrollment, delivers a
+reply of every kind to the rep's mailbox, and prints what happened to each enrollment and how
+long it took from delivery. Exits 0 only if every outcome is the expected one; always shuts
+supervisord and everything it started down, also on Ctrl-C or an error.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+
+from rq.job import Job  # noqa: E402
+from rq.registry import FailedJobRegistry, FinishedJobRegistry  # noqa: E402
+from rq.serializers import JSONSerializer  # noqa: E402
+
+import demo_messages as demo  # noqa: E402
+from exchange_listener import health, redis_conn  # noqa: E402
+from exchange_listener.local_services import free_port, redis_server_binary, wait_for_port  # noqa: E402
+from exchange_listener.queueing import make_queue  # noqa: E402
+
+CONF = ROOT / "deploy" / "demo" / "supervisord.conf"
+QUEUE = "exchange-listener"
+
+
+class Stop(Exception):
+    """SIGTERM: tear down as for Ctrl-C."""
+
+
+def say(message: str, started: float) -> None:
+    print(f"[{time.monotonic() - started:5.1f}s] {message}", flush=True)
+
+
+class Demo:
+    def __init__(self, workdir: Path, timeout: float):
+        self.workdir = workdir
+        self.run_dir = workdir / "run"
+        self.log_dir = workdir / "log"
+        self.settings_path = workdir / "settings.toml"
+        self.timeout = timeout
+        self.bin = Path(sys.executable).parent
+        self.started = time.monotonic()
+        self.redis_port = free_port()
+        self.emulator_port = free_port()
+        self.env: dict[str, str] = {}
+
+    # -- processes ---------------------------------------------------------------------
+    def command(self, name: str) -> str:
+        found = self.bin / name
+        if found.exists():
+            return str(found)
+        other = shutil.which(name)
+        if not other:
+            raise RuntimeError(f"{name} not found next to {sys.executable} or on PATH: run `make install`")
+        return other
+
+    def supervisorctl(self, *args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([self.command("supervisorctl"), "-c", str(CONF), *args], env=self.env,
+                              capture_output=True, text=True, timeout=timeout, check=check)
+
+    def el(self, *args: str) -> str:
+        done = subprocess.run([self.command("exchange-listener"), *args, "--config", str(self.settings_path)],
+                              env=self.env, capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            raise RuntimeError(f"exchange-listener {' '.join(args)} exited {done.returncode}: {done.stderr.strip()}")
+        return done.stdout
+
+    def prepare(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for old in self.log_dir.glob("*.log"):
+            old.unlink()
+        self.settings_path.write_text(
+            "# Written by tools/demo.py for one demo run.\n"
+            f'redis_url = "redis://127.0.0.1:{self.redis_port}/0"\n'
+            f'ews_url = "http://127.0.0.1:{self.emulator_port}/EWS/Exchange.asmx"\n'
+            'auth_type = "basic"\news_username = "svc"\news_password = "svc-password"\n'
+            "heartbeat_seconds = 5.0\nlease_seconds = 10.0\nworker_ttl = 15\n"
+            'log_format = "json"\n'
+        )
+        self.env = {
+            **os.environ,
+            "EL_BIN": str(Path(self.command("exchange-listener")).parent),
+            "EL_RUN_DIR": str(self.run_dir),
+            "EL_LOG_DIR": str(self.log_dir),
+            "EL_REDIS_SERVER": redis_server_binary(),
+            "EL_REDIS_PORT": str(self.redis_port),
+            "EL_EMULATOR_PORT": str(self.emulator_port),
+            "EXCHANGE_LISTENER_CONFIG": str(self.settings_path),
+        }
+        self.env.pop("EXCHANGE_LISTENER_METRICS_PORT", None)
+        self.shutdown(quiet=True)  # a demo left running by a killed earlier run
+
+    def start(self) -> None:
+        say(f"starting supervisord ({CONF.relative_to(ROOT)}): redis, emulator, listener, 2 workers", self.started)
+        subprocess.run([self.command("supervisord"), "-c", str(CONF)], env=self.env, check=True, timeout=30)
+        wait_for_port(self.redis_port, timeout=15)
+        wait_for_port(self.emulator_port, timeout=15)
+
+    def shutdown(self, quiet: bool = False) -> None:
+        """Stop supervisord and everything under it; wait until its pid is gone."""
+        pid_file = self.run_dir / "supervisord.pid"
+        pid = int(pid_file.read_text().strip()) if pid_file.exists() and pid_file.read_text().strip().isdigit() else None
+        if pid is None or not _alive(pid):
+            return
+        if not quiet:
+            say("shutting down supervisord and every process it started", self.started)
+        try:
+            self.supervisorctl("shutdown", timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            pass
+        deadline = time.monotonic() + 30
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(pid):  # supervisord did not stop: take its process group down
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    # -- the scenario ------------------------------------------------------------------
+    def wait_subscribed(self, conn) -> None:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            holder = conn.get(f"el:lease:{demo.MAILBOX}")
+            if holder:
+                snap = health.snapshot(conn, QUEUE)
+                for listener in snap["listeners"]:
+                    if listener["id"] == holder.decode() and any(g["connected"] for g in listener["groups"]):
+                        say(f"listener {listener['id']} holds {demo.MAILBOX} and its stream is open", self.started)
+                        return
+            time.sleep(0.2)
+        raise RuntimeError(f"no listener subscribed {demo.MAILBOX} within {self.timeout:.0f}s (see {self.log_dir})")
+
+    def deliver(self, raw: bytes) -> tuple[str, float]:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.emulator_port}/emulator/mailboxes/{demo.MAILBOX}/messages?folder=inbox",
+            data=raw, method="POST", headers={"Content-Type": "message/rfc822"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            item_id = json.loads(resp.read())["item_id"]
+        return item_id, time.time()
+
+    def processed_items(self, conn) -> tuple[set[str], list[str]]:
+        """Item ids of every finished job, and the errors of failed ones."""
+        queue = make_queue(conn, QUEUE)
+        done, errors = set(), []
+        for registry, failed in ((FinishedJobRegistry(queue=queue), False), (FailedJobRegistry(queue=queue), True)):
+            for job in Job.fetch_many(registry.get_job_ids(), connection=conn, serializer=JSONSerializer):
+                if job is None or not job.args or not isinstance(job.args[0], dict):
+                    continue
+                if failed:
+                    errors.append(f"job {job.id} failed: {(job.exc_info or '').strip().splitlines()[-1:]}")
+                else:
+                    done.update(m.get("item_id") for m in job.args[0].get("mails", []))
+        return done, errors
+
+    def play(self) -> int:
+        from workers.enrollments import EnrollmentStore, enrollment_key
+        from workers.message_ids import new_message_id
+
+        conn = redis_conn.connect(f"redis://127.0.0.1:{self.redis_port}/0")
+        self.el("mailboxes", "add", demo.MAILBOX)
+        say(f"watching {demo.MAILBOX} (exchange-listener mailboxes add)", self.started)
+        self.wait_subscribed(conn)
+
+        send_ids = {}
+        for s in demo.SCENARIOS:
+            send_ids[s.enrollment] = new_message_id("northwind.example")
+            args = ["sends", "record", "--message-id", send_ids[s.enrollment], "--enrollment", s.enrollment,
+                    "--sequence", demo.SEQUENCE, "--mailbox", demo.MAILBOX]
+            for address in s.to:
+                args += ["--to", address]
+            for address in s.cc:
+                args += ["--cc", address]
+            self.el(*args)
+        say(f"recorded {len(send_ids)} sends (exchange-listener sends record)", self.started)
+
+        now = dt.datetime.now(dt.timezone.utc)
+        delivered = {}
+        for s in demo.SCENARIOS:
+            delivered[s.enrollment] = self.deliver(s.build(s, send_ids[s.enrollment], now))
+        say(f"delivered {len(delivered)} messages to the emulator; waiting for the workers", self.started)
+
+        store = EnrollmentStore(conn)
+        deadline = time.monotonic() + self.timeout
+        errors: list[str] = []
+        while True:
+            states = dict(zip(delivered, store.get_many(delivered)))
+            done, errors = self.processed_items(conn)
+            settled = all(item in done for item, _ in delivered.values()) and all(
+                (states[s.enrollment] or {}).get("status") == s.expect_status for s in demo.SCENARIOS)
+            if settled or errors or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        changed_ms = {e: conn.hget(enrollment_key(e), "updated_at_ms") for e in delivered}
+        say("outcomes:", self.started)
+        print()
+        return self.report(states, delivered, changed_ms, done, errors, now)
+
+    def report(self, states, delivered, changed_ms, done, errors, now) -> int:
+        rows = [("ENROLLMENT", "SCENARIO", "STATUS", "REASON", "DELIVERY->CHANGE", "AS EXPECTED")]
+        failures = []
+        for s in demo.SCENARIOS:
+            state = states[s.enrollment] or {}
+            item_id, delivered_at = delivered[s.enrollment]
+            status, reason = state.get("status") or "?", state.get("reason") or "-"
+            if status == "paused" and state.get("paused_until"):
+                reason = f"{reason}, until {state['paused_until'][:10]}"
+            changed = int(state.get("version") or 0) > 0
+            if changed and changed_ms[s.enrollment]:
+                latency = f"{(int(changed_ms[s.enrollment]) / 1000 - delivered_at) * 1000:.0f} ms"
+            else:
+                latency = "unchanged"
+            problems = []
+            if s.expect_status == "active":
+                if changed or status != "active":
+                    problems.append(f"expected unchanged (active), got {status}/{reason}")
+                elif item_id not in done:
+                    problems.append("its message was never processed")
+            elif status != s.expect_status:
+                problems.append(f"expected {s.expect_status}, got {status}")
+            elif s.expect_reason and state.get("reason") != s.expect_reason:
+                problems.append(f"expected reason {s.expect_reason}, got {state.get('reason')}")
+            elif s.expect_status == "paused":
+                want = demo.return_date(now).isoformat()
+                if not (state.get("paused_until") or "").startswith(want):
+                    problems.append(f"expected a pause until {want}, got {state.get('paused_until')}")
+            rows.append((s.enrollment, s.label, status, reason, latency, "yes" if not problems else "NO"))
+            failures += [f"{s.enrollment} ({s.label}): {p}" for p in problems]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        print()
+        for line in errors + failures:
+            print(f"UNEXPECTED: {line}")
+        if errors or failures:
+            print(f"logs of every process: {self.log_dir}")
+            return 1
+        say(f"all {len(rows) - 1} outcomes as expected", self.started)
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _on_sigterm(_signum, _frame):
+    raise Stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default=str(ROOT / "var" / "demo"), help="settings, sockets and logs (default: var/demo)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each stage")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    run = Demo(Path(args.workdir).resolve(), args.timeout)
+    try:
+        run.prepare()
+        run.start()
+        return run.play()
+    except (KeyboardInterrupt, Stop):
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a clear line, the logs' location, and still a clean teardown
+        print(f"demo failed: {exc}\nlogs of every process: {run.log_dir}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the teardown short
+        run.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
