@@ -1,0 +1,174 @@
+"""Fetch new mail from Exchange for workers: one GetItem per job, MIME only on request.
+
+exchangelib objects are built lazily, in the process that uses them, and tagged with that
+process's pid: a Protocol (its HTTP sessions and cookie jar) created before a fork is never
+reused after it. Items are fetched through exchangelib's GetItem service with an explicit
+field list, so no GetFolder round trip is spent finding a folder to validate fields against.
+"""
+from __future__ import annotations
+
+import collections
+import os
+from typing import Sequence
+
+import requests.exceptions
+from exchangelib import Message
+from exchangelib.items import ID_ONLY
+from exchangelib.errors import (
+    EWSError,
+    ErrorCorruptData,
+    ErrorInvalidIdMalformed,
+    ErrorItemCorrupt,
+    ErrorItemNotFound,
+    ErrorMimeContentConversionFailed,
+)
+from exchangelib.fields import FieldPath
+from exchangelib.properties import ItemId
+from exchangelib.services import GetItem
+
+from exchange_listener.config import SECRET_KEYS, Settings
+from exchange_listener.sources.base import FetchedMessage, ItemGone
+from exchange_listener.sources.ews_account import make_account, make_configuration
+
+# exchangelib field name -> what it is in FetchedMessage; names checked against exchangelib 5.6.
+HEADER_FIELDS = (
+    "message_id",  # InternetMessageId
+    "in_reply_to",  # InReplyTo
+    "references",  # References
+    "headers",  # InternetMessageHeaders
+    "subject",
+    "sender",
+    "author",  # From
+    "to_recipients",
+    "cc_recipients",
+    "datetime_received",
+    "conversation_id",
+)
+MAX_ACCOUNTS = 2048  # Account objects cached per process (cheap, but not unbounded)
+
+
+class FetchError(Exception):
+    """EWS could not be asked (network, auth, throttling, server error); the job should retry."""
+
+
+class ItemUnreadable(ItemGone):
+    """The server has the item but cannot return it (corrupt); retrying will not help."""
+
+
+def _field_paths(names: Sequence[str]) -> set[FieldPath]:
+    return {FieldPath(field=Message.get_field_by_fieldname(name)) for name in names}
+
+
+_HEADER_PATHS = _field_paths(HEADER_FIELDS)
+_MIME_PATHS = _field_paths(("mime_content",))
+
+
+def _address(mailbox) -> str | None:
+    return getattr(mailbox, "email_address", None) or None
+
+
+def _addresses(mailboxes) -> list[str]:
+    return [a for a in (_address(m) for m in mailboxes or ()) if a]
+
+
+class EwsFetcher:
+    """``MailFetcher`` for EWS. Safe to create before a fork: nothing is built until first use."""
+
+    def __init__(self, settings: Settings, *, max_connections: int = 2):
+        self.settings = settings
+        self.max_connections = max_connections
+        self._pid: int | None = None
+        self._configuration = None
+        self._accounts: collections.OrderedDict[str, object] = collections.OrderedDict()
+
+    # -- exchangelib objects, per process ---------------------------------------------------
+    def _account(self, mailbox: str):
+        pid = os.getpid()
+        if self._pid != pid:  # first use, or first use after a fork: start cold
+            self._configuration = make_configuration(self.settings, pool=f"worker-{pid}",
+                                                     max_connections=self.max_connections)
+            self._accounts.clear()
+            self._pid = pid
+        key = mailbox.lower()
+        account = self._accounts.get(key)
+        if account is None:
+            account = make_account(self.settings, mailbox, self._configuration)
+            self._accounts[key] = account
+            if len(self._accounts) > MAX_ACCOUNTS:
+                self._accounts.popitem(last=False)
+        else:
+            self._accounts.move_to_end(key)
+        return account
+
+    def _get_items(self, mailbox: str, item_ids: Sequence[str], paths: set[FieldPath]) -> list:
+        account = self._account(mailbox)
+        service = GetItem(account=account, chunk_size=max(1, len(item_ids)))
+        try:
+            return list(service.call(items=[ItemId(id=i) for i in item_ids], additional_fields=paths, shape=ID_ONLY))
+        except (EWSError, requests.exceptions.RequestException, OSError) as exc:
+            raise FetchError(f"GetItem for {mailbox} ({len(item_ids)} item(s)) failed: {self._describe(exc)}") from None
+
+    def _describe(self, exc: BaseException) -> str:
+        """Exception class and a short message, with any configured secret blanked out."""
+        text = str(exc).splitlines()[0][:300] if str(exc) else ""
+        for key in SECRET_KEYS:
+            secret = self.settings.values.get(key)
+            if secret:
+                text = text.replace(secret, "***")
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+    def _gone(self, mailbox: str, item_id: str, result: Exception) -> ItemGone:
+        short = item_id[-16:]
+        if isinstance(result, (ErrorItemNotFound, ErrorInvalidIdMalformed)):
+            return ItemGone(f"{mailbox}: item …{short} not found ({type(result).__name__})")
+        if isinstance(result, (ErrorItemCorrupt, ErrorCorruptData, ErrorMimeContentConversionFailed)):
+            return ItemUnreadable(f"{mailbox}: item …{short} cannot be read ({type(result).__name__})")
+        raise FetchError(f"GetItem for {mailbox} item …{short} failed: {self._describe(result)}")
+
+    # -- MailFetcher ------------------------------------------------------------------------
+    def fetch(self, mailbox: str, item_ids: Sequence[str]) -> list[FetchedMessage | ItemGone]:
+        if not item_ids:
+            return []
+        results = self._get_items(mailbox, item_ids, _HEADER_PATHS)
+        if len(results) != len(item_ids):
+            raise FetchError(f"GetItem for {mailbox}: asked for {len(item_ids)} item(s), got {len(results)}")
+        out: list[FetchedMessage | ItemGone] = []
+        for item_id, item in zip(item_ids, results):
+            if isinstance(item, Exception):
+                out.append(self._gone(mailbox, item_id, item))
+                continue
+            conversation = getattr(item, "conversation_id", None)
+            out.append(FetchedMessage(
+                mailbox=mailbox,
+                item_id=item_id,
+                internet_message_id=getattr(item, "message_id", None),
+                subject=getattr(item, "subject", None) or "",
+                sender=_address(getattr(item, "sender", None)),
+                from_address=_address(getattr(item, "author", None)),
+                to=_addresses(getattr(item, "to_recipients", None)),
+                cc=_addresses(getattr(item, "cc_recipients", None)),
+                received_at=getattr(item, "datetime_received", None),
+                conversation_id=getattr(conversation, "id", None),
+                in_reply_to=getattr(item, "in_reply_to", None),
+                references=getattr(item, "references", None),
+                headers=[(h.name, h.value if h.value is not None else "") for h in (getattr(item, "headers", None) or ())],
+            ))
+        return out
+
+    def fetch_mime(self, mailbox: str, item_id: str) -> bytes:
+        (item,) = self._get_items(mailbox, [item_id], _MIME_PATHS)
+        if isinstance(item, Exception):
+            raise self._gone(mailbox, item_id, item)
+        return item.mime_content or b""
+
+    def close(self) -> None:
+        """Drop this process's sessions (call before exit; a forked child simply starts cold)."""
+        if self._accounts and self._pid == os.getpid():
+            account = next(iter(self._accounts.values()))  # all share this process's one Protocol
+            try:
+                account.protocol.close()
+            except Exception:  # closing is best effort; nothing depends on it
+                pass
+        self._configuration = None
+        self._accounts.clear()
+        self._pid = None
