@@ -62,7 +62,6 @@ SIGNATURE_HEADER = "X-Exchange-Listener-Signature"
 TIMESTAMP_HEADER = "X-Exchange-Listener-Timestamp"
 DELIVERY_HEADER = "X-Exchange-Listener-Delivery"
 
-log = logs.get_logger(component="notify")
 
 
 def state_key(transition_id: str) -> str:
@@ -126,7 +125,7 @@ class Timer(threading.Thread):
             try:
                 self.notifier.drain()
             except redis.exceptions.RedisError as exc:
-                log.warning("notify drain failed", error=f"{type(exc).__name__}: {exc}")
+                logs.get_logger(component="notify").warning("notify drain failed", error=f"{type(exc).__name__}: {exc}")
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -210,7 +209,7 @@ class Notifier:
                 self.redis.zrem(OUTBOX_KEY, tid)
                 continue
             transition = json.loads(raw)
-            bound = log.bind(transition_id=tid, enrollment_id=transition.get("enrollment_id"),
+            bound = logs.get_logger(component="notify", transition_id=tid, enrollment_id=transition.get("enrollment_id"),
                              mailbox=transition.get("mailbox"))
             error = None
             for channel in self.channels:
