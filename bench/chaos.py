@@ -1,0 +1,891 @@
+"""Chaos drill: prove that no reply is lost or acted on twice while processes die and EWS misbehaves.
+
+One machine runs the EWS emulator, a redis-server with AOF (everysec), two listener processes and
+two worker processes (``python -m exchange_listener.cli listen|work``). The drill records sends
+across many mailboxes, keeps the ground truth in its own memory, delivers replies of every kind at
+a steady rate and, at random moments, kills a listener (-9), kills a worker in the middle of a job
+(-9), restarts Redis and injects every emulator fault. Then it waits (bounded) for the system to go
+quiet and checks the enrollment state and audit trail in Redis against the ground truth.
+
+The last line printed is a JSON report; the exit status is non-zero when anything was lost,
+duplicated, falsely stopped or left unexplained in the queues.
+
+    python bench/chaos.py --size small     # CI: under 3 minutes
+    python bench/chaos.py --size large     # >= 10,000 replies
+
+The helpers here (``Stack``, the message builders, ``Deliverer``, ``transition_times``) are also
+used by ``bench/run_all.py`` for the end-to-end benchmark.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import datetime as dt
+import http.client
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from email.utils import format_datetime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import redis  # noqa: E402
+from rq import Worker  # noqa: E402
+from rq.job import Job  # noqa: E402
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry  # noqa: E402
+from rq.serializers import JSONSerializer  # noqa: E402
+
+from exchange_listener.local_services import Emulator, RedisServer  # noqa: E402
+from exchange_listener.queueing import make_queue  # noqa: E402
+from workers.enrollments import STREAM_KEY, EnrollmentStore  # noqa: E402
+from workers.sends import SendRegistry  # noqa: E402
+
+SERVICE_ACCOUNT = ("svc", "svc-password")
+EMULATOR_FAULTS = ("reset_streams", "stall_streams", "expire_subscriptions", "server_busy", "http_503", "restart")
+PROCESS_FAULTS = ("kill_listener", "kill_worker", "restart_redis")
+FAULT_KINDS = EMULATOR_FAULTS + PROCESS_FAULTS
+PAUSE_DAYS = 7
+
+SIZES = {
+    # deliveries: replies to deliver (incl. duplicates and unrelated mail); rate: replies/s;
+    # rounds: how many times each fault kind is injected; settle: seconds allowed to go quiet.
+    "small": dict(mailboxes=24, deliveries=600, rate=12.0, rounds=1, settle=75.0, lease=8.0),
+    "large": dict(mailboxes=200, deliveries=10_000, rate=55.0, rounds=3, settle=240.0, lease=10.0),
+}
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+def _message_id(domain: str = "mail.example") -> str:
+    return f"<{uuid.uuid4().hex}@{domain}>"
+
+
+def _headers(pairs: list[tuple[str, str]]) -> str:
+    return "".join(f"{name}: {value}\r\n" for name, value in pairs if value is not None)
+
+
+def _date() -> str:
+    return format_datetime(dt.datetime.now(dt.timezone.utc))
+
+
+def human_reply(mailbox: str, sender: str, send_id: str, *, references_only: bool = False, cc: str | None = None,
+                subject: str = "Quick question") -> bytes:
+    """A person answering a send (Outlook-like); ``references_only`` leaves out In-Reply-To, as a
+    colleague's client does when it replies further down the thread."""
+    earlier = _message_id("other.example")
+    pairs = [("From", sender), ("To", mailbox), ("Cc", cc), ("Subject", f"RE: {subject}"), ("Date", _date()),
+             ("Message-ID", _message_id(sender.split("@")[1])), ("MIME-Version", "1.0"),
+             ("Content-Type", "text/plain; charset=utf-8")]
+    if references_only:
+        pairs.append(("References", f"{send_id} {earlier}"))
+    else:
+        pairs += [("In-Reply-To", send_id), ("References", send_id)]
+    body = "Thanks, that sounds interesting. Can we talk on Thursday?\r\n\r\n> earlier text\r\n"
+    return (_headers(pairs) + "\r\n" + body).encode()
+
+
+def out_of_office(mailbox: str, sender: str, send_id: str, return_date: dt.date | None,
+                  subject: str = "Quick question") -> bytes:
+    """Exchange's automatic reply, with or without a stated return date."""
+    pairs = [("From", sender), ("To", mailbox), ("Subject", f"Automatic reply: {subject}"), ("Date", _date()),
+             ("Message-ID", _message_id(sender.split("@")[1])), ("In-Reply-To", send_id), ("References", send_id),
+             ("Auto-Submitted", "auto-replied"), ("X-Auto-Response-Suppress", "All"),
+             ("X-MS-Exchange-Inbox-Rules-Loop", sender), ("MIME-Version", "1.0"),
+             ("Content-Type", "text/plain; charset=utf-8")]
+    if return_date:
+        body = (f"Thank you for your message. I am out of the office until "
+                f"{return_date.strftime('%A, %B')} {return_date.day}, {return_date.year} with limited access to email.\r\n")
+    else:
+        body = "Thank you for your message. I am currently out of the office with limited access to email.\r\n"
+    return (_headers(pairs) + "\r\n" + body).encode()
+
+
+def bounce(mailbox: str, recipient: str, send_id: str, *, hard: bool, subject: str = "Quick question") -> bytes:
+    """A Postfix-style DSN (multipart/report) carrying the original headers."""
+    boundary = uuid.uuid4().hex
+    status, action, diag = (("5.1.1", "failed", "550 5.1.1 <%s>: Recipient address rejected: User unknown" % recipient)
+                            if hard else ("4.2.2", "delayed", "452 4.2.2 <%s>: Mailbox full" % recipient))
+    headline = "Undelivered Mail Returned to Sender" if hard else "Delayed Mail (still being retried)"
+    pairs = [("From", "MAILER-DAEMON@mx.mail.example (Mail Delivery System)"), ("To", mailbox),
+             ("Subject", headline), ("Date", _date()), ("Message-ID", _message_id("mx.mail.example")),
+             ("Auto-Submitted", "auto-replied"), ("MIME-Version", "1.0"),
+             ("Content-Type", f'multipart/report; report-type=delivery-status; boundary="{boundary}"')]
+    explanation = ("I'm sorry to have to inform you that your message could not be delivered to one or more recipients.\r\n"
+                   if hard else "Your message could not be delivered yet; delivery will be retried.\r\n")
+    body = (f"--{boundary}\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n{explanation}\r\n"
+            f"--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n"
+            f"Reporting-MTA: dns; mx.mail.example\r\n\r\n"
+            f"Final-Recipient: rfc822; {recipient}\r\nOriginal-Recipient: rfc822; {recipient}\r\n"
+            f"Action: {action}\r\nStatus: {status}\r\nDiagnostic-Code: smtp; {diag}\r\n\r\n"
+            f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+            f"From: {mailbox}\r\nTo: {recipient}\r\nSubject: {subject}\r\nMessage-ID: {send_id}\r\n\r\n"
+            f"--{boundary}--\r\n")
+    return (_headers(pairs) + "\r\n" + body).encode()
+
+
+def read_receipt(mailbox: str, sender: str, send_id: str, subject: str = "Quick question") -> bytes:
+    """An RFC 8098 read receipt that also names the send in References (as some clients do)."""
+    boundary = uuid.uuid4().hex
+    pairs = [("From", sender), ("To", mailbox), ("Subject", f"Read: {subject}"), ("Date", _date()),
+             ("Message-ID", _message_id(sender.split("@")[1])), ("References", send_id), ("MIME-Version", "1.0"),
+             ("Content-Type", f'multipart/report; report-type=disposition-notification; boundary="{boundary}"')]
+    body = (f"--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nYour message was read.\r\n\r\n"
+            f"--{boundary}\r\nContent-Type: message/disposition-notification\r\n\r\n"
+            f"Reporting-UA: mail.example; Outlook\r\nFinal-Recipient: rfc822;{sender}\r\n"
+            f"Original-Message-ID: {send_id}\r\nDisposition: manual-action/MDN-sent-manually; displayed\r\n\r\n"
+            f"--{boundary}--\r\n")
+    return (_headers(pairs) + "\r\n" + body).encode()
+
+
+def unrelated(mailbox: str, rng: random.Random) -> bytes:
+    """Mail that answers nothing we sent: a newsletter, or a reply to someone else's thread."""
+    if rng.random() < 0.5:
+        pairs = [("From", "news@newsletter.example"), ("To", mailbox), ("Subject", "This week in widgets"),
+                 ("Date", _date()), ("Message-ID", _message_id("newsletter.example")),
+                 ("List-Unsubscribe", "<mailto:leave@newsletter.example>"), ("MIME-Version", "1.0"),
+                 ("Content-Type", "text/plain; charset=utf-8")]
+    else:
+        other = _message_id("elsewhere.example")
+        pairs = [("From", "friend@elsewhere.example"), ("To", mailbox), ("Subject", "Re: lunch"), ("Date", _date()),
+                 ("Message-ID", _message_id("elsewhere.example")), ("In-Reply-To", other), ("References", other),
+                 ("MIME-Version", "1.0"), ("Content-Type", "text/plain; charset=utf-8")]
+    return (_headers(pairs) + "\r\nSee you at noon.\r\n").encode()
+
+
+# --- processes --------------------------------------------------------------------------------
+
+class Proc:
+    """One ``exchange-listener`` child process that can be killed (-9) and started again."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: str):
+        self.name, self.args, self.env = name, args, env
+        self.log_path = os.path.join(log_dir, f"{name}.log")
+        self.popen: subprocess.Popen | None = None
+
+    def start(self) -> "Proc":
+        log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(self.args, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen else None
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def kill(self) -> None:
+        """kill -9 of the process and anything it forked (a forking worker's horse dies with it)."""
+        if self.alive():
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.popen.wait(10)
+
+    def terminate(self, timeout: float = 12.0) -> int | None:
+        """SIGTERM and wait (warm shutdown); SIGKILL after ``timeout``. Returns the exit status."""
+        if not self.alive():
+            return self.popen.returncode if self.popen else None
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the process and its reaped children (a forking worker's horses)."""
+        try:
+            with open(f"/proc/{self.pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            ticks = os.sysconf("SC_CLK_TCK")
+            return sum(int(v) for v in fields[11:15]) / ticks
+        except (OSError, TypeError, IndexError):
+            return 0.0
+
+    def rss_mb(self) -> float:
+        try:
+            with open(f"/proc/{self.pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "exchange_listener.cli", *args]
+
+
+class Stack:
+    """Emulator + redis-server (AOF) + listener and worker processes, all on free ports.
+
+    ``settings`` are extra ``EXCHANGE_LISTENER_*`` values (lower-case keys) for the children;
+    ``listener_cmd`` / ``worker_cmd`` replace ``exchange-listener listen|work`` (the baseline).
+    """
+
+    def __init__(self, mailboxes: list[str], *, listeners: int = 2, workers: int = 2, settings: dict | None = None,
+                 listener_cmd: list[str] | None = None, worker_cmd: list[str] | None = None,
+                 heartbeat_seconds: float = 1.0, log_dir: str | None = None, aof: bool = True):
+        self.mailboxes = mailboxes
+        self.n_listeners, self.n_workers = listeners, workers
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix="el-stack-")
+        self.heartbeat_seconds = heartbeat_seconds
+        self.extra = dict(settings or {})
+        self.listener_cmd = listener_cmd or cli("listen")
+        self.worker_cmd = worker_cmd or cli("work")
+        self.redis_server = RedisServer(aof=aof)
+        self.emulator = Emulator(accounts=[":".join(SERVICE_ACCOUNT)], mailboxes=mailboxes,
+                                 heartbeat_seconds=heartbeat_seconds)
+        self.listeners: list[Proc] = []
+        self.workers: list[Proc] = []
+        self.redis: redis.Redis | None = None
+
+    @property
+    def queue_name(self) -> str:
+        return self.extra.get("queue_name", "exchange-listener")
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_LISTENER_")}
+        values = {
+            "redis_url": self.redis_server.url, "ews_url": self.emulator.ews_url,
+            "ews_username": SERVICE_ACCOUNT[0], "ews_password": SERVICE_ACCOUNT[1],
+            "heartbeat_seconds": str(self.heartbeat_seconds), "log_level": "warning", "log_format": "json",
+            "pause_days": str(PAUSE_DAYS),
+        }
+        values.update({k: str(v) for k, v in self.extra.items()})
+        env.update({f"EXCHANGE_LISTENER_{k.upper()}": v for k, v in values.items()})
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.path.join(ROOT, "bench"), env.get("PYTHONPATH")) if p)
+        return env
+
+    def start_services(self) -> "Stack":
+        self.redis_server.start()
+        self.emulator.start()
+        self.redis = redis.Redis.from_url(self.redis_server.url, socket_connect_timeout=2, socket_timeout=10)
+        return self
+
+    def add_mailboxes(self, mailboxes: list[str] | None = None) -> None:
+        mailboxes = mailboxes or self.mailboxes
+        for start in range(0, len(mailboxes), 500):
+            subprocess.run(cli("mailboxes", "add", *mailboxes[start:start + 500]), env=self.env(), cwd=ROOT,
+                           check=True, stdout=subprocess.DEVNULL, timeout=120)
+
+    def start_processes(self) -> "Stack":
+        env = self.env()
+        self.listeners = [Proc(f"listener-{i}", self.listener_cmd, env, self.log_dir).start() for i in range(self.n_listeners)]
+        self.workers = [Proc(f"worker-{i}", self.worker_cmd, env, self.log_dir).start() for i in range(self.n_workers)]
+        return self
+
+    def start_listeners(self, count: int | None = None) -> None:
+        env = self.env()
+        for i in range(count if count is not None else self.n_listeners):
+            self.listeners.append(Proc(f"listener-{len(self.listeners)}", self.listener_cmd, env, self.log_dir).start())
+
+    def stop_listeners(self) -> None:
+        for proc in self.listeners:
+            proc.terminate()
+        self.listeners = []
+
+    def restart(self, proc: Proc) -> None:
+        proc.kill()
+        proc.start()
+
+    def stop(self) -> None:
+        for proc in self.listeners + self.workers:
+            try:
+                proc.terminate(timeout=8)
+            except Exception:
+                proc.kill()
+        self.emulator.stop()
+        self.redis_server.kill()
+
+    def queue(self):
+        return make_queue(self.redis, self.queue_name)
+
+    def backlog(self) -> dict:
+        """Jobs not yet done: queued, running, waiting for a retry; and failed ones."""
+        queue = self.queue()
+        return {
+            "queued": queue.count,
+            "started": StartedJobRegistry(queue=queue).count,
+            "scheduled": ScheduledJobRegistry(queue=queue).count,
+            "failed": FailedJobRegistry(queue=queue).count,
+        }
+
+    def busy_worker(self, procs: list[Proc]) -> tuple[Proc, str] | None:
+        """A worker process of ``procs`` that is running a job right now, and the job's id."""
+        by_pid = {p.pid: p for p in procs if p.alive()}
+        for worker in Worker.all(connection=self.redis, serializer=JSONSerializer):
+            if worker.pid in by_pid and worker.get_state() == "busy":
+                job_id = worker.get_current_job_id()
+                if job_id:
+                    return by_pid[worker.pid], job_id
+        return None
+
+
+class Deliverer:
+    """POSTs raw messages to the emulator over kept-alive HTTP connections (one per thread)."""
+
+    def __init__(self, emulator: Emulator):
+        self.host, self.port = "127.0.0.1", emulator.port
+        self.local = threading.local()
+
+    def deliver(self, mailbox: str, raw: bytes, folder: str = "inbox") -> dict:
+        for attempt in range(3):
+            conn = getattr(self.local, "conn", None)
+            if conn is None:
+                conn = self.local.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+            try:
+                conn.request("POST", f"/emulator/mailboxes/{mailbox}/messages?folder={folder}", body=raw,
+                             headers={"Content-Type": "message/rfc822"})
+                resp = conn.getresponse()
+                data = resp.read()
+                if resp.status != 201:
+                    raise RuntimeError(f"emulator refused delivery to {mailbox}: {resp.status} {data[:200]!r}")
+                return json.loads(data)
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                self.local.conn = None
+                if attempt == 2:
+                    raise
+                time.sleep(0.2)
+        raise AssertionError("unreachable")
+
+
+def transition_times(client: redis.Redis) -> dict[str, list[tuple[float, dict]]]:
+    """enrollment id -> [(epoch seconds the transition was written, transition)], from the stream."""
+    out: dict[str, list[tuple[float, dict]]] = collections.defaultdict(list)
+    last = "-"
+    while True:
+        entries = client.xrange(STREAM_KEY, min=last, max="+", count=5000)
+        if last != "-":
+            entries = entries[1:]
+        if not entries:
+            return out
+        for entry_id, fields in entries:
+            data = json.loads(fields[b"data"])
+            out[data["enrollment_id"]].append((int(entry_id.split(b"-")[0]) / 1000, data))
+        last = entries[-1][0].decode()
+
+
+def retrying(call, seconds: float = 30.0):
+    """Call ``call()`` until Redis answers (the drill restarts it on purpose)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return call()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+# --- ground truth -----------------------------------------------------------------------------
+
+# scenario -> (mail kinds delivered in order, expected status, expected reason)
+SCENARIOS = {
+    "reply_prospect": (["reply"], "stopped", "replied"),
+    "reply_colleague": (["reply_colleague"], "stopped", "replied"),
+    "reply_cc": (["reply_cc"], "stopped", "replied"),
+    "receipt_then_reply": (["receipt", "reply"], "stopped", "replied"),
+    "ooo_then_reply": (["ooo_date", "reply"], "stopped", "replied"),
+    "ooo_date": (["ooo_date"], "paused", None),
+    "ooo_nodate": (["ooo_nodate"], "paused", None),
+    "hard_bounce": (["hard_bounce"], "stopped", "bounced"),
+    "soft_bounce": (["soft_bounce"], "active", None),
+    "receipt": (["receipt"], "active", None),
+    "untouched": ([], "active", None),
+}
+WEIGHTS = {"reply_prospect": 14, "reply_colleague": 8, "reply_cc": 6, "receipt_then_reply": 5, "ooo_then_reply": 5,
+           "ooo_date": 8, "ooo_nodate": 6, "hard_bounce": 8, "soft_bounce": 6, "receipt": 6, "untouched": 4}
+STOPPING = {"reply", "reply_colleague", "reply_cc", "hard_bounce"}
+PAUSING = {"ooo_date", "ooo_nodate"}
+
+
+@dataclasses.dataclass
+class Enrollment:
+    id: str
+    mailbox: str
+    prospect: str
+    colleague: str
+    cc: str
+    send_ids: list[str]
+    scenario: str
+    return_date: dt.date | None = None
+    delivered: list[str] = dataclasses.field(default_factory=list)  # kinds actually delivered
+
+    @property
+    def expected(self) -> tuple[str, str | None]:
+        return SCENARIOS[self.scenario][1], SCENARIOS[self.scenario][2]
+
+
+@dataclasses.dataclass
+class Delivery:
+    at: float  # position in the timeline, 0..1
+    mailbox: str
+    kind: str
+    enrollment: Enrollment | None
+    raw: bytes | None = None
+    duplicate_of: "Delivery | None" = None
+    item_id: str | None = None
+    sent_at: float | None = None
+
+
+def build_raw(d: Delivery, rng: random.Random) -> bytes:
+    e = d.enrollment
+    if d.kind == "unrelated":
+        return unrelated(d.mailbox, rng)
+    send_id = rng.choice(e.send_ids)  # a send may carry more than one id: any must match
+    if d.kind == "reply":
+        return human_reply(e.mailbox, e.prospect, send_id)
+    if d.kind == "reply_colleague":
+        return human_reply(e.mailbox, e.colleague, send_id, references_only=True)
+    if d.kind == "reply_cc":
+        return human_reply(e.mailbox, e.cc, send_id, cc=e.prospect)
+    if d.kind == "receipt":
+        return read_receipt(e.mailbox, e.prospect, send_id)
+    if d.kind == "ooo_date":
+        return out_of_office(e.mailbox, e.prospect, send_id, e.return_date)
+    if d.kind == "ooo_nodate":
+        return out_of_office(e.mailbox, e.prospect, send_id, None)
+    if d.kind in ("hard_bounce", "soft_bounce"):
+        return bounce(e.mailbox, e.prospect, send_id, hard=d.kind == "hard_bounce")
+    raise ValueError(d.kind)
+
+
+def make_plan(mailboxes: list[str], deliveries: int, rng: random.Random) -> tuple[list[Enrollment], list[Delivery]]:
+    """Enrollments with their scenarios and a shuffled timeline of at least ``deliveries`` mails:
+    ~8% duplicates (the same bytes delivered again) and ~8% unrelated mail."""
+    names, weights = zip(*WEIGHTS.items())
+    enrollments: list[Enrollment] = []
+    timeline: list[Delivery] = []
+    today = dt.date.today()
+    while len(timeline) < deliveries:
+        n = len(enrollments)
+        mailbox = mailboxes[n % len(mailboxes)]
+        domain = f"prospect{n}.example"
+        e = Enrollment(id=f"enr-{n:06d}", mailbox=mailbox, prospect=f"pat{n}@{domain}", colleague=f"sam{n}@{domain}",
+                       cc=f"lee{n}@cc{n}.example", send_ids=[_message_id("sales.example")],
+                       scenario=rng.choices(names, weights)[0])
+        if rng.random() < 0.3:  # the id the mail server assigned as well (SES-style rewrite)
+            e.send_ids.append(_message_id("ses.example"))
+        if "ooo_date" in SCENARIOS[e.scenario][0]:
+            e.return_date = today + dt.timedelta(days=rng.randint(10, 60))
+        enrollments.append(e)
+        positions = sorted(rng.random() for _ in SCENARIOS[e.scenario][0])
+        for at, kind in zip(positions, SCENARIOS[e.scenario][0]):
+            d = Delivery(at, mailbox, kind, e)
+            timeline.append(d)
+            if rng.random() < 0.08:
+                timeline.append(Delivery(min(1.0, at + rng.random() * 0.1), mailbox, kind, e, duplicate_of=d))
+        if rng.random() < 0.12:
+            timeline.append(Delivery(rng.random(), rng.choice(mailboxes), "unrelated", None))
+    timeline.sort(key=lambda d: d.at)
+    return enrollments, timeline
+
+
+def record_sends(registry: SendRegistry, enrollments: list[Enrollment]) -> None:
+    for e in enrollments:
+        registry.record(e.send_ids, e.id, f"seq-{int(e.id[-6:]) % 7}", e.mailbox, [e.prospect], cc=[e.cc])
+
+
+# --- the drill --------------------------------------------------------------------------------
+
+class Drill:
+    def __init__(self, size: str, seed: int, log_dir: str):
+        self.cfg = SIZES[size]
+        self.size = size
+        self.rng = random.Random(seed)
+        self.mailboxes = [f"rep{i:04d}@sales.example" for i in range(self.cfg["mailboxes"])]
+        self.stack = Stack(self.mailboxes, listeners=2, workers=2, log_dir=log_dir, settings={
+            "queue_name": "drill", "lease_seconds": self.cfg["lease"], "worker_ttl": 10, "job_timeout": 30,
+            "job_retries": 8,
+        })
+        self.enrollments, self.timeline = make_plan(self.mailboxes, self.cfg["deliveries"], self.rng)
+        self.faults: list[dict] = []  # {kind, at, probes: [enrollment ids], job_id, recovery_s}
+        self.probes: list[Enrollment] = []
+        self.lock = threading.Lock()
+        self.delivered = 0
+        self.errors: list[str] = []
+
+    # -- setup -------------------------------------------------------------------------------
+    def probe_enrollments(self, count: int) -> list[Enrollment]:
+        """Enrollments answered right when a fault hits: the time to their stop is the recovery."""
+        out = []
+        for i in range(count):
+            n = len(self.probes)
+            mailbox = self.mailboxes[(n * 7) % len(self.mailboxes)]
+            e = Enrollment(id=f"probe-{n:04d}", mailbox=mailbox, prospect=f"probe{n}@probe{n}.example",
+                           colleague=f"c{n}@probe{n}.example", cc=f"cc{n}@probecc.example",
+                           send_ids=[_message_id("sales.example")], scenario="reply_prospect")
+            self.probes.append(e)
+            out.append(e)
+        return out
+
+    def setup(self) -> None:
+        self.stack.start_services()
+        registry = SendRegistry(self.stack.redis)
+        record_sends(registry, self.enrollments)
+        rounds = self.cfg["rounds"]
+        self.probe_pool = self.probe_enrollments(len(FAULT_KINDS) * rounds * min(6, len(self.mailboxes)))
+        record_sends(registry, self.probe_pool)
+        self.stack.add_mailboxes()
+        self.stack.start_processes()
+
+    def wait_ready(self, timeout: float = 60.0) -> float:
+        """Deliver one reply per mailbox and wait for all their stops: every mailbox is streamed."""
+        t0 = time.monotonic()
+        warm = self.probe_enrollments(len(self.mailboxes))
+        record_sends(SendRegistry(self.stack.redis), warm)
+        store = EnrollmentStore(self.stack.redis)
+        deliverer = Deliverer(self.stack.emulator)
+        pending = {e.id: e for e in warm}
+        # Mail that arrives before a mailbox's first subscription may predate its first sync
+        # state, so a reply not acted on within a few seconds is sent again (a new mail).
+        last_sent = 0.0
+        while pending and time.monotonic() - t0 < timeout:
+            if time.monotonic() - last_sent > 4.0:
+                for e in pending.values():
+                    e.delivered.append("reply")
+                    deliverer.deliver(e.mailbox, human_reply(e.mailbox, e.prospect, e.send_ids[0]))
+                last_sent = time.monotonic()
+            time.sleep(0.3)
+            states = retrying(lambda: store.get_many(list(pending)))
+            for eid, state in zip(list(pending), states):
+                if state and state["status"] == "stopped":
+                    pending.pop(eid)
+        if pending:
+            raise RuntimeError(f"stack not ready after {timeout:.0f}s: {len(pending)} warm-up replies not processed "
+                               f"(logs in {self.stack.log_dir})")
+        return time.monotonic() - t0
+
+    # -- deliveries ----------------------------------------------------------------------------
+    def deliver_all(self, stop: threading.Event) -> None:
+        deliverer = Deliverer(self.stack.emulator)
+        interval = 1.0 / self.cfg["rate"]
+        start = time.monotonic()
+        for i, d in enumerate(self.timeline):
+            if stop.is_set():
+                return
+            delay = start + i * interval - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            d.raw = d.duplicate_of.raw if d.duplicate_of and d.duplicate_of.raw else build_raw(d, self.rng)
+            try:
+                d.sent_at = time.time()
+                d.item_id = deliverer.deliver(d.mailbox, d.raw)["item_id"]
+                if d.enrollment is not None:
+                    d.enrollment.delivered.append(d.kind)
+                with self.lock:
+                    self.delivered += 1
+            except Exception as exc:  # the emulator is never faulted on its delivery endpoint
+                self.errors.append(f"delivery failed: {exc}")
+
+    # -- faults --------------------------------------------------------------------------------
+    def fault_schedule(self, duration: float) -> list[tuple[float, str]]:
+        kinds = [k for k in FAULT_KINDS for _ in range(self.cfg["rounds"])]
+        self.rng.shuffle(kinds)
+        slot = duration * 0.85 / len(kinds)
+        return [(duration * 0.05 + i * slot + self.rng.random() * slot * 0.5, kind) for i, kind in enumerate(kinds)]
+
+    def send_probes(self, fault: dict) -> None:
+        deliverer = Deliverer(self.stack.emulator)
+        count = min(6, len(self.mailboxes))
+        chosen = [self.probe_pool.pop() for _ in range(count)] if len(self.probe_pool) >= count else []
+        mailboxes = self.rng.sample(self.mailboxes, len(chosen))
+        for e, mailbox in zip(chosen, mailboxes):
+            e.mailbox = mailbox  # the send was recorded for another mailbox; the reply may land anywhere
+            e.delivered.append("reply")
+            deliverer.deliver(mailbox, human_reply(mailbox, e.prospect, e.send_ids[0]))
+        fault["probes"] = [e.id for e in chosen]
+
+    def inject(self, kind: str) -> dict:
+        fault = {"kind": kind, "at": time.time(), "probes": [], "job_id": None}
+        emulator, stack = self.stack.emulator, self.stack
+        if kind == "reset_streams":
+            emulator.fault(kind="reset_streams")
+        elif kind == "stall_streams":
+            emulator.fault(kind="stall_streams", seconds=4 * stack.heartbeat_seconds + 1)
+        elif kind == "expire_subscriptions":
+            emulator.fault(kind="expire_subscriptions")
+        elif kind == "server_busy":
+            emulator.fault(kind="server_busy", count=20, back_off_ms=500)
+        elif kind == "http_503":
+            emulator.fault(kind="http_503", count=20)
+        elif kind == "restart":
+            emulator.fault(kind="restart")
+        elif kind == "kill_listener":
+            victim = self.rng.choice([p for p in stack.listeners if p.alive()] or stack.listeners)
+            victim.kill()
+            fault["victim"] = victim.name
+            threading.Timer(self.rng.uniform(3, 8), lambda: victim.alive() or victim.start()).start()
+        elif kind == "kill_worker":
+            fault.update(self.kill_busy_worker())
+        elif kind == "restart_redis":
+            stack.redis_server.stop()
+            self.send_probes(fault)  # replies arrive while Redis is down
+            time.sleep(self.rng.uniform(1, 3))
+            stack.redis_server.start()
+            return fault
+        self.send_probes(fault)
+        return fault
+
+    def kill_busy_worker(self) -> dict:
+        """Slow EWS down so jobs take a while, wait until a worker is mid-job, kill -9 it, restart it."""
+        self.stack.emulator.fault(kind="latency", ms=400)
+        try:
+            deliverer = Deliverer(self.stack.emulator)
+            deadline = time.monotonic() + 15
+            found = None
+            while found is None and time.monotonic() < deadline:
+                found = retrying(lambda: self.stack.busy_worker(self.stack.workers))
+                if found is None:  # make sure there is work: an unrelated mail to any mailbox
+                    mailbox = self.rng.choice(self.mailboxes)
+                    deliverer.deliver(mailbox, unrelated(mailbox, self.rng))
+                    time.sleep(0.05)
+            if found is None:
+                return {"victim": None, "skipped": True, "note": "no worker was busy within 15 s"}
+            victim, job_id = found
+            victim.kill()
+        finally:
+            self.stack.emulator.fault(kind="latency", ms=0)
+        threading.Timer(self.rng.uniform(1, 3), lambda: victim.alive() or victim.start()).start()
+        return {"victim": victim.name, "job_id": job_id}
+
+    def run_faults(self, schedule: list[tuple[float, str]], start: float, stop: threading.Event) -> None:
+        for offset, kind in schedule:
+            delay = start + offset - time.monotonic()
+            if delay > 0 and stop.wait(delay):
+                return
+            try:
+                fault = self.inject(kind)
+            except Exception as exc:
+                self.errors.append(f"injecting {kind} failed: {type(exc).__name__}: {exc}")
+                continue
+            with self.lock:
+                self.faults.append(fault)
+
+    # -- waiting and checking ------------------------------------------------------------------
+    def all_expected_done(self, store: EnrollmentStore) -> bool:
+        targets = [e for e in self.enrollments + self.probes if e.expected[0] != "active" and e.delivered]
+        for start in range(0, len(targets), 1000):
+            chunk = targets[start:start + 1000]
+            for e, state in zip(chunk, store.get_many([e.id for e in chunk])):
+                if not state or state["status"] != self._expected_status(e):
+                    return False
+        return True
+
+    def _expected_status(self, e: Enrollment) -> str:
+        kinds = set(e.delivered)
+        if kinds & STOPPING:
+            return "stopped"
+        if kinds & PAUSING:
+            return "paused"
+        return "active"
+
+    def wait_quiet(self, bound: float) -> float:
+        """Until every expected transition is there and no job is queued, running or waiting to
+        retry (three checks in a row), or ``bound`` seconds. Returns the seconds it took."""
+        store = EnrollmentStore(self.stack.redis)
+        t0 = time.monotonic()
+        calm = 0
+        while time.monotonic() - t0 < bound:
+            try:
+                backlog = self.stack.backlog()
+                busy = backlog["queued"] + backlog["started"] + backlog["scheduled"]
+                done = busy == 0 and self.all_expected_done(store)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                done = False
+            calm = calm + 1 if done else 0
+            if calm >= 3:
+                break
+            time.sleep(1.0)
+        return time.monotonic() - t0
+
+    def verify(self) -> dict:
+        client = self.stack.redis
+        store = EnrollmentStore(client)
+        times = transition_times(client)
+        lost, duplicated, false_stops, wrong = [], [], [], []
+        everyone = self.enrollments + self.probes
+        known = {e.id for e in everyone}
+        for start in range(0, len(everyone), 1000):
+            chunk = everyone[start:start + 1000]
+            states = store.get_many([e.id for e in chunk])
+            pipe = client.pipeline(transaction=False)
+            for e in chunk:
+                pipe.lrange(f"el:enrollment:{e.id}:history", 0, -1)
+            histories = [[json.loads(h) for h in raw] for raw in pipe.execute()]
+            for e, state, history in zip(chunk, states, histories):
+                status = (state or {}).get("status", "active")
+                want = self._expected_status(e)
+                stops = [h for h in history if h["status"] == "stopped"]
+                pauses = [h for h in history if h["status"] == "paused"]
+                reason = SCENARIOS[e.scenario][2]
+                if len(stops) > 1:
+                    duplicated.append({"enrollment": e.id, "stops": len(stops)})
+                pause_mails = sum(1 for k in e.delivered if k in PAUSING)
+                distinct_pause_mails = len({k for k in e.delivered if k in PAUSING})  # duplicates share a Message-ID
+                if len(pauses) > distinct_pause_mails and pause_mails:
+                    duplicated.append({"enrollment": e.id, "pauses": len(pauses), "ooo_mails": distinct_pause_mails})
+                if want == "stopped":
+                    if status != "stopped":
+                        lost.append({"enrollment": e.id, "scenario": e.scenario, "status": status})
+                    elif stops and stops[0].get("reason") != reason:
+                        wrong.append({"enrollment": e.id, "want": reason, "got": stops[0].get("reason")})
+                elif stops:
+                    false_stops.append({"enrollment": e.id, "scenario": e.scenario, "reason": stops[0].get("reason"),
+                                        "delivered": e.delivered})
+                elif want == "paused":
+                    if status != "paused":
+                        lost.append({"enrollment": e.id, "scenario": e.scenario, "status": status})
+                    else:
+                        until = (state.get("paused_until") or "")[:10]
+                        expect = (e.return_date.isoformat() if e.return_date else None)
+                        if expect and until != expect:
+                            wrong.append({"enrollment": e.id, "want_until": expect, "got_until": until})
+                        if not expect:
+                            days = (dt.date.fromisoformat(until) - dt.date.today()).days if until else -1
+                            if not PAUSE_DAYS - 1 <= days <= PAUSE_DAYS + 1:
+                                wrong.append({"enrollment": e.id, "want_until": f"today+{PAUSE_DAYS}d", "got_until": until})
+                elif pauses:
+                    wrong.append({"enrollment": e.id, "scenario": e.scenario, "unexpected": "paused"})
+        strangers = sorted(set(times) - known)
+        for eid in strangers:
+            false_stops.append({"enrollment": eid, "note": "transition on an enrollment the drill never made"})
+        # recovery: from each fault to the stop of the replies delivered right at it (or the killed job's end)
+        recoveries = []
+        for fault in self.faults:
+            ends = []
+            for eid in fault["probes"]:
+                stops = [t for t, data in times.get(eid, []) if data["status"] == "stopped"]
+                if stops:
+                    ends.append(stops[0] - fault["at"])
+            if fault.get("job_id"):
+                job = Job.fetch_many([fault["job_id"]], connection=client, serializer=JSONSerializer)[0]
+                if job is not None and job.ended_at:
+                    ends.append(job.ended_at.replace(tzinfo=dt.timezone.utc).timestamp() - fault["at"])
+                fault["job_status"] = job.get_status() if job is not None else "expired"
+            fault["recovery_s"] = round(max(ends), 2) if ends else None
+            recoveries.append(fault["recovery_s"] or 0.0)
+        backlog = self.stack.backlog()
+        queue = self.stack.queue()
+        failed_ids = FailedJobRegistry(queue=queue).get_job_ids()
+        failed = []
+        for job in Job.fetch_many(failed_ids[:20], connection=client, serializer=JSONSerializer):
+            if job is not None:
+                lines = (job.exc_info or "").strip().splitlines()
+                failed.append({"job": job.id, "error": lines[-1] if lines else ""})
+        unexplained = backlog["queued"] + backlog["started"] + backlog["scheduled"] + backlog["failed"]
+        by_kind = collections.Counter(d.kind for d in self.timeline if d.item_id)
+        return {
+            "lost": len(lost), "duplicated": len(duplicated), "false_stops": len(false_stops), "wrong": len(wrong),
+            "unexplained": unexplained, "backlog": backlog, "failed_jobs": failed,
+            "max_recovery_s": round(max(recoveries), 2) if recoveries else None,
+            "replies_by_kind": dict(sorted(by_kind.items())),
+            "details": {"lost": lost[:10], "duplicated": duplicated[:10], "false_stops": false_stops[:10],
+                        "wrong": wrong[:10]},
+        }
+
+    # -- all of it -----------------------------------------------------------------------------
+    def run(self) -> dict:
+        t_start = time.monotonic()
+        self.setup()
+        ready_s = self.wait_ready()
+        duration = len(self.timeline) / self.cfg["rate"]
+        stop = threading.Event()
+        start = time.monotonic()
+        deliver = threading.Thread(target=self.deliver_all, args=(stop,), daemon=True)
+        faults = threading.Thread(target=self.run_faults, args=(self.fault_schedule(duration), start, stop), daemon=True)
+        deliver.start()
+        faults.start()
+        deliver.join()
+        faults.join()
+        for proc in self.stack.listeners + self.stack.workers:  # a restart timer may still be pending
+            deadline = time.monotonic() + 10
+            while not proc.alive() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        delivered_s = time.monotonic() - start
+        settle_s = self.wait_quiet(self.cfg["settle"])
+        result = self.verify()
+        kinds = collections.Counter(f["kind"] for f in self.faults if not f.get("skipped"))
+        report = {
+            "size": self.size,
+            "injected": sum(kinds.values()),
+            "faults": {k: kinds.get(k, 0) for k in FAULT_KINDS},
+            "replies": self.delivered,
+            "enrollments": len(self.enrollments),
+            "mailboxes": len(self.mailboxes),
+            **{k: result[k] for k in ("lost", "duplicated", "false_stops", "wrong", "unexplained", "max_recovery_s")},
+            "backlog": result["backlog"],
+            "replies_by_kind": result["replies_by_kind"],
+            "ready_s": round(ready_s, 1), "delivery_s": round(delivered_s, 1), "settle_s": round(settle_s, 1),
+            "total_s": round(time.monotonic() - t_start, 1),
+            "recovery_by_fault": [{"kind": f["kind"], "recovery_s": f.get("recovery_s"),
+                                   **({"note": f["note"]} if f.get("note") else {})} for f in self.faults],
+            "failed_jobs": result["failed_jobs"],
+            "details": result["details"],
+            "errors": self.errors[:10],
+            "logs": self.stack.log_dir,
+        }
+        return report
+
+
+def passed(report: dict) -> bool:
+    return (report["lost"] == 0 and report["duplicated"] == 0 and report["false_stops"] == 0 and report["wrong"] == 0
+            and report["unexplained"] == 0 and all(report["faults"][k] > 0 for k in FAULT_KINDS) and not report["errors"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: time-based; printed)")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the process logs directory")
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else int(time.time())
+    log_dir = tempfile.mkdtemp(prefix=f"el-chaos-{args.size}-")
+    drill = Drill(args.size, seed, log_dir)
+    report: dict
+    try:
+        report = drill.run()
+    except Exception as exc:
+        report = {"size": args.size, "error": f"{type(exc).__name__}: {exc}", "injected": len(drill.faults),
+                  "faults": dict(collections.Counter(f["kind"] for f in drill.faults)), "lost": None,
+                  "duplicated": None, "false_stops": None, "max_recovery_s": None, "logs": log_dir}
+    finally:
+        drill.stack.stop()
+    report["seed"] = seed
+    ok = "error" not in report and passed(report)
+    report["passed"] = ok
+    os.makedirs(os.path.join(ROOT, "bench-results"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench-results", f"chaos-{args.size}.json"), "w") as fh:
+        json.dump(report, fh, indent=2)
+    summary = {k: report.get(k) for k in ("size", "replies", "injected", "lost", "duplicated", "false_stops", "wrong",
+                                          "unexplained", "max_recovery_s", "total_s")}
+    print("chaos drill: " + ", ".join(f"{k}={v}" for k, v in summary.items()), file=sys.stderr)
+    if ok and not args.keep_logs:
+        import shutil
+
+        shutil.rmtree(log_dir, ignore_errors=True)
+        report.pop("logs", None)
+    report.pop("details", None) if ok else None
+    print(json.dumps(report, separators=(",", ":"), default=str))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
