@@ -1,0 +1,18 @@
+"""``exchange-listener listen``: stream the watched mailboxes and enqueue every new mail."""
+from __future__ import annotations
+
+import argparse
+
+from exchange_listener import commands
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    commands.add_config_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = commands.load_settings(args)
+    settings.require("ews_url")
+    from exchange_listener import listener  # exchangelib is imported only when listening
+
+    return listener.run(settings)

@@ -1,0 +1,40 @@
+"""``exchange-listener mailboxes add|remove|list``: the mailboxes running listeners watch."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+
+from exchange_listener import commands, mailboxes, redis_conn
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    commands.add_config_argument(parser)
+    parser.add_argument("action", choices=("add", "remove", "list"))
+    parser.add_argument("addresses", nargs="*", metavar="ADDRESS")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = commands.load_settings(args)
+    if args.action != "list" and not args.addresses:
+        print(f"exchange-listener mailboxes {args.action}: give at least one ADDRESS", file=sys.stderr)
+        return 2
+    try:
+        addresses = [mailboxes.normalize(a) for a in args.addresses]
+    except mailboxes.BadAddress as exc:
+        print(f"exchange-listener mailboxes: {exc} (nothing changed)", file=sys.stderr)
+        return 2
+    conn = redis_conn.connect(settings.redis_url)
+    if args.action == "add":
+        added = mailboxes.add(conn, addresses)
+        for address in addresses:
+            print(f"{'added' if address in added else 'already watched'}: {address}")
+    elif args.action == "remove":
+        removed = mailboxes.remove(conn, addresses)
+        for address in addresses:
+            print(f"{'removed' if address in removed else 'not watched'}: {address}")
+    else:
+        for address, added_at in sorted(mailboxes.list_all(conn).items()):
+            when = datetime.datetime.fromtimestamp(added_at, datetime.timezone.utc).isoformat(timespec="seconds")
+            print(f"{address}\tadded {when}")
+    return 0

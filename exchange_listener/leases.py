@@ -1,0 +1,132 @@
+"""Which listener streams which mailbox: leases, liveness and fair share, all in Redis.
+
+Each mailbox is streamed by exactly one listener: the holder of its lease. A lease lasts
+``lease_seconds`` unless renewed, so the mailboxes of a listener killed with -9 are free again
+after at most one lease time and the others take them over. Every listener takes at most
+``ceil(mailboxes / live listeners)``, so a new listener gets a fair share as the others
+release their extras.
+
+Keys (all under ``el:``; read by ``exchange-listener status``):
+
+- ``el:lease:<mailbox>`` — string, the holding listener's id; expires after ``lease_seconds``.
+- ``el:listeners`` — sorted set, listener id -> epoch seconds of its last heartbeat. A listener
+  is live while its score is younger than ``lease_seconds``.
+- ``el:listener:<id>`` — hash, expires after ``2 * lease_seconds``: ``host``, ``pid``,
+  ``started_at``, ``heartbeat_at``, ``mailboxes`` (count held), ``groups`` (JSON list of
+  ``{"group", "anchor", "mailboxes", "connected", "last_activity"}``, last activity = epoch
+  seconds of the last heartbeat or notification on that group's stream).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import redis
+
+LEASE_PREFIX = "el:lease:"
+LISTENERS_KEY = "el:listeners"
+LISTENER_PREFIX = "el:listener:"
+
+# Take or keep the lease when it is free or already ours.
+_CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+# Give the lease back only if it is still ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def lease_key(mailbox: str) -> str:
+    return LEASE_PREFIX + mailbox
+
+
+class Leases:
+    """One listener's view of the lease table."""
+
+    def __init__(self, conn: redis.Redis, listener_id: str, lease_seconds: float):
+        self.conn = conn
+        self.listener_id = listener_id
+        self.lease_ms = int(lease_seconds * 1000)
+        self.lease_seconds = lease_seconds
+        self._claim = conn.register_script(_CLAIM)
+        self._release = conn.register_script(_RELEASE)
+
+    def claim(self, mailboxes: list[str]) -> list[str]:
+        """Take or renew the leases of ``mailboxes``; returns those now held by this listener."""
+        if not mailboxes:
+            return []
+        pipe = self.conn.pipeline(transaction=False)
+        for mailbox in mailboxes:
+            self._claim(keys=[lease_key(mailbox)], args=[self.listener_id, self.lease_ms], client=pipe)
+        return [m for m, ok in zip(mailboxes, pipe.execute()) if ok]
+
+    def release(self, mailboxes: list[str]) -> None:
+        if not mailboxes:
+            return
+        pipe = self.conn.pipeline(transaction=False)
+        for mailbox in mailboxes:
+            self._release(keys=[lease_key(mailbox)], args=[self.listener_id], client=pipe)
+        pipe.execute()
+
+    def holders(self, mailboxes: list[str]) -> dict[str, str | None]:
+        if not mailboxes:
+            return {}
+        values = self.conn.mget([lease_key(m) for m in mailboxes])
+        return {m: (v.decode() if v is not None else None) for m, v in zip(mailboxes, values)}
+
+    def live_listeners(self, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        ids = self.conn.zrangebyscore(LISTENERS_KEY, now - self.lease_seconds, "+inf")
+        return [i.decode() for i in ids]
+
+    def heartbeat(self, info: dict, now: float | None = None) -> None:
+        """Publish liveness and group activity; prune listeners long dead."""
+        now = time.time() if now is None else now
+        key = LISTENER_PREFIX + self.listener_id
+        fields = {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in info.items()}
+        fields["heartbeat_at"] = repr(now)
+        pipe = self.conn.pipeline(transaction=False)
+        pipe.zadd(LISTENERS_KEY, {self.listener_id: now})
+        pipe.zremrangebyscore(LISTENERS_KEY, "-inf", now - 10 * self.lease_seconds)
+        pipe.hset(key, mapping=fields)
+        pipe.pexpire(key, 2 * self.lease_ms)
+        pipe.execute()
+
+    def leave(self) -> None:
+        """Remove this listener's liveness records (on clean shutdown)."""
+        pipe = self.conn.pipeline(transaction=False)
+        pipe.zrem(LISTENERS_KEY, self.listener_id)
+        pipe.delete(LISTENER_PREFIX + self.listener_id)
+        pipe.execute()
+
+
+def fair_share(total: int, live: int) -> int:
+    """Most mailboxes one listener should hold."""
+    return math.ceil(total / max(1, live))
+
+
+def plan(watched: list[str], held: list[str], holders: dict[str, str | None], live: int,
+         me: str) -> tuple[list[str], list[str]]:
+    """Decide (to_claim, to_release) for one balancing round.
+
+    Keep what we hold (renewed separately) up to the fair share; release the surplus (the
+    last-sorted ones, so the choice is stable); claim free mailboxes up to the share.
+    """
+    watched_set = set(watched)
+    held_sorted = sorted(m for m in held if m in watched_set)
+    share = fair_share(len(watched), live)
+    release = [m for m in held if m not in watched_set] + held_sorted[share:]
+    keep = held_sorted[:share]
+    room = share - len(keep)
+    free = [m for m in sorted(watched) if m not in set(held) and holders.get(m) in (None, me)]
+    return free[:max(0, room)], release

@@ -1,0 +1,340 @@
+"""The long-lived listener: leases mailboxes, streams them in groups, enqueues every new mail.
+
+One thread balances leases and publishes liveness (``leases``), one thread per group streams
+(``sources.ews_stream``), a few threads catch up from SyncFolderItems state (``sync_state``).
+Nothing is lost on the way to the queue:
+
+- a stream event is enqueued at once; while Redis is unreachable it waits in memory
+  (``Sink``) and is flushed when Redis is back;
+- catch-up runs on start and after every reconnect, resubscribe, expiry, server restart and
+  takeover, and its sync state only advances after its items are enqueued.
+
+SIGTERM (or SIGINT): streams are stopped, subscriptions removed, leases released; exit 0 well
+within supervisord's 10 s.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import queue as queue_mod
+import signal
+import socket
+import threading
+import time
+
+import redis
+
+from exchange_listener import leases as leases_mod
+from exchange_listener import logs, mailboxes as mailboxes_mod, metrics, queueing, redis_conn
+from exchange_listener.sources import ews_account
+from exchange_listener.sources.ews_stream import Backoff, StreamGroup
+from exchange_listener.sync_state import SyncStore, catch_up, incoming_folders
+
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError,
+                OSError)
+BUFFER_LIMIT = 200_000  # mails held in memory while Redis is away; beyond it, catch-up recovers them
+CATCHUP_THREADS = 4
+SHUTDOWN_BUDGET = 7.0  # seconds; supervisord kills after 10
+
+
+class Sink:
+    """Enqueue new mail; while Redis is unreachable, hold it in memory and flush later."""
+
+    def __init__(self, conn: redis.Redis, settings):
+        self.queue = queueing.make_queue(conn, settings.queue_name)
+        self.settings = settings
+        self.buffer: collections.deque = collections.deque()
+        self.overflowed = False
+        self._lock = threading.Lock()
+        self.log = logs.get_logger()
+
+    def enqueue(self, mails) -> None:
+        """Enqueue now or raise (used by catch-up, which must not advance its state otherwise)."""
+        job = queueing.enqueue_new_mail(self.queue, mails, retries=self.settings.job_retries,
+                                        job_timeout=self.settings.job_timeout)
+        metrics.JOBS_ENQUEUED.labels(mails[0].via).inc()
+        if job is not None:
+            self.log.debug("enqueued", mailbox=mails[0].mailbox, job_id=job.id, items=len(mails), via=mails[0].via)
+
+    def put(self, mails) -> None:
+        """Enqueue from a stream; never raises."""
+        with self._lock:
+            if self.buffer:
+                self._hold(mails)
+                return
+        try:
+            self.enqueue(mails)
+        except REDIS_ERRORS as exc:
+            with self._lock:
+                if not self.buffer:
+                    self.log.warning("Redis unreachable; holding new mail in memory until it is back", error=str(exc))
+                self._hold(mails)
+
+    def _hold(self, mails) -> None:
+        if len(self.buffer) >= BUFFER_LIMIT:
+            self.overflowed = True  # the oldest stay; catch-up finds the rest once Redis is back
+            return
+        self.buffer.append(mails)
+
+    def flush(self) -> int:
+        """Enqueue what was held; returns how many jobs went out. Raises while Redis is still away."""
+        sent = 0
+        while True:
+            with self._lock:
+                if not self.buffer:
+                    break
+                mails = self.buffer[0]
+            self.enqueue(mails)
+            with self._lock:
+                self.buffer.popleft()
+            sent += 1
+        if sent:
+            self.log.info("Redis is back; enqueued held mail", jobs=sent)
+        return sent
+
+
+class CatchUps:
+    """Catch-up work for mailboxes, on a few threads, at most one run per mailbox at a time."""
+
+    def __init__(self, listener: "Listener", threads: int = CATCHUP_THREADS):
+        self.listener = listener
+        self.config = ews_account.make_configuration(listener.settings, pool=f"{listener.listener_id}/sync",
+                                                     max_connections=threads)
+        self._queue: queue_mod.Queue = queue_mod.Queue()
+        self._lock = threading.Lock()
+        self._queued: set[str] = set()
+        self._running: set[str] = set()
+        self._again: set[str] = set()
+        self._retry: dict[str, tuple[float, Backoff]] = {}
+        self.log = logs.get_logger()
+        for i in range(threads):
+            threading.Thread(target=self._work, name=f"catchup-{i}", daemon=True).start()
+
+    def request(self, mailboxes, reason: str) -> None:
+        with self._lock:
+            for mailbox in mailboxes:
+                if mailbox in self._running:
+                    self._again.add(mailbox)
+                elif mailbox not in self._queued:
+                    self._queued.add(mailbox)
+                    self._queue.put((mailbox, reason))
+
+    def retry_due(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [m for m, (at, _b) in self._retry.items() if at <= now]
+        if due:
+            self.request(due, "retry")
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._queued) + len(self._running) + len(self._retry)
+
+    def _work(self) -> None:
+        while True:
+            mailbox, reason = self._queue.get()
+            with self._lock:
+                self._queued.discard(mailbox)
+                self._running.add(mailbox)
+            try:
+                if self.listener.holds(mailbox):
+                    self._catch_up(mailbox, reason)
+                with self._lock:
+                    self._retry.pop(mailbox, None)
+            except Exception as exc:  # noqa: BLE001 - retried with backoff; nothing is lost meanwhile
+                with self._lock:
+                    _at, backoff = self._retry.get(mailbox, (0.0, Backoff(base=1.0, cap=60.0)))
+                    delay = backoff.next()
+                    self._retry[mailbox] = (time.monotonic() + delay, backoff)
+                self.log.warning("catch-up failed; will retry", mailbox=mailbox, reason=reason,
+                                 error=f"{type(exc).__name__}: {exc}"[:300], retry_in=round(delay, 1))
+            finally:
+                with self._lock:
+                    self._running.discard(mailbox)
+                    again = mailbox in self._again
+                    self._again.discard(mailbox)
+                if again:
+                    self.request([mailbox], "again")
+
+    def _catch_up(self, mailbox: str, reason: str) -> None:
+        listener = self.listener
+        account = ews_account.make_account(listener.settings, mailbox, self.config)
+        account.protocol.TIMEOUT = 30
+        added_at = listener.watched.get(mailbox)
+        total = 0
+        for folder in incoming_folders(mailbox, listener.sync):
+            total += catch_up(account, mailbox, folder, listener.sync, listener.sink.enqueue, added_at=added_at)
+        self.log.debug("caught up", mailbox=mailbox, reason=reason, items=total)
+
+
+class Listener:
+    def __init__(self, settings):
+        settings.require("ews_url", "redis_url")
+        self.settings = settings
+        self.listener_id = settings.listener_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.conn = redis_conn.connect(settings.redis_url, socket_timeout=5.0)
+        self.leases = leases_mod.Leases(self.conn, self.listener_id, settings.lease_seconds)
+        self.sync = SyncStore(self.conn)
+        self.sink = Sink(self.conn, settings)
+        self.log = logs.get_logger(listener=self.listener_id)
+        self.watched: dict[str, float] = {}
+        self.groups: list[StreamGroup] = []
+        self.group_of: dict[str, StreamGroup] = {}
+        self._group_seq = 0
+        self._version_seen: int | None = None
+        self._stop = threading.Event()
+        self._redis_ok = True
+        self.catchups = CatchUps(self)
+        self.started_at = time.time()
+
+    # -- callbacks from stream threads -----------------------------------------------------
+    def holds(self, mailbox: str) -> bool:
+        return mailbox in self.group_of
+
+    def _on_mail(self, mails, *, subscription_id: str, group: str) -> None:
+        self.sink.put(mails)
+        self.log.debug("new mail", mailbox=mails[0].mailbox, group=group, subscription_id=subscription_id,
+                       items=len(mails))
+
+    def _on_subscribed(self, mailboxes, reason: str) -> None:
+        self.catchups.request(mailboxes, reason)
+
+    def _on_user_folder(self, mailbox: str, folder_id: str) -> None:
+        try:
+            if self.sync.learn_user_folder(mailbox, folder_id):
+                self.log.info("new mail in a folder outside inbox/junk; it will be caught up too", mailbox=mailbox,
+                              folder=folder_id)
+        except REDIS_ERRORS:
+            pass  # learned again on its next mail
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def stop(self, *_args) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        metrics.serve(self.settings.metrics_port)
+        self.log.info("listener starting", ews_url=self.settings.ews_url, group_size=self.settings.group_size,
+                      lease_seconds=self.settings.lease_seconds)
+        tick = min(1.0, self.settings.lease_seconds / 3)
+        balance_every = max(tick, self.settings.lease_seconds / 3)
+        next_balance = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            try:
+                self._publish()
+                changed = self._poll_mailboxes()
+                if changed or now >= next_balance:
+                    self._balance()
+                    next_balance = now + balance_every
+                if self.sink.buffer:
+                    self.sink.flush()
+                    if self.sink.overflowed:
+                        self.sink.overflowed = False
+                        self.catchups.request(list(self.group_of), "buffer_overflow")
+                if not self._redis_ok:
+                    self._redis_ok = True
+                    self.log.info("Redis reachable again")
+            except REDIS_ERRORS as exc:
+                if self._redis_ok:
+                    self._redis_ok = False
+                    self.log.warning("Redis unreachable; streams keep running, new mail is held in memory",
+                                     error=str(exc))
+            self.catchups.retry_due()
+            for group in self.groups:
+                group.poke()
+            self._stop.wait(tick)
+        return self._shutdown()
+
+    def _poll_mailboxes(self) -> bool:
+        version = mailboxes_mod.version(self.conn)
+        if version is None and self._version_seen is not None:
+            if self.watched:
+                self.log.error("the watched-mailbox set is missing from Redis (data loss?); keeping the current set")
+            return False
+        if version == self._version_seen and self._version_seen is not None:
+            return False
+        self.watched = mailboxes_mod.list_all(self.conn)
+        self._version_seen = version if version is not None else 0
+        return True
+
+    def _balance(self) -> None:
+        watched = sorted(self.watched)
+        held = list(self.group_of)
+        live = max(1, len(self.leases.live_listeners()))
+        holders = self.leases.holders([m for m in watched if m not in self.group_of])
+        to_claim, to_release = leases_mod.plan(watched, held, holders, live, self.listener_id)
+        keep = [m for m in held if m not in set(to_release)]
+        got = set(self.leases.claim(keep + to_claim))
+        lost = [m for m in keep if m not in got]
+        if lost:
+            self.log.warning("lost leases to another listener", mailboxes=len(lost))
+        self._drop(to_release + lost)
+        if to_release:
+            self.leases.release(to_release)
+        new = [m for m in to_claim if m in got]
+        if new:
+            self._take(new)
+        if to_release or new or lost:
+            self.log.info("mailboxes rebalanced", took=len(new), released=len(to_release), lost=len(lost),
+                          holding=len(self.group_of), live_listeners=live)
+
+    def _take(self, mailboxes) -> None:
+        size = self.settings.group_size
+        for mailbox in mailboxes:
+            group = next((g for g in self.groups if g.size() < size), None)
+            if group is None:
+                self._group_seq += 1
+                group = StreamGroup(f"g{self._group_seq}", self.settings, on_mail=self._on_mail,
+                                    on_subscribed=self._on_subscribed, on_user_folder=self._on_user_folder,
+                                    folder_cache=self.sync, listener_id=self.listener_id)
+                self.groups.append(group)
+                group.start()
+            group.add([mailbox])
+            self.group_of[mailbox] = group
+
+    def _drop(self, mailboxes) -> None:
+        by_group = collections.defaultdict(list)
+        for mailbox in mailboxes:
+            group = self.group_of.pop(mailbox, None)
+            if group is not None:
+                by_group[group].append(mailbox)
+        for group, members in by_group.items():
+            group.remove(members)
+
+    def _info(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "started_at": self.started_at,
+                "mailboxes": len(self.group_of), "groups": [g.status() for g in self.groups],
+                "held_in_memory": len(self.sink.buffer), "catchups_pending": self.catchups.pending()}
+
+    def _publish(self) -> None:
+        self.leases.heartbeat(self._info())
+
+    def _shutdown(self) -> int:
+        deadline = time.monotonic() + SHUTDOWN_BUDGET
+        self.log.info("listener stopping", mailboxes=len(self.group_of))
+        for group in self.groups:
+            group.stop()
+        for group in self.groups:
+            group.join(max(0.1, min(2.0, deadline - time.monotonic() - 4)))
+        done = []
+        threads = [threading.Thread(target=lambda g=g: done.append(g.unsubscribe_all()), daemon=True)
+                   for g in self.groups]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(0.05, deadline - time.monotonic() - 2))
+        try:
+            if self.sink.buffer:
+                self.sink.flush()
+            self.leases.release(list(self.group_of))
+            self.leases.leave()
+        except REDIS_ERRORS as exc:
+            self.log.warning("could not release leases; they expire on their own", error=str(exc))
+        self.log.info("listener stopped", unsubscribed=sum(done))
+        return 0
+
+
+def run(settings) -> int:
+    return Listener(settings).run()

@@ -1,0 +1,500 @@
+"""Streaming subscriptions for a group of mailboxes over one GetStreamingEvents connection.
+
+One ``StreamGroup`` = up to ``group_size`` (<= 200) mailboxes, one thread, one exchangelib
+Protocol of its own (``ews_account.make_configuration(settings, pool=<group id>)``), so its
+sessions, cookie jar and ``X-BackEndOverrideCookie`` never mix with another group's. Following
+Microsoft's affinity procedure, every Subscribe, GetStreamingEvents and Unsubscribe of the group
+carries ``X-AnchorMailbox: <group anchor>`` and ``X-PreferServerAffinity: true``; the cookie the
+server sets on the first Subscribe is sent back on every later request of the group.
+
+What a subscription covers: each mailbox gets one subscription with ``SubscribeToAllFolders``
+for CreatedEvent and NewMailEvent, and events are kept only when their parent folder is the
+inbox, junk mail, or a folder that is not one of sent items, drafts, outbox or deleted items.
+All-folders rather than a list of folder ids because folders that inbox rules file mail into
+can be created at any time: a folder-id subscription would miss them until re-subscribed, and
+listing them needs extra calls per mailbox. The folder ids to filter by cost one GetFolder per
+mailbox, cached in Redis.
+
+The stream's read timeout is two heartbeat intervals (plus a second), so a silent connection
+is noticed promptly instead of after exchangelib's ``connection_timeout * 60 + 60`` seconds.
+Membership changes interrupt the stream by shutting its socket down.
+"""
+from __future__ import annotations
+
+import random
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import requests
+import urllib3
+from exchangelib import errors as ews_errors
+from exchangelib.properties import DistinguishedFolderId, FolderId, Mailbox
+from exchangelib.services import GetFolder, GetStreamingEvents, SubscribeToStreaming, Unsubscribe
+
+from exchange_listener import logs, metrics
+from exchange_listener.sources import ews_account
+from exchange_listener.sources.base import NewMail
+
+EVENT_TYPES = ("CreatedEvent", "NewMailEvent")
+INCOMING = ("inbox", "junkemail")
+NOT_INCOMING = ("sentitems", "drafts", "outbox", "deleteditems")
+REQUEST_TIMEOUT = 30.0  # seconds for a non-streaming EWS call
+CONNECT_TIMEOUT = 5.0
+
+SUBSCRIPTION_ERRORS = (
+    ews_errors.ErrorSubscriptionNotFound,
+    ews_errors.ErrorInvalidSubscription,
+    ews_errors.ErrorSubscriptionUnsubsribed,
+    ews_errors.ErrorSubscriptionAccessDenied,
+    ews_errors.ErrorMissedNotificationEvents,
+)
+CONNECTION_ERRORS = (
+    requests.exceptions.ConnectionError,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.Timeout,
+    urllib3.exceptions.HTTPError,
+    ConnectionError,
+    OSError,
+    ews_errors.ErrorTimeoutExpired,
+)
+AUTH_ERRORS = (ews_errors.UnauthorizedError, ews_errors.ErrorImpersonateUserDenied,
+               ews_errors.ErrorAccessDenied, ews_errors.ErrorNonExistentMailbox)
+_IDS_IN_MESSAGE = re.compile(r"subscription IDs: \[(.*)\]")
+
+
+class Backoff:
+    """Exponential backoff with full jitter in [d/2, d]."""
+
+    def __init__(self, base: float = 0.5, cap: float = 60.0):
+        self.base, self.cap, self.attempt = base, cap, 0
+
+    def next(self, floor: float = 0.0) -> float:
+        delay = min(self.cap, self.base * 2 ** self.attempt)
+        self.attempt += 1
+        return max(floor, random.uniform(delay / 2, delay))
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def server_back_off(exc: ews_errors.ErrorServerBusy) -> float | None:
+    """The server's BackOffMilliseconds (seconds), or None when exchangelib made the error up itself."""
+    text = str(exc.args[0] if exc.args else exc)
+    if text.startswith(("Reraised from", "Caused by")):
+        return None
+    return exc.back_off
+
+
+def failed_subscription_ids(exc: Exception) -> list[str]:
+    """Subscription ids exchangelib lists in a GetStreamingEvents error (empty when none are named)."""
+    match = _IDS_IN_MESSAGE.search(str(exc))
+    if not match:
+        return []
+    return re.findall(r"'([^']+)'", match.group(1))
+
+
+class _GroupAffinity:
+    """Mixin for the group's services: anchor mailbox, server affinity and the group's cookie."""
+
+    group: "StreamGroup"
+
+    def _extra_headers(self):
+        headers = super()._extra_headers()
+        headers["X-AnchorMailbox"] = self.group.anchor
+        headers["X-PreferServerAffinity"] = "True"
+        headers.pop("X-BackEndOverrideCookie", None)
+        if self.group.cookie:
+            headers["X-BackEndOverrideCookie"] = self.group.cookie
+        return headers
+
+    def _handle_response_cookies(self, session):
+        super()._handle_response_cookies(session)
+        for cookie in session.cookies:
+            if cookie.name == "X-BackEndOverrideCookie" and cookie.value:
+                self.group.cookie = cookie.value
+
+
+class GroupSubscribe(_GroupAffinity, SubscribeToStreaming):
+    pass
+
+
+class GroupUnsubscribe(_GroupAffinity, Unsubscribe):
+    pass
+
+
+class GroupStreamingEvents(_GroupAffinity, GetStreamingEvents):
+    """GetStreamingEvents with a heartbeat-sized read timeout; notes every envelope as activity."""
+
+    read_timeout: float = 90.0
+
+    def call(self, subscription_ids, connection_timeout):
+        notifications = super().call(subscription_ids=subscription_ids, connection_timeout=connection_timeout)
+        self.timeout = (CONNECT_TIMEOUT, self.read_timeout)  # read lazily when iteration sends the request
+        return notifications
+
+    def _get_element_container(self, message, name=None):
+        self.group.last_activity = time.time()
+        self.group.connected = True
+        return super()._get_element_container(message, name=name)
+
+
+class FolderIds(GetFolder):
+    """GetFolder that returns only each folder's id (no Folder objects, no root lookup)."""
+
+    def _elems_to_objs(self, elems):
+        for elem in elems:
+            if isinstance(elem, Exception) or elem is None:
+                yield elem
+                continue
+            fid = elem.find(FolderId.response_tag())
+            yield None if fid is None else fid.get("Id")
+
+
+def distinguished_folder_ids(account, mailbox: str) -> dict[str, str]:
+    """Ids of the inbox, junk and the not-incoming distinguished folders (one GetFolder)."""
+    names = (*INCOMING, *NOT_INCOMING)
+    refs = [DistinguishedFolderId(id=n, mailbox=Mailbox(email_address=mailbox)) for n in names]
+    found = {}
+    for name, value in zip(names, FolderIds(account=account).call(folders=refs, additional_fields=set(), shape="IdOnly")):
+        if isinstance(value, str):
+            found[name] = value
+    return found
+
+
+@dataclass
+class Member:
+    """One mailbox in a group."""
+
+    mailbox: str
+    account: object
+    folders: dict[str, str] = field(default_factory=dict)  # distinguished name -> id
+    subscription_id: str | None = None
+    retry_at: float = 0.0
+    failures: int = 0
+
+    def folder_of(self, parent_id: str) -> str | None:
+        """Folder key for a new item's parent folder, or None if mail there is not incoming."""
+        for name, fid in self.folders.items():
+            if fid == parent_id:
+                return name if name in INCOMING else None
+        return parent_id or "inbox"
+
+
+class StreamGroup:
+    """A thread that keeps up to ``group_size`` mailboxes subscribed and streamed.
+
+    ``on_mail(mails)`` gets the new mail of one mailbox from one notification; ``on_subscribed(mailboxes,
+    reason)`` is called after mailboxes were (re)subscribed or the stream reconnected, when a
+    catch-up is due; ``on_user_folder(mailbox, folder_id)`` when mail shows up in a folder outside
+    inbox/junk; ``folder_cache`` gets/saves folder ids (a ``SyncStore``).
+    """
+
+    def __init__(self, group_id: str, settings, *, on_mail: Callable, on_subscribed: Callable,
+                 on_user_folder: Callable, folder_cache, listener_id: str = ""):
+        self.id = group_id
+        self.settings = settings
+        self.on_mail = on_mail
+        self.on_subscribed = on_subscribed
+        self.on_user_folder = on_user_folder
+        self.folder_cache = folder_cache
+        self.config = ews_account.make_configuration(settings, pool=f"{listener_id}/{group_id}", max_connections=2)
+        self.anchor: str | None = None
+        self.cookie: str | None = None
+        self.members: dict[str, Member] = {}
+        self.by_subscription: dict[str, Member] = {}
+        self.last_activity = 0.0
+        self.connected = False
+        self.log = logs.get_logger(group=group_id)
+        self._lock = threading.Lock()
+        self._adds: set[str] = set()
+        self._removes: set[str] = set()
+        self._dirty = threading.Event()
+        self._stopping = threading.Event()
+        self._svc: GroupStreamingEvents | None = None
+        self._reconnect_reason: str | None = "start"
+        self._thread = threading.Thread(target=self._run, name=f"stream-{group_id}", daemon=True)
+        self.protocol = None
+
+    # -- called from the listener's thread -------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def size(self) -> int:
+        with self._lock:
+            return len(self.members) + len(self._adds - self.members.keys()) - len(self._removes & self.members.keys())
+
+    def mailboxes(self) -> set[str]:
+        with self._lock:
+            return (set(self.members) | self._adds) - self._removes
+
+    def add(self, mailboxes) -> None:
+        with self._lock:
+            for m in mailboxes:
+                self._removes.discard(m)
+                self._adds.add(m)
+            if self.anchor is None and self._adds:
+                self.anchor = sorted(self._adds)[0]
+        self._dirty.set()
+
+    def remove(self, mailboxes) -> None:
+        with self._lock:
+            for m in mailboxes:
+                self._adds.discard(m)
+                self._removes.add(m)
+        self._dirty.set()
+
+    def poke(self) -> None:
+        """Interrupt the current stream if membership changed or a retry is due."""
+        now = time.time()
+        due = any(m.subscription_id is None and m.retry_at <= now for m in list(self.members.values()))
+        if self._dirty.is_set() or due or self._stopping.is_set():
+            if due:
+                self._dirty.set()
+            self._abort_stream()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._dirty.set()
+        self._abort_stream()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def unsubscribe_all(self) -> int:
+        """Unsubscribe every member (on shutdown); returns how many succeeded."""
+        done = 0
+        for member in list(self.members.values()):
+            if self._unsubscribe(member):
+                done += 1
+        return done
+
+    def status(self) -> dict:
+        return {"group": self.id, "anchor": self.anchor, "mailboxes": len(self.members),
+                "connected": self.connected, "last_activity": round(self.last_activity, 3)}
+
+    # -- the group's thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        backoff = Backoff()
+        while not self._stopping.is_set():
+            try:
+                self._apply_membership()
+                live = {sid: m for sid, m in self.by_subscription.items()}
+                if not live:
+                    self.connected = False
+                    self._dirty.wait(1.0)
+                    continue
+                self._stream(live)
+                backoff.reset()
+            except StopIteration:
+                break
+            except ews_errors.ErrorServerBusy as exc:
+                asked = server_back_off(exc)
+                delay = backoff.next(floor=asked or 0.0)
+                self._lost("server_busy", f"server busy; backing off {delay:.1f}s", delay, asked_seconds=asked)
+            except SUBSCRIPTION_ERRORS as exc:
+                self._resubscribe_failed(exc)
+            except (ews_errors.ErrorExceededConnectionCount, ews_errors.ErrorExceededSubscriptionCount) as exc:
+                delay = backoff.next(floor=15.0)
+                self._lost("limit", f"server connection/subscription limit reached ({type(exc).__name__}); "
+                           f"backing off {delay:.0f}s before trying again", delay)
+            except AUTH_ERRORS as exc:
+                delay = backoff.next(floor=5.0)
+                self._lost("auth", f"authentication/authorization failed for the stream ({type(exc).__name__}: "
+                           f"check ews_username/ews_password or OAuth2 settings and impersonation rights); retrying in "
+                           f"{delay:.0f}s", delay)
+            except CONNECTION_ERRORS as exc:
+                if self._stopping.is_set():
+                    break
+                if self._dirty.is_set():
+                    continue  # we interrupted it ourselves to change membership
+                delay = backoff.next() if backoff.attempt else 0.2 * random.random()
+                backoff.attempt = max(backoff.attempt, 1)
+                self._lost("connection", f"stream connection lost ({type(exc).__name__}); reconnecting in {delay:.1f}s",
+                           delay)
+            except Exception as exc:  # noqa: BLE001 - never let the stream thread die
+                if self._stopping.is_set():
+                    break
+                if self._dirty.is_set():
+                    continue
+                delay = backoff.next(floor=1.0)
+                self.log.exception("stream failed unexpectedly", error=type(exc).__name__, retry_in=round(delay, 1))
+                self._lost("error", None, delay)
+        self.connected = False
+
+    def _lost(self, reason: str, message: str | None, delay: float, **extra) -> None:
+        self.connected = False
+        self._reconnect_reason = reason
+        metrics.RECONNECTS.labels(reason).inc()
+        if message:
+            self.log.warning(message, reason=reason, **extra)
+        self._stopping.wait(delay)
+
+    def _apply_membership(self) -> None:
+        self._dirty.clear()
+        with self._lock:
+            adds, self._adds = self._adds, set()
+            removes, self._removes = self._removes, set()
+        for mailbox in removes:
+            member = self.members.pop(mailbox, None)
+            if member is not None:
+                if member.subscription_id:
+                    self.by_subscription.pop(member.subscription_id, None)
+                    self._unsubscribe(member)
+        for mailbox in adds:
+            if mailbox not in self.members:
+                self.members[mailbox] = Member(mailbox, ews_account.make_account(self.settings, mailbox, self.config))
+        self._subscribe_pending()
+
+    def _subscribe_pending(self) -> None:
+        now = time.time()
+        fresh = []
+        for member in list(self.members.values()):
+            if self._stopping.is_set():
+                raise StopIteration
+            if member.subscription_id or member.retry_at > now:
+                continue
+            if self._subscribe(member):
+                fresh.append(member.mailbox)
+        if fresh:
+            self.on_subscribed(fresh, "subscribed")
+
+    def _subscribe(self, member: Member) -> bool:
+        log = self.log.bind(mailbox=member.mailbox)
+        if self.protocol is None:
+            self.protocol = member.account.protocol
+            self.protocol.TIMEOUT = REQUEST_TIMEOUT
+        try:
+            if not member.folders:
+                member.folders = self.folder_cache.folder_ids(member.mailbox) if self.folder_cache else {}
+            if not member.folders:
+                member.folders = distinguished_folder_ids(member.account, member.mailbox)
+                if self.folder_cache:
+                    self.folder_cache.save_folder_ids(member.mailbox, member.folders)
+            svc = GroupSubscribe(account=member.account)
+            svc.group = self
+            member.subscription_id = svc.get(folders=None, event_types=list(EVENT_TYPES))
+        except ews_errors.ErrorServerBusy:
+            raise
+        except (ews_errors.ErrorExceededConnectionCount, ews_errors.UnauthorizedError) + CONNECTION_ERRORS:
+            raise
+        except ews_errors.ErrorExceededSubscriptionCount:
+            member.failures += 1
+            delay = min(600.0, 30.0 * member.failures) * random.uniform(0.75, 1.25)
+            member.retry_at = time.time() + delay
+            log.error("too many subscriptions on this mailbox; will try again later", retry_in=round(delay))
+            return False
+        except Exception as exc:  # noqa: BLE001 - one bad mailbox must not stop the group
+            member.failures += 1
+            delay = min(300.0, 2.0 * 2 ** member.failures) * random.uniform(0.75, 1.25)
+            member.retry_at = time.time() + delay
+            log.error("cannot subscribe mailbox", error=f"{type(exc).__name__}: {exc}", retry_in=round(delay, 1))
+            return False
+        member.failures = 0
+        self.by_subscription[member.subscription_id] = member
+        log.debug("subscribed", subscription_id=member.subscription_id)
+        return True
+
+    def _unsubscribe(self, member: Member) -> bool:
+        sid = member.subscription_id
+        member.subscription_id = None
+        if not sid:
+            return False
+        try:
+            svc = GroupUnsubscribe(account=member.account)
+            svc.group = self
+            svc.get(subscription_id=sid, expect_result=None)
+            return True
+        except Exception as exc:  # noqa: BLE001 - best effort; the server expires it anyway
+            self.log.info("unsubscribe failed", mailbox=member.mailbox, subscription_id=sid, error=type(exc).__name__)
+            return False
+
+    def _resubscribe_failed(self, exc: Exception) -> None:
+        ids = failed_subscription_ids(exc)
+        named = [self.by_subscription[i] for i in ids if i in self.by_subscription]
+        targets = named or list(self.by_subscription.values())
+        for member in targets:
+            self.by_subscription.pop(member.subscription_id, None)
+            member.subscription_id = None
+            member.retry_at = 0.0
+        metrics.RESUBSCRIBES.labels(type(exc).__name__).inc(len(targets))
+        self.log.warning("subscriptions lost; resubscribing the mailboxes named", error=type(exc).__name__,
+                         mailboxes=len(targets), subscription_ids=ids or "all")
+        self._reconnect_reason = "resubscribe"
+
+    def _stream(self, live: dict[str, Member]) -> None:
+        svc = GroupStreamingEvents(account=live[next(iter(live))].account if self.anchor not in self.members
+                                   else self.members[self.anchor].account)
+        svc.group = self
+        svc.read_timeout = 2 * self.settings.heartbeat_seconds + 1.0
+        self._svc = svc
+        notifications = svc.call(subscription_ids=list(live), connection_timeout=int(self.settings.connection_timeout))
+        reason = self._reconnect_reason
+        self._reconnect_reason = None
+        if reason and reason != "start":
+            # After any gap that was not our own doing, catch up everyone still subscribed here.
+            self.on_subscribed([m.mailbox for m in live.values()], reason)
+        try:
+            for notification in notifications:
+                self._handle(notification, live)
+                if self._dirty.is_set() or self._stopping.is_set():
+                    break
+        finally:
+            self._svc = None
+            try:
+                svc.stop_streaming()
+            except Exception:  # noqa: BLE001
+                pass
+        if not self._dirty.is_set() and not self._stopping.is_set():
+            self._reconnect_reason = "closed"  # the server ended the stream (ConnectionTimeout)
+            metrics.RECONNECTS.labels("closed").inc()
+
+    def _handle(self, notification, live: dict[str, Member]) -> None:
+        member = live.get(notification.subscription_id)
+        if member is None:
+            return
+        now = time.time()
+        mails: dict[str, NewMail] = {}
+        for event in notification.events or ():
+            kind = type(event).__name__
+            metrics.EVENTS_RECEIVED.labels(kind).inc()
+            if kind not in EVENT_TYPES or getattr(event, "item_id", None) is None:
+                continue
+            parent = event.parent_folder_id.id if event.parent_folder_id is not None else ""
+            folder = member.folder_of(parent)
+            if folder is None:
+                continue
+            if folder not in INCOMING:
+                self.on_user_folder(member.mailbox, folder)
+            mails.setdefault(event.item_id.id, NewMail(mailbox=member.mailbox, item_id=event.item_id.id,
+                                                       folder=folder, seen_at=now, via="stream"))
+        if mails:
+            self.on_mail(list(mails.values()), subscription_id=notification.subscription_id, group=self.id)
+
+    def _abort_stream(self) -> None:
+        svc = self._svc
+        response = getattr(svc, "_streaming_response", None) if svc else None
+        if response is None:
+            return
+        for sock in _sockets_of(response):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _sockets_of(response) -> list:
+    """The TCP socket(s) under a streaming ``requests`` response (urllib3 2.x internals, guarded)."""
+    found = []
+    raw = getattr(response, "raw", None)
+    conn = getattr(raw, "_connection", None)
+    if getattr(conn, "sock", None) is not None:
+        found.append(conn.sock)
+    fp = getattr(raw, "_fp", None)
+    inner = getattr(getattr(getattr(fp, "fp", None), "raw", None), "_sock", None)
+    if inner is not None:
+        found.append(inner)
+    return found
