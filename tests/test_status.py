@@ -1,0 +1,165 @@
+"""``exchange-listener status`` exits 0 when healthy and 1 when not, so a monitor can call it.
+
+Every state is made by the real parts: listener and worker processes, the emulator, RQ's own
+suspension, and the mailbox and queue modules; nothing writes the keys status reads by hand.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from rq import suspension
+
+from exchange_listener import mailboxes
+from exchange_listener.queueing import enqueue_new_mail, make_queue
+from exchange_listener.sources.base import NewMail
+
+QUEUE = "el-status-test"
+
+
+def settings_env(redis_server, emulator=None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_LISTENER_")}
+    env.update({
+        "EXCHANGE_LISTENER_REDIS_URL": redis_server.url,
+        "EXCHANGE_LISTENER_QUEUE_NAME": QUEUE,
+        "EXCHANGE_LISTENER_LOG_FORMAT": "json",
+        "EXCHANGE_LISTENER_LEASE_SECONDS": "5",
+        "EXCHANGE_LISTENER_HEARTBEAT_SECONDS": "1",
+        "EXCHANGE_LISTENER_WORKER_TTL": "15",
+    })
+    if emulator is not None:
+        env.update({
+            "EXCHANGE_LISTENER_EWS_URL": emulator.ews_url,
+            "EXCHANGE_LISTENER_EWS_USERNAME": "svc",
+            "EXCHANGE_LISTENER_EWS_PASSWORD": "svc-password",
+        })
+    return env
+
+
+def status(env: dict, *flags: str) -> tuple[int, dict]:
+    done = subprocess.run([sys.executable, "-m", "exchange_listener.cli", "status", "--json", *flags],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout, done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+def wait_for(check, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    """Start ``exchange-listener ARGS`` processes; every one is stopped after the test."""
+    procs = []
+
+    def start(env: dict, *args: str) -> subprocess.Popen:
+        log = open(tmp_path / f"{args[0]}-{len(procs)}.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "exchange_listener.cli", *args], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_empty_system_is_healthy(redis_client, redis_server):
+    code, snap = status(settings_env(redis_server))
+    assert code == 0
+    assert snap["healthy"] is True and snap["problems"] == []
+    assert snap["queue"]["depth"] == 0 and snap["workers"] == [] and snap["listeners"] == []
+
+
+def test_running_listener_and_worker_are_healthy_and_shown(redis_client, redis_server, emulator, spawn):
+    env = settings_env(redis_server, emulator)
+    mailboxes.add(redis_client, ["rep.one@example.com", "rep.two@example.com"])
+    code, snap = status(env)
+    assert code == 1  # watched, but nobody streams them yet
+    assert sorted(snap["mailboxes"]["unowned"]) == ["rep.one@example.com", "rep.two@example.com"]
+
+    spawn(env, "listen")
+    spawn(env, "work", "--name", "status-worker")
+
+    def healthy():
+        code, snap = status(env)
+        return snap if code == 0 and snap["workers"] and snap["listeners"] else None
+
+    snap = wait_for(healthy, what="a healthy status")
+    assert snap["mailboxes"] == {"watched": 2, "held": 2, "unowned": []}
+    (listener,) = snap["listeners"]
+    assert listener["mailboxes"] == 2
+    assert listener["last_heartbeat_age_s"] < 5
+    assert sum(g["mailboxes"] for g in listener["groups"]) == 2
+    assert all(g["connected"] for g in listener["groups"])
+    (worker,) = snap["workers"]
+    assert worker["name"] == "status-worker" and worker["state"] in ("idle", "busy")
+
+    text = subprocess.run([sys.executable, "-m", "exchange_listener.cli", "status"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert text.returncode == 0, text.stdout + text.stderr
+    assert "HEALTHY" in text.stdout and listener["id"] in text.stdout and "status-worker" in text.stdout
+
+
+def test_killed_listener_is_stale_and_its_mailboxes_unowned(redis_client, redis_server, emulator, spawn):
+    env = settings_env(redis_server, emulator)
+    mailboxes.add(redis_client, ["rep.one@example.com"])
+    listener = spawn(env, "listen")
+    wait_for(lambda: status(env)[1]["mailboxes"]["held"] == 1, what="the listener to hold the mailbox")
+    listener.kill()  # kill -9: no lease released, no goodbye
+    listener.wait(10)
+
+    def unhealthy():
+        code, snap = status(env, "--stale-listener", "2")
+        stale = [p for p in snap["problems"] if "stale" in p]
+        return (code, snap) if code == 1 and stale and snap["mailboxes"]["unowned"] else None
+
+    code, snap = wait_for(unhealthy, timeout=30, what="stale listener and unowned mailbox")
+    assert snap["mailboxes"]["unowned"] == ["rep.one@example.com"]
+    assert snap["healthy"] is False
+
+
+def test_jobs_with_no_worker_then_a_stuck_queue_then_healthy(redis_client, redis_server, spawn):
+    env = settings_env(redis_server)
+    queue = make_queue(redis_client, QUEUE)
+    enqueue_new_mail(queue, [NewMail("rep.one@example.com", "AAMkAD-item-1", "inbox", time.time())], retries=0)
+    code, snap = status(env)
+    assert code == 1
+    assert snap["queue"]["depth"] == 1 and any("no worker" in p for p in snap["problems"])
+
+    # A worker that exists but takes nothing (RQ suspended): the job ages past the limit.
+    suspension.suspend(redis_client)
+    spawn(env, "work", "--name", "suspended-worker")
+    wait_for(lambda: status(env)[1]["workers"], what="the worker to register")
+    time.sleep(1.5)
+    code, snap = status(env, "--stuck-queue", "1")
+    assert code == 1, snap
+    assert any("stuck" in p for p in snap["problems"])
+    assert snap["queue"]["oldest_job_age_s"] >= 1
+    assert status(env, "--stuck-queue", "600")[0] == 0  # same facts, a more patient limit
+
+    suspension.resume(redis_client)  # the worker takes the job (it fails: no EWS configured)
+    settled = lambda r: r if r[1]["queue"]["depth"] == 0 and r[1]["queue"]["running"] == 0 else None  # noqa: E731
+    code, snap = wait_for(lambda: settled(status(env, "--stuck-queue", "1")),
+                          what="the queue to drain")
+    assert code == 0, snap
+    assert snap["queue"]["failed"] == 1  # shown, not a health problem by itself
