@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email
+import email.errors
 import email.header
 import email.parser
 import email.policy
@@ -254,6 +255,11 @@ def _from_headers(h: _Headers) -> tuple[Classification, dict]:
     elif _REPLY_SUBJECT.match(subject):
         c.kind = "human_reply"
         c.reasons.append("reply subject")
+    if c.kind == "human_reply" and hints["suspect_bounce"]:
+        # a reply in form, but with bounce hints: never settled as human from headers alone
+        c.kind = "other"
+        hints["deferred_reply"] = True
+        c.reasons.append("bounce hints: body decides")
     return c, hints
 
 
@@ -320,6 +326,16 @@ def _parse(raw) -> Message:
         raise UnparseableMessage(f"cannot parse message: {type(exc).__name__}") from None
 
 
+def _salvaged(raw, msg: Message) -> list[tuple[str, str]]:
+    if not any(isinstance(d, email.errors.MissingHeaderBodySeparatorDefect) for d in msg.defects):
+        return _items(msg)
+    try:
+        data = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else bytes(raw)
+        return headers_of(data)
+    except Exception:
+        return _items(msg)
+
+
 def _parts(msg: Message):
     """Up to MAX_PARTS parts, depth first, tolerant of broken structure."""
     stack, count = [msg], 0
@@ -357,9 +373,37 @@ def _ctype(part: Message) -> str:
         return "text/plain"
 
 
-def _headers_of(msg: Message) -> list[tuple[str, str]]:
-    try:
-        return [(k, v) for k, v in msg.items()]
+_HEADER_LINE = re.compile(r"^([!-9;-~]{1,200}):[ \t]?(.*)$")
+
+
+def headers_of(raw: bytes | Message) -> list[tuple[str, str]]:
+    """The top-level header list of a message (what EWS InternetMessageHeaders would give).
+
+    When a header block is broken (a continuation line without leading whitespace makes the
+    stdlib parser start the body early), the raw block up to the first empty line is read
+    line by line instead: lines without ``Name:`` continue the previous header.
+    """
+    if isinstance(raw, Message):
+        return _items(raw)
+    data = bytes(raw)
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    if not any(isinstance(d, email.errors.MissingHeaderBodySeparatorDefect) for d in msg.defects):
+        return _items(msg)
+    text = data[:MAX_HEADER_VALUE].decode("utf-8", "surrogateescape")
+    block = re.split(r"\r?\n\r?\n", text, maxsplit=1)[0]
+    headers: list[list[str]] = []
+    for line in block.splitlines():
+        match = _HEADER_LINE.match(line)
+        if match and not line[:1].isspace():
+            headers.append([match.group(1), match.group(2)])
+        elif headers:
+            headers[-1][1] += " " + line.strip()
+    return [(name, value) for name, value in headers]
+
+
+def _items(msg: Message) -> list[tuple[str, str]]:
+    try:  # raw values: compat32's items() turns 8-bit values into unreadable Header objects
+        return [(k, v) for k, v in msg.raw_items()]
     except Exception:
         return []
 
@@ -482,7 +526,7 @@ def _body_text(parts: list[Message]) -> str:
 def classify_message(raw: bytes | Message) -> Classification:
     """Classify a full MIME message. Raises ``UnparseableMessage`` only for non-messages."""
     msg = _parse(raw)
-    headers = _headers_of(msg)
+    headers = _items(msg) if isinstance(raw, Message) else _salvaged(raw, msg)
     try:
         c, hints = _from_headers(_Headers(headers))
     except Exception as exc:
@@ -511,6 +555,8 @@ def _refine(c: Classification, hints: dict, msg: Message) -> None:
             if _flufl_says_bounce(msg, hints):
                 c.kind = "bounce"
                 c.reasons.append("flufl.bounce")
+    if c.kind == "other" and hints.get("deferred_reply"):
+        c.kind = "human_reply"
     if c.kind == "bounce":
         _bounce_details(c, msg, parts)
     elif c.kind in ("read_receipt", "complaint"):
