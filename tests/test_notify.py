@@ -258,3 +258,15 @@ def test_verify_for_receivers():
     assert not verify("other", ts, body, good)
     old = str(int(time.time()) - 3600)
     assert not verify(SECRET, old, body, sign(SECRET, old, body))
+
+
+def test_a_down_webhook_costs_one_attempt_per_drain_and_does_not_hold_up_the_callable(redis_client, receiver_factory):
+    receiver = receiver_factory(always_fail=True)
+    transitions = stop_some(redis_client, 10)
+    calls = []
+    notifier = Notifier(redis_client, webhook_url=receiver.url, webhook_secret=SECRET, callback=calls.append)
+    result = notifier.drain()
+    assert result.retrying == 10 and result.delivered == 0
+    assert sum(receiver.attempts.values()) == 1  # a job's drain waits for at most one failing POST
+    assert sorted(c["id"] for c in calls) == sorted(t.id for t in transitions)
+    assert len(notifier.pending()) == 10

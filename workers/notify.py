@@ -17,7 +17,9 @@ entry), delivers, then removes them. A drainer that dies mid-delivery leaves its
 come due again when the lease runs out, and another drain delivers them. So each transition
 reaches the webhook at least once and, barring a crash between a successful POST and the
 removal, exactly once; receivers deduplicate by the delivery id. The callback and the
-webhook are tracked separately, so a failing webhook never calls the callback twice.
+webhook are tracked separately, so a failing webhook never calls the callback twice and
+never holds it up. Once a channel fails in a drain, that drain tries it no more (the rest wait
+a short while without losing an attempt), so a job's drain waits for at most one timeout.
 
 Workers call ``notifier.drain()`` after each job and ``notifier.start_timer()`` once.
 
@@ -116,6 +118,8 @@ class DrainResult:
 class Timer(threading.Thread):
     """Background drains every ``interval`` seconds until ``stop()``."""
 
+    batch = 100
+
     def __init__(self, notifier: "Notifier", interval: float):
         super().__init__(name="notify-drain", daemon=True)
         self.notifier, self.interval, self._stop_event = notifier, interval, threading.Event()
@@ -123,7 +127,8 @@ class Timer(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
             try:
-                self.notifier.drain()
+                while not self._stop_event.is_set() and self.notifier.drain().delivered >= self.batch:
+                    pass  # a backlog: keep going
             except redis.exceptions.RedisError as exc:
                 logs.get_logger(component="notify").warning("notify drain failed", error=f"{type(exc).__name__}: {exc}")
 
@@ -148,7 +153,7 @@ class Notifier:
         self.lease_ms = int(1000 * (lease_seconds if lease_seconds is not None else max(30.0, 3 * webhook_timeout + 10)))
         self.channels = [name for name, on in (("webhook", webhook_url), ("callback", self.callback)) if on]
         self._claim = redis_client.register_script(_CLAIM_LUA)
-        self._session = requests.Session()
+        self._local = threading.local()  # one requests.Session per thread (timer and job threads)
 
     @classmethod
     def from_settings(cls, redis_client: redis.Redis, settings) -> "Notifier":
@@ -180,8 +185,10 @@ class Notifier:
             DELIVERY_HEADER: transition["id"],
             "Idempotency-Key": transition["id"],
         }
-        response = self._session.post(self.webhook_url, data=body, headers=headers, timeout=self.webhook_timeout,
-                                      allow_redirects=False)
+        session = getattr(self._local, "session", None) or requests.Session()
+        self._local.session = session
+        response = session.post(self.webhook_url, data=body, headers=headers, timeout=self.webhook_timeout,
+                                allow_redirects=False)
         if not 200 <= response.status_code < 300:
             raise RuntimeError(f"webhook answered HTTP {response.status_code}")
 
@@ -190,6 +197,37 @@ class Notifier:
             self._post(transition)
         else:
             self.callback(dict(transition))
+
+    def _settle(self, tid: str, transition: dict, error: str | None, bound, result: DrainResult) -> None:
+        """Remove a delivered entry; reschedule a failed one with backoff, or give up on it."""
+        if error is None:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.zrem(OUTBOX_KEY, tid).delete(state_key(tid)).hincrby(STATS_KEY, "delivered", 1)
+            pipe.execute()
+            result.delivered += 1
+            if self.channels:
+                bound.info("transition delivered", status=transition.get("status"), channels=self.channels)
+            return
+        attempts = self.redis.hincrby(state_key(tid), "attempts", 1)
+        self.redis.hincrby(STATS_KEY, "attempts_failed", 1)
+        if attempts >= self.max_attempts:
+            record = {"id": tid, "transition": transition, "attempts": attempts, "last_error": error,
+                      "failed_at": iso_now()}
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(FAILED_KEY, tid, json.dumps(record)).zrem(OUTBOX_KEY, tid)
+            pipe.hincrby(STATS_KEY, "gave_up", 1)
+            pipe.execute()
+            result.failed += 1
+            bound.error("transition notification failed, giving up", attempts=attempts, error=error)
+            return
+        delay = min(self.backoff_max, self.backoff_base * 2 ** (attempts - 1))
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(state_key(tid), mapping={"last_error": error, "last_attempt_at": iso_now()})
+        pipe.zadd(OUTBOX_KEY, {tid: int((time.time() + delay) * 1000)})
+        pipe.execute()
+        result.retrying += 1
+        bound.warning("transition notification failed, will retry", attempts=attempts,
+                      retry_in_seconds=round(delay, 1), error=error)
 
     def drain(self, limit: int = 100) -> DrainResult:
         """Deliver every due transition (up to ``limit``); never sleeps, failures are rescheduled."""
@@ -203,52 +241,33 @@ class Notifier:
             pipe.get(transition_key(tid))
             pipe.hgetall(state_key(tid))
         fetched = pipe.execute()
+        down: dict[str, str] = {}  # channel -> error, for channels that failed in this drain
         for index, tid in enumerate(ids):
             raw, state = fetched[2 * index], {k.decode(): v.decode() for k, v in fetched[2 * index + 1].items()}
             if raw is None:  # expired with the retention: nothing left to tell
                 self.redis.zrem(OUTBOX_KEY, tid)
                 continue
             transition = json.loads(raw)
-            bound = logs.get_logger(component="notify", transition_id=tid, enrollment_id=transition.get("enrollment_id"),
-                             mailbox=transition.get("mailbox"))
-            error = None
-            for channel in self.channels:
-                if state.get(f"done:{channel}"):
+            bound = logs.get_logger(component="notify", transition_id=tid,
+                                    enrollment_id=transition.get("enrollment_id"), mailbox=transition.get("mailbox"))
+            errors, tried = [], False
+            for channel in (c for c in self.channels if not state.get(f"done:{c}")):
+                if channel in down:  # it failed earlier in this drain: don't spend another timeout now
+                    errors.append(f"{channel}: {down[channel]}")
                     continue
                 try:
                     self._deliver(channel, transition)
                 except Exception as exc:  # noqa: BLE001 - any failure is retried, never fatal
-                    error = f"{channel}: {self._safe(exc)}"
-                    break
+                    down[channel], tried = self._safe(exc), True
+                    errors.append(f"{channel}: {down[channel]}")
+                    continue
                 self.redis.hset(state_key(tid), f"done:{channel}", 1)
-            if error is None:
-                pipe = self.redis.pipeline(transaction=True)
-                pipe.zrem(OUTBOX_KEY, tid).delete(state_key(tid)).hincrby(STATS_KEY, "delivered", 1)
-                pipe.execute()
-                result.delivered += 1
-                if self.channels:
-                    bound.info("transition delivered", status=transition.get("status"), channels=self.channels)
-                continue
-            attempts = self.redis.hincrby(state_key(tid), "attempts", 1)
-            self.redis.hincrby(STATS_KEY, "attempts_failed", 1)
-            if attempts >= self.max_attempts:
-                record = {"id": tid, "transition": transition, "attempts": attempts, "last_error": error,
-                          "failed_at": iso_now()}
-                pipe = self.redis.pipeline(transaction=True)
-                pipe.hset(FAILED_KEY, tid, json.dumps(record)).zrem(OUTBOX_KEY, tid)
-                pipe.hincrby(STATS_KEY, "gave_up", 1)
-                pipe.execute()
-                result.failed += 1
-                bound.error("transition notification failed, giving up", attempts=attempts, error=error)
-            else:
-                delay = min(self.backoff_max, self.backoff_base * 2 ** (attempts - 1))
-                pipe = self.redis.pipeline(transaction=True)
-                pipe.hset(state_key(tid), mapping={"last_error": error, "last_attempt_at": iso_now()})
-                pipe.zadd(OUTBOX_KEY, {tid: int((time.time() + delay) * 1000)})
-                pipe.execute()
+            if errors and not tried:  # only skipped: try again soon, without counting an attempt
+                self.redis.zadd(OUTBOX_KEY, {tid: int((time.time() + self.backoff_base) * 1000)})
                 result.retrying += 1
-                bound.warning("transition notification failed, will retry", attempts=attempts,
-                              retry_in_seconds=round(delay, 1), error=error)
+                continue
+            error = "; ".join(errors) or None
+            self._settle(tid, transition, error, bound, result)
         return result
 
     def start_timer(self, interval: float = 5.0) -> Timer:
