@@ -187,3 +187,12 @@ def test_cli_show_history_and_resume(redis_server, redis_client):
     dt.datetime.fromisoformat(shown["updated_at"].replace("Z", "+00:00"))
     refused = cli(redis_server, "enrollments", "resume", "e-42")
     assert refused.returncode == 1 and "--force" in refused.stderr
+
+
+def test_cli_outbox_lists_pending_and_failed_notifications(redis_server, redis_client):
+    store = EnrollmentStore(redis_client)
+    transition = store.transition("e1", "stopped", "replied", event_key="reply:1")
+    shown = cli(redis_server, "enrollments", "outbox")
+    assert shown.returncode == 0, shown.stderr
+    outbox = json.loads(shown.stdout)
+    assert [p["id"] for p in outbox["pending"]] == [transition.id] and outbox["failed"] == []

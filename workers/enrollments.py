@@ -29,6 +29,10 @@ Fields of ``get``: enrollment_id, status, reason, updated_at (ISO 8601 UTC), pau
 stopped_by, by, item_id, message_id, mailbox, sequence_id, created_at, version (number of
 transitions). Empty values are ``None``.
 
+A platform reading Redis directly (instead of ``exchange-listener enrollments show``) checks
+``status`` and, when it is ``paused``, ``paused_until_ms`` (epoch ms): past it, sending may resume.
+A missing hash means an unknown enrollment (never recorded, or past its retention).
+
 Redis keys (all expire ``retention_days`` after their last write):
 - ``el:enrollment:{id}``          hash: the fields above (+ ``paused_until_ms``, ``updated_at_ms``)
 - ``el:enrollment:{id}:events``   set: event keys already seen (the exactly-once guard)
