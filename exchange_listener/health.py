@@ -46,6 +46,13 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _number(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _listeners(conn: redis.Redis, now: float) -> list[dict]:
     found = []
     for raw_id, score in conn.zrange(leases.LISTENERS_KEY, 0, -1, withscores=True):
@@ -55,18 +62,21 @@ def _listeners(conn: redis.Redis, now: float) -> list[dict]:
             groups = json.loads(info.get("groups") or "[]")
         except ValueError:
             groups = []
+        started = _number(info.get("started_at"))
         found.append({
             "id": listener_id,
             "host": info.get("host"),
             "pid": int(info["pid"]) if info.get("pid", "").isdigit() else None,
             "last_heartbeat_age_s": _age(now, score),
+            "started_age_s": _age(now, started),
             "mailboxes": int(info.get("mailboxes") or 0),
             "groups": [{
                 "group": g.get("group"),
                 "anchor": g.get("anchor"),
                 "mailboxes": g.get("mailboxes"),
                 "connected": bool(g.get("connected")),
-                "last_activity_age_s": _age(now, g.get("last_activity")),
+                # never active yet: silent since the listener started
+                "last_activity_age_s": _age(now, g.get("last_activity") or started),
             } for g in groups if isinstance(g, dict)],
         })
     return found

@@ -102,7 +102,8 @@ def test_running_listener_and_worker_are_healthy_and_shown(redis_client, redis_s
 
     def healthy():
         code, snap = status(env)
-        return snap if code == 0 and snap["workers"] and snap["listeners"] else None
+        streaming = [g for item in snap["listeners"] for g in item["groups"] if g["connected"]]
+        return snap if code == 0 and snap["workers"] and sum(g["mailboxes"] for g in streaming) == 2 else None
 
     snap = wait_for(healthy, what="a healthy status")
     assert snap["mailboxes"] == {"watched": 2, "held": 2, "unowned": []}
