@@ -8,8 +8,23 @@ import pytest
 import redis
 
 from exchange_listener.local_services import Emulator, RedisServer
+import ews_schema  # tests/ews_schema.py (conftest.py's directory is on sys.path)
 
 SERVICE_ACCOUNT = ("svc", "svc-password")
+
+
+def pytest_configure(config):
+    """Every emulator started by the suite validates its responses against Microsoft's schema."""
+    config._emulator_schema_log = ews_schema.enable()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    found = ews_schema.recorded(session.config._emulator_schema_log, remove=True)
+    if found:
+        print(f"\nEWS schema violations in emulator responses ({len(found)}):")
+        for line in found[:20]:
+            print(f"  {line}")
+        session.exitstatus = 1
 
 
 @pytest.fixture(scope="session")

@@ -213,7 +213,7 @@ class Emulator:
             mailbox = self._mailbox(principal, req, request)
             handler = getattr(self, f"op_{req.operation}", None)
             if handler is None:
-                raise BadRequest("ErrorInvalidRequest", f"The operation {req.operation} is not supported.")
+                raise BadRequest("ErrorInvalidOperation", f"The emulator does not implement {req.operation}.")
             if req.operation == "GetStreamingEvents":
                 return await self.op_GetStreamingEvents(request, principal, req)
             return handler(request, principal, mailbox, req)
@@ -318,8 +318,9 @@ class Emulator:
             folder = self._folder(mailbox, refs[0])
             ignore = {e.get("Id") for e in req.body.findall("m:Ignore/t:ItemId", NS)}
             changes, state, last = self.store.sync(folder, soap.text_of(req.body, "m:SyncState"), max_changes, ignore)
-        except StoreError as exc:
-            return self._xml(soap.response("SyncFolderItems", [soap.error("SyncFolderItems", exc.code, exc.text)]))
+        except StoreError as exc:  # exchangelib reads SyncState and IncludesLastItemInRange even on errors
+            inner = "<m:SyncState/><m:IncludesLastItemInRange>true</m:IncludesLastItemInRange>"
+            return self._xml(soap.response("SyncFolderItems", [soap.error("SyncFolderItems", exc.code, exc.text, inner)]))
         parts = []
         for change in changes:
             if change[0] == "Create":

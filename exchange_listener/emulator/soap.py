@@ -16,7 +16,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from lxml import etree
 
-from exchange_listener.emulator.store import Event, Folder, Item, Store, decoded, unfold
+from exchange_listener.emulator.store import Event, Folder, Item, Store, unfold
 
 S = "http://schemas.xmlsoap.org/soap/envelope/"
 M = "http://schemas.microsoft.com/exchange/services/2006/messages"
@@ -61,10 +61,10 @@ def parse_request(data: bytes) -> Request:
         raise BadRequest("ErrorSchemaValidation", f"The request is not well-formed XML: {exc}")
     body = root.find(f"{{{S}}}Body")
     if root.tag != f"{{{S}}}Envelope" or body is None or len(body) == 0:
-        raise BadRequest("ErrorInvalidRequest", "The request is not a SOAP 1.1 envelope with a body.")
+        raise BadRequest("ErrorSchemaValidation", "The request is not a SOAP 1.1 envelope with a body.")
     op = body[0]
     if etree.QName(op).namespace != M:
-        raise BadRequest("ErrorInvalidRequest", "The request body is not in the EWS messages namespace.")
+        raise BadRequest("ErrorSchemaValidation", "The request body is not in the EWS messages namespace.")
     impersonated = None
     header = root.find(f"{{{S}}}Header")
     if header is not None:

@@ -1,0 +1,258 @@
+"""The emulator as unmodified exchangelib sees it: auth, folders, streaming, GetItem, FindItem, sync."""
+from __future__ import annotations
+
+import base64
+
+import pytest
+from exchangelib.errors import (
+    ErrorExceededConnectionCount, ErrorExceededSubscriptionCount, ErrorImpersonateUserDenied, ErrorInvalidArgument,
+    ErrorInvalidOperation, ErrorInvalidSyncStateData, ErrorSubscriptionAccessDenied, ErrorSubscriptionNotFound,
+    UnauthorizedError,
+)
+from exchangelib import Message
+
+from exchange_listener.local_services import Emulator
+from ews_client import StreamReader, account, message, oauth_account, open_streams, wait_for
+
+ALICE = "alice@example.com"
+
+
+def test_impersonation_with_basic_auth_reaches_the_mailbox(emulator):
+    emulator.deliver(ALICE, message("<m1@customer.example>"))
+    acc = account(emulator, ALICE)
+    assert acc.inbox.name == "Inbox"
+    assert acc.inbox.total_count == 1
+    assert acc.root.name == "Top of Information Store"
+
+
+def test_wrong_password_is_rejected_with_401(emulator):
+    with pytest.raises(UnauthorizedError):
+        account(emulator, ALICE, password="wrong").inbox
+
+
+def test_account_without_impersonation_rights_is_denied():
+    with Emulator(accounts=["svc:svc-password"], extra_args=["--plain-account", "bob@example.com:pw"]) as emu:
+        with pytest.raises(ErrorImpersonateUserDenied):
+            account(emu, ALICE, user="bob@example.com", password="pw").inbox
+        assert account(emu, "bob@example.com", user="bob@example.com", password="pw").inbox.total_count == 0
+
+
+def test_oauth2_client_credentials_stream_and_fetch(monkeypatch):
+    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")  # the emulator speaks plain HTTP on loopback
+    with Emulator(accounts=[], heartbeat_seconds=1, extra_args=["--oauth-client", "app-id:app-secret"]) as emu:
+        acc = oauth_account(emu, ALICE, "app-id", "app-secret")
+        sub = acc.inbox.subscribe_to_streaming()
+        reader = StreamReader(oauth_account(emu, ALICE, "app-id", "app-secret").inbox, [sub]).start()
+        wait_for(lambda: open_streams(emu) == 1)
+        delivered = emu.deliver(ALICE, message("<oauth@customer.example>"))
+        wait_for(lambda: reader.events("NewMailEvent"))
+        item_id = reader.events("NewMailEvent")[0].item_id.id
+        assert item_id == delivered["item_id"]
+        fetched = list(acc.fetch([(item_id, None)], only_fields=["message_id"]))[0]
+        assert fetched.message_id == "<oauth@customer.example>"
+
+
+def test_oauth2_wrong_secret_gets_no_token(monkeypatch):
+    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")
+    with Emulator(accounts=[], extra_args=["--oauth-client", "app-id:app-secret"]) as emu:
+        with pytest.raises(Exception) as info:
+            oauth_account(emu, ALICE, "app-id", "not-the-secret").inbox
+        assert "invalid_client" in str(info.value)
+
+
+def test_inbox_subscription_gets_created_newmail_and_modified_events(emulator):
+    acc = account(emulator, ALICE)
+    sub = acc.inbox.subscribe_to_streaming()
+    reader = StreamReader(account(emulator, ALICE).inbox, [sub]).start()
+    wait_for(lambda: open_streams(emulator) == 1)
+    delivered = emulator.deliver(ALICE, message("<m2@customer.example>"))
+    wait_for(lambda: len(reader.events()) >= 3)
+    kinds = [type(e).__name__ for e in reader.events()]
+    assert kinds == ["CreatedEvent", "NewMailEvent", "ModifiedEvent"]
+    created, new_mail, modified = reader.events()
+    assert created.item_id.id == new_mail.item_id.id == delivered["item_id"]
+    assert new_mail.parent_folder_id.id == acc.inbox.id
+    assert modified.folder_id.id == acc.inbox.id and modified.unread_count == 1
+    assert reader.notifications[0].subscription_id == sub
+
+
+def test_all_folders_subscription_sees_other_folders_and_moves(emulator):
+    acc = account(emulator, ALICE)
+    every = acc.subscribe_to_streaming()
+    inbox_only = acc.inbox.subscribe_to_streaming()
+    reader = StreamReader(account(emulator, ALICE).inbox, [every, inbox_only]).start()
+    wait_for(lambda: open_streams(emulator) == 1)
+    junk = emulator.deliver(ALICE, message("<junk@spam.example>"), folder="junkemail")
+    wait_for(lambda: any(e.item_id and e.item_id.id == junk["item_id"] for e in reader.events("NewMailEvent")))
+    by_sub = {n.subscription_id for n in reader.notifications}
+    assert by_sub == {every}
+    inbox = emulator.deliver(ALICE, message("<moved@customer.example>"))
+    wait_for(lambda: len([n for n in reader.notifications if n.subscription_id == inbox_only]) >= 1)
+    import json, urllib.parse, urllib.request
+    req = urllib.request.Request(
+        f"{emulator.base_url}/emulator/items/{urllib.parse.quote(inbox['item_id'], safe='')}/move?folder=deleteditems",
+        data=b"", method="POST")
+    moved = json.loads(urllib.request.urlopen(req, timeout=5).read())
+    wait_for(lambda: reader.events("MovedEvent"))
+    event = reader.events("MovedEvent")[0]
+    assert event.old_item_id.id == inbox["item_id"] and event.item_id.id == moved["item_id"]
+    assert event.old_parent_folder_id.id == acc.inbox.id
+
+
+def test_getitem_returns_headers_exactly_as_delivered(emulator):
+    raw = (b"Received: from mx.customer.example by mx.example.com;\r\n Thu, 26 Nov 2026 10:00:01 +0000\r\n"
+           b"From: =?utf-8?q?Bj=C3=B6rn_Buyer?= <bjorn@customer.example>\r\n"
+           b"Sender: Assistant <assist@customer.example>\r\n"
+           b"To: Alice <alice@example.com>, carol@example.com\r\nCc: Dave <dave@example.com>\r\n"
+           b"Subject: =?utf-8?q?Re:_Pr=C3=BCfung?=\r\nMessage-ID: <reply-1@customer.example>\r\n"
+           b"In-Reply-To: <send-2@example.com>\r\n"
+           b"References: <send-1@example.com>,\r\n <send-2@example.com>\r\n"
+           b"Auto-Submitted: no\r\nDate: Thu, 26 Nov 2026 10:00:00 +0000\r\n\r\nBody text\r\n")
+    delivered = emulator.deliver(ALICE, raw)
+    acc = account(emulator, ALICE)
+    fields = ["message_id", "in_reply_to", "references", "headers", "subject", "author", "sender",
+              "to_recipients", "cc_recipients", "datetime_received", "conversation_id", "mime_content"]
+    item = list(acc.fetch([(delivered["item_id"], None)], only_fields=fields))[0]
+    assert item.message_id == "<reply-1@customer.example>"
+    assert item.in_reply_to == "<send-2@example.com>"
+    assert item.references == "<send-1@example.com>, <send-2@example.com>"
+    assert item.subject == "Re: Prüfung"
+    assert (item.author.name, item.author.email_address) == ("Björn Buyer", "bjorn@customer.example")
+    assert item.sender.email_address == "assist@customer.example"
+    assert [m.email_address for m in item.to_recipients] == ["alice@example.com", "carol@example.com"]
+    assert [(m.name, m.email_address) for m in item.cc_recipients] == [("Dave", "dave@example.com")]
+    assert item.mime_content == raw
+    assert item.datetime_received is not None and item.conversation_id.id
+    headers = [(h.name, h.value) for h in item.headers]
+    assert headers[0] == ("Received", "from mx.customer.example by mx.example.com; Thu, 26 Nov 2026 10:00:01 +0000")
+    assert ("Auto-Submitted", "no") in headers
+    assert ("Subject", "=?utf-8?q?Re:_Pr=C3=BCfung?=") in headers
+    assert len(headers) == 11
+
+
+def test_getitem_of_unknown_id_is_item_not_found(emulator):
+    from exchangelib.errors import ErrorItemNotFound
+
+    acc = account(emulator, ALICE)
+    fake = base64.b64encode(b"\0" * 68).decode()
+    assert isinstance(list(acc.fetch([(fake, None)], only_fields=["subject"]))[0], ErrorItemNotFound)
+
+
+def test_sync_folder_items_catches_up_on_what_arrived_while_nobody_listened(emulator):
+    acc = account(emulator, ALICE)
+    emulator.deliver(ALICE, message("<before@customer.example>"))
+    assert [c for c, _ in acc.inbox.sync_items()] == ["create"]
+    state = acc.inbox.item_sync_state
+    ids = [emulator.deliver(ALICE, message(f"<gap-{n}@customer.example>"))["item_id"] for n in range(5)]
+    later = account(emulator, ALICE)
+    changes = list(later.inbox.sync_items(sync_state=state, max_changes_returned=2, only_fields=["message_id"]))
+    assert [(c, i.id) for c, i in changes] == [("create", i) for i in ids]
+    assert [i.message_id for _, i in changes] == [f"<gap-{n}@customer.example>" for n in range(5)]
+    assert list(later.inbox.sync_items(sync_state=later.inbox.item_sync_state)) == []
+
+
+def test_sync_folder_items_reports_deletes_and_read_flags(emulator):
+    import urllib.parse, urllib.request
+
+    acc = account(emulator, ALICE)
+    first = emulator.deliver(ALICE, message("<a@customer.example>"))["item_id"]
+    second = emulator.deliver(ALICE, message("<b@customer.example>"))["item_id"]
+    list(acc.inbox.sync_items())
+    state = acc.inbox.item_sync_state
+    quote = lambda i: urllib.parse.quote(i, safe="")
+    urllib.request.urlopen(urllib.request.Request(
+        f"{emulator.base_url}/emulator/items/{quote(first)}/read?is_read=true", data=b"", method="POST"), timeout=5)
+    urllib.request.urlopen(urllib.request.Request(
+        f"{emulator.base_url}/emulator/items/{quote(second)}/move?folder=deleteditems", data=b"", method="POST"),
+        timeout=5)
+    changes = list(acc.inbox.sync_items(sync_state=state))
+    assert changes[0][0] == "read_flag_change" and changes[0][1][0].id == first and changes[0][1][1] is True
+    assert changes[1][0] == "delete" and changes[1][1].id == second
+
+
+def test_bad_sync_state_is_invalid_sync_state_data(emulator):
+    acc = account(emulator, ALICE)
+    with pytest.raises(ErrorInvalidSyncStateData):
+        list(acc.inbox.sync_items(sync_state="bm90LWEtc3RhdGU="))
+
+
+def test_finditem_finds_by_message_id_and_pages(emulator):
+    for n in range(7):
+        emulator.deliver(ALICE, message(f"<page-{n}@customer.example>"))
+    acc = account(emulator, ALICE)
+    found = list(acc.inbox.filter(message_id="<page-3@customer.example>").only("message_id"))
+    assert [m.message_id for m in found] == ["<page-3@customer.example>"]
+    assert list(acc.inbox.filter(message_id="<nope@customer.example>")) == []
+    query = acc.inbox.all().only("message_id")
+    query.page_size = 3
+    assert sorted(m.message_id for m in query) == sorted(f"<page-{n}@customer.example>" for n in range(7))
+
+
+def test_unsubscribe_ends_the_subscription(emulator):
+    acc = account(emulator, ALICE)
+    sub = acc.inbox.subscribe_to_streaming()
+    acc.inbox.unsubscribe(sub)
+    with pytest.raises(ErrorSubscriptionNotFound):
+        list(acc.inbox.get_streaming_events(sub, connection_timeout=1))
+
+
+def test_subscription_belongs_to_the_account_that_made_it():
+    with Emulator(accounts=["svc:svc-password", "other:other-password"]) as emu:
+        sub = account(emu, ALICE).inbox.subscribe_to_streaming()
+        stranger = account(emu, ALICE, user="other", password="other-password")
+        with pytest.raises(ErrorSubscriptionAccessDenied):
+            list(stranger.inbox.get_streaming_events(sub, connection_timeout=1))
+
+
+def test_stream_closes_at_connection_timeout():
+    extra = ["--connection-timeout-minute-seconds", "1.5"]
+    with Emulator(heartbeat_seconds=0.3, extra_args=extra) as emu:
+        acc = account(emu, ALICE)
+        sub = acc.inbox.subscribe_to_streaming()
+        reader = StreamReader(acc.inbox, [sub]).start()
+        reader.join(timeout=20)
+        assert reader.error is None and reader.notifications == []
+
+
+def test_connection_timeout_outside_1_to_30_is_rejected(emulator):
+    acc = account(emulator, ALICE)
+    sub = acc.inbox.subscribe_to_streaming()
+    with pytest.raises(ErrorInvalidArgument):
+        list(acc.inbox.get_streaming_events(sub, connection_timeout=31))
+
+
+def test_more_than_200_subscriptions_per_stream_are_rejected(emulator):
+    acc = account(emulator, ALICE)
+    sub = acc.inbox.subscribe_to_streaming()
+    with pytest.raises(ErrorInvalidArgument):
+        list(acc.inbox.get_streaming_events([sub] * 201, connection_timeout=1))
+
+
+def test_idle_subscription_expires():
+    with Emulator(idle_timeout=0.5) as emu:
+        acc = account(emu, ALICE)
+        sub = acc.inbox.subscribe_to_streaming()
+        import time
+        time.sleep(1.0)
+        with pytest.raises(ErrorSubscriptionNotFound):
+            list(acc.inbox.get_streaming_events(sub, connection_timeout=1))
+
+
+def test_connection_and_subscription_limits():
+    extra = ["--max-streams-per-account", "1", "--max-subscriptions-per-mailbox", "2"]
+    with Emulator(heartbeat_seconds=1, extra_args=extra) as emu:
+        acc = account(emu, ALICE, max_connections=1)
+        first, second = acc.inbox.subscribe_to_streaming(), acc.inbox.subscribe_to_streaming()
+        with pytest.raises(ErrorExceededSubscriptionCount):
+            acc.inbox.subscribe_to_streaming()
+        reader = StreamReader(account(emu, ALICE).inbox, [first]).start()
+        wait_for(lambda: open_streams(emu) == 1)
+        with pytest.raises(ErrorExceededConnectionCount):
+            list(acc.inbox.get_streaming_events(second, connection_timeout=1))
+        assert reader.error is None and not reader.finished.is_set()
+
+
+def test_operation_the_emulator_does_not_implement_is_a_soap_fault(emulator):
+    acc = account(emulator, ALICE)
+    with pytest.raises(ErrorInvalidOperation):
+        Message(account=acc, folder=acc.drafts, subject="draft").save()
