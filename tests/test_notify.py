@@ -38,7 +38,7 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
+            def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 ts = self.headers["X-Exchange-Listener-Timestamp"]
                 expected = "sha256=" + hmac.new(receiver.secret.encode(), ts.encode() + b"." + body,

@@ -52,7 +52,8 @@ import datetime as dt
 import hashlib
 import json
 import uuid
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import redis
 
@@ -78,11 +79,11 @@ def transition_id(enrollment_id: str, event_key: str) -> str:
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def iso(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return moment.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def to_utc(value: dt.datetime | dt.date | str) -> dt.datetime:
@@ -96,8 +97,8 @@ def to_utc(value: dt.datetime | dt.date | str) -> dt.datetime:
     if not isinstance(value, dt.datetime):  # a date: the start of that day, UTC
         value = dt.datetime(value.year, value.month, value.day)
     if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
-    return value.astimezone(dt.timezone.utc)
+        value = value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +124,7 @@ class Transition:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Transition":
+    def from_dict(cls, data: dict) -> Transition:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 

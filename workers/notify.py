@@ -49,7 +49,8 @@ import importlib
 import json
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import redis
 import requests
@@ -120,7 +121,7 @@ class Timer(threading.Thread):
 
     batch = 100
 
-    def __init__(self, notifier: "Notifier", interval: float):
+    def __init__(self, notifier: Notifier, interval: float):
         super().__init__(name="notify-drain", daemon=True)
         self.notifier, self.interval, self._stop_event = notifier, interval, threading.Event()
 
@@ -156,7 +157,7 @@ class Notifier:
         self._local = threading.local()  # one requests.Session per thread (timer and job threads)
 
     @classmethod
-    def from_settings(cls, redis_client: redis.Redis, settings) -> "Notifier":
+    def from_settings(cls, redis_client: redis.Redis, settings) -> Notifier:
         return cls(redis_client, webhook_url=settings.webhook_url, webhook_secret=settings.webhook_secret,
                    webhook_timeout=settings.webhook_timeout, callback=settings.callback or None)
 
@@ -318,4 +319,4 @@ def iso_now() -> str:
 
 
 def iso_from_ms(ms: float) -> str:
-    return iso(dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc))
+    return iso(dt.datetime.fromtimestamp(ms / 1000, dt.UTC))

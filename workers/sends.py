@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import redis
 
@@ -69,7 +69,7 @@ class Send:
         return json.dumps(self.as_dict(), separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> "Send":
+    def from_json(cls, raw: bytes | str) -> Send:
         data = json.loads(raw)
         for name in ("message_ids", "to", "cc"):
             data[name] = tuple(data.get(name) or ())
