@@ -650,8 +650,10 @@ def find_return_date(text: str, base: dt.date | None = None) -> dt.date | None:
                 found = dateparser.parse(candidate, languages=_DATE_LANGS, settings=settings)
             except Exception:
                 found = None
-            if found and base <= found.date() <= base + dt.timedelta(days=366):
-                return found.date()
+            if found:  # the longest readable date after the cue decides for this cue
+                if base <= found.date() <= base + dt.timedelta(days=366):
+                    return found.date()
+                break
             if tried > 40:
                 return None
     return None
