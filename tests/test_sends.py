@@ -152,3 +152,14 @@ def test_cli_new_id_is_unique_valid_and_recordable(redis_server, redis_client):
         assert re.fullmatch(r"<[A-Za-z0-9_-]{20,}@us\.example>", mid)
     bad = cli(redis_server, "sends", "new-id", "--domain", "not a domain")
     assert bad.returncode == 2 and "not a valid domain" in bad.stderr
+
+
+def test_a_new_send_keeps_the_audit_trail_alive_as_long_as_the_state(redis_client):
+    store = EnrollmentStore(redis_client, retention_days=30)
+    store.transition("e1", "paused", "auto_reply", event_key="ooo:1", until="2030-01-01")
+    for key in ("el:enrollment:e1", "el:enrollment:e1:events", "el:enrollment:e1:history"):
+        redis_client.expire(key, 100)  # as if the pause happened long ago
+    SendRegistry(redis_client, retention_days=30).record(["<m@us.example>"], "e1", "s", "rep@us.example",
+                                                         ["pat@prospect.example"])
+    for key in ("el:enrollment:e1", "el:enrollment:e1:events", "el:enrollment:e1:history"):
+        assert redis_client.ttl(key) > 29 * 86400, key

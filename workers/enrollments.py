@@ -232,7 +232,8 @@ class EnrollmentStore:
             pipe.hsetnx(key, "sequence_id", sequence_id)
         if mailbox:
             pipe.hsetnx(key, "mailbox", mailbox)
-        pipe.expire(key, self.ttl)
+        for live_key in (key, key + ":events", key + ":history"):  # the audit trail lives as long as the state
+            pipe.expire(live_key, self.ttl)
 
     def ensure(self, enrollment_id: str, sequence_id: str = "", mailbox: str = "") -> None:
         pipe = self.redis.pipeline(transaction=True)

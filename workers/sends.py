@@ -73,7 +73,8 @@ class Send:
         data = json.loads(raw)
         for name in ("message_ids", "to", "cc"):
             data[name] = tuple(data.get(name) or ())
-        return cls(**data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})  # tolerate fields a newer version adds
 
 
 def _addresses(values: Iterable[str] | str, what: str) -> tuple[str, ...]:
