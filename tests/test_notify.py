@@ -270,3 +270,27 @@ def test_a_down_webhook_costs_one_attempt_per_drain_and_does_not_hold_up_the_cal
     assert sum(receiver.attempts.values()) == 1  # a job's drain waits for at most one failing POST
     assert sorted(c["id"] for c in calls) == sorted(t.id for t in transitions)
     assert len(notifier.pending()) == 10
+
+
+def test_timer_drains_in_the_background_and_survives_a_redis_outage(redis_client, redis_server):
+    calls = []
+    notifier = Notifier(redis_client, callback=calls.append)
+    timer = notifier.start_timer(interval=0.1)
+    try:
+        (first,) = stop_some(redis_client, 1)
+        deadline = time.monotonic() + 30
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [c["id"] for c in calls] == [first.id]
+        redis_server.stop()
+        time.sleep(0.5)  # a few drains fail while Redis is away
+        redis_server.start()
+        store = EnrollmentStore(redis_client)
+        second = store.transition("e9", "stopped", "bounced", event_key="bounce:9")
+        while len(calls) < 2 and time.monotonic() < deadline + 30:
+            time.sleep(0.05)
+        assert [c["id"] for c in calls] == [first.id, second.id]
+        assert timer.is_alive()
+    finally:
+        timer.stop()
+    assert not timer.is_alive()

@@ -130,7 +130,7 @@ class Timer(threading.Thread):
             try:
                 while not self._stop_event.is_set() and self.notifier.drain().delivered >= self.batch:
                     pass  # a backlog: keep going
-            except redis.exceptions.RedisError as exc:
+            except Exception as exc:  # noqa: BLE001 - the timer must outlive a Redis outage or a bad entry
                 logs.get_logger(component="notify").warning("notify drain failed", error=f"{type(exc).__name__}: {exc}")
 
     def stop(self) -> None:
