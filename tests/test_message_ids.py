@@ -7,8 +7,13 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.message_ids import (MAX_ID_LENGTH, new_message_id, normalize, parse_id_list,
-                                 references_of)
+from workers.message_ids import (
+    MAX_ID_LENGTH,
+    new_message_id,
+    normalize,
+    parse_id_list,
+    references_of,
+)
 
 # --- normalize ----------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from email.message import Message
 
-from workers.message_ids import normalize, parse_id_list, references_of
+from workers.message_ids import normalize, references_of
 
 KINDS = ("human_reply", "auto_reply", "bounce", "read_receipt", "complaint", "other")
 MAX_PARTS = 200            # parts walked in one message
@@ -62,9 +62,9 @@ class Classification:
 
 _BOUNCE_SENDERS = re.compile(r"^(mailer-daemon|postmaster|mail-daemon|mailerdaemon|"
                              r"mail\.?delivery\.?(system|subsystem)?|bounces?|"
-                             r"microsoftexchange[0-9a-f]*|nobody-bounce)(\+.*)?$", re.I)
+                             r"microsoftexchange[0-9a-f]*|nobody-bounce)(\+.*)?$", re.IGNORECASE)
 _BOUNCE_SENDER_NAMES = re.compile(r"mail delivery (sub)?system|mailer.?daemon|post.?master|"
-                                  r"delivery status notification|mdaemon", re.I)
+                                  r"delivery status notification|mdaemon", re.IGNORECASE)
 _BOUNCE_SUBJECTS = re.compile(
     r"undeliver|undelivered|delivery (status )?notification|delivery (has )?failed|"
     r"delivery failure|failure notice|returned mail|mail delivery failed|returned to sender|"
@@ -76,19 +76,19 @@ _BOUNCE_SUBJECTS = re.compile(
     r"permanent error|temporary error|failed delivery|return(ed)? mail|"
     r"notice of mail delivery|mail error|delivery error|delivery attempt|delivery warning|"
     r"user unknown|no such user|mailbox (is )?full|over quota|"
-    r"メールエラー|エラー通知|不達|送信失敗|退信|投递失败|系统退信", re.I)
+    r"メールエラー|エラー通知|不達|送信失敗|退信|投递失败|系统退信", re.IGNORECASE)
 _COMPLAINT_SUBJECTS = re.compile(r"complaint about message|abuse report|spam report|"
-                                 r"^\s*\[?abuse\]?\s*:", re.I)
+                                 r"^\s*\[?abuse\]?\s*:", re.IGNORECASE)
 _BOUNCE_BODY = re.compile(
     r"transcript of session follows|original message follows|could not be delivered to|"
     r"following address(es)? (had permanent fatal errors|failed)|delivery to the following "
     r"recipients? (failed|has been delayed)|permanent fatal error|user unknown|no such user|"
     r"mailbox unavailable|message was undeliverable|your message (could not|wasn't|was not) "
     r"(be )?delivered|\"notificationType\"\s*:\s*\"Bounce\"|^final-recipient\s*:|"
-    r"^diagnostic-code\s*:|undeliverable to|unable to deliver", re.I | re.M)
-_FORWARD_SUBJECT = re.compile(r"^\s*(fwd?|fw|wg|tr|rv|i)\s*:", re.I)
+    r"^diagnostic-code\s*:|undeliverable to|unable to deliver", re.IGNORECASE | re.MULTILINE)
+_FORWARD_SUBJECT = re.compile(r"^\s*(fwd?|fw|wg|tr|rv|i)\s*:", re.IGNORECASE)
 _RECEIPT_SUBJECTS = re.compile(r"^(read|gelesen|lu|leído|letto|gelezen|läst|lest|"
-                               r"not read|ungelesen|non lu|no leído)\s*:", re.I)
+                               r"not read|ungelesen|non lu|no leído)\s*:", re.IGNORECASE)
 _OOO_SUBJECTS = re.compile(
     r"automatic reply|auto(matic|mated)?[- ]?(reply|response|antwort)|autoreply|"
     r"out of (the )?office|out-of-office|\booo\b|abwesenheit|automatische antwort|"
@@ -98,12 +98,12 @@ _OOO_SUBJECTS = re.compile(
     r"resposta automática|fora do escritório|autosvar|automatiskt svar|frånvaro|"
     r"automaattinen vastaus|automatyczna odpowiedź|poza biurem|on vacation|vacation reply|"
     r"away from (the )?office|im urlaub|en vacances|de vacaciones|in ferie|"
-    r"自動応答|自动回复|不在", re.I)
+    r"自動応答|自动回复|不在", re.IGNORECASE)
 _REPLY_SUBJECT = re.compile(r"^\s*(re|aw|sv|vs|antw|ref|rif|r|res|odp|vá|atb|ynt|回复|答复)"
-                            r"(\[\d+\])?\s*:", re.I)
+                            r"(\[\d+\])?\s*:", re.IGNORECASE)
 _STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 _SMTP_REPLY = re.compile(r"(?<!\d)([45])\d\d[ -](?=\D)")
-_MSGID_LINE = re.compile(r"^[\s>]*message-id\s*:\s*(\S[^\r\n]*)", re.I | re.M)
+_MSGID_LINE = re.compile(r"^[\s>]*message-id\s*:\s*(\S[^\r\n]*)", re.IGNORECASE | re.MULTILINE)
 _HTML_TAG = re.compile(r"<[^>]{0,2000}>|&nbsp;")
 
 
@@ -114,7 +114,7 @@ def _clean(value) -> str:
     if not isinstance(value, str):
         try:
             value = str(value)
-        except Exception:
+        except Exception:  # noqa: BLE001 - bad mail must not crash the worker
             return ""
     value = value[:MAX_HEADER_VALUE]
     if "\r" in value or "\n" in value:
@@ -130,7 +130,7 @@ def _decoded(value: str) -> str:
         return value
     try:
         return str(email.header.make_header(email.header.decode_header(value)))
-    except Exception:
+    except Exception:  # noqa: BLE001 - bad mail must not crash the worker
         return value
 
 
@@ -161,7 +161,7 @@ def _address(value: str | None) -> tuple[str, str]:
         return "", ""
     try:
         pairs = email.utils.getaddresses([value])
-    except Exception:
+    except Exception:  # noqa: BLE001 - bad mail must not crash the worker
         return "", ""
     for name, addr in pairs:
         if addr or name:
@@ -174,7 +174,7 @@ def _content_type(value: str | None) -> tuple[str, str]:
     if not value:
         return "", ""
     main = value.split(";", 1)[0].strip().lower()
-    match = re.search(r"report-type\s*=\s*\"?([\w.-]+)", value, re.I)
+    match = re.search(r"report-type\s*=\s*\"?([\w.-]+)", value, re.IGNORECASE)
     return main, (match.group(1).lower() if match else "")
 
 
@@ -214,7 +214,7 @@ def _from_headers(h: _Headers) -> tuple[Classification, dict]:
         c.reasons.append("x-failed-recipients")
     raw_from = h.get("from") or ""
     bounce_sender = bool(_BOUNCE_SENDERS.match(local)) or bool(_BOUNCE_SENDER_NAMES.search(name)) \
-        or bool(re.search(r"mailer-daemon|post_?master@|<>", raw_from, re.I)) \
+        or bool(re.search(r"mailer-daemon|post_?master@|<>", raw_from, re.IGNORECASE)) \
         or (h.has("from") and not addr)
     if bounce_sender:
         c.reasons.append("bounce sender")
@@ -288,7 +288,7 @@ def classify_headers(headers: list[tuple[str, str]]) -> Classification:
     """Classify from internet headers only (EWS InternetMessageHeaders). Never raises."""
     try:
         return _from_headers(_Headers(headers or []))[0]
-    except Exception as exc:  # a bug must not take the worker down; say why in reasons
+    except Exception as exc:  # noqa: BLE001 - bad mail must not crash the worker
         return Classification(reasons=[f"header parse error: {type(exc).__name__}"])
 
 
@@ -301,7 +301,7 @@ def needs_body(headers: list[tuple[str, str]]) -> bool:
     """
     try:
         c, hints = _from_headers(_Headers(headers or []))
-    except Exception:
+    except Exception:  # noqa: BLE001 - bad mail must not crash the worker
         return True
     if c.kind in ("bounce", "read_receipt", "complaint", "auto_reply"):
         return True
@@ -322,7 +322,7 @@ def _parse(raw) -> Message:
         raise UnparseableMessage("empty message")
     try:
         return email.message_from_bytes(data, policy=email.policy.compat32)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - bad mail must not crash the worker
         raise UnparseableMessage(f"cannot parse message: {type(exc).__name__}") from None
 
 
@@ -332,7 +332,7 @@ def _salvaged(raw, msg: Message) -> list[tuple[str, str]]:
     try:
         data = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else bytes(raw)
         return headers_of(data)
-    except Exception:
+    except Exception:  # noqa: BLE001 - bad mail must not crash the worker
         return _items(msg)
 
 
@@ -345,7 +345,7 @@ def _parts(msg: Message):
         yield part
         try:
             payload = part.get_payload()
-        except Exception:
+        except Exception:  # noqa: BLE001, S112 - bad mail must not crash the worker
             continue
         if isinstance(payload, list):
             stack.extend(reversed([p for p in payload if isinstance(p, Message)]))
@@ -354,7 +354,7 @@ def _parts(msg: Message):
 def _text_of(part: Message) -> str:
     try:
         data = part.get_payload(decode=True)
-    except Exception:
+    except Exception:  # noqa: BLE001 - bad mail must not crash the worker
         data = None
     if data is None:
         payload = part.get_payload()
@@ -369,7 +369,7 @@ def _text_of(part: Message) -> str:
 def _ctype(part: Message) -> str:
     try:
         return part.get_content_type()
-    except Exception:
+    except Exception:  # noqa: BLE001 - bad mail must not crash the worker
         return "text/plain"
 
 
@@ -404,7 +404,7 @@ def headers_of(raw: bytes | Message) -> list[tuple[str, str]]:
 def _items(msg: Message) -> list[tuple[str, str]]:
     try:  # raw values: compat32's items() turns 8-bit values into unreadable Header objects
         return [(k, v) for k, v in msg.raw_items()]
-    except Exception:
+    except Exception:  # noqa: BLE001 - bad mail must not crash the worker
         return []
 
 
@@ -437,7 +437,7 @@ def _dsn_fields(part: Message) -> list[dict[str, str]]:
     for chunk in re.split(r"\r?\n\s*\r?\n", text[:MAX_TEXT]):
         try:
             block = email.parser.HeaderParser(policy=email.policy.compat32).parsestr(chunk)
-        except Exception:
+        except Exception:  # noqa: BLE001, S112 - bad mail must not crash the worker
             continue
         blocks.append({k.lower(): _clean(v) for k, v in block.items()})
     return blocks
@@ -468,7 +468,7 @@ def _bounce_details(c: Classification, msg: Message, parts: list[Message]) -> No
     try:
         from flufl.bounce import all_failures
         temporary, permanent = all_failures(msg)
-    except Exception:
+    except Exception:  # noqa: BLE001 - bad mail must not crash the worker
         temporary, permanent = set(), set()
     for addr in list(permanent) + list(temporary):
         text = addr.decode("utf-8", "replace") if isinstance(addr, bytes) else str(addr)
@@ -493,7 +493,7 @@ def _bounce_details(c: Classification, msg: Message, parts: list[Message]) -> No
         if "5" in codes:
             c.bounce_type = "hard"
         elif "4" in codes or re.search(r"delay|will (be )?retr|temporar|deferred|"
-                                       r"not yet been delivered", text, re.I):
+                                       r"not yet been delivered", text, re.IGNORECASE):
             c.bounce_type = "soft"
         else:
             c.bounce_type = "hard"
@@ -529,11 +529,11 @@ def classify_message(raw: bytes | Message) -> Classification:
     headers = _items(msg) if isinstance(raw, Message) else _salvaged(raw, msg)
     try:
         c, hints = _from_headers(_Headers(headers))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - bad mail must not crash the worker
         c, hints = Classification(reasons=[f"header parse error: {type(exc).__name__}"]), {}
     try:
         _refine(c, hints, msg)
-    except Exception as exc:  # broken MIME: keep what the headers said
+    except Exception as exc:  # noqa: BLE001 - bad mail must not crash the worker
         c.reasons.append(f"body parse error: {type(exc).__name__}")
     return c
 
@@ -551,10 +551,9 @@ def _refine(c: Classification, hints: dict, msg: Message) -> None:
         elif "message/feedback-report" in types:
             c.kind = "complaint"
             c.reasons.append("message/feedback-report part")
-        elif c.kind != "auto_reply" or hints.get("suspect_bounce"):
-            if _flufl_says_bounce(msg, hints):
-                c.kind = "bounce"
-                c.reasons.append("flufl.bounce")
+        elif _flufl_says_bounce(msg, hints):  # vendor formats; checked only with bounce hints
+            c.kind = "bounce"
+            c.reasons.append("bounce in body")
     if c.kind == "other" and hints.get("deferred_reply"):
         c.kind = "human_reply"
     if c.kind == "bounce":
@@ -563,7 +562,7 @@ def _refine(c: Classification, hints: dict, msg: Message) -> None:
         for part in parts:
             ctype = _ctype(part)
             if ctype == "message/disposition-notification" and not c.original_message_id:
-                match = re.search(r"original-message-id\s*:\s*(\S+)", _text_of_any(part), re.I)
+                match = re.search(r"original-message-id\s*:\s*(\S+)", _text_of_any(part), re.IGNORECASE)
                 c.original_message_id = normalize(match.group(1)) if match else None
             elif ctype in ("message/rfc822", "text/rfc822-headers") and not c.original_message_id:
                 c.original_message_id = _embedded_id(part)
@@ -591,7 +590,7 @@ def _flufl_says_bounce(msg: Message, hints: dict) -> bool:
     try:
         from flufl.bounce import all_failures
         temporary, permanent = all_failures(msg)
-    except Exception:
+    except Exception:  # noqa: BLE001 - bad mail must not crash the worker
         temporary, permanent = set(), set()
     if temporary or permanent:
         return True
@@ -603,9 +602,9 @@ def _message_date(msg: Message) -> dt.date:
         parsed = email.utils.parsedate_to_datetime(_clean(msg.get("date")))
         if parsed:
             return parsed.date()
-    except Exception:
+    except Exception:  # noqa: BLE001, S110 - bad mail must not crash the worker
         pass
-    return dt.datetime.now(dt.timezone.utc).date()
+    return dt.datetime.now(dt.UTC).date()
 
 
 # --- out-of-office return dates -------------------------------------------------------------
@@ -621,7 +620,7 @@ _RETURN_CUES = re.compile(
     r"|(?:hasta el|de vuelta el|regresaré el|volveré el|a partir del|estaré de vuelta el)\s*"
     r"|(?:fino al|rientro il|di ritorno il|rientrerò il|a partire dal)\s*"
     r"|(?:tot en met|terug op|vanaf|weer aanwezig op|tot)\s+",
-    re.I)
+    re.IGNORECASE)
 _DATE_LANGS = ["en", "de", "fr", "es", "it", "nl"]
 
 
@@ -648,7 +647,7 @@ def find_return_date(text: str, base: dt.date | None = None) -> dt.date | None:
             tried += 1
             try:
                 found = dateparser.parse(candidate, languages=_DATE_LANGS, settings=settings)
-            except Exception:
+            except Exception:  # noqa: BLE001 - bad mail must not crash the worker
                 found = None
             if found:  # the longest readable date after the cue decides for this cue
                 if base <= found.date() <= base + dt.timedelta(days=366):

@@ -38,8 +38,7 @@ def normalize(value: str) -> str | None:
     bracketed = text.startswith("<")
     if bracketed:
         text = text[1:]
-        if text.endswith(">"):
-            text = text[:-1]
+        text = text.removesuffix(">")
     elif text.endswith(">"):
         return None
     text = _WS.sub("", text)
