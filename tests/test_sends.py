@@ -11,6 +11,8 @@ import sys
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from workers.enrollments import EnrollmentStore
 from workers.sends import SendRegistry
@@ -163,3 +165,18 @@ def test_a_new_send_keeps_the_audit_trail_alive_as_long_as_the_state(redis_clien
                                                          ["pat@prospect.example"])
     for key in ("el:enrollment:e1", "el:enrollment:e1:events", "el:enrollment:e1:history"):
         assert redis_client.ttl(key) > 29 * 86400, key
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw_ids=st.lists(st.text(min_size=0, max_size=40), min_size=1, max_size=3),
+       address=st.text(min_size=0, max_size=30))
+def test_any_input_is_stored_findable_or_refused_cleanly(redis_client, raw_ids, address):
+    redis_client.flushall()
+    registry = SendRegistry(redis_client)
+    try:
+        send = registry.record(raw_ids, "e1", "s", "rep@us.example", [address])
+    except ValueError:
+        assert redis_client.dbsize() == 0
+        return
+    assert all(registry.get(mid) == send for mid in send.message_ids)
+    assert all(registry.get(raw) == send for raw in raw_ids)
