@@ -186,9 +186,12 @@ def test_failures_are_visible_and_can_be_retried(redis_client, receiver_factory)
     assert failed["transition"]["enrollment_id"] == "e0"
     assert notifier.pending() == [] and notifier.stats()["gave_up"] == 1
     receiver.always_fail = False
+    (other,) = EnrollmentStore(redis_client).transition("e5", "stopped", "replied", event_key="r5"),
+    assert notifier.retry_failed([other.id, "no-such-id"]) == 0  # only failed ones go back; pending stays
+    assert [p["id"] for p in notifier.pending()] == [other.id]
     assert notifier.retry_failed() == 1
     assert notifier.failed() == []
-    drain_until(notifier, lambda: receiver.accepted[transition.id] == 1)
+    drain_until(notifier, lambda: receiver.accepted[transition.id] == 1 and receiver.accepted[other.id] == 1)
     assert notifier.pending() == []
 
 

@@ -109,6 +109,15 @@ return ids
 """
 
 
+# KEYS: 1 failed hash, 2 state hash, 3 outbox; ARGV: 1 id, 2 now_ms. Only a failed id goes back.
+_REQUEUE_LUA = r"""
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HDEL', KEYS[2], 'attempts', 'last_error')
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+return 1
+"""
+
+
 @dataclasses.dataclass
 class DrainResult:
     delivered: int = 0
@@ -154,6 +163,7 @@ class Notifier:
         self.lease_ms = int(1000 * (lease_seconds if lease_seconds is not None else max(30.0, 3 * webhook_timeout + 10)))
         self.channels = [name for name, on in (("webhook", webhook_url), ("callback", self.callback)) if on]
         self._claim = redis_client.register_script(_CLAIM_LUA)
+        self._requeue = redis_client.register_script(_REQUEUE_LUA)
         self._local = threading.local()  # one requests.Session per thread (timer and job threads)
 
     @classmethod
@@ -299,16 +309,8 @@ class Notifier:
     def retry_failed(self, ids: list[str] | None = None) -> int:
         """Put failed transitions back in the outbox with a fresh attempt count."""
         ids = ids if ids is not None else [k.decode() for k in self.redis.hkeys(FAILED_KEY)]
-        moved = 0
-        for tid in ids:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hdel(FAILED_KEY, tid).hdel(state_key(tid), "attempts", "last_error")
-            pipe.zadd(OUTBOX_KEY, {tid: int(time.time() * 1000)})
-            removed, *_ = pipe.execute()
-            if not removed:
-                self.redis.zrem(OUTBOX_KEY, tid)
-            moved += int(bool(removed))
-        return moved
+        now_ms = int(time.time() * 1000)
+        return sum(self._requeue(keys=[FAILED_KEY, state_key(tid), OUTBOX_KEY], args=[tid, now_ms]) for tid in ids)
 
     def stats(self) -> dict:
         return {k.decode(): int(v) for k, v in self.redis.hgetall(STATS_KEY).items()}
