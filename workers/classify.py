@@ -104,6 +104,8 @@ _REPLY_SUBJECT = re.compile(r"^\s*(re|aw|sv|vs|antw|ref|rif|r|res|odp|vá|atb|yn
 _STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 _SMTP_REPLY = re.compile(r"(?<!\d)([45])\d\d[ -](?=\D)")
 _MSGID_LINE = re.compile(r"^[\s>]*message-id\s*:\s*(\S[^\r\n]*)", re.IGNORECASE | re.MULTILINE)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_LONE_SURROGATE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
 _HTML_TAG = re.compile(r"<[^>]{0,2000}>|&nbsp;")
 
 
@@ -120,8 +122,10 @@ def _clean(value) -> str:
     if "\r" in value or "\n" in value:
         value = re.sub(r"\r\n[ \t]|\r[ \t]|\n[ \t]", " ", value)  # unfold
         value = value.replace("\r", " ").replace("\n", " ")  # injected line breaks: neutralised
-    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace") \
-        if any("\udc80" <= c <= "\udcff" for c in value) else value
+    if _SURROGATE.search(value):  # 8-bit bytes kept by the parser: read them as UTF-8
+        value = _LONE_SURROGATE.sub("\ufffd", value)  # not an escaped byte: unreadable
+        value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return value
 
 
 def _decoded(value: str) -> str:
@@ -138,18 +142,18 @@ class _Headers:
     """Case-insensitive multi-valued view of a header list."""
 
     def __init__(self, pairs):
-        self._values: dict[str, list[str]] = {}
+        self._values: dict[str, list] = {}  # raw values; cleaned when read (most never are)
         for name, value in pairs:
             key = _clean(name).strip().lower()
             if key:
-                self._values.setdefault(key, []).append(_clean(value))
+                self._values.setdefault(key, []).append(value)
 
     def get(self, name: str) -> str | None:
         values = self._values.get(name)
-        return values[0] if values else None
+        return _clean(values[0]) if values else None
 
     def all(self, name: str) -> list[str]:
-        return self._values.get(name, [])
+        return [_clean(v) for v in self._values.get(name, [])]
 
     def has(self, name: str) -> bool:
         return name in self._values
