@@ -1,0 +1,58 @@
+"""``make demo`` is the README's first command: it must pass end to end and leave nothing running."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import demo_messages  # noqa: E402
+
+
+def _pids_with_env(entry: str) -> list[int]:
+    """Processes whose environment holds ``entry`` (every process supervisord started for this run)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if entry.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_demo_plays_every_scenario_and_tears_down(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_LISTENER_")}
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "demo.py"), "--workdir", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=180)
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    rows = {}
+    for line in out.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if cells and cells[0].startswith("enr-"):
+            rows[cells[0]] = cells
+    assert set(rows) == {s.enrollment for s in demo_messages.SCENARIOS}
+    for scenario in demo_messages.SCENARIOS:
+        enrollment, label, status, reason, latency, ok = rows[scenario.enrollment]
+        assert label == scenario.label and ok == "yes"
+        assert status == scenario.expect_status
+        if scenario.expect_reason:
+            assert reason == scenario.expect_reason
+        if scenario.expect_status == "active":
+            assert latency == "unchanged"
+        else:
+            assert re.fullmatch(r"\d+ ms", latency), latency
+    assert "all 7 outcomes as expected" in out
+
+    # Torn down: supervisord and every child it started are gone.
+    assert not (tmp_path / "run" / "supervisord.pid").exists()
+    logs = list((tmp_path / "log").glob("*.log"))
+    assert {p.name for p in logs} >= {"redis.log", "emulator.log", "listener.log", "worker-00.log", "worker-01.log"}
+    leftovers = [pid for pid in _pids_with_env(f"EL_RUN_DIR={tmp_path / 'run'}")]
+    assert not leftovers, leftovers
