@@ -36,7 +36,7 @@ API::
     sign(secret, timestamp, body) -> str;  verify(secret, timestamp, body, signature, tolerance=300)
 
 Redis keys: ``el:outbox`` (zset id -> epoch ms when next due), ``el:transition:{id}`` (JSON),
-``el:outbox:state:{id}`` (hash: attempts, last_error, done:webhook, done:callback),
+``el:outbox:state:{id}`` (hash: attempts, last_error, done:webhook, done:callback; 180 days),
 ``el:outbox:failed`` (hash id -> JSON), ``el:notify:stats`` (hash of counters).
 """
 from __future__ import annotations
@@ -61,6 +61,7 @@ from workers.enrollments import OUTBOX_KEY, iso, transition_key
 
 FAILED_KEY = "el:outbox:failed"
 STATS_KEY = "el:notify:stats"
+STATE_TTL = 180 * 86400  # an entry's delivery state outlives any retry schedule
 SIGNATURE_HEADER = "X-Exchange-Listener-Signature"
 TIMESTAMP_HEADER = "X-Exchange-Listener-Timestamp"
 DELIVERY_HEADER = "X-Exchange-Listener-Delivery"
@@ -219,7 +220,8 @@ class Notifier:
             if self.channels:
                 bound.info("transition delivered", status=transition.get("status"), channels=self.channels)
             return
-        attempts = self.redis.hincrby(state_key(tid), "attempts", 1)
+        attempts, _ = self.redis.pipeline(transaction=False).hincrby(state_key(tid), "attempts", 1).expire(
+            state_key(tid), STATE_TTL).execute()
         self.redis.hincrby(STATS_KEY, "attempts_failed", 1)
         if attempts >= self.max_attempts:
             record = {"id": tid, "transition": transition, "attempts": attempts, "last_error": error,
