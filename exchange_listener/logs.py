@@ -54,4 +54,5 @@ def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
 
 
 def get_logger(**context):
-    return structlog.get_logger("exchange_listener").bind(**context)
+    """A lazy logger: safe at import time, it follows whatever ``configure`` set up last."""
+    return structlog.get_logger("exchange_listener", **context)
