@@ -1,0 +1,49 @@
+"""The watched-mailbox set: module API and the `exchange-listener mailboxes` command."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from exchange_listener import mailboxes
+
+
+def cli(redis_url: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, EXCHANGE_LISTENER_REDIS_URL=redis_url)
+    return subprocess.run([sys.executable, "-m", "exchange_listener.cli", "mailboxes", *args], env=env,
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_add_remove_list_and_version(redis_client):
+    assert mailboxes.version(redis_client) is None
+    assert mailboxes.add(redis_client, ["A@Example.com", "b@example.com"]) == ["a@example.com", "b@example.com"]
+    v1 = mailboxes.version(redis_client)
+    assert mailboxes.add(redis_client, ["a@example.com"]) == []  # already watched: no change, no version bump
+    assert mailboxes.version(redis_client) == v1
+    assert set(mailboxes.list_all(redis_client)) == {"a@example.com", "b@example.com"}
+    assert mailboxes.remove(redis_client, ["B@example.com", "nobody@example.com"]) == ["b@example.com"]
+    assert mailboxes.version(redis_client) > v1
+    assert set(mailboxes.list_all(redis_client)) == {"a@example.com"}
+
+
+def test_bad_address_changes_nothing(redis_client):
+    with pytest.raises(mailboxes.BadAddress):
+        mailboxes.add(redis_client, ["ok@example.com", "not-an-address"])
+    assert mailboxes.list_all(redis_client) == {}
+
+
+def test_command(redis_client, redis_server):
+    out = cli(redis_server.url, "add", "Zoe@Example.com", "yann@example.com")
+    assert out.returncode == 0 and "added: zoe@example.com" in out.stdout
+    assert "already watched: zoe@example.com" in cli(redis_server.url, "add", "zoe@example.com").stdout
+    listing = cli(redis_server.url, "list").stdout
+    assert "zoe@example.com" in listing and "yann@example.com" in listing
+    assert "removed: yann@example.com" in cli(redis_server.url, "remove", "yann@example.com").stdout
+    assert "yann@example.com" not in cli(redis_server.url, "list").stdout
+
+    bad = cli(redis_server.url, "add", "nope")
+    assert bad.returncode == 2 and "not an e-mail address" in bad.stderr and "Traceback" not in bad.stderr
+    assert cli(redis_server.url, "add").returncode == 2
+    assert set(mailboxes.list_all(redis_client)) == {"zoe@example.com"}
