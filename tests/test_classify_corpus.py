@@ -10,6 +10,7 @@ import csv
 import email
 import email.policy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,21 @@ def test_references_of_other_messages(entry, results):
     expected = [r for r in _expected_refs(entry) if r.endswith(">") and " " not in r]
     expected = [r for r in expected if "@" in r]
     assert [r for r in found if r in expected] == expected
+
+
+def test_bounces_carry_the_original_message_id(results):
+    """Where a bounce contains its original's Message-ID (attached message, text/rfc822-headers,
+    a copy in the text), that is the one reported; the bounce's own id never is."""
+    id_line = re.compile(rb"^[ \t>]*message-id:\s*(<[^>\r\n]+>)", re.IGNORECASE | re.MULTILINE)
+    checked = 0
+    for name, (label, full, _hdr, _nb) in results.items():
+        if full.kind != "bounce":
+            continue
+        assert full.original_message_id is None or full.original_message_id != full.message_id, name
+        found = {normalize(m.decode("latin-1")) for m in id_line.findall((CORPUS / name).read_bytes())}
+        candidates = found - {full.message_id, None}
+        if candidates:
+            checked += 1
+            assert full.original_message_id in candidates, name
+    print(f"\nbounces with an original Message-ID in the file: {checked}, all found")
+    assert checked >= 300

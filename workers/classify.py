@@ -103,7 +103,7 @@ _REPLY_SUBJECT = re.compile(r"^\s*(re|aw|sv|vs|antw|ref|rif|r|res|odp|vá|atb|yn
                             r"(\[\d+\])?\s*:", re.IGNORECASE)
 _STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 _SMTP_REPLY = re.compile(r"(?<!\d)([45])\d\d[ -](?=\D)")
-_MSGID_LINE = re.compile(r"^[\s>]*message-id\s*:\s*(\S[^\r\n]*)", re.IGNORECASE | re.MULTILINE)
+_MSGID_LINE = re.compile(r"^[ \t>]*message-id[ \t]*:\s*(<[^<>\s]+>)", re.IGNORECASE | re.MULTILINE)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _LONE_SURROGATE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
 _HTML_TAG = re.compile(r"<[^>]{0,2000}>|&nbsp;")
@@ -417,11 +417,15 @@ def _embedded_id(part: Message) -> str | None:
     ctype = _ctype(part)
     if ctype == "message/rfc822":
         payload = part.get_payload()
+        text = payload if isinstance(payload, str) else ""
         if isinstance(payload, list) and payload and isinstance(payload[0], Message):
             found = normalize(_clean(payload[0].get("message-id")))
             if found:
                 return found
-        text = payload if isinstance(payload, str) else ""
+            try:  # broken header block: the id ended up in the attached message's body
+                text = payload[0].as_string()
+            except Exception:  # noqa: BLE001 - bad mail must not crash the worker
+                text = ""
     else:
         text = _text_of(part)
     match = _MSGID_LINE.search(text[:MAX_TEXT])
@@ -447,6 +451,12 @@ def _dsn_fields(part: Message) -> list[dict[str, str]]:
     return blocks
 
 
+def _set_original(c: Classification, msgid: str | None) -> None:
+    """Record the original's Message-ID; the report's own id is never its original."""
+    if msgid and msgid != c.message_id and not c.original_message_id:
+        c.original_message_id = msgid
+
+
 def _bounce_details(c: Classification, msg: Message, parts: list[Message]) -> None:
     statuses: list[str] = []
     actions: list[str] = []
@@ -460,15 +470,15 @@ def _bounce_details(c: Classification, msg: Message, parts: list[Message]) -> No
                 if "action" in block:
                     actions.append(block["action"].strip().lower())
                 if block.get("message-id") and not c.original_message_id:
-                    c.original_message_id = normalize(block["message-id"])  # original glued on
+                    _set_original(c, normalize(block["message-id"]))  # original glued on
                 rcpt = block.get("final-recipient") or block.get("original-recipient")
                 if rcpt and block.get("action", "failed").strip().lower() != "delivered":
                     recipients.append(rcpt.split(";", 1)[-1].strip().strip("<>").lower())
         elif ctype in ("message/rfc822", "text/rfc822-headers") and not c.original_message_id:
-            c.original_message_id = _embedded_id(part)
+            _set_original(c, _embedded_id(part))
         elif part is not msg and part.get("message-id") and not c.original_message_id:
             # a broken bounce whose attached original's headers became the part's headers
-            c.original_message_id = normalize(_clean(part.get("message-id")))
+            _set_original(c, normalize(_clean(part.get("message-id"))))
     try:
         from flufl.bounce import all_failures
         temporary, permanent = all_failures(msg)
@@ -567,9 +577,9 @@ def _refine(c: Classification, hints: dict, msg: Message) -> None:
             ctype = _ctype(part)
             if ctype == "message/disposition-notification" and not c.original_message_id:
                 match = re.search(r"original-message-id\s*:\s*(\S+)", _text_of_any(part), re.IGNORECASE)
-                c.original_message_id = normalize(match.group(1)) if match else None
+                _set_original(c, normalize(match.group(1)) if match else None)
             elif ctype in ("message/rfc822", "text/rfc822-headers") and not c.original_message_id:
-                c.original_message_id = _embedded_id(part)
+                _set_original(c, _embedded_id(part))
         if c.kind == "read_receipt" and not c.original_message_id and c.references:
             c.original_message_id = c.references[0]
     elif c.kind == "auto_reply":
