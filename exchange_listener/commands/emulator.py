@@ -38,10 +38,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="warning")
 
 
+def _raise_open_file_limit() -> None:
+    """Every open stream is a socket: allow as many as the hard limit permits."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def run(args: argparse.Namespace) -> int:
     from exchange_listener.emulator.server import Options, run as serve
 
     logs.configure(args.log_level, "auto", stream=sys.stderr)
+    _raise_open_file_limit()
     options = Options(
         accounts=dict(args.account), plain_accounts=dict(args.plain_account), oauth_clients=dict(args.oauth_client),
         mailboxes=args.mailbox, heartbeat_seconds=args.heartbeat_seconds, idle_timeout=args.subscription_idle_timeout,
