@@ -1,0 +1,239 @@
+"""handle_mail in-process against the emulator (real HTTP, exchangelib) and a real redis-server."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+
+import pytest
+
+import mail_samples as mail
+from exchange_listener import config, queueing
+from exchange_listener.sources.base import NewMail
+from exchange_listener.sources.ews_fetch import FetchError
+from workers import context, jobs
+
+MAILBOX = "rep@ours.example"
+PROSPECT = "pat@prospect.example"
+COLLEAGUE = "chris@prospect.example"
+CCD = "cam@prospect.example"
+CALLED: list[dict] = []
+
+
+def record_transition(transition: dict) -> None:
+    """The callable named in settings.callback: the platform's side of option (3)."""
+    CALLED.append(transition)
+
+
+@pytest.fixture
+def ctx(redis_server, redis_client, emulator):
+    CALLED.clear()
+    settings = config.load(env={}, overrides={
+        "redis_url": redis_server.url, "ews_url": emulator.ews_url, "ews_username": "svc",
+        "ews_password": "svc-password", "callback": f"{__name__}:record_transition", "pause_days": 7})
+    current = context.configure(settings)
+    current.emulator = emulator
+    yield current
+    current.close()
+
+
+def send(ctx, enrollment: str, *, to=PROSPECT, cc=()) -> str:
+    message_id = mail.new_id("ours.example")
+    ctx.sends.record([message_id], enrollment, "seq-1", MAILBOX, to=[to], cc=list(cc))
+    return message_id
+
+
+def deliver(ctx, *raws: bytes) -> dict:
+    """Deliver to the mailbox and run one job for the new items, as the listener would enqueue it."""
+    items = [ctx.emulator.deliver(MAILBOX, raw)["item_id"] for raw in raws]
+    mails = [NewMail(MAILBOX, item_id, "inbox", time.time()) for item_id in items]
+    return jobs.handle_mail(queueing.payload(mails))
+
+
+def state(ctx, enrollment: str) -> dict:
+    return ctx.enrollments.get(enrollment)
+
+
+def test_reply_from_prospect_colleague_or_ccd_person_stops_with_reason_replied(ctx):
+    direct, via_refs, via_cc = send(ctx, "e-direct"), send(ctx, "e-refs"), send(ctx, "e-cc", cc=[CCD])
+    summary = deliver(
+        ctx,
+        mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=direct, references=direct),
+        # a colleague writing from another address; only References names our send (Exchange commas)
+        mail.reply(sender=COLLEAGUE, to=MAILBOX, in_reply_to=None, references=f"<older@x.example>, {via_refs}"),
+        mail.reply(sender=CCD, to=MAILBOX, in_reply_to=via_cc, references=via_cc),
+    )
+    assert [i["kind"] for i in summary["items"]] == ["human_reply"] * 3
+    assert summary["transitions"] == 3 and summary["unmatched"] == 0
+    for enrollment, who in (("e-direct", PROSPECT), ("e-refs", COLLEAGUE), ("e-cc", CCD)):
+        got = state(ctx, enrollment)
+        assert (got["status"], got["reason"], got["by"]) == ("stopped", "replied", who)
+        assert got["mailbox"] == MAILBOX and got["item_id"]
+    assert sorted(t["enrollment_id"] for t in CALLED) == ["e-cc", "e-direct", "e-refs"]
+    json.dumps(summary)  # the summary is what RQ stores: JSON-safe
+
+
+def test_out_of_office_pauses_until_its_return_date_and_never_stops(ctx):
+    sent = send(ctx, "e-ooo")
+    summary = deliver(ctx, mail.out_of_office(sender=PROSPECT, to=MAILBOX, in_reply_to=sent,
+                                              return_text="I will be back on 14 December 2026."))
+    assert summary["items"][0]["kind"] == "auto_reply"
+    got = state(ctx, "e-ooo")
+    assert (got["status"], got["reason"]) == ("paused", "auto_reply")
+    assert got["paused_until"].startswith("2026-12-14")
+    # a second auto-reply stating no date: a pause never turns into a stop
+    deliver(ctx, mail.out_of_office(sender=PROSPECT, to=MAILBOX, in_reply_to=sent, return_text=""))
+    assert state(ctx, "e-ooo")["status"] == "paused"
+    # the human answer after the holiday does stop it
+    deliver(ctx, mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=sent, references=sent))
+    assert (state(ctx, "e-ooo")["status"], state(ctx, "e-ooo")["reason"]) == ("stopped", "replied")
+
+
+def test_out_of_office_without_a_date_pauses_for_pause_days(ctx):
+    sent = send(ctx, "e-ooo2")
+    deliver(ctx, mail.out_of_office(sender=PROSPECT, to=MAILBOX, in_reply_to=sent, return_text=""))
+    got = state(ctx, "e-ooo2")
+    until = dt.datetime.fromisoformat(got["paused_until"].replace("Z", "+00:00"))
+    expected = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=7)
+    assert got["status"] == "paused" and abs((until - expected).total_seconds()) < 120
+
+
+def test_hard_bounce_stops_soft_bounce_and_cc_bounce_are_only_recorded(ctx):
+    hard, soft, cc_only = send(ctx, "e-hard"), send(ctx, "e-soft"), send(ctx, "e-ccb", cc=[CCD])
+    summary = deliver(
+        ctx,
+        mail.dsn(to=MAILBOX, failed=PROSPECT, original_id=hard),
+        mail.dsn(to=MAILBOX, failed=PROSPECT, original_id=soft, status="4.2.2", action="delayed"),
+        mail.dsn(to=MAILBOX, failed=CCD, original_id=cc_only),
+    )
+    assert [(i["kind"], i.get("bounce_type")) for i in summary["items"]] == [
+        ("bounce", "hard"), ("bounce", "soft"), ("bounce", "hard")]
+    assert (state(ctx, "e-hard")["status"], state(ctx, "e-hard")["reason"]) == ("stopped", "bounced")
+    assert state(ctx, "e-soft")["status"] == "active"
+    assert state(ctx, "e-ccb")["status"] == "active"
+    observed = [json.loads(f[b"data"]) for _id, f in ctx.redis.xrange(jobs.OBSERVED_KEY)]
+    assert {(o["enrollment_id"], o["kind"]) for o in observed} == {("e-soft", "soft_bounce"), ("e-ccb", "bounce_of_cc")}
+
+
+def test_receipt_and_unrelated_mail_leave_state_alone_complaint_stops(ctx):
+    sent, spam = send(ctx, "e-rr"), send(ctx, "e-spam")
+    summary = deliver(ctx, mail.read_receipt(sender=PROSPECT, to=MAILBOX, original_id=sent),
+                      mail.unrelated(to=MAILBOX), mail.complaint(to=MAILBOX, original_id=spam))
+    kinds = [i["kind"] for i in summary["items"]]
+    assert kinds[0] == "read_receipt" and kinds[2] == "complaint"
+    assert summary["items"][1]["matched"] == [] and summary["unmatched"] == 1
+    got = state(ctx, "e-rr")
+    assert (got["status"], got["version"]) == ("active", 0)
+    assert (state(ctx, "e-spam")["status"], state(ctx, "e-spam")["reason"]) == ("stopped", "complaint")
+    assert [t["enrollment_id"] for t in CALLED] == ["e-spam"]
+
+
+def test_the_same_mail_twice_makes_one_transition(ctx):
+    sent = send(ctx, "e-dup")
+    raw = mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=sent, references=sent)
+    first = deliver(ctx, raw, raw)  # two items, one job
+    second = deliver(ctx, raw)  # and again later, as a new item
+    again = jobs.handle_mail(queueing.payload([NewMail(MAILBOX, first["items"][0]["item_id"], "inbox", 0.0)]))  # replay
+    assert first["transitions"] == 1 and second["transitions"] == 0 and again["transitions"] == 0
+    assert len(ctx.enrollments.history("e-dup")) == 1
+    assert len(CALLED) == 1
+
+
+def test_domain_policy_stops_every_enrollment_sent_to_the_domain(ctx):
+    sent = send(ctx, "e-a")
+    send(ctx, "e-b", to="blair@prospect.example")
+    send(ctx, "e-free", to="someone@gmail.com")
+    deliver(ctx, mail.reply(sender=COLLEAGUE, to=MAILBOX, in_reply_to=sent, references=sent))
+    assert state(ctx, "e-b")["status"] == "active"  # policy off by default
+
+    send(ctx, "e-c", to="casey@prospect.example")
+    sent2 = send(ctx, "e-d", to="dana@prospect.example")
+    context.configure(ctx.settings.replace(stop_whole_domain=True)).emulator = ctx.emulator
+    deliver(ctx, mail.reply(sender=COLLEAGUE, to=MAILBOX, in_reply_to=sent2, references=sent2))
+    current = context.get()
+    assert current.enrollments.get("e-d")["reason"] == "replied"
+    assert (current.enrollments.get("e-c")["status"], current.enrollments.get("e-c")["reason"]) == ("stopped", "domain_replied")
+    assert current.enrollments.get("e-b")["status"] == "stopped"
+    assert current.enrollments.get("e-free")["status"] == "active"
+
+
+def test_mail_from_the_mailbox_itself_or_a_copy_of_our_send_is_skipped(ctx):
+    sent = send(ctx, "e-own")
+    own = mail.reply(sender=MAILBOX, to=PROSPECT, in_reply_to=sent, references=sent)
+    copy = mail.reply(sender="assistant@ours.example", to=PROSPECT, in_reply_to=None, references=None,
+                      subject="Quick question about your pipeline", message_id=sent)
+    summary = deliver(ctx, own, copy)
+    assert [i.get("skipped") for i in summary["items"]] == ["sent by the mailbox itself", "a copy of one of our sends"]
+    assert state(ctx, "e-own")["status"] == "active"
+
+
+def test_gone_items_are_skipped_and_the_others_processed(ctx):
+    sent = send(ctx, "e-gone")
+    item_id = ctx.emulator.deliver(MAILBOX, mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=sent,
+                                                       references=sent))["item_id"]
+    mails = [NewMail(MAILBOX, "AAMkAGdvbmU=", "inbox", 0.0), NewMail(MAILBOX, item_id, "inbox", 0.0)]
+    summary = jobs.handle_mail(queueing.payload(mails))
+    assert summary["gone"] == 1 and summary["transitions"] == 1
+
+
+@pytest.mark.parametrize("payload, message", [
+    (None, "object"),
+    ({"mailbox": "not-an-address", "mails": [{"item_id": "x"}]}, "mailbox"),
+    ({"mailbox": MAILBOX, "mails": []}, "non-empty list"),
+    ({"mailbox": MAILBOX, "mails": [{"item_id": ""}]}, "item_id"),
+    ({"mailbox": MAILBOX, "mails": [{"item_id": "x", "mailbox": "other@ours.example"}]}, "another mailbox"),
+    ({"mailbox": MAILBOX, "source": "imap", "mails": [{"item_id": "x"}]}, "unknown mail source"),
+])
+def test_a_bad_payload_fails_with_a_clear_error(ctx, payload, message):
+    with pytest.raises(ValueError, match=message):
+        jobs.handle_mail(payload)
+
+
+def test_exchange_trouble_fails_the_job_for_rq_to_retry(ctx):
+    sent = send(ctx, "e-busy")
+    item_id = ctx.emulator.deliver(MAILBOX, mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=sent,
+                                                       references=sent))["item_id"]
+    payload = queueing.payload([NewMail(MAILBOX, item_id, "inbox", 0.0)])
+    ctx.emulator.fault(kind="server_busy", count=1, back_off_ms=10)
+    with pytest.raises(FetchError):
+        jobs.handle_mail(payload)
+    assert state(ctx, "e-busy")["status"] == "active"
+    assert jobs.handle_mail(payload)["transitions"] == 1  # the retry
+
+
+def test_hostile_input_never_crashes_the_job(ctx):
+    sent = send(ctx, "e-hostile")
+    broken_mime = (b"From: x@prospect.example\r\nTo: rep@ours.example\r\nSubject: Re: hi\r\n"
+                   b"Message-ID: <broken@prospect.example>\r\nIn-Reply-To: <nothing@ours.example>\r\n"
+                   b"Content-Type: multipart/report; report-type=delivery-status; boundary=\"nope\r\n\r\n"
+                   b"--nope\r\nContent-Type: message/delivery-status\r\n\r\nStatus: 5.\xff\xfe\r\n")
+    latin1_body = (b"From: Rene <latin@prospect.example>\r\nTo: rep@ours.example\r\nSubject: Re: cafe\r\n"
+                   b"Message-ID: <latin1@prospect.example>\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+                   b"Merci, caf\xe9 cr\xe8me \xff\xfe\r\n")
+    no_message_id = mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=None, references=None)
+    no_message_id = b"\r\n".join(l for l in no_message_id.split(b"\r\n") if not l.startswith(b"Message-ID:"))
+    injection = mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to="<x@y.example>\r\nBcc: victim@x.example",
+                           references=None, subject="Re: hi\r\nX-Injected: yes")
+    many = " ".join(f"<id{n}@thread.example>" for n in range(10_000))
+    huge_refs = mail.reply(sender=COLLEAGUE, to=MAILBOX, in_reply_to=None, references=f"{sent} {many}")
+    summary = deliver(ctx, broken_mime, latin1_body, no_message_id, injection, huge_refs)
+    assert len(summary["items"]) == 5
+    assert all(i["kind"] in ("human_reply", "auto_reply", "bounce", "read_receipt", "complaint", "other")
+               for i in summary["items"])
+    assert state(ctx, "e-hostile")["status"] == "stopped"  # the 10,000-id References still matched
+
+
+def test_an_item_the_server_cannot_return_does_not_hold_the_others_back(ctx):
+    """8-bit bytes in headers: whatever the server makes of them, the job's other items are
+    processed, and the job either completes or fails naming the item (RQ retries, then lists it)."""
+    sent = send(ctx, "e-8bit")
+    eight_bit = (b"From: \xe9\xe8 <latin@prospect.example>\r\nTo: rep@ours.example\r\nSubject: Re: caf\xe9\r\n"
+                 b"Message-ID: <latin2@prospect.example>\r\n\r\nbody\r\n")
+    good = mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=sent, references=sent)
+    try:
+        summary = deliver(ctx, eight_bit, good)
+    except jobs.ItemsFailed as exc:
+        assert "1 of 2 item(s) failed" in str(exc)
+    else:
+        assert len(summary["items"]) == 2
+    assert state(ctx, "e-8bit")["status"] == "stopped"

@@ -1,0 +1,110 @@
+"""What a job needs from its process: settings, Redis, the stores and a fetcher per mail source.
+
+Built lazily on first use and once per process: a job running in a worker reuses the Redis
+pool, the stores and the fetcher's HTTP sessions of the previous job. After a fork the child
+starts from nothing (``os.register_at_fork``), so no socket or exchangelib session is shared
+between processes.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+
+from exchange_listener import config, redis_conn
+from exchange_listener.config import Settings
+
+# source name (the job payload's "source") -> "module:Class" of its MailFetcher
+FETCHERS = {"ews": "exchange_listener.sources.ews_fetch:EwsFetcher"}
+
+
+class Context:
+    """Per-process resources for jobs; every attribute is created on first access."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._redis = None
+        self._sends = None
+        self._enrollments = None
+        self._notifier = None
+        self._fetchers: dict[str, object] = {}
+
+    @property
+    def redis(self):
+        if self._redis is None:
+            self._redis = redis_conn.connect(self.settings.redis_url)
+        return self._redis
+
+    @property
+    def sends(self):
+        if self._sends is None:
+            from workers.sends import SendRegistry
+
+            self._sends = SendRegistry(self.redis, retention_days=self.settings.retention_days)
+        return self._sends
+
+    @property
+    def enrollments(self):
+        if self._enrollments is None:
+            from workers.enrollments import EnrollmentStore
+
+            self._enrollments = EnrollmentStore(self.redis, retention_days=self.settings.retention_days,
+                                                pause_days=self.settings.pause_days)
+        return self._enrollments
+
+    @property
+    def notifier(self):
+        if self._notifier is None:
+            from workers.notify import Notifier
+
+            self._notifier = Notifier.from_settings(self.redis, self.settings)
+        return self._notifier
+
+    def fetcher(self, source: str):
+        """The MailFetcher for ``source`` (``ValueError`` for a source nobody implements)."""
+        with self._lock:
+            fetcher = self._fetchers.get(source)
+            if fetcher is None:
+                if source not in FETCHERS:
+                    raise ValueError(f"unknown mail source {source!r} (known: {', '.join(sorted(FETCHERS))})")
+                module, _, name = FETCHERS[source].partition(":")
+                fetcher = getattr(importlib.import_module(module), name)(self.settings)
+                self._fetchers[source] = fetcher
+            return fetcher
+
+    def close(self) -> None:
+        for fetcher in self._fetchers.values():
+            fetcher.close()
+        self._fetchers.clear()
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+
+
+_current: Context | None = None
+
+
+def configure(settings: Settings) -> Context:
+    """Use ``settings`` for jobs in this process (the worker calls this with its --config)."""
+    global _current
+    if _current is not None:
+        _current.close()
+    _current = Context(settings)
+    return _current
+
+
+def get() -> Context:
+    """The process's context; loads settings from $EXCHANGE_LISTENER_CONFIG / env on first use."""
+    if _current is None:
+        return configure(config.load())
+    return _current
+
+
+def _forget_after_fork() -> None:
+    global _current
+    if _current is not None:  # keep the settings; the parent's sockets and sessions stay the parent's
+        _current = Context(_current.settings)
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
