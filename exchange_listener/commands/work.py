@@ -1,0 +1,17 @@
+"""``exchange-listener work [--config FILE] [--burst] [--name NAME]``: run one RQ worker."""
+from __future__ import annotations
+
+from exchange_listener.commands import add_config_argument, load_settings
+
+
+def add_arguments(parser) -> None:
+    add_config_argument(parser)
+    parser.add_argument("--burst", action="store_true", help="process what is queued, then exit (tests, benchmarks)")
+    parser.add_argument("--name", help="worker name shown in status (default: host-pid)")
+
+
+def run(args) -> int:
+    settings = load_settings(args)
+    from workers import worker  # imported here: only this command pays for rq and exchangelib
+
+    return worker.run(settings, burst=args.burst, name=args.name)

@@ -1,0 +1,181 @@
+"""The RQ worker that runs ``workers.jobs.handle_mail``: one queue, JSON jobs, jobs in-process.
+
+Why in-process (a ``SimpleWorker`` subclass) rather than RQ's fork-per-job ``Worker``: a job is
+a few Redis commands and one or two HTTP round trips, so forking costs more than the job
+(roughly 3x the throughput here), and a forked horse starts with cold exchangelib sessions and
+Redis connections every time. In-process, the HTTP sessions and the Redis pool live as long as
+the worker. What forking gave is kept:
+
+- ``job_timeout`` is still enforced: RQ's SIGALRM death penalty works in the main thread;
+- liveness is still visible: a heartbeat thread renews the worker key and the job's entry in
+  the StartedJobRegistry every ``worker_ttl / 3`` seconds while a job runs. RQ's
+  ``SimpleWorker`` would instead register the job for ``job_timeout + 60`` seconds once, so a
+  killed worker's job would wait that long (plus up to 10 minutes of maintenance interval)
+  before anyone took it back.
+
+How a kill -9'd worker's job runs again: its StartedJobRegistry entry stops being renewed and
+expires ``worker_ttl`` seconds after the last beat; any live worker's maintenance (every
+``maintenance_interval`` = ``worker_ttl`` seconds, checked between dequeues that block at most
+``worker_ttl - 15`` seconds) finds it, and RQ retries it (the job has ``Retry``) through the
+scheduler. With the default ``worker_ttl`` of 30 s that is under about 90 s.
+
+The scheduler (retries with backoff) runs in a process RQ forks from the worker; ours stops
+when its parent is gone, so a killed worker leaves no orphan holding the scheduler lock. The
+notification outbox is drained after each job with transitions and on a timer.
+SIGTERM is RQ's warm shutdown (finish the job, take no new one); a second SIGTERM is cold.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import redis
+from rq import SimpleWorker
+from rq.job import Job
+from rq.queue import Queue
+from rq.scheduler import RQScheduler
+from rq.serializers import JSONSerializer
+from rq.worker import WorkerStatus
+
+from exchange_listener import logs, metrics, redis_conn
+from exchange_listener.config import Settings
+from workers import context
+
+NOTIFY_INTERVAL = 5.0  # seconds between background drains of the notification outbox
+
+log = logs.get_logger(component="worker")
+
+
+class ParentBoundScheduler(RQScheduler):
+    """RQ's scheduler process, which also stops (releasing its lock) once its worker has died."""
+
+    def start(self):
+        self._parent_pid = os.getpid()
+        return super().start()
+
+    def heartbeat(self):
+        if getattr(self, "_parent_pid", None) and os.getppid() != self._parent_pid:
+            self.log.warning("Scheduler: worker %s is gone, stopping", self._parent_pid)
+            self._stop_requested = True
+            return
+        super().heartbeat()
+
+
+class _JobHeartbeat(threading.Thread):
+    """Renews the worker's and the running job's liveness while the job runs in the main thread."""
+
+    def __init__(self, worker: "MailWorker", job: Job):
+        super().__init__(name="job-heartbeat", daemon=True)
+        self.worker, self.job, self.done = worker, job, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.worker.job_monitoring_interval):
+            try:
+                self.worker.maintain_heartbeats(self.job)
+            except redis.exceptions.RedisError as exc:  # next beat may succeed; the job goes on
+                log.warning("job heartbeat failed", job_id=self.job.id, error=f"{type(exc).__name__}: {exc}")
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(timeout=5)
+
+
+class MailWorker(SimpleWorker):
+    """SimpleWorker with short, renewed heartbeats (see the module docstring)."""
+
+    def get_heartbeat_ttl(self, job: Job) -> int:
+        return self.worker_ttl
+
+    def execute_job(self, job: Job, queue: Queue):
+        self.prepare_execution(job)
+        beat = _JobHeartbeat(self, job)
+        beat.start()
+        try:
+            self.perform_job(job, queue)
+        finally:
+            beat.stop()
+        self.set_state(WorkerStatus.IDLE)
+
+    def _start_scheduler(self, burst=False, logging_level="INFO", date_format=None, log_format=None):
+        self.scheduler = ParentBoundScheduler(self.queues, connection=self.connection, serializer=self.serializer,
+                                              logging_level=logging_level or "INFO")
+        self.scheduler.acquire_locks()
+        if self.scheduler.acquired_locks:
+            if burst:
+                try:
+                    self.scheduler.register_birth()
+                    self.scheduler.enqueue_scheduled_jobs()
+                finally:
+                    self.scheduler.release_locks()
+                    self.scheduler.register_death()
+            else:
+                self.scheduler.start()
+
+    def register_birth(self):
+        """Take over the name of a dead worker of this host (a restart after kill -9) at once."""
+        data = self.connection.hgetall(self.key)
+        if data and b"death" not in data and data.get(b"hostname", b"").decode() == self.hostname:
+            try:
+                pid = int(data.get(b"pid", b"0"))
+            except ValueError:
+                pid = 0
+            if pid == os.getpid() or not _alive(pid):
+                log.warning("previous worker with this name is dead; taking over", worker=self.name, old_pid=pid)
+                self.connection.hset(self.key, "death", "taken-over")
+        super().register_birth()
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def make_worker(settings: Settings, connection: redis.Redis | None = None, name: str | None = None) -> MailWorker:
+    connection = connection or redis_conn.connect(settings.redis_url, socket_timeout=None)
+    ttl = settings.worker_ttl
+    return MailWorker(
+        [settings.queue_name],
+        name=name or f"{socket.gethostname()}-{os.getpid()}",
+        connection=connection,
+        serializer=JSONSerializer,
+        worker_ttl=ttl,
+        maintenance_interval=ttl,
+        job_monitoring_interval=max(1, ttl // 3),
+    )
+
+
+def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> int:
+    """Run a worker until SIGTERM (or, with ``burst``, until the queue is empty)."""
+    ctx = context.configure(settings)
+    metrics.serve(settings.metrics_port)
+    worker = make_worker(settings, name=name)
+    log.info("worker starting", worker=worker.name, queue=settings.queue_name, burst=burst,
+             worker_ttl=settings.worker_ttl, job_timeout=settings.job_timeout)
+    timer = None
+    try:
+        ctx.notifier.drain()  # whatever a previous worker left behind
+        timer = ctx.notifier.start_timer(NOTIFY_INTERVAL)
+    except redis.exceptions.RedisError as exc:
+        log.warning("notification drain failed at start; the timer retries", error=f"{type(exc).__name__}: {exc}")
+        timer = timer or ctx.notifier.start_timer(NOTIFY_INTERVAL)
+    try:
+        worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level.upper())
+    finally:
+        if timer is not None:
+            timer.stop()
+        if burst:
+            try:
+                ctx.notifier.drain()
+            except redis.exceptions.RedisError:
+                pass
+        ctx.close()
+    log.info("worker stopped", worker=worker.name)
+    return 0
