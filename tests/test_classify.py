@@ -197,9 +197,13 @@ def test_unparseable_input_raises_one_clear_type():
     assert classify_message(b"\x00\x01\x02 garbage without headers").kind == "other"
 
 
-def test_accepts_a_parsed_message():
-    msg = email.message_from_bytes(_raw("gmail-reply.eml"), policy=email.policy.default)
-    assert classify_message(msg).kind == "human_reply"
+@pytest.mark.parametrize("policy", [email.policy.default, email.policy.compat32])
+def test_accepts_a_parsed_message(policy):
+    for name, expected in EXPECTED.items():
+        result = classify_message(email.message_from_bytes(_raw(name), policy=policy))
+        assert result.kind == expected["kind"], name
+        assert result.references == expected["references"], name
+        assert result.original_message_id == expected.get("original_message_id"), name
 
 
 @given(st.binary(max_size=3000))

@@ -197,8 +197,7 @@ def _from_headers(h: _Headers) -> tuple[Classification, dict]:
     return_path = h.get("return-path")
     null_return = return_path is not None and return_path.strip() in ("<>", "")
 
-    hints = {"report": ctype == "multipart/report", "suspect_bounce": False,
-             "ooo": False, "subject": subject}
+    hints = {"report": ctype == "multipart/report", "suspect_bounce": False}
     # Reports say what they are in their Content-Type.
     if ctype == "multipart/report" and report_type == "delivery-status":
         c.kind = "bounce"
@@ -218,8 +217,7 @@ def _from_headers(h: _Headers) -> tuple[Classification, dict]:
         c.reasons.append("x-failed-recipients")
     raw_from = h.get("from") or ""
     bounce_sender = bool(_BOUNCE_SENDERS.match(local)) or bool(_BOUNCE_SENDER_NAMES.search(name)) \
-        or bool(re.search(r"mailer-daemon|post_?master@|<>", raw_from, re.IGNORECASE)) \
-        or (h.has("from") and not addr)
+        or bool(re.search(r"mailer-daemon|post_?master@|<>", raw_from, re.IGNORECASE))
     if bounce_sender:
         c.reasons.append("bounce sender")
     if null_return:
@@ -251,7 +249,6 @@ def _from_headers(h: _Headers) -> tuple[Classification, dict]:
     if auto:
         c.kind = "auto_reply"
         c.reasons.extend(auto)
-        hints["ooo"] = True
         return c, hints
     if c.references:
         c.kind = "human_reply"
@@ -557,7 +554,7 @@ def _refine(c: Classification, hints: dict, msg: Message) -> None:
     types = {_ctype(p) for p in parts}
     if c.kind in ("other", "human_reply", "auto_reply"):
         if types & {"message/delivery-status", "message/global-delivery-status"}:
-            c.kind, c.references = "bounce", c.references
+            c.kind = "bounce"
             c.reasons.append("message/delivery-status part")
         elif "message/disposition-notification" in types:
             c.kind = "read_receipt"
