@@ -39,16 +39,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import redis  # noqa: E402
-from rq import Worker  # noqa: E402
-from rq.job import Job  # noqa: E402
-from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry  # noqa: E402
-from rq.serializers import JSONSerializer  # noqa: E402
+import redis
+from rq import Worker
+from rq.job import Job
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
 
-from exchange_listener.local_services import Emulator, RedisServer  # noqa: E402
-from exchange_listener.queueing import make_queue  # noqa: E402
-from workers.enrollments import STREAM_KEY, EnrollmentStore  # noqa: E402
-from workers.sends import SendRegistry  # noqa: E402
+from exchange_listener.local_services import Emulator, RedisServer
+from exchange_listener.queueing import make_queue
+from workers.enrollments import STREAM_KEY, EnrollmentStore
+from workers.sends import SendRegistry
 
 SERVICE_ACCOUNT = ("svc", "svc-password")
 EMULATOR_FAULTS = ("reset_streams", "stall_streams", "expire_subscriptions", "server_busy", "http_503", "restart")
@@ -75,7 +75,7 @@ def _headers(pairs: list[tuple[str, str]]) -> str:
 
 
 def _date() -> str:
-    return format_datetime(dt.datetime.now(dt.timezone.utc))
+    return format_datetime(dt.datetime.now(dt.UTC))
 
 
 def human_reply(mailbox: str, sender: str, send_id: str, *, references_only: bool = False, cc: str | None = None,
@@ -113,8 +113,8 @@ def out_of_office(mailbox: str, sender: str, send_id: str, return_date: dt.date 
 def bounce(mailbox: str, recipient: str, send_id: str, *, hard: bool, subject: str = "Quick question") -> bytes:
     """A Postfix-style DSN (multipart/report) carrying the original headers."""
     boundary = uuid.uuid4().hex
-    status, action, diag = (("5.1.1", "failed", "550 5.1.1 <%s>: Recipient address rejected: User unknown" % recipient)
-                            if hard else ("4.2.2", "delayed", "452 4.2.2 <%s>: Mailbox full" % recipient))
+    status, action, diag = (("5.1.1", "failed", f"550 5.1.1 <{recipient}>: Recipient address rejected: User unknown")
+                            if hard else ("4.2.2", "delayed", f"452 4.2.2 <{recipient}>: Mailbox full"))
     headline = "Undelivered Mail Returned to Sender" if hard else "Delayed Mail (still being retried)"
     pairs = [("From", "MAILER-DAEMON@mx.mail.example (Mail Delivery System)"), ("To", mailbox),
              ("Subject", headline), ("Date", _date()), ("Message-ID", _message_id("mx.mail.example")),
@@ -172,7 +172,7 @@ class Proc:
         self.log_path = os.path.join(log_dir, f"{name}.log")
         self.popen: subprocess.Popen | None = None
 
-    def start(self) -> "Proc":
+    def start(self) -> Proc:
         log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(self.args, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True)
@@ -231,6 +231,16 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "exchange_listener.cli", *args]
 
 
+def baseline_commands(mailboxes: list[str], log_dir: str) -> dict:
+    """``Stack`` arguments that run the afternoon baseline (``bench/baseline.py``) instead of ours."""
+    path = os.path.join(log_dir, "baseline-mailboxes.txt")
+    with open(path, "w") as fh:
+        fh.write("\n".join(mailboxes) + "\n")
+    script = os.path.join(ROOT, "bench", "baseline.py")
+    return {"listener_cmd": [sys.executable, script, "listen", "--mailboxes", path],
+            "worker_cmd": [sys.executable, script, "work"]}
+
+
 class Stack:
     """Emulator + redis-server (AOF) + listener and worker processes, all on free ports.
 
@@ -272,7 +282,7 @@ class Stack:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.path.join(ROOT, "bench"), env.get("PYTHONPATH")) if p)
         return env
 
-    def start_services(self) -> "Stack":
+    def start_services(self) -> Stack:
         self.redis_server.start()
         self.emulator.start()
         self.redis = redis.Redis.from_url(self.redis_server.url, socket_connect_timeout=2, socket_timeout=10)
@@ -284,7 +294,7 @@ class Stack:
             subprocess.run(cli("mailboxes", "add", *mailboxes[start:start + 500]), env=self.env(), cwd=ROOT,
                            check=True, stdout=subprocess.DEVNULL, timeout=120)
 
-    def start_processes(self) -> "Stack":
+    def start_processes(self) -> Stack:
         env = self.env()
         self.listeners = [Proc(f"listener-{i}", self.listener_cmd, env, self.log_dir).start() for i in range(self.n_listeners)]
         self.workers = [Proc(f"worker-{i}", self.worker_cmd, env, self.log_dir).start() for i in range(self.n_workers)]
@@ -440,7 +450,7 @@ class Delivery:
     kind: str
     enrollment: Enrollment | None
     raw: bytes | None = None
-    duplicate_of: "Delivery | None" = None
+    duplicate_of: Delivery | None = None
     item_id: str | None = None
     sent_at: float | None = None
 
@@ -500,18 +510,47 @@ def make_plan(mailboxes: list[str], deliveries: int, rng: random.Random) -> tupl
 
 def record_sends(registry: SendRegistry, enrollments: list[Enrollment]) -> None:
     for e in enrollments:
-        registry.record(e.send_ids, e.id, f"seq-{int(e.id[-6:]) % 7}", e.mailbox, [e.prospect], cc=[e.cc])
+        registry.record(e.send_ids, e.id, f"seq-{len(e.id) % 7}", e.mailbox, [e.prospect], cc=[e.cc])
+
+
+def warm_up(stack: Stack, replies: list[Enrollment], timeout: float = 60.0) -> float:
+    """Answer one send per mailbox and wait for all those stops: then every mailbox is streamed
+    and the workers are warm. Returns the seconds it took; raises if not ready in ``timeout``.
+
+    Mail that arrives before a mailbox's first subscription may predate its first sync state,
+    so a reply not acted on within a few seconds is sent again (as a new mail)."""
+    t0 = time.monotonic()
+    store = EnrollmentStore(stack.redis)
+    deliverer = Deliverer(stack.emulator)
+    pending = {e.id: e for e in replies}
+    last_sent = 0.0
+    while pending and time.monotonic() - t0 < timeout:
+        if time.monotonic() - last_sent > 4.0:
+            for e in pending.values():
+                e.delivered.append("reply")
+                deliverer.deliver(e.mailbox, human_reply(e.mailbox, e.prospect, e.send_ids[0]))
+            last_sent = time.monotonic()
+        time.sleep(0.3)
+        states = retrying(lambda: store.get_many(list(pending)))
+        for eid, state in zip(list(pending), states):
+            if state and state["status"] == "stopped":
+                pending.pop(eid)
+    if pending:
+        raise RuntimeError(f"stack not ready after {timeout:.0f}s: {len(pending)} warm-up replies not processed "
+                           f"(logs in {stack.log_dir})")
+    return time.monotonic() - t0
 
 
 # --- the drill --------------------------------------------------------------------------------
 
 class Drill:
-    def __init__(self, size: str, seed: int, log_dir: str):
+    def __init__(self, size: str, seed: int, log_dir: str, plumbing: str = "ours"):
         self.cfg = SIZES[size]
         self.size = size
         self.rng = random.Random(seed)
         self.mailboxes = [f"rep{i:04d}@sales.example" for i in range(self.cfg["mailboxes"])]
-        self.stack = Stack(self.mailboxes, listeners=2, workers=2, log_dir=log_dir, settings={
+        commands = baseline_commands(self.mailboxes, log_dir) if plumbing == "baseline" else {}
+        self.stack = Stack(self.mailboxes, listeners=2, workers=2, log_dir=log_dir, **commands, settings={
             "queue_name": "drill", "lease_seconds": self.cfg["lease"], "worker_ttl": 10, "job_timeout": 30,
             "job_retries": 8,
         })
@@ -547,31 +586,9 @@ class Drill:
         self.stack.start_processes()
 
     def wait_ready(self, timeout: float = 60.0) -> float:
-        """Deliver one reply per mailbox and wait for all their stops: every mailbox is streamed."""
-        t0 = time.monotonic()
         warm = self.probe_enrollments(len(self.mailboxes))
         record_sends(SendRegistry(self.stack.redis), warm)
-        store = EnrollmentStore(self.stack.redis)
-        deliverer = Deliverer(self.stack.emulator)
-        pending = {e.id: e for e in warm}
-        # Mail that arrives before a mailbox's first subscription may predate its first sync
-        # state, so a reply not acted on within a few seconds is sent again (a new mail).
-        last_sent = 0.0
-        while pending and time.monotonic() - t0 < timeout:
-            if time.monotonic() - last_sent > 4.0:
-                for e in pending.values():
-                    e.delivered.append("reply")
-                    deliverer.deliver(e.mailbox, human_reply(e.mailbox, e.prospect, e.send_ids[0]))
-                last_sent = time.monotonic()
-            time.sleep(0.3)
-            states = retrying(lambda: store.get_many(list(pending)))
-            for eid, state in zip(list(pending), states):
-                if state and state["status"] == "stopped":
-                    pending.pop(eid)
-        if pending:
-            raise RuntimeError(f"stack not ready after {timeout:.0f}s: {len(pending)} warm-up replies not processed "
-                               f"(logs in {self.stack.log_dir})")
-        return time.monotonic() - t0
+        return warm_up(self.stack, warm, timeout)
 
     # -- deliveries ----------------------------------------------------------------------------
     def deliver_all(self, stop: threading.Event) -> None:
@@ -764,6 +781,9 @@ class Drill:
                                 wrong.append({"enrollment": e.id, "want_until": f"today+{PAUSE_DAYS}d", "got_until": until})
                 elif pauses:
                     wrong.append({"enrollment": e.id, "scenario": e.scenario, "unexpected": "paused"})
+        expected = collections.Counter(self._expected_status(e) for e in everyone)
+        observed = collections.Counter(f"{data['status']}:{data['reason']}" for entries in times.values()
+                                       for _, data in entries)
         strangers = sorted(set(times) - known)
         for eid in strangers:
             false_stops.append({"enrollment": eid, "note": "transition on an enrollment the drill never made"})
@@ -778,7 +798,7 @@ class Drill:
             if fault.get("job_id"):
                 job = Job.fetch_many([fault["job_id"]], connection=client, serializer=JSONSerializer)[0]
                 if job is not None and job.ended_at:
-                    ends.append(job.ended_at.replace(tzinfo=dt.timezone.utc).timestamp() - fault["at"])
+                    ends.append(job.ended_at.replace(tzinfo=dt.UTC).timestamp() - fault["at"])
                 fault["job_status"] = job.get_status() if job is not None else "expired"
             fault["recovery_s"] = round(max(ends), 2) if ends else None
             recoveries.append(fault["recovery_s"] or 0.0)
@@ -795,6 +815,7 @@ class Drill:
         return {
             "lost": len(lost), "duplicated": len(duplicated), "false_stops": len(false_stops), "wrong": len(wrong),
             "unexplained": unexplained, "backlog": backlog, "failed_jobs": failed,
+            "expected_final": dict(sorted(expected.items())), "transitions": dict(sorted(observed.items())),
             "max_recovery_s": round(max(recoveries), 2) if recoveries else None,
             "replies_by_kind": dict(sorted(by_kind.items())),
             "details": {"lost": lost[:10], "duplicated": duplicated[:10], "false_stops": false_stops[:10],
@@ -832,6 +853,7 @@ class Drill:
             "mailboxes": len(self.mailboxes),
             **{k: result[k] for k in ("lost", "duplicated", "false_stops", "wrong", "unexplained", "max_recovery_s")},
             "backlog": result["backlog"],
+            "expected_final": result["expected_final"], "transitions": result["transitions"],
             "replies_by_kind": result["replies_by_kind"],
             "ready_s": round(ready_s, 1), "delivery_s": round(delivered_s, 1), "settle_s": round(settle_s, 1),
             "total_s": round(time.monotonic() - t_start, 1),
@@ -855,25 +877,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: time-based; printed)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the process logs directory")
+    parser.add_argument("--plumbing", choices=["ours", "baseline"], default="ours",
+                        help="baseline: run the same drill against bench/baseline.py (to see what it catches)")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else int(time.time())
     log_dir = tempfile.mkdtemp(prefix=f"el-chaos-{args.size}-")
-    drill = Drill(args.size, seed, log_dir)
+    drill = Drill(args.size, seed, log_dir, args.plumbing)
     report: dict
     try:
         report = drill.run()
     except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
         report = {"size": args.size, "error": f"{type(exc).__name__}: {exc}", "injected": len(drill.faults),
                   "faults": dict(collections.Counter(f["kind"] for f in drill.faults)), "lost": None,
                   "duplicated": None, "false_stops": None, "max_recovery_s": None, "logs": log_dir}
     finally:
         drill.stack.stop()
     report["seed"] = seed
+    report["plumbing"] = args.plumbing
     ok = "error" not in report and passed(report)
     report["passed"] = ok
     os.makedirs(os.path.join(ROOT, "bench-results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench-results", f"chaos-{args.size}.json"), "w") as fh:
-        json.dump(report, fh, indent=2)
+    with open(os.path.join(ROOT, "bench-results", f"chaos-{args.size}{'-baseline' if args.plumbing == 'baseline' else ''}.json"), "w") as fh:
+        json.dump(report, fh, indent=2, default=str)
     summary = {k: report.get(k) for k in ("size", "replies", "injected", "lost", "duplicated", "false_stops", "wrong",
                                           "unexplained", "max_recovery_s", "total_s")}
     print("chaos drill: " + ", ".join(f"{k}={v}" for k, v in summary.items()), file=sys.stderr)

@@ -1,0 +1,33 @@
+"""The small chaos drill, as CI runs it: real emulator, redis-server (AOF), two listener and two
+worker processes, every fault injected; the ground truth must hold exactly."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAULT_KINDS = ("reset_streams", "stall_streams", "expire_subscriptions", "server_busy", "http_503", "restart",
+               "kill_listener", "kill_worker", "restart_redis")
+
+
+def test_small_drill_loses_nothing_and_stops_each_enrollment_once():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_LISTENER_")}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "chaos.py"), "--size", "small"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=420, check=False)
+    lines = proc.stdout.strip().splitlines()
+    assert lines, f"no report; stderr:\n{proc.stderr[-3000:]}"
+    report = json.loads(lines[-1])
+    assert "error" not in report, f"drill crashed: {report['error']}\n{proc.stderr[-3000:]}"
+    summary = {k: report[k] for k in ("lost", "duplicated", "false_stops", "wrong", "unexplained")}
+    assert summary == {"lost": 0, "duplicated": 0, "false_stops": 0, "wrong": 0, "unexplained": 0}, report
+    assert all(report["faults"][kind] >= 1 for kind in FAULT_KINDS), report["faults"]
+    assert report["injected"] >= len(FAULT_KINDS)
+    assert report["replies"] >= 500
+    # the drill really made the transitions it expected, not just "nothing went wrong"
+    assert report["transitions"].get("stopped:replied", 0) >= report["expected_final"]["stopped"] * 0.5
+    assert report["transitions"].get("stopped:bounced", 0) > 0
+    assert any(key.startswith("paused:") for key in report["transitions"])
+    assert report["max_recovery_s"] is not None
+    assert proc.returncode == 0, report
