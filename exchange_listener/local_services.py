@@ -5,6 +5,7 @@ same port, so a test can take Redis away and bring it back. Nothing here is a fa
 """
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import signal
@@ -12,7 +13,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 import urllib.request
 
 
@@ -105,14 +108,17 @@ class Emulator:
     """The EWS emulator as a child process (``exchange-listener emulator``) on a free port."""
 
     def __init__(self, port: int | None = None, *, accounts=("svc:svc-password",), mailboxes=(),
-                 heartbeat_seconds: float | None = None, idle_timeout: float | None = None, extra_args=()):
+                 heartbeat_seconds: float | None = None, idle_timeout: float | None = None, extra_args=(),
+                 oauth_clients=()):
         self.port = port or free_port()
         self.accounts = list(accounts)
         self.mailboxes = list(mailboxes)
         self.heartbeat_seconds = heartbeat_seconds
         self.idle_timeout = idle_timeout
+        self.oauth_clients = list(oauth_clients)  # "CLIENT_ID:SECRET"
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen | None = None
+        self.output: collections.deque[str] = collections.deque(maxlen=200)  # last lines it printed
 
     @property
     def base_url(self) -> str:
@@ -132,13 +138,21 @@ class Emulator:
             args += ["--heartbeat-seconds", str(self.heartbeat_seconds)]
         if self.idle_timeout is not None:
             args += ["--subscription-idle-timeout", str(self.idle_timeout)]
+        for client in self.oauth_clients:
+            args += ["--oauth-client", client]
         args += self.extra_args
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         line = self.proc.stdout.readline()  # the one line with the EWS URL, printed once serving
         if "/EWS/Exchange.asmx" not in line:
             rest = self.proc.stdout.read() if self.proc.poll() is not None else ""
             raise RuntimeError(f"emulator did not start: {line}{rest}")
+        # keep reading its output so a chatty emulator never blocks on a full pipe
+        threading.Thread(target=self._drain, args=(self.proc,), daemon=True).start()
         return self
+
+    def _drain(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            self.output.append(line.rstrip("\n"))
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -150,12 +164,31 @@ class Emulator:
                 self.proc.wait(5)
 
     def deliver(self, mailbox: str, raw: bytes, folder: str = "inbox") -> dict:
+        """Deliver a raw RFC 5322 message; returns ``{"item_id": ..., "folder": ...}``."""
+        return self._post(f"/emulator/mailboxes/{urllib.parse.quote(mailbox, safe='@')}/messages?"
+                          + urllib.parse.urlencode({"folder": folder}), raw, "message/rfc822")
+
+    def move(self, item_id: str, folder: str) -> dict:
+        """Move an item (MovedEvent); returns its new ``item_id``."""
+        return self._post(f"/emulator/items/{urllib.parse.quote(item_id, safe='')}/move?"
+                          + urllib.parse.urlencode({"folder": folder}), b"")
+
+    def mark_read(self, item_id: str, is_read: bool = True) -> dict:
+        return self._post(f"/emulator/items/{urllib.parse.quote(item_id, safe='')}/read?is_read={str(is_read).lower()}",
+                          b"")
+
+    def stats(self) -> dict:
+        """Open streams, subscriptions, mailboxes, items and the emulator's pid."""
         import json
 
-        req = urllib.request.Request(
-            f"{self.base_url}/emulator/mailboxes/{mailbox}/messages?folder={folder}", data=raw, method="POST",
-            headers={"Content-Type": "message/rfc822"},
-        )
+        with urllib.request.urlopen(f"{self.base_url}/emulator/stats", timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def _post(self, path: str, data: bytes, content_type: str = "application/octet-stream") -> dict:
+        import json
+
+        req = urllib.request.Request(f"{self.base_url}{path}", data=data, method="POST",
+                                     headers={"Content-Type": content_type})
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
 

@@ -93,11 +93,7 @@ class StreamReader:
 
 def open_streams(emu) -> int:
     """How many GetStreamingEvents connections the emulator holds (its /emulator/stats hook)."""
-    import json
-    import urllib.request
-
-    with urllib.request.urlopen(f"{emu.base_url}/emulator/stats", timeout=5) as resp:
-        return json.loads(resp.read())["streams"]
+    return emu.stats()["streams"]
 
 
 def message(message_id: str, subject: str = "Re: Quarterly numbers", extra: str = "") -> bytes:

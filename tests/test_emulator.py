@@ -39,7 +39,7 @@ def test_account_without_impersonation_rights_is_denied():
 
 def test_oauth2_client_credentials_stream_and_fetch(monkeypatch):
     monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")  # the emulator speaks plain HTTP on loopback
-    with Emulator(accounts=[], heartbeat_seconds=1, extra_args=["--oauth-client", "app-id:app-secret"]) as emu:
+    with Emulator(accounts=[], heartbeat_seconds=1, oauth_clients=["app-id:app-secret"]) as emu:
         acc = oauth_account(emu, ALICE, "app-id", "app-secret")
         sub = acc.inbox.subscribe_to_streaming()
         reader = StreamReader(oauth_account(emu, ALICE, "app-id", "app-secret").inbox, [sub]).start()
@@ -54,7 +54,7 @@ def test_oauth2_client_credentials_stream_and_fetch(monkeypatch):
 
 def test_oauth2_wrong_secret_gets_no_token(monkeypatch):
     monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")
-    with Emulator(accounts=[], extra_args=["--oauth-client", "app-id:app-secret"]) as emu:
+    with Emulator(accounts=[], oauth_clients=["app-id:app-secret"]) as emu:
         with pytest.raises(Exception) as info:
             oauth_account(emu, ALICE, "app-id", "not-the-secret").inbox
         assert "invalid_client" in str(info.value)
@@ -88,11 +88,7 @@ def test_all_folders_subscription_sees_other_folders_and_moves(emulator):
     assert by_sub == {every}
     inbox = emulator.deliver(ALICE, message("<moved@customer.example>"))
     wait_for(lambda: len([n for n in reader.notifications if n.subscription_id == inbox_only]) >= 1)
-    import json, urllib.parse, urllib.request
-    req = urllib.request.Request(
-        f"{emulator.base_url}/emulator/items/{urllib.parse.quote(inbox['item_id'], safe='')}/move?folder=deleteditems",
-        data=b"", method="POST")
-    moved = json.loads(urllib.request.urlopen(req, timeout=5).read())
+    moved = emulator.move(inbox["item_id"], "deleteditems")
     wait_for(lambda: reader.events("MovedEvent"))
     event = reader.events("MovedEvent")[0]
     assert event.old_item_id.id == inbox["item_id"] and event.item_id.id == moved["item_id"]
@@ -152,19 +148,13 @@ def test_sync_folder_items_catches_up_on_what_arrived_while_nobody_listened(emul
 
 
 def test_sync_folder_items_reports_deletes_and_read_flags(emulator):
-    import urllib.parse, urllib.request
-
     acc = account(emulator, ALICE)
     first = emulator.deliver(ALICE, message("<a@customer.example>"))["item_id"]
     second = emulator.deliver(ALICE, message("<b@customer.example>"))["item_id"]
     list(acc.inbox.sync_items())
     state = acc.inbox.item_sync_state
-    quote = lambda i: urllib.parse.quote(i, safe="")
-    urllib.request.urlopen(urllib.request.Request(
-        f"{emulator.base_url}/emulator/items/{quote(first)}/read?is_read=true", data=b"", method="POST"), timeout=5)
-    urllib.request.urlopen(urllib.request.Request(
-        f"{emulator.base_url}/emulator/items/{quote(second)}/move?folder=deleteditems", data=b"", method="POST"),
-        timeout=5)
+    emulator.mark_read(first)
+    emulator.move(second, "deleteditems")
     changes = list(acc.inbox.sync_items(sync_state=state))
     assert changes[0][0] == "read_flag_change" and changes[0][1][0].id == first and changes[0][1][1] is True
     assert changes[1][0] == "delete" and changes[1][1].id == second
@@ -256,3 +246,26 @@ def test_operation_the_emulator_does_not_implement_is_a_soap_fault(emulator):
     acc = account(emulator, ALICE)
     with pytest.raises(ErrorInvalidOperation):
         Message(account=acc, folder=acc.drafts, subject="draft").save()
+
+
+def test_overflowing_subscription_reports_missed_events():
+    from exchangelib.errors import ErrorMissedNotificationEvents
+
+    with Emulator(extra_args=["--max-queued-events", "5"]) as emu:
+        acc = account(emu, ALICE)
+        sub = acc.inbox.subscribe_to_streaming()
+        for n in range(3):  # 9 events for a queue of 5, nobody listening
+            emu.deliver(ALICE, message(f"<overflow-{n}@customer.example>"))
+        with pytest.raises(ErrorMissedNotificationEvents) as info:
+            list(acc.inbox.get_streaming_events(sub, connection_timeout=1))
+        assert sub in str(info.value)
+        with pytest.raises(ErrorSubscriptionNotFound):  # it is gone: resubscribe and resync
+            list(acc.inbox.get_streaming_events(sub, connection_timeout=1))
+
+
+def test_malformed_subscription_id_is_invalid_subscription(emulator):
+    from exchangelib.errors import ErrorInvalidSubscription
+
+    acc = account(emulator, ALICE)
+    with pytest.raises(ErrorInvalidSubscription):
+        list(acc.inbox.get_streaming_events("not-a-subscription-id", connection_timeout=1))

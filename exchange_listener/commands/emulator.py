@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="subscriptions per mailbox (0 = unlimited)")
     parser.add_argument("--connection-timeout-minute-seconds", type=float, default=60.0,
                         help="how long one ConnectionTimeout minute lasts (tests shorten it; default 60)")
+    parser.add_argument("--max-queued-events", type=int, default=10_000,
+                        help="events a subscription may queue before it fails with ErrorMissedNotificationEvents")
     parser.add_argument("--log-level", default="warning")
 
 
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         mailboxes=args.mailbox, heartbeat_seconds=args.heartbeat_seconds, idle_timeout=args.subscription_idle_timeout,
         max_streams_per_account=args.max_streams_per_account,
         max_subscriptions_per_mailbox=args.max_subscriptions_per_mailbox,
-        minute_seconds=args.connection_timeout_minute_seconds,
+        minute_seconds=args.connection_timeout_minute_seconds, max_queued_events=args.max_queued_events,
     )
 
     def ready(url: str) -> None:

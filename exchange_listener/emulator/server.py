@@ -25,6 +25,7 @@ from exchange_listener.emulator.validation import ViolationLog
 
 XML = "text/xml; charset=utf-8"
 MAX_SUBSCRIPTIONS_PER_STREAM = 200
+MISSED = "The subscription missed events (its queue overflowed); create a new subscription."
 EVENT_TYPES = {"CopiedEvent", "CreatedEvent", "DeletedEvent", "ModifiedEvent", "MovedEvent", "NewMailEvent",
                "FreeBusyChangedEvent"}
 
@@ -41,6 +42,7 @@ class Options:
     max_subscriptions_per_mailbox: int = 0
     minute_seconds: float = 60.0  # length of one ConnectionTimeout minute (shorter only for tests)
     token_lifetime: int = 3599
+    max_queued_events: int = 10_000  # per subscription; beyond it: ErrorMissedNotificationEvents
 
 
 @dataclass
@@ -91,7 +93,8 @@ class Emulator:
     def __init__(self, options: Options):
         self.options = options
         self.store = Store(idle_timeout=options.idle_timeout,
-                           max_subscriptions_per_mailbox=options.max_subscriptions_per_mailbox)
+                           max_subscriptions_per_mailbox=options.max_subscriptions_per_mailbox,
+                           max_queued_events=options.max_queued_events)
         self.store.on_event = self._on_event
         for address in options.mailboxes:
             self.store.mailbox(address)
@@ -196,6 +199,7 @@ class Emulator:
                             charset="utf-8")
 
     async def ews(self, request: web.Request) -> web.StreamResponse:
+        data = await request.read()  # read first: an unread body would make aiohttp answer "Connection: close"
         principal = self._principal(request)
         if principal is None:
             return self._unauthorized()
@@ -209,7 +213,7 @@ class Emulator:
             return self._fault("ErrorServerBusy", "The server cannot service this request right now. Try again later.",
                                self.faults.back_off_ms)
         try:
-            req = soap.parse_request(await request.read())
+            req = soap.parse_request(data)
             mailbox = self._mailbox(principal, req, request)
             handler = getattr(self, f"op_{req.operation}", None)
             if handler is None:
@@ -404,6 +408,11 @@ class Emulator:
             except StoreError as exc:
                 bad.append(sub_id)
                 code, text = code or exc.code, text or exc.text
+        missed = [s for s in subs if s.missed]
+        if missed:
+            for sub in missed:
+                self._forget(sub)
+            bad, code, text = [s.id for s in missed], "ErrorMissedNotificationEvents", MISSED
         if bad:
             return self._stream_error(code, text, bad)
         limit = self.options.max_streams_per_account
@@ -454,9 +463,16 @@ class Emulator:
             if stream.dead:
                 return
             gone = [s.id for s in stream.subs if s.id not in self.store.subscriptions]
-            if gone:
-                await self._send(response, soap.streaming_error(
-                    "ErrorSubscriptionNotFound", "The specified subscription was not found.", gone))
+            missed = [s for s in stream.subs if s.missed]
+            if gone or missed:
+                if gone:
+                    error = soap.streaming_error("ErrorSubscriptionNotFound",
+                                                 "The specified subscription was not found.", gone)
+                else:
+                    error = soap.streaming_error("ErrorMissedNotificationEvents", MISSED, [s.id for s in missed])
+                    for sub in missed:
+                        self._forget(sub)
+                await self._send(response, error)
                 await response.write_eof()
                 return
             if not stream.subs:

@@ -33,7 +33,7 @@ DISTINGUISHED = {
     "outbox": ("Outbox", "msgfolderroot", "IPF.Note"),
 }
 EVENTS_PER_NOTIFICATION = 50
-MAX_QUEUED_EVENTS = 10_000
+SUBSCRIPTION_PREFIX = b"\x1c\x00"
 
 
 class StoreError(Exception):
@@ -153,16 +153,27 @@ class Subscription:
     idle_since: float | None = field(default_factory=time.monotonic)  # None while a stream holds it
     queue: deque = field(default_factory=deque)
     stream: object | None = None  # the Stream currently delivering it
+    missed: bool = False  # its queue overflowed: the client must resubscribe and resync
 
     def covers(self, folder_id: str) -> bool:
         return self.folder_ids is None or folder_id in self.folder_ids
 
 
+def _looks_like_subscription_id(sub_id: str) -> bool:
+    try:
+        raw = base64.b64decode(sub_id, validate=True)
+    except ValueError:
+        return False
+    return raw.startswith(SUBSCRIPTION_PREFIX) and len(raw) == len(SUBSCRIPTION_PREFIX) + 40
+
+
 class Store:
     """Mailboxes, folders, items, subscriptions. Single-threaded (one asyncio loop) by design."""
 
-    def __init__(self, *, idle_timeout: float = 300.0, max_subscriptions_per_mailbox: int = 0):
+    def __init__(self, *, idle_timeout: float = 300.0, max_subscriptions_per_mailbox: int = 0,
+                 max_queued_events: int = 10_000):
         self.idle_timeout = idle_timeout
+        self.max_queued_events = max_queued_events
         self.max_subscriptions_per_mailbox = max_subscriptions_per_mailbox
         self.mailboxes: dict[str, dict[str, Folder]] = {}  # address -> {distinguished name: Folder}
         self.folders: dict[str, Folder] = {}
@@ -342,7 +353,7 @@ class Store:
             if count >= self.max_subscriptions_per_mailbox:
                 raise StoreError("ErrorExceededSubscriptionCount",
                                  "You have exceeded the maximum number of subscriptions allowed for this mailbox.")
-        sub = Subscription(id=_opaque(b"\x1c\x00", 40), owner=owner, mailbox=key,
+        sub = Subscription(id=_opaque(SUBSCRIPTION_PREFIX, 40), owner=owner, mailbox=key,
                            folder_ids=None if folder_ids is None else frozenset(folder_ids),
                            event_types=frozenset(event_types))
         self.subscriptions[sub.id] = sub
@@ -355,6 +366,8 @@ class Store:
             self.drop_subscription(sub)
             sub = None
         if sub is None:
+            if not _looks_like_subscription_id(sub_id):
+                raise StoreError("ErrorInvalidSubscription", "The subscription id is malformed.")
             raise StoreError("ErrorSubscriptionNotFound", "The specified subscription was not found.")
         if sub.owner != owner:
             raise StoreError("ErrorSubscriptionAccessDenied",
@@ -386,8 +399,10 @@ class Store:
                 if (sub.id, id(event)) in seen:
                     continue  # a move within one subscription's folders is reported once
                 seen.add((sub.id, id(event)))
-                if len(sub.queue) < MAX_QUEUED_EVENTS:
+                if len(sub.queue) < self.max_queued_events:
                     sub.queue.append(event)
+                else:
+                    sub.missed = True
                 touched[sub.id] = sub
         for event in {id(e): e for _, e in pairs}.values():
             event.watermark = base64.b64encode(f"emu-wm:{next(self._watermarks)}".encode()).decode()
