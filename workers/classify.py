@@ -24,11 +24,17 @@ import email.header
 import email.parser
 import email.policy
 import email.utils
+import logging
 import re
 from dataclasses import asdict, dataclass, field
 from email.message import Message
 
 from workers.message_ids import normalize, references_of
+
+# flufl.bounce logs a traceback for every detector that trips over odd mail, then re-raises;
+# _flufl_failures handles that, so its log lines would only be noise in worker logs.
+logging.getLogger("flufl.bounce").addHandler(logging.NullHandler())
+logging.getLogger("flufl.bounce").propagate = False
 
 KINDS = ("human_reply", "auto_reply", "bounce", "read_receipt", "complaint", "other")
 MAX_PARTS = 200            # parts walked in one message
@@ -476,11 +482,7 @@ def _bounce_details(c: Classification, msg: Message, parts: list[Message]) -> No
         elif part is not msg and part.get("message-id") and not c.original_message_id:
             # a broken bounce whose attached original's headers became the part's headers
             _set_original(c, normalize(_clean(part.get("message-id"))))
-    try:
-        from flufl.bounce import all_failures
-        temporary, permanent = all_failures(msg)
-    except Exception:  # noqa: BLE001 - bad mail must not crash the worker
-        temporary, permanent = set(), set()
+    temporary, permanent = _flufl_failures(msg)
     for addr in list(permanent) + list(temporary):
         text = addr.decode("utf-8", "replace") if isinstance(addr, bytes) else str(addr)
         recipients.append(text.strip().strip("<>").lower())
@@ -593,16 +595,33 @@ def _text_of_any(part: Message) -> str:
     return _text_of(part)
 
 
+def _flufl_failures(msg: Message) -> tuple[frozenset, frozenset]:
+    """flufl.bounce's (temporary, permanent) failed addresses, never raising.
+
+    Its detectors call ``.lower()`` on header values, which compat32 gives as ``Header``
+    objects when they hold 8-bit bytes; one crashing detector aborts the whole scan, so such a
+    message is scanned again as parsed with the modern policy (string header values).
+    """
+    from flufl.bounce import all_failures
+
+    result: tuple[frozenset, frozenset] = (frozenset(), frozenset())
+    try:
+        result = all_failures(msg)
+    except Exception:  # noqa: BLE001 - bad mail must not crash the worker
+        try:
+            modern = email.message_from_bytes(msg.as_bytes(), policy=email.policy.default)
+            result = all_failures(modern)
+        except Exception:  # noqa: BLE001, S110 - bad mail must not crash the worker
+            pass
+    return result
+
+
 def _flufl_says_bounce(msg: Message, hints: dict) -> bool:
     """Vendor bounce formats without DSN parts: ask flufl.bounce, but only for messages that
     already look like a bounce (sender, null return path, subject), never for plain replies."""
     if not hints.get("suspect_bounce"):
         return False
-    try:
-        from flufl.bounce import all_failures
-        temporary, permanent = all_failures(msg)
-    except Exception:  # noqa: BLE001 - bad mail must not crash the worker
-        temporary, permanent = set(), set()
+    temporary, permanent = _flufl_failures(msg)
     if temporary or permanent:
         return True
     return bool(_BOUNCE_BODY.search(_body_text(list(_parts(msg)))))
