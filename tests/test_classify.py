@@ -273,6 +273,14 @@ def test_cli_unreadable_file_gives_error_object_and_nonzero_exit(tmp_path):
     assert "error" in rows[2]
 
 
+def test_cli_is_quiet_on_odd_mail():
+    """8-bit headers trip flufl.bounce's detectors; the CLI still answers, with nothing on stderr."""
+    odd = ROOT / "tests" / "data" / "corpus" / "sisimai" / "lhost-kddi-01.eml"
+    proc = _cli(str(odd))
+    assert proc.returncode == 0 and proc.stderr == b""
+    assert json.loads(proc.stdout)["kind"] == "bounce"
+
+
 def test_cli_reads_stdin_and_headers_only():
     proc = _cli("--headers-only", "-", stdin=_raw("ooo-fr.eml"))
     assert proc.returncode == 0, proc.stderr
