@@ -1,0 +1,297 @@
+"""Issue 4's "done when": the emulator, a real redis-server, a real `exchange-listener listen`
+process and real `exchange-listener work` processes, and a webhook receiver on a local port.
+
+Mail is delivered to the emulator over HTTP; the listener sees it on its stream and enqueues
+it; the worker fetches, classifies, matches and acts; the receiver counts signed webhooks.
+"""
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import mail_samples as mail
+from exchange_listener import mailboxes, queueing
+from exchange_listener.sources.base import NewMail
+from workers.enrollments import EnrollmentStore
+from workers.notify import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+from workers.sends import SendRegistry
+
+MAILBOX = "rep@ours.example"
+PROSPECT = "pat@prospect.example"
+SECRET = "e2e-webhook-secret"
+SLOW = 60.0
+
+
+def wait_for(condition, timeout=SLOW, interval=0.1, message="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+class Receiver(http.server.ThreadingHTTPServer):
+    """The sending platform's webhook endpoint: records every POST, answers 204."""
+
+    def __init__(self):
+        self.posts: list[tuple[dict, bytes]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                outer.posts.append(({k: v for k, v in self.headers.items()}, body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/hooks/exchange-listener"
+
+
+class Proc:
+    """An exchange-listener subprocess in its own process group, its JSON log in a file."""
+
+    def __init__(self, args, env, log_path):
+        self.log_path = log_path
+        self.proc = subprocess.Popen([sys.executable, "-m", "exchange_listener.cli", *args], env=env,
+                                     stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def lines(self) -> list[dict]:
+        out = []
+        with open(self.log_path) as fh:
+            for line in fh:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    out.append({"event": line.strip()})
+        return out
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill9(self) -> None:
+        """kill -9 of the process alone (its children, e.g. RQ's scheduler, are left to notice)."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the group: nothing we started outlives the test
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def system(redis_server, redis_client, emulator, tmp_path):
+    receiver = Receiver()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_LISTENER_")}
+    env.update(EXCHANGE_LISTENER_REDIS_URL=redis_server.url, EXCHANGE_LISTENER_EWS_URL=emulator.ews_url,
+               EXCHANGE_LISTENER_EWS_USERNAME="svc", EXCHANGE_LISTENER_EWS_PASSWORD="svc-password",
+               EXCHANGE_LISTENER_HEARTBEAT_SECONDS="1", EXCHANGE_LISTENER_LEASE_SECONDS="3",
+               EXCHANGE_LISTENER_LISTENER_ID="l1", EXCHANGE_LISTENER_LOG_FORMAT="json",
+               EXCHANGE_LISTENER_WEBHOOK_URL=receiver.url, EXCHANGE_LISTENER_WEBHOOK_SECRET=SECRET,
+               PYTHONUNBUFFERED="1")
+    procs: list[Proc] = []
+
+    class System:
+        pass
+
+    s = System()
+    s.redis, s.emulator, s.receiver, s.env, s.procs = redis_client, emulator, receiver, env, procs
+    s.sends, s.enrollments = SendRegistry(redis_client), EnrollmentStore(redis_client)
+
+    def start(*args, name):
+        proc = Proc(args, env, tmp_path / f"{name}.log")
+        procs.append(proc)
+        return proc
+
+    s.start = start
+    yield s
+    for proc in procs:
+        proc.stop()
+    receiver.shutdown()
+
+
+def send(s, enrollment: str, to=PROSPECT, cc=()) -> str:
+    message_id = mail.new_id("ours.example")
+    s.sends.record([message_id], enrollment, "seq-e2e", MAILBOX, to=[to], cc=list(cc))
+    return message_id
+
+
+def streaming(conn, count: int) -> bool:
+    raw = conn.hget("el:listener:l1", "groups")
+    return bool(raw) and sum(g["mailboxes"] for g in json.loads(raw) if g["connected"]) == count
+
+
+def test_replies_out_of_office_bounces_receipts_through_listener_and_worker(system):
+    s = system
+    mailboxes.add(s.redis, [MAILBOX])
+    listener = s.start("listen", name="listener")
+    worker = s.start("work", "--name", "e2e-worker-1", name="worker")
+    wait_for(lambda: streaming(s.redis, 1), message="the mailbox streaming")
+
+    direct, colleague, ccd = send(s, "e-direct"), send(s, "e-colleague"), send(s, "e-cc", cc=["cam@prospect.example"])
+    ooo, bounced, receipt, dup = send(s, "e-ooo"), send(s, "e-bounce"), send(s, "e-receipt"), send(s, "e-dup")
+    untouched = send(s, "e-untouched")
+    twice = mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=dup, references=dup)
+    for raw in (
+        mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=direct, references=direct),
+        mail.reply(sender="chris@prospect.example", to=MAILBOX, in_reply_to=None,
+                   references=f"<first@prospect.example>, {colleague}"),
+        mail.reply(sender="cam@prospect.example", to=MAILBOX, in_reply_to=ccd, references=ccd),
+        mail.out_of_office(sender=PROSPECT, to=MAILBOX, in_reply_to=ooo,
+                           return_text="I am back in the office on 14 December 2026."),
+        mail.dsn(to=MAILBOX, failed=PROSPECT, original_id=bounced),
+        mail.read_receipt(sender=PROSPECT, to=MAILBOX, original_id=receipt),
+        mail.unrelated(to=MAILBOX),
+        twice,
+        twice,
+    ):
+        s.emulator.deliver(MAILBOX, raw)
+
+    expected = {"e-direct": ("stopped", "replied"), "e-colleague": ("stopped", "replied"),
+                "e-cc": ("stopped", "replied"), "e-ooo": ("paused", "auto_reply"),
+                "e-bounce": ("stopped", "bounced"), "e-dup": ("stopped", "replied")}
+
+    def states():
+        return {e: (g["status"], g["reason"]) for e in expected if (g := s.enrollments.get(e))}
+
+    wait_for(lambda: states() == expected, message=f"transitions {expected}")
+    assert s.enrollments.get("e-ooo")["paused_until"].startswith("2026-12-14")
+    for enrollment in ("e-receipt", "e-untouched"):
+        got = s.enrollments.get(enrollment)
+        assert (got["status"], got["version"]) == ("active", 0), enrollment
+    # both copies of the duplicate were processed, and made one transition
+    wait_for(lambda: sum(1 for line in worker.lines() if line.get("event") == "job done") >= 9,
+             message="all nine jobs done")
+    assert len(s.enrollments.history("e-dup")) == 1
+
+    # the webhook: exactly one correctly signed POST per transition
+    wait_for(lambda: len(s.receiver.posts) >= len(expected), message="one webhook per transition")
+    time.sleep(1.0)  # a duplicate would arrive now
+    assert len(s.receiver.posts) == len(expected)
+    seen = {}
+    for headers, body in s.receiver.posts:
+        assert verify(SECRET, headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])
+        data = json.loads(body)
+        assert headers[DELIVERY_HEADER] == data["id"]
+        seen[data["enrollment_id"]] = (data["status"], data["reason"])
+    assert seen == expected
+    assert listener.alive() and worker.alive()
+
+
+def test_hostile_mail_never_takes_the_worker_down(system):
+    s = system
+    mailboxes.add(s.redis, [MAILBOX])
+    s.start("listen", name="listener")
+    worker = s.start("work", name="worker")
+    wait_for(lambda: streaming(s.redis, 1), message="the mailbox streaming")
+    sent = send(s, "e-after")
+
+    no_id = b"\r\n".join(l for l in mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to="<x@y.example>",
+                                               references=None).split(b"\r\n") if not l.startswith(b"Message-ID:"))
+    hostile = [
+        b"From: x@prospect.example\r\nTo: rep@ours.example\r\nSubject: Re: hi\r\nMessage-ID: <b@prospect.example>\r\n"
+        b"Content-Type: multipart/report; report-type=delivery-status; boundary=\"nope\r\n\r\n--nope\r\n"
+        b"Content-Type: message/delivery-status\r\n\r\nStatus: 5.\xff\r\n",  # broken MIME
+        b"From: R <r@prospect.example>\r\nTo: rep@ours.example\r\nSubject: Re: cafe\r\nMessage-ID: <l@prospect.example>\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n\r\ncaf\xe9 \xff\xfe\r\n",  # non-UTF-8 body
+        no_id,  # missing Message-ID
+        mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to="<a@b.example>\r\nBcc: victim@x.example",
+                   references=None, subject="Re: x\r\nX-Injected: 1"),  # header injection attempt
+        mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=None,
+                   references=" ".join(f"<r{n}@thread.example>" for n in range(10_000))),  # 10,000-id References
+    ]
+    items = [s.emulator.deliver(MAILBOX, raw)["item_id"] for raw in hostile]
+    job_ids = {queueing.job_id(MAILBOX, [i]) for i in items}
+
+    def finished():
+        done = {line.get("job_id") for line in worker.lines() if line.get("event") in ("job done", "job failed")}
+        return job_ids <= done
+
+    wait_for(finished, message="a log line for every hostile job")
+    assert worker.alive()
+    # and the worker still does its work afterwards
+    s.emulator.deliver(MAILBOX, mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=sent, references=sent))
+    wait_for(lambda: (s.enrollments.get("e-after") or {}).get("status") == "stopped", message="later reply processed")
+    failed = [line for line in worker.lines() if line.get("event") == "job failed"]
+    assert failed == [], failed
+
+
+def test_a_killed_workers_job_runs_again_within_two_minutes(system):
+    """kill -9 a worker in the middle of a job (its GetItem stuck on a slow server); another
+    worker started afterwards completes the job within 2 minutes, with default settings."""
+    s = system
+    sent = send(s, "e-killed")
+    item_id = s.emulator.deliver(MAILBOX, mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=sent,
+                                                     references=sent))["item_id"]
+    s.emulator.fault(kind="latency", ms=30_000)
+    queue = queueing.make_queue(s.redis, "exchange-listener")
+    job = queueing.enqueue_new_mail(queue, [NewMail(MAILBOX, item_id, "inbox", time.time())])
+    first = s.start("work", "--name", "e2e-doomed", name="worker-1")
+    wait_for(lambda: job.get_status(refresh=True) == "started", message="the job running")
+    time.sleep(1.0)  # well inside the stuck GetItem
+    first.kill9()
+    killed_at = time.monotonic()
+    s.emulator.fault(kind="latency", ms=0)
+    second = s.start("work", "--name", "e2e-survivor", name="worker-2")
+    wait_for(lambda: (s.enrollments.get("e-killed") or {}).get("status") == "stopped", timeout=150,
+             interval=0.5, message="the killed worker's job completed by the other worker")
+    elapsed = time.monotonic() - killed_at
+    print(f"killed worker's job completed {elapsed:.1f}s after the kill")
+    assert elapsed < 120, f"took {elapsed:.0f}s"
+    assert job.get_status(refresh=True) == "finished"
+    assert second.alive()
+    # the killed worker's scheduler noticed and went away instead of lingering as an orphan
+    wait_for(lambda: not _has_children_named(first.proc.pid), timeout=10, message="no orphaned scheduler")
+
+
+def _has_children_named(pgid: int) -> bool:
+    """Any live process still in the killed worker's process group."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def test_sigterm_is_a_warm_shutdown(system):
+    """SIGTERM while a job runs: the job finishes, then the worker exits 0."""
+    s = system
+    sent = send(s, "e-warm")
+    item_id = s.emulator.deliver(MAILBOX, mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=sent,
+                                                     references=sent))["item_id"]
+    s.emulator.fault(kind="latency", ms=3_000)
+    queue = queueing.make_queue(s.redis, "exchange-listener")
+    job = queueing.enqueue_new_mail(queue, [NewMail(MAILBOX, item_id, "inbox", time.time())])
+    worker = s.start("work", name="worker")
+    wait_for(lambda: job.get_status(refresh=True) == "started", message="the job running")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(60) == 0
+    s.emulator.fault(kind="latency", ms=0)
+    assert job.get_status(refresh=True) == "finished"
+    assert s.enrollments.get("e-warm")["status"] == "stopped"
