@@ -132,6 +132,9 @@ def test_bounce_sender_needs_body_for_details():
     ("Estaré fuera de la oficina hasta el 4 de enero de 2027.", "2027-01-04"),
     ("Sarò fuori ufficio fino al 10 dicembre 2026.", "2026-12-10"),
     ("Ik ben afwezig tot en met 9 december 2026.", "2026-12-09"),
+    ("I will be back on Monday.", "2026-12-07"),            # message sent Tuesday 1 December
+    ("Ab Montag bin ich wieder erreichbar.", "2026-12-07"),
+    ("De retour le mardi 8 décembre.", "2026-12-08"),
 ])
 def test_return_dates_in_several_languages(text, expected):
     assert find_return_date(text, dt.date(2026, 12, 1)) == dt.date.fromisoformat(expected)

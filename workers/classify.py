@@ -652,6 +652,12 @@ _RETURN_CUES = re.compile(
     r"|(?:tot en met|terug op|vanaf|weer aanwezig op|tot)\s+",
     re.IGNORECASE)
 _DATE_LANGS = ["en", "de", "fr", "es", "it", "nl"]
+_WEEKDAYS = {name: i for i, names in enumerate([
+    "monday montag lundi lunes lunedì lunedi maandag", "tuesday dienstag mardi martes martedì martedi dinsdag",
+    "wednesday mittwoch mercredi miércoles miercoles mercoledì mercoledi woensdag",
+    "thursday donnerstag jeudi jueves giovedì giovedi donderdag",
+    "friday freitag vendredi viernes venerdì venerdi vrijdag", "saturday samstag samedi sábado sabato zaterdag",
+    "sunday sonntag dimanche domingo domenica zondag"]) for name in names.split()}
 
 
 def find_return_date(text: str, base: dt.date | None = None) -> dt.date | None:
@@ -670,6 +676,9 @@ def find_return_date(text: str, base: dt.date | None = None) -> dt.date | None:
     tried = 0
     for cue in _RETURN_CUES.finditer(text):
         words = text[cue.end():cue.end() + 60].split()
+        day = _WEEKDAYS.get(words[0].strip(".,;:!)").lower()) if words else None
+        if day is not None and not any(ch.isdigit() for ch in " ".join(words[:4])):
+            return base + dt.timedelta(days=(day - base.weekday() - 1) % 7 + 1)  # "back on Monday"
         for n in range(min(5, len(words)), 0, -1):
             candidate = " ".join(words[:n]).rstrip(".,;:!)")
             if not any(ch.isdigit() for ch in candidate):
