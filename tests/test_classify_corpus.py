@@ -148,3 +148,9 @@ def test_bounces_carry_the_original_message_id(results):
             assert full.original_message_id in candidates, name
     print(f"\nbounces with an original Message-ID in the file: {checked}, all found")
     assert checked >= 300
+
+
+def test_auto_reply_return_date_from_real_mail(results):
+    """"I am currently away returning to the office on May 5th" (sent 29 April 2005)."""
+    import datetime as dt
+    assert results["sisimai/rfc3834-01.eml"][1].return_date == dt.date(2005, 5, 5)

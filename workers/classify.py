@@ -582,7 +582,8 @@ def _refine(c: Classification, hints: dict, msg: Message) -> None:
         if c.kind == "read_receipt" and not c.original_message_id and c.references:
             c.original_message_id = c.references[0]
     elif c.kind == "auto_reply":
-        c.return_date = find_return_date(_body_text(parts), _message_date(msg))
+        subject = _decoded(_clean(msg.get("subject")))
+        c.return_date = find_return_date(f"{subject}\n{_body_text(parts)}", _message_date(msg))
         if c.return_date:
             c.reasons.append("return date in body")
 
