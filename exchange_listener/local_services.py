@@ -128,7 +128,7 @@ class Emulator:
     def ews_url(self) -> str:
         return f"{self.base_url}/EWS/Exchange.asmx"
 
-    def start(self) -> "Emulator":
+    def start(self) -> Emulator:
         args = [sys.executable, "-m", "exchange_listener.cli", "emulator", "--host", "127.0.0.1", "--port", str(self.port)]
         for account in self.accounts:
             args += ["--account", account]

@@ -4,11 +4,11 @@ Nothing here talks to a shared Redis on 6379; every test gets a flushed database
 """
 from __future__ import annotations
 
+import ews_schema  # tests/ews_schema.py (conftest.py's directory is on sys.path)
 import pytest
 import redis
 
 from exchange_listener.local_services import Emulator, RedisServer
-import ews_schema  # tests/ews_schema.py (conftest.py's directory is on sys.path)
 
 SERVICE_ACCOUNT = ("svc", "svc-password")
 

@@ -5,7 +5,14 @@ import itertools
 import threading
 import time
 
-from exchangelib import IMPERSONATION, Account, Build, Configuration, Credentials, Version
+from exchangelib import (
+    IMPERSONATION,
+    Account,
+    Build,
+    Configuration,
+    Credentials,
+    Version,
+)
 from exchangelib.credentials import OAuth2Credentials
 from exchangelib.transport import BASIC, OAUTH2
 
@@ -69,7 +76,7 @@ class StreamReader:
         self._args = (folder, list(subscription_ids), connection_timeout)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "StreamReader":
+    def start(self) -> StreamReader:
         self._thread.start()
         return self
 
@@ -78,7 +85,7 @@ class StreamReader:
         try:
             for notification in folder.get_streaming_events(ids, connection_timeout=timeout):
                 self.notifications.append(notification)
-        except BaseException as exc:  # recorded for the test to assert on
+        except BaseException as exc:  # noqa: BLE001 - recorded for the test to assert on
             self.error = exc
         finally:
             self.finished.set()

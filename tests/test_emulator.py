@@ -4,15 +4,28 @@ from __future__ import annotations
 import base64
 
 import pytest
-from exchangelib.errors import (
-    ErrorExceededConnectionCount, ErrorExceededSubscriptionCount, ErrorImpersonateUserDenied, ErrorInvalidArgument,
-    ErrorInvalidOperation, ErrorInvalidSyncStateData, ErrorSubscriptionAccessDenied, ErrorSubscriptionNotFound,
-    UnauthorizedError,
+from ews_client import (
+    StreamReader,
+    account,
+    message,
+    oauth_account,
+    open_streams,
+    wait_for,
 )
 from exchangelib import Message
+from exchangelib.errors import (
+    ErrorExceededConnectionCount,
+    ErrorExceededSubscriptionCount,
+    ErrorImpersonateUserDenied,
+    ErrorInvalidArgument,
+    ErrorInvalidOperation,
+    ErrorInvalidSyncStateData,
+    ErrorSubscriptionAccessDenied,
+    ErrorSubscriptionNotFound,
+    UnauthorizedError,
+)
 
 from exchange_listener.local_services import Emulator
-from ews_client import StreamReader, account, message, oauth_account, open_streams, wait_for
 
 ALICE = "alice@example.com"
 
@@ -27,13 +40,13 @@ def test_impersonation_with_basic_auth_reaches_the_mailbox(emulator):
 
 def test_wrong_password_is_rejected_with_401(emulator):
     with pytest.raises(UnauthorizedError):
-        account(emulator, ALICE, password="wrong").inbox
+        account(emulator, ALICE, password="wrong").root.refresh()
 
 
 def test_account_without_impersonation_rights_is_denied():
     with Emulator(accounts=["svc:svc-password"], extra_args=["--plain-account", "bob@example.com:pw"]) as emu:
         with pytest.raises(ErrorImpersonateUserDenied):
-            account(emu, ALICE, user="bob@example.com", password="pw").inbox
+            account(emu, ALICE, user="bob@example.com", password="pw").root.refresh()
         assert account(emu, "bob@example.com", user="bob@example.com", password="pw").inbox.total_count == 0
 
 
@@ -48,7 +61,7 @@ def test_oauth2_client_credentials_stream_and_fetch(monkeypatch):
         wait_for(lambda: reader.events("NewMailEvent"))
         item_id = reader.events("NewMailEvent")[0].item_id.id
         assert item_id == delivered["item_id"]
-        fetched = list(acc.fetch([(item_id, None)], only_fields=["message_id"]))[0]
+        fetched = next(iter(acc.fetch([(item_id, None)], only_fields=["message_id"])))
         assert fetched.message_id == "<oauth@customer.example>"
 
 
@@ -56,7 +69,7 @@ def test_oauth2_wrong_secret_gets_no_token(monkeypatch):
     monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")
     with Emulator(accounts=[], oauth_clients=["app-id:app-secret"]) as emu:
         with pytest.raises(Exception) as info:
-            oauth_account(emu, ALICE, "app-id", "not-the-secret").inbox
+            oauth_account(emu, ALICE, "app-id", "not-the-secret").root.refresh()
         assert "invalid_client" in str(info.value)
 
 
@@ -108,7 +121,7 @@ def test_getitem_returns_headers_exactly_as_delivered(emulator):
     acc = account(emulator, ALICE)
     fields = ["message_id", "in_reply_to", "references", "headers", "subject", "author", "sender",
               "to_recipients", "cc_recipients", "datetime_received", "conversation_id", "mime_content"]
-    item = list(acc.fetch([(delivered["item_id"], None)], only_fields=fields))[0]
+    item = next(iter(acc.fetch([(delivered["item_id"], None)], only_fields=fields)))
     assert item.message_id == "<reply-1@customer.example>"
     assert item.in_reply_to == "<send-2@example.com>"
     assert item.references == "<send-1@example.com>, <send-2@example.com>"
@@ -131,7 +144,7 @@ def test_getitem_of_unknown_id_is_item_not_found(emulator):
 
     acc = account(emulator, ALICE)
     fake = base64.b64encode(b"\0" * 68).decode()
-    assert isinstance(list(acc.fetch([(fake, None)], only_fields=["subject"]))[0], ErrorItemNotFound)
+    assert isinstance(next(iter(acc.fetch([(fake, None)], only_fields=["subject"]))), ErrorItemNotFound)
 
 
 def test_sync_folder_items_catches_up_on_what_arrived_while_nobody_listened(emulator):

@@ -53,7 +53,8 @@ def _raise_open_file_limit() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from exchange_listener.emulator.server import Options, run as serve
+    from exchange_listener.emulator.server import Options
+    from exchange_listener.emulator.server import run as serve
 
     logs.configure(args.log_level, "auto", stream=sys.stderr)
     _raise_open_file_limit()

@@ -18,13 +18,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        raw = sys.stdin.buffer.read() if args.file == "-" else open(args.file, "rb").read()
+        if args.file == "-":
+            raw = sys.stdin.buffer.read()
+        else:
+            with open(args.file, "rb") as fh:
+                raw = fh.read()
     except OSError as exc:
         print(f"emulator-deliver: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return 2
     base = args.url.rstrip("/")
-    if base.endswith("/EWS/Exchange.asmx"):
-        base = base[: -len("/EWS/Exchange.asmx")]
+    base = base.removesuffix("/EWS/Exchange.asmx")
     url = (f"{base}/emulator/mailboxes/{urllib.parse.quote(args.mailbox, safe='@')}/messages?"
            + urllib.parse.urlencode({"folder": args.folder}))
     req = urllib.request.Request(url, data=raw, method="POST", headers={"Content-Type": "message/rfc822"})

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import json
 import os
 import secrets
 import socket
@@ -19,8 +18,13 @@ from aiohttp import web
 
 from exchange_listener import logs
 from exchange_listener.emulator import soap
-from exchange_listener.emulator.soap import BadRequest, M, NS, T
-from exchange_listener.emulator.store import EVENTS_PER_NOTIFICATION, Store, StoreError, Subscription
+from exchange_listener.emulator.soap import NS, BadRequest
+from exchange_listener.emulator.store import (
+    EVENTS_PER_NOTIFICATION,
+    Store,
+    StoreError,
+    Subscription,
+)
 from exchange_listener.emulator.validation import ViolationLog
 
 XML = "text/xml; charset=utf-8"
@@ -148,7 +152,7 @@ class Emulator:
         if scheme.lower() == "basic":
             try:
                 user, _, password = base64.b64decode(value).decode().partition(":")
-            except Exception:
+            except ValueError:  # bad base64 or not UTF-8
                 return None
             for table, may in ((self.options.accounts, True), (self.options.plain_accounts, False)):
                 expected = table.get(user)
@@ -173,7 +177,7 @@ class Emulator:
         if scheme.lower() == "basic":
             try:
                 client_id, _, secret = base64.b64decode(value).decode().partition(":")
-            except Exception:
+            except ValueError:
                 client_id = secret = None
         if form.get("grant_type") != "client_credentials":
             return web.json_response({"error": "unsupported_grant_type",

@@ -43,7 +43,7 @@ def esc(value) -> str:
 
 
 def ts(value: dt.datetime) -> str:
-    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # -- requests ---------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def _text(tag: str, value: str | None) -> str:
 def _sent(item: Item) -> dt.datetime:
     try:
         value = parsedate_to_datetime(unfold(item.header("Date") or ""))
-        return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
     except (TypeError, ValueError):
         return item.received
 
@@ -219,7 +219,7 @@ def _body(item: Item) -> str:
         return '<t:Body BodyType="Text"></t:Body>'
     try:
         content = part.get_content()
-    except Exception:
+    except (LookupError, ValueError):  # unknown charset or undecodable payload
         content = ""
     kind = "HTML" if part.get_content_subtype() == "html" else "Text"
     return f'<t:Body BodyType="{kind}">{esc(store_safe(content))}</t:Body>'

@@ -50,7 +50,7 @@ def _opaque(prefix: bytes, size: int = 32) -> str:
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
@@ -65,7 +65,7 @@ def unfold(value: str) -> str:
 def decoded(value: str) -> str:
     try:
         return unfold(str(make_header(decode_header(unfold(value)))))
-    except Exception:  # undecodable encoded-words: keep them raw, lose nothing
+    except (LookupError, ValueError):  # undecodable encoded-words: keep them raw, lose nothing
         return unfold(value)
 
 
@@ -124,7 +124,7 @@ class Item:
 
     @property
     def conversation_id(self) -> str:
-        topic = re.sub(r"^((re|fw|fwd|aw|wg|sv|tr)\s*:\s*)+", "", self.subject, flags=re.I).strip().lower()
+        topic = re.sub(r"^((re|fw|fwd|aw|wg|sv|tr)\s*:\s*)+", "", self.subject, flags=re.IGNORECASE).strip().lower()
         digest = hashlib.sha256(f"{self.mailbox}\0{topic}".encode()).digest()
         return base64.b64encode(b"\x00\x00\x00\x00" + digest[:16]).decode()
 
@@ -309,7 +309,7 @@ class Store:
             if tag != "emu-sync" or folder_id != folder.id:
                 raise ValueError
             return int(seq)
-        except Exception:
+        except ValueError:  # bad base64, not UTF-8, wrong shape
             raise StoreError("ErrorInvalidSyncStateData", "Synchronization state data is corrupt or otherwise invalid.")
 
     def sync(self, folder: Folder, state: str | None, max_changes: int, ignore: set[str] = frozenset()):

@@ -74,5 +74,4 @@ class ViolationLog:
         found = violations(envelope)
         if found:
             with open(self.path, "a", encoding="utf-8") as fh:
-                for line in found:
-                    fh.write(line.replace("\n", " ") + "\n")
+                fh.writelines(line.replace("\n", " ") + "\n" for line in found)
