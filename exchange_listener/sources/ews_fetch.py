@@ -21,10 +21,13 @@ from exchangelib.errors import (
     ErrorItemCorrupt,
     ErrorItemNotFound,
     ErrorMimeContentConversionFailed,
+    MalformedResponseError,
+    SOAPError,
 )
 from exchangelib.fields import FieldPath
 from exchangelib.properties import ItemId
 from exchangelib.services import GetItem
+from exchangelib.util import SOAPNS, ParseError, to_xml
 
 from exchange_listener.config import SECRET_KEYS, Settings
 from exchange_listener.sources.base import FetchedMessage, ItemGone
@@ -53,6 +56,27 @@ class FetchError(Exception):
 
 class ItemUnreadable(ItemGone):
     """The server has the item but cannot return it (corrupt); retrying will not help."""
+
+
+class _GetItem(GetItem):
+    """exchangelib's GetItem, parsing the response body in one piece.
+
+    exchangelib hands lxml ``response.iter_content()``, whose default chunk size is one byte:
+    for a GetItem answer that costs more CPU than everything else the worker does. The body
+    is already in memory (GetItem does not stream), so parse it as it is.
+    """
+
+    @classmethod
+    def _get_soap_parts(cls, response):
+        try:
+            root = to_xml(response.content)
+        except ParseError as exc:
+            raise SOAPError(f"Bad SOAP response: {exc}") from None
+        header = root.find(f"{{{SOAPNS}}}Header")
+        body = root.find(f"{{{SOAPNS}}}Body")
+        if body is None:
+            raise MalformedResponseError("No Body element in SOAP response")
+        return header, body
 
 
 def _field_paths(names: Sequence[str]) -> set[FieldPath]:
@@ -102,7 +126,7 @@ class EwsFetcher:
 
     def _get_items(self, mailbox: str, item_ids: Sequence[str], paths: set[FieldPath]) -> list:
         account = self._account(mailbox)
-        service = GetItem(account=account, chunk_size=max(1, len(item_ids)))
+        service = _GetItem(account=account, chunk_size=max(1, len(item_ids)))
         try:
             return list(service.call(items=[ItemId(id=i) for i in item_ids], additional_fields=paths, shape=ID_ONLY))
         except (EWSError, requests.exceptions.RequestException, OSError) as exc:
