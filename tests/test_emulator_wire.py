@@ -148,3 +148,17 @@ def test_emulator_exits_zero_on_sigterm_and_sigint():
         emu.proc.send_signal(sig)
         assert emu.proc.wait(10) == 0
         reader.join()
+
+
+def test_client_hanging_up_frees_its_stream_at_once():
+    with Emulator(heartbeat_seconds=60) as emu:
+        sub = account(emu, ALICE).inbox.subscribe_to_streaming()
+        body = (f"<m:GetStreamingEvents><m:SubscriptionIds><t:SubscriptionId>{sub}</t:SubscriptionId>"
+                "</m:SubscriptionIds><m:ConnectionTimeout>30</m:ConnectionTimeout></m:GetStreamingEvents>")
+        resp = requests.post(emu.ews_url, data=_soap(body), auth=AUTH, stream=True, timeout=30)
+        wait_for(lambda: open_streams(emu) == 1)
+        resp.close()  # hang up mid-stream, no heartbeat due for a minute
+        wait_for(lambda: open_streams(emu) == 0, timeout=5)
+        emu.deliver(ALICE, message("<after-hangup@customer.example>"))
+        reader = StreamReader(account(emu, ALICE).inbox, [sub]).start()  # the events waited for a new stream
+        wait_for(lambda: reader.events("NewMailEvent"))

@@ -438,9 +438,9 @@ class Emulator:
         try:
             await response.prepare(request)
             await self._pump(stream, response, time.monotonic() + minutes * self.options.minute_seconds)
-        except (ConnectionError, RuntimeError, asyncio.CancelledError):
+        except (ConnectionError, RuntimeError):  # client went away mid-write
             stream.dead = True
-        finally:
+        finally:  # also on cancellation: aiohttp cancels the handler when the client disconnects
             self.streams.discard(stream)
             now = time.monotonic()
             for sub in stream.subs:
@@ -598,7 +598,9 @@ class Emulator:
 async def serve(options: Options, host: str, port: int, ready=None) -> None:
     """Serve until cancelled; ``ready(url)`` is called once connections are accepted."""
     emulator = Emulator(options)
-    runner = web.AppRunner(emulator.app(), access_log=None, shutdown_timeout=2.0, handle_signals=False)
+    # handler_cancellation: a client that hangs up frees its stream at once, not at the next heartbeat
+    runner = web.AppRunner(emulator.app(), access_log=None, shutdown_timeout=2.0, handle_signals=False,
+                           handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
     await site.start()
