@@ -207,14 +207,7 @@ class Proc:
             return None
 
     def cpu_seconds(self) -> float:
-        """User + system CPU of the process and its reaped children (a forking worker's horses)."""
-        try:
-            with open(f"/proc/{self.pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            ticks = os.sysconf("SC_CLK_TCK")
-            return sum(int(v) for v in fields[11:15]) / ticks
-        except (OSError, TypeError, IndexError):
-            return 0.0
+        return cpu_seconds(self.pid)
 
     def rss_mb(self) -> float:
         try:
@@ -224,6 +217,16 @@ class Proc:
                         return int(line.split()[1]) / 1024
         except OSError:
             pass
+        return 0.0
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU of a process and its reaped children (a forking worker's horses)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, TypeError, IndexError, ValueError):
         return 0.0
 
 
@@ -525,7 +528,7 @@ def warm_up(stack: Stack, replies: list[Enrollment], timeout: float = 60.0) -> f
     pending = {e.id: e for e in replies}
     last_sent = 0.0
     while pending and time.monotonic() - t0 < timeout:
-        if time.monotonic() - last_sent > 4.0:
+        if time.monotonic() - last_sent > 2.5:
             for e in pending.values():
                 e.delivered.append("reply")
                 deliverer.deliver(e.mailbox, human_reply(e.mailbox, e.prospect, e.send_ids[0]))
