@@ -13,7 +13,7 @@ Keys (all under ``el:``; read by ``exchange-listener status``):
   is live while its score is younger than ``lease_seconds``.
 - ``el:listener:<id>`` — hash, expires after ``2 * lease_seconds``: ``host``, ``pid``,
   ``started_at``, ``heartbeat_at``, ``mailboxes`` (count held), ``groups`` (JSON list of
-  ``{"group", "anchor", "mailboxes", "connected", "last_activity"}``, last activity = epoch
+  ``{"group", "anchor", "mailboxes", "subscribed", "connected", "last_activity"}``, last activity = epoch
   seconds of the last heartbeat or notification on that group's stream).
 """
 from __future__ import annotations

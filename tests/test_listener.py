@@ -98,7 +98,7 @@ def streaming(conn, listener_id: str, count: int) -> bool:
     if not raw:
         return False
     groups = json.loads(raw)
-    return sum(g["mailboxes"] for g in groups if g["connected"]) == count
+    return sum(g["subscribed"] for g in groups if g["connected"]) == count
 
 
 def held_by(conn, listener_id: str, addresses) -> bool:

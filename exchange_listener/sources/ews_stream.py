@@ -274,7 +274,8 @@ class StreamGroup:
 
     def status(self) -> dict:
         return {"group": self.id, "anchor": self.anchor, "mailboxes": len(self.members),
-                "connected": self.connected, "last_activity": round(self.last_activity, 3)}
+                "subscribed": len(self.by_subscription), "connected": self.connected,
+                "last_activity": round(self.last_activity, 3)}
 
     # -- the group's thread ----------------------------------------------------------------
     def _run(self) -> None:
