@@ -315,6 +315,8 @@ def _fetch(fetcher, mailbox: str, mails: list[NewMail]) -> list:
 
 def _notify(ctx) -> None:
     """Deliver the outbox now; a failure here is retried by the worker's drain timer."""
+    if not ctx.notifier.channels:  # Redis state only: nothing to deliver now; the worker's timer clears the outbox
+        return
     try:
         ctx.notifier.drain()
     except Exception as exc:  # the transitions are safe in the outbox; say so and go on
