@@ -237,3 +237,22 @@ def test_an_item_the_server_cannot_return_does_not_hold_the_others_back(ctx):
     else:
         assert len(summary["items"]) == 2
     assert state(ctx, "e-8bit")["status"] == "stopped"
+
+
+def test_under_rq_a_bad_payload_fails_at_once_and_exchange_trouble_is_retried(ctx, redis_client):
+    from rq.registry import FailedJobRegistry, ScheduledJobRegistry
+
+    from workers.worker import make_worker
+
+    sent = send(ctx, "e-rq")
+    item_id = ctx.emulator.deliver(MAILBOX, mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=sent,
+                                                       references=sent))["item_id"]
+    queue = queueing.make_queue(redis_client, ctx.settings.queue_name)
+    bad = queue.enqueue(queueing.JOB_FUNC, {"mailbox": MAILBOX, "mails": "nope"}, retry=queueing.retry_policy(5))
+    ctx.emulator.fault(kind="server_busy", count=1, back_off_ms=10)
+    busy = queueing.enqueue_new_mail(queue, [NewMail(MAILBOX, item_id, "inbox", 0.0)])
+    make_worker(ctx.settings).work(burst=True)
+    assert bad.get_status(refresh=True) == "failed" and bad.id in FailedJobRegistry(queue=queue)
+    assert "payload.mails" in bad.latest_result().exc_string
+    assert busy.get_status(refresh=True) == "scheduled" and busy.id in ScheduledJobRegistry(queue=queue)
+    assert state(ctx, "e-rq")["status"] == "active"

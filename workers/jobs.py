@@ -233,7 +233,9 @@ def handle_mail(payload: dict) -> dict:
             mailbox, source, mails = _validate(payload)
         except InvalidPayload as exc:
             metrics.JOBS_PROCESSED.labels("invalid").inc()
-            log.error("job payload invalid", error=str(exc))
+            log.error("job payload invalid; failing without retry", error=str(exc))
+            if job is not None:
+                job.retries_left = 0  # a retry cannot fix it: straight to the failed registry
             raise
         with structlog.contextvars.bound_contextvars(mailbox=mailbox):
             try:
