@@ -390,7 +390,7 @@ class Emulator:
 
     # -- streaming ---------------------------------------------------------------------------
     def _stream_error(self, code: str, text: str, bad_ids=()) -> web.Response:
-        data = soap.streaming_error(code, text, list(bad_ids))
+        data = soap.streaming_error(code, text, list(bad_ids), streamed=False)
         self.validator.check(data)
         return web.Response(body=data, content_type="text/xml", charset="utf-8")
 

@@ -314,9 +314,11 @@ def streaming_message(notifications: list[str] = (), status: str | None = None) 
     return stream_envelope(response("GetStreamingEvents", [ok("GetStreamingEvents", inner)]))
 
 
-def streaming_error(code: str, text: str, bad_ids: list[str] = ()) -> bytes:
+def streaming_error(code: str, text: str, bad_ids: list[str] = (), *, streamed: bool = True) -> bytes:
+    """An error for GetStreamingEvents: inside an open stream, or as the whole (non-streamed) response."""
     inner = ""
     if bad_ids:
         inner = "<m:ErrorSubscriptionIds>" + "".join(
             f"<m:SubscriptionId>{esc(i)}</m:SubscriptionId>" for i in bad_ids) + "</m:ErrorSubscriptionIds>"
-    return stream_envelope(response("GetStreamingEvents", [error("GetStreamingEvents", code, text, inner)]))
+    body = response("GetStreamingEvents", [error("GetStreamingEvents", code, text, inner)])
+    return stream_envelope(body) if streamed else envelope(body)
