@@ -162,3 +162,8 @@ def test_client_hanging_up_frees_its_stream_at_once():
         emu.deliver(ALICE, message("<after-hangup@customer.example>"))
         reader = StreamReader(account(emu, ALICE).inbox, [sub]).start()  # the events waited for a new stream
         wait_for(lambda: reader.events("NewMailEvent"))
+
+
+def test_emulator_on_a_busy_port_exits_with_a_clear_error(emulator):
+    done = _cli("emulator", "--port", str(emulator.port), "--account", "svc:svc-password")
+    assert done.returncode == 1 and f"cannot listen on 127.0.0.1:{emulator.port}" in done.stderr

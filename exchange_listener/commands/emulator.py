@@ -69,5 +69,13 @@ def run(args: argparse.Namespace) -> int:
     def ready(url: str) -> None:
         print(f"EWS emulator serving {url}", flush=True)
 
-    serve(options, args.host, args.port, ready)
+    if not (options.accounts or options.plain_accounts or options.oauth_clients):
+        print("exchange-listener emulator: warning: no --account, --plain-account or --oauth-client given; "
+              "every EWS request will get 401", file=sys.stderr)
+    try:
+        serve(options, args.host, args.port, ready)
+    except OSError as exc:
+        print(f"exchange-listener emulator: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
     return 0
