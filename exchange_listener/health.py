@@ -151,7 +151,7 @@ def snapshot(conn: redis.Redis, queue_name: str, now: float | None = None) -> di
     holders = _leases(conn, watched)
     queue, workers = _queue(conn, queue_name, now)
     return {
-        "checked_at": dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat(timespec="seconds"),
+        "checked_at": dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="seconds"),
         "listeners": _listeners(conn, now),
         "mailboxes": {
             "watched": len(watched),

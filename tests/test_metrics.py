@@ -68,9 +68,9 @@ def test_listener_and_worker_counters_move_after_a_reply(redis_client, redis_ser
     try:
         for args, port in ((["listen"], listener_port), (["work", "--name", "metrics-worker"], worker_port)):
             env = {**base, "EXCHANGE_LISTENER_METRICS_PORT": str(port)}
-            log = open(tmp_path / f"{args[0]}.log", "w")
-            procs.append(subprocess.Popen([sys.executable, "-m", "exchange_listener.cli", *args], env=env,
-                                          stdout=log, stderr=subprocess.STDOUT))
+            with open(tmp_path / f"{args[0]}.log", "w") as log:  # the child keeps its own descriptor
+                procs.append(subprocess.Popen([sys.executable, "-m", "exchange_listener.cli", *args], env=env,
+                                              stdout=log, stderr=subprocess.STDOUT))
             wait_for_port(port, timeout=60, proc=procs[-1])
 
         mailboxes.add(redis_client, [MAILBOX])
@@ -90,8 +90,11 @@ def test_listener_and_worker_counters_move_after_a_reply(redis_client, redis_ser
             > total(listener_before, "el_events_received_total", kind="NewMailEvent")
         assert total(listener_after, "el_jobs_enqueued_total") >= total(listener_before, "el_jobs_enqueued_total") + 1
 
-        worker_after = wait_for(lambda: (lambda s: s if total(s, "el_jobs_processed_total", outcome="ok") >= 1 else None)(
-            scrape(worker_port)), what="the worker to count the job")
+        def worker_counted():
+            samples = scrape(worker_port)
+            return samples if total(samples, "el_jobs_processed_total", outcome="ok") >= 1 else None
+
+        worker_after = wait_for(worker_counted, what="the worker to count the job")
         assert total(worker_after, "el_classified_total", kind="human_reply") == 1
         assert total(worker_after, "el_transitions_total", status="stopped", reason="replied") == 1
         assert total(worker_after, "el_delivery_to_stop_seconds_count") == 1

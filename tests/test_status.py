@@ -43,7 +43,7 @@ def settings_env(redis_server, emulator=None) -> dict:
 
 def status(env: dict, *flags: str) -> tuple[int, dict]:
     done = subprocess.run([sys.executable, "-m", "exchange_listener.cli", "status", "--json", *flags],
-                          env=env, capture_output=True, text=True, timeout=60)
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.stdout, done.stderr
     return done.returncode, json.loads(done.stdout)
 
@@ -65,9 +65,9 @@ def spawn(tmp_path):
     procs = []
 
     def start(env: dict, *args: str) -> subprocess.Popen:
-        log = open(tmp_path / f"{args[0]}-{len(procs)}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "exchange_listener.cli", *args], env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        with open(tmp_path / f"{args[0]}-{len(procs)}.log", "w") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen([sys.executable, "-m", "exchange_listener.cli", *args], env=env,
+                                    stdout=log, stderr=subprocess.STDOUT)
         procs.append(proc)
         return proc
 
@@ -116,7 +116,7 @@ def test_running_listener_and_worker_are_healthy_and_shown(redis_client, redis_s
     assert worker["name"] == "status-worker" and worker["state"] in ("idle", "busy")
 
     text = subprocess.run([sys.executable, "-m", "exchange_listener.cli", "status"], env=env,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert text.returncode == 0, text.stdout + text.stderr
     assert "HEALTHY" in text.stdout and listener["id"] in text.stdout and "status-worker" in text.stdout
 
@@ -134,7 +134,7 @@ def test_killed_listener_is_stale_and_its_mailboxes_unowned(redis_client, redis_
         stale = [p for p in snap["problems"] if "stale" in p]
         return (code, snap) if code == 1 and stale and snap["mailboxes"]["unowned"] else None
 
-    code, snap = wait_for(unhealthy, timeout=30, what="stale listener and unowned mailbox")
+    _, snap = wait_for(unhealthy, timeout=30, what="stale listener and unowned mailbox")
     assert snap["mailboxes"]["unowned"] == ["rep.one@example.com"]
     assert snap["healthy"] is False
 
@@ -159,7 +159,7 @@ def test_jobs_with_no_worker_then_a_stuck_queue_then_healthy(redis_client, redis
     assert status(env, "--stuck-queue", "600")[0] == 0  # same facts, a more patient limit
 
     suspension.resume(redis_client)  # the worker takes the job (it fails: no EWS configured)
-    settled = lambda r: r if r[1]["queue"]["depth"] == 0 and r[1]["queue"]["running"] == 0 else None  # noqa: E731
+    settled = lambda r: r if r[1]["queue"]["depth"] == 0 and r[1]["queue"]["running"] == 0 else None
     code, snap = wait_for(lambda: settled(status(env, "--stuck-queue", "1")),
                           what="the queue to drain")
     assert code == 0, snap

@@ -23,14 +23,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
-from rq.job import Job  # noqa: E402
-from rq.registry import FailedJobRegistry, FinishedJobRegistry  # noqa: E402
-from rq.serializers import JSONSerializer  # noqa: E402
+import demo_messages as demo
+from rq.job import Job
+from rq.registry import FailedJobRegistry, FinishedJobRegistry
+from rq.serializers import JSONSerializer
 
-import demo_messages as demo  # noqa: E402
-from exchange_listener import health, redis_conn  # noqa: E402
-from exchange_listener.local_services import free_port, redis_server_binary, wait_for_port  # noqa: E402
-from exchange_listener.queueing import make_queue  # noqa: E402
+from exchange_listener import health, redis_conn
+from exchange_listener.local_services import (
+    free_port,
+    redis_server_binary,
+    wait_for_port,
+)
+from exchange_listener.queueing import make_queue
 
 CONF = ROOT / "deploy" / "demo" / "supervisord.conf"
 QUEUE = "exchange-listener"
@@ -73,7 +77,7 @@ class Demo:
 
     def el(self, *args: str) -> str:
         done = subprocess.run([self.command("exchange-listener"), *args, "--config", str(self.settings_path)],
-                              env=self.env, capture_output=True, text=True, timeout=30)
+                              env=self.env, capture_output=True, text=True, timeout=30, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"exchange-listener {' '.join(args)} exited {done.returncode}: {done.stderr.strip()}")
         return done.stdout
@@ -91,8 +95,8 @@ class Demo:
             "heartbeat_seconds = 5.0\nlease_seconds = 10.0\nworker_ttl = 15\n"
             'log_format = "json"\n'
         )
-        self.env = {
-            **os.environ,
+        self.env = {  # the demo's own settings file decides; stray EXCHANGE_LISTENER_* would override it
+            **{k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_LISTENER_")},
             "EL_BIN": str(Path(self.command("exchange-listener")).parent),
             "EL_RUN_DIR": str(self.run_dir),
             "EL_LOG_DIR": str(self.log_dir),
@@ -101,7 +105,6 @@ class Demo:
             "EL_EMULATOR_PORT": str(self.emulator_port),
             "EXCHANGE_LISTENER_CONFIG": str(self.settings_path),
         }
-        self.env.pop("EXCHANGE_LISTENER_METRICS_PORT", None)
         self.shutdown(quiet=True)  # a demo left running by a killed earlier run
 
     def start(self) -> None:
@@ -188,7 +191,7 @@ class Demo:
             self.el(*args)
         say(f"recorded {len(send_ids)} sends (exchange-listener sends record)", self.started)
 
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         delivered = {}
         for s in demo.SCENARIOS:
             delivered[s.enrollment] = self.deliver(s.build(s, send_ids[s.enrollment], now))
@@ -281,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Stop):
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a clear line, the logs' location, and still a clean teardown
+    except Exception as exc:  # noqa: BLE001 - a clear line, the logs' location, and still a clean teardown
         print(f"demo failed: {exc}\nlogs of every process: {run.log_dir}", file=sys.stderr)
         return 1
     finally:

@@ -11,7 +11,7 @@ import dataclasses
 import datetime as dt
 import email.utils
 import secrets
-from typing import Callable
+from collections.abc import Callable
 
 MAILBOX = "alex.morgan@northwind.example"  # the rep's mailbox the listener watches
 REP = f"Alex Morgan <{MAILBOX}>"
@@ -27,11 +27,11 @@ class Scenario:
     subject: str
     expect_status: str  # active (unchanged) | stopped | paused
     expect_reason: str | None
-    build: Callable[["Scenario", str, dt.datetime], bytes]  # (scenario, send's Message-ID, now) -> message
+    build: Callable[[Scenario, str, dt.datetime], bytes]  # (scenario, send's Message-ID, now) -> message
 
 
 def _date(moment: dt.datetime) -> str:
-    return email.utils.format_datetime(moment.astimezone(dt.timezone.utc))
+    return email.utils.format_datetime(moment.astimezone(dt.UTC))
 
 
 def _mid(domain: str, style: str = "") -> str:
