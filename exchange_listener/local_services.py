@@ -177,6 +177,17 @@ class Emulator:
         return self._post(f"/emulator/items/{urllib.parse.quote(item_id, safe='')}/read?is_read={str(is_read).lower()}",
                           b"")
 
+    def touch(self, item_id: str) -> dict:
+        """Change an item in place (SyncFolderItems Update, ModifiedEvent)."""
+        return self._post(f"/emulator/items/{urllib.parse.quote(item_id, safe='')}/touch", b"")
+
+    def delete(self, item_id: str) -> None:
+        """Hard-delete an item (SyncFolderItems Delete, DeletedEvent)."""
+        req = urllib.request.Request(f"{self.base_url}/emulator/items/{urllib.parse.quote(item_id, safe='')}",
+                                     method="DELETE")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            resp.read()
+
     def stats(self) -> dict:
         """Open streams, subscriptions, mailboxes, items and the emulator's pid."""
         import json

@@ -160,17 +160,24 @@ def test_sync_folder_items_catches_up_on_what_arrived_while_nobody_listened(emul
     assert list(later.inbox.sync_items(sync_state=later.inbox.item_sync_state)) == []
 
 
-def test_sync_folder_items_reports_deletes_and_read_flags(emulator):
+def test_sync_folder_items_reports_updates_deletes_and_read_flags(emulator):
     acc = account(emulator, ALICE)
     first = emulator.deliver(ALICE, message("<a@customer.example>"))["item_id"]
     second = emulator.deliver(ALICE, message("<b@customer.example>"))["item_id"]
+    third = emulator.deliver(ALICE, message("<c@customer.example>"))["item_id"]
+    fourth = emulator.deliver(ALICE, message("<d@customer.example>"))["item_id"]
     list(acc.inbox.sync_items())
     state = acc.inbox.item_sync_state
     emulator.mark_read(first)
     emulator.move(second, "deleteditems")
-    changes = list(acc.inbox.sync_items(sync_state=state))
+    emulator.touch(third)
+    emulator.delete(fourth)
+    changes = list(acc.inbox.sync_items(sync_state=state, only_fields=["message_id"]))
     assert changes[0][0] == "read_flag_change" and changes[0][1][0].id == first and changes[0][1][1] is True
     assert changes[1][0] == "delete" and changes[1][1].id == second
+    assert changes[2][0] == "update" and changes[2][1].message_id == "<c@customer.example>"
+    assert changes[3][0] == "delete" and changes[3][1].id == fourth
+    assert len(changes) == 4
 
 
 def test_bad_sync_state_is_invalid_sync_state_data(emulator):

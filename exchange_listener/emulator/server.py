@@ -119,6 +119,7 @@ class Emulator:
         app.router.add_post("/emulator/mailboxes/{address}/messages", self.deliver)
         app.router.add_post(r"/emulator/items/{item_id:.+}/move", self.move)
         app.router.add_post(r"/emulator/items/{item_id:.+}/read", self.mark_read)
+        app.router.add_post(r"/emulator/items/{item_id:.+}/touch", self.touch)
         app.router.add_delete(r"/emulator/items/{item_id:.+}", self.delete_item)
         app.router.add_post("/emulator/faults", self.fault)
         app.router.add_get("/emulator/stats", self.stats)
@@ -331,8 +332,9 @@ class Emulator:
             return self._xml(soap.response("SyncFolderItems", [soap.error("SyncFolderItems", exc.code, exc.text, inner)]))
         parts = []
         for change in changes:
-            if change[0] == "Create":
-                parts.append(f"<t:Create>{soap.item_xml(self.store, change[1], base, fields)}</t:Create>")
+            if change[0] in ("Create", "Update"):
+                kind = change[0]
+                parts.append(f"<t:{kind}>{soap.item_xml(self.store, change[1], base, fields)}</t:{kind}>")
             elif change[0] == "Delete":
                 parts.append(f'<t:Delete><t:ItemId Id="{soap.esc(change[1])}"/></t:Delete>')
             else:
@@ -539,6 +541,13 @@ class Emulator:
         except StoreError as exc:
             return web.json_response({"error": exc.code}, status=404)
         return web.json_response({"item_id": item.id, "is_read": item.is_read})
+
+    async def touch(self, request: web.Request) -> web.Response:
+        try:
+            item = self.store.touch(request.match_info["item_id"])
+        except StoreError as exc:
+            return web.json_response({"error": exc.code}, status=404)
+        return web.json_response({"item_id": item.id})
 
     async def delete_item(self, request: web.Request) -> web.Response:
         try:

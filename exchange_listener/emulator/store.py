@@ -281,6 +281,15 @@ class Store:
             self._emit(folder, [Event("ModifiedEvent", "", utcnow(), item.id, None, folder.id)])
         return item
 
+    def touch(self, item_id: str) -> Item:
+        """The item changed in place (e.g. a flag or category): an Update for sync, a ModifiedEvent."""
+        item = self.item(item_id)
+        item.change_key = _opaque(b"\x16\x00\x00\x00", 12)
+        folder = self.folders[item.folder_id]
+        folder.changes.append((next(self._seq), "Update", item.id, item.is_read))
+        self._emit(folder, [Event("ModifiedEvent", "", utcnow(), item.id, None, folder.id)])
+        return item
+
     def delete(self, item_id: str) -> None:
         item = self.item(item_id)
         folder = self.folders[item.folder_id]
@@ -326,7 +335,9 @@ class Store:
             if previous and previous[0] == "Create" and kind == "Delete":
                 del merged[item_id]
             elif previous and previous[0] == "Create":
-                pass  # a read-flag change on a new item is part of its creation
+                pass  # an update or read-flag change of a new item is part of its creation
+            elif previous and previous[0] == "Update" and kind == "ReadFlagChange":
+                pass  # the Update carries the item's current state
             else:
                 merged[item_id] = (kind, is_read)
             last_seq = seq
@@ -335,11 +346,11 @@ class Store:
         for item_id, (kind, is_read) in merged.items():
             if item_id in ignore:
                 continue
-            if kind == "Create":
+            if kind in ("Create", "Update"):
                 item = self.items.get(item_id)
                 if item is None or item.folder_id != folder.id:
-                    continue
-                changes.append(("Create", item))
+                    continue  # moved away since: its Delete follows
+                changes.append((kind, item))
             else:
                 changes.append((kind, item_id, is_read))
         return changes, self.sync_state(folder, last_seq), consumed == len(pending)
