@@ -165,3 +165,37 @@ def test_a_forked_child_builds_its_own_sessions(emulator, fetcher):
     assert message_id == "<reply-1@prospect.de>"
     assert fetcher._account(MAILBOX).protocol is parent_protocol  # the parent's is untouched
     fetcher.fetch(MAILBOX, [item_id])
+
+
+def test_an_interrupted_request_does_not_starve_later_fetches(emulator, fetcher):
+    """Something raised from a signal handler inside the HTTP request that is not an Exception
+    (exchangelib retires the session for those): exchangelib would keep that session forever,
+    and with every session gone the next fetch would wait forever."""
+    import signal
+
+    class Interrupted(BaseException):
+        pass
+
+    def interrupt(signum, frame):
+        raise Interrupted()
+
+    item_id = emulator.deliver(MAILBOX, RAW)["item_id"]
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    emulator.fault(kind="latency", ms=3000)
+    try:
+        for _ in range(fetcher.max_connections + 1):  # more interruptions than the pool has sessions
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(Interrupted):
+                fetcher.fetch(MAILBOX, [item_id])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        emulator.fault(kind="latency", ms=0)
+    signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 20)  # a starved pool would wait forever: fail instead
+    try:
+        (msg,) = fetcher.fetch(MAILBOX, [item_id])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert msg.internet_message_id == "<reply-1@prospect.de>"

@@ -26,6 +26,7 @@ from exchangelib.errors import (
 )
 from exchangelib.fields import FieldPath
 from exchangelib.properties import ItemId
+from exchangelib.protocol import Protocol
 from exchangelib.services import GetItem
 from exchangelib.util import SOAPNS, ParseError, to_xml
 
@@ -102,15 +103,16 @@ class EwsFetcher:
         self.settings = settings
         self.max_connections = max_connections
         self._pid: int | None = None
+        self._generation = 0  # bumped when sessions are discarded, so exchangelib's cache yields a new Protocol
         self._configuration = None
         self._accounts: collections.OrderedDict[str, object] = collections.OrderedDict()
 
     # -- exchangelib objects, per process ---------------------------------------------------
     def _account(self, mailbox: str):
         pid = os.getpid()
-        if self._pid != pid:  # first use, or first use after a fork: start cold
-            self._configuration = make_configuration(self.settings, pool=f"worker-{pid}",
-                                                     max_connections=self.max_connections)
+        if self._pid != pid:  # first use, first use after a fork, or after a failure: start cold
+            pool = f"worker-{pid}" + (f".{self._generation}" if self._generation else "")
+            self._configuration = make_configuration(self.settings, pool=pool, max_connections=self.max_connections)
             self._accounts.clear()
             self._pid = pid
         key = mailbox.lower()
@@ -129,8 +131,14 @@ class EwsFetcher:
         service = _GetItem(account=account, chunk_size=max(1, len(item_ids)))
         try:
             return list(service.call(items=[ItemId(id=i) for i in item_ids], additional_fields=paths, shape=ID_ONLY))
-        except (EWSError, requests.exceptions.RequestException, OSError) as exc:
-            raise FetchError(f"GetItem for {mailbox} ({len(item_ids)} item(s)) failed: {self._describe(exc)}") from None
+        except BaseException as exc:
+            # exchangelib returns its HTTP session to the pool only on the paths it expects; an
+            # interrupted request (RQ's job timeout, a signal) keeps it forever, and once the pool
+            # is empty every later call waits forever. After any failure, start afresh.
+            self._discard_sessions()
+            if isinstance(exc, (EWSError, requests.exceptions.RequestException, OSError)):
+                raise FetchError(f"GetItem for {mailbox} ({len(item_ids)} item(s)) failed: {self._describe(exc)}") from None
+            raise
 
     def _describe(self, exc: BaseException) -> str:
         """Exception class and a short message, with any configured secret blanked out."""
@@ -185,6 +193,10 @@ class EwsFetcher:
             raise self._gone(mailbox, item_id, item)
         return item.mime_content or b""
 
+    def _discard_sessions(self) -> None:
+        self.close()
+        self._generation += 1
+
     def close(self) -> None:
         """Drop this process's sessions (call before exit; a forked child simply starts cold)."""
         if self._accounts and self._pid == os.getpid():
@@ -192,6 +204,11 @@ class EwsFetcher:
             try:
                 account.protocol.close()
             except Exception:  # closing is best effort; nothing depends on it
+                pass
+        if self._configuration is not None and self._pid == os.getpid():
+            try:
+                del Protocol[self._configuration]  # exchangelib's cache would keep it forever
+            except KeyError:
                 pass
         self._configuration = None
         self._accounts.clear()
