@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import aiohttp  # noqa: E402
+import aiohttp
 
-from exchange_listener.emulator.soap import M, S, T  # noqa: E402
-from exchange_listener.emulator.validation import ENV_VAR  # noqa: E402
-from exchange_listener.local_services import Emulator  # noqa: E402
+from exchange_listener.emulator.soap import M, S, T
+from exchange_listener.emulator.validation import ENV_VAR
+from exchange_listener.local_services import Emulator
 
 HEADERS = {"Content-Type": "text/xml; charset=utf-8",
            "Authorization": "Basic " + base64.b64encode(b"svc:svc-password").decode()}
