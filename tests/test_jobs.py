@@ -256,3 +256,25 @@ def test_under_rq_a_bad_payload_fails_at_once_and_exchange_trouble_is_retried(ct
     assert "payload.mails" in bad.latest_result().exc_string
     assert busy.get_status(refresh=True) == "scheduled" and busy.id in ScheduledJobRegistry(queue=queue)
     assert state(ctx, "e-rq")["status"] == "active"
+
+
+def test_under_rq_the_job_timeout_is_enforced_in_process(ctx, redis_client):
+    from rq.registry import ScheduledJobRegistry
+
+    from workers.worker import make_worker
+
+    sent = send(ctx, "e-slow")
+    item_id = ctx.emulator.deliver(MAILBOX, mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=sent,
+                                                       references=sent))["item_id"]
+    queue = queueing.make_queue(redis_client, ctx.settings.queue_name)
+    ctx.emulator.fault(kind="latency", ms=15_000)
+    try:
+        job = queueing.enqueue_new_mail(queue, [NewMail(MAILBOX, item_id, "inbox", 0.0)], job_timeout=2)
+        started = time.monotonic()
+        make_worker(ctx.settings).work(burst=True)
+        elapsed = time.monotonic() - started
+    finally:
+        ctx.emulator.fault(kind="latency", ms=0)
+    assert elapsed < 12, f"the job ran {elapsed:.1f}s past its 2 s timeout"
+    assert job.get_status(refresh=True) == "scheduled" and job.id in ScheduledJobRegistry(queue=queue)  # retried later
+    assert jobs.handle_mail(job.args[0])["transitions"] == 1  # the retry succeeds (fresh sessions)
