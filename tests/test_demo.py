@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,20 @@ def test_demo_plays_every_scenario_and_tears_down(tmp_path):
     assert {p.name for p in logs} >= {"redis.log", "emulator.log", "listener.log", "worker-00.log", "worker-01.log"}
     leftovers = [pid for pid in _pids_with_env(f"EL_RUN_DIR={tmp_path / 'run'}")]
     assert not leftovers, leftovers
+
+
+def test_ctrl_c_mid_demo_still_tears_everything_down(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_LISTENER_")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "demo.py"), "--workdir", str(tmp_path)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:  # interrupt once the whole system is up and the mailbox is watched
+        seen.append(line)
+        if "watching" in line:
+            break
+    assert _pids_with_env(f"EL_RUN_DIR={tmp_path / 'run'}"), "".join(seen)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, "".join(seen) + rest
+    assert "shutting down supervisord" in rest
+    assert not _pids_with_env(f"EL_RUN_DIR={tmp_path / 'run'}")
