@@ -31,15 +31,15 @@ for path in (str(ROOT), str(ROOT / "tests")):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-import mail_samples as mail  # noqa: E402
-from rq.job import Job  # noqa: E402
-from rq.serializers import JSONSerializer  # noqa: E402
+import mail_samples as mail
+from rq.job import Job
+from rq.serializers import JSONSerializer
 
-from exchange_listener import queueing, redis_conn  # noqa: E402
-from exchange_listener.local_services import Emulator, RedisServer  # noqa: E402
-from exchange_listener.sources.base import NewMail  # noqa: E402
-from workers.enrollments import EnrollmentStore  # noqa: E402
-from workers.sends import SendRegistry  # noqa: E402
+from exchange_listener import queueing, redis_conn
+from exchange_listener.local_services import Emulator, RedisServer
+from exchange_listener.sources.base import NewMail
+from workers.enrollments import EnrollmentStore
+from workers.sends import SendRegistry
 
 QUEUE = "bench-worker"
 MAILBOXES = [f"rep{i}@sales.example" for i in range(10)]
@@ -51,7 +51,7 @@ def run_worker(env: dict) -> tuple[float, float]:
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "exchange_listener.cli", "work", "--burst", "--name",
                            f"bench-{os.getpid()}-{time.time_ns()}"], env=env, cwd=ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=3600)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=3600, check=False)
     wall = time.monotonic() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:

@@ -13,7 +13,7 @@ def _crlf(text: str) -> bytes:
 
 
 def _date() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%a, %d %b %Y %H:%M:%S +0000")
+    return dt.datetime.now(dt.UTC).strftime("%a, %d %b %Y %H:%M:%S +0000")
 
 
 def new_id(domain: str = "prospect.example") -> str:
@@ -74,8 +74,8 @@ For urgent matters please contact office@prospect.example.
 def dsn(*, to: str, failed: str, original_id: str, status: str = "5.1.1", action: str = "failed",
         message_id: str | None = None) -> bytes:
     """A delivery status notification (RFC 3464) with the original message's headers attached."""
-    diagnostic = "550 5.1.1 <{0}>: Recipient address rejected: User unknown".format(failed) \
-        if status.startswith("5") else "451 4.2.2 <{0}>: Mailbox full, try again later".format(failed)
+    diagnostic = f"550 5.1.1 <{failed}>: Recipient address rejected: User unknown" \
+        if status.startswith("5") else f"451 4.2.2 <{failed}>: Mailbox full, try again later"
     return _crlf(f"""Return-Path: <>
 From: Mail Delivery System <MAILER-DAEMON@mx.ours.example>
 To: {to}

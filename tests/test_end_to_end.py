@@ -15,9 +15,9 @@ import sys
 import threading
 import time
 
+import mail_samples as mail
 import pytest
 
-import mail_samples as mail
 from exchange_listener import mailboxes, queueing
 from exchange_listener.sources.base import NewMail
 from workers.enrollments import EnrollmentStore
@@ -70,8 +70,9 @@ class Proc:
 
     def __init__(self, args, env, log_path):
         self.log_path = log_path
-        self.proc = subprocess.Popen([sys.executable, "-m", "exchange_listener.cli", *args], env=env,
-                                     stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([sys.executable, "-m", "exchange_listener.cli", *args], env=env,
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def lines(self) -> list[dict]:
         out = []
@@ -150,7 +151,7 @@ def test_replies_out_of_office_bounces_receipts_through_listener_and_worker(syst
 
     direct, colleague, ccd = send(s, "e-direct"), send(s, "e-colleague"), send(s, "e-cc", cc=["cam@prospect.example"])
     ooo, bounced, receipt, dup = send(s, "e-ooo"), send(s, "e-bounce"), send(s, "e-receipt"), send(s, "e-dup")
-    untouched = send(s, "e-untouched")
+    send(s, "e-untouched")
     twice = mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=dup, references=dup)
     for raw in (
         mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=direct, references=direct),
@@ -209,11 +210,11 @@ def test_hostile_mail_never_takes_the_worker_down(system):
     no_id = b"\r\n".join(l for l in mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to="<x@y.example>",
                                                references=None).split(b"\r\n") if not l.startswith(b"Message-ID:"))
     hostile = [
-        b"From: x@prospect.example\r\nTo: rep@ours.example\r\nSubject: Re: hi\r\nMessage-ID: <b@prospect.example>\r\n"
-        b"Content-Type: multipart/report; report-type=delivery-status; boundary=\"nope\r\n\r\n--nope\r\n"
-        b"Content-Type: message/delivery-status\r\n\r\nStatus: 5.\xff\r\n",  # broken MIME
-        b"From: R <r@prospect.example>\r\nTo: rep@ours.example\r\nSubject: Re: cafe\r\nMessage-ID: <l@prospect.example>\r\n"
-        b"Content-Type: text/plain; charset=utf-8\r\n\r\ncaf\xe9 \xff\xfe\r\n",  # non-UTF-8 body
+        (b"From: x@prospect.example\r\nTo: rep@ours.example\r\nSubject: Re: hi\r\nMessage-ID: <b@prospect.example>\r\n"
+         b"Content-Type: multipart/report; report-type=delivery-status; boundary=\"nope\r\n\r\n--nope\r\n"
+         b"Content-Type: message/delivery-status\r\n\r\nStatus: 5.\xff\r\n"),  # broken MIME
+        (b"From: R <r@prospect.example>\r\nTo: rep@ours.example\r\nSubject: Re: cafe\r\nMessage-ID: <l@prospect.example>\r\n"
+         b"Content-Type: text/plain; charset=utf-8\r\n\r\ncaf\xe9 \xff\xfe\r\n"),  # non-UTF-8 body
         no_id,  # missing Message-ID
         mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to="<a@b.example>\r\nBcc: victim@x.example",
                    references=None, subject="Re: x\r\nX-Injected: 1"),  # header injection attempt

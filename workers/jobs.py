@@ -46,7 +46,13 @@ from rq import get_current_job
 from exchange_listener import logs, metrics
 from exchange_listener.sources.base import FetchedMessage, ItemGone, NewMail
 from workers import context
-from workers.classify import Classification, UnparseableMessage, classify_headers, classify_message, needs_body
+from workers.classify import (
+    Classification,
+    UnparseableMessage,
+    classify_headers,
+    classify_message,
+    needs_body,
+)
 from workers.message_ids import normalize, references_of
 
 OBSERVED_KEY = "el:observed"
@@ -114,10 +120,7 @@ def _classify(fetcher, mailbox: str, item: FetchedMessage, bound) -> Classificat
     """Headers first; the full MIME source only when the headers cannot settle it."""
     if not needs_body(item.headers):
         return classify_headers(item.headers)
-    try:
-        raw = fetcher.fetch_mime(mailbox, item.item_id)
-    except ItemGone:
-        raise
+    raw = fetcher.fetch_mime(mailbox, item.item_id)  # ItemGone: the caller counts it as gone
     item.mime = raw
     try:
         return classify_message(raw)
@@ -140,14 +143,14 @@ def _match_ids(item: FetchedMessage, c: Classification) -> list[str]:
 
 
 def _pause_until(c: Classification, pause_days: int) -> dt.date | dt.datetime:
-    today = dt.datetime.now(dt.timezone.utc).date()
+    today = dt.datetime.now(dt.UTC).date()
     if c.return_date and today < c.return_date <= today + dt.timedelta(days=MAX_PAUSE_DAYS):
         return c.return_date
-    return dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=pause_days)
+    return dt.datetime.now(dt.UTC) + dt.timedelta(days=pause_days)
 
 
 def _observe(ctx, send, kind: str, details: dict) -> None:
-    entry = {"enrollment_id": send.enrollment_id, "kind": kind, "at": dt.datetime.now(dt.timezone.utc).isoformat(),
+    entry = {"enrollment_id": send.enrollment_id, "kind": kind, "at": dt.datetime.now(dt.UTC).isoformat(),
              **{k: v for k, v in details.items() if v is not None}}
     ctx.redis.xadd(OBSERVED_KEY, {"data": json.dumps(entry, default=str)}, maxlen=OBSERVED_MAXLEN, approximate=True)
 
@@ -180,7 +183,7 @@ def _process(ctx, fetcher, mailbox: str, mail: NewMail, item: FetchedMessage, bo
         return summary
 
     key = event_key(kind, mailbox, item, c)
-    common = dict(event_key=key, by=sender, item_id=item.item_id, message_id=own_id, mailbox=mailbox)
+    common = {"event_key": key, "by": sender, "item_id": item.item_id, "message_id": own_id, "mailbox": mailbox}
     plan: list[tuple[str, str, str, dict]] = []  # (enrollment, status, reason, extra)
     if kind == "human_reply":
         plan += [(s.enrollment_id, "stopped", "replied", {}) for s in sends]
@@ -270,7 +273,7 @@ def _handle(mailbox: str, source: str, mails: list[NewMail]) -> dict:
         except ItemGone as exc:
             bound.info("item gone before processing", reason=str(exc))
             items.append({"item_id": mail.item_id, "kind": None, "gone": True, "matched": [], "actions": []})
-        except Exception as exc:  # one bad item must not cost the others their processing
+        except Exception as exc:  # noqa: BLE001 - one bad item must not cost the others their processing
             bound.error("item failed", error=f"{type(exc).__name__}: {exc}")
             errors.append(f"{mail.item_id[-16:]}: {type(exc).__name__}: {exc}")
     transitions = sum(1 for i in items for a in i["actions"] if a.get("applied"))
@@ -321,5 +324,5 @@ def _notify(ctx) -> None:
         return
     try:
         ctx.notifier.drain()
-    except Exception as exc:  # the transitions are safe in the outbox; say so and go on
+    except Exception as exc:  # noqa: BLE001 - the transitions are safe in the outbox; say so and go on
         log.warning("notification drain failed; will retry", error=f"{type(exc).__name__}: {exc}")

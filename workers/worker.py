@@ -65,7 +65,7 @@ class ParentBoundScheduler(RQScheduler):
 class _JobHeartbeat(threading.Thread):
     """Renews the worker's and the running job's liveness while the job runs in the main thread."""
 
-    def __init__(self, worker: "MailWorker", job: Job):
+    def __init__(self, worker: MailWorker, job: Job):
         super().__init__(name="job-heartbeat", daemon=True)
         self.worker, self.job, self.done = worker, job, threading.Event()
 

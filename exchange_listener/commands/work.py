@@ -12,6 +12,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     settings = load_settings(args)
-    from workers import worker  # imported here: only this command pays for rq and exchangelib
+    # imported here: only this command pays for rq and exchangelib
+    from workers import worker
 
     return worker.run(settings, burst=args.burst, name=args.name)

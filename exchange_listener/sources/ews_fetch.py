@@ -8,23 +8,24 @@ field list, so no GetFolder round trip is spent finding a folder to validate fie
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import requests.exceptions
 from exchangelib import Message
-from exchangelib.items import ID_ONLY
 from exchangelib.errors import (
-    EWSError,
     ErrorCorruptData,
     ErrorInvalidIdMalformed,
     ErrorItemCorrupt,
     ErrorItemNotFound,
     ErrorMimeContentConversionFailed,
+    EWSError,
     MalformedResponseError,
     SOAPError,
 )
 from exchangelib.fields import FieldPath
+from exchangelib.items import ID_ONLY
 from exchangelib.properties import ItemId
 from exchangelib.protocol import Protocol
 from exchangelib.services import GetItem
@@ -201,15 +202,11 @@ class EwsFetcher:
         """Drop this process's sessions (call before exit; a forked child simply starts cold)."""
         if self._accounts and self._pid == os.getpid():
             account = next(iter(self._accounts.values()))  # all share this process's one Protocol
-            try:
+            with contextlib.suppress(Exception):  # closing is best effort; nothing depends on it
                 account.protocol.close()
-            except Exception:  # closing is best effort; nothing depends on it
-                pass
         if self._configuration is not None and self._pid == os.getpid():
-            try:
+            with contextlib.suppress(KeyError):
                 del Protocol[self._configuration]  # exchangelib's cache would keep it forever
-            except KeyError:
-                pass
         self._configuration = None
         self._accounts.clear()
         self._pid = None
