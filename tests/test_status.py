@@ -18,6 +18,7 @@ from rq import suspension
 from exchange_listener import mailboxes
 from exchange_listener.queueing import enqueue_new_mail, make_queue
 from exchange_listener.sources.base import NewMail
+from workers.sends import SendRegistry
 
 QUEUE = "el-status-test"
 
@@ -115,10 +116,25 @@ def test_running_listener_and_worker_are_healthy_and_shown(redis_client, redis_s
     (worker,) = snap["workers"]
     assert worker["name"] == "status-worker" and worker["state"] in ("idle", "busy")
 
+    # A reply stops an enrollment: counted under the last hour's stops.
+    send = SendRegistry(redis_client).record(["<s-1@seller.example>"], "enr-1", "seq-1", "rep.one@example.com",
+                                             ["dana@prospect.example"])
+    emulator.deliver("rep.one@example.com", (
+        "From: Dana <dana@prospect.example>\r\nTo: rep.one@example.com\r\nSubject: RE: hello\r\n"
+        "Message-ID: <r-1@prospect.example>\r\nDate: Fri, 27 Nov 2026 09:00:00 +0000\r\n"
+        f"In-Reply-To: {send.message_ids[0]}\r\nReferences: {send.message_ids[0]}\r\n\r\nLet's talk.\r\n").encode())
+    def stopped():
+        snap = status(env)[1]
+        return snap if snap["last_hour"]["stops"] else None
+
+    snap = wait_for(stopped, what="the stop")
+    assert snap["last_hour"]["stops_by_reason"] == {"replied": 1} and snap["last_hour"]["pauses"] == 0
+
     text = subprocess.run([sys.executable, "-m", "exchange_listener.cli", "status"], env=env,
                           capture_output=True, text=True, timeout=60, check=False)
     assert text.returncode == 0, text.stdout + text.stderr
     assert "HEALTHY" in text.stdout and listener["id"] in text.stdout and "status-worker" in text.stdout
+    assert "Last hour: 1 stopped (replied 1), 0 paused" in text.stdout
 
 
 def test_killed_listener_is_stale_and_its_mailboxes_unowned(redis_client, redis_server, emulator, spawn):
