@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -52,6 +53,8 @@ class Demo:
     def __init__(self, workdir: Path, timeout: float):
         self.workdir = workdir
         self.run_dir = workdir / "run"
+        if len(str(self.run_dir / "supervisor.sock")) > 100:  # a Unix socket path must stay under ~107 bytes
+            self.run_dir = Path(tempfile.gettempdir()) / f"el-demo-{os.getuid()}"
         self.log_dir = workdir / "log"
         self.settings_path = workdir / "settings.toml"
         self.timeout = timeout
