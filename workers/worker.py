@@ -39,7 +39,7 @@ from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
 from exchange_listener import logs, metrics, redis_conn
-from exchange_listener.config import Settings
+from exchange_listener.config import ConfigError, Settings
 from workers import context
 
 NOTIFY_INTERVAL = 5.0  # seconds between background drains of the notification outbox
@@ -155,7 +155,11 @@ def make_worker(settings: Settings, connection: redis.Redis | None = None, name:
 def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> int:
     """Run a worker until SIGTERM (or, with ``burst``, until the queue is empty)."""
     ctx = context.configure(settings)
-    metrics.serve(settings.metrics_port)
+    try:
+        metrics.serve(settings.metrics_port)
+    except OSError as exc:
+        raise ConfigError(f"metrics_port: cannot serve metrics on port {settings.metrics_port} ({exc.strerror}); "
+                          "every worker process needs its own port") from None
     worker = make_worker(settings, name=name)
     log.info("worker starting", worker=worker.name, queue=settings.queue_name, burst=burst,
              worker_ttl=settings.worker_ttl, job_timeout=settings.job_timeout)
