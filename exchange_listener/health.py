@@ -23,9 +23,9 @@ from rq.serializers import JSONSerializer
 
 from exchange_listener import leases, mailboxes
 from exchange_listener.queueing import make_queue
+from workers.enrollments import STREAM_KEY as TRANSITIONS_STREAM
+from workers.notify import FAILED_KEY as NOTIFY_FAILED_KEY
 
-TRANSITIONS_STREAM = "el:transitions"  # workers.enrollments.STREAM_KEY
-NOTIFY_FAILED_KEY = "el:outbox:failed"  # workers.notify.FAILED_KEY
 STOPS_WINDOW = 3600.0
 
 
