@@ -278,3 +278,14 @@ def test_under_rq_the_job_timeout_is_enforced_in_process(ctx, redis_client):
     assert elapsed < 12, f"the job ran {elapsed:.1f}s past its 2 s timeout"
     assert job.get_status(refresh=True) == "scheduled" and job.id in ScheduledJobRegistry(queue=queue)  # retried later
     assert jobs.handle_mail(job.args[0])["transitions"] == 1  # the retry succeeds (fresh sessions)
+
+
+def test_a_reply_naming_several_steps_of_one_sequence_acts_once(ctx):
+    step1 = mail.new_id("ours.example")
+    step2 = mail.new_id("ours.example")
+    ctx.sends.record([step1], "e-steps", "seq-1", MAILBOX, to=[PROSPECT])
+    ctx.sends.record([step2], "e-steps", "seq-1", MAILBOX, to=[PROSPECT])
+    summary = deliver(ctx, mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=step2, references=f"{step1} {step2}"))
+    assert summary["items"][0]["matched"] == ["e-steps"]
+    assert summary["items"][0]["actions"] == [{"enrollment_id": "e-steps", "action": "stopped", "reason": "replied",
+                                               "applied": True}]

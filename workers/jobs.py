@@ -175,7 +175,10 @@ def _process(ctx, fetcher, mailbox: str, mail: NewMail, item: FetchedMessage, bo
     if own_id and any(own_id in s.message_ids for s in found):
         summary["skipped"] = "a copy of one of our sends"
         return summary
-    sends = found
+    by_enrollment = {}
+    for send in found:  # several steps of one sequence may be in References: act once per enrollment
+        by_enrollment.setdefault(send.enrollment_id, send)
+    sends = list(by_enrollment.values())
     summary["matched"] = [s.enrollment_id for s in sends]
     if not sends:
         metrics.UNMATCHED.labels(kind).inc()
