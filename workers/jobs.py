@@ -24,8 +24,10 @@ Per item:
    other         nothing
    ============  ========================================================================
 
-   "Recorded" means an entry in the capped ``el:observed`` stream (enrollment, kind,
-   details), for operators; enrollment state does not change.
+   "Recorded" means an entry in the capped ``el:observed`` stream (field ``data``: JSON with
+   enrollment_id, kind, at, event_key, by, item_id, message_id, mailbox, failed_recipients),
+   for operators; enrollment state does not change. A mail seen twice is recorded twice with
+   the same event_key.
 
 Mail the mailbox sent itself, and a copy of one of our own sends, is skipped. Unmatched mail
 is counted and ignored. An item that is gone by the time the job runs is counted and
@@ -204,15 +206,14 @@ def _process(ctx, fetcher, mailbox: str, mail: NewMail, item: FetchedMessage, bo
         failed = {a.lower() for a in c.failed_recipients}
         for s in sends:
             if failed and not failed & {a.lower() for a in s.to}:
-                _observe(ctx, s, "bounce_of_cc", {"item_id": item.item_id, "failed_recipients": sorted(failed)})
+                _observe(ctx, s, "bounce_of_cc", {**common, "failed_recipients": sorted(failed)})
                 summary["actions"].append({"enrollment_id": s.enrollment_id, "action": "recorded"})
             else:
                 plan.append((s.enrollment_id, "stopped", "bounced", {}))
     elif kind in ("bounce", "read_receipt"):
         for s in sends:
-            _observe(ctx, s, kind if kind != "bounce" else "soft_bounce",
-                     {"item_id": item.item_id, "mailbox": mailbox, "message_id": own_id, "by": sender,
-                      "failed_recipients": c.failed_recipients or None})
+            _observe(ctx, s, "soft_bounce" if kind == "bounce" else kind,
+                     {**common, "failed_recipients": c.failed_recipients or None})
             summary["actions"].append({"enrollment_id": s.enrollment_id, "action": "recorded"})
 
     for enrollment_id, status, reason, extra in plan:
