@@ -350,6 +350,40 @@ class Stack:
         return None
 
 
+class Supervisor(threading.Thread):
+    """Restarts a listener or worker that exited on its own, as supervisord's ``autorestart``
+    does in production, and counts those exits. Processes the drill killed on purpose are
+    ``held`` until the drill restarts them itself."""
+
+    def __init__(self, stack: Stack):
+        super().__init__(name="supervisor", daemon=True)
+        self.stack = stack
+        self.held: set[int] = set()
+        self.exits: list[dict] = []
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+
+    def hold(self, proc: Proc) -> None:
+        with self.lock:
+            self.held.add(id(proc))
+
+    def release(self, proc: Proc) -> None:
+        """Start ``proc`` again (if still down) and let the supervisor watch it again."""
+        with self.lock:
+            if not proc.alive() and not self.stopping.is_set():
+                proc.start()
+            self.held.discard(id(proc))
+
+    def run(self) -> None:
+        while not self.stopping.wait(0.5):
+            for proc in self.stack.listeners + self.stack.workers:
+                with self.lock:
+                    if id(proc) in self.held or proc.popen is None or proc.popen.poll() is None:
+                        continue
+                    self.exits.append({"process": proc.name, "exit_code": proc.popen.returncode, "at": time.time()})
+                    proc.start()
+
+
 class Deliverer:
     """POSTs raw messages to the emulator over kept-alive HTTP connections (one per thread)."""
 
@@ -558,6 +592,7 @@ class Drill:
             "job_retries": 8,
         })
         self.enrollments, self.timeline = make_plan(self.mailboxes, self.cfg["deliveries"], self.rng)
+        self.supervisor = Supervisor(self.stack)
         self.faults: list[dict] = []  # {kind, at, probes: [enrollment ids], job_id, recovery_s}
         self.probes: list[Enrollment] = []
         self.lock = threading.Lock()
@@ -650,9 +685,10 @@ class Drill:
             emulator.fault(kind="restart")
         elif kind == "kill_listener":
             victim = self.rng.choice([p for p in stack.listeners if p.alive()] or stack.listeners)
+            self.supervisor.hold(victim)
             victim.kill()
             fault["victim"] = victim.name
-            threading.Timer(self.rng.uniform(3, 8), lambda: victim.alive() or victim.start()).start()
+            threading.Timer(self.rng.uniform(3, 8), self.supervisor.release, args=(victim,)).start()
         elif kind == "kill_worker":
             fault.update(self.kill_busy_worker())
         elif kind == "restart_redis":
@@ -680,10 +716,11 @@ class Drill:
             if found is None:
                 return {"victim": None, "skipped": True, "note": "no worker was busy within 15 s"}
             victim, job_id = found
+            self.supervisor.hold(victim)
             victim.kill()
         finally:
             self.stack.emulator.fault(kind="latency", ms=0)
-        threading.Timer(self.rng.uniform(1, 3), lambda: victim.alive() or victim.start()).start()
+        threading.Timer(self.rng.uniform(1, 3), self.supervisor.release, args=(victim,)).start()
         return {"victim": victim.name, "job_id": job_id}
 
     def run_faults(self, schedule: list[tuple[float, str]], start: float, stop: threading.Event) -> None:
@@ -829,6 +866,7 @@ class Drill:
     def run(self) -> dict:
         t_start = time.monotonic()
         self.setup()
+        self.supervisor.start()
         ready_s = self.wait_ready()
         duration = len(self.timeline) / self.cfg["rate"]
         stop = threading.Event()
@@ -845,6 +883,7 @@ class Drill:
                 time.sleep(0.2)
         delivered_s = time.monotonic() - start
         settle_s = self.wait_quiet(self.cfg["settle"])
+        self.supervisor.stopping.set()
         result = self.verify()
         kinds = collections.Counter(f["kind"] for f in self.faults if not f.get("skipped"))
         report = {
@@ -860,6 +899,8 @@ class Drill:
             "replies_by_kind": result["replies_by_kind"],
             "ready_s": round(ready_s, 1), "delivery_s": round(delivered_s, 1), "settle_s": round(settle_s, 1),
             "total_s": round(time.monotonic() - t_start, 1),
+            "process_exits": dict(collections.Counter(e["process"].rsplit("-", 1)[0] for e in self.supervisor.exits)),
+            "process_exit_codes": sorted({e["exit_code"] for e in self.supervisor.exits}),
             "recovery_by_fault": [{"kind": f["kind"], "recovery_s": f.get("recovery_s"),
                                    **({"note": f["note"]} if f.get("note") else {})} for f in self.faults],
             "failed_jobs": result["failed_jobs"],
@@ -897,6 +938,7 @@ def main(argv: list[str] | None = None) -> int:
                   "faults": dict(collections.Counter(f["kind"] for f in drill.faults)), "lost": None,
                   "duplicated": None, "false_stops": None, "max_recovery_s": None, "logs": log_dir}
     finally:
+        drill.supervisor.stopping.set()
         drill.stack.stop()
     report["seed"] = seed
     report["plumbing"] = args.plumbing
