@@ -48,14 +48,20 @@ class Receiver(http.server.ThreadingHTTPServer):
     """The sending platform's webhook endpoint: records every POST, answers 204."""
 
     def __init__(self):
-        self.posts: list[tuple[dict, bytes]] = []
+        self.posts: list[tuple[dict, bytes]] = []  # accepted ones
+        self.refuse = 0  # answer this many POSTs with 503 first
+        self.refused = 0
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                outer.posts.append(({k: v for k, v in self.headers.items()}, body))
-                self.send_response(204)
+                if outer.refused < outer.refuse:
+                    outer.refused += 1
+                    self.send_response(503)
+                else:
+                    outer.posts.append(({k: v for k, v in self.headers.items()}, body))
+                    self.send_response(204)
                 self.end_headers()
 
             def log_message(self, *args):
@@ -312,3 +318,23 @@ def test_sigterm_is_a_warm_shutdown(system):
     s.emulator.fault(kind="latency", ms=0)
     assert job.get_status(refresh=True) == "finished"
     assert s.enrollments.get("e-warm")["status"] == "stopped"
+
+
+def test_a_webhook_that_fails_at_first_gets_the_transition_once_later(system):
+    """The receiver answers 503 twice: the worker's outbox drain retries with backoff and the
+    platform gets the transition exactly once, without another mail arriving."""
+    s = system
+    s.receiver.refuse = 2
+    sent = send(s, "e-hook")
+    item_id = s.emulator.deliver(MAILBOX, mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=sent,
+                                                     references=sent))["item_id"]
+    queueing.enqueue_new_mail(queueing.make_queue(s.redis, QUEUE), [NewMail(MAILBOX, item_id, "inbox", time.time())])
+    worker = s.start("work", name="worker")
+    wait_for(lambda: s.enrollments.get("e-hook")["status"] == "stopped", message="the reply processed")
+    wait_for(lambda: s.receiver.posts, timeout=45, message="the webhook delivered after the receiver recovered")
+    time.sleep(1.0)
+    assert s.receiver.refused == 2 and len(s.receiver.posts) == 1
+    headers, body = s.receiver.posts[0]
+    assert verify(SECRET, headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])
+    assert json.loads(body)["enrollment_id"] == "e-hook"
+    assert any(line.get("event") == "transition notification failed, will retry" for line in worker.lines())
