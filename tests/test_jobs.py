@@ -7,6 +7,8 @@ import time
 
 import mail_samples as mail
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from exchange_listener import config, queueing
 from exchange_listener.sources.base import NewMail
@@ -289,3 +291,28 @@ def test_a_reply_naming_several_steps_of_one_sequence_acts_once(ctx):
     assert summary["items"][0]["matched"] == ["e-steps"]
     assert summary["items"][0]["actions"] == [{"enrollment_id": "e-steps", "action": "stopped", "reason": "replied",
                                                "applied": True}]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=20,
+)
+payload_like = st.fixed_dictionaries(
+    {}, optional={"mailbox": st.one_of(st.just(MAILBOX), json_values), "source": st.one_of(st.just("ews"), json_values),
+                  "mails": st.one_of(st.lists(st.one_of(st.fixed_dictionaries(
+                      {"item_id": st.one_of(st.text(min_size=1, max_size=30), json_values)},
+                      optional={"seen_at": json_values, "via": json_values, "mailbox": json_values,
+                                "folder": json_values, "extra": json_values}), json_values), max_size=3), json_values)})
+
+
+@given(st.one_of(json_values, payload_like))
+@settings(max_examples=300, deadline=None)
+def test_any_json_payload_is_accepted_or_refused_with_invalid_payload(payload):
+    try:
+        mailbox, source, mails = jobs._validate(payload)
+    except jobs.InvalidPayload as exc:
+        assert str(exc).startswith("payload")
+    else:
+        assert "@" in mailbox and isinstance(source, str) and mails
+        assert all(m.mailbox.lower() == mailbox.lower() and m.item_id for m in mails)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import time
 from typing import Any
 
@@ -93,15 +94,18 @@ def _validate(payload: Any) -> tuple[str, str, list[NewMail]]:
         raise InvalidPayload(f"payload.mails has {len(mails)} items (at most {MAX_ITEMS})")
     parsed = []
     for index, raw in enumerate(mails):
+        where = f"payload.mails[{index}]"
         if not isinstance(raw, dict) or not isinstance(raw.get("item_id"), str) or not raw["item_id"]:
-            raise InvalidPayload(f"payload.mails[{index}] needs a non-empty string item_id")
-        try:
-            mail = NewMail.from_dict({**raw, "mailbox": raw.get("mailbox") or mailbox})
-            float(mail.seen_at or 0)
-        except (TypeError, ValueError) as exc:
-            raise InvalidPayload(f"payload.mails[{index}]: {exc}") from None
+            raise InvalidPayload(f"{where} needs a non-empty string item_id")
+        for name in ("mailbox", "folder", "via"):
+            if raw.get(name) is not None and not isinstance(raw[name], str):
+                raise InvalidPayload(f"{where}.{name} must be a string")
+        seen_at = raw.get("seen_at") or 0
+        if isinstance(seen_at, bool) or not isinstance(seen_at, (int, float)) or not math.isfinite(seen_at):
+            raise InvalidPayload(f"{where}.seen_at must be a number (epoch seconds)")
+        mail = NewMail.from_dict({**raw, "mailbox": raw.get("mailbox") or mailbox, "seen_at": float(seen_at)})
         if mail.mailbox.lower() != mailbox.lower():
-            raise InvalidPayload(f"payload.mails[{index}] belongs to another mailbox")
+            raise InvalidPayload(f"{where} belongs to another mailbox")
         parsed.append(mail)
     return mailbox, source, parsed
 
