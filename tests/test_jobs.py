@@ -7,7 +7,7 @@ import time
 
 import mail_samples as mail
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from exchange_listener import config, queueing
@@ -316,3 +316,36 @@ def test_any_json_payload_is_accepted_or_refused_with_invalid_payload(payload):
     else:
         assert "@" in mailbox and isinstance(source, str) and mails
         assert all(m.mailbox.lower() == mailbox.lower() and m.item_id for m in mails)
+
+
+HEADER_NAMES = ["From", "To", "Cc", "Subject", "Message-ID", "In-Reply-To", "References", "Content-Type",
+                "Auto-Submitted", "Return-Path", "X-Failed-Recipients", "Precedence", "X-Autoreply"]
+header_values = st.one_of(
+    st.text(max_size=80),
+    st.sampled_from(["<>", "auto-replied", "multipart/report; report-type=delivery-status; boundary=b",
+                     "multipart/report; report-type=disposition-notification", "MAILER-DAEMON@x.example",
+                     "Re: hello", "Automatic reply: out", "=?utf-8?q?Gr=C3=BC=C3=9Fe?=", "<a@b> <c@d>, e@f"]),
+)
+
+
+@given(headers=st.lists(st.tuples(st.sampled_from(HEADER_NAMES), header_values), max_size=8),
+       body=st.binary(max_size=300), cite_send=st.booleans())
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_delivered_mail_completes_or_fails_visibly(ctx, headers, body, cite_send):
+    sent = "<prop-send@ours.example>"
+    if not ctx.sends.lookup_many([sent]):
+        ctx.sends.record([sent], "e-prop", "seq-1", MAILBOX, to=[PROSPECT])
+    lines = [f"{name}: {' '.join(value.split())}" for name, value in headers]  # one line each: no accidental body
+    if cite_send:
+        lines.append(f"References: {sent}")
+    raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
+    if not raw.strip():
+        raw = b"X-Empty: 1\r\n\r\n"
+    try:
+        summary = deliver(ctx, raw)
+    except (FetchError, jobs.ItemsFailed) as exc:  # fails visibly: RQ retries, then lists it with this message
+        assert MAILBOX in str(exc) or "item(s) failed" in str(exc)
+    else:
+        (item,) = summary["items"]
+        assert item["kind"] in ("human_reply", "auto_reply", "bounce", "read_receipt", "complaint", "other")
+        json.dumps(summary)
