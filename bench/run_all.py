@@ -64,15 +64,18 @@ class Sizes:
     throughput_replies: int
     worker_counts: tuple[int, ...]
     catchup_replies: int
-    drain_bound: float  # seconds to wait for a phase's stops before calling the rest unfinished
+    drain_bound: float  # seconds to wait for a phase's last stops before calling the rest unfinished
+    throughput_bound: float  # seconds one throughput run may take (the baseline is cut off, not waited for)
     baseline_listener_mailboxes: int
     component_timeout: float
 
 
-FULL = Sizes(mailboxes=50, latency_rate=50.0, latency_seconds=20.0, throughput_replies=3000, worker_counts=(1, 2, 4),
-             catchup_replies=10_000, drain_bound=120.0, baseline_listener_mailboxes=1000, component_timeout=900.0)
+FULL = Sizes(mailboxes=50, latency_rate=50.0, latency_seconds=20.0, throughput_replies=1500, worker_counts=(1, 2, 4),
+             catchup_replies=10_000, drain_bound=90.0, throughput_bound=60.0, baseline_listener_mailboxes=1000,
+             component_timeout=900.0)
 QUICK = Sizes(mailboxes=6, latency_rate=50.0, latency_seconds=1.2, throughput_replies=150, worker_counts=(2,),
-              catchup_replies=200, drain_bound=3.0, baseline_listener_mailboxes=20, component_timeout=25.0)
+              catchup_replies=200, drain_bound=3.0, throughput_bound=6.0, baseline_listener_mailboxes=20,
+              component_timeout=25.0)
 
 
 # --- component benches ------------------------------------------------------------------------
@@ -237,7 +240,7 @@ class EndToEnd:
         t0 = time.time()
         sent = self.deliver(batch)
         offered = len(sent) / max(1e-6, time.time() - t0)
-        stops = self.wait_stopped(list(sent), bound=s.drain_bound + len(batch) / 50, stall=max(5.0, s.drain_bound / 4))
+        stops = self.wait_stopped(list(sent), bound=s.throughput_bound, stall=max(5.0, s.drain_bound / 4))
         cpu = sum(p.cpu_seconds() for p in self.stack.workers) - cpu0
         listener_cpu = sum(p.cpu_seconds() for p in self.stack.listeners) - listener_cpu0
         services_cpu = self.services_cpu() - services_cpu0
@@ -264,8 +267,8 @@ class EndToEnd:
         self.deliver(batch)
         t0 = time.time()
         self.stack.start_listeners(1)
-        stops = self.wait_stopped([e.id for e in batch], bound=s.drain_bound + len(batch) / 40,
-                                  stall=max(4.0, s.drain_bound / 2))
+        stops = self.wait_stopped([e.id for e in batch], bound=s.drain_bound + len(batch) / 25,
+                                  stall=max(4.0, s.drain_bound / 6))
         done = len(stops)
         return {"replies": len(batch), "completed": done,
                 "first_stop_s": round(min(stops.values()) - t0, 2) if done else None,
@@ -354,6 +357,26 @@ def _find(data, *words):
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and all(w in path for w in words):
             return value
     return None
+
+
+HIGHLIGHT_WORDS = ("per_s", "p50", "p99", "rss", "cpu_ms", "cpu_us", "streams_open", "connections", "startup",
+                   "seconds_to", "mailboxes")
+
+
+def highlights(result, limit: int = 10) -> dict:
+    """The headline numbers of a component bench's JSON (rates, percentiles, RSS, CPU), flattened."""
+    found: dict = {}
+    stack = [("", result)]
+    while stack and len(found) < limit:
+        path, value = stack.pop(0)
+        if isinstance(value, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in value.items() if k not in ("machine", "goals"))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value[:4]))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if any(word in path.lower() for word in HIGHLIGHT_WORDS):
+                found[path] = value
+    return found
 
 
 def listener_footprint(component: dict) -> dict:
@@ -449,6 +472,9 @@ def print_table(table: dict, results: dict) -> None:
     for name, comp in results["components"].items():
         status = f"ok ({comp.get('seconds')} s, {comp.get('file', 'stdout')})" if comp["ok"] else f"ERROR: {comp['error']}"
         print(f"  {name}: {status}")
+        if comp["ok"]:
+            shown = ", ".join(f"{k}={_fmt(v)}" for k, v in highlights(comp["result"]).items())
+            print(f"      {shown}")
     print("ratio: how many times better ours is (latency, CPU, RSS, connections: baseline / ours; rates: ours / baseline)")
 
 
