@@ -136,9 +136,14 @@ class GroupStreamingEvents(_GroupAffinity, GetStreamingEvents):
         self.timeout = (CONNECT_TIMEOUT, self.read_timeout)  # read lazily when iteration sends the request
         return notifications
 
+    def _get_response(self, payload, api_version):
+        response = super()._get_response(payload=payload, api_version=api_version)
+        self.group.connected = True  # HTTP 200: the server holds the stream now
+        self.group.last_activity = time.time()
+        return response
+
     def _get_element_container(self, message, name=None):
         self.group.last_activity = time.time()
-        self.group.connected = True
         return super()._get_element_container(message, name=name)
 
 
@@ -204,7 +209,8 @@ class StreamGroup:
         self.config = ews_account.make_configuration(settings, pool=f"{listener_id}/{group_id}", max_connections=2)
         self.anchor: str | None = None
         self.cookie: str | None = None
-        self.members: dict[str, Member] = {}
+        self.assigned: set[str] = set()  # what the listener gave us; only its thread touches this
+        self.members: dict[str, Member] = {}  # only the group's thread touches this
         self.by_subscription: dict[str, Member] = {}
         self.last_activity = 0.0
         self.connected = False
@@ -224,14 +230,10 @@ class StreamGroup:
         self._thread.start()
 
     def size(self) -> int:
-        with self._lock:
-            return len(self.members) + len(self._adds - self.members.keys()) - len(self._removes & self.members.keys())
-
-    def mailboxes(self) -> set[str]:
-        with self._lock:
-            return (set(self.members) | self._adds) - self._removes
+        return len(self.assigned)
 
     def add(self, mailboxes) -> None:
+        self.assigned.update(mailboxes)
         with self._lock:
             for m in mailboxes:
                 self._removes.discard(m)
@@ -241,6 +243,7 @@ class StreamGroup:
         self._dirty.set()
 
     def remove(self, mailboxes) -> None:
+        self.assigned.difference_update(mailboxes)
         with self._lock:
             for m in mailboxes:
                 self._adds.discard(m)
