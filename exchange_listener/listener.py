@@ -182,6 +182,7 @@ class Listener:
         self.group_of: dict[str, StreamGroup] = {}
         self._group_seq = 0
         self._version_seen: int | None = None
+        self._set_missing = False
         self._stop = threading.Event()
         self._redis_ok = True
         self.catchups = CatchUps(self)
@@ -250,9 +251,12 @@ class Listener:
     def _poll_mailboxes(self) -> bool:
         version = mailboxes_mod.version(self.conn)
         if version is None and self._version_seen is not None:
-            if self.watched:
-                self.log.error("the watched-mailbox set is missing from Redis (data loss?); keeping the current set")
+            if self.watched and not self._set_missing:
+                self._set_missing = True
+                self.log.error("the watched-mailbox set is missing from Redis (data loss?); keeping the current set "
+                               "until `exchange-listener mailboxes add` writes it again", mailboxes=len(self.watched))
             return False
+        self._set_missing = False
         if version == self._version_seen and self._version_seen is not None:
             return False
         self.watched = mailboxes_mod.list_all(self.conn)

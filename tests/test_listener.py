@@ -46,7 +46,7 @@ def queued(conn) -> set[tuple[str, str]]:
 
 
 class ListenerProcess:
-    def __init__(self, redis_url: str, emulator, name: str, **settings):
+    def __init__(self, redis_url: str, emulator, name: str, log_dir, **settings):
         self.name = name
         self.env = dict(os.environ, EXCHANGE_LISTENER_REDIS_URL=redis_url, EXCHANGE_LISTENER_EWS_URL=emulator.ews_url,
                         EXCHANGE_LISTENER_EWS_USERNAME=SERVICE_ACCOUNT[0],
@@ -55,7 +55,7 @@ class ListenerProcess:
                         EXCHANGE_LISTENER_LOG_FORMAT="json")
         self.env.update({f"EXCHANGE_LISTENER_{k.upper()}": str(v) for k, v in settings.items()})
         self.proc: subprocess.Popen | None = None
-        self.log_path = f"/tmp/el-test-listener-{name}-{uuid.uuid4().hex[:6]}.log"
+        self.log_path = log_dir / f"listener-{name}.log"
 
     def start(self) -> "ListenerProcess":
         self.proc = subprocess.Popen([sys.executable, "-m", "exchange_listener.cli", "listen"], env=self.env,
@@ -79,11 +79,11 @@ class ListenerProcess:
 
 
 @pytest.fixture
-def listeners(redis_server):
+def listeners(redis_server, tmp_path):
     started = []
 
     def start(emulator, name="l1", redis_url=None, **settings):
-        proc = ListenerProcess(redis_url or redis_server.url, emulator, name, **settings).start()
+        proc = ListenerProcess(redis_url or redis_server.url, emulator, name, tmp_path, **settings).start()
         started.append(proc)
         return proc
 
@@ -188,21 +188,30 @@ def durable_redis():
         yield server
 
 
-def test_redis_restart_loses_nothing(durable_redis, emulator, listeners):
-    conn = redis.Redis.from_url(durable_redis.url)
+@pytest.mark.parametrize("durable", [True, False], ids=["aof", "no-persistence"])
+def test_redis_restart_loses_nothing(durable, request, redis_server, emulator, listeners):
+    """With AOF Redis keeps its data; without it the restart wipes everything (mailbox set,
+    leases, queue) and the listener must keep streaming what it had, re-take its leases and
+    enqueue the mail it saw meanwhile."""
+    server = request.getfixturevalue("durable_redis") if durable else redis_server
+    conn = redis.Redis.from_url(server.url)
+    conn.flushall()
     mailboxes.add(conn, ["erin@example.com"])
-    listeners(emulator, redis_url=durable_redis.url)
+    listeners(emulator, redis_url=server.url)
     wait_for(lambda: streaming(conn, "l1", 1), message="streaming")
     before = emulator.deliver("erin@example.com", mail("before"))
     wait_for(lambda: ("erin@example.com", before["item_id"]) in queued(conn), message="enqueued before the outage")
 
-    durable_redis.stop()
+    server.stop()
     outage = [emulator.deliver("erin@example.com", mail(f"during outage {i}")) for i in range(3)]
     time.sleep(2.0)  # the listener sees the mail while Redis is down
-    durable_redis.start()
-    conn = redis.Redis.from_url(durable_redis.url)
-    expected = {("erin@example.com", d["item_id"]) for d in outage} | {("erin@example.com", before["item_id"])}
+    server.start()
+    conn = redis.Redis.from_url(server.url)
+    expected = {("erin@example.com", d["item_id"]) for d in outage}
+    if durable:
+        expected.add(("erin@example.com", before["item_id"]))
     wait_for(lambda: expected <= queued(conn), message="mail seen during the outage enqueued")
+    wait_for(lambda: held_by(conn, "l1", ["erin@example.com"]), message="lease held again")
     after = emulator.deliver("erin@example.com", mail("after"))
     wait_for(lambda: ("erin@example.com", after["item_id"]) in queued(conn), message="mail after the outage")
 
