@@ -139,6 +139,21 @@ def test_getitem_returns_headers_exactly_as_delivered(emulator):
     assert len(headers) == 11
 
 
+def test_getitem_serves_raw_8bit_and_control_bytes_in_headers_as_text(emulator):
+    """Unencoded 8-bit header bytes (UTF-8 or Latin-1) and control characters must not break
+    the XML: Exchange returns them as text, and so do we."""
+    raw = (b"From: \xc3\xa9l\xc3\xa8ve <utf8@customer.example>\r\nTo: alice@example.com\r\n"
+           b"Subject: caf\xe9 \x01bell\r\nMessage-ID: <eight@customer.example>\r\n\r\nbody\r\n")
+    delivered = emulator.deliver(ALICE, raw)
+    item = next(iter(account(emulator, ALICE).fetch([(delivered["item_id"], None)],
+                                                    only_fields=["subject", "author", "headers"])))
+    assert item.author.email_address == "utf8@customer.example"
+    headers = dict((h.name, h.value) for h in item.headers)
+    assert headers["From"] == "\u00e9l\u00e8ve <utf8@customer.example>"
+    assert headers["Subject"].startswith("caf\u00e9 ") and headers["Subject"].endswith("bell")
+    assert "\x01" not in headers["Subject"]
+
+
 def test_getitem_of_unknown_id_is_item_not_found(emulator):
     from exchangelib.errors import ErrorItemNotFound
 

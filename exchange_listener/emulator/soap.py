@@ -6,6 +6,8 @@ Responses are built as strings (cheap for thousands of streams); every value goe
 """
 from __future__ import annotations
 
+import re
+
 import base64
 import datetime as dt
 import email
@@ -38,8 +40,12 @@ class BadRequest(Exception):
         self.text = text
 
 
+# Characters XML 1.0 cannot carry; real Exchange replaces them rather than send invalid XML.
+_XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
 def esc(value) -> str:
-    return escape(str(value))
+    return escape(_XML_ILLEGAL.sub("\ufffd", str(value)))
 
 
 def ts(value: dt.datetime) -> str:

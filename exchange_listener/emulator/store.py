@@ -87,6 +87,15 @@ class Folder:
         return sum(1 for item in self.items.values() if not item.is_read)
 
 
+def _header_text(value: str) -> str:
+    """A header value as text: raw 8-bit bytes read as UTF-8, else Latin-1 (as Exchange does)."""
+    raw = value.encode("ascii", "surrogateescape")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 @dataclass
 class Item:
     id: str
@@ -103,7 +112,7 @@ class Item:
         """(name, raw value) pairs in message order, parsed once."""
         if self._headers is None:
             msg = email.message_from_bytes(self.raw, policy=email.policy.compat32)
-            self._headers = [(name, str(value)) for name, value in msg.raw_items()]
+            self._headers = [(name, _header_text(str(value))) for name, value in msg.raw_items()]
         return self._headers
 
     def header(self, name: str) -> str | None:
