@@ -7,8 +7,9 @@
    apart). Latency = from just before the delivery POST to the job's ``enqueued_at`` in RQ
    (same machine clock). Goal: p99 < 100 ms.
 2. Footprint: one listener process holding 1,000 and 5,000 mailboxes (quick: 200): seconds from
-   process start to every mailbox subscribed and streamed, then RSS (and peak RSS) from /proc
-   and its open TCP connections. Goal: 5,000 mailboxes in < 500 MB RSS.
+   process start to every mailbox subscribed and streamed, to start-up catch-up finished, then
+   RSS (and peak RSS) from /proc, its established TCP connections, and the seconds SIGTERM
+   takes to exit. Goal: 5,000 mailboxes in < 500 MB RSS.
 
 A real redis-server and the emulator run as child processes on free ports. Prints a table and
 writes the JSON file.
@@ -156,10 +157,16 @@ def bench_footprint(workdir: Path, count: int, timeout: float) -> dict:
             settled = time.monotonic() - started
             status = proc_status(proc.pid)
             connections = tcp_connections(proc.pid)
-        finally:
+            stopping = time.monotonic()
             proc.terminate()
-            proc.wait(15)
+            exit_code = proc.wait(30)
+            shutdown = time.monotonic() - stopping
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(15)
     return {"mailboxes": count, "startup_s": round(startup, 1), "caught_up_s": round(settled, 1),
+            "sigterm_exit_s": round(shutdown, 1), "exit_code": exit_code,
             "rss_mb": round(status["VmRSS"] / 1024, 1), "peak_rss_mb": round(status["VmHWM"] / 1024, 1),
             "open_connections": connections, "threads": int(status["Threads"]),
             "groups": -(-count // 200)}
@@ -185,10 +192,11 @@ def main() -> int:
 
     print(f"listener enqueue latency ({latency['streamed']} mails): p50 {latency['p50_ms']} ms, "
           f"p99 {latency['p99_ms']} ms, max {latency['max_ms']} ms  (goal p99 < 100 ms)")
-    print(f"{'mailboxes':>10} {'start-up s':>11} {'caught up s':>12} {'RSS MB':>8} {'peak MB':>8} {'TCP conns':>10} {'threads':>8}")
+    print(f"{'mailboxes':>10} {'start-up s':>11} {'caught up s':>12} {'RSS MB':>8} {'peak MB':>8} {'TCP conns':>10} "
+          f"{'threads':>8} {'SIGTERM s':>10}")
     for f in footprint:
         print(f"{f['mailboxes']:>10} {f['startup_s']:>11} {f['caught_up_s']:>12} {f['rss_mb']:>8} {f['peak_rss_mb']:>8} "
-              f"{f['open_connections']:>10} {f['threads']:>8}")
+              f"{f['open_connections']:>10} {f['threads']:>8} {f['sigterm_exit_s']:>10}")
     print(json.dumps(result))
     return 0
 

@@ -52,8 +52,8 @@ class Sink:
         """Enqueue now or raise (used by catch-up, which must not advance its state otherwise)."""
         job = queueing.enqueue_new_mail(self.queue, mails, retries=self.settings.job_retries,
                                         job_timeout=self.settings.job_timeout)
-        metrics.JOBS_ENQUEUED.labels(mails[0].via).inc()
         if job is not None:
+            metrics.JOBS_ENQUEUED.labels(mails[0].via).inc()
             self.log.debug("enqueued", mailbox=mails[0].mailbox, job_id=job.id, items=len(mails), via=mails[0].via)
 
     def put(self, mails) -> None:
@@ -256,8 +256,8 @@ class Listener:
                 self.log.error("the watched-mailbox set is missing from Redis (data loss?); keeping the current set "
                                "until `exchange-listener mailboxes add` writes it again", mailboxes=len(self.watched))
             return False
-        self._set_missing = False
-        if version == self._version_seen and self._version_seen is not None:
+        was_missing, self._set_missing = self._set_missing, False
+        if version == self._version_seen and self._version_seen is not None and not was_missing:
             return False
         self.watched = mailboxes_mod.list_all(self.conn)
         self._version_seen = version if version is not None else 0

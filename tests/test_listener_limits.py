@@ -41,12 +41,13 @@ def queued(conn) -> set[str]:
 def run_listener(redis_server, tmp_path):
     procs = []
 
-    def start(emulator, password=SERVICE_ACCOUNT[1], **settings):
+    def start(emulator, password=SERVICE_ACCOUNT[1], extra_env=None, **settings):
         env = dict(os.environ, EXCHANGE_LISTENER_REDIS_URL=redis_server.url, EXCHANGE_LISTENER_EWS_URL=emulator.ews_url,
                    EXCHANGE_LISTENER_EWS_USERNAME=SERVICE_ACCOUNT[0], EXCHANGE_LISTENER_EWS_PASSWORD=password,
                    EXCHANGE_LISTENER_HEARTBEAT_SECONDS="1", EXCHANGE_LISTENER_LEASE_SECONDS="3",
                    EXCHANGE_LISTENER_LISTENER_ID="l1", EXCHANGE_LISTENER_LOG_FORMAT="json")
         env.update({f"EXCHANGE_LISTENER_{k.upper()}": str(v) for k, v in settings.items()})
+        env.update(extra_env or {})
         log = tmp_path / f"listener-{len(procs)}.log"
         proc = subprocess.Popen([sys.executable, "-m", "exchange_listener.cli", "listen"], env=env,
                                 stdout=open(log, "w"), stderr=subprocess.STDOUT)
@@ -140,3 +141,16 @@ def test_bad_credentials_are_logged_clearly_retried_with_backoff_and_never_leake
     assert "UnauthorizedError" in failures[0]["event"]
     assert proc.poll() is None
     assert secret not in proc.log.read_text()
+
+
+def test_oauth2_client_credentials_listener(redis_client, run_listener):
+    with Emulator(accounts=[":".join(SERVICE_ACCOUNT)], heartbeat_seconds=1.0,
+                  extra_args=["--oauth-client", "app-id:app-secret"]) as emu:
+        mailboxes.add(redis_client, ["uma@example.com"])
+        proc = run_listener(emu, auth_type="oauth2", client_id="app-id", client_secret="app-secret",
+                            token_url=f"{emu.base_url}/oauth2/v2.0/token", ews_username="", password="",
+                            extra_env={"OAUTHLIB_INSECURE_TRANSPORT": "1"})  # the emulator speaks plain HTTP
+        wait_for(lambda: connected(redis_client, 1), message="streaming with an OAuth2 token")
+        item = emu.deliver("uma@example.com", mail("via oauth"))
+        wait_for(lambda: item["item_id"] in queued(redis_client), message="enqueued")
+        assert "app-secret" not in proc.log.read_text()
