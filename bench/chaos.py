@@ -8,7 +8,26 @@ a steady rate and, at random moments, kills a listener (-9), kills a worker in t
 quiet and checks the enrollment state and audit trail in Redis against the ground truth.
 
 The last line printed is a JSON report; the exit status is non-zero when anything was lost,
-duplicated, falsely stopped or left unexplained in the queues.
+duplicated, falsely stopped or left unexplained in the queues. Its fields:
+
+- ``injected`` / ``faults``: faults injected, in all and by kind (a worker kill counts only when
+  a worker was caught mid-job: EWS is slowed down with the emulator's latency fault meanwhile);
+- ``lost``: enrollments whose expected stop or pause never happened;
+- ``duplicated``: enrollments with more than one stop, or more pauses than distinct
+  out-of-office mails (the same mail delivered twice must make one transition);
+- ``false_stops``: stops of enrollments that only got out-of-office, soft bounces, read
+  receipts or nothing (and any transition on an enrollment the drill never made);
+- ``wrong``: wrong stop reason (replied / bounced) or wrong pause end (the stated return date,
+  else ``pause_days``);
+- ``unexplained``: jobs still queued, running, waiting for a retry, or failed at the end;
+- ``max_recovery_s``: for each fault, replies are delivered right when it hits; its recovery
+  is the time until the last of them is stopped (for a worker kill, until the killed job
+  finished on another worker); the maximum over all faults;
+- ``process_exits``: processes that exited on their own and were restarted, as supervisord's
+  ``autorestart`` does in production (deploy/programs.conf).
+
+Children run with short timings so that the drill fits in CI: ``heartbeat_seconds`` 1,
+``lease_seconds`` 8-10, ``worker_ttl`` 10, ``job_timeout`` 30, ``job_retries`` 8.
 
     python bench/chaos.py --size small     # CI: under 3 minutes
     python bench/chaos.py --size large     # >= 10,000 replies
