@@ -25,7 +25,8 @@ import time
 import redis
 
 from exchange_listener import leases as leases_mod
-from exchange_listener import logs, mailboxes as mailboxes_mod, metrics, queueing, redis_conn
+from exchange_listener import logs, metrics, queueing, redis_conn
+from exchange_listener import mailboxes as mailboxes_mod
 from exchange_listener.sources import ews_account
 from exchange_listener.sources.ews_stream import Backoff, StreamGroup
 from exchange_listener.sync_state import SyncStore, catch_up, incoming_folders
@@ -96,7 +97,7 @@ class Sink:
 class CatchUps:
     """Catch-up work for mailboxes, on a few threads, at most one run per mailbox at a time."""
 
-    def __init__(self, listener: "Listener", threads: int = CATCHUP_THREADS):
+    def __init__(self, listener: Listener, threads: int = CATCHUP_THREADS):
         self.listener = listener
         self.config = ews_account.make_configuration(listener.settings, pool=f"{listener.listener_id}/sync",
                                                      max_connections=threads)

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import datetime
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import redis
-from exchangelib.errors import ErrorInvalidSyncStateData, ErrorFolderNotFound
+from exchangelib.errors import ErrorFolderNotFound, ErrorInvalidSyncStateData
 from exchangelib.fields import FieldPath
 from exchangelib.items import Message
 from exchangelib.properties import DistinguishedFolderId, FolderId, Mailbox
@@ -105,7 +105,7 @@ def catch_up(account, mailbox: str, folder: str, store: SyncStore, enqueue: Call
         except ErrorInvalidSyncStateData:
             since = (last_at or added_at or time.time()) - SKEW_SECONDS
             log.warning("sync state rejected by the server; starting a fresh sync and enqueueing mail received since "
-                        "the last good catch-up", since=datetime.datetime.fromtimestamp(since, datetime.timezone.utc).isoformat())
+                        "the last good catch-up", since=datetime.datetime.fromtimestamp(since, datetime.UTC).isoformat())
             store.drop(mailbox, folder)
             state = None
             continue
@@ -140,4 +140,4 @@ def incoming_folders(mailbox: str, store: SyncStore) -> list[str]:
     return [*DISTINGUISHED_INCOMING, *sorted(store.user_folders(mailbox))]
 
 
-__all__ = ["SyncStore", "catch_up", "incoming_folders", "folder_ref", "ErrorFolderNotFound"]
+__all__ = ["ErrorFolderNotFound", "SyncStore", "catch_up", "folder_ref", "incoming_folders"]

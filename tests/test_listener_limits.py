@@ -3,6 +3,7 @@ streams closed by the server, connection and subscription limits, bad credential
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import subprocess
@@ -49,8 +50,9 @@ def run_listener(redis_server, tmp_path):
         env.update({f"EXCHANGE_LISTENER_{k.upper()}": str(v) for k, v in settings.items()})
         env.update(extra_env or {})
         log = tmp_path / f"listener-{len(procs)}.log"
-        proc = subprocess.Popen([sys.executable, "-m", "exchange_listener.cli", "listen"], env=env,
-                                stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen([sys.executable, "-m", "exchange_listener.cli", "listen"], env=env,
+                                    stdout=out, stderr=subprocess.STDOUT)
         proc.log = log
         procs.append(proc)
         return proc
@@ -103,7 +105,7 @@ def test_connection_limit_is_backed_off_not_looped_on(redis_client, run_listener
         for group in {line["group"] for line in refused}:  # backed off (>= 15 s with jitter), not retried in a loop
             times = [datetime.datetime.fromisoformat(line["timestamp"].rstrip("Z")).timestamp()
                      for line in refused if line["group"] == group]
-            assert all(later - earlier >= 7 for earlier, later in zip(times, times[1:])), times
+            assert all(later - earlier >= 7 for earlier, later in itertools.pairwise(times)), times
         # the group that holds the one allowed connection keeps delivering meanwhile
         items = {emu.deliver(a, mail("still flowing"))["item_id"] for a in ("pia@example.com", "quinn@example.com")}
         wait_for(lambda: items & queued(redis_client), message="mail of the streaming group enqueued")

@@ -13,7 +13,7 @@ from exchange_listener import mailboxes
 def cli(redis_url: str, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, EXCHANGE_LISTENER_REDIS_URL=redis_url)
     return subprocess.run([sys.executable, "-m", "exchange_listener.cli", "mailboxes", *args], env=env,
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=30, check=False)
 
 
 def test_add_remove_list_and_version(redis_client):

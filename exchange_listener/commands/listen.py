@@ -13,6 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = commands.load_settings(args)
     settings.require("ews_url")
-    from exchange_listener import listener  # exchangelib is imported only when listening
+    from exchange_listener import (
+        listener,  # exchangelib is imported only when listening
+    )
 
     return listener.run(settings)

@@ -35,6 +35,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"{'removed' if address in removed else 'not watched'}: {address}")
     else:
         for address, added_at in sorted(mailboxes.list_all(conn).items()):
-            when = datetime.datetime.fromtimestamp(added_at, datetime.timezone.utc).isoformat(timespec="seconds")
+            when = datetime.datetime.fromtimestamp(added_at, datetime.UTC).isoformat(timespec="seconds")
             print(f"{address}\tadded {when}")
     return 0

@@ -21,19 +21,25 @@ Membership changes interrupt the stream by shutting its socket down.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import requests
 import urllib3
 from exchangelib import errors as ews_errors
 from exchangelib.properties import DistinguishedFolderId, FolderId, Mailbox
-from exchangelib.services import GetFolder, GetStreamingEvents, SubscribeToStreaming, Unsubscribe
+from exchangelib.services import (
+    GetFolder,
+    GetStreamingEvents,
+    SubscribeToStreaming,
+    Unsubscribe,
+)
 
 from exchange_listener import logs, metrics
 from exchange_listener.sources import ews_account
@@ -100,7 +106,7 @@ def failed_subscription_ids(exc: Exception) -> list[str]:
 class _GroupAffinity:
     """Mixin for the group's services: anchor mailbox, server affinity and the group's cookie."""
 
-    group: "StreamGroup"
+    group: StreamGroup
 
     def _extra_headers(self):
         headers = super()._extra_headers()
@@ -144,6 +150,7 @@ class GroupStreamingEvents(_GroupAffinity, GetStreamingEvents):
 
     def _get_element_container(self, message, name=None):
         self.group.last_activity = time.time()
+        self.group.backoff.reset()  # a whole envelope arrived: the connection works again
         return super()._get_element_container(message, name=name)
 
 
@@ -222,6 +229,7 @@ class StreamGroup:
         self._stopping = threading.Event()
         self._svc: GroupStreamingEvents | None = None
         self._reconnect_reason: str | None = "start"
+        self.backoff = Backoff()
         self._thread = threading.Thread(target=self._run, name=f"stream-{group_id}", daemon=True)
         self.protocol = None
 
@@ -239,7 +247,7 @@ class StreamGroup:
                 self._removes.discard(m)
                 self._adds.add(m)
             if self.anchor is None and self._adds:
-                self.anchor = sorted(self._adds)[0]
+                self.anchor = min(self._adds)
         self._dirty.set()
 
     def remove(self, mailboxes) -> None:
@@ -282,7 +290,7 @@ class StreamGroup:
 
     # -- the group's thread ----------------------------------------------------------------
     def _run(self) -> None:
-        backoff = Backoff()
+        backoff = self.backoff
         while not self._stopping.is_set():
             try:
                 self._apply_membership()
@@ -292,7 +300,6 @@ class StreamGroup:
                     self._dirty.wait(1.0)
                     continue
                 self._stream(live)
-                backoff.reset()
             except StopIteration:
                 break
             except ews_errors.ErrorServerBusy as exc:
@@ -319,7 +326,7 @@ class StreamGroup:
                 backoff.attempt = max(backoff.attempt, 1)
                 self._lost("connection", f"stream connection lost ({type(exc).__name__}); reconnecting in {delay:.1f}s",
                            delay)
-            except Exception as exc:  # noqa: BLE001 - never let the stream thread die
+            except Exception as exc:
                 if self._stopping.is_set():
                     break
                 if self._dirty.is_set():
@@ -344,10 +351,9 @@ class StreamGroup:
             removes, self._removes = self._removes, set()
         for mailbox in removes:
             member = self.members.pop(mailbox, None)
-            if member is not None:
-                if member.subscription_id:
-                    self.by_subscription.pop(member.subscription_id, None)
-                    self._unsubscribe(member)
+            if member is not None and member.subscription_id:
+                self.by_subscription.pop(member.subscription_id, None)
+                self._unsubscribe(member)
         for mailbox in adds:
             if mailbox not in self.members:
                 self.members[mailbox] = Member(mailbox, ews_account.make_account(self.settings, mailbox, self.config))
@@ -448,10 +454,8 @@ class StreamGroup:
                     break
         finally:
             self._svc = None
-            try:
+            with contextlib.suppress(Exception):  # the connection may already be gone
                 svc.stop_streaming()
-            except Exception:  # noqa: BLE001
-                pass
         if not self._dirty.is_set() and not self._stopping.is_set():
             self._reconnect_reason = "closed"  # the server ended the stream (ConnectionTimeout)
             metrics.RECONNECTS.labels("closed").inc()
