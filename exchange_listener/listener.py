@@ -321,8 +321,9 @@ class Listener:
         self.log.info("listener stopping", mailboxes=len(self.group_of))
         for group in self.groups:
             group.stop()
+        joined_by = time.monotonic() + 1.5  # one shared wait: a thread stuck in a request is left behind
         for group in self.groups:
-            group.join(max(0.1, min(2.0, deadline - time.monotonic() - 4)))
+            group.join(max(0.0, joined_by - time.monotonic()))
         done = []
         threads = [threading.Thread(target=lambda g=g: done.append(g.unsubscribe_all()), daemon=True)
                    for g in self.groups]

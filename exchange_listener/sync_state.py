@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import redis
-from exchangelib.errors import ErrorFolderNotFound, ErrorInvalidSyncStateData
+from exchangelib.errors import ErrorInvalidSyncStateData
 from exchangelib.fields import FieldPath
 from exchangelib.items import Message
 from exchangelib.properties import DistinguishedFolderId, FolderId, Mailbox
@@ -139,5 +139,3 @@ def incoming_folders(mailbox: str, store: SyncStore) -> list[str]:
     """Folders a reply can land in that we know of: inbox, junk, and learned user folders."""
     return [*DISTINGUISHED_INCOMING, *sorted(store.user_folders(mailbox))]
 
-
-__all__ = ["ErrorFolderNotFound", "SyncStore", "catch_up", "folder_ref", "incoming_folders"]

@@ -47,3 +47,15 @@ def test_command(redis_client, redis_server):
     assert bad.returncode == 2 and "not an e-mail address" in bad.stderr and "Traceback" not in bad.stderr
     assert cli(redis_server.url, "add").returncode == 2
     assert set(mailboxes.list_all(redis_client)) == {"zoe@example.com"}
+
+
+def test_remove_forgets_the_sync_state(redis_client, redis_server):
+    from exchange_listener.sync_state import SyncStore
+
+    mailboxes.add(redis_client, ["wes@example.com"])
+    store = SyncStore(redis_client)
+    store.put("wes@example.com", "inbox", "some-state")
+    store.learn_user_folder("wes@example.com", "folder-1")
+    assert cli(redis_server.url, "remove", "wes@example.com").returncode == 0
+    assert store.get("wes@example.com", "inbox") == (None, None)
+    assert store.user_folders("wes@example.com") == set()

@@ -31,6 +31,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"{'added' if address in added else 'already watched'}: {address}")
     elif args.action == "remove":
         removed = mailboxes.remove(conn, addresses)
+        # sync_state imports exchangelib: only pay for it here
+        from exchange_listener.sync_state import SyncStore
+
+        sync = SyncStore(conn)
+        for address in removed:  # re-adding later starts from then, not from the old sync state
+            sync.forget_mailbox(address)
         for address in addresses:
             print(f"{'removed' if address in removed else 'not watched'}: {address}")
     else:
