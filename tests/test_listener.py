@@ -159,6 +159,8 @@ def test_each_emulator_fault_is_survived_and_mail_delivered_during_it_is_enqueue
     assert proc.proc.poll() is None
     if fault["kind"] == "server_busy":
         assert any(line.get("reason") == "server_busy" for line in proc.log_lines())
+    if fault["kind"] == "stall_streams":  # the heartbeat watchdog, not the server, ended the silent stream
+        assert any(line.get("reason") == "connection" and "ConnectionError" in line["event"] for line in proc.log_lines())
 
 
 def test_kill_9_of_one_listener_hands_its_mailboxes_to_the_other(redis_client, emulator, listeners):
