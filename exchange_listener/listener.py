@@ -35,7 +35,7 @@ REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
                 OSError)
 BUFFER_LIMIT = 200_000  # mails held in memory while Redis is away; beyond it, catch-up recovers them
 CATCHUP_THREADS = 4
-SHUTDOWN_BUDGET = 7.0  # seconds; supervisord kills after 10
+SHUTDOWN_BUDGET = 5.0  # seconds of cleanup; supervisord kills after 10, so keep a margin for a loaded host
 
 
 class Sink:
