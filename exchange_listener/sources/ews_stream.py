@@ -444,8 +444,11 @@ class StreamGroup:
         notifications = svc.call(subscription_ids=list(live), connection_timeout=int(self.settings.connection_timeout))
         reason = self._reconnect_reason
         self._reconnect_reason = None
-        if reason and reason != "start":
+        if reason and reason not in ("start", "closed"):
             # After any gap that was not our own doing, catch up everyone still subscribed here.
+            # A stream the server closed at ConnectionTimeout is no gap: the subscription lives
+            # on and keeps its events for the next GetStreamingEvents, so catching up every
+            # mailbox on each routine close would only cost a SyncFolderItems per mailbox.
             self.on_subscribed([m.mailbox for m in live.values()], reason)
         try:
             for notification in notifications:
