@@ -12,7 +12,8 @@ duplicated, falsely stopped or left unexplained in the queues. Its fields:
 
 - ``injected`` / ``faults``: faults injected, in all and by kind (a worker kill counts only when
   a worker was caught mid-job: EWS is slowed down with the emulator's latency fault meanwhile);
-- ``lost``: enrollments whose expected stop or pause never happened;
+- ``lost``: enrollments whose expected stop or pause never happened, and soft bounces or read
+  receipts never recorded in ``el:observed`` (what the workers do with them);
 - ``duplicated``: enrollments with more than one stop, or more pauses than distinct
   out-of-office mails (the same mail delivered twice must make one transition);
 - ``false_stops``: stops of enrollments that only got out-of-office, soft bounces, read
@@ -448,6 +449,27 @@ def transition_times(client: redis.Redis) -> dict[str, list[tuple[float, dict]]]
         last = entries[-1][0].decode()
 
 
+OBSERVED_STREAM = "el:observed"  # workers.jobs: soft bounces and read receipts are "recorded" here
+RECORDED_AS = {"soft_bounce": "soft_bounce", "receipt": "read_receipt"}
+
+
+def observed_pairs(client: redis.Redis) -> set[tuple[str, str]] | None:
+    """(enrollment id, kind) of every entry the workers recorded; None if they record nothing."""
+    if not client.exists(OBSERVED_STREAM):
+        return None
+    pairs, last = set(), "-"
+    while True:
+        entries = client.xrange(OBSERVED_STREAM, min=last, max="+", count=5000)
+        if last != "-":
+            entries = entries[1:]
+        if not entries:
+            return pairs
+        for _, fields in entries:
+            data = json.loads(fields[b"data"])
+            pairs.add((data.get("enrollment_id"), data.get("kind")))
+        last = entries[-1][0].decode()
+
+
 def retrying(call, seconds: float = 30.0):
     """Call ``call()`` until Redis answers (the drill restarts it on purpose)."""
     deadline = time.monotonic() + seconds
@@ -840,6 +862,15 @@ class Drill:
                                 wrong.append({"enrollment": e.id, "want_until": f"today+{PAUSE_DAYS}d", "got_until": until})
                 elif pauses:
                     wrong.append({"enrollment": e.id, "scenario": e.scenario, "unexpected": "paused"})
+        observed_mail = observed_pairs(client)
+        recorded = collections.Counter()
+        if observed_mail is not None:  # a soft bounce or receipt never recorded is a mail lost too
+            for e in everyone:
+                for kind in sorted({k for k in e.delivered if k in RECORDED_AS}):
+                    if (e.id, RECORDED_AS[kind]) in observed_mail:
+                        recorded[kind] += 1
+                    else:
+                        lost.append({"enrollment": e.id, "scenario": e.scenario, "unrecorded": kind})
         expected = collections.Counter(self._expected_status(e) for e in everyone)
         observed = collections.Counter(f"{data['status']}:{data['reason']}" for entries in times.values()
                                        for _, data in entries)
@@ -875,6 +906,7 @@ class Drill:
             "lost": len(lost), "duplicated": len(duplicated), "false_stops": len(false_stops), "wrong": len(wrong),
             "unexplained": unexplained, "backlog": backlog, "failed_jobs": failed,
             "expected_final": dict(sorted(expected.items())), "transitions": dict(sorted(observed.items())),
+            "recorded": dict(recorded) if observed_mail is not None else "no el:observed stream",
             "max_recovery_s": round(max(recoveries), 2) if recoveries else None,
             "replies_by_kind": dict(sorted(by_kind.items())),
             "details": {"lost": lost[:10], "duplicated": duplicated[:10], "false_stops": false_stops[:10],
@@ -915,6 +947,7 @@ class Drill:
             **{k: result[k] for k in ("lost", "duplicated", "false_stops", "wrong", "unexplained", "max_recovery_s")},
             "backlog": result["backlog"],
             "expected_final": result["expected_final"], "transitions": result["transitions"],
+            "recorded": result["recorded"],
             "replies_by_kind": result["replies_by_kind"],
             "ready_s": round(ready_s, 1), "delivery_s": round(delivered_s, 1), "settle_s": round(settle_s, 1),
             "total_s": round(time.monotonic() - t_start, 1),

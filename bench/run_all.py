@@ -10,10 +10,12 @@ one listener + N workers per system (run one after the other, never at the same 
 1. delivery -> stop latency p50/p95/p99 at a steady rate (50 replies/s): from the delivery POST
    to the enrollment transition's entry in the ``el:transitions`` stream (Redis server time);
 2. highest end-to-end replies/s: replies delivered as fast as the emulator takes them, divided by
-   the time from the first delivery to the last stop, for each worker count tried;
+   the time from the first delivery to the last stop, for each worker count tried (a run is cut
+   off after ``throughput_bound`` seconds; what a previous phase left queued is dropped first);
 3. mailboxes per listener process: RSS and open connections (ours from bench/listener_bench.py;
    the baseline measured here);
-4. catch-up: every listener stopped, N replies delivered, one listener started: time to the last stop;
+4. catch-up: every listener stopped, N replies delivered, one listener started: time to the last
+   stop, with the best worker count of (2) (the baseline has no catch-up: it never sees them);
 5. worker CPU seconds per processed reply (user + system of the worker processes and any children
    they forked and reaped), from the throughput run.
 
@@ -217,6 +219,15 @@ class EndToEnd:
                               for i in range(count)]
         self.workers_registered(count)
 
+    def discard_backlog(self) -> int:
+        """Drop jobs a previous phase left queued (the baseline falls behind), so each phase
+        measures its own replies. Returns how many were dropped."""
+        queue = self.stack.queue()
+        left = queue.count
+        if left:
+            queue.empty()
+        return left
+
     # -- the figures ---------------------------------------------------------------------------
     def latency(self) -> dict:
         s = self.sizes
@@ -233,6 +244,7 @@ class EndToEnd:
     def throughput(self, workers: int) -> dict:
         s = self.sizes
         self.set_workers(workers)
+        dropped = self.discard_backlog()
         batch = self.enrollments(s.throughput_replies)
         cpu0 = sum(p.cpu_seconds() for p in self.stack.workers)
         listener_cpu0 = sum(p.cpu_seconds() for p in self.stack.listeners)
@@ -247,6 +259,7 @@ class EndToEnd:
         done = len(stops)
         elapsed = (max(stops.values()) - min(sent.values())) if stops else None
         return {"workers": workers, "replies": len(sent), "completed": done, "delivered_per_s": round(offered),
+                "backlog_dropped_before": dropped,
                 "replies_per_s": round(done / elapsed, 1) if elapsed else 0.0,
                 "worker_cpu_ms_per_reply": _r(cpu * 1000 / done) if done else None,
                 "listener_cpu_ms_per_reply": _r(listener_cpu * 1000 / done) if done else None,
@@ -260,8 +273,10 @@ class EndToEnd:
                 total += chaos.cpu_seconds(popen.pid)
         return total
 
-    def catch_up(self) -> dict:
+    def catch_up(self, workers: int) -> dict:
         s = self.sizes
+        self.set_workers(workers)
+        dropped = self.discard_backlog()
         batch = self.enrollments(s.catchup_replies)
         self.stack.stop_listeners()
         self.deliver(batch)
@@ -270,7 +285,7 @@ class EndToEnd:
         stops = self.wait_stopped([e.id for e in batch], bound=s.drain_bound + len(batch) / 25,
                                   stall=max(3.0, s.drain_bound / 6))
         done = len(stops)
-        return {"replies": len(batch), "completed": done,
+        return {"replies": len(batch), "completed": done, "workers": workers, "backlog_dropped_before": dropped,
                 "first_stop_s": round(min(stops.values()) - t0, 2) if done else None,
                 "seconds": round(max(stops.values()) - t0, 2) if done == len(batch) else None,
                 "seconds_to_last_completed": round(max(stops.values()) - t0, 2) if done else None}
@@ -286,7 +301,8 @@ class EndToEnd:
             out["ready_s"] = round(chaos.warm_up(self.stack, warm, timeout=60), 1)
             out["latency"] = self.latency()
             out["throughput"] = [self.throughput(w) for w in self.sizes.worker_counts]
-            out["catchup"] = self.catch_up()
+            best = max(out["throughput"], key=lambda r: r["replies_per_s"])["workers"]
+            out["catchup"] = self.catch_up(best)
         except Exception as exc:  # record what was measured and why the rest was not
             out["error"] = f"{type(exc).__name__}: {exc}"
         finally:
