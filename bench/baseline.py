@@ -69,7 +69,7 @@ def handle_event(mailbox: str, item_id: str) -> str:
         ids.append(result.original_message_id)
     cause = result.message_id or item_id
     for send in SendRegistry(conn).lookup_many(ids):
-        common = dict(by=result.from_address, item_id=item_id, message_id=result.message_id, mailbox=mailbox)
+        common = {"by": result.from_address, "item_id": item_id, "message_id": result.message_id, "mailbox": mailbox}
         if result.kind == "human_reply":
             store.transition(send.enrollment_id, "stopped", "replied", event_key=f"replied:{cause}", **common)
         elif result.kind == "auto_reply":

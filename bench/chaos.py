@@ -79,8 +79,8 @@ PAUSE_DAYS = 7
 SIZES = {
     # deliveries: replies to deliver (incl. duplicates and unrelated mail); rate: replies/s;
     # rounds: how many times each fault kind is injected; settle: seconds allowed to go quiet.
-    "small": dict(mailboxes=24, deliveries=600, rate=12.0, rounds=1, settle=75.0, lease=8.0),
-    "large": dict(mailboxes=200, deliveries=10_000, rate=55.0, rounds=3, settle=240.0, lease=10.0),
+    "small": {"mailboxes": 24, "deliveries": 600, "rate": 12.0, "rounds": 1, "settle": 75.0, "lease": 8.0},
+    "large": {"mailboxes": 200, "deliveries": 10_000, "rate": 55.0, "rounds": 3, "settle": 240.0, "lease": 10.0},
 }
 
 

@@ -390,9 +390,9 @@ def highlights(result, limit: int = 10) -> dict:
             stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in value.items() if k not in ("machine", "goals"))
         elif isinstance(value, list):
             stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value[:4]))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            if any(word in path.lower() for word in HIGHLIGHT_WORDS):
-                found[path] = value
+        elif (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and any(word in path.lower() for word in HIGHLIGHT_WORDS)):
+            found[path] = value
     return found
 
 
