@@ -28,7 +28,8 @@ duplicated, falsely stopped or left unexplained in the queues. Its fields:
   ``autorestart`` does in production (deploy/programs.conf).
 
 Children run with short timings so that the drill fits in CI: ``heartbeat_seconds`` 1,
-``lease_seconds`` 8-10, ``worker_ttl`` 10, ``job_timeout`` 30, ``job_retries`` 8.
+``lease_seconds`` 8-10, ``worker_ttl`` 10, ``job_timeout`` 30, ``job_retries`` 8, and
+``connection_timeout`` 1 minute, so the server's routine end of every stream happens mid-drill.
 
     python bench/chaos.py --size small     # CI: under 3 minutes
     python bench/chaos.py --size large     # >= 10,000 replies
@@ -79,7 +80,7 @@ PAUSE_DAYS = 7
 SIZES = {
     # deliveries: replies to deliver (incl. duplicates and unrelated mail); rate: replies/s;
     # rounds: how many times each fault kind is injected; settle: seconds allowed to go quiet.
-    "small": {"mailboxes": 24, "deliveries": 600, "rate": 12.0, "rounds": 1, "settle": 75.0, "lease": 8.0},
+    "small": {"mailboxes": 24, "deliveries": 600, "rate": 12.0, "rounds": 1, "settle": 100.0, "lease": 8.0},
     "large": {"mailboxes": 200, "deliveries": 10_000, "rate": 55.0, "rounds": 3, "settle": 240.0, "lease": 10.0},
 }
 
@@ -630,7 +631,7 @@ class Drill:
         commands = baseline_commands(self.mailboxes, log_dir) if plumbing == "baseline" else {}
         self.stack = Stack(self.mailboxes, listeners=2, workers=2, log_dir=log_dir, **commands, settings={
             "queue_name": "drill", "lease_seconds": self.cfg["lease"], "worker_ttl": 10, "job_timeout": 30,
-            "job_retries": 8,
+            "job_retries": 8, "connection_timeout": 1,  # the server closes every stream each minute
         })
         self.enrollments, self.timeline = make_plan(self.mailboxes, self.cfg["deliveries"], self.rng)
         self.supervisor = Supervisor(self.stack)
