@@ -6,6 +6,7 @@ same port, so a test can take Redis away and bring it back. Nothing here is a fa
 from __future__ import annotations
 
 import collections
+import json
 import os
 import shutil
 import signal
@@ -36,6 +37,79 @@ def wait_for_port(port: int, timeout: float = 10.0, proc: subprocess.Popen | Non
         except OSError:
             time.sleep(0.02)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def wait_for(condition, timeout: float = 30.0, interval: float = 0.05, message: str = "condition"):
+    """Poll ``condition`` until it returns something true (and return that), or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def service_env(redis_url: str, ews_url: str, *, username: str = "svc", password: str = "svc-password",
+                **settings) -> dict[str, str]:
+    """Environment for a listener or worker child: this process's environment without any
+    ``EXCHANGE_LISTENER_*`` of its own, plus the given Redis, emulator and settings (JSON logs)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_LISTENER_")}
+    env.update(EXCHANGE_LISTENER_REDIS_URL=redis_url, EXCHANGE_LISTENER_EWS_URL=ews_url,
+               EXCHANGE_LISTENER_EWS_USERNAME=username, EXCHANGE_LISTENER_EWS_PASSWORD=password,
+               EXCHANGE_LISTENER_LOG_FORMAT="json", PYTHONUNBUFFERED="1")
+    env.update({f"EXCHANGE_LISTENER_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+class CliProcess:
+    """``exchange-listener ARGS...`` as a child in its own session, its output (JSON log lines) in a file."""
+
+    def __init__(self, args, env: dict, log_path):
+        self.args = list(args)
+        self.log_path = log_path
+        with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([sys.executable, "-m", "exchange_listener.cli", *self.args], env=env,
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def lines(self) -> list[dict]:
+        """Every line of output, JSON-decoded where it is JSON (else ``{"event": text}``)."""
+        out = []
+        with open(self.log_path, errors="replace") as fh:
+            for line in fh:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    out.append({"event": line.strip()})
+        return out
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill9(self) -> None:
+        """kill -9 of the process alone (its own children are left to notice, as after a crash)."""
+        if self.alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        """SIGKILL the whole session: nothing the child started outlives the caller."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait(10)
 
 
 def redis_server_binary() -> str:
@@ -70,7 +144,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.workdir,
                 "--save", "", "--daemonize", "no", "--logfile", os.path.join(self.workdir, "redis.log")]
         if self.aof:

@@ -1,69 +1,38 @@
 """Unmodified exchangelib pointed at an emulator: Accounts and a background stream reader for tests."""
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
-import time
 
-from exchangelib import (
-    IMPERSONATION,
-    Account,
-    Build,
-    Configuration,
-    Credentials,
-    Version,
-)
-from exchangelib.credentials import OAuth2Credentials
-from exchangelib.transport import BASIC, OAUTH2
+from exchangelib import Account
 
-VERSION = Version(build=Build(15, 1, 2507, 6))
+from exchange_listener import config, local_services
+from exchange_listener.sources import ews_account
+
 _pools = itertools.count()
 
 
-class TaggedCredentials(Credentials):
-    """Credentials that differ only by tag, so each gets its own exchangelib Protocol (sessions, cookies)."""
-
-    def __init__(self, username, password, tag):
-        super().__init__(username, password)
-        self.tag = tag
-
-
-class TokenUrlCredentials(OAuth2Credentials):
-    """Client-credentials OAuth2 against the emulator's token endpoint instead of Microsoft's."""
-
-    def __init__(self, *, client_id, client_secret, token_url, tag):
-        super().__init__(client_id=client_id, client_secret=client_secret, tenant_id="emulator-tenant")
-        self._url = token_url
-        self.tag = tag
-
-    @property
-    def token_url(self):
-        return self._url
+def _settings(emu, **values):
+    return config.load(env={}, overrides={"ews_url": emu.ews_url, **values})
 
 
 def account(emu, address, user="svc", password="svc-password", max_connections=2) -> Account:
     """An impersonating Account with Basic auth and its own Protocol; sends no request."""
-    config = Configuration(service_endpoint=emu.ews_url, credentials=TaggedCredentials(user, password, next(_pools)),
-                           auth_type=BASIC, version=VERSION, max_connections=max_connections)
-    return Account(address, config=config, autodiscover=False, access_type=IMPERSONATION)
+    settings = _settings(emu, ews_username=user, ews_password=password)
+    pool = ews_account.make_configuration(settings, pool=f"test-{next(_pools)}", max_connections=max_connections)
+    return ews_account.make_account(settings, address, pool)
 
 
 def oauth_account(emu, address, client_id, client_secret) -> Account:
-    creds = TokenUrlCredentials(client_id=client_id, client_secret=client_secret,
-                                token_url=f"{emu.base_url}/emulator-tenant/oauth2/v2.0/token", tag=next(_pools))
-    config = Configuration(service_endpoint=emu.ews_url, credentials=creds, auth_type=OAUTH2, version=VERSION,
-                           max_connections=2)
-    return Account(address, config=config, autodiscover=False, access_type=IMPERSONATION)
+    """The same with OAuth2 client credentials from the emulator's token endpoint."""
+    settings = _settings(emu, auth_type="oauth2", client_id=client_id, client_secret=client_secret,
+                         tenant_id="emulator-tenant", token_url=f"{emu.base_url}/emulator-tenant/oauth2/v2.0/token")
+    pool = ews_account.make_configuration(settings, pool=f"test-{next(_pools)}", max_connections=2)
+    return ews_account.make_account(settings, address, pool)
 
 
-def wait_for(predicate, timeout=10.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
+wait_for = functools.partial(local_services.wait_for, timeout=10.0, interval=0.02)
 
 
 class StreamReader:

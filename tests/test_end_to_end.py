@@ -6,12 +6,11 @@ it; the worker fetches, classifies, matches and acts; the receiver counts signed
 """
 from __future__ import annotations
 
+import functools
 import http.server
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,6 +21,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
 from exchange_listener import mailboxes, queueing
+from exchange_listener.local_services import CliProcess, service_env, wait_for
 from exchange_listener.sources.base import NewMail
 from workers.enrollments import EnrollmentStore
 from workers.notify import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
@@ -34,14 +34,7 @@ SLOW = 60.0
 QUEUE = "exchange-listener"
 
 
-def wait_for(condition, timeout=SLOW, interval=0.1, message="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+wait_for = functools.partial(wait_for, timeout=SLOW, interval=0.1)
 
 
 class Receiver(http.server.ThreadingHTTPServer):
@@ -75,52 +68,12 @@ class Receiver(http.server.ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}/hooks/exchange-listener"
 
 
-class Proc:
-    """An exchange-listener subprocess in its own process group, its JSON log in a file."""
-
-    def __init__(self, args, env, log_path):
-        self.log_path = log_path
-        with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen([sys.executable, "-m", "exchange_listener.cli", *args], env=env,
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def lines(self) -> list[dict]:
-        out = []
-        with open(self.log_path) as fh:
-            for line in fh:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    out.append({"event": line.strip()})
-        return out
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill9(self) -> None:
-        """kill -9 of the process alone (its children, e.g. RQ's scheduler, are left to notice)."""
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the group: nothing we started outlives the test
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
-
-
 @pytest.fixture
 def system(redis_server, redis_client, emulator, tmp_path):
     receiver = Receiver()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_LISTENER_")}
-    env.update(EXCHANGE_LISTENER_REDIS_URL=redis_server.url, EXCHANGE_LISTENER_EWS_URL=emulator.ews_url,
-               EXCHANGE_LISTENER_EWS_USERNAME="svc", EXCHANGE_LISTENER_EWS_PASSWORD="svc-password",
-               EXCHANGE_LISTENER_HEARTBEAT_SECONDS="1", EXCHANGE_LISTENER_LEASE_SECONDS="3",
-               EXCHANGE_LISTENER_LISTENER_ID="l1", EXCHANGE_LISTENER_LOG_FORMAT="json",
-               EXCHANGE_LISTENER_WEBHOOK_URL=receiver.url, EXCHANGE_LISTENER_WEBHOOK_SECRET=SECRET,
-               PYTHONUNBUFFERED="1")
-    procs: list[Proc] = []
+    env = service_env(redis_server.url, emulator.ews_url, heartbeat_seconds=1, lease_seconds=3, listener_id="l1",
+                      webhook_url=receiver.url, webhook_secret=SECRET)
+    procs: list[CliProcess] = []
 
     class System:
         pass
@@ -130,7 +83,7 @@ def system(redis_server, redis_client, emulator, tmp_path):
     s.sends, s.enrollments = SendRegistry(redis_client), EnrollmentStore(redis_client)
 
     def start(*args, name):
-        proc = Proc(args, env, tmp_path / f"{name}.log")
+        proc = CliProcess(args, env, tmp_path / f"{name}.log")
         procs.append(proc)
         return proc
 

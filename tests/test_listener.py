@@ -2,6 +2,7 @@
 the EWS emulator over HTTP. A mail counts as enqueued when its job is on the RQ queue."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -14,22 +15,18 @@ import pytest
 import redis
 
 from exchange_listener import leases, mailboxes, queueing
-from exchange_listener.local_services import RedisServer
+from exchange_listener.local_services import (
+    CliProcess,
+    RedisServer,
+    service_env,
+    wait_for,
+)
 
 SERVICE_ACCOUNT = ("svc", "svc-password")  # the account the conftest emulator fixture grants
 
 QUEUE = "exchange-listener"
 SLOW = 45.0  # generous bound for anything that should take a few seconds
-
-
-def wait_for(condition, timeout=SLOW, interval=0.05, message="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+wait_for = functools.partial(wait_for, timeout=SLOW)
 
 
 def mail(subject: str) -> bytes:
@@ -46,46 +43,14 @@ def queued(conn) -> set[tuple[str, str]]:
     return found
 
 
-class ListenerProcess:
-    def __init__(self, redis_url: str, emulator, name: str, log_dir, **settings):
-        self.name = name
-        self.env = dict(os.environ, EXCHANGE_LISTENER_REDIS_URL=redis_url, EXCHANGE_LISTENER_EWS_URL=emulator.ews_url,
-                        EXCHANGE_LISTENER_EWS_USERNAME=SERVICE_ACCOUNT[0],
-                        EXCHANGE_LISTENER_EWS_PASSWORD=SERVICE_ACCOUNT[1], EXCHANGE_LISTENER_HEARTBEAT_SECONDS="1",
-                        EXCHANGE_LISTENER_LEASE_SECONDS="3", EXCHANGE_LISTENER_LISTENER_ID=name,
-                        EXCHANGE_LISTENER_LOG_FORMAT="json")
-        self.env.update({f"EXCHANGE_LISTENER_{k.upper()}": str(v) for k, v in settings.items()})
-        self.proc: subprocess.Popen | None = None
-        self.log_path = log_dir / f"listener-{name}.log"
-
-    def start(self) -> ListenerProcess:
-        with open(self.log_path, "w") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen([sys.executable, "-m", "exchange_listener.cli", "listen"], env=self.env,
-                                         stdout=log, stderr=subprocess.STDOUT)
-        return self
-
-    def log_lines(self) -> list[dict]:
-        lines = []
-        with open(self.log_path) as fh:
-            for line in fh:
-                try:
-                    lines.append(json.loads(line))
-                except ValueError:
-                    lines.append({"event": line.strip()})
-        return lines
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 @pytest.fixture
 def listeners(redis_server, tmp_path):
     started = []
 
     def start(emulator, name="l1", redis_url=None, **settings):
-        proc = ListenerProcess(redis_url or redis_server.url, emulator, name, tmp_path, **settings).start()
+        env = service_env(redis_url or redis_server.url, emulator.ews_url,
+                          **{"heartbeat_seconds": 1, "lease_seconds": 3, "listener_id": name, **settings})
+        proc = CliProcess(["listen"], env, tmp_path / f"listener-{name}.log")
         started.append(proc)
         return proc
 
@@ -158,9 +123,9 @@ def test_each_emulator_fault_is_survived_and_mail_delivered_during_it_is_enqueue
     wait_for(lambda: ("carol@example.com", after["item_id"]) in queued(redis_client), message="mail after the fault")
     assert proc.proc.poll() is None
     if fault["kind"] == "server_busy":
-        assert any(line.get("reason") == "server_busy" for line in proc.log_lines())
+        assert any(line.get("reason") == "server_busy" for line in proc.lines())
     if fault["kind"] == "stall_streams":  # the heartbeat watchdog, not the server, ended the silent stream
-        assert any(line.get("reason") == "connection" and "ConnectionError" in line["event"] for line in proc.log_lines())
+        assert any(line.get("reason") == "connection" and "ConnectionError" in line["event"] for line in proc.lines())
 
 
 def test_kill_9_of_one_listener_hands_its_mailboxes_to_the_other(redis_client, emulator, listeners):

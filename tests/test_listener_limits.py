@@ -3,30 +3,21 @@ streams closed by the server, connection and subscription limits, bad credential
 from __future__ import annotations
 
 import datetime
+import functools
 import itertools
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 
 import pytest
 
 from exchange_listener import config, mailboxes, queueing
-from exchange_listener.local_services import Emulator
+from exchange_listener.local_services import CliProcess, Emulator, service_env, wait_for
 from exchange_listener.sources import ews_account
 
+wait_for = functools.partial(wait_for, timeout=45.0)
+
 SERVICE_ACCOUNT = ("svc", "svc-password")
-
-
-def wait_for(condition, timeout=45.0, interval=0.05, message="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
 def mail(subject: str) -> bytes:
@@ -43,35 +34,16 @@ def run_listener(redis_server, tmp_path):
     procs = []
 
     def start(emulator, password=SERVICE_ACCOUNT[1], extra_env=None, **settings):
-        env = dict(os.environ, EXCHANGE_LISTENER_REDIS_URL=redis_server.url, EXCHANGE_LISTENER_EWS_URL=emulator.ews_url,
-                   EXCHANGE_LISTENER_EWS_USERNAME=SERVICE_ACCOUNT[0], EXCHANGE_LISTENER_EWS_PASSWORD=password,
-                   EXCHANGE_LISTENER_HEARTBEAT_SECONDS="1", EXCHANGE_LISTENER_LEASE_SECONDS="3",
-                   EXCHANGE_LISTENER_LISTENER_ID="l1", EXCHANGE_LISTENER_LOG_FORMAT="json")
-        env.update({f"EXCHANGE_LISTENER_{k.upper()}": str(v) for k, v in settings.items()})
+        env = service_env(redis_server.url, emulator.ews_url, password=password,
+                          **{"heartbeat_seconds": 1, "lease_seconds": 3, "listener_id": "l1", **settings})
         env.update(extra_env or {})
-        log = tmp_path / f"listener-{len(procs)}.log"
-        with open(log, "w") as out:  # the child keeps its own copy of the descriptor
-            proc = subprocess.Popen([sys.executable, "-m", "exchange_listener.cli", "listen"], env=env,
-                                    stdout=out, stderr=subprocess.STDOUT)
-        proc.log = log
+        proc = CliProcess(["listen"], env, tmp_path / f"listener-{len(procs)}.log")
         procs.append(proc)
         return proc
 
     yield start
     for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-
-
-def log_lines(proc) -> list[dict]:
-    out = []
-    for line in proc.log.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            out.append({"event": line})
-    return out
+        proc.stop()
 
 
 def connected(conn, count: int) -> bool:
@@ -100,7 +72,7 @@ def test_connection_limit_is_backed_off_not_looped_on(redis_client, run_listener
         proc = run_listener(emu, group_size=1)  # two groups, two connections; the server allows one
         wait_for(lambda: connected(redis_client, 1), message="one group streaming")
         time.sleep(4)
-        refused = [line for line in log_lines(proc) if line.get("reason") == "limit"]
+        refused = [line for line in proc.lines() if line.get("reason") == "limit"]
         assert refused and "ErrorExceededConnectionCount" in refused[0]["event"]
         for group in {line["group"] for line in refused}:  # backed off (>= 15 s with jitter), not retried in a loop
             times = [datetime.datetime.fromisoformat(line["timestamp"].rstrip("Z")).timestamp()
@@ -109,7 +81,7 @@ def test_connection_limit_is_backed_off_not_looped_on(redis_client, run_listener
         # the group that holds the one allowed connection keeps delivering meanwhile
         items = {emu.deliver(a, mail("still flowing"))["item_id"] for a in ("pia@example.com", "quinn@example.com")}
         wait_for(lambda: items & queued(redis_client), message="mail of the streaming group enqueued")
-        assert proc.poll() is None
+        assert proc.alive()
 
 
 def test_subscription_limit_skips_the_mailbox_and_retries_later(redis_client, run_listener):
@@ -127,7 +99,7 @@ def test_subscription_limit_skips_the_mailbox_and_retries_later(redis_client, ru
         item = emu.deliver("sven@example.com", mail("for sven"))
         wait_for(lambda: item["item_id"] in queued(redis_client), message="sven's mail enqueued")
         time.sleep(2)
-        errors = [line for line in log_lines(proc) if "too many subscriptions" in line.get("event", "")]
+        errors = [line for line in proc.lines() if "too many subscriptions" in line.get("event", "")]
         assert len(errors) == 1 and errors[0]["mailbox"] == "rhea@example.com"
 
 
@@ -135,14 +107,14 @@ def test_bad_credentials_are_logged_clearly_retried_with_backoff_and_never_leake
     mailboxes.add(redis_client, ["tina@example.com"])
     secret = "wrong-Pa55word-xyz"
     proc = run_listener(emulator, password=secret)
-    wait_for(lambda: any("authentication" in line.get("event", "") for line in log_lines(proc)), timeout=20,
+    wait_for(lambda: any("authentication" in line.get("event", "") for line in proc.lines()), timeout=20,
              message="authentication failure logged")
     time.sleep(3)
-    failures = [line for line in log_lines(proc) if "authentication" in line.get("event", "")]
+    failures = [line for line in proc.lines() if "authentication" in line.get("event", "")]
     assert 1 <= len(failures) <= 2  # backoff of >= 5 s between attempts
     assert "UnauthorizedError" in failures[0]["event"]
-    assert proc.poll() is None
-    assert secret not in proc.log.read_text()
+    assert proc.alive()
+    assert secret not in proc.log_path.read_text()
 
 
 def test_oauth2_client_credentials_listener(redis_client, run_listener):
@@ -155,4 +127,4 @@ def test_oauth2_client_credentials_listener(redis_client, run_listener):
         wait_for(lambda: connected(redis_client, 1), message="streaming with an OAuth2 token")
         item = emu.deliver("uma@example.com", mail("via oauth"))
         wait_for(lambda: item["item_id"] in queued(redis_client), message="enqueued")
-        assert "app-secret" not in proc.log.read_text()
+        assert "app-secret" not in proc.log_path.read_text()
