@@ -66,7 +66,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from exchange_listener.local_services import Emulator, RedisServer
+from exchange_listener.local_services import Emulator, RedisServer, service_env
 from exchange_listener.queueing import make_queue
 from workers.enrollments import STREAM_KEY, EnrollmentStore
 from workers.sends import SendRegistry
@@ -186,7 +186,9 @@ def unrelated(mailbox: str, rng: random.Random) -> bytes:
 # --- processes --------------------------------------------------------------------------------
 
 class Proc:
-    """One ``exchange-listener`` child process that can be killed (-9) and started again."""
+    """A listener or worker child (any command: the baseline's too) that can be killed (-9) and
+    started again as the same object, with its CPU and RSS read from /proc. (``local_services.
+    CliProcess`` starts once, at construction; the drill restarts the same process slot.)"""
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: str):
         self.name, self.args, self.env = name, args, env
@@ -294,15 +296,10 @@ class Stack:
         return self.extra.get("queue_name", "exchange-listener")
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_LISTENER_")}
-        values = {
-            "redis_url": self.redis_server.url, "ews_url": self.emulator.ews_url,
-            "ews_username": SERVICE_ACCOUNT[0], "ews_password": SERVICE_ACCOUNT[1],
-            "heartbeat_seconds": str(self.heartbeat_seconds), "log_level": "warning", "log_format": "json",
-            "pause_days": str(PAUSE_DAYS),
-        }
-        values.update({k: str(v) for k, v in self.extra.items()})
-        env.update({f"EXCHANGE_LISTENER_{k.upper()}": v for k, v in values.items()})
+        settings = {"heartbeat_seconds": self.heartbeat_seconds, "log_level": "warning", "pause_days": PAUSE_DAYS,
+                    **self.extra}
+        env = service_env(self.redis_server.url, self.emulator.ews_url, username=SERVICE_ACCOUNT[0],
+                          password=SERVICE_ACCOUNT[1], **settings)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.path.join(ROOT, "bench"), env.get("PYTHONPATH")) if p)
         return env
 
