@@ -1,17 +1,18 @@
 """Prometheus metrics: scraped from a running listener and a running worker, they move with a reply."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from exchange_listener import health, mailboxes
-from exchange_listener.local_services import free_port, wait_for_port
+from exchange_listener.local_services import (
+    CliProcess,
+    free_port,
+    service_env,
+    wait_for,
+    wait_for_port,
+)
 from workers.enrollments import EnrollmentStore
 from workers.sends import SendRegistry
 
@@ -32,16 +33,6 @@ def total(samples: dict, name: str, **labels) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
 
 
-def wait_for(check, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def reply(send_id: str) -> bytes:
     return (
         "From: Dana Whitfield <dana@prospect.example>\r\n"
@@ -56,34 +47,26 @@ def reply(send_id: str) -> bytes:
 
 
 def test_listener_and_worker_counters_move_after_a_reply(redis_client, redis_server, emulator, tmp_path):
-    base = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_LISTENER_")}
-    base.update({
-        "EXCHANGE_LISTENER_REDIS_URL": redis_server.url, "EXCHANGE_LISTENER_QUEUE_NAME": QUEUE,
-        "EXCHANGE_LISTENER_EWS_URL": emulator.ews_url, "EXCHANGE_LISTENER_EWS_USERNAME": "svc",
-        "EXCHANGE_LISTENER_EWS_PASSWORD": "svc-password", "EXCHANGE_LISTENER_HEARTBEAT_SECONDS": "1",
-        "EXCHANGE_LISTENER_LOG_FORMAT": "json",
-    })
+    base = service_env(redis_server.url, emulator.ews_url, queue_name=QUEUE, heartbeat_seconds=1)
     listener_port, worker_port = free_port(), free_port()
     procs = []
     try:
         for args, port in ((["listen"], listener_port), (["work", "--name", "metrics-worker"], worker_port)):
             env = {**base, "EXCHANGE_LISTENER_METRICS_PORT": str(port)}
-            with open(tmp_path / f"{args[0]}.log", "w") as log:  # the child keeps its own descriptor
-                procs.append(subprocess.Popen([sys.executable, "-m", "exchange_listener.cli", *args], env=env,
-                                              stdout=log, stderr=subprocess.STDOUT))
-            wait_for_port(port, timeout=60, proc=procs[-1])
+            procs.append(CliProcess(args, env, tmp_path / f"{args[0]}.log"))
+            wait_for_port(port, timeout=60, proc=procs[-1].proc)
 
         mailboxes.add(redis_client, [MAILBOX])
         send = SendRegistry(redis_client).record(["<send-1@seller.example>"], "enr-1", "seq-1", MAILBOX,
                                                  ["dana@prospect.example"])
         wait_for(lambda: any(g["connected"] and g["mailboxes"] for item in health.snapshot(redis_client, QUEUE)["listeners"]
-                             for g in item["groups"]), what="the listener's stream to be open")
+                             for g in item["groups"]), timeout=60, message="the listener's stream to be open")
         listener_before, worker_before = scrape(listener_port), scrape(worker_port)
         assert total(worker_before, "el_transitions_total") == 0
 
         emulator.deliver(MAILBOX, reply(send.message_ids[0]))
         store = EnrollmentStore(redis_client)
-        wait_for(lambda: (store.get("enr-1") or {}).get("status") == "stopped", what="the enrollment to stop")
+        wait_for(lambda: (store.get("enr-1") or {}).get("status") == "stopped", timeout=60, message="the enrollment to stop")
 
         listener_after = scrape(listener_port)
         assert total(listener_after, "el_events_received_total", kind="NewMailEvent") \
@@ -94,7 +77,7 @@ def test_listener_and_worker_counters_move_after_a_reply(redis_client, redis_ser
             samples = scrape(worker_port)
             return samples if total(samples, "el_jobs_processed_total", outcome="ok") >= 1 else None
 
-        worker_after = wait_for(worker_counted, what="the worker to count the job")
+        worker_after = wait_for(worker_counted, message="the worker to count the job")
         assert total(worker_after, "el_classified_total", kind="human_reply") == 1
         assert total(worker_after, "el_transitions_total", status="stopped", reason="replied") == 1
         assert total(worker_after, "el_delivery_to_stop_seconds_count") == 1
@@ -104,9 +87,7 @@ def test_listener_and_worker_counters_move_after_a_reply(redis_client, redis_ser
         assert total(worker_after, "el_delivery_to_stop_seconds_bucket", le="60.0") == 1
     finally:
         for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
             try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                proc.terminate(20)
+            finally:
+                proc.stop()

@@ -6,8 +6,6 @@ suspension, and the mailbox and queue modules; nothing writes the keys status re
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ import pytest
 from rq import suspension
 
 from exchange_listener import mailboxes
+from exchange_listener.local_services import CliProcess, service_env, wait_for
 from exchange_listener.queueing import enqueue_new_mail, make_queue
 from exchange_listener.sources.base import NewMail
 from workers.sends import SendRegistry
@@ -24,22 +23,8 @@ QUEUE = "el-status-test"
 
 
 def settings_env(redis_server, emulator=None) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_LISTENER_")}
-    env.update({
-        "EXCHANGE_LISTENER_REDIS_URL": redis_server.url,
-        "EXCHANGE_LISTENER_QUEUE_NAME": QUEUE,
-        "EXCHANGE_LISTENER_LOG_FORMAT": "json",
-        "EXCHANGE_LISTENER_LEASE_SECONDS": "5",
-        "EXCHANGE_LISTENER_HEARTBEAT_SECONDS": "1",
-        "EXCHANGE_LISTENER_WORKER_TTL": "15",
-    })
-    if emulator is not None:
-        env.update({
-            "EXCHANGE_LISTENER_EWS_URL": emulator.ews_url,
-            "EXCHANGE_LISTENER_EWS_USERNAME": "svc",
-            "EXCHANGE_LISTENER_EWS_PASSWORD": "svc-password",
-        })
-    return env
+    return service_env(redis_server.url, emulator.ews_url if emulator else "", queue_name=QUEUE, lease_seconds=5,
+                       heartbeat_seconds=1, worker_ttl=15)
 
 
 def status(env: dict, *flags: str) -> tuple[int, dict]:
@@ -49,39 +34,21 @@ def status(env: dict, *flags: str) -> tuple[int, dict]:
     return done.returncode, json.loads(done.stdout)
 
 
-def wait_for(check, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
-
-
 @pytest.fixture
 def spawn(tmp_path):
     """Start ``exchange-listener ARGS`` processes; every one is stopped after the test."""
-    procs = []
+    procs: list[CliProcess] = []
 
-    def start(env: dict, *args: str) -> subprocess.Popen:
-        with open(tmp_path / f"{args[0]}-{len(procs)}.log", "w") as log:  # the child keeps its own descriptor
-            proc = subprocess.Popen([sys.executable, "-m", "exchange_listener.cli", *args], env=env,
-                                    stdout=log, stderr=subprocess.STDOUT)
-        procs.append(proc)
-        return proc
+    def start(env: dict, *args: str) -> CliProcess:
+        procs.append(CliProcess(args, env, tmp_path / f"{args[0]}-{len(procs)}.log"))
+        return procs[-1]
 
     yield start
     for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
         try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+            proc.terminate(20)
+        finally:
+            proc.stop()
 
 
 def test_empty_system_is_healthy(redis_client, redis_server):
@@ -106,7 +73,7 @@ def test_running_listener_and_worker_are_healthy_and_shown(redis_client, redis_s
         streaming = [g for item in snap["listeners"] for g in item["groups"] if g["connected"]]
         return snap if code == 0 and snap["workers"] and sum(g["mailboxes"] for g in streaming) == 2 else None
 
-    snap = wait_for(healthy, what="a healthy status")
+    snap = wait_for(healthy, timeout=60, message="a healthy status")
     assert snap["mailboxes"] == {"watched": 2, "held": 2, "unowned": []}
     (listener,) = snap["listeners"]
     assert listener["mailboxes"] == 2
@@ -127,7 +94,7 @@ def test_running_listener_and_worker_are_healthy_and_shown(redis_client, redis_s
         snap = status(env)[1]
         return snap if snap["last_hour"]["stops"] else None
 
-    snap = wait_for(stopped, what="the stop")
+    snap = wait_for(stopped, timeout=60, message="the stop")
     assert snap["last_hour"]["stops_by_reason"] == {"replied": 1} and snap["last_hour"]["pauses"] == 0
 
     text = subprocess.run([sys.executable, "-m", "exchange_listener.cli", "status"], env=env,
@@ -141,16 +108,15 @@ def test_killed_listener_is_stale_and_its_mailboxes_unowned(redis_client, redis_
     env = settings_env(redis_server, emulator)
     mailboxes.add(redis_client, ["rep.one@example.com"])
     listener = spawn(env, "listen")
-    wait_for(lambda: status(env)[1]["mailboxes"]["held"] == 1, what="the listener to hold the mailbox")
-    listener.kill()  # kill -9: no lease released, no goodbye
-    listener.wait(10)
+    wait_for(lambda: status(env)[1]["mailboxes"]["held"] == 1, timeout=60, message="the listener to hold the mailbox")
+    listener.kill9()  # no lease released, no goodbye
 
     def unhealthy():
         code, snap = status(env, "--stale-listener", "2")
         stale = [p for p in snap["problems"] if "stale" in p]
         return (code, snap) if code == 1 and stale and snap["mailboxes"]["unowned"] else None
 
-    _, snap = wait_for(unhealthy, timeout=30, what="stale listener and unowned mailbox")
+    _, snap = wait_for(unhealthy, timeout=30, message="stale listener and unowned mailbox")
     assert snap["mailboxes"]["unowned"] == ["rep.one@example.com"]
     assert snap["healthy"] is False
 
@@ -166,7 +132,7 @@ def test_jobs_with_no_worker_then_a_stuck_queue_then_healthy(redis_client, redis
     # A worker that exists but takes nothing (RQ suspended): the job ages past the limit.
     suspension.suspend(redis_client)
     spawn(env, "work", "--name", "suspended-worker")
-    wait_for(lambda: status(env)[1]["workers"], what="the worker to register")
+    wait_for(lambda: status(env)[1]["workers"], timeout=60, message="the worker to register")
     time.sleep(1.5)
     code, snap = status(env, "--stuck-queue", "1")
     assert code == 1, snap
@@ -175,8 +141,10 @@ def test_jobs_with_no_worker_then_a_stuck_queue_then_healthy(redis_client, redis
     assert status(env, "--stuck-queue", "600")[0] == 0  # same facts, a more patient limit
 
     suspension.resume(redis_client)  # the worker takes the job (it fails: no EWS configured)
-    settled = lambda r: r if r[1]["queue"]["depth"] == 0 and r[1]["queue"]["running"] == 0 else None
-    code, snap = wait_for(lambda: settled(status(env, "--stuck-queue", "1")),
-                          what="the queue to drain")
+    def settled():
+        code, snap = status(env, "--stuck-queue", "1")
+        return (code, snap) if snap["queue"]["depth"] == 0 and snap["queue"]["running"] == 0 else None
+
+    code, snap = wait_for(settled, timeout=60, message="the queue to drain")
     assert code == 0, snap
     assert snap["queue"]["failed"] == 1  # shown, not a health problem by itself
