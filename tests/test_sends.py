@@ -90,7 +90,8 @@ def test_recording_creates_the_enrollment_but_never_revives_it(registry, redis_c
 
 
 def test_sends_expire_at_sent_at_plus_retention(registry, redis_client):
-    almost_expired = NOW - dt.timedelta(days=180) + dt.timedelta(seconds=2)
+    # from the clock now, not at import: the suite may have run for minutes since
+    almost_expired = dt.datetime.now(dt.UTC) - dt.timedelta(days=180) + dt.timedelta(seconds=3)
     registry.record(["<old@us.example>"], "e1", "seq", "rep@us.example", ["pat@prospect.example"], sent_at=almost_expired)
     registry.record(["<new@us.example>"], "e2", "seq", "rep@us.example", ["pat@prospect.example"])
     assert 179 * 86400 < redis_client.ttl("el:send:<new@us.example>") <= 180 * 86400
