@@ -73,6 +73,17 @@ class Context:
                 self._fetchers[source] = fetcher
             return fetcher
 
+    def warm_up(self) -> None:
+        """Pay the one-off costs before the first job rather than inside it: importing the job
+        code and exchangelib, the fetchers, and dateparser's language data (together over a
+        second on a cold process, which would otherwise land on the first reply's latency)."""
+        import workers.jobs  # noqa: F401 - the import is the point
+        from workers.classify import find_return_date
+
+        for source in FETCHERS:
+            self.fetcher(source)
+        find_return_date("back on 14 December", None)
+
     def close(self) -> None:
         for fetcher in self._fetchers.values():
             fetcher.close()

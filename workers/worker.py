@@ -163,6 +163,7 @@ def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> 
     except OSError as exc:
         raise ConfigError(f"metrics_port: cannot serve metrics on port {settings.metrics_port} ({exc.strerror}); "
                           "every worker process needs its own port") from None
+    ctx.warm_up()
     worker = make_worker(settings, name=name)
     log.info("worker starting", worker=worker.name, queue=settings.queue_name, burst=burst,
              worker_ttl=settings.worker_ttl, job_timeout=settings.job_timeout)
