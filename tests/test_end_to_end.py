@@ -80,6 +80,7 @@ def system(redis_server, redis_client, emulator, tmp_path):
 
     s = System()
     s.redis, s.emulator, s.receiver, s.env, s.procs = redis_client, emulator, receiver, env, procs
+    s.redis_server = redis_server
     s.sends, s.enrollments = SendRegistry(redis_client), EnrollmentStore(redis_client)
 
     def start(*args, name):
@@ -272,6 +273,32 @@ def test_sigterm_is_a_warm_shutdown(system):
     s.emulator.fault(kind="latency", ms=0)
     assert job.get_status(refresh=True) == "finished"
     assert s.enrollments.get("e-warm")["status"] == "stopped"
+
+
+def test_a_worker_outlives_a_redis_restart_mid_job_and_then_does_its_work(system):
+    """Redis goes away while a job runs and comes back empty (no persistence here). The worker
+    waits for it instead of exiting, and processes the next reply."""
+    s = system
+    sent = send(s, "e-during")
+    item_id = s.emulator.deliver(MAILBOX, mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=sent,
+                                                     references=sent))["item_id"]
+    s.emulator.fault(kind="latency", ms=3_000)
+    job = queueing.enqueue_new_mail(queueing.make_queue(s.redis, QUEUE), [NewMail(MAILBOX, item_id, "inbox", time.time())])
+    worker = s.start("work", "--name", "e2e-redis-restart", name="worker")
+    wait_for(lambda: job.get_status(refresh=True) == "started", message="the job running")
+    s.redis_server.stop()
+    time.sleep(4)  # the job ends while Redis is away
+    s.emulator.fault(kind="latency", ms=0)
+    s.redis_server.start()
+    assert worker.alive(), worker.lines()[-5:]
+    sent = send(s, "e-after-restart")
+    item_id = s.emulator.deliver(MAILBOX, mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=sent,
+                                                     references=sent))["item_id"]
+    queueing.enqueue_new_mail(queueing.make_queue(s.redis, QUEUE), [NewMail(MAILBOX, item_id, "inbox", time.time())])
+    wait_for(lambda: (s.enrollments.get("e-after-restart") or {}).get("status") == "stopped",
+             message="the reply processed after the restart")
+    assert worker.alive()
+    assert worker.terminate(30) == 0
 
 
 def test_a_webhook_that_fails_at_first_gets_the_transition_once_later(system):

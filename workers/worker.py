@@ -30,8 +30,11 @@ SIGTERM is RQ's warm shutdown (finish the job, take no new one); a second SIGTER
 from __future__ import annotations
 
 import os
+import random
+import signal
 import socket
 import threading
+import time
 
 import redis
 from rq import SimpleWorker
@@ -129,6 +132,17 @@ class MailWorker(SimpleWorker):
         super().register_birth()
 
 
+def _sleep_unless_stopped(seconds: float) -> bool:
+    """Sleep ``seconds``; True as soon as SIGTERM or SIGINT asks the worker to stop meanwhile."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return stop.wait(seconds)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -175,7 +189,25 @@ def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> 
         log.warning("notification drain failed at start; the timer retries", error=f"{type(exc).__name__}: {exc}")
         timer = timer or ctx.notifier.start_timer(NOTIFY_INTERVAL)
     try:
-        worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level.upper())
+        failures = 0
+        while True:
+            started = time.monotonic()
+            try:
+                worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level.upper())
+                break
+            except redis.exceptions.ConnectionError as exc:
+                # Redis restarting or away: wait and start again rather than exit, so a worker
+                # not under supervisord still serves once Redis is back. Nothing is lost
+                # meanwhile: a job taken but not finished is reclaimed by RQ's maintenance.
+                if burst:
+                    raise
+                failures = 1 if time.monotonic() - started > 60 else failures + 1
+                delay = min(30.0, 2.0 ** failures) * random.uniform(0.5, 1.0)
+                log.warning("redis unreachable; worker starts again after a pause", worker=worker.name,
+                            error=f"{type(exc).__name__}: {exc}", retry_in_s=round(delay, 1))
+                if _sleep_unless_stopped(delay):
+                    break
+                worker = make_worker(settings, name=worker.name)
     finally:
         if timer is not None:
             timer.stop()
