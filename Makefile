@@ -12,12 +12,13 @@ QUICK ?=
 export EL_BIN := $(CURDIR)/$(BIN)
 export EL_RUN_DIR := $(CURDIR)/var/run
 export EL_LOG_DIR := $(CURDIR)/var/log
-export EXCHANGE_LISTENER_CONFIG := $(abspath $(CONFIG))
 SUPERVISORD := $(BIN)/supervisord -c deploy/supervisord.conf
 SUPERVISORCTL := $(BIN)/supervisorctl -c deploy/supervisord.conf
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint demo start stop restart status drain resume failed requeue-failed tail bench chaos
+# EXCHANGE_LISTENER_CONFIG is given to supervisord only (make start): exported here it would
+# also reach the tests and the demo, which bring their own settings.
+.PHONY: config-check help install test lint demo start stop restart status drain resume failed requeue-failed tail bench chaos
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -46,7 +47,8 @@ config-check: $(VENV)/.installed
 
 start: config-check ## start listener + workers under supervisord (CONFIG=settings file)
 	@mkdir -p "$(EL_RUN_DIR)" "$(EL_LOG_DIR)"
-	@if [ -S "$(EL_RUN_DIR)/supervisor.sock" ] && $(SUPERVISORCTL) pid >/dev/null 2>&1; then $(SUPERVISORCTL) start all; else $(SUPERVISORD); fi
+	@if [ -S "$(EL_RUN_DIR)/supervisor.sock" ] && $(SUPERVISORCTL) pid >/dev/null 2>&1; then $(SUPERVISORCTL) start all; \
+	else EXCHANGE_LISTENER_CONFIG="$(abspath $(CONFIG))" $(SUPERVISORD); fi
 	@sleep 2; $(SUPERVISORCTL) status
 
 stop: ## stop everything (workers finish their running job first) and supervisord

@@ -4,17 +4,24 @@ Nothing here talks to a shared Redis on 6379; every test gets a flushed database
 """
 from __future__ import annotations
 
+import os
+
 import ews_schema  # tests/ews_schema.py (conftest.py's directory is on sys.path)
 import pytest
 import redis
 
+from exchange_listener import config as settings
 from exchange_listener.local_services import Emulator, RedisServer
 
 SERVICE_ACCOUNT = ("svc", "svc-password")
 
 
 def pytest_configure(config):
-    """Every emulator started by the suite validates its responses against Microsoft's schema."""
+    """Settings from the caller's environment (a config file, a Redis URL) must not reach the
+    commands the tests start; and every emulator started by the suite validates its responses
+    against Microsoft's schema."""
+    for name in [settings.CONFIG_ENV] + [settings.ENV_PREFIX + f.key.upper() for f in settings.FIELDS]:
+        os.environ.pop(name, None)
     config._emulator_schema_log = ews_schema.enable()
 
 
