@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from exchange_listener import logs
+from exchange_listener.local_services import free_port
 from workers.enrollments import OUTBOX_KEY, STREAM_KEY, EnrollmentStore
 from workers.notify import Notifier, verify
 
@@ -297,3 +298,16 @@ def test_timer_drains_in_the_background_and_survives_a_redis_outage(redis_client
     finally:
         timer.stop()
     assert not timer.is_alive()
+
+
+def test_a_token_in_the_webhook_path_or_query_never_reaches_logs_or_redis(redis_client):
+    """requests names only the path and query of a failed URL; tokens often live there."""
+    port = free_port()  # nothing listens: every POST fails with a connection error
+    url = f"http://127.0.0.1:{port}/hooks/T0KEN-IN-PATH?token=S3CRET-IN-QUERY"
+    notifier = Notifier(redis_client, webhook_url=url, webhook_secret=SECRET, backoff_base=0.05)
+    EnrollmentStore(redis_client).transition("e-tok", "stopped", "replied", event_key="k1")
+    notifier.drain()
+    stored = json.dumps(notifier.pending()) + str(notifier.failed())
+    stored += str({k: redis_client.hgetall(k) for k in redis_client.keys("el:outbox:state:*")})
+    assert "S3CRET-IN-QUERY" not in stored and "T0KEN-IN-PATH" not in stored
+    assert "ConnectionError" in stored  # the error itself is still told

@@ -181,3 +181,11 @@ def test_any_input_is_stored_findable_or_refused_cleanly(redis_client, raw_ids, 
         return
     assert all(registry.get(mid) == send for mid in send.message_ids)
     assert all(registry.get(raw) == send for raw in raw_ids)
+
+
+def test_recipients_with_display_names_are_stored_as_bare_addresses(registry):
+    """A bounce names the bare failed address; stored "Name <addr>" forms would never match it."""
+    send = registry.record(["<dn@us.example>"], "e-dn", "s", "rep@us.example", ["Jane Doe <jane@prospect.example>"],
+                           cc=['"Boss, The" <boss@prospect.example>'])
+    assert send.to == ("jane@prospect.example",) and send.cc == ("boss@prospect.example",)
+    assert registry.enrollments_for_domain("prospect.example") == ["e-dn"]

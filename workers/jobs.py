@@ -45,9 +45,15 @@ from typing import Any
 
 import structlog
 from rq import get_current_job
+from rq.timeouts import BaseTimeoutException
 
 from exchange_listener import logs, metrics
-from exchange_listener.sources.base import FetchedMessage, ItemGone, NewMail
+from exchange_listener.sources.base import (
+    FetchedMessage,
+    ItemGone,
+    ItemUnreadable,
+    NewMail,
+)
 from workers import context
 from workers.classify import (
     Classification,
@@ -126,8 +132,11 @@ def _classify(fetcher, mailbox: str, item: FetchedMessage, bound) -> Classificat
     """Headers first; the full MIME source only when the headers cannot settle it."""
     if not needs_body(item.headers):
         return classify_headers(item.headers)
-    raw = fetcher.fetch_mime(mailbox, item.item_id)  # ItemGone: the caller counts it as gone
-    item.mime = raw
+    try:
+        raw = fetcher.fetch_mime(mailbox, item.item_id)  # ItemGone: the caller counts it as gone
+    except ItemUnreadable as exc:  # the item is there but Exchange cannot give its MIME: headers decide
+        bound.warning("mime unavailable, classified from headers", error=str(exc))
+        return classify_headers(item.headers)
     try:
         return classify_message(raw)
     except UnparseableMessage as exc:
@@ -281,6 +290,8 @@ def _handle(mailbox: str, source: str, mails: list[NewMail]) -> dict:
         except ItemGone as exc:
             bound.info("item gone before processing", reason=str(exc))
             items.append({"item_id": mail.item_id, "kind": None, "gone": True, "matched": [], "actions": []})
+        except BaseTimeoutException:
+            raise  # RQ's job timeout: the job must end here, not go on to the next item
         except Exception as exc:  # noqa: BLE001 - one bad item must not cost the others their processing
             bound.error("item failed", error=f"{type(exc).__name__}: {exc}")
             errors.append(f"{mail.item_id[-16:]}: {type(exc).__name__}: {exc}")
@@ -310,6 +321,8 @@ def _fetch(fetcher, mailbox: str, mails: list[NewMail]) -> list:
     ids = [m.item_id for m in mails]
     try:
         return fetcher.fetch(mailbox, ids)
+    except BaseTimeoutException:
+        raise  # RQ's job timeout fired inside the fetch: end the job (it is retried)
     except Exception as exc:
         if len(ids) == 1:
             raise
@@ -319,6 +332,8 @@ def _fetch(fetcher, mailbox: str, mails: list[NewMail]) -> list:
     for item_id in ids:
         try:
             results.extend(fetcher.fetch(mailbox, [item_id]))
+        except BaseTimeoutException:
+            raise
         except Exception as exc:  # noqa: BLE001 - reported per item by the caller
             results.append(exc)
     if all(isinstance(r, Exception) and not isinstance(r, ItemGone) for r in results):

@@ -51,6 +51,7 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 import requests
@@ -181,6 +182,12 @@ class Notifier:
         text = f"{type(exc).__name__}: {exc}"
         if self.webhook_url:
             text = text.replace(self.webhook_url, _redact_url(self.webhook_url))
+            # requests names only the path and query ("url: /hooks/T0/abc?token=..."): tokens
+            # often live there, so neither is repeated
+            parts = urlsplit(self.webhook_url)
+            for piece in (parts.query, parts.path if len(parts.path) > 1 else ""):
+                if piece:
+                    text = text.replace(piece, "***")
         if self._secret:
             text = text.replace(self._secret, "***")
         return text[:500]
@@ -256,6 +263,12 @@ class Notifier:
         fetched = pipe.execute()
         down: dict[str, str] = {}  # channel -> error, for channels that failed in this drain
         for index, tid in enumerate(ids):
+            if time.time() * 1000 - now_ms > self.lease_ms / 2:
+                # a slow receiver: hand the rest back before our lease on them runs out, so no
+                # other drainer delivers them while we still might
+                self.redis.zadd(OUTBOX_KEY, {rest: int(time.time() * 1000) for rest in ids[index:]})
+                result.retrying += len(ids) - index
+                break
             raw, state = fetched[2 * index], {k.decode(): v.decode() for k, v in fetched[2 * index + 1].items()}
             if raw is None:  # expired with the retention: nothing left to tell
                 self.redis.zrem(OUTBOX_KEY, tid)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import email.utils
 import json
 from collections.abc import Iterable, Sequence
 
@@ -78,12 +79,18 @@ class Send:
 
 
 def _addresses(values: Iterable[str] | str, what: str) -> tuple[str, ...]:
+    """Bare addresses ("Jane <jane@x.example>" is stored as jane@x.example), so every later
+    comparison (bounced recipient, domain policy) is address to address."""
     values = [values] if isinstance(values, str) else list(values)
-    cleaned = tuple(v.strip() for v in values if v and v.strip())
-    for address in cleaned:
-        if "@" not in address or any(c in address for c in "\r\n"):
-            raise ValueError(f"{what}: not an email address: {address!r}")
-    return cleaned
+    cleaned = []
+    for value in (v.strip() for v in values if v and v.strip()):
+        if any(c in value for c in "\r\n"):
+            raise ValueError(f"{what}: not an email address: {value!r}")
+        address = email.utils.parseaddr(value)[1] or value
+        if "@" not in address:
+            raise ValueError(f"{what}: not an email address: {value!r}")
+        cleaned.append(address)
+    return tuple(cleaned)
 
 
 class SendRegistry:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +26,7 @@ class NewMail:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "NewMail":
+    def from_dict(cls, data: dict) -> NewMail:
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
@@ -51,6 +52,10 @@ class FetchedMessage:
 
 class ItemGone(Exception):
     """The item no longer exists (deleted or moved away before the worker got to it)."""
+
+
+class ItemUnreadable(ItemGone):
+    """The item exists but the server cannot return it (corrupt, MIME conversion failed)."""
 
 
 class MailFetcher(Protocol):

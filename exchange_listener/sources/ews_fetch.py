@@ -32,7 +32,7 @@ from exchangelib.services import GetItem
 from exchangelib.util import SOAPNS, ParseError, to_xml
 
 from exchange_listener.config import SECRET_KEYS, Settings
-from exchange_listener.sources.base import FetchedMessage, ItemGone
+from exchange_listener.sources.base import FetchedMessage, ItemGone, ItemUnreadable
 from exchange_listener.sources.ews_account import make_account, make_configuration
 
 # exchangelib field name -> what it is in FetchedMessage; names checked against exchangelib 5.6.
@@ -56,8 +56,6 @@ class FetchError(Exception):
     """EWS could not be asked (network, auth, throttling, server error); the job should retry."""
 
 
-class ItemUnreadable(ItemGone):
-    """The server has the item but cannot return it (corrupt); retrying will not help."""
 
 
 class _GetItem(GetItem):
