@@ -128,5 +128,6 @@ def plan(watched: list[str], held: list[str], holders: dict[str, str | None], li
     release = [m for m in held if m not in watched_set] + held_sorted[share:]
     keep = held_sorted[:share]
     room = share - len(keep)
-    free = [m for m in sorted(watched) if m not in set(held) and holders.get(m) in (None, me)]
+    held_set = set(held)
+    free = [m for m in sorted(watched) if m not in held_set and holders.get(m) in (None, me)]
     return free[:max(0, room)], release

@@ -31,7 +31,7 @@ from exchange_listener.sources import ews_account
 from exchange_listener.sources.ews_stream import Backoff, StreamGroup
 from exchange_listener.sync_state import SyncStore, catch_up, incoming_folders
 
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError,
+REDIS_ERRORS = (redis.exceptions.RedisError,  # unreachable, loading, read-only after a failover, OOM: all buffered
                 OSError)
 BUFFER_LIMIT = 200_000  # mails held in memory while Redis is away; beyond it, catch-up recovers them
 CATCHUP_THREADS = 4
@@ -270,7 +270,8 @@ class Listener:
         live = max(1, len(self.leases.live_listeners()))
         holders = self.leases.holders([m for m in watched if m not in self.group_of])
         to_claim, to_release = leases_mod.plan(watched, held, holders, live, self.listener_id)
-        keep = [m for m in held if m not in set(to_release)]
+        releasing = set(to_release)
+        keep = [m for m in held if m not in releasing]
         got = set(self.leases.claim(keep + to_claim))
         lost = [m for m in keep if m not in got]
         if lost:

@@ -51,8 +51,20 @@ class SyncStore:
         state, at = self.conn.hmget(_sync_key(mailbox), [folder, f"{folder}@at"])
         return (state.decode() if state else None), (float(at) if at else None)
 
-    def put(self, mailbox: str, folder: str, state: str, at: float | None = None) -> None:
-        self.conn.hset(_sync_key(mailbox), mapping={folder: state, f"{folder}@at": repr(time.time() if at is None else at)})
+    def put(self, mailbox: str, folder: str, state: str, at: float | None = None, cutoff: float | None = None) -> None:
+        """Store a state; ``cutoff`` marks a first sync still filtering old mail, so a retry
+        after a failure half-way goes on filtering instead of replaying the history."""
+        mapping = {folder: state, f"{folder}@at": repr(time.time() if at is None else at)}
+        if cutoff is not None:
+            mapping[f"{folder}@since"] = repr(cutoff)
+        self.conn.hset(_sync_key(mailbox), mapping=mapping)
+
+    def cutoff(self, mailbox: str, folder: str) -> float | None:
+        value = self.conn.hget(_sync_key(mailbox), f"{folder}@since")
+        return float(value) if value else None
+
+    def clear_cutoff(self, mailbox: str, folder: str) -> None:
+        self.conn.hdel(_sync_key(mailbox), f"{folder}@since")
 
     def drop(self, mailbox: str, folder: str) -> None:
         self.conn.hdel(_sync_key(mailbox), folder)
@@ -68,7 +80,12 @@ class SyncStore:
         return {v.decode() for v in self.conn.smembers(f"el:userfolders:{mailbox}")}
 
     def learn_user_folder(self, mailbox: str, folder_id: str) -> bool:
-        return bool(self.conn.sadd(f"el:userfolders:{mailbox}", folder_id))
+        """Remember a folder mail was filed into; its first catch-up starts from now (less the
+        skew margin), not from when the mailbox was added: the stream already delivered that."""
+        pipe = self.conn.pipeline()
+        pipe.sadd(f"el:userfolders:{mailbox}", folder_id)
+        pipe.hsetnx(_sync_key(mailbox), f"{folder_id}@at", repr(time.time()))
+        return bool(pipe.execute()[0])
 
     def forget_mailbox(self, mailbox: str) -> None:
         self.conn.delete(_sync_key(mailbox), f"el:folders:{mailbox}", f"el:userfolders:{mailbox}")
@@ -95,7 +112,9 @@ def catch_up(account, mailbox: str, folder: str, store: SyncStore, enqueue: Call
     """
     log = logs.get_logger(mailbox=mailbox, folder=folder)
     state, last_at = store.get(mailbox, folder)
-    since = None if state else (last_at or added_at or time.time()) - SKEW_SECONDS
+    since = store.cutoff(mailbox, folder)  # a filtered first sync that did not finish
+    if since is None and not state:
+        since = (last_at or added_at or time.time()) - SKEW_SECONDS
     total = 0
     while True:
         svc = SyncFolderItems(account=account)
@@ -126,8 +145,10 @@ def catch_up(account, mailbox: str, folder: str, store: SyncStore, enqueue: Call
             total += len(mails)
         new_state = svc.sync_state
         if new_state:
-            store.put(mailbox, folder, new_state, at=now)
+            store.put(mailbox, folder, new_state, at=now, cutoff=since)
         if svc.includes_last_item_in_range or not new_state or new_state == state:
+            if since is not None:
+                store.clear_cutoff(mailbox, folder)
             break
         state = new_state
     if total:

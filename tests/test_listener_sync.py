@@ -111,3 +111,24 @@ def test_user_folder_catch_up(emulator, account, redis_client, queue):
     store.learn_user_folder(MAILBOX, folder_id)
     catch_up(account, MAILBOX, folder_id, store, enqueuer(queue), added_at=time.time() - 5)
     assert item_ids(queue) == {first["item_id"]}
+
+
+def test_first_catch_up_failing_half_way_does_not_replay_history_on_retry(emulator, account, redis_client, queue):
+    """A first sync filters out mail from before the mailbox was added; if it fails after its
+    first page was stored, the retry must go on filtering, not enqueue the older mail."""
+    store = SyncStore(redis_client)
+    for i in range(520):  # more than one 512-change page of mail from before the mailbox was added
+        emulator.deliver(MAILBOX, mail(f"history {i}"))
+    added = time.time() + 1 + SKEW_SECONDS  # cutoff one second after the history (seconds resolution)
+    time.sleep(2.1)
+    new = emulator.deliver(MAILBOX, mail("arrived after the mailbox was added"))
+
+    def broken(_mails):
+        raise redis.exceptions.ConnectionError("Redis went away")
+
+    with pytest.raises(redis.exceptions.ConnectionError):  # page 1 filtered and stored, page 2 fails
+        catch_up(account, MAILBOX, "inbox", store, broken, added_at=added)
+    assert store.get(MAILBOX, "inbox")[0]
+    assert catch_up(account, MAILBOX, "inbox", store, enqueuer(queue), added_at=added) == 1
+    assert item_ids(queue) == {new["item_id"]}
+    assert store.cutoff(MAILBOX, "inbox") is None  # finished: later catch-ups take everything new

@@ -321,7 +321,8 @@ class StreamGroup:
                 if self._stopping.is_set():
                     break
                 if self._dirty.is_set():
-                    continue  # we interrupted it ourselves to change membership
+                    self._interrupted()  # we cut it ourselves to change membership
+                    continue
                 delay = backoff.next() if backoff.attempt else 0.2 * random.random()
                 backoff.attempt = max(backoff.attempt, 1)
                 self._lost("connection", f"stream connection lost ({type(exc).__name__}); reconnecting in {delay:.1f}s",
@@ -330,11 +331,19 @@ class StreamGroup:
                 if self._stopping.is_set():
                     break
                 if self._dirty.is_set():
+                    self._interrupted()
                     continue
                 delay = backoff.next(floor=1.0)
                 self.log.exception("stream failed unexpectedly", error=type(exc).__name__, retry_in=round(delay, 1))
                 self._lost("error", None, delay)
         self.connected = False
+
+    def _interrupted(self) -> None:
+        """We cut our own stream (membership changed, a retry came due): notifications the
+        server had already sent, in the rest of an envelope or in the socket's buffer, are gone,
+        and the server counts them as delivered, so the next stream catches up its mailboxes."""
+        self.connected = False
+        self._reconnect_reason = self._reconnect_reason or "interrupted"
 
     def _lost(self, reason: str, message: str | None, delay: float, **extra) -> None:
         self.connected = False
@@ -362,15 +371,17 @@ class StreamGroup:
     def _subscribe_pending(self) -> None:
         now = time.time()
         fresh = []
-        for member in list(self.members.values()):
-            if self._stopping.is_set():
-                raise StopIteration
-            if member.subscription_id or member.retry_at > now:
-                continue
-            if self._subscribe(member):
-                fresh.append(member.mailbox)
-        if fresh:
-            self.on_subscribed(fresh, "subscribed")
+        try:
+            for member in list(self.members.values()):
+                if self._stopping.is_set():
+                    raise StopIteration
+                if member.subscription_id or member.retry_at > now:
+                    continue
+                if self._subscribe(member):
+                    fresh.append(member.mailbox)
+        finally:  # those subscribed before a failure still need their catch-up
+            if fresh:
+                self.on_subscribed(fresh, "subscribed")
 
     def _subscribe(self, member: Member) -> bool:
         log = self.log.bind(mailbox=member.mailbox)
@@ -433,7 +444,8 @@ class StreamGroup:
         metrics.RESUBSCRIBES.labels(type(exc).__name__).inc(len(targets))
         self.log.warning("subscriptions lost; resubscribing the mailboxes named", error=type(exc).__name__,
                          mailboxes=len(targets), subscription_ids=ids or "all")
-        self._reconnect_reason = "resubscribe"
+        # No group-wide catch-up: the resubscribed mailboxes get theirs when subscribed, and the
+        # others lost nothing (a failed GetStreamingEvents leaves their events on the server).
 
     def _stream(self, live: dict[str, Member]) -> None:
         svc = GroupStreamingEvents(account=live[next(iter(live))].account if self.anchor not in self.members
@@ -459,7 +471,11 @@ class StreamGroup:
             self._svc = None
             with contextlib.suppress(Exception):  # the connection may already be gone
                 svc.stop_streaming()
-        if not self._dirty.is_set() and not self._stopping.is_set():
+        if self._stopping.is_set():
+            return
+        if self._dirty.is_set():
+            self._interrupted()
+        else:
             self._reconnect_reason = "closed"  # the server ended the stream (ConnectionTimeout)
             metrics.RECONNECTS.labels("closed").inc()
 
