@@ -89,7 +89,7 @@ def _stream(mailbox: str, configuration: Configuration, queue: Queue, stop: thre
                 for event in notification.events:
                     if isinstance(event, NewMailEvent):
                         queue.enqueue(JOB_FUNC, mailbox, event.item_id.id)
-        except Exception as exc:  # what an afternoon's code does: print, wait, subscribe again
+        except Exception as exc:  # what an afternoon's code does: print, wait, subscribe again  # noqa: BLE001 - recorded in the report, never fatal
             print(f"{mailbox}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr, flush=True)
             time.sleep(1)
 

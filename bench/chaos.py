@@ -196,7 +196,7 @@ class Proc:
         self.popen: subprocess.Popen | None = None
 
     def start(self) -> Proc:
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - deliberate
         self.popen = subprocess.Popen(self.args, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True)
         log.close()
@@ -339,7 +339,7 @@ class Stack:
         for proc in self.listeners + self.workers:
             try:
                 proc.terminate(timeout=8)
-            except Exception:
+            except Exception:  # noqa: BLE001 - recorded in the report, never fatal
                 proc.kill()
         self.emulator.stop()
         self.redis_server.kill()
@@ -686,7 +686,7 @@ class Drill:
                     d.enrollment.delivered.append(d.kind)
                 with self.lock:
                     self.delivered += 1
-            except Exception as exc:  # the emulator is never faulted on its delivery endpoint
+            except Exception as exc:  # the emulator is never faulted on its delivery endpoint  # noqa: BLE001 - recorded in the report, never fatal
                 self.errors.append(f"delivery failed: {exc}")
 
     # -- faults --------------------------------------------------------------------------------
@@ -769,7 +769,7 @@ class Drill:
                 return
             try:
                 fault = self.inject(kind)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - recorded in the report, never fatal
                 self.errors.append(f"injecting {kind} failed: {type(exc).__name__}: {exc}")
                 continue
             with self.lock:
@@ -980,7 +980,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict
     try:
         report = drill.run()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - recorded in the report, never fatal
         import traceback
 
         traceback.print_exc()

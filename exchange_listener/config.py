@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 ENV_PREFIX = "EXCHANGE_LISTENER_"
@@ -126,7 +127,7 @@ class Settings:
             if self.values.get(key) in ("", None):
                 raise ConfigError(f"{key}: required (set it in the config file or {ENV_PREFIX}{key.upper()})")
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         return load(overrides={**self.values, **changes}, env={})
 
 

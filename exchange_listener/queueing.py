@@ -9,7 +9,7 @@ running runs once. Later duplicates are harmless: workers are idempotent.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import redis
 from rq import Queue, Retry

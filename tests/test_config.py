@@ -59,7 +59,7 @@ def test_cli_reports_config_error_without_traceback(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("group_size = 0\n")
     proc = subprocess.run([sys.executable, "-m", "exchange_listener.cli", "mailboxes", "list", "--config", str(path)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
     assert "group_size" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -5,9 +5,9 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-import gen_config_docs  # noqa: E402
+import gen_config_docs
 
-from exchange_listener import config  # noqa: E402
+from exchange_listener import config
 
 
 def test_reference_is_current():

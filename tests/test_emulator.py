@@ -148,7 +148,7 @@ def test_getitem_serves_raw_8bit_and_control_bytes_in_headers_as_text(emulator):
     item = next(iter(account(emulator, ALICE).fetch([(delivered["item_id"], None)],
                                                     only_fields=["subject", "author", "headers"])))
     assert item.author.email_address == "utf8@customer.example"
-    headers = dict((h.name, h.value) for h in item.headers)
+    headers = {h.name: h.value for h in item.headers}
     assert headers["From"] == "\u00e9l\u00e8ve <utf8@customer.example>"
     assert headers["Subject"].startswith("caf\u00e9 ") and headers["Subject"].endswith("bell")
     assert "\x01" not in headers["Subject"]

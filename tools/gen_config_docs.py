@@ -12,7 +12,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from exchange_listener.config import ENV_PREFIX, FIELDS, SECRET_KEYS  # noqa: E402
+from exchange_listener.config import ENV_PREFIX, FIELDS, SECRET_KEYS
 
 
 def toml_value(value) -> str:

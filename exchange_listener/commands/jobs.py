@@ -40,7 +40,7 @@ def run(args) -> int:
             try:
                 registry.requeue(job_id)
                 requeued += 1
-            except Exception as exc:  # a job whose data expired cannot come back; say so and go on
+            except Exception as exc:  # noqa: BLE001 - a job whose data expired cannot come back; say so, go on
                 print(f"{job_id}: not requeued ({exc})")
         print(f"requeued {requeued} of {len(ids)} failed job(s)")
         return 0

@@ -6,12 +6,11 @@ Responses are built as strings (cheap for thousands of streams); every value goe
 """
 from __future__ import annotations
 
-import re
-
 import base64
 import datetime as dt
 import email
 import email.policy
+import re
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from xml.sax.saxutils import escape, quoteattr

@@ -8,11 +8,19 @@ own Protocol, sessions and cookies.
 """
 from __future__ import annotations
 
-from exchangelib import DELEGATE, IMPERSONATION, Account, Build, Configuration, Credentials, Version
+import requests.adapters
+from exchangelib import (
+    DELEGATE,
+    IMPERSONATION,
+    Account,
+    Build,
+    Configuration,
+    Credentials,
+    Version,
+)
 from exchangelib.credentials import OAuth2Credentials
 from exchangelib.protocol import BaseProtocol, NoVerifyHTTPAdapter
-from exchangelib.transport import NTLM, BASIC, OAUTH2
-import requests.adapters
+from exchangelib.transport import BASIC, NTLM, OAUTH2
 
 from exchange_listener.config import Settings
 
