@@ -28,17 +28,14 @@ import redis
 from exchangelib import (
     IMPERSONATION,
     Account,
-    Build,
     Configuration,
-    Credentials,
-    Version,
 )
 from exchangelib.properties import NewMailEvent
-from exchangelib.transport import BASIC
 from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
 from exchange_listener import config
+from exchange_listener.sources import ews_account
 from workers.classify import classify_message
 from workers.enrollments import EnrollmentStore
 from workers.sends import SendRegistry
@@ -48,10 +45,8 @@ FIELDS = ["mime_content", "message_id", "subject", "datetime_received"]
 
 
 def _configuration(settings, max_connections: int = 1) -> Configuration:
-    parts = [int(p) for p in settings.ews_version.split(".")]
-    return Configuration(service_endpoint=settings.ews_url,
-                         credentials=Credentials(settings.ews_username, settings.ews_password),
-                         auth_type=BASIC, version=Version(build=Build(*parts[:4])), max_connections=max_connections)
+    """Every baseline account shares one Protocol (one pool), as a straightforward client does."""
+    return ews_account.make_configuration(settings, pool="baseline", max_connections=max_connections)
 
 
 def handle_event(mailbox: str, item_id: str) -> str:
