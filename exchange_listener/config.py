@@ -68,7 +68,8 @@ class Field:
 
 
 FIELDS: tuple[Field, ...] = (
-    Field("redis_url", str, "redis://127.0.0.1:6379/0", "Redis holding queues, leases, sync states, sends and enrollments.", _url("redis", "rediss", "unix")),
+    Field("redis_url", str, "redis://127.0.0.1:6379/0", "Redis holding queues, leases, sync states, sends and enrollments.", _url("redis", "rediss", "unix", "redis+sentinel")),
+    Field("allow_volatile_redis", bool, False, "Accept a Redis that persists nothing or may evict our keys (demo/tests only); otherwise status is unhealthy."),
     Field("ews_url", str, "", "EWS endpoint, e.g. https://mail.example.com/EWS/Exchange.asmx.", _url("http", "https")),
     Field("ews_version", str, "15.1.2507.6", "Exchange build to assume (skips exchangelib's version probe)."),
     Field("auth_type", str, "basic", "basic | ntlm | oauth2.", _choice("basic", "ntlm", "oauth2")),
@@ -96,6 +97,9 @@ FIELDS: tuple[Field, ...] = (
     Field("webhook_secret", str, "", "HMAC key for webhook signatures (secret; never logged)."),
     Field("webhook_timeout", float, 5.0, "Seconds per webhook attempt.", _between(0.1, 300)),
     Field("callback", str, "", "Dotted path of a Python callable called with each transition."),
+    Field("checkpoint_seconds", float, 300.0, "While streaming, a mailbox that had new mail has its sync state checkpointed this often, so a restart catches up only the gap.", _between(1, 86400)),
+    Field("processed_days", int, 14, "How long a processed mail is remembered per mailbox; a catch-up never fetches it again within that time, and skips mail received longer ago.", _between(1, 365)),
+    Field("mailbox_failure_grace_seconds", float, 900.0, "A mailbox that cannot be subscribed makes status unhealthy only after failing this long.", _between(0, 86400)),
     Field("metrics_port", int, 0, "Port for Prometheus metrics; 0 disables.", _between(0, 65535)),
     Field("log_level", str, "info", "debug | info | warning | error.", _choice("debug", "info", "warning", "error")),
     Field("log_format", str, "auto", "auto (JSON unless on a terminal) | json | console.", _choice("auto", "json", "console")),
