@@ -29,6 +29,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from email.message import Message
 
+from rq.timeouts import BaseTimeoutException
+
 from workers.message_ids import normalize, references_of
 
 # flufl.bounce logs a traceback for every detector that trips over odd mail, then re-raises;
@@ -122,6 +124,8 @@ def _clean(value) -> str:
     if not isinstance(value, str):
         try:
             value = str(value)
+        except BaseTimeoutException:  # RQ's job timeout must end the job
+            raise
         except Exception:  # noqa: BLE001 - bad mail must not crash the worker
             return ""
     value = value[:MAX_HEADER_VALUE]
@@ -140,6 +144,8 @@ def _decoded(value: str) -> str:
         return value
     try:
         return str(email.header.make_header(email.header.decode_header(value)))
+    except BaseTimeoutException:  # RQ's job timeout must end the job
+        raise
     except Exception:  # noqa: BLE001 - bad mail must not crash the worker
         return value
 
@@ -171,6 +177,8 @@ def _address(value: str | None) -> tuple[str, str]:
         return "", ""
     try:
         pairs = email.utils.getaddresses([value])
+    except BaseTimeoutException:  # RQ's job timeout must end the job
+        raise
     except Exception:  # noqa: BLE001 - bad mail must not crash the worker
         return "", ""
     for name, addr in pairs:
@@ -295,6 +303,8 @@ def classify_headers(headers: list[tuple[str, str]]) -> Classification:
     """Classify from internet headers only (EWS InternetMessageHeaders). Never raises."""
     try:
         return _from_headers(_Headers(headers or []))[0]
+    except BaseTimeoutException:  # RQ's job timeout must end the job
+        raise
     except Exception as exc:  # noqa: BLE001 - bad mail must not crash the worker
         return Classification(reasons=[f"header parse error: {type(exc).__name__}"])
 
@@ -308,6 +318,8 @@ def needs_body(headers: list[tuple[str, str]]) -> bool:
     """
     try:
         c, hints = _from_headers(_Headers(headers or []))
+    except BaseTimeoutException:  # RQ's job timeout must end the job
+        raise
     except Exception:  # noqa: BLE001 - bad mail must not crash the worker
         return True
     if c.kind in ("bounce", "read_receipt", "complaint", "auto_reply"):
@@ -329,6 +341,8 @@ def _parse(raw) -> Message:
         raise UnparseableMessage("empty message")
     try:
         return email.message_from_bytes(data, policy=email.policy.compat32)
+    except BaseTimeoutException:  # RQ's job timeout must end the job
+        raise
     except Exception as exc:  # noqa: BLE001 - bad mail must not crash the worker
         raise UnparseableMessage(f"cannot parse message: {type(exc).__name__}") from None
 
@@ -339,6 +353,8 @@ def _salvaged(raw, msg: Message) -> list[tuple[str, str]]:
     try:
         data = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else bytes(raw)
         return headers_of(data)
+    except BaseTimeoutException:  # RQ's job timeout must end the job
+        raise
     except Exception:  # noqa: BLE001 - bad mail must not crash the worker
         return _items(msg)
 
@@ -352,6 +368,8 @@ def _parts(msg: Message):
         yield part
         try:
             payload = part.get_payload()
+        except BaseTimeoutException:  # RQ's job timeout must end the job
+            raise
         except Exception:  # noqa: BLE001, S112 - bad mail must not crash the worker
             continue
         if isinstance(payload, list):
@@ -361,6 +379,8 @@ def _parts(msg: Message):
 def _text_of(part: Message) -> str:
     try:
         data = part.get_payload(decode=True)
+    except BaseTimeoutException:  # RQ's job timeout must end the job
+        raise
     except Exception:  # noqa: BLE001 - bad mail must not crash the worker
         data = None
     if data is None:
@@ -376,6 +396,8 @@ def _text_of(part: Message) -> str:
 def _ctype(part: Message) -> str:
     try:
         return part.get_content_type()
+    except BaseTimeoutException:  # RQ's job timeout must end the job
+        raise
     except Exception:  # noqa: BLE001 - bad mail must not crash the worker
         return "text/plain"
 
@@ -411,6 +433,8 @@ def headers_of(raw: bytes | Message) -> list[tuple[str, str]]:
 def _items(msg: Message) -> list[tuple[str, str]]:
     try:  # raw values: compat32's items() turns 8-bit values into unreadable Header objects
         return [(k, v) for k, v in msg.raw_items()]
+    except BaseTimeoutException:  # RQ's job timeout must end the job
+        raise
     except Exception:  # noqa: BLE001 - bad mail must not crash the worker
         return []
 
@@ -427,6 +451,8 @@ def _embedded_id(part: Message) -> str | None:
                 return found
             try:  # broken header block: the id ended up in the attached message's body
                 text = payload[0].as_string()
+            except BaseTimeoutException:  # RQ's job timeout must end the job
+                raise
             except Exception:  # noqa: BLE001 - bad mail must not crash the worker
                 text = ""
     else:
@@ -448,6 +474,8 @@ def _dsn_fields(part: Message) -> list[dict[str, str]]:
     for chunk in re.split(r"\r?\n\s*\r?\n", text[:MAX_TEXT]):
         try:
             block = email.parser.HeaderParser(policy=email.policy.compat32).parsestr(chunk)
+        except BaseTimeoutException:  # RQ's job timeout must end the job
+            raise
         except Exception:  # noqa: BLE001, S112 - bad mail must not crash the worker
             continue
         blocks.append({k.lower(): _clean(v) for k, v in block.items()})
@@ -542,10 +570,14 @@ def classify_message(raw: bytes | Message) -> Classification:
     headers = _items(msg) if isinstance(raw, Message) else _salvaged(raw, msg)
     try:
         c, hints = _from_headers(_Headers(headers))
+    except BaseTimeoutException:  # RQ's job timeout must end the job
+        raise
     except Exception as exc:  # noqa: BLE001 - bad mail must not crash the worker
         c, hints = Classification(reasons=[f"header parse error: {type(exc).__name__}"]), {}
     try:
         _refine(c, hints, msg)
+    except BaseTimeoutException:  # RQ's job timeout must end the job
+        raise
     except Exception as exc:  # noqa: BLE001 - bad mail must not crash the worker
         c.reasons.append(f"body parse error: {type(exc).__name__}")
     return c
@@ -608,10 +640,14 @@ def _flufl_failures(msg: Message) -> tuple[frozenset, frozenset]:
     result: tuple[frozenset, frozenset] = (frozenset(), frozenset())
     try:
         result = all_failures(msg)
+    except BaseTimeoutException:  # RQ's job timeout must end the job
+        raise
     except Exception:  # noqa: BLE001 - bad mail must not crash the worker
         try:
             modern = email.message_from_bytes(msg.as_bytes(), policy=email.policy.default)
             result = all_failures(modern)
+        except BaseTimeoutException:  # RQ's job timeout must end the job
+            raise
         except Exception:  # noqa: BLE001, S110 - bad mail must not crash the worker
             pass
     return result
@@ -633,6 +669,8 @@ def _message_date(msg: Message) -> dt.date:
         parsed = email.utils.parsedate_to_datetime(_clean(msg.get("date")))
         if parsed:
             return parsed.date()
+    except BaseTimeoutException:  # RQ's job timeout must end the job
+        raise
     except Exception:  # noqa: BLE001, S110 - bad mail must not crash the worker
         pass
     return dt.datetime.now(dt.UTC).date()
@@ -687,6 +725,8 @@ def find_return_date(text: str, base: dt.date | None = None) -> dt.date | None:
             tried += 1
             try:
                 found = dateparser.parse(candidate, languages=_DATE_LANGS, settings=settings)
+            except BaseTimeoutException:  # RQ's job timeout must end the job
+                raise
             except Exception:  # noqa: BLE001 - bad mail must not crash the worker
                 found = None
             if found:  # the longest readable date after the cue decides for this cue
