@@ -20,6 +20,7 @@ from exchange_listener import logs
 from exchange_listener.emulator import soap
 from exchange_listener.emulator.soap import NS, BadRequest
 from exchange_listener.emulator.store import (
+    DELETIONS,
     EVENTS_PER_NOTIFICATION,
     Store,
     StoreError,
@@ -30,6 +31,20 @@ from exchange_listener.emulator.validation import ViolationLog
 XML = "text/xml; charset=utf-8"
 MAX_SUBSCRIPTIONS_PER_STREAM = 200
 MISSED = "The subscription missed events (its queue overflowed); create a new subscription."
+MAILBOX_ERROR_CODES = {
+    "ErrorImpersonateUserDenied": "The account does not have permission to impersonate the requested user.",
+    "ErrorNonExistentMailbox": "The SMTP address has no mailbox associated with it.",
+    "ErrorMailboxMoveInProgress": "Mailbox move in progress. Try again later.",
+    "ErrorAccessDenied": "Access is denied. Check credentials and try again.",
+}
+# what a response message of these operations must carry even on error (exchangelib reads it)
+ERROR_INNER = {
+    "GetItem": "<m:Items/>",
+    "SyncFolderItems": "<m:SyncState/><m:IncludesLastItemInRange>true</m:IncludesLastItemInRange>",
+    "SyncFolderHierarchy": "<m:SyncState/><m:IncludesLastFolderInRange>true</m:IncludesLastFolderInRange>",
+}
+# how many response messages an operation answers with: one per element under these
+PER_ELEMENT = {"GetFolder": "m:FolderIds/*", "GetItem": "m:ItemIds/*", "FindItem": "m:ParentFolderIds/*"}
 EVENT_TYPES = {"CopiedEvent", "CreatedEvent", "DeletedEvent", "ModifiedEvent", "MovedEvent", "NewMailEvent",
                "FreeBusyChangedEvent"}
 
@@ -91,6 +106,19 @@ class Faults:
         self.http_503 = 0
         self.latency_ms = 0
         self.stall_until = 0.0
+        self.busy_anchors: dict[str, list[int]] = {}  # X-AnchorMailbox -> [count left (-1: until cleared), back off]
+        self.mailbox_errors: dict[str, tuple[str, frozenset]] = {}  # mailbox -> (ResponseCode, operations)
+
+    def anchor_busy(self, anchor: str) -> int | None:
+        """The back off to answer a request anchored on ``anchor`` with, or None if it is not busy."""
+        entry = self.busy_anchors.get(anchor)
+        if entry is None:
+            return None
+        if entry[0] > 0:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del self.busy_anchors[anchor]
+        return entry[1]
 
 
 class Emulator:
@@ -117,6 +145,8 @@ class Emulator:
         app.router.add_post("/oauth2/v2.0/token", self.token)
         app.router.add_post("/{tenant}/oauth2/v2.0/token", self.token)
         app.router.add_post("/emulator/mailboxes/{address}/messages", self.deliver)
+        app.router.add_post("/emulator/mailboxes/{address}/folders", self.create_folder)
+        app.router.add_delete("/emulator/mailboxes/{address}/folders", self.delete_folder)
         app.router.add_post(r"/emulator/items/{item_id:.+}/move", self.move)
         app.router.add_post(r"/emulator/items/{item_id:.+}/read", self.mark_read)
         app.router.add_post(r"/emulator/items/{item_id:.+}/touch", self.touch)
@@ -213,16 +243,22 @@ class Emulator:
         if self.faults.http_503 > 0:
             self.faults.http_503 -= 1
             return web.Response(status=503, text="Service Unavailable")
-        if self.faults.busy > 0:
+        busy_back_off = self.faults.anchor_busy(request.headers.get("X-AnchorMailbox", "").strip().lower())
+        if busy_back_off is None and self.faults.busy > 0:
             self.faults.busy -= 1
+            busy_back_off = self.faults.back_off_ms
+        if busy_back_off is not None:
             return self._fault("ErrorServerBusy", "The server cannot service this request right now. Try again later.",
-                               self.faults.back_off_ms)
+                               busy_back_off)
         try:
             req = soap.parse_request(data)
             mailbox = self._mailbox(principal, req, request)
             handler = getattr(self, f"op_{req.operation}", None)
             if handler is None:
                 raise BadRequest("ErrorInvalidOperation", f"The emulator does not implement {req.operation}.")
+            failing = self.faults.mailbox_errors.get(mailbox)
+            if failing and req.operation in failing[1]:
+                return self._mailbox_error(req, failing[0])
             if req.operation == "GetStreamingEvents":
                 return await self.op_GetStreamingEvents(request, principal, req)
             return handler(request, principal, mailbox, req)
@@ -241,6 +277,16 @@ class Emulator:
         if not principal.may_impersonate and mailbox != principal.user.lower():
             raise BadRequest("ErrorAccessDenied", "Access is denied. Check credentials and try again.")
         return mailbox
+
+    def _mailbox_error(self, req: soap.Request, code: str) -> web.Response:
+        """A per-mailbox error as Exchange sends it: HTTP 200, an error in every response message."""
+        text = MAILBOX_ERROR_CODES[code]
+        if req.operation == "GetStreamingEvents":
+            return self._stream_error(code, text)
+        path = PER_ELEMENT.get(req.operation)
+        count = max(1, len(req.body.findall(path, NS))) if path else 1
+        inner = ERROR_INNER.get(req.operation, "")
+        return self._xml(soap.response(req.operation, [soap.error(req.operation, code, text, inner)] * count))
 
     def _folder(self, mailbox: str, ref: tuple[str, str]):
         kind, value = ref
@@ -344,6 +390,26 @@ class Emulator:
                  f"<m:IncludesLastItemInRange>{str(last).lower()}</m:IncludesLastItemInRange>"
                  f"<m:Changes>{''.join(parts)}</m:Changes>")
         return self._xml(soap.response("SyncFolderItems", [soap.ok("SyncFolderItems", inner)]))
+
+    def op_SyncFolderHierarchy(self, request, principal, mailbox, req) -> web.Response:
+        """Folder tree changes below SyncFolderId, or below msgfolderroot (the IPM subtree) when absent."""
+        refs = soap.folder_refs(req.body.find("m:SyncFolderId", NS))
+        try:
+            root = self._folder(mailbox, refs[0]) if refs else self.store.folder(mailbox, "msgfolderroot")
+            changes, state = self.store.sync_hierarchy(root, soap.text_of(req.body, "m:SyncState"))
+        except StoreError as exc:
+            return self._xml(soap.response("SyncFolderHierarchy", [soap.error(
+                "SyncFolderHierarchy", exc.code, exc.text, ERROR_INNER["SyncFolderHierarchy"])]))
+        parts = []
+        for kind, folder in changes:
+            if kind == "Delete":
+                parts.append(f"<t:Delete>{soap.folder_id(folder)}</t:Delete>")
+            else:
+                parts.append(f"<t:{kind}>{soap.folder_xml(self.store, folder)}</t:{kind}>")
+        inner = (f"<m:SyncState>{soap.esc(state)}</m:SyncState>"
+                 "<m:IncludesLastFolderInRange>true</m:IncludesLastFolderInRange>"
+                 f"<m:Changes>{''.join(parts)}</m:Changes>")
+        return self._xml(soap.response("SyncFolderHierarchy", [soap.ok("SyncFolderHierarchy", inner)]))
 
     def op_Subscribe(self, request, principal, mailbox, req) -> web.Response:
         streaming = req.body.find("m:StreamingSubscriptionRequest", NS)
@@ -515,14 +581,46 @@ class Emulator:
         stream.wake.clear()
 
     # -- test hooks (not EWS) ----------------------------------------------------------------
+    @staticmethod
+    def _where(folder) -> dict:
+        return {"folder_id": folder.id, "path": folder.path or folder.name}
+
     async def deliver(self, request: web.Request) -> web.Response:
         raw = await request.read()
         if not raw.strip():
             return web.json_response({"error": "empty message body"}, status=400)
         folder = request.query.get("folder", "inbox")
-        item = self.store.deliver(request.match_info["address"], raw, folder)
+        try:
+            item = self.store.deliver(request.match_info["address"], raw, folder)
+        except StoreError as exc:
+            return web.json_response({"error": exc.code, "message": exc.text}, status=400)
         self.log.debug("delivered", mailbox=item.mailbox, folder=folder)
-        return web.json_response({"item_id": item.id, "folder": folder}, status=201)
+        return web.json_response({"item_id": item.id, "folder": folder, "folder_id": item.folder_id}, status=201)
+
+    async def create_folder(self, request: web.Request) -> web.Response:
+        """``{"path": "A/B", "folder_class": "IPF.Note"}`` -> ``{"folder_id", "path", "folder_class", "created"}``."""
+        try:
+            body = await request.json()
+            path = body["path"]
+            folder_class = body.get("folder_class") or "IPF.Note"
+            if not isinstance(path, str) or not path.strip() or not isinstance(folder_class, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            return web.json_response({"error": 'JSON body with a "path" string required'}, status=400)
+        try:
+            folder, created = self.store.create_folder(request.match_info["address"], path, folder_class)
+        except StoreError as exc:
+            return web.json_response({"error": exc.code, "message": exc.text}, status=400)
+        return web.json_response({**self._where(folder), "folder_class": folder.folder_class, "created": created},
+                                 status=201 if created else 200)
+
+    async def delete_folder(self, request: web.Request) -> web.Response:
+        path = request.query.get("path", "")
+        try:
+            folder = self.store.delete_folder(request.match_info["address"], path)
+        except StoreError as exc:
+            return web.json_response({"error": exc.code, "message": exc.text}, status=404)
+        return web.json_response({"deleted": True, **self._where(folder)})
 
     async def move(self, request: web.Request) -> web.Response:
         folder = request.query.get("folder")
@@ -532,7 +630,7 @@ class Emulator:
             item = self.store.move(request.match_info["item_id"], folder)
         except StoreError as exc:
             return web.json_response({"error": exc.code}, status=404)
-        return web.json_response({"item_id": item.id, "folder": folder})
+        return web.json_response({"item_id": item.id, "folder": folder, "folder_id": item.folder_id})
 
     async def mark_read(self, request: web.Request) -> web.Response:
         is_read = request.query.get("is_read", "true").lower() in ("1", "true", "yes")
@@ -550,11 +648,21 @@ class Emulator:
         return web.json_response({"item_id": item.id})
 
     async def delete_item(self, request: web.Request) -> web.Response:
+        """Hard delete (to Recoverable Items\\Deletions, new id); ``?purge=true``: gone from the mailbox."""
+        purge = request.query.get("purge", "").lower() in ("1", "true", "yes")
         try:
-            self.store.delete(request.match_info["item_id"])
+            if purge:
+                self.store.purge(request.match_info["item_id"])
+                item = None
+            else:
+                item = self.store.hard_delete(request.match_info["item_id"])
         except StoreError as exc:
             return web.json_response({"error": exc.code}, status=404)
-        return web.json_response({"deleted": True})
+        if item is None:
+            return web.json_response({"deleted": True, "purged": True, "item_id": None, "folder": None,
+                                      "folder_id": None})
+        return web.json_response({"deleted": True, "purged": False, "item_id": item.id, "folder": DELETIONS,
+                                  "folder_id": item.folder_id})
 
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response({"streams": len(self.streams), "subscriptions": len(self.store.subscriptions),
@@ -581,10 +689,27 @@ class Emulator:
                     self.store.drop_subscription(sub)
                 for stream in self.streams:
                     stream.kick()
+            elif kind == "server_busy" and body.get("anchor"):
+                anchor, count = str(body["anchor"]).strip().lower(), int(body.get("count", 1))
+                if count == 0:
+                    self.faults.busy_anchors.pop(anchor, None)
+                else:  # a negative count: busy until cleared
+                    self.faults.busy_anchors[anchor] = [max(count, -1), int(body.get("back_off_ms", 30_000))]
             elif kind == "server_busy":
                 self.faults.busy = int(body.get("count", 1))
                 self.faults.back_off_ms = int(body.get("back_off_ms", 30_000))
                 count = self.faults.busy
+            elif kind == "mailbox_error":
+                code = body["code"]
+                if code not in MAILBOX_ERROR_CODES:
+                    raise ValueError(f"code must be one of {sorted(MAILBOX_ERROR_CODES)}")
+                operations = body.get("operations", ["Subscribe", "GetFolder"])
+                if not isinstance(operations, list) or not all(isinstance(o, str) for o in operations):
+                    raise TypeError("operations must be a list of operation names")
+                self.faults.mailbox_errors[str(body["mailbox"]).strip().lower()] = (code, frozenset(operations))
+                count = 1
+            elif kind == "clear_mailbox_error":
+                count = int(self.faults.mailbox_errors.pop(str(body["mailbox"]).strip().lower(), None) is not None)
             elif kind == "http_503":
                 self.faults.http_503 = count = int(body.get("count", 1))
             elif kind == "latency":

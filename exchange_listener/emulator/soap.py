@@ -166,7 +166,19 @@ def folder_id(folder: Folder, tag: str = "FolderId") -> str:
     return f"<t:{tag} Id={quoteattr(folder.id)} ChangeKey={quoteattr(folder.change_key)}/>"
 
 
+# the element Exchange answers with, by folder class (the schema's BaseFolderType choices)
+FOLDER_ELEMENTS = {"IPF.Appointment": "CalendarFolder", "IPF.Contact": "ContactsFolder", "IPF.Task": "TasksFolder"}
+
+
+def folder_element(folder: Folder) -> str:
+    cls = folder.folder_class or ""
+    return next((tag for prefix, tag in FOLDER_ELEMENTS.items() if cls == prefix or cls.startswith(prefix + ".")),
+                "Folder")
+
+
 def folder_xml(store: Store, folder: Folder) -> str:
+    """One folder in the schema's BaseFolderType order; UnreadCount only where the type has it."""
+    tag = folder_element(folder)
     parts = [folder_id(folder)]
     if folder.parent_id:
         parts.append(folder_id(store.folders[folder.parent_id], "ParentFolderId"))
@@ -175,8 +187,9 @@ def folder_xml(store: Store, folder: Folder) -> str:
     parts.append(f"<t:DisplayName>{esc(folder.display_name)}</t:DisplayName>")
     parts.append(f"<t:TotalCount>{len(folder.items)}</t:TotalCount>")
     parts.append(f"<t:ChildFolderCount>{len(store.children(folder))}</t:ChildFolderCount>")
-    parts.append(f"<t:UnreadCount>{folder.unread}</t:UnreadCount>")
-    return f"<t:Folder>{''.join(parts)}</t:Folder>"
+    if tag in ("Folder", "TasksFolder"):
+        parts.append(f"<t:UnreadCount>{folder.unread}</t:UnreadCount>")
+    return f"<t:{tag}>{''.join(parts)}</t:{tag}>"
 
 
 # -- items ------------------------------------------------------------------------------------
@@ -244,7 +257,7 @@ ITEM_FIELDS = {
     "item:MimeContent": lambda s, i: f'<t:MimeContent CharacterSet="UTF-8">{base64.b64encode(i.raw).decode()}</t:MimeContent>',
     "item:ItemId": lambda s, i: "",  # always sent
     "item:ParentFolderId": lambda s, i: folder_id(s.folders[i.folder_id], "ParentFolderId"),
-    "item:ItemClass": lambda s, i: "<t:ItemClass>IPM.Note</t:ItemClass>",
+    "item:ItemClass": lambda s, i: f"<t:ItemClass>{esc(i.item_class)}</t:ItemClass>",
     "item:Subject": lambda s, i: f"<t:Subject>{esc(i.subject)}</t:Subject>",
     "item:Body": lambda s, i: _body(i),
     "item:DateTimeReceived": lambda s, i: f"<t:DateTimeReceived>{ts(i.received)}</t:DateTimeReceived>",
@@ -270,9 +283,14 @@ _ORDER = {name: n for n, name in enumerate(ITEM_FIELDS)}
 
 
 def item_xml(store: Store, item: Item, base: str, fields: list[str]) -> str:
+    """A mail item as ``t:Message``; anything else (a delivery into calendar, contacts, tasks,
+    notes) as a plain ``t:Item`` carrying only ItemType's fields."""
+    is_message = item.item_class.startswith("IPM.Note")
     wanted = set(fields)
     if base in ("Default", "AllProperties"):
         wanted.update(DEFAULT_FIELDS)
+    if not is_message:
+        wanted = {f for f in wanted if not f.startswith("message:")}
     parts = []
     for name in sorted(wanted & ITEM_FIELDS.keys(), key=_ORDER.__getitem__):
         if name == "item:MimeContent":
@@ -282,7 +300,8 @@ def item_xml(store: Store, item: Item, base: str, fields: list[str]) -> str:
             parts.append(ITEM_FIELDS[name](store, item))
     if "item:MimeContent" not in wanted:
         parts.insert(0, item_id(item))
-    return f"<t:Message>{''.join(parts)}</t:Message>"
+    tag = "Message" if is_message else "Item"
+    return f"<t:{tag}>{''.join(parts)}</t:{tag}>"
 
 
 # -- notifications ----------------------------------------------------------------------------

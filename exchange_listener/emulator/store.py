@@ -1,9 +1,14 @@
 """The emulator's state, in memory: mailboxes, folders, items, subscriptions and their events.
 
 Nothing here knows about HTTP or XML. Ids are opaque base64 strings like real EWS ids; the
-store maps them back to objects. Every change to a folder is appended to that folder's change
-log, which is what SyncFolderItems sync states point into; every change also becomes events on
-the subscriptions that cover the folder.
+store maps them back to objects. Every change to a folder's items is appended to that folder's
+change log (what SyncFolderItems states point into); every change to the folder tree is
+appended to the mailbox's hierarchy log (what SyncFolderHierarchy states point into); every
+change also becomes events on the subscriptions that cover the folder.
+
+User folders are addressed by a path of display names separated by ``/`` (``Projects/Acme``);
+the first segment may also be a distinguished name (``inbox/Sub``). Top-level user folders sit
+under msgfolderroot, beside the inbox.
 """
 from __future__ import annotations
 
@@ -31,7 +36,18 @@ DISTINGUISHED = {
     "deleteditems": ("Deleted Items", "msgfolderroot", "IPF.Note"),
     "drafts": ("Drafts", "msgfolderroot", "IPF.Note"),
     "outbox": ("Outbox", "msgfolderroot", "IPF.Note"),
+    "calendar": ("Calendar", "msgfolderroot", "IPF.Appointment"),
+    "contacts": ("Contacts", "msgfolderroot", "IPF.Contact"),
+    "tasks": ("Tasks", "msgfolderroot", "IPF.Task"),
+    "notes": ("Notes", "msgfolderroot", "IPF.StickyNote"),
+    # the dumpster: outside the IPM subtree, so no client's folder view shows it
+    "recoverableitemsroot": ("Recoverable Items", "root", None),
+    "recoverableitemsdeletions": ("Deletions", "recoverableitemsroot", None),
 }
+DELETIONS = "recoverableitemsdeletions"
+# the item class a folder's content has, by folder class (what GetItem reports)
+ITEM_CLASSES = {"IPF.Appointment": "IPM.Appointment", "IPF.Contact": "IPM.Contact", "IPF.Task": "IPM.Task",
+                "IPF.StickyNote": "IPM.StickyNote"}
 EVENTS_PER_NOTIFICATION = 50
 SUBSCRIPTION_PREFIX = b"\x1c\x00"
 
@@ -81,6 +97,12 @@ class Folder:
     change_key: str = field(default_factory=lambda: _opaque(b"\x01\x00\x00\x00", 12))
     items: dict = field(default_factory=dict)  # item id -> Item, in arrival order
     changes: list = field(default_factory=list)  # (seq, kind, item_id, is_read)
+    path: str = ""  # user folders: display names from msgfolderroot (or a distinguished top), "/"-joined
+
+    @property
+    def is_mail(self) -> bool:
+        """Mail arriving here is new mail (NewMailEvent); calendar, contacts, tasks, notes are not."""
+        return (self.folder_class or "").startswith("IPF.Note")
 
     @property
     def unread(self) -> int:
@@ -105,6 +127,7 @@ class Item:
     received: dt.datetime
     is_read: bool = False
     change_key: str = field(default_factory=lambda: _opaque(b"\x16\x00\x00\x00", 12))
+    item_class: str = "IPM.Note"  # set from the folder it was delivered to; a move keeps it
     _headers: list | None = None
 
     @property
@@ -189,12 +212,14 @@ class Store:
         self.items: dict[str, Item] = {}
         self.subscriptions: dict[str, Subscription] = {}
         self.by_mailbox: dict[str, dict[str, Subscription]] = {}
+        self.hierarchy_log: dict[str, list] = {}  # address -> [(seq, kind, Folder, ancestor ids)]
         self._seq = itertools.count(1)
         self._watermarks = itertools.count(1)
         self.on_event = None  # callback(subscription) when events were queued
 
     # -- mailboxes and folders -------------------------------------------------------------
     def mailbox(self, address: str, create: bool = True) -> dict[str, Folder]:
+        """{key: Folder} of a mailbox: distinguished names, and lower-cased paths of user folders."""
         key = address.strip().lower()
         folders = self.mailboxes.get(key)
         if folders is None:
@@ -207,22 +232,65 @@ class Store:
                 folders[name] = folder
                 self.folders[folder.id] = folder
             self.mailboxes[key] = folders
+            self.hierarchy_log[key] = []
         return folders
 
-    def folder(self, address: str, name: str, create_user_folder: bool = False) -> Folder:
+    def folder(self, address: str, name: str, create_user_folder: bool = False,
+               folder_class: str = "IPF.Note") -> Folder:
+        """A folder by distinguished name or path (``Parent/Child``); missing user folders on demand."""
         folders = self.mailbox(address)
-        key = name.lower()
+        key = name.strip().lower()
         if key in folders:
             return folders[key]
-        for folder in folders.values():
-            if folder.display_name.lower() == key:
-                return folder
-        if not create_user_folder:
-            raise StoreError("ErrorFolderNotFound", f"The specified folder could not be found: {name}")
-        folder = Folder(id=_opaque(b"\x00\x00\x00\x01", 40), mailbox=address.lower(), name=name, display_name=name,
-                        parent_id=folders["msgfolderroot"].id, folder_class="IPF.Note", distinguished=False)
-        folders[key] = folder
+        segments = [part.strip() for part in name.strip().strip("/").split("/")]
+        if not all(segments):
+            raise StoreError("ErrorFolderNotFound", f"The folder path has an empty segment: {name!r}")
+        parent = folders["msgfolderroot"]
+        first = segments[0].lower()
+        if first in folders and folders[first].distinguished:
+            parent, segments = folders[first], segments[1:]
+        for n, segment in enumerate(segments):
+            child = next((f for f in self.children(parent) if f.display_name.lower() == segment.lower()), None)
+            if child is None:
+                if not create_user_folder:
+                    raise StoreError("ErrorFolderNotFound", f"The specified folder could not be found: {name}")
+                cls = folder_class if n == len(segments) - 1 else "IPF.Note"
+                child = self._new_folder(parent, segment, cls)
+            parent = child
+        return parent
+
+    def _new_folder(self, parent: Folder, display_name: str, folder_class: str) -> Folder:
+        """A user folder under ``parent``: logged for SyncFolderHierarchy, CreatedEvent for the parent's subscribers."""
+        path = display_name if parent.name == "msgfolderroot" else f"{parent.path or parent.name}/{display_name}"
+        folder = Folder(id=_opaque(b"\x00\x00\x00\x01", 40), mailbox=parent.mailbox, name=path,
+                        display_name=display_name, parent_id=parent.id, folder_class=folder_class,
+                        distinguished=False, path=path)
+        self.mailboxes[parent.mailbox][path.lower()] = folder
         self.folders[folder.id] = folder
+        self._log_folder(folder, "Create")
+        self._emit(parent, [Event("CreatedEvent", "", utcnow(), None, folder.id, parent.id)])
+        return folder
+
+    def create_folder(self, address: str, path: str, folder_class: str = "IPF.Note") -> tuple[Folder, bool]:
+        """(folder, created?) for a user folder path; intermediate folders are mail folders."""
+        try:
+            return self.folder(address, path), False
+        except StoreError:
+            return self.folder(address, path, create_user_folder=True, folder_class=folder_class), True
+
+    def delete_folder(self, address: str, path: str) -> Folder:
+        """Hard-delete a user folder with its subfolders and items (DeletedEvent for the folder)."""
+        folder = self.folder(address, path)
+        if folder.distinguished:
+            raise StoreError("ErrorDeleteDistinguishedFolder", "Distinguished folders cannot be deleted.")
+        parent = self.folders[folder.parent_id]
+        for gone in reversed([folder, *self.subtree(folder)]):  # children first, as their parents still exist
+            self._log_folder(gone, "Delete")
+            for item_id in list(gone.items):
+                self.items.pop(item_id, None)
+            self.folders.pop(gone.id, None)
+            self.mailboxes[gone.mailbox].pop(gone.path.lower(), None)
+        self._emit(parent, [Event("DeletedEvent", "", utcnow(), None, folder.id, parent.id)])
         return folder
 
     def folder_by_id(self, folder_id: str) -> Folder:
@@ -234,6 +302,22 @@ class Store:
     def children(self, folder: Folder) -> list[Folder]:
         return [f for f in self.mailboxes[folder.mailbox].values() if f.parent_id == folder.id]
 
+    def subtree(self, folder: Folder) -> list[Folder]:
+        """Every folder below ``folder``, parents before their children."""
+        found, queue = [], deque(self.children(folder))
+        while queue:
+            child = queue.popleft()
+            found.append(child)
+            queue.extend(self.children(child))
+        return found
+
+    def ancestors(self, folder: Folder) -> frozenset[str]:
+        ids, parent_id = set(), folder.parent_id
+        while parent_id:
+            ids.add(parent_id)
+            parent_id = self.folders[parent_id].parent_id
+        return frozenset(ids)
+
     # -- items -------------------------------------------------------------------------------
     def item(self, item_id: str) -> Item:
         item = self.items.get(item_id)
@@ -242,42 +326,73 @@ class Store:
         return item
 
     def deliver(self, address: str, raw: bytes, folder_name: str = "inbox") -> Item:
+        """New mail in a mail folder: Created + NewMail + Modified(folder); elsewhere no NewMail."""
         folder = self.folder(address, folder_name, create_user_folder=True)
         item = Item(id=_opaque(b"\x00\x00\x00\x00", 64), mailbox=folder.mailbox, folder_id=folder.id, raw=raw,
-                    received=utcnow())
+                    received=utcnow(), item_class=ITEM_CLASSES.get(folder.folder_class or "", "IPM.Note"))
         folder.items[item.id] = item
         self.items[item.id] = item
         folder.changes.append((next(self._seq), "Create", item.id, False))
         now = utcnow()
-        self._emit(folder, [
-            Event("CreatedEvent", "", now, item.id, None, folder.id),
-            Event("NewMailEvent", "", now, item.id, None, folder.id),
-            Event("ModifiedEvent", "", now, None, folder.id, folder.parent_id or folder.id, unread_count=folder.unread),
-        ])
+        events = [Event("CreatedEvent", "", now, item.id, None, folder.id)]
+        if folder.is_mail:
+            events.append(Event("NewMailEvent", "", now, item.id, None, folder.id))
+        events.append(Event("ModifiedEvent", "", now, None, folder.id, folder.parent_id or folder.id,
+                            unread_count=folder.unread))
+        self._emit(folder, events)
         return item
 
-    def move(self, item_id: str, folder_name: str) -> Item:
-        item = self.item(item_id)
+    def _relocate(self, item: Item, target: Folder) -> tuple[str, Folder]:
+        """Move an item to ``target`` under a new id (as EWS does); returns (old id, source folder)."""
         source = self.folders[item.folder_id]
-        target = self.folder(item.mailbox, folder_name, create_user_folder=True)
-        if target.id == source.id:
-            return item
         del source.items[item.id]
         del self.items[item.id]
         old_id = item.id
-        item.id = _opaque(b"\x00\x00\x00\x00", 64)  # EWS gives a moved item a new id
+        item.id = _opaque(b"\x00\x00\x00\x00", 64)
         item.folder_id = target.id
         target.items[item.id] = item
         self.items[item.id] = item
         source.changes.append((next(self._seq), "Delete", old_id, item.is_read))
         target.changes.append((next(self._seq), "Create", item.id, item.is_read))
+        return old_id, source
+
+    def _folder_modified(self, folder: Folder, when: dt.datetime) -> Event:
+        return Event("ModifiedEvent", "", when, None, folder.id, folder.parent_id or folder.id,
+                     unread_count=folder.unread)
+
+    def move(self, item_id: str, folder_name: str) -> Item:
+        """A user's move: MovedEvent (new id, OldItemId, OldParentFolderId), Modified for both folders."""
+        item = self.item(item_id)
+        target = self.folder(item.mailbox, folder_name, create_user_folder=True)
+        if target.id == item.folder_id:
+            return item
+        old_id, source = self._relocate(item, target)
         now = utcnow()
         moved = Event("MovedEvent", "", now, item.id, None, target.id, old_item_id=old_id, old_parent_folder_id=source.id)
         self._emit_many([(source, moved), (target, moved)])
-        self._emit(source, [Event("ModifiedEvent", "", now, None, source.id, source.parent_id or source.id,
-                                  unread_count=source.unread)])
-        self._emit(target, [Event("ModifiedEvent", "", now, None, target.id, target.parent_id or target.id,
-                                  unread_count=target.unread)])
+        self._emit(source, [self._folder_modified(source, now)])
+        self._emit(target, [self._folder_modified(target, now)])
+        return item
+
+    def hard_delete(self, item_id: str) -> Item | None:
+        """Shift-delete: the item goes to Recoverable Items\\Deletions under a new id; None if purged.
+
+        Events follow Microsoft's table for Exchange Online / 2013 with an all-folders
+        subscription: MovedEvent (old and new parent), ModifiedEvent for the old parent,
+        DeletedEvent for the item. An item already in Deletions is purged instead.
+        """
+        item = self.item(item_id)
+        deletions = self.mailbox(item.mailbox)[DELETIONS]
+        if item.folder_id == deletions.id:
+            self.purge(item_id)
+            return None
+        old_id, source = self._relocate(item, deletions)
+        now = utcnow()
+        moved = Event("MovedEvent", "", now, item.id, None, deletions.id, old_item_id=old_id,
+                      old_parent_folder_id=source.id)
+        self._emit_many([(source, moved), (deletions, moved)])
+        self._emit(source, [self._folder_modified(source, now),
+                            Event("DeletedEvent", "", now, old_id, None, source.id)])
         return item
 
     def set_read(self, item_id: str, is_read: bool) -> Item:
@@ -299,7 +414,8 @@ class Store:
         self._emit(folder, [Event("ModifiedEvent", "", utcnow(), item.id, None, folder.id)])
         return item
 
-    def delete(self, item_id: str) -> None:
+    def purge(self, item_id: str) -> None:
+        """Gone from the mailbox entirely (also from Recoverable Items): a DeletedEvent only."""
         item = self.item(item_id)
         folder = self.folders[item.folder_id]
         del folder.items[item.id]
@@ -313,6 +429,48 @@ class Store:
         if message_id is not None:
             items = [i for i in items if unfold(i.header("Message-ID") or "") == message_id.strip()]
         return items
+
+    # -- SyncFolderHierarchy -----------------------------------------------------------------
+    def _log_folder(self, folder: Folder, kind: str) -> None:
+        self.hierarchy_log[folder.mailbox].append((next(self._seq), kind, folder, self.ancestors(folder)))
+
+    def sync_hierarchy(self, root: Folder, state: str | None) -> tuple[list[tuple[str, Folder]], str]:
+        """Folder changes below ``root`` since ``state``: ([(Create|Update|Delete, Folder)], new state).
+
+        No state: every folder below ``root`` as a Create, parents first. A state names its
+        root folder; one from another folder or mailbox is ErrorInvalidSyncStateData.
+        """
+        log = self.hierarchy_log[root.mailbox]
+        mark = log[-1][0] if log else 0
+        if not state:
+            return [("Create", f) for f in self.subtree(root)], self._hierarchy_state(root, mark)
+        since = self._parse_hierarchy_state(root, state)
+        merged: dict[str, tuple[str, Folder]] = {}
+        for seq, kind, folder, ancestors in log:
+            if seq <= since or root.id not in ancestors:
+                continue
+            previous = merged.get(folder.id)
+            if previous and previous[0] == "Create" and kind == "Delete":
+                del merged[folder.id]  # came and went between two syncs: nothing to tell
+            elif previous and previous[0] == "Create":
+                pass
+            else:
+                merged[folder.id] = (kind, folder)
+        return list(merged.values()), self._hierarchy_state(root, max(mark, since))
+
+    @staticmethod
+    def _hierarchy_state(root: Folder, seq: int) -> str:
+        return base64.b64encode(f"emu-hsync:{seq}:{root.id}".encode()).decode()
+
+    @staticmethod
+    def _parse_hierarchy_state(root: Folder, state: str) -> int:
+        try:
+            tag, seq, folder_id = base64.b64decode(state, validate=True).decode().split(":", 2)
+            if tag != "emu-hsync" or folder_id != root.id:
+                raise ValueError
+            return int(seq)
+        except ValueError:
+            raise StoreError("ErrorInvalidSyncStateData", "Synchronization state data is corrupt or otherwise invalid.")
 
     # -- SyncFolderItems ---------------------------------------------------------------------
     @staticmethod
