@@ -1,6 +1,7 @@
 """One snapshot of the whole system's health, read from Redis, for ``exchange-listener status``.
 
-Everything comes from what the parts already publish: listener liveness and group activity
+Everything comes from what the parts already publish, plus what the Redis server itself is
+set to keep (``exchange_listener.redis_conn.durability``): listener liveness and group activity
 (``exchange_listener.leases``), the watched set (``exchange_listener.mailboxes``), RQ's queue,
 registries and worker records, the transition stream (``workers.enrollments``) and the
 notification outbox (``workers.notify``). Nothing here writes.
@@ -21,7 +22,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from exchange_listener import leases, mailboxes
+from exchange_listener import leases, mailboxes, redis_conn
 from exchange_listener.queueing import make_queue
 from workers.enrollments import STREAM_KEY as TRANSITIONS_STREAM
 from workers.notify import FAILED_KEY as NOTIFY_FAILED_KEY
@@ -36,6 +37,7 @@ class Limits:
     stale_listener: float = 30.0  # a listener's heartbeat older than this: it is stale
     silent_group: float = 150.0  # a group's stream silent (no heartbeat, no event) this long
     stuck_queue: float = 120.0  # oldest queued job this old and no worker busy: the queue is stuck
+    allow_volatile_redis: bool = False  # a Redis that can evict our keys or persists nothing is accepted
 
 
 def _age(now: float, then: float | None) -> float | None:
@@ -162,12 +164,15 @@ def snapshot(conn: redis.Redis, queue_name: str, now: float | None = None) -> di
         "workers": workers,
         "last_hour": _transitions(conn, now),
         "notifications_failed": conn.hlen(NOTIFY_FAILED_KEY),
+        "redis": redis_conn.durability(conn),
     }
 
 
 def problems(snap: dict, limits: Limits = Limits()) -> list[str]:
     """What is wrong, one sentence each; empty when healthy."""
     found = []
+    if not limits.allow_volatile_redis:
+        found += snap["redis"]["problems"]
     unowned = snap["mailboxes"]["unowned"]
     if unowned:
         shown = ", ".join(unowned[:5]) + (f" and {len(unowned) - 5} more" if len(unowned) > 5 else "")

@@ -134,9 +134,11 @@ def redis_server_binary() -> str:
 class RedisServer:
     """A redis-server child on a free port; ``aof=True`` for appendfsync everysec durability."""
 
-    def __init__(self, port: int | None = None, *, aof: bool = False, workdir: str | None = None):
+    def __init__(self, port: int | None = None, *, aof: bool = False, workdir: str | None = None,
+                 extra_args: tuple[str, ...] | list[str] = ()):
         self.port = port or free_port()
         self.aof = aof
+        self.extra_args = list(extra_args)  # further redis-server options; later ones win
         self.workdir = workdir or tempfile.mkdtemp(prefix="el-redis-")
         self.proc: subprocess.Popen | None = None
 
@@ -151,6 +153,7 @@ class RedisServer:
             args += ["--appendonly", "yes", "--appendfsync", "everysec"]
         else:
             args += ["--appendonly", "no"]
+        args += self.extra_args
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port, proc=self.proc)
         return self
@@ -175,6 +178,118 @@ class RedisServer:
 
     def __exit__(self, *exc):
         self.kill()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class SentinelGroup:
+    """A primary, a replica and three ``redis-server --sentinel`` processes on loopback ports.
+
+    The Sentinels monitor the primary as ``name`` with quorum 2 and short timeouts, so killing
+    the primary makes them promote the replica within a few seconds. ``url`` is the
+    ``redis+sentinel://`` URL every part of the system is given. Both data servers keep an AOF.
+    """
+
+    def __init__(self, name: str = "el-primary", *, down_after_ms: int = 1000, failover_timeout_ms: int = 5000,
+                 workdir: str | None = None):
+        self.name = name
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.workdir = workdir or tempfile.mkdtemp(prefix="el-sentinel-")
+        self.primary = RedisServer(aof=True, workdir=self._dir("primary"))
+        self.replica = RedisServer(aof=True, workdir=self._dir("replica"),
+                                   extra_args=["--replicaof", "127.0.0.1", str(self.primary.port)])
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinels: list[subprocess.Popen] = []
+
+    def _dir(self, name: str) -> str:
+        path = os.path.join(self.workdir, name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.name}/0"
+
+    def start(self, timeout: float = 30.0) -> SentinelGroup:
+        self.primary.start()
+        self.replica.start()
+        for port in self.sentinel_ports:
+            workdir = self._dir(f"sentinel-{port}")
+            conf = os.path.join(workdir, "sentinel.conf")  # Sentinel rewrites its own file: one each
+            with open(conf, "w") as fh:
+                fh.write(f"port {port}\nbind 127.0.0.1\ndaemonize no\ndir {workdir}\n"
+                         f"logfile {os.path.join(workdir, 'sentinel.log')}\n"
+                         f"sentinel monitor {self.name} 127.0.0.1 {self.primary.port} 2\n"
+                         f"sentinel down-after-milliseconds {self.name} {self.down_after_ms}\n"
+                         f"sentinel failover-timeout {self.name} {self.failover_timeout_ms}\n"
+                         f"sentinel parallel-syncs {self.name} 1\n")
+            proc = subprocess.Popen([redis_server_binary(), conf, "--sentinel"], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            self.sentinels.append(proc)
+            wait_for_port(port, proc=proc)
+        wait_for(self.ready, timeout=timeout, interval=0.1, message="the replica in sync and every Sentinel "
+                 "knowing the replica and the two other Sentinels")
+        return self
+
+    def _ask(self, port: int, *command: str):
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            return client.execute_command(*command)
+        finally:
+            client.close()
+
+    def ready(self) -> bool:
+        """Replica in sync, and every Sentinel sees it and the other two (a failover can then happen)."""
+        import redis
+
+        try:
+            if self._ask(self.replica.port, "INFO", "replication").get("master_link_status") != "up":
+                return False
+            for port in self.sentinel_ports:
+                if not self._ask(port, "SENTINEL", "REPLICAS", self.name):
+                    return False
+                if len(self._ask(port, "SENTINEL", "SENTINELS", self.name)) < 2:
+                    return False
+        except redis.exceptions.RedisError:
+            return False
+        return True
+
+    def primary_port(self) -> int | None:
+        """The primary's port as the first Sentinel that answers reports it."""
+        import redis
+
+        for port in self.sentinel_ports:
+            try:
+                found = self._ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
+            except redis.exceptions.RedisError:
+                continue
+            if found:
+                return int(found[1])
+        return None
+
+    def server(self, port: int) -> RedisServer:
+        return self.primary if port == self.primary.port else self.replica
+
+    def stop(self) -> None:
+        for proc in self.sentinels:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        self.replica.kill()
+        self.primary.kill()
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc):
+        self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 

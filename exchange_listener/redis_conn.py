@@ -1,17 +1,251 @@
-"""The one way to get a Redis connection, so every part uses the same URL and options.
+"""The one way to get a Redis connection, and what that Redis promises to keep.
+
+Every part (listener, workers, RQ, every CLI command) connects through ``connect(url)``, so one
+``redis_url`` decides where the system of record lives:
+
+- ``redis://``, ``rediss://``, ``unix://``: redis-py's own URL forms;
+- ``redis+sentinel://[[user]:password@]host:port[,host:port...]/MASTER_NAME[/DB][?sentinel_password=..]``:
+  the client asks the Sentinels which server is the primary of ``MASTER_NAME`` and follows it
+  through a failover (see docs/redis.md).
 
 RQ needs raw bytes (no ``decode_responses``); our own keys are read with ``decode()`` where
 needed. Timeouts are bounded so an unreachable Redis is an error, not a hang.
+
+Redis is our only store: a Redis that evicts keys or keeps nothing on disk silently loses
+leases, sync states, sends, enrollments and queued jobs. ``durability(conn)`` reads what the
+server is configured to keep and names every problem; ``check_at_start`` logs it once when a
+listener or worker starts; ``exchange-listener status`` makes it a health problem.
 """
 from __future__ import annotations
 
+import dataclasses
+import time
+from urllib.parse import parse_qsl, unquote, urlsplit
+
 import redis
+from redis.sentinel import Sentinel
+
+from exchange_listener import logs
+from exchange_listener.config import ConfigError
+
+SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_DEFAULT_PORT = 26379
+SENTINEL_QUERY_KEYS = ("sentinel_username", "sentinel_password")
+SENTINEL_TIMEOUT = 2.0  # per Sentinel question; a dead Sentinel costs at most this before the next is asked
+SENTINEL_SYNTAX = "redis+sentinel://[:password@]host:port[,host:port...]/MASTER_NAME[/DB]"
+
+
+@dataclasses.dataclass(frozen=True)
+class SentinelTarget:
+    """A parsed ``redis+sentinel://`` URL. ``repr`` hides the passwords."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    db: int = 0
+    username: str | None = dataclasses.field(default=None, repr=False)
+    password: str | None = dataclasses.field(default=None, repr=False)
+    sentinel_username: str | None = dataclasses.field(default=None, repr=False)
+    sentinel_password: str | None = dataclasses.field(default=None, repr=False)
+
+
+def redact(url: str) -> str:
+    """``url`` with every password (the netloc's and ``sentinel_password``) replaced by ``***``."""
+    parts = urlsplit(str(url))
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, hosts = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            netloc = f"{userinfo.split(':', 1)[0]}:***@{hosts}"
+    query = "&".join(
+        f"{key}=***" if "password" in key.lower() else f"{key}={value}"
+        for key, value in parse_qsl(parts.query, keep_blank_values=True))
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
+def _bad(url: str, why: str) -> ConfigError:
+    return ConfigError(f"redis_url: {why}; expected {SENTINEL_SYNTAX} (got {redact(url)!r})")
+
+
+def _host_port(url: str, text: str) -> tuple[str, int]:
+    if text.startswith("["):  # [IPv6]:port
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port_text = text.rpartition(":") if ":" in text else (text, "", "")
+    if not host:
+        raise _bad(url, f"Sentinel address {text!r} has no host")
+    if not port_text:
+        return host, SENTINEL_DEFAULT_PORT
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise _bad(url, f"Sentinel address {text!r} has no valid port")
+    return host, int(port_text)
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """Parse a ``redis+sentinel://`` URL; a ``ConfigError`` naming ``redis_url`` when it is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme != SENTINEL_SCHEME:
+        raise _bad(url, f"the scheme must be {SENTINEL_SCHEME}")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    username = password = None
+    if userinfo:
+        user_text, has_password, password_text = userinfo.partition(":")
+        username = unquote(user_text) or None
+        password = unquote(password_text) if has_password else None
+    sentinels = tuple(_host_port(url, item.strip()) for item in hosts.split(",") if item.strip())
+    if not sentinels:
+        raise _bad(url, "no Sentinel address")
+    path = [unquote(p) for p in parts.path.split("/") if p]
+    if not path:
+        raise _bad(url, "no MASTER_NAME (the name the Sentinels monitor the primary under)")
+    if len(path) > 2:
+        raise _bad(url, "too many path parts")
+    if len(path) == 2 and not path[1].isdigit():
+        raise _bad(url, f"DB must be a number (got {path[1]!r})")
+    query: dict[str, str] = {}
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key not in SENTINEL_QUERY_KEYS:
+            raise _bad(url, f"unknown query parameter {key!r} (known: {', '.join(SENTINEL_QUERY_KEYS)})")
+        query[key] = value
+    return SentinelTarget(sentinels=sentinels, master=path[0], db=int(path[1]) if len(path) == 2 else 0,
+                          username=username, password=password,
+                          sentinel_username=query.get("sentinel_username") or None,
+                          sentinel_password=query.get("sentinel_password") or None)
 
 
 def connect(url: str, *, socket_timeout: float | None = 10.0) -> redis.Redis:
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=5.0,
-        socket_timeout=socket_timeout,
-        health_check_interval=15,
-    )
+    """A client for ``url``; for ``redis+sentinel://`` one bound to the current primary.
+
+    A Sentinel-backed client asks the Sentinels for the primary whenever it opens a connection,
+    so after a failover the next command (once the failed one raised ``ConnectionError``)
+    reaches the promoted replica; a primary demoted to replica is left too (READONLY is
+    turned into a reconnect by redis-py)."""
+    options = {"socket_connect_timeout": 5.0, "socket_timeout": socket_timeout, "health_check_interval": 15}
+    if not str(url).startswith(SENTINEL_SCHEME + ":"):
+        return redis.Redis.from_url(url, **options)
+    target = parse_sentinel_url(url)
+    sentinel_options = {"socket_connect_timeout": SENTINEL_TIMEOUT, "socket_timeout": SENTINEL_TIMEOUT}
+    if target.sentinel_password:
+        sentinel_options.update(username=target.sentinel_username, password=target.sentinel_password)
+    sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_options)
+    return sentinel.master_for(target.master, db=target.db, username=target.username, password=target.password,
+                               **options)
+
+
+def server_address(conn: redis.Redis) -> str:
+    """``host:port`` (or socket path) of the server ``conn`` talks to; via Sentinel, the current primary."""
+    pool = conn.connection_pool
+    if hasattr(pool, "service_name"):  # a SentinelConnectionPool
+        try:
+            host, port = pool.get_master_address()
+            return f"{host}:{port} (primary of {pool.service_name!r} via Sentinel)"
+        except redis.exceptions.RedisError:
+            return f"unknown (primary of {pool.service_name!r} via Sentinel)"
+    kwargs = pool.connection_kwargs
+    return kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+
+
+
+# -- what the server keeps -------------------------------------------------------------------------
+EVICTION_FIX = "set maxmemory-policy noeviction"
+PERSISTENCE_FIX = "set appendonly yes (appendfsync everysec)"
+OUR_KEYS = "watched mailboxes, leases, sync states, sends, enrollments and queued jobs"
+
+
+def _config(conn: redis.Redis, name: str) -> str | None:
+    """One CONFIG GET value; None when CONFIG is renamed, disabled or forbidden (managed Redis)."""
+    try:
+        value = conn.config_get(name).get(name)
+    except redis.exceptions.ResponseError:  # unknown command, NOPERM: not a reason to fail
+        return None
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _info(conn: redis.Redis, section: str) -> dict:
+    try:
+        return conn.info(section)
+    except redis.exceptions.ResponseError:
+        return {}
+
+
+def durability(conn: redis.Redis) -> dict:
+    """What the server is set to keep, and each way it can lose our keys (one sentence each).
+
+    Facts come from CONFIG GET where allowed and from INFO otherwise (INFO shows the eviction
+    policy and whether AOF is on, not the RDB save points). What cannot be read is ``None``
+    with a note, never a guess and never an exception (only an unreachable Redis raises).
+    Judged a problem: any maxmemory-policy but ``noeviction`` (volatile-* ones evict keys with a
+    TTL, and sends, enrollments, sync states and job results have one), nothing persisted (no
+    AOF and no RDB save point), and a failing AOF write or RDB save."""
+    persistence, memory, server = _info(conn, "persistence"), _info(conn, "memory"), _info(conn, "server")
+    appendonly, save = _config(conn, "appendonly"), _config(conn, "save")
+    policy = _config(conn, "maxmemory-policy") or memory.get("maxmemory_policy")
+    aof_enabled = appendonly == "yes" if appendonly is not None else (
+        bool(persistence["aof_enabled"]) if "aof_enabled" in persistence else None)
+    facts = {
+        "server": server_address(conn),
+        "redis_version": server.get("redis_version"),
+        "config_readable": appendonly is not None,
+        "appendonly": None if aof_enabled is None else ("yes" if aof_enabled else "no"),
+        "appendfsync": _config(conn, "appendfsync") if aof_enabled else None,
+        "save": save,
+        "maxmemory_policy": policy,
+        "maxmemory": memory.get("maxmemory"),
+        "aof_last_write_status": persistence.get("aof_last_write_status") if aof_enabled else None,
+        "rdb_last_bgsave_status": persistence.get("rdb_last_bgsave_status"),
+    }
+    problems, notes = [], []
+    if policy is None:
+        notes.append("maxmemory-policy unknown: neither CONFIG GET nor INFO memory could be read")
+    elif policy != "noeviction":
+        scope = "any key with a TTL (sends, enrollments, sync states have one)" if policy.startswith("volatile") \
+            else "any key"
+        problems.append(f"Redis maxmemory-policy is {policy}: under memory pressure it evicts {scope} and "
+                        f"loses our data; {EVICTION_FIX}")
+    if aof_enabled is None:
+        notes.append("persistence unknown: INFO persistence could not be read")
+    elif not aof_enabled and save is None:
+        notes.append("persistence unknown: AOF is off and CONFIG GET save is not allowed here (managed Redis?), "
+                      "so the RDB snapshot schedule cannot be read; check it with your provider")
+    elif not aof_enabled and not save.strip():
+        problems.append(f"Redis persists nothing (appendonly no, save \"\"): a Redis restart loses {OUR_KEYS}; "
+                        f"{PERSISTENCE_FIX}")
+    elif not aof_enabled:
+        notes.append(f"only RDB snapshots (save {save!r}): a Redis crash loses the writes since the last snapshot; "
+                     f"{PERSISTENCE_FIX} loses at most about a second")
+    elif facts["appendfsync"] == "no":
+        notes.append("appendfsync no: the OS decides when the AOF reaches disk (about 30 s); everysec is recommended")
+    if facts["aof_last_write_status"] == "err":
+        problems.append("Redis cannot write its append-only file (aof_last_write_status:err); check the Redis "
+                        "host's disk")
+    if save and facts["rdb_last_bgsave_status"] == "err":
+        problems.append("Redis failed its last RDB snapshot (rdb_last_bgsave_status:err); check the Redis host's disk")
+    return {**facts, "problems": problems, "notes": notes}
+
+
+def check_at_start(conn: redis.Redis, *, allow_volatile: bool, log=None) -> dict | None:
+    """Read ``durability(conn)`` and log it as one line; for listeners and workers at start.
+
+    A warning when Redis can lose our keys (an info line when ``allow_volatile_redis`` accepts
+    it, or when all is well). Never raises: a Redis that cannot be asked yet is logged and the
+    caller goes on (its own Redis error handling applies); returns the facts or None."""
+    log = log or logs.get_logger(component="redis")
+    started = time.monotonic()
+    try:
+        found = durability(conn)
+    except redis.exceptions.RedisError as exc:
+        log.warning("could not read Redis persistence and eviction settings", error=f"{type(exc).__name__}: {exc}")
+        return None
+    fields = {k: found[k] for k in ("server", "appendonly", "appendfsync", "save", "maxmemory_policy")}
+    fields["took_ms"] = round((time.monotonic() - started) * 1000, 1)
+    if found["notes"]:
+        fields["notes"] = found["notes"]
+    if found["problems"] and not allow_volatile:
+        log.warning("Redis can lose our data (exchange-listener status is unhealthy until fixed; see docs/redis.md)",
+                    problems=found["problems"], **fields)
+    elif found["problems"]:
+        log.info("Redis can lose our data; accepted by allow_volatile_redis = true", problems=found["problems"],
+                 **fields)
+    else:
+        log.info("Redis durability checked", **fields)
+    return found

@@ -23,8 +23,9 @@ QUEUE = "el-status-test"
 
 
 def settings_env(redis_server, emulator=None) -> dict:
+    # The session's redis-server keeps nothing on disk: accepted here, judged in test_redis_policy.py.
     return service_env(redis_server.url, emulator.ews_url if emulator else "", queue_name=QUEUE, lease_seconds=5,
-                       heartbeat_seconds=1, worker_ttl=15)
+                       heartbeat_seconds=1, worker_ttl=15, allow_volatile_redis="true")
 
 
 def status(env: dict, *flags: str) -> tuple[int, dict]:
@@ -56,6 +57,11 @@ def test_empty_system_is_healthy(redis_client, redis_server):
     assert code == 0
     assert snap["healthy"] is True and snap["problems"] == []
     assert snap["queue"]["depth"] == 0 and snap["workers"] == [] and snap["listeners"] == []
+    # every earlier field is still there, and the Redis facts joined them
+    assert {"checked_at", "listeners", "mailboxes", "queue", "workers", "last_hour", "notifications_failed",
+            "redis"} <= set(snap)
+    assert snap["redis"]["allow_volatile_redis"] is True and snap["redis"]["appendonly"] == "no"
+    assert snap["redis"]["problems"]  # seen, and accepted by the setting
 
 
 def test_running_listener_and_worker_are_healthy_and_shown(redis_client, redis_server, emulator, spawn):

@@ -93,6 +93,8 @@ class Demo:
         self.settings_path.write_text(
             "# Written by tools/demo.py for one demo run.\n"
             f'redis_url = "redis://127.0.0.1:{self.redis_port}/0"\n'
+            "# the demo's Redis keeps nothing on disk (deploy/demo/supervisord.conf): fine for a demo only\n"
+            "allow_volatile_redis = true\n"
             f'ews_url = "http://127.0.0.1:{self.emulator_port}/EWS/Exchange.asmx"\n'
             'auth_type = "basic"\news_username = "svc"\news_password = "svc-password"\n'
             "heartbeat_seconds = 5.0\nlease_seconds = 10.0\nworker_ttl = 15\n"

@@ -1,7 +1,8 @@
 """``exchange-listener status [--json]``: is every mailbox streamed, is the queue moving?
 
 Exit status, so a monitor can call it: 0 healthy; 1 unhealthy (a watched mailbox held by no
-listener, a stale listener or silent stream, a stuck queue, jobs waiting with no worker);
+listener, a stale listener or silent stream, a stuck queue, jobs waiting with no worker, a Redis
+that may evict our keys or persists nothing, unless ``allow_volatile_redis = true``);
 3 Redis unreachable; 2 configuration error.
 """
 from __future__ import annotations
@@ -36,6 +37,19 @@ def _age(value) -> str:
 def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     return [indent + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _redis_lines(found: dict) -> list[str]:
+    def shown(value) -> str:
+        return "unknown" if value is None else repr(value) if value == "" else str(value)
+
+    aof = shown(found["appendonly"]) + (f" ({found['appendfsync']})" if found["appendfsync"] else "")
+    lines = [(f"Redis {found['server']}: appendonly {aof}, save {shown(found['save'])}, "
+              f"maxmemory-policy {shown(found['maxmemory_policy'])}")]
+    if found.get("allow_volatile_redis"):  # otherwise they are listed among the problems above
+        lines += [f"  accepted by allow_volatile_redis: {problem}" for problem in found["problems"]]
+    lines += [f"  note: {note}" for note in found["notes"]]
+    return lines
 
 
 def render(snap: dict, found: list[str]) -> str:
@@ -78,6 +92,8 @@ def render(snap: dict, found: list[str]) -> str:
         lines += _table(rows)
     else:
         lines.append("  none")
+    lines.append("")
+    lines += _redis_lines(snap["redis"])
     hour = snap["last_hour"]
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(hour["stops_by_reason"].items()))
     lines.append("")
@@ -93,9 +109,11 @@ def run(args) -> int:
         stale_listener=args.stale_listener if args.stale_listener is not None else settings.lease_seconds,
         silent_group=args.silent_group if args.silent_group is not None else 3 * settings.heartbeat_seconds + 15,
         stuck_queue=args.stuck_queue,
+        allow_volatile_redis=settings.allow_volatile_redis,
     )
     conn = redis_conn.connect(settings.redis_url)
     snap = health.snapshot(conn, settings.queue_name)
+    snap["redis"].update(url=redis_conn.redact(settings.redis_url), allow_volatile_redis=settings.allow_volatile_redis)
     found = health.problems(snap, limits)
     if args.json:
         print(json.dumps({"healthy": not found, "problems": found, **snap}, indent=2))
