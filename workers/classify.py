@@ -31,6 +31,7 @@ from email.message import Message
 
 from rq.timeouts import BaseTimeoutException
 
+from workers import auto_reply_text, machine_mail
 from workers.message_ids import normalize, references_of
 
 # flufl.bounce logs a traceback for every detector that trips over odd mail, then re-raises;
@@ -38,7 +39,7 @@ from workers.message_ids import normalize, references_of
 logging.getLogger("flufl.bounce").addHandler(logging.NullHandler())
 logging.getLogger("flufl.bounce").propagate = False
 
-KINDS = ("human_reply", "auto_reply", "bounce", "read_receipt", "complaint", "other")
+KINDS = ("human_reply", "auto_reply", "bounce", "read_receipt", "complaint", "machine", "other")
 MAX_PARTS = 200            # parts walked in one message
 MAX_TEXT = 200_000         # characters of body text scanned for bounce details / return dates
 MAX_HEADER_VALUE = 1_000_000
@@ -59,6 +60,7 @@ class Classification:
     bounce_type: str | None = None          # "hard" | "soft" | None
     return_date: dt.date | None = None
     reasons: list[str] = field(default_factory=list)
+    machine_family: str | None = None       # kind "machine": mailing_list | ticket_system | crm | calendar
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -170,6 +172,9 @@ class _Headers:
     def has(self, name: str) -> bool:
         return name in self._values
 
+    def names(self):
+        return self._values.keys()
+
 
 def _address(value: str | None) -> tuple[str, str]:
     """(display name, lower-cased address) of the first address in a header value."""
@@ -196,7 +201,7 @@ def _content_type(value: str | None) -> tuple[str, str]:
     return main, (match.group(1).lower() if match else "")
 
 
-def _from_headers(h: _Headers) -> tuple[Classification, dict]:
+def _from_headers(h: _Headers, item_class: str | None = None) -> tuple[Classification, dict]:
     """Classification from headers alone, plus the hints ``needs_body`` and the body pass use."""
     c = Classification()
     c.message_id = normalize(h.get("message-id") or "")
@@ -259,6 +264,14 @@ def _from_headers(h: _Headers) -> tuple[Classification, dict]:
         c.reasons.append("feedback headers")
         return c, hints
 
+    machine = machine_mail.machine_from_headers(h, subject, addr, item_class)
+    if machine:
+        c.kind, c.machine_family = "machine", machine[0]
+        c.reasons.append(machine[1])
+        if not machine[2]:
+            c.reasons.append(machine_mail.PROVISIONAL)
+            hints["provisional_machine"] = True
+        return c, hints
     auto = _auto_reply_reasons(h, subject)
     if auto:
         c.kind = "auto_reply"
@@ -290,6 +303,8 @@ def _auto_reply_reasons(h: _Headers, subject: str) -> list[str]:
         if h.has(name) and value not in ("no", "false", "0"):
             reasons.append(name)
     precedence = (h.get("precedence") or "").strip().lower()
+    if precedence in ("bulk", "list") and _list_relayed(h):
+        precedence = ""  # the list set it on a post it relayed, not an auto-responder
     if precedence in ("auto_reply", "bulk", "junk"):
         reasons.append(f"precedence: {precedence}")
     if (h.get("x-precedence") or "").strip().lower() == "auto_reply":
@@ -299,10 +314,24 @@ def _auto_reply_reasons(h: _Headers, subject: str) -> list[str]:
     return reasons
 
 
-def classify_headers(headers: list[tuple[str, str]]) -> Classification:
-    """Classify from internet headers only (EWS InternetMessageHeaders). Never raises."""
+_LIST_SENDER = re.compile(r"^(owner-.+|.+-(owner|bounces|admin|request))@", re.IGNORECASE)
+
+
+def _list_relayed(h: _Headers) -> bool:
+    """The mail came through a mailing list (RFC 2369/2919 headers, ezmlm's Mailing-List,
+    Mailman's X-BeenThere, a list's -owner/-bounces Sender)."""
+    if h.has("list-id") or h.has("mailing-list") or h.has("x-beenthere") or h.has("x-mailman-version"):
+        return True
+    return bool(_LIST_SENDER.match(_address(h.get("sender"))[1] or ""))
+
+
+def classify_headers(headers: list[tuple[str, str]], item_class: str | None = None) -> Classification:
+    """Classify from internet headers only (EWS InternetMessageHeaders). Never raises.
+
+    ``item_class`` (optional): the EWS ItemClass; ``IPM.Schedule.Meeting.*`` is a calendar
+    message whatever its headers say."""
     try:
-        return _from_headers(_Headers(headers or []))[0]
+        return _from_headers(_Headers(headers or []), item_class)[0]
     except BaseTimeoutException:  # RQ's job timeout must end the job
         raise
     except Exception as exc:  # noqa: BLE001 - bad mail must not crash the worker
@@ -324,7 +353,49 @@ def needs_body(headers: list[tuple[str, str]]) -> bool:
         return True
     if c.kind in ("bounce", "read_receipt", "complaint", "auto_reply"):
         return True
-    return bool(hints["report"] or hints["suspect_bounce"])
+    return bool(hints["report"] or hints["suspect_bounce"] or hints.get("provisional_machine"))
+
+
+def needs_text(c: Classification) -> bool:
+    """True when the start of the reply's text can still change the verdict: a human reply
+    (a text-only out-of-office or a ticket acknowledgement) or a provisional platform mail.
+    Ask for it (EWS UniqueBody, or ``first_text`` of the MIME) only for mail that matched
+    a send, then call ``settle_with_text``."""
+    return c.kind == "human_reply" or (c.kind == "machine" and machine_mail.PROVISIONAL in c.reasons)
+
+
+def settle_with_text(c: Classification, text: str, subject: str = "",
+                     base: dt.date | None = None) -> Classification:
+    """The verdict once the first text part / UniqueBody (plain text) is known; ``c`` is
+    updated and returned. A human reply whose own words are an out-of-office becomes
+    ``auto_reply`` (with ``return_date``); one that is a "your request was received" notice
+    becomes ``machine`` (ticket_system); a provisional platform mail becomes ``machine`` when
+    its text is an acknowledgement and ``human_reply`` otherwise (an agent's or rep's answer)."""
+    if not needs_text(c):
+        return c
+    head = auto_reply_text.reply_head(text)
+    if c.kind == "machine":  # provisional
+        c.reasons.remove(machine_mail.PROVISIONAL)
+        if auto_reply_text.looks_acknowledgement(head, subject):
+            c.reasons.append("acknowledgement text")
+        elif c.machine_family == "calendar":
+            c.kind, c.machine_family = ("human_reply" if c.references else "other"), None
+            c.reasons.append("no calendar object")
+        else:
+            c.kind, c.machine_family = ("human_reply" if c.references else "other"), None
+            c.reasons.append("a person's answer relayed by the platform")
+        if c.kind != "human_reply":
+            return c
+    if auto_reply_text.looks_acknowledgement(head, subject):
+        c.kind, c.machine_family = "machine", "ticket_system"
+        c.reasons.append("acknowledgement text")
+        return c
+    found = auto_reply_text.auto_reply_from_text(text, subject, base)
+    if found:
+        c.kind = "auto_reply"
+        c.return_date = found.return_date
+        c.reasons.extend(found.reasons)
+    return c
 
 
 # --- full message ----------------------------------------------------------------------------
@@ -372,6 +443,20 @@ def _parts(msg: Message):
             raise
         except Exception:  # noqa: BLE001, S112 - bad mail must not crash the worker
             continue
+        if isinstance(payload, list):
+            stack.extend(reversed([p for p in payload if isinstance(p, Message)]))
+
+
+def _own_parts(msg: Message):
+    """Parts of the message itself: attached messages (a forwarded invitation) not entered."""
+    stack, count = [msg], 0
+    while stack and count < MAX_PARTS:
+        part = stack.pop()
+        count += 1
+        yield part
+        if _ctype(part).startswith("message/"):
+            continue
+        payload = part.get_payload()
         if isinstance(payload, list):
             stack.extend(reversed([p for p in payload if isinstance(p, Message)]))
 
@@ -601,6 +686,19 @@ def _refine(c: Classification, hints: dict, msg: Message) -> None:
             c.reasons.append("bounce in body")
     if c.kind == "other" and hints.get("deferred_reply"):
         c.kind = "human_reply"
+    if c.kind in ("other", "human_reply", "auto_reply", "machine") and c.machine_family != "mailing_list":
+        subject = _decoded(_clean(msg.get("subject")))
+        calendar = None if _FORWARD_SUBJECT.match(subject) else machine_mail.calendar_in_parts(
+            (_ctype(p), _text_of(p)[:4000]) for p in _own_parts(msg)
+            if _ctype(p) in ("text/calendar", "application/ics"))
+        if calendar:
+            c.kind, c.machine_family = "machine", "calendar"
+            if machine_mail.PROVISIONAL in c.reasons:
+                c.reasons.remove(machine_mail.PROVISIONAL)
+            c.reasons.append(calendar)
+    if needs_text(c):
+        settle_with_text(c, auto_reply_text.first_text(msg), _decoded(_clean(msg.get("subject"))),
+                         _message_date(msg))
     if c.kind == "bounce":
         _bounce_details(c, msg, parts)
     elif c.kind in ("read_receipt", "complaint"):
@@ -613,7 +711,7 @@ def _refine(c: Classification, hints: dict, msg: Message) -> None:
                 _set_original(c, _embedded_id(part))
         if c.kind == "read_receipt" and not c.original_message_id and c.references:
             c.original_message_id = c.references[0]
-    elif c.kind == "auto_reply":
+    elif c.kind == "auto_reply" and not c.return_date:
         subject = _decoded(_clean(msg.get("subject")))
         c.return_date = find_return_date(f"{subject}\n{_body_text(parts)}", _message_date(msg))
         if c.return_date:
@@ -688,15 +786,43 @@ _RETURN_CUES = re.compile(
     r"retour prévu le|je serai de retour le|dès le)\s*"
     r"|(?:hasta el|de vuelta el|regresaré el|volveré el|a partir del|estaré de vuelta el)\s*"
     r"|(?:fino al|rientro il|di ritorno il|rientrerò il|a partire dal)\s*"
-    r"|(?:tot en met|terug op|vanaf|weer aanwezig op|tot)\s+",
+    r"|(?:tot en met|terug op|vanaf|weer aanwezig op|tot)\s+"
+    r"|(?:até (?:o dia|dia|ao dia)?|de volta (?:no dia|em|a)?|regresso (?:a|em|no dia)?|"
+    r"retorno (?:em|no dia|dia)?|a partir de|a partir do dia)\s*"
+    r"|(?:do dnia|do|od dnia|od|wracam(?: dnia)?|powrót(?: dnia)?|będę dostępn[ya] od(?: dnia)?)\s+(?=\d)",
     re.IGNORECASE)
-_DATE_LANGS = ["en", "de", "fr", "es", "it", "nl"]
+RETURN_CUES = _RETURN_CUES
+_DATE_LANGS = ["en", "de", "fr", "es", "it", "nl", "pt", "pl"]
 _WEEKDAYS = {name: i for i, names in enumerate([
-    "monday montag lundi lunes lunedì lunedi maandag", "tuesday dienstag mardi martes martedì martedi dinsdag",
-    "wednesday mittwoch mercredi miércoles miercoles mercoledì mercoledi woensdag",
-    "thursday donnerstag jeudi jueves giovedì giovedi donderdag",
-    "friday freitag vendredi viernes venerdì venerdi vrijdag", "saturday samstag samedi sábado sabato zaterdag",
-    "sunday sonntag dimanche domingo domenica zondag"]) for name in names.split()}
+    "monday montag lundi lunes lunedì lunedi maandag segunda-feira segunda poniedziałek",
+    "tuesday dienstag mardi martes martedì martedi dinsdag terça-feira terça wtorek",
+    "wednesday mittwoch mercredi miércoles miercoles mercoledì mercoledi woensdag quarta-feira quarta środa",
+    "thursday donnerstag jeudi jueves giovedì giovedi donderdag quinta-feira quinta czwartek",
+    "friday freitag vendredi viernes venerdì venerdi vrijdag sexta-feira sexta piątek",
+    "saturday samstag samedi sábado sabato zaterdag sobota",
+    "sunday sonntag dimanche domingo domenica zondag niedziela"]) for name in names.split()}
+# Japanese states the date before its cue: "12月14日（月）まで", "2026年12月14日より出社".
+# dateparser reads a year-less "12月14日" as the year 2112, so these are read here.
+_JA_DATE = re.compile(r"(?:(\d{4})\s*年\s*)?(\d{1,2})\s*月\s*(\d{1,2})\s*日|(\d{1,2})/(\d{1,2})(?![/\d])")
+_JA_CUE = re.compile(r"^\s*(?:[（(][^）)]{1,4}[）)])?\s*(?:まで|より|から|に(?:出社|戻|帰社)|以降)")
+
+
+def find_return_date_ja(text: str, base: dt.date | None) -> dt.date | None:
+    """A Japanese return date ("12月14日まで", "2026年12月14日（月）より出社"), or None."""
+    base = base or dt.date.today()
+    for match in _JA_DATE.finditer(text[:20_000]):
+        if not _JA_CUE.match(text[match.end():match.end() + 12]):
+            continue
+        year, month, day = match.group(1), match.group(2) or match.group(4), match.group(3) or match.group(5)
+        try:
+            found = dt.date(int(year) if year else base.year, int(month), int(day))
+            if not year and found < base:
+                found = found.replace(year=base.year + 1)
+        except ValueError:
+            continue
+        if base <= found <= base + dt.timedelta(days=366):
+            return found
+    return None
 
 
 def find_return_date(text: str, base: dt.date | None = None) -> dt.date | None:
@@ -708,6 +834,10 @@ def find_return_date(text: str, base: dt.date | None = None) -> dt.date | None:
     import dateparser  # imported lazily: only auto-replies pay for it
 
     base = base or dt.date.today()
+    if re.search(r"[\u3040-\u30ff\u4e00-\u9fff]", text[:20_000]):
+        found = find_return_date_ja(text, base)
+        if found:
+            return found
     start = dt.datetime.combine(base, dt.time())
     settings = {"PREFER_DATES_FROM": "future", "RELATIVE_BASE": start,
                 "PREFER_DAY_OF_MONTH": "first", "REQUIRE_PARTS": ["day"]}
