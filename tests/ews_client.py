@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import threading
+import urllib.parse
+import urllib.request
 
 from exchangelib import Account
 
@@ -65,6 +68,26 @@ class StreamReader:
 
     def join(self, timeout=15.0):
         assert self.finished.wait(timeout), "stream did not end"
+
+
+def hook(emu, method: str, path: str, body: dict | None = None) -> dict:
+    """Call one of the emulator's test hooks (``/emulator/...``) and return its JSON answer."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"{emu.base_url}{path}", data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def hard_delete(emu, item_id: str, purge: bool = False) -> dict:
+    """DELETE an item: to Recoverable Items (new id), or with ``purge`` out of the mailbox."""
+    query = "?purge=true" if purge else ""
+    return hook(emu, "DELETE", f"/emulator/items/{urllib.parse.quote(item_id, safe='')}{query}")
+
+
+def create_folder(emu, mailbox: str, path: str, folder_class: str | None = None) -> dict:
+    body = {"path": path} if folder_class is None else {"path": path, "folder_class": folder_class}
+    return hook(emu, "POST", f"/emulator/mailboxes/{urllib.parse.quote(mailbox, safe='@')}/folders", body)
 
 
 def open_streams(emu) -> int:
