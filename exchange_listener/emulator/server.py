@@ -670,6 +670,11 @@ class Emulator:
                                   "pid": os.getpid()})
 
     async def fault(self, request: web.Request) -> web.Response:
+        """Inject a fault. Kinds: reset_streams; stall_streams {seconds}; expire_subscriptions;
+        server_busy {count, back_off_ms} (the next N requests), or with {anchor}: only requests
+        whose X-AnchorMailbox is that address, N times (count < 0: until count 0 clears it);
+        http_503 {count}; latency {ms}; restart; mailbox_error {mailbox, code, operations};
+        clear_mailbox_error {mailbox}."""
         try:
             body = await request.json()
             kind = body["kind"]
