@@ -189,3 +189,44 @@ def test_recipients_with_display_names_are_stored_as_bare_addresses(registry):
                            cc=['"Boss, The" <boss@prospect.example>'])
     assert send.to == ("jane@prospect.example",) and send.cc == ("boss@prospect.example",)
     assert registry.enrollments_for_domain("prospect.example") == ["e-dn"]
+
+
+def test_domain_enrollments_give_each_enrollments_first_and_latest_send(registry):
+    """The domain rule asks "did this enrollment write to the domain before the reply?": that
+    is its first send there, which later steps must not move."""
+    first = NOW - dt.timedelta(days=3)
+    registry.record(["<s1@us.example>"], "e1", "s", "rep@us.example", ["pat@prospect.example"], sent_at=first)
+    registry.record(["<s2@us.example>"], "e1", "s", "rep@us.example", ["lee@prospect.example"],
+                    sent_at=NOW - dt.timedelta(days=1))
+    registry.record(["<s0@us.example>"], "e1", "s", "rep@us.example", ["kim@prospect.example"],
+                    sent_at=NOW - dt.timedelta(days=5))  # recorded late, sent earliest
+    registry.record(["<t1@us.example>"], "e2", "s", "rep@us.example", ["pat@prospect.example"], sent_at=NOW)
+    got = {e.enrollment_id: (e.first_sent_at, e.last_sent_at) for e in registry.domain_enrollments("Prospect.Example")}
+    assert got == {"e1": (NOW - dt.timedelta(days=5), NOW - dt.timedelta(days=1)), "e2": (NOW, NOW)}
+    assert registry.domain_enrollments("nothing.example") == []
+
+
+def test_recording_a_send_again_never_moves_it_later(registry):
+    """Adding the id the mail server assigned, minutes later and without --sent-at, must not make
+    the send look newer than the replies that already answer it."""
+    sent = NOW - dt.timedelta(hours=2)
+    registry.record(["<ours2@us.example>"], "e1", "s", "rep@us.example", ["pat@prospect.example"], sent_at=sent)
+    merged = registry.record(["<ours2@us.example>", "<ses2@amazonses.example>"], "e1", "s", "rep@us.example",
+                             ["pat@prospect.example"])
+    iso_sent = sent.isoformat(timespec="seconds").replace("+00:00", "Z")
+    assert merged.sent_at == iso_sent
+    assert registry.get("<ses2@amazonses.example>").sent_at == iso_sent
+    assert registry.get("<ours2@us.example>").message_ids == merged.message_ids  # every id sees the merged send
+    (entry,) = registry.domain_enrollments("prospect.example")
+    assert entry.first_sent_at.timestamp() == pytest.approx(sent.timestamp(), abs=1)
+
+
+def test_an_enrollment_past_the_retention_leaves_both_domain_indexes(registry, redis_client):
+    registry.record(["<r1@us.example>"], "e-old", "s", "rep@us.example", ["pat@prospect.example"],
+                    sent_at=dt.datetime.now(dt.UTC) - dt.timedelta(days=180) + dt.timedelta(seconds=2))
+    deadline = time.monotonic() + 30
+    while registry.get("<r1@us.example>") is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    registry.record(["<r2@us.example>"], "e-new", "s", "rep@us.example", ["lee@prospect.example"])
+    assert [e.enrollment_id for e in registry.domain_enrollments("prospect.example")] == ["e-new"]
+    assert redis_client.zrange("el:domain:prospect.example:first", 0, -1) == [b"e-new"]

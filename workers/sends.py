@@ -12,17 +12,22 @@ API::
     registry.get(message_id) -> Send | None
     registry.lookup_many(message_ids) -> list[Send]   # distinct sends, in the order first matched
     registry.enrollments_for_domain(domain) -> list[str]   # enrollments sent to anyone @domain
+    registry.domain_enrollments(domain) -> list[DomainEnrollment]   # the same, with first/last sent_at
 
 Message-IDs are stored normalized (``workers.message_ids.normalize``), so ``<A@x>``, ``A@x``
 and `` <A@x> `` all find the same send. Recording an id that already belongs to another
 enrollment raises ``ValueError`` and changes nothing; recording it again for the same
-enrollment merges the id lists.
+enrollment merges the id lists and keeps the earlier ``sent_at`` (a send goes out once; adding
+the id the mail server assigned later must not move it past the replies that answer it).
 
 Redis keys:
 - ``el:send:{normalized message id}``  string: JSON of the Send; expires ``retention_days``
   after ``sent_at``
 - ``el:domain:{domain}``               zset: enrollment id -> epoch seconds of its latest send to
   a ``to`` address at that (lower-cased) domain; entries older than the retention are trimmed
+- ``el:domain:{domain}:first``         zset: enrollment id -> epoch seconds of its first send to
+  that domain (the domain rule stops only enrollments whose first send precedes the reply);
+  trimmed together with the entry above
 - ``el:enrollment:{id}``               created active if missing (see ``workers.enrollments``)
 """
 from __future__ import annotations
@@ -47,9 +52,40 @@ def domain_key(domain: str) -> str:
     return f"el:domain:{domain.lower()}"
 
 
+def domain_first_key(domain: str) -> str:
+    return f"el:domain:{domain.lower()}:first"
+
+
+# KEYS: latest zset, first zset. ARGV: enrollment id, epoch seconds of this send, oldest epoch
+# kept, ttl seconds. Latest only moves later, first only earlier; an enrollment whose latest
+# send fell out of the retention leaves both sets together.
+_DOMAIN_INDEX = """
+redis.call('ZADD', KEYS[1], 'GT', ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[2], 'LT', ARGV[2], ARGV[1])
+local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[3], 'LIMIT', 0, 1000)
+for _, member in ipairs(old) do
+  redis.call('ZREM', KEYS[1], member)
+  redis.call('ZREM', KEYS[2], member)
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return #old
+"""
+
+
 def _domain(address: str) -> str | None:
     _, at, domain = address.strip().rpartition("@")
     return domain.strip().strip(">").lower() or None if at else None
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainEnrollment:
+    """An enrollment with a send to a ``to`` address at some domain: when its first and its
+    latest such send went out (aware UTC)."""
+
+    enrollment_id: str
+    first_sent_at: dt.datetime
+    last_sent_at: dt.datetime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,14 +154,13 @@ class SendRegistry:
         to_addrs, cc_addrs = _addresses(to, "to"), _addresses(cc, "cc")
         if not to_addrs:
             raise ValueError("to: at least one recipient is required")
-        moment = to_utc(sent_at) if sent_at is not None else utcnow()
-        expires = moment + self.retention
-        if expires <= utcnow():
-            raise ValueError(f"sent_at {iso(moment)} is older than the retention ({self.retention.days} days)")
+        given = to_utc(sent_at) if sent_at is not None else utcnow()
+        if given + self.retention <= utcnow():
+            raise ValueError(f"sent_at {iso(given)} is older than the retention ({self.retention.days} days)")
         keys = [send_key(m) for m in normalized]
 
         def write(pipe: redis.client.Pipeline) -> Send:
-            merged = list(normalized)
+            merged, moment = list(normalized), given
             for raw in pipe.mget(keys):
                 if raw is None:
                     continue
@@ -133,16 +168,18 @@ class SendRegistry:
                 if old.enrollment_id != enrollment_id:
                     raise ValueError(f"message id already recorded for enrollment {old.enrollment_id!r}")
                 merged += [m for m in old.message_ids if m not in merged]
+                if old.sent_at:
+                    moment = min(moment, to_utc(old.sent_at))
             send = Send(tuple(merged), enrollment_id, sequence_id or "", mailbox or "", to_addrs, cc_addrs, iso(moment))
             body = send.to_json()
+            expires_ms = int((moment + self.retention).timestamp() * 1000)
             pipe.multi()
-            for key in keys:
-                pipe.set(key, body, pxat=int(expires.timestamp() * 1000))
+            for key in [send_key(m) for m in merged]:
+                pipe.set(key, body, pxat=expires_ms)
             oldest = (utcnow() - self.retention).timestamp()
-            for domain in {d for d in map(_domain, to_addrs) if d}:
-                pipe.zadd(domain_key(domain), {enrollment_id: moment.timestamp()}, gt=True)  # GT still adds new
-                pipe.zremrangebyscore(domain_key(domain), "-inf", oldest)
-                pipe.expire(domain_key(domain), int(self.retention.total_seconds()))
+            for domain in sorted({d for d in map(_domain, to_addrs) if d}):
+                pipe.eval(_DOMAIN_INDEX, 2, domain_key(domain), domain_first_key(domain), enrollment_id,
+                          repr(moment.timestamp()), repr(oldest), int(self.retention.total_seconds()))
             self.enrollments.ensure_commands(pipe, enrollment_id, sequence_id or "", mailbox or "")
             return send
 
@@ -169,5 +206,22 @@ class SendRegistry:
 
     def enrollments_for_domain(self, domain: str) -> list[str]:
         """Enrollments with a send to a ``to`` address at ``domain`` within the retention."""
+        return [e.enrollment_id for e in self.domain_enrollments(domain)]
+
+    def domain_enrollments(self, domain: str) -> list[DomainEnrollment]:
+        """Like ``enrollments_for_domain``, with each enrollment's first and latest send to the
+        domain (two round trips). An entry written before the first-send index existed reports
+        its latest send as its first: later than the truth, so it can only make the domain
+        rule more careful, never stop an enrollment that began after a reply."""
+        name = domain.strip().lstrip("@")
         oldest = (utcnow() - self.retention).timestamp()
-        return [m.decode() for m in self.redis.zrangebyscore(domain_key(domain.strip().lstrip("@")), oldest, "+inf")]
+        latest = self.redis.zrangebyscore(domain_key(name), oldest, "+inf", withscores=True)
+        if not latest:
+            return []
+        firsts = self.redis.zmscore(domain_first_key(name), [m for m, _ in latest])
+
+        def moment(score: float) -> dt.datetime:
+            return dt.datetime.fromtimestamp(score, dt.UTC)
+
+        return [DomainEnrollment(member.decode(), moment(first if first is not None else last), moment(last))
+                for (member, last), first in zip(latest, firsts)]
