@@ -7,7 +7,14 @@ Nothing is lost on the way to the queue:
 - a stream event is enqueued at once; while Redis is unreachable it waits in memory
   (``Sink``) and is flushed when Redis is back;
 - catch-up runs on start and after every reconnect, resubscribe, expiry, server restart and
-  takeover, and its sync state only advances after its items are enqueued.
+  takeover, and its sync state only advances after its items are enqueued;
+- while streaming, the folders that had new mail are checkpointed every ``checkpoint_seconds``
+  (a catch-up that finds only processed mail), so a restart reads only the gap;
+- a move (also to Deleted Items or Recoverable Items) is recorded in the ledger, so a worker
+  whose item is gone follows it; mail in a folder made since the tree was read triggers a
+  catch-up with the tree refreshed;
+- mail held while Redis was away is flushed in slices between lease renewals, so a backlog
+  never costs the leases.
 
 SIGTERM (or SIGINT): streams are stopped, subscriptions removed, leases released; exit 0 well
 within supervisord's 10 s.
@@ -27,15 +34,18 @@ import redis
 from exchange_listener import leases as leases_mod
 from exchange_listener import logs, metrics, queueing, redis_conn
 from exchange_listener import mailboxes as mailboxes_mod
+from exchange_listener.ledger import Ledger
 from exchange_listener.sources import ews_account
 from exchange_listener.sources.ews_stream import Backoff, StreamGroup
-from exchange_listener.sync_state import SyncStore, catch_up, incoming_folders
+from exchange_listener.sync_state import SyncStore, catch_up_mailbox
 
 REDIS_ERRORS = (redis.exceptions.RedisError,  # unreachable, loading, read-only after a failover, OOM: all buffered
                 OSError)
 BUFFER_LIMIT = 200_000  # mails held in memory while Redis is away; beyond it, catch-up recovers them
 CATCHUP_THREADS = 4
 SHUTDOWN_BUDGET = 5.0  # seconds of cleanup; supervisord kills after 10, so keep a margin for a loaded host
+FLUSH_SLICE_SECONDS = 0.25  # held mail enqueued per main-loop tick, so leases keep renewing meanwhile
+MAX_GROUP_SIZE = 200  # Exchange's limit of subscriptions per GetStreamingEvents; groups may grow to it
 
 
 class Sink:
@@ -77,10 +87,12 @@ class Sink:
             return
         self.buffer.append(mails)
 
-    def flush(self) -> int:
-        """Enqueue what was held; returns how many jobs went out. Raises while Redis is still away."""
+    def flush(self, budget: float | None = None) -> int:
+        """Enqueue what was held, for at most ``budget`` seconds (None: all of it); returns how
+        many jobs went out. Raises while Redis is still away."""
         sent = 0
-        while True:
+        until = None if budget is None else time.monotonic() + budget
+        while until is None or time.monotonic() < until:
             with self._lock:
                 if not self.buffer:
                     break
@@ -90,12 +102,16 @@ class Sink:
                 self.buffer.popleft()
             sent += 1
         if sent:
-            self.log.info("Redis is back; enqueued held mail", jobs=sent)
+            self.log.info("Redis is back; enqueued held mail", jobs=sent, still_held=len(self.buffer))
         return sent
 
 
 class CatchUps:
-    """Catch-up work for mailboxes, on a few threads, at most one run per mailbox at a time."""
+    """Catch-up work for mailboxes, on a few threads, at most one run per mailbox at a time.
+
+    A request names a mailbox and either some folders (a checkpoint) or the whole mailbox with
+    its folder tree refreshed (after a gap); requests for a mailbox already waiting are merged.
+    """
 
     def __init__(self, listener: Listener, threads: int = CATCHUP_THREADS):
         self.listener = listener
@@ -103,29 +119,39 @@ class CatchUps:
                                                      max_connections=threads)
         self._queue: queue_mod.Queue = queue_mod.Queue()
         self._lock = threading.Lock()
-        self._queued: set[str] = set()
+        self._queued: dict[str, tuple[str, set | None]] = {}  # mailbox -> (reason, folders or None = all)
         self._running: set[str] = set()
-        self._again: set[str] = set()
-        self._retry: dict[str, tuple[float, Backoff]] = {}
+        self._again: dict[str, tuple[str, set | None]] = {}
+        self._retry: dict[str, tuple[float, Backoff, str, set | None]] = {}
         self.log = logs.get_logger()
         for i in range(threads):
             threading.Thread(target=self._work, name=f"catchup-{i}", daemon=True).start()
 
-    def request(self, mailboxes, reason: str) -> None:
+    @staticmethod
+    def _merge(old: tuple[str, set | None] | None, reason: str, folders: set | None) -> tuple[str, set | None]:
+        if old is None:
+            return reason, (set(folders) if folders is not None else None)
+        if old[1] is None or folders is None:
+            return (old[0] if old[1] is None else reason), None
+        return old[0], old[1] | set(folders)
+
+    def request(self, mailboxes, reason: str, folders=None) -> None:
         with self._lock:
             for mailbox in mailboxes:
                 if mailbox in self._running:
-                    self._again.add(mailbox)
-                elif mailbox not in self._queued:
-                    self._queued.add(mailbox)
-                    self._queue.put((mailbox, reason))
+                    self._again[mailbox] = self._merge(self._again.get(mailbox), reason, folders)
+                elif mailbox in self._queued:
+                    self._queued[mailbox] = self._merge(self._queued[mailbox], reason, folders)
+                else:
+                    self._queued[mailbox] = self._merge(None, reason, folders)
+                    self._queue.put(mailbox)
 
     def retry_due(self) -> None:
         now = time.monotonic()
         with self._lock:
-            due = [m for m, (at, _b) in self._retry.items() if at <= now]
-        if due:
-            self.request(due, "retry")
+            due = [(m, r, f) for m, (at, _b, r, f) in self._retry.items() if at <= now]
+        for mailbox, reason, folders in due:
+            self.request([mailbox], reason, folders)
 
     def pending(self) -> int:
         with self._lock:
@@ -133,39 +159,47 @@ class CatchUps:
 
     def _work(self) -> None:
         while True:
-            mailbox, reason = self._queue.get()
+            mailbox = self._queue.get()
             with self._lock:
-                self._queued.discard(mailbox)
+                reason, folders = self._queued.pop(mailbox, ("again", None))
                 self._running.add(mailbox)
             try:
                 if self.listener.holds(mailbox):
-                    self._catch_up(mailbox, reason)
+                    self._catch_up(mailbox, reason, folders)
                 with self._lock:
                     self._retry.pop(mailbox, None)
             except Exception as exc:  # noqa: BLE001 - retried with backoff; nothing is lost meanwhile
                 with self._lock:
-                    _at, backoff = self._retry.get(mailbox, (0.0, Backoff(base=1.0, cap=60.0)))
+                    old = self._retry.get(mailbox)
+                    backoff = old[1] if old else Backoff(base=1.0, cap=60.0)
+                    if old:
+                        reason, folders = self._merge((old[2], old[3]), reason, folders)
                     delay = backoff.next()
-                    self._retry[mailbox] = (time.monotonic() + delay, backoff)
+                    self._retry[mailbox] = (time.monotonic() + delay, backoff, reason, folders)
                 self.log.warning("catch-up failed; will retry", mailbox=mailbox, reason=reason,
                                  error=f"{type(exc).__name__}: {exc}"[:300], retry_in=round(delay, 1))
             finally:
                 with self._lock:
                     self._running.discard(mailbox)
-                    again = mailbox in self._again
-                    self._again.discard(mailbox)
+                    again = self._again.pop(mailbox, None)
                 if again:
-                    self.request([mailbox], "again")
+                    self.request([mailbox], *again)
 
-    def _catch_up(self, mailbox: str, reason: str) -> None:
+    def _catch_up(self, mailbox: str, reason: str, folders: set | None) -> None:
         listener = self.listener
         account = ews_account.make_account(listener.settings, mailbox, self.config)
         account.protocol.TIMEOUT = 30
-        added_at = listener.watched.get(mailbox)
-        total = 0
-        for folder in incoming_folders(mailbox, listener.sync):
-            total += catch_up(account, mailbox, folder, listener.sync, listener.sink.enqueue, added_at=added_at)
-        self.log.debug("caught up", mailbox=mailbox, reason=reason, items=total)
+        total, watched = catch_up_mailbox(account, mailbox, listener.sync, listener.ledger, listener.sink.enqueue,
+                                          added_at=listener.watched.get(mailbox),
+                                          folders=sorted(folders) if folders is not None else None)
+        if watched is not None:
+            group = listener.group_of.get(mailbox)
+            if group is not None:
+                _, ignored = listener.sync.known(mailbox)
+                group.set_folders(mailbox, watched, ignored)
+        metrics.CATCHUPS.labels("checkpoint" if folders is not None else "full").inc()
+        self.log.debug("caught up", mailbox=mailbox, reason=reason, items=total,
+                       folders="all" if folders is None else len(folders))
 
 
 class Listener:
@@ -176,6 +210,7 @@ class Listener:
         self.conn = redis_conn.connect(settings.redis_url, socket_timeout=5.0)
         self.leases = leases_mod.Leases(self.conn, self.listener_id, settings.lease_seconds)
         self.sync = SyncStore(self.conn)
+        self.ledger = Ledger(self.conn, processed_days=settings.processed_days)
         self.sink = Sink(self.conn, settings)
         self.log = logs.get_logger(listener=self.listener_id)
         self.watched: dict[str, float] = {}
@@ -186,6 +221,9 @@ class Listener:
         self._set_missing = False
         self._stop = threading.Event()
         self._redis_ok = True
+        self._activity_lock = threading.Lock()
+        self._active: dict[str, tuple[float, set[str]]] = {}  # mailbox -> (first new mail, folders) since its checkpoint
+        self._full_groups: list[StreamGroup] = []  # groups the server refused a connection for
         self.catchups = CatchUps(self)
         self.started_at = time.time()
 
@@ -195,19 +233,74 @@ class Listener:
 
     def _on_mail(self, mails, *, subscription_id: str, group: str) -> None:
         self.sink.put(mails)
+        self._note_activity(mails[0].mailbox, {m.folder for m in mails})
         self.log.debug("new mail", mailbox=mails[0].mailbox, group=group, subscription_id=subscription_id,
                        items=len(mails))
+
+    def _note_activity(self, mailbox: str, folders: set[str]) -> None:
+        with self._activity_lock:
+            since, known = self._active.get(mailbox, (time.monotonic(), set()))
+            self._active[mailbox] = (since, known | folders)
 
     def _on_subscribed(self, mailboxes, reason: str) -> None:
         self.catchups.request(mailboxes, reason)
 
-    def _on_user_folder(self, mailbox: str, folder_id: str) -> None:
+    def _on_unknown_folder(self, mailbox: str, folder_id: str) -> None:
+        self.log.info("new mail in a folder not known yet; reading the folder tree and catching up", mailbox=mailbox,
+                      folder=folder_id)
+        self.catchups.request([mailbox], "new_folder")
+
+    def _on_moves(self, mailbox: str, moves) -> None:
         try:
-            if self.sync.learn_user_folder(mailbox, folder_id):
-                self.log.info("new mail in a folder outside inbox/junk; it will be caught up too", mailbox=mailbox,
-                              folder=folder_id)
-        except REDIS_ERRORS:
-            pass  # learned again on its next mail
+            self.ledger.record_moves(mailbox, moves)
+        except REDIS_ERRORS as exc:  # the next full catch-up finds the moved mail in its new folder
+            self.log.warning("could not record moved mail; a catch-up will find it", mailbox=mailbox,
+                             error=str(exc), moves=len(moves))
+            self.catchups.request([mailbox], "moves_unrecorded")
+
+    def _on_limit(self, group: StreamGroup) -> None:
+        with self._activity_lock:
+            if group not in self._full_groups:
+                self._full_groups.append(group)
+
+    def _checkpoints(self) -> None:
+        """Catch up the folders that had new mail, once per ``checkpoint_seconds`` per mailbox."""
+        due_before = time.monotonic() - self.settings.checkpoint_seconds
+        with self._activity_lock:
+            due = {m: f for m, (since, f) in self._active.items() if since <= due_before}
+            for mailbox in due:
+                del self._active[mailbox]
+        for mailbox, folders in due.items():
+            if mailbox in self.group_of:
+                self.catchups.request([mailbox], "checkpoint", folders)
+
+    def _reform(self) -> None:
+        """Fold groups the server refused a connection for into groups with room (fewer connections)."""
+        with self._activity_lock:
+            full, self._full_groups = self._full_groups, []
+        for group in full:
+            if group not in self.groups or not group.assigned:
+                continue
+            others = [g for g in self.groups if g is not group and g.size() < MAX_GROUP_SIZE]
+            moving = sorted(group.assigned)
+            moved = []
+            for target in sorted(others, key=lambda g: -g.size()):
+                room = MAX_GROUP_SIZE - target.size()
+                batch, moving = moving[:room], moving[room:]
+                if batch:
+                    target.add(batch)
+                    for mailbox in batch:
+                        self.group_of[mailbox] = target
+                    moved += batch
+                if not moving:
+                    break
+            if moved:
+                group.remove(moved)
+                self.log.warning("server refused another streaming connection; moved mailboxes into other groups",
+                                 group=group.id, moved=len(moved), left=len(group.assigned))
+            if not group.assigned:
+                group.stop()
+                self.groups.remove(group)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def stop(self, *_args) -> None:
@@ -231,7 +324,7 @@ class Listener:
                     self._balance()
                     next_balance = now + balance_every
                 if self.sink.buffer:
-                    self.sink.flush()
+                    self.sink.flush(budget=FLUSH_SLICE_SECONDS)
                     if self.sink.overflowed:
                         self.sink.overflowed = False
                         self.catchups.request(list(self.group_of), "buffer_overflow")
@@ -244,6 +337,8 @@ class Listener:
                     self.log.warning("Redis unreachable; streams keep running, new mail is held in memory",
                                      error=str(exc))
             self.catchups.retry_due()
+            self._checkpoints()
+            self._reform()
             for group in self.groups:
                 group.poke()
             self._stop.wait(tick)
@@ -293,8 +388,9 @@ class Listener:
             if group is None:
                 self._group_seq += 1
                 group = StreamGroup(f"g{self._group_seq}", self.settings, on_mail=self._on_mail,
-                                    on_subscribed=self._on_subscribed, on_user_folder=self._on_user_folder,
-                                    folder_cache=self.sync, listener_id=self.listener_id)
+                                    on_subscribed=self._on_subscribed, on_unknown_folder=self._on_unknown_folder,
+                                    on_moves=self._on_moves, on_limit=self._on_limit, folder_cache=self.sync,
+                                    listener_id=self.listener_id)
                 self.groups.append(group)
                 group.start()
             group.add([mailbox])

@@ -1,44 +1,100 @@
-"""SyncFolderItems state per mailbox and folder, and the catch-up that uses it.
+"""Catch-up: find every mail that arrived while no stream watched, in every folder mail can be in.
 
 Streaming subscriptions cannot resume: whatever arrives while no stream is attached (a
 reconnect, a restart, a takeover) is found again only through SyncFolderItems from a stored
-state. The new state is stored only *after* the items it covers are enqueued, so a crash in
-between re-delivers (harmless: job ids dedupe) instead of losing mail.
+state. So, per mailbox:
+
+- **the folder tree** is learned with SyncFolderHierarchy from a stored state, so a folder that a
+  rule files mail into is known even when it was created while no listener ran;
+- **the folders that count** are the inbox, junk, Deleted Items, Recoverable Items\\Deletions
+  (where a hard-deleted mail goes) and every user mail folder at any depth; never Sent Items,
+  Drafts, Outbox or anything below them, never non-mail folders (calendar, contacts, tasks...);
+- **each such folder** is caught up with SyncFolderItems from its stored state. A created item
+  is enqueued unless the ledger says its mail was already processed (it was moved here, or a
+  restart replays it) or it was received before the mailbox was watched or before the ledger's
+  horizon. The new state is stored only *after* the items it covers are enqueued, so a crash in
+  between re-delivers (job ids dedupe) instead of losing mail.
+
+The listener runs a catch-up after every gap (start, reconnect, resubscribe, takeover), when a
+stream reports mail in a folder it does not know, and as a *checkpoint* of the folders that had
+new mail while streaming, so a restart only has the gap left to read.
 
 Keys (all under ``el:``):
 
-- ``el:sync:<mailbox>`` — hash, folder -> SyncState, and ``<folder>@at`` -> epoch seconds of
-  the last completed catch-up of that folder. ``folder`` is a distinguished name (``inbox``,
-  ``junkemail``) or an EWS folder id.
-- ``el:folders:<mailbox>`` — hash, distinguished folder name -> folder id (cached GetFolder).
-- ``el:userfolders:<mailbox>`` — set of ids of other folders new mail was seen in (folders inbox
-  rules file mail into); they are caught up as well.
+- ``el:sync:<mailbox>`` — hash: folder key -> SyncFolderItems state; ``@tree`` -> the
+  SyncFolderHierarchy state; ``@caught_up`` -> epoch seconds of the last complete catch-up.
+  A folder key is a distinguished name (``inbox``) or an EWS folder id.
+- ``el:folders:<mailbox>`` — hash: distinguished name -> folder id (one GetFolder, cached).
+- ``el:tree:<mailbox>`` — hash: folder id -> JSON ``[parent id, folder class]``.
 """
 from __future__ import annotations
 
-import datetime
+import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import redis
 from exchangelib.errors import ErrorInvalidSyncStateData
 from exchangelib.fields import FieldPath
+from exchangelib.folders import Folder
 from exchangelib.items import Message
-from exchangelib.properties import DistinguishedFolderId, FolderId, Mailbox
-from exchangelib.services import SyncFolderItems
+from exchangelib.properties import (
+    DistinguishedFolderId,
+    FolderId,
+    Mailbox,
+    ParentFolderId,
+)
+from exchangelib.services import GetFolder, SyncFolderHierarchy, SyncFolderItems
+from exchangelib.util import TNS
 
 from exchange_listener import logs, metrics
+from exchange_listener.ledger import Ledger, identity
 from exchange_listener.sources.base import NewMail
+from workers.message_ids import (
+    normalize,  # the same canonical id the workers record in the ledger
+)
 
 MAX_CHANGES = 512
-# A reset (invalid state) or first catch-up enqueues mail received since this long before the
-# last known good point, to cover clock skew between us and the server.
+# Mail received up to this long before the mailbox was added (or the ledger's horizon) is still
+# taken, to cover clock skew between us and the server.
 SKEW_SECONDS = 300
-DISTINGUISHED_INCOMING = ("inbox", "junkemail")
+# Folders mail can land in, always watched when the server has them.
+WATCHED = ("inbox", "junkemail", "deleteditems", "recoverableitemsdeletions")
+# Never watched, nor anything below them: mail there is our own.
+NEVER = ("sentitems", "drafts", "outbox")
+# Asked for once per mailbox: the watched and never-watched ones, the root of the mail folders,
+# and the usual non-mail folders (so their events are known to be ignorable from the start).
+DISTINGUISHED = (*WATCHED, *NEVER, "msgfolderroot", "calendar", "contacts", "tasks", "notes", "journal")
+NOT_MAIL_ITEMS = frozenset({"CalendarItem", "Contact", "DistributionList", "Task"})
 
 
 def _sync_key(mailbox: str) -> str:
     return f"el:sync:{mailbox}"
+
+
+def is_mail_class(folder_class: str | None) -> bool:
+    """Folders of class IPF.Note (and its subclasses) hold mail; a folder made without a class does too."""
+    return not folder_class or folder_class in ("IPF", "IPF.Note") or folder_class.startswith("IPF.Note.")
+
+
+def watched_folders(distinguished: dict[str, str], tree: dict[str, tuple[str | None, str | None]]) -> dict[str, str]:
+    """Folder id -> folder key of every folder mail can arrive in (see the module docstring)."""
+    names_by_id = {fid: name for name, fid in distinguished.items()}
+    excluded = {distinguished[n] for n in NEVER if n in distinguished}
+    watched = {distinguished[n]: n for n in WATCHED if n in distinguished}
+    for fid, (_parent, folder_class) in tree.items():
+        name = names_by_id.get(fid)
+        if fid in watched or (name and name not in WATCHED) or not is_mail_class(folder_class):
+            continue
+        current, hops = fid, 0
+        while current and hops < 64:  # below Sent Items, Drafts or Outbox: never
+            if current in excluded:
+                break
+            current = tree.get(current, (None, None))[0]
+            hops += 1
+        else:
+            watched[fid] = fid
+    return watched
 
 
 class SyncStore:
@@ -47,27 +103,22 @@ class SyncStore:
     def __init__(self, conn: redis.Redis):
         self.conn = conn
 
-    def get(self, mailbox: str, folder: str) -> tuple[str | None, float | None]:
-        state, at = self.conn.hmget(_sync_key(mailbox), [folder, f"{folder}@at"])
-        return (state.decode() if state else None), (float(at) if at else None)
+    def get(self, mailbox: str, folder: str) -> str | None:
+        state = self.conn.hget(_sync_key(mailbox), folder)
+        return state.decode() if state else None
 
-    def put(self, mailbox: str, folder: str, state: str, at: float | None = None, cutoff: float | None = None) -> None:
-        """Store a state; ``cutoff`` marks a first sync still filtering old mail, so a retry
-        after a failure half-way goes on filtering instead of replaying the history."""
-        mapping = {folder: state, f"{folder}@at": repr(time.time() if at is None else at)}
-        if cutoff is not None:
-            mapping[f"{folder}@since"] = repr(cutoff)
-        self.conn.hset(_sync_key(mailbox), mapping=mapping)
-
-    def cutoff(self, mailbox: str, folder: str) -> float | None:
-        value = self.conn.hget(_sync_key(mailbox), f"{folder}@since")
-        return float(value) if value else None
-
-    def clear_cutoff(self, mailbox: str, folder: str) -> None:
-        self.conn.hdel(_sync_key(mailbox), f"{folder}@since")
+    def put(self, mailbox: str, folder: str, state: str) -> None:
+        self.conn.hset(_sync_key(mailbox), folder, state)
 
     def drop(self, mailbox: str, folder: str) -> None:
         self.conn.hdel(_sync_key(mailbox), folder)
+
+    def mark_caught_up(self, mailbox: str) -> None:
+        self.conn.hset(_sync_key(mailbox), "@caught_up", repr(time.time()))
+
+    def caught_up_at(self, mailbox: str) -> float | None:
+        value = self.conn.hget(_sync_key(mailbox), "@caught_up")
+        return float(value) if value else None
 
     def folder_ids(self, mailbox: str) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in self.conn.hgetall(f"el:folders:{mailbox}").items()}
@@ -76,68 +127,160 @@ class SyncStore:
         if ids:
             self.conn.hset(f"el:folders:{mailbox}", mapping=ids)
 
-    def user_folders(self, mailbox: str) -> set[str]:
-        return {v.decode() for v in self.conn.smembers(f"el:userfolders:{mailbox}")}
+    def tree(self, mailbox: str) -> dict[str, tuple[str | None, str | None]]:
+        return {k.decode(): tuple(json.loads(v)) for k, v in self.conn.hgetall(f"el:tree:{mailbox}").items()}
 
-    def learn_user_folder(self, mailbox: str, folder_id: str) -> bool:
-        """Remember a folder mail was filed into; its first catch-up starts from now (less the
-        skew margin), not from when the mailbox was added: the stream already delivered that."""
+    def update_tree(self, mailbox: str, upserts: dict[str, tuple[str | None, str | None]], deletes: Iterable[str],
+                    state: str | None, *, replace: bool = False) -> None:
+        """Apply a SyncFolderHierarchy page and store its state, in one step."""
         pipe = self.conn.pipeline()
-        pipe.sadd(f"el:userfolders:{mailbox}", folder_id)
-        pipe.hsetnx(_sync_key(mailbox), f"{folder_id}@at", repr(time.time()))
-        return bool(pipe.execute()[0])
+        if replace:
+            pipe.delete(f"el:tree:{mailbox}")
+        if upserts:
+            pipe.hset(f"el:tree:{mailbox}", mapping={k: json.dumps(list(v)) for k, v in upserts.items()})
+        deletes = list(deletes)
+        if deletes:
+            pipe.hdel(f"el:tree:{mailbox}", *deletes)
+        if state:
+            pipe.hset(_sync_key(mailbox), "@tree", state)
+        pipe.execute()
+
+    def watched(self, mailbox: str) -> dict[str, str]:
+        return watched_folders(self.folder_ids(mailbox), self.tree(mailbox))
+
+    def known(self, mailbox: str) -> tuple[dict[str, str], set[str]]:
+        """(watched folder id -> key, ids of every other known folder): what a stream needs."""
+        distinguished, tree = self.folder_ids(mailbox), self.tree(mailbox)
+        watched = watched_folders(distinguished, tree)
+        return watched, (set(distinguished.values()) | set(tree)) - set(watched)
 
     def forget_mailbox(self, mailbox: str) -> None:
-        self.conn.delete(_sync_key(mailbox), f"el:folders:{mailbox}", f"el:userfolders:{mailbox}")
+        self.conn.delete(_sync_key(mailbox), f"el:folders:{mailbox}", f"el:tree:{mailbox}")
 
 
 def folder_ref(mailbox: str, folder: str):
     """The EWS id element for ``folder`` (a distinguished name or a folder id)."""
-    if folder in DISTINGUISHED_INCOMING:
+    if folder in DISTINGUISHED:
         return DistinguishedFolderId(id=folder, mailbox=Mailbox(email_address=mailbox))
     return FolderId(id=folder)
 
 
-_RECEIVED = FieldPath(field=Message.get_field_by_fieldname("datetime_received"))
+# -- folders ------------------------------------------------------------------------------------
+class FolderIds(GetFolder):
+    """GetFolder that returns only each folder's id (no Folder objects, no root lookup)."""
+
+    def _elems_to_objs(self, elems):
+        for elem in elems:
+            if isinstance(elem, Exception) or elem is None:
+                yield elem
+                continue
+            fid = elem.find(FolderId.response_tag())
+            yield None if fid is None else fid.get("Id")
 
 
-def catch_up(account, mailbox: str, folder: str, store: SyncStore, enqueue: Callable[[Sequence[NewMail]], None],
-             *, added_at: float | None = None) -> int:
-    """Enqueue every mail created in ``folder`` since its stored state; returns how many.
+def distinguished_folder_ids(account, mailbox: str) -> dict[str, str]:
+    """Ids of the distinguished folders this server has (one GetFolder; missing ones are left out)."""
+    refs = [DistinguishedFolderId(id=n, mailbox=Mailbox(email_address=mailbox)) for n in DISTINGUISHED]
+    found = {}
+    for name, value in zip(DISTINGUISHED, FolderIds(account=account).call(folders=refs, additional_fields=set(),
+                                                                           shape="IdOnly")):
+        if isinstance(value, str):
+            found[name] = value
+    return found
 
-    Without a stored state (first sight of the mailbox, or the state was invalid) only mail
-    received since ``added_at`` / the last good catch-up (minus a skew margin) is enqueued,
-    so adding a mailbox does not replay its whole history. ``enqueue`` must raise when it
-    cannot enqueue; the state then stays where it was.
+
+class FolderChanges(SyncFolderHierarchy):
+    """SyncFolderHierarchy yielding (change, folder id, parent id, folder class): no Folder objects."""
+
+    def _elem_to_obj(self, elem):
+        change = self.change_types_map[elem.tag]
+        if change == self.DELETE:
+            fid = elem.find(FolderId.response_tag())
+            return change, (fid.get("Id") if fid is not None else None), None, None
+        folder = elem[0]
+        fid = folder.find(FolderId.response_tag())
+        parent = folder.find(ParentFolderId.response_tag())
+        folder_class = folder.find(f"{{{TNS}}}FolderClass")
+        return (change, fid.get("Id") if fid is not None else None, parent.get("Id") if parent is not None else None,
+                folder_class.text if folder_class is not None else None)
+
+
+_TREE_FIELDS = {FieldPath(field=Folder.get_field_by_fieldname(n)) for n in ("parent_folder_id", "folder_class")}
+
+
+def refresh_tree(account, mailbox: str, store: SyncStore) -> int:
+    """Bring the stored folder tree up to date; returns how many folders changed."""
+    log = logs.get_logger(mailbox=mailbox)
+    state = (store.conn.hget(_sync_key(mailbox), "@tree") or b"").decode() or None
+    replace = state is None
+    changed = 0
+    while True:
+        svc = FolderChanges(account=account)
+        try:
+            changes = list(svc.call(folder=folder_ref(mailbox, "msgfolderroot"), shape="IdOnly",
+                                    additional_fields=_TREE_FIELDS, sync_state=state))
+        except ErrorInvalidSyncStateData:
+            log.warning("folder hierarchy sync state rejected by the server; reading the whole tree again")
+            state, replace = None, True
+            continue
+        upserts, deletes = {}, []
+        for change in changes:
+            if isinstance(change, Exception) or not change[1]:
+                continue
+            kind, fid, parent, folder_class = change
+            if kind == "delete":
+                deletes.append(fid)
+            else:
+                upserts[fid] = (parent, folder_class)
+        store.update_tree(mailbox, upserts, deletes, svc.sync_state, replace=replace)
+        replace = False
+        changed += len(upserts) + len(deletes)
+        if svc.includes_last_item_in_range or not svc.sync_state or svc.sync_state == state:
+            return changed
+        state = svc.sync_state
+
+
+# -- items ----------------------------------------------------------------------------------------
+_ITEM_FIELDS = {FieldPath(field=Message.get_field_by_fieldname(n)) for n in ("datetime_received", "message_id")}
+
+
+def catch_up(account, mailbox: str, folder: str, store: SyncStore, ledger: Ledger,
+             enqueue: Callable[[Sequence[NewMail]], None], *, since: float) -> int:
+    """Enqueue every mail created in ``folder`` since its stored state that is not processed yet.
+
+    Mail received before ``since`` is skipped (it predates the mailbox being watched, or the
+    ledger's memory). ``enqueue`` must raise when it cannot enqueue; the state then stays
+    where it was. Returns how many mails were enqueued.
     """
     log = logs.get_logger(mailbox=mailbox, folder=folder)
-    state, last_at = store.get(mailbox, folder)
-    since = store.cutoff(mailbox, folder)  # a filtered first sync that did not finish
-    if since is None and not state:
-        since = (last_at or added_at or time.time()) - SKEW_SECONDS
+    state = store.get(mailbox, folder)
     total = 0
     while True:
         svc = SyncFolderItems(account=account)
         try:
-            changes = list(svc.call(folder=folder_ref(mailbox, folder), shape="IdOnly", additional_fields={_RECEIVED},
+            changes = list(svc.call(folder=folder_ref(mailbox, folder), shape="IdOnly", additional_fields=_ITEM_FIELDS,
                                     sync_state=state, ignore=None, max_changes_returned=MAX_CHANGES, sync_scope=None))
         except ErrorInvalidSyncStateData:
-            since = (last_at or added_at or time.time()) - SKEW_SECONDS
-            log.warning("sync state rejected by the server; starting a fresh sync and enqueueing mail received since "
-                        "the last good catch-up", since=datetime.datetime.fromtimestamp(since, datetime.UTC).isoformat())
+            log.warning("sync state rejected by the server; reading the folder again (processed mail is skipped)")
             store.drop(mailbox, folder)
             state = None
             continue
         now = time.time()
-        mails = []
+        candidates = []
         for change_type, item in changes:
             if change_type != "create" or isinstance(item, Exception) or not getattr(item, "id", None):
                 continue
-            if since is not None:
-                received = getattr(item, "datetime_received", None)
-                if received is None or received.timestamp() < since:
-                    continue
-            mails.append(NewMail(mailbox=mailbox, item_id=item.id, folder=folder, seen_at=now, via="catchup"))
+            if type(item).__name__ in NOT_MAIL_ITEMS:
+                continue
+            received = getattr(item, "datetime_received", None)
+            if received is not None and received.timestamp() < since:
+                continue
+            message_id = normalize(getattr(item, "message_id", None) or "") or ""
+            candidates.append((identity(message_id or None, item.id), item, message_id, received))
+        done = ledger.processed(mailbox, [c[0] for c in candidates])
+        mails = [NewMail(mailbox=mailbox, item_id=item.id, folder=folder, seen_at=now, via="catchup",
+                         message_id=message_id, received_at=received.timestamp() if received else 0.0)
+                 for ident, item, message_id, received in candidates if ident not in done]
         for mail in mails:
             enqueue([mail])  # one job per item: the same id the stream would give it
         if mails:
@@ -145,10 +288,8 @@ def catch_up(account, mailbox: str, folder: str, store: SyncStore, enqueue: Call
             total += len(mails)
         new_state = svc.sync_state
         if new_state:
-            store.put(mailbox, folder, new_state, at=now, cutoff=since)
+            store.put(mailbox, folder, new_state)
         if svc.includes_last_item_in_range or not new_state or new_state == state:
-            if since is not None:
-                store.clear_cutoff(mailbox, folder)
             break
         state = new_state
     if total:
@@ -156,7 +297,22 @@ def catch_up(account, mailbox: str, folder: str, store: SyncStore, enqueue: Call
     return total
 
 
-def incoming_folders(mailbox: str, store: SyncStore) -> list[str]:
-    """Folders a reply can land in that we know of: inbox, junk, and learned user folders."""
-    return [*DISTINGUISHED_INCOMING, *sorted(store.user_folders(mailbox))]
+def catch_up_mailbox(account, mailbox: str, store: SyncStore, ledger: Ledger,
+                     enqueue: Callable[[Sequence[NewMail]], None], *, added_at: float | None,
+                     folders: Iterable[str] | None = None) -> tuple[int, dict[str, str] | None]:
+    """Catch up ``folders`` (keys), or the whole mailbox with its folder tree refreshed first.
 
+    Returns (mails enqueued, the watched folder map when the tree was refreshed, else None).
+    """
+    since = max(added_at or 0.0, ledger.horizon()) - SKEW_SECONDS
+    if folders is not None:
+        return sum(catch_up(account, mailbox, f, store, ledger, enqueue, since=since) for f in folders), None
+    if not store.folder_ids(mailbox):
+        store.save_folder_ids(mailbox, distinguished_folder_ids(account, mailbox))
+    refresh_tree(account, mailbox, store)
+    watched = store.watched(mailbox)
+    total = 0
+    for key in sorted(set(watched.values()), key=lambda k: (k not in WATCHED, k)):
+        total += catch_up(account, mailbox, key, store, ledger, enqueue, since=since)
+    store.mark_caught_up(mailbox)
+    return total, watched

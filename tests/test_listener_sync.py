@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 import uuid
@@ -9,19 +10,25 @@ import uuid
 import pytest
 import redis
 import structlog
-from exchangelib.properties import ItemId
 
 from exchange_listener import config, logs, queueing
+from exchange_listener.ledger import Ledger
 from exchange_listener.sources import ews_account
-from exchange_listener.sync_state import SKEW_SECONDS, SyncStore, catch_up
+from exchange_listener.sync_state import (
+    SyncStore,
+    catch_up,
+    catch_up_mailbox,
+)
+from workers.message_ids import normalize
 
 SERVICE_ACCOUNT = ("svc", "svc-password")
 MAILBOX = "sam@example.com"
 
 
-def mail(subject: str) -> bytes:
+def mail(subject: str, message_id: str | None = None) -> bytes:
+    message_id = message_id or f"<{uuid.uuid4()}@customer.example>"
     return (f"From: p@customer.example\r\nTo: {MAILBOX}\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{uuid.uuid4()}@customer.example>\r\n\r\nhi\r\n").encode()
+            f"Message-ID: {message_id}\r\n\r\nhi\r\n").encode()
 
 
 @pytest.fixture
@@ -45,41 +52,78 @@ def item_ids(queue) -> set[str]:
     return {m["item_id"] for job in queue.jobs for m in job.args[0]["mails"]}
 
 
-def test_first_catch_up_enqueues_only_mail_since_the_mailbox_was_added(emulator, account, redis_client, queue):
+@pytest.fixture
+def ledger(redis_client):
+    return Ledger(redis_client, processed_days=14)
+
+
+def run(account, store, ledger, queue, folder="inbox", since=None, enqueue=None):
+    since = time.time() - 3600 if since is None else since
+    return catch_up(account, MAILBOX, folder, store, ledger, enqueue or enqueuer(queue), since=since)
+
+
+def test_catch_up_enqueues_only_mail_received_since_the_mailbox_was_watched(emulator, account, redis_client, queue,
+                                                                             ledger):
     store = SyncStore(redis_client)
     old = emulator.deliver(MAILBOX, mail("long before"))
-    added_at = time.time() + SKEW_SECONDS + 1  # "added" after the old mail, past the skew margin
-    assert catch_up(account, MAILBOX, "inbox", store, enqueuer(queue), added_at=added_at) == 0
-    assert store.get(MAILBOX, "inbox")[0]  # a baseline state was stored
+    watched_from = int(time.time()) + 1  # "added" after the old mail (the server counts whole seconds)
+    time.sleep(watched_from + 0.05 - time.time())
+    assert run(account, store, ledger, queue, since=watched_from) == 0
+    assert store.get(MAILBOX, "inbox")  # a baseline state was stored
     new = emulator.deliver(MAILBOX, mail("after the baseline"))
-    assert catch_up(account, MAILBOX, "inbox", store, enqueuer(queue)) == 1
+    assert run(account, store, ledger, queue, since=watched_from) == 1
     assert item_ids(queue) == {new["item_id"]}
     assert old["item_id"] not in item_ids(queue)
-    assert catch_up(account, MAILBOX, "inbox", store, enqueuer(queue)) == 0  # nothing new: nothing enqueued
+    assert run(account, store, ledger, queue, since=watched_from) == 0  # nothing new: nothing enqueued
 
 
-def test_catch_up_pages_through_more_than_512_changes(emulator, account, redis_client, queue):
+def test_catch_up_pages_through_more_than_512_changes(emulator, account, redis_client, queue, ledger):
     store = SyncStore(redis_client)
-    catch_up(account, MAILBOX, "inbox", store, enqueuer(queue), added_at=time.time())
+    run(account, store, ledger, queue)
     delivered = {emulator.deliver(MAILBOX, mail(f"n{i}"))["item_id"] for i in range(530)}
-    assert catch_up(account, MAILBOX, "inbox", store, enqueuer(queue)) == 530
+    assert run(account, store, ledger, queue) == 530
     assert item_ids(queue) == delivered
 
 
-def test_state_advances_only_after_the_items_are_enqueued(emulator, account, redis_client, queue):
+def test_state_advances_only_after_the_items_are_enqueued(emulator, account, redis_client, queue, ledger):
     store = SyncStore(redis_client)
-    catch_up(account, MAILBOX, "inbox", store, enqueuer(queue), added_at=time.time())
-    state_before = store.get(MAILBOX, "inbox")[0]
+    run(account, store, ledger, queue)
+    state_before = store.get(MAILBOX, "inbox")
     item = emulator.deliver(MAILBOX, mail("must not be lost"))
 
     def broken(_mails):
         raise redis.exceptions.ConnectionError("Redis went away")
 
     with pytest.raises(redis.exceptions.ConnectionError):
-        catch_up(account, MAILBOX, "inbox", store, broken)
-    assert store.get(MAILBOX, "inbox")[0] == state_before
-    assert catch_up(account, MAILBOX, "inbox", store, enqueuer(queue)) == 1
+        run(account, store, ledger, queue, enqueue=broken)
+    assert store.get(MAILBOX, "inbox") == state_before
+    assert run(account, store, ledger, queue) == 1
     assert item_ids(queue) == {item["item_id"]}
+
+
+def test_processed_mail_is_never_enqueued_again_wherever_it_moves(emulator, account, redis_client, queue, ledger):
+    """A restart replays the folder from an old state, and a move makes a new item: neither may
+    cost a GetItem for mail a worker already processed (the ledger says so, however long ago)."""
+    store = SyncStore(redis_client)
+    run(account, store, ledger, queue)
+    done = emulator.deliver(MAILBOX, mail("processed", "<done@customer.example>"))
+    fresh = emulator.deliver(MAILBOX, mail("not processed yet", "<fresh@customer.example>"))
+    ledger.mark_processed(MAILBOX, normalize("<done@customer.example>"), done["item_id"])
+    assert run(account, store, ledger, queue) == 1
+    assert item_ids(queue) == {fresh["item_id"]}
+    queue.empty()
+    run(account, store, ledger, queue, folder="deleteditems")  # baseline of Deleted Items
+    moved = emulator.move(done["item_id"], "deleteditems")
+    assert moved["item_id"] != done["item_id"]
+    assert run(account, store, ledger, queue, folder="deleteditems") == 0
+    assert run(account, store, ledger, queue) == 0
+    # the unprocessed one, moved, is enqueued under its new id, with its Message-ID for the worker
+    moved_fresh = emulator.move(fresh["item_id"], "deleteditems")
+    assert run(account, store, ledger, queue, folder="deleteditems") == 1
+    (job,) = queue.jobs
+    (carried,) = job.args[0]["mails"]
+    assert carried["item_id"] == moved_fresh["item_id"]
+    assert carried["message_id"] == "<fresh@customer.example>"
 
 
 @pytest.fixture
@@ -91,44 +135,52 @@ def log_output():
     logging.getLogger().handlers.clear()
 
 
-def test_invalid_sync_state_is_reset_and_says_so(emulator, account, redis_client, queue, log_output):
+def test_invalid_sync_state_is_reset_and_processed_mail_skipped(emulator, account, redis_client, queue, ledger,
+                                                                 log_output):
     store = SyncStore(redis_client)
-    catch_up(account, MAILBOX, "inbox", store, enqueuer(queue), added_at=time.time())
+    run(account, store, ledger, queue)
+    seen = emulator.deliver(MAILBOX, mail("processed before the state broke", "<seen@customer.example>"))
+    ledger.mark_processed(MAILBOX, "<seen@customer.example>", seen["item_id"])
     item = emulator.deliver(MAILBOX, mail("after the good state"))
-    store.put(MAILBOX, "inbox", "bm90LWEtc3RhdGU=", at=time.time() - 60)  # corrupt state, last good a minute ago
-    assert catch_up(account, MAILBOX, "inbox", store, enqueuer(queue)) == 1
+    store.put(MAILBOX, "inbox", "bm90LWEtc3RhdGU=")  # corrupt state
+    assert run(account, store, ledger, queue) == 1
     assert item_ids(queue) == {item["item_id"]}
     assert "sync state rejected by the server" in log_output.getvalue()
-    assert store.get(MAILBOX, "inbox")[0] != "bm90LWEtc3RhdGU="
+    assert store.get(MAILBOX, "inbox") != "bm90LWEtc3RhdGU="
 
 
-def test_user_folder_catch_up(emulator, account, redis_client, queue):
+def create_folder(emulator, path: str, folder_class: str = "IPF.Note") -> str:
+    return emulator._post(f"/emulator/mailboxes/{MAILBOX}/folders",
+                          json.dumps({"path": path, "folder_class": folder_class}).encode(),
+                          "application/json")["folder_id"]
+
+
+def test_whole_mailbox_catch_up_covers_every_mail_folder_and_nothing_else(emulator, account, redis_client, queue,
+                                                                          ledger):
+    """Folders made while no listener ran, at any depth, Deleted Items and Recoverable Items
+    count; Sent Items, Drafts, Outbox (and below) and non-mail folders never do."""
     store = SyncStore(redis_client)
-    first = emulator.deliver(MAILBOX, mail("filed by a rule"), folder="Prospects")
-    # the stream reports the folder id as the new item's parent; here we ask the server for it
-    fetched = list(account.fetch(ids=[ItemId(id=first["item_id"])], only_fields=["parent_folder_id"]))
-    folder_id = fetched[0].parent_folder_id.id
-    store.learn_user_folder(MAILBOX, folder_id)
-    catch_up(account, MAILBOX, folder_id, store, enqueuer(queue), added_at=time.time() - 5)
-    assert item_ids(queue) == {first["item_id"]}
-
-
-def test_first_catch_up_failing_half_way_does_not_replay_history_on_retry(emulator, account, redis_client, queue):
-    """A first sync filters out mail from before the mailbox was added; if it fails after its
-    first page was stored, the retry must go on filtering, not enqueue the older mail."""
-    store = SyncStore(redis_client)
-    for i in range(520):  # more than one 512-change page of mail from before the mailbox was added
-        emulator.deliver(MAILBOX, mail(f"history {i}"))
-    added = time.time() + 1 + SKEW_SECONDS  # cutoff one second after the history (seconds resolution)
-    time.sleep(2.1)
-    new = emulator.deliver(MAILBOX, mail("arrived after the mailbox was added"))
-
-    def broken(_mails):
-        raise redis.exceptions.ConnectionError("Redis went away")
-
-    with pytest.raises(redis.exceptions.ConnectionError):  # page 1 filtered and stored, page 2 fails
-        catch_up(account, MAILBOX, "inbox", store, broken, added_at=added)
-    assert store.get(MAILBOX, "inbox")[0]
-    assert catch_up(account, MAILBOX, "inbox", store, enqueuer(queue), added_at=added) == 1
-    assert item_ids(queue) == {new["item_id"]}
-    assert store.cutoff(MAILBOX, "inbox") is None  # finished: later catch-ups take everything new
+    added = time.time() - 5
+    assert catch_up_mailbox(account, MAILBOX, store, ledger, enqueuer(queue), added_at=added)[0] == 0
+    create_folder(emulator, "Sent Items/Archive")
+    create_folder(emulator, "Trips", "IPF.Appointment")
+    counted = [
+        emulator.deliver(MAILBOX, mail("inbox"))["item_id"],
+        emulator.deliver(MAILBOX, mail("junk"), folder="junkemail")["item_id"],
+        emulator.deliver(MAILBOX, mail("rule filed, new nested folder"), folder="Customers/Acme/Replies")["item_id"],
+        emulator.deliver(MAILBOX, mail("under the inbox"), folder="Inbox/Later")["item_id"],
+        emulator.deliver(MAILBOX, mail("deleted by a rule"), folder="deleteditems")["item_id"],
+    ]
+    hard_deleted = emulator.deliver(MAILBOX, mail("hard deleted before any worker ran"))
+    emulator.delete(hard_deleted["item_id"])
+    for folder in ("sentitems", "drafts", "outbox", "Sent Items/Archive", "calendar", "Trips"):
+        emulator.deliver(MAILBOX, mail(f"never counts: {folder}"), folder=folder)
+    total, watched = catch_up_mailbox(account, MAILBOX, store, ledger, enqueuer(queue), added_at=added)
+    found = item_ids(queue)
+    assert set(counted) <= found
+    assert total == len(found) == len(counted) + 1  # + the hard-deleted mail, under its Recoverable Items id
+    folders = {m["folder"] for job in queue.jobs for m in job.args[0]["mails"]}
+    assert "recoverableitemsdeletions" in folders and "deleteditems" in folders
+    assert "recoverableitemsdeletions" in watched.values()
+    # a second run reads only changes: nothing new, nothing enqueued
+    assert catch_up_mailbox(account, MAILBOX, store, ledger, enqueuer(queue), added_at=added)[0] == 0

@@ -50,12 +50,22 @@ def test_command(redis_client, redis_server):
 
 
 def test_remove_forgets_the_sync_state(redis_client, redis_server):
+    from exchange_listener.ledger import Ledger
     from exchange_listener.sync_state import SyncStore
 
     mailboxes.add(redis_client, ["wes@example.com"])
-    store = SyncStore(redis_client)
+    store, ledger = SyncStore(redis_client), Ledger(redis_client)
     store.put("wes@example.com", "inbox", "some-state")
-    store.learn_user_folder("wes@example.com", "folder-1")
+    store.update_tree("wes@example.com", {"folder-1": ("root-id", "IPF.Note")}, [], "tree-state")
+    ledger.mark_processed("wes@example.com", "<a@b.example>", "item-1")
+    assert ledger.processed("wes@example.com", [ledger_identity("<a@b.example>")])
     assert cli(redis_server.url, "remove", "wes@example.com").returncode == 0
-    assert store.get("wes@example.com", "inbox") == (None, None)
-    assert store.user_folders("wes@example.com") == set()
+    assert store.get("wes@example.com", "inbox") is None
+    assert store.tree("wes@example.com") == {}
+    assert ledger.processed("wes@example.com", [ledger_identity("<a@b.example>")]) == set()
+
+
+def ledger_identity(message_id: str) -> str:
+    from exchange_listener.ledger import identity
+
+    return identity(message_id, None)

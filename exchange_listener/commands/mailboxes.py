@@ -32,11 +32,13 @@ def run(args: argparse.Namespace) -> int:
     elif args.action == "remove":
         removed = mailboxes.remove(conn, addresses)
         # sync_state imports exchangelib: only pay for it here
+        from exchange_listener.ledger import Ledger
         from exchange_listener.sync_state import SyncStore
 
-        sync = SyncStore(conn)
+        sync, ledger = SyncStore(conn), Ledger(conn)
         for address in removed:  # re-adding later starts from then, not from the old sync state
             sync.forget_mailbox(address)
+            ledger.forget_mailbox(address)
         for address in addresses:
             print(f"{'removed' if address in removed else 'not watched'}: {address}")
     else:

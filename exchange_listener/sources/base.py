@@ -21,6 +21,8 @@ class NewMail:
     folder: str = ""
     seen_at: float = 0.0  # epoch seconds when the listener saw the event
     via: str = "stream"  # stream | catchup
+    message_id: str = ""  # normalized Internet Message-ID, when the source read it (catch-up does)
+    received_at: float = 0.0  # epoch seconds the server received it, when known
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,5 +1,10 @@
 """Fetch new mail from Exchange for workers: one GetItem per job, MIME only on request.
 
+A mail that is gone by the time its job runs (the rep moved it, deleted it to Deleted Items or
+hard-deleted it to Recoverable Items: each gives it a new id) is found again by ``relocate``:
+first through the moves the listener recorded from MovedEvents, then, when the job knows the
+mail's Internet Message-ID (catch-up reads it), by FindItem over every folder that counts.
+
 exchangelib objects are built lazily, in the process that uses them, and tagged with that
 process's pid: a Protocol (its HTTP sessions and cookie jar) created before a fork is never
 reused after it. Items are fetched through exchangelib's GetItem service with an explicit
@@ -28,12 +33,20 @@ from exchangelib.fields import FieldPath
 from exchangelib.items import ID_ONLY
 from exchangelib.properties import ItemId
 from exchangelib.protocol import Protocol
-from exchangelib.services import GetItem
-from exchangelib.util import SOAPNS, ParseError, to_xml
+from exchangelib.services import FindItem, GetItem
+from exchangelib.util import SOAPNS, ParseError, create_element, to_xml
 
+from exchange_listener import redis_conn
 from exchange_listener.config import SECRET_KEYS, Settings
-from exchange_listener.sources.base import FetchedMessage, ItemGone, ItemUnreadable
+from exchange_listener.ledger import Ledger
+from exchange_listener.sources.base import (
+    FetchedMessage,
+    ItemGone,
+    ItemUnreadable,
+    NewMail,
+)
 from exchange_listener.sources.ews_account import make_account, make_configuration
+from exchange_listener.sync_state import SyncStore, folder_ref
 
 # exchangelib field name -> what it is in FetchedMessage; names checked against exchangelib 5.6.
 HEADER_FIELDS = (
@@ -79,6 +92,24 @@ class _GetItem(GetItem):
         return header, body
 
 
+class _MessageIdIs:
+    """A FindItem restriction ``message:InternetMessageId == value`` (exchangelib's own Q needs
+    Folder objects, i.e. GetFolder round trips, only to validate one field name)."""
+
+    def __init__(self, message_id: str):
+        self.message_id = message_id
+
+    def to_xml(self, version):
+        restriction = create_element("m:Restriction")
+        equal = create_element("t:IsEqualTo")
+        equal.append(create_element("t:FieldURI", attrs={"FieldURI": "message:InternetMessageId"}))
+        constant = create_element("t:FieldURIOrConstant")
+        constant.append(create_element("t:Constant", attrs={"Value": self.message_id}))
+        equal.append(constant)
+        restriction.append(equal)
+        return restriction
+
+
 def _field_paths(names: Sequence[str]) -> set[FieldPath]:
     return {FieldPath(field=Message.get_field_by_fieldname(name)) for name in names}
 
@@ -105,6 +136,7 @@ class EwsFetcher:
         self._generation = 0  # bumped when sessions are discarded, so exchangelib's cache yields a new Protocol
         self._configuration = None
         self._accounts: collections.OrderedDict[str, object] = collections.OrderedDict()
+        self._redis = None
 
     # -- exchangelib objects, per process ---------------------------------------------------
     def _account(self, mailbox: str):
@@ -191,6 +223,44 @@ class EwsFetcher:
         if isinstance(item, Exception):
             raise self._gone(mailbox, item_id, item)
         return item.mime_content or b""
+
+    def relocate(self, mailbox: str, mail: NewMail) -> FetchedMessage | ItemGone:
+        """The gone ``mail`` where it is now, or ``ItemGone`` saying it exists nowhere we can see."""
+        if self._redis is None:
+            self._redis = redis_conn.connect(self.settings.redis_url)
+        ledger = Ledger(self._redis, processed_days=self.settings.processed_days)
+        tried = []
+        new_id = ledger.where_now(mailbox, mail.item_id)
+        if new_id:
+            tried.append("recorded moves")
+            (found,) = self.fetch(mailbox, [new_id])
+            if isinstance(found, FetchedMessage):
+                return found
+        if mail.message_id:
+            tried.append("search by Message-ID")
+            for item_id in self._find_by_message_id(mailbox, mail.message_id):
+                (found,) = self.fetch(mailbox, [item_id])
+                if isinstance(found, FetchedMessage):
+                    return found
+        how = ", ".join(tried) if tried else "no move recorded and no Message-ID known"
+        return ItemGone(f"{mailbox}: item …{mail.item_id[-16:]} exists nowhere ({how})")
+
+    def _find_by_message_id(self, mailbox: str, message_id: str) -> list[str]:
+        """Ids of items with this Internet Message-ID in every folder that counts (one FindItem)."""
+        keys = sorted(set(SyncStore(self._redis).watched(mailbox).values())) or ["inbox"]
+        refs = [folder_ref(mailbox, k) for k in keys]
+        account = self._account(mailbox)
+        try:
+            found = FindItem(account=account).call(
+                folders=refs, additional_fields=None, restriction=_MessageIdIs(message_id), order_fields=None,
+                shape=ID_ONLY, query_string=None, depth="Shallow", calendar_view=None, max_items=10, offset=0)
+            return [i[0] if isinstance(i, tuple) else getattr(i, "id", None) for i in found
+                    if not isinstance(i, Exception)]
+        except BaseException as exc:
+            self._discard_sessions()
+            if isinstance(exc, (EWSError, requests.exceptions.RequestException, OSError)):
+                raise FetchError(f"FindItem for {mailbox} failed: {self._describe(exc)}") from None
+            raise
 
     def _discard_sessions(self) -> None:
         self.close()

@@ -8,12 +8,18 @@ carries ``X-AnchorMailbox: <group anchor>`` and ``X-PreferServerAffinity: true``
 server sets on the first Subscribe is sent back on every later request of the group.
 
 What a subscription covers: each mailbox gets one subscription with ``SubscribeToAllFolders``
-for CreatedEvent and NewMailEvent, and events are kept only when their parent folder is the
-inbox, junk mail, or a folder that is not one of sent items, drafts, outbox or deleted items.
-All-folders rather than a list of folder ids because folders that inbox rules file mail into
-can be created at any time: a folder-id subscription would miss them until re-subscribed, and
-listing them needs extra calls per mailbox. The folder ids to filter by cost one GetFolder per
-mailbox, cached in Redis.
+for CreatedEvent, NewMailEvent and MovedEvent. A created item is kept when its parent folder is
+one the catch-up watches too (``sync_state.watched_folders``: inbox, junk, Deleted Items,
+Recoverable Items, user mail folders at any depth); a folder the group does not know yet (made
+since the tree was last read) asks the listener for a catch-up with the tree refreshed, which
+finds the mail there. A MovedEvent (a move, a delete to Deleted Items or to Recoverable Items)
+is reported as (old id, new id), so a worker whose item is gone can follow it.
+
+One bad mailbox never disturbs its group: a mailbox that cannot be subscribed (permission
+removed, mailbox gone, a move in progress) is retried on its own backoff and reported in
+``status()``; an error that names subscriptions resubscribes only those. When the server
+refuses another connection, the listener is asked to re-form groups (``on_limit``); when the
+group's anchor stays busy, the group picks another anchor mailbox and subscribes again.
 
 The stream's read timeout is two heartbeat intervals (plus a second), so a silent connection
 is noticed promptly instead of after exchangelib's ``connection_timeout * 60 + 60`` seconds.
@@ -33,9 +39,7 @@ from dataclasses import dataclass, field
 import requests
 import urllib3
 from exchangelib import errors as ews_errors
-from exchangelib.properties import DistinguishedFolderId, FolderId, Mailbox
 from exchangelib.services import (
-    GetFolder,
     GetStreamingEvents,
     SubscribeToStreaming,
     Unsubscribe,
@@ -44,10 +48,12 @@ from exchangelib.services import (
 from exchange_listener import logs, metrics
 from exchange_listener.sources import ews_account
 from exchange_listener.sources.base import NewMail
+from exchange_listener.sync_state import distinguished_folder_ids, watched_folders
 
-EVENT_TYPES = ("CreatedEvent", "NewMailEvent")
-INCOMING = ("inbox", "junkemail")
-NOT_INCOMING = ("sentitems", "drafts", "outbox", "deleteditems")
+NEW_ITEM_EVENTS = ("CreatedEvent", "NewMailEvent")
+EVENT_TYPES = (*NEW_ITEM_EVENTS, "MovedEvent")
+BUSY_STREAK_TO_REANCHOR = 3  # consecutive ErrorServerBusy answers before the group moves to another anchor
+MAX_FAILING_SHOWN = 50  # failing mailboxes listed per group in status
 REQUEST_TIMEOUT = 30.0  # seconds for a non-streaming EWS call
 CONNECT_TIMEOUT = 5.0
 
@@ -151,30 +157,11 @@ class GroupStreamingEvents(_GroupAffinity, GetStreamingEvents):
     def _get_element_container(self, message, name=None):
         self.group.last_activity = time.time()
         self.group.backoff.reset()  # a whole envelope arrived: the connection works again
+        self.group.busy_streak = 0
         return super()._get_element_container(message, name=name)
 
 
-class FolderIds(GetFolder):
-    """GetFolder that returns only each folder's id (no Folder objects, no root lookup)."""
-
-    def _elems_to_objs(self, elems):
-        for elem in elems:
-            if isinstance(elem, Exception) or elem is None:
-                yield elem
-                continue
-            fid = elem.find(FolderId.response_tag())
-            yield None if fid is None else fid.get("Id")
-
-
-def distinguished_folder_ids(account, mailbox: str) -> dict[str, str]:
-    """Ids of the inbox, junk and the not-incoming distinguished folders (one GetFolder)."""
-    names = (*INCOMING, *NOT_INCOMING)
-    refs = [DistinguishedFolderId(id=n, mailbox=Mailbox(email_address=mailbox)) for n in names]
-    found = {}
-    for name, value in zip(names, FolderIds(account=account).call(folders=refs, additional_fields=set(), shape="IdOnly")):
-        if isinstance(value, str):
-            found[name] = value
-    return found
+UNKNOWN = object()  # a folder the member's folder map does not know
 
 
 @dataclass
@@ -183,17 +170,23 @@ class Member:
 
     mailbox: str
     account: object
-    folders: dict[str, str] = field(default_factory=dict)  # distinguished name -> id
+    watched: dict[str, str] = field(default_factory=dict)  # folder id -> folder key, for folders that count
+    ignored: set[str] = field(default_factory=set)  # other known folder ids (sent items, calendar, ...)
+    asked: set[str] = field(default_factory=set)  # unknown folder ids already reported
     subscription_id: str | None = None
     retry_at: float = 0.0
     failures: int = 0
+    failing_since: float | None = None
+    last_error: str | None = None
 
-    def folder_of(self, parent_id: str) -> str | None:
-        """Folder key for a new item's parent folder, or None if mail there is not incoming."""
-        for name, fid in self.folders.items():
-            if fid == parent_id:
-                return name if name in INCOMING else None
-        return parent_id or "inbox"
+    def folder_of(self, parent_id: str):
+        """Folder key for a new item's parent folder; None when mail there does not count; UNKNOWN."""
+        key = self.watched.get(parent_id)
+        if key is not None:
+            return key
+        if parent_id in self.ignored:
+            return None
+        return UNKNOWN if parent_id else "inbox"
 
 
 class StreamGroup:
@@ -201,18 +194,24 @@ class StreamGroup:
 
     ``on_mail(mails)`` gets the new mail of one mailbox from one notification; ``on_subscribed(mailboxes,
     reason)`` is called after mailboxes were (re)subscribed or the stream reconnected, when a
-    catch-up is due; ``on_user_folder(mailbox, folder_id)`` when mail shows up in a folder outside
-    inbox/junk; ``folder_cache`` gets/saves folder ids (a ``SyncStore``).
+    catch-up is due; ``on_unknown_folder(mailbox, folder_id)`` when mail shows up in a folder the
+    group does not know; ``on_moves(mailbox, [(old id, new id)])`` for moved items; ``on_limit(group)``
+    when the server refuses another connection; ``folder_cache`` is a ``SyncStore``.
     """
 
     def __init__(self, group_id: str, settings, *, on_mail: Callable, on_subscribed: Callable,
-                 on_user_folder: Callable, folder_cache, listener_id: str = ""):
+                 on_unknown_folder: Callable, on_moves: Callable, folder_cache, on_limit: Callable | None = None,
+                 listener_id: str = ""):
         self.id = group_id
         self.settings = settings
         self.on_mail = on_mail
         self.on_subscribed = on_subscribed
-        self.on_user_folder = on_user_folder
+        self.on_unknown_folder = on_unknown_folder
+        self.on_moves = on_moves
+        self.on_limit = on_limit
         self.folder_cache = folder_cache
+        self._folder_updates: dict[str, tuple[dict[str, str], set[str]]] = {}
+        self.busy_streak = 0
         self.config = ews_account.make_configuration(settings, pool=f"{listener_id}/{group_id}", max_connections=2)
         self.anchor: str | None = None
         self.cookie: str | None = None
@@ -283,10 +282,19 @@ class StreamGroup:
                 done += 1
         return done
 
+    def set_folders(self, mailbox: str, watched: dict[str, str], ignored: set[str]) -> None:
+        """A fresher folder map for a member (after the catch-up read the tree); applied by the group's thread."""
+        with self._lock:
+            self._folder_updates[mailbox] = (dict(watched), set(ignored))
+
     def status(self) -> dict:
+        failing = sorted((m for m in list(self.members.values()) if m.failing_since is not None),
+                         key=lambda m: m.failing_since)
         return {"group": self.id, "anchor": self.anchor, "mailboxes": len(self.members),
                 "subscribed": len(self.by_subscription), "connected": self.connected,
-                "last_activity": round(self.last_activity, 3)}
+                "last_activity": round(self.last_activity, 3), "failing_count": len(failing),
+                "failing": [{"mailbox": m.mailbox, "since": round(m.failing_since, 3), "error": m.last_error,
+                             "retry_at": round(m.retry_at, 3)} for m in failing[:MAX_FAILING_SHOWN]]}
 
     # -- the group's thread ----------------------------------------------------------------
     def _run(self) -> None:
@@ -304,15 +312,25 @@ class StreamGroup:
                 break
             except ews_errors.ErrorServerBusy as exc:
                 asked = server_back_off(exc)
-                delay = backoff.next(floor=asked or 0.0)
-                self._lost("server_busy", f"server busy; backing off {delay:.1f}s", delay, asked_seconds=asked)
+                self.busy_streak += 1
+                if self.busy_streak >= BUSY_STREAK_TO_REANCHOR and self._reanchor():
+                    delay = 0.2 * random.random()
+                else:
+                    delay = backoff.next(floor=asked or 0.0)
+                self._lost("server_busy", f"server busy; backing off {delay:.1f}s", delay, asked_seconds=asked,
+                           anchor=self.anchor, busy_streak=self.busy_streak)
             except SUBSCRIPTION_ERRORS as exc:
                 self._resubscribe_failed(exc)
             except (ews_errors.ErrorExceededConnectionCount, ews_errors.ErrorExceededSubscriptionCount) as exc:
                 delay = backoff.next(floor=15.0)
+                if isinstance(exc, ews_errors.ErrorExceededConnectionCount) and self.on_limit is not None:
+                    self.on_limit(self)  # the listener folds this group into others with room, if any
                 self._lost("limit", f"server connection/subscription limit reached ({type(exc).__name__}); "
                            f"backing off {delay:.0f}s before trying again", delay)
             except AUTH_ERRORS as exc:
+                if failed_subscription_ids(exc):
+                    self._resubscribe_failed(exc)  # one mailbox's rights or existence, not the group's
+                    continue
                 delay = backoff.next(floor=5.0)
                 self._lost("auth", f"authentication/authorization failed for the stream ({type(exc).__name__}: "
                            f"check ews_username/ews_password or OAuth2 settings and impersonation rights); retrying in "
@@ -332,6 +350,9 @@ class StreamGroup:
                     break
                 if self._dirty.is_set():
                     self._interrupted()
+                    continue
+                if failed_subscription_ids(exc):  # an error of some mailboxes only: resubscribe those
+                    self._resubscribe_failed(exc)
                     continue
                 delay = backoff.next(floor=1.0)
                 self.log.exception("stream failed unexpectedly", error=type(exc).__name__, retry_in=round(delay, 1))
@@ -389,12 +410,8 @@ class StreamGroup:
             self.protocol = member.account.protocol
             self.protocol.TIMEOUT = REQUEST_TIMEOUT
         try:
-            if not member.folders:
-                member.folders = self.folder_cache.folder_ids(member.mailbox) if self.folder_cache else {}
-            if not member.folders:
-                member.folders = distinguished_folder_ids(member.account, member.mailbox)
-                if self.folder_cache:
-                    self.folder_cache.save_folder_ids(member.mailbox, member.folders)
+            if not member.watched:
+                self._load_folders(member)
             svc = GroupSubscribe(account=member.account)
             svc.group = self
             member.subscription_id = svc.get(folders=None, event_types=list(EVENT_TYPES))
@@ -402,21 +419,61 @@ class StreamGroup:
             raise
         except (ews_errors.ErrorExceededConnectionCount, ews_errors.UnauthorizedError) + CONNECTION_ERRORS:
             raise
-        except ews_errors.ErrorExceededSubscriptionCount:
-            member.failures += 1
-            delay = min(600.0, 30.0 * member.failures) * random.uniform(0.75, 1.25)
-            member.retry_at = time.time() + delay
+        except ews_errors.ErrorExceededSubscriptionCount as exc:
+            delay = min(600.0, 30.0 * (member.failures + 1)) * random.uniform(0.75, 1.25)
+            self._failed(member, exc, delay)
             log.error("too many subscriptions on this mailbox; will try again later", retry_in=round(delay))
             return False
         except Exception as exc:  # noqa: BLE001 - one bad mailbox must not stop the group
-            member.failures += 1
-            delay = min(300.0, 2.0 * 2 ** member.failures) * random.uniform(0.75, 1.25)
-            member.retry_at = time.time() + delay
-            log.error("cannot subscribe mailbox", error=f"{type(exc).__name__}: {exc}", retry_in=round(delay, 1))
+            delay = min(300.0, 2.0 * 2 ** (member.failures + 1)) * random.uniform(0.75, 1.25)
+            self._failed(member, exc, delay)
+            log.error("cannot subscribe mailbox", error=member.last_error, retry_in=round(delay, 1),
+                      failures=member.failures)
             return False
         member.failures = 0
+        member.failing_since = None
+        member.last_error = None
         self.by_subscription[member.subscription_id] = member
         log.debug("subscribed", subscription_id=member.subscription_id)
+        return True
+
+    def _failed(self, member: Member, exc: Exception, delay: float) -> None:
+        member.failures += 1
+        member.retry_at = time.time() + delay
+        member.last_error = f"{type(exc).__name__}: {exc}"[:300]
+        if member.failing_since is None:
+            member.failing_since = time.time()
+
+    def _load_folders(self, member: Member) -> None:
+        """The member's folder map from Redis; the distinguished ids from the server the first time."""
+        cache = self.folder_cache
+        distinguished = cache.folder_ids(member.mailbox) if cache else {}
+        if not distinguished:
+            distinguished = distinguished_folder_ids(member.account, member.mailbox)
+            if cache:
+                cache.save_folder_ids(member.mailbox, distinguished)
+        tree = cache.tree(member.mailbox) if cache else {}
+        member.watched = watched_folders(distinguished, tree)
+        member.ignored = (set(distinguished.values()) | set(tree)) - set(member.watched)
+
+    def _reanchor(self) -> bool:
+        """Move the group to another anchor mailbox (its backend keeps refusing); all subscribe again."""
+        others = sorted(m for m in self.members if m != self.anchor)
+        if not others:
+            return False
+        old = self.anchor
+        with self._lock:
+            self.anchor = next((m for m in others if old is None or m > old), others[0])
+        self.cookie = None
+        self.busy_streak = 0
+        for member in list(self.members.values()):
+            self.by_subscription.pop(member.subscription_id, None)
+            member.subscription_id = None  # subscriptions live on the old backend; it will expire them
+            member.retry_at = 0.0
+        self._reconnect_reason = "reanchored"
+        metrics.RESUBSCRIBES.labels("reanchored").inc(len(self.members))
+        self.log.warning("anchor mailbox stays busy; re-forming the group on another anchor", old_anchor=old,
+                         new_anchor=self.anchor, mailboxes=len(self.members))
         return True
 
     def _unsubscribe(self, member: Member) -> bool:
@@ -479,25 +536,48 @@ class StreamGroup:
             self._reconnect_reason = "closed"  # the server ended the stream (ConnectionTimeout)
             metrics.RECONNECTS.labels("closed").inc()
 
+    def _apply_folder_updates(self) -> None:
+        with self._lock:
+            updates, self._folder_updates = self._folder_updates, {}
+        for mailbox, (watched, ignored) in updates.items():
+            member = self.members.get(mailbox)
+            if member is not None:
+                member.watched, member.ignored = watched, ignored
+                member.asked.clear()
+
     def _handle(self, notification, live: dict[str, Member]) -> None:
         member = live.get(notification.subscription_id)
         if member is None:
             return
+        if self._folder_updates:
+            self._apply_folder_updates()
         now = time.time()
         mails: dict[str, NewMail] = {}
+        moves: list[tuple[str, str]] = []
         for event in notification.events or ():
             kind = type(event).__name__
             metrics.EVENTS_RECEIVED.labels(kind).inc()
-            if kind not in EVENT_TYPES or getattr(event, "item_id", None) is None:
+            if getattr(event, "item_id", None) is None:
+                continue  # a folder event
+            if kind == "MovedEvent":
+                if getattr(event, "old_item_id", None) is not None:
+                    moves.append((event.old_item_id.id, event.item_id.id))
+                continue
+            if kind not in NEW_ITEM_EVENTS:
                 continue
             parent = event.parent_folder_id.id if event.parent_folder_id is not None else ""
             folder = member.folder_of(parent)
+            if folder is UNKNOWN:
+                if parent not in member.asked:  # a folder made since the tree was read: the catch-up finds it
+                    member.asked.add(parent)
+                    self.on_unknown_folder(member.mailbox, parent)
+                continue
             if folder is None:
                 continue
-            if folder not in INCOMING:
-                self.on_user_folder(member.mailbox, folder)
             mails.setdefault(event.item_id.id, NewMail(mailbox=member.mailbox, item_id=event.item_id.id,
                                                        folder=folder, seen_at=now, via="stream"))
+        if moves:
+            self.on_moves(member.mailbox, moves)
         if mails:
             self.on_mail(list(mails.values()), subscription_id=notification.subscription_id, group=self.id)
 
