@@ -12,7 +12,9 @@ import urllib.request
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", required=True, help="emulator base URL, e.g. http://127.0.0.1:8085")
     parser.add_argument("--mailbox", required=True, metavar="ADDRESS")
-    parser.add_argument("--folder", default="inbox", metavar="NAME")
+    parser.add_argument("--folder", default="inbox", metavar="NAME",
+                        help="distinguished name (inbox, junkemail, calendar, ...) or a user folder path such as "
+                             "Customers/Acme or Inbox/Sub, created on demand (default inbox)")
     parser.add_argument("file", metavar="FILE.eml", help="the raw message ('-' reads stdin)")
 
 
