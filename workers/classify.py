@@ -792,6 +792,8 @@ _RETURN_CUES = re.compile(
     r"|(?:do dnia|do|od dnia|od|wracam(?: dnia)?|powrót(?: dnia)?|będę dostępn[ya] od(?: dnia)?)\s+(?=\d)",
     re.IGNORECASE)
 RETURN_CUES = _RETURN_CUES
+# A sentence ends after a year ("10.12.2026. Odpowiem") or a word, not after a day ("11. Dezember").
+_SENTENCE_END = re.compile(r"(?:(?<=\d{4}\.)|(?<=[^\d\W]{2}[.!?]))\s+(?=[A-ZÀ-ŽА-Я])")
 _DATE_LANGS = ["en", "de", "fr", "es", "it", "nl", "pt", "pl"]
 _WEEKDAYS = {name: i for i, names in enumerate([
     "monday montag lundi lunes lunedì lunedi maandag segunda-feira segunda poniedziałek",
@@ -844,7 +846,7 @@ def find_return_date(text: str, base: dt.date | None = None) -> dt.date | None:
     text = " ".join(text[:20_000].split())
     tried = 0
     for cue in _RETURN_CUES.finditer(text):
-        words = text[cue.end():cue.end() + 60].split()
+        words = _SENTENCE_END.split(text[cue.end():cue.end() + 60], maxsplit=1)[0].split()
         day = _WEEKDAYS.get(words[0].strip(".,;:!)").lower()) if words else None
         if day is not None and not any(ch.isdigit() for ch in " ".join(words[:4])):
             return base + dt.timedelta(days=(day - base.weekday() - 1) % 7 + 1)  # "back on Monday"
@@ -854,7 +856,9 @@ def find_return_date(text: str, base: dt.date | None = None) -> dt.date | None:
                 continue
             tried += 1
             try:
-                found = dateparser.parse(candidate, languages=_DATE_LANGS, settings=settings)
+                dotted = re.fullmatch(r"\d{1,2}\.\d{1,2}\.(\d{2,4})?", candidate)  # day-first everywhere
+                found = dateparser.parse(candidate, languages=_DATE_LANGS,
+                                         settings={**settings, "DATE_ORDER": "DMY"} if dotted else settings)
             except BaseTimeoutException:  # RQ's job timeout must end the job
                 raise
             except Exception:  # noqa: BLE001 - bad mail must not crash the worker
