@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import platform
@@ -23,7 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from workers.classify import classify_headers, classify_message, headers_of, needs_body
+from workers.auto_reply_text import first_text
+from workers.classify import (
+    classify_headers,
+    classify_message,
+    headers_of,
+    needs_body,
+    settle_with_text,
+)
 
 CORPUS = ROOT / "tests" / "data" / "corpus"
 CLIENTS = ROOT / "tests" / "data" / "replies-clients"
@@ -39,6 +47,16 @@ def load() -> list[tuple[str, str, bytes]]:
     out = [(name, label, (CORPUS / name).read_bytes()) for name, label in rows]
     expected = json.loads((CLIENTS / "expected.json").read_text())
     out += [(f"replies-clients/{n}", e["kind"], (CLIENTS / n).read_bytes()) for n, e in expected.items()]
+    return out
+
+
+def load_text_fixtures() -> list[tuple[str, str, bytes]]:
+    """Machine mail and text-only out-of-office fixtures (tests/data/machine, ooo_text)."""
+    out = []
+    for folder in ("machine", "ooo_text"):
+        for d in sorted((ROOT / "tests" / "data" / folder).iterdir()):
+            for n, e in json.loads((d / "expected.json").read_text()).items():
+                out.append((f"{folder}/{d.name}/{n}", e["kind"], (d / n).read_bytes()))
     return out
 
 
@@ -74,11 +92,22 @@ def main(argv: list[str] | None = None) -> int:
         classify_headers(headers)
         needs_body(headers)
 
+    extra = load_text_fixtures()
+    extra_headers = [headers_of(raw) for _n, _l, raw in extra]
+    texts = [(classify_headers(h), raw, dict(h).get("Subject", ""))
+             for h, (_n, _l, raw) in zip(extra_headers, extra, strict=True)]
+
+    def text_step(item):  # what the job adds for a matched mail: first text part + settle
+        c, raw, subject = item
+        settle_with_text(dataclasses.replace(c, reasons=list(c.reasons)), first_text(raw), subject)
+
     results = {
         "classify_headers": measure(hot, header_lists, passes),
         "classify_message": measure(classify_message, raws, passes),
         "classify_headers_human_replies": measure(hot, [header_lists[i] for i in human], passes * 3),
         "classify_message_human_replies": measure(classify_message, [raws[i] for i in human], passes * 3),
+        "classify_headers_machine_and_ooo_fixtures": measure(hot, extra_headers, passes),
+        "text_step_first_text_and_settle": measure(text_step, texts, passes),
         "needs_body_false_share_of_human_replies": round(
             sum(not needs_body(header_lists[i]) for i in human) / len(human), 3),
     }
