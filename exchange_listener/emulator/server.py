@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import hashlib
 import os
 import secrets
@@ -133,6 +134,7 @@ class Emulator:
         self.streams: set[Stream] = set()
         self.tokens: dict[str, tuple[str, float]] = {}  # token -> (client id, expires at)
         self.faults = Faults()
+        self.operations: collections.Counter = collections.Counter()  # EWS operations answered, for benchmarks
         self.validator = ViolationLog()
         self.log = logs.get_logger(component="emulator")
         self._sweeper: asyncio.Task | None = None
@@ -252,6 +254,7 @@ class Emulator:
                                busy_back_off)
         try:
             req = soap.parse_request(data)
+            self.operations[req.operation] += 1
             mailbox = self._mailbox(principal, req, request)
             handler = getattr(self, f"op_{req.operation}", None)
             if handler is None:
@@ -667,7 +670,7 @@ class Emulator:
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response({"streams": len(self.streams), "subscriptions": len(self.store.subscriptions),
                                   "mailboxes": len(self.store.mailboxes), "items": len(self.store.items),
-                                  "pid": os.getpid()})
+                                  "operations": dict(self.operations), "pid": os.getpid()})
 
     async def fault(self, request: web.Request) -> web.Response:
         """Inject a fault. Kinds: reset_streams; stall_streams {seconds}; expire_subscriptions;
