@@ -358,9 +358,18 @@ class Emulator:
                           + urllib.parse.urlencode({"folder": folder}), raw, "message/rfc822")
 
     def move(self, item_id: str, folder: str) -> dict:
-        """Move an item (MovedEvent); returns its new ``item_id``."""
+        """Move an item to ``folder`` (a distinguished name or a user folder path ``A/B``, made on
+        demand; MovedEvent); returns ``{"item_id": new id, "folder", "folder_id"}``."""
         return self._post(f"/emulator/items/{urllib.parse.quote(item_id, safe='')}/move?"
                           + urllib.parse.urlencode({"folder": folder}), b"")
+
+    def create_folder(self, mailbox: str, path: str, folder_class: str | None = None) -> dict:
+        """Make a folder (``A/B``, any depth; class IPF.Note unless given); returns its ``folder_id``."""
+        import json
+
+        body = {"path": path, **({"folder_class": folder_class} if folder_class else {})}
+        return self._post(f"/emulator/mailboxes/{urllib.parse.quote(mailbox, safe='@')}/folders",
+                          json.dumps(body).encode(), "application/json")
 
     def mark_read(self, item_id: str, is_read: bool = True) -> dict:
         return self._post(f"/emulator/items/{urllib.parse.quote(item_id, safe='')}/read?is_read={str(is_read).lower()}",
@@ -370,12 +379,16 @@ class Emulator:
         """Change an item in place (SyncFolderItems Update, ModifiedEvent)."""
         return self._post(f"/emulator/items/{urllib.parse.quote(item_id, safe='')}/touch", b"")
 
-    def delete(self, item_id: str) -> None:
-        """Hard-delete an item (SyncFolderItems Delete, DeletedEvent)."""
-        req = urllib.request.Request(f"{self.base_url}/emulator/items/{urllib.parse.quote(item_id, safe='')}",
+    def delete(self, item_id: str, purge: bool = False) -> dict:
+        """Hard-delete an item: to Recoverable Items under a new id (MovedEvent, DeletedEvent), as
+        Exchange does; ``purge`` removes it from the mailbox entirely. Returns the emulator's answer."""
+        import json
+
+        query = "?purge=true" if purge else ""
+        req = urllib.request.Request(f"{self.base_url}/emulator/items/{urllib.parse.quote(item_id, safe='')}{query}",
                                      method="DELETE")
         with urllib.request.urlopen(req, timeout=10) as resp:
-            resp.read()
+            return json.loads(resp.read())
 
     def stats(self) -> dict:
         """Open streams, subscriptions, mailboxes, items and the emulator's pid."""

@@ -12,7 +12,6 @@ import json
 import re
 import threading
 import time
-import urllib.parse
 import uuid
 
 import pytest
@@ -54,9 +53,7 @@ def streaming(conn, count: int, listener_id: str = "l1") -> bool:
 
 
 def create_folder(emulator, mailbox: str, path: str, folder_class: str = "IPF.Note") -> str:
-    return emulator._post(f"/emulator/mailboxes/{urllib.parse.quote(mailbox, safe='@')}/folders",
-                          json.dumps({"path": path, "folder_class": folder_class}).encode(),
-                          "application/json")["folder_id"]
+    return emulator.create_folder(mailbox, path, folder_class)["folder_id"]
 
 
 @pytest.fixture

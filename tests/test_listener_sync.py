@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 import uuid
@@ -150,9 +149,7 @@ def test_invalid_sync_state_is_reset_and_processed_mail_skipped(emulator, accoun
 
 
 def create_folder(emulator, path: str, folder_class: str = "IPF.Note") -> str:
-    return emulator._post(f"/emulator/mailboxes/{MAILBOX}/folders",
-                          json.dumps({"path": path, "folder_class": folder_class}).encode(),
-                          "application/json")["folder_id"]
+    return emulator.create_folder(MAILBOX, path, folder_class)["folder_id"]
 
 
 def test_whole_mailbox_catch_up_covers_every_mail_folder_and_nothing_else(emulator, account, redis_client, queue,
