@@ -13,7 +13,8 @@ RECONNECTS = Counter("el_reconnects_total", "Streaming connections reopened", ["
 RESUBSCRIBES = Counter("el_resubscribes_total", "Mailboxes resubscribed", ["reason"])
 CATCHUP_ITEMS = Counter("el_catchup_items_total", "Items found by SyncFolderItems catch-up")
 CATCHUPS = Counter("el_catchups_total", "Catch-ups run: full (after a gap, tree refreshed) or checkpoint", ["kind"])
-ITEMS_GONE = Counter("el_items_gone_total", "Items a job found gone: relocated (moved, deleted) or nowhere", ["outcome"])
+ITEMS_GONE = Counter("el_items_gone_total", "Items gone when a worker came to them: found again elsewhere "
+                     "(relocated), found nowhere, or there but unreadable", ["outcome"])
 CLASSIFIED = Counter("el_classified_total", "Messages classified, by kind", ["kind"])
 TRANSITIONS = Counter("el_transitions_total", "Enrollment transitions made", ["status", "reason"])
 UNMATCHED = Counter("el_unmatched_total", "Messages that matched no recorded send", ["kind"])
