@@ -14,6 +14,7 @@ from exchange_listener import config, queueing
 from exchange_listener.sources.base import NewMail
 from exchange_listener.sources.ews_fetch import FetchError
 from workers import context, jobs
+from workers.classify import KINDS
 
 MAILBOX = "rep@ours.example"
 PROSPECT = "pat@prospect.example"
@@ -77,12 +78,13 @@ def test_reply_from_prospect_colleague_or_ccd_person_stops_with_reason_replied(c
 
 def test_out_of_office_pauses_until_its_return_date_and_never_stops(ctx):
     sent = send(ctx, "e-ooo")
+    back = dt.date.today() + dt.timedelta(days=20)  # from the clock: a fixed date would pass one day
     summary = deliver(ctx, mail.out_of_office(sender=PROSPECT, to=MAILBOX, in_reply_to=sent,
-                                              return_text="I will be back on 14 December 2026."))
+                                              return_text=f"I will be back on {back.day} {back:%B %Y}."))
     assert summary["items"][0]["kind"] == "auto_reply"
     got = state(ctx, "e-ooo")
     assert (got["status"], got["reason"]) == ("paused", "auto_reply")
-    assert got["paused_until"].startswith("2026-12-14")
+    assert got["paused_until"].startswith(back.isoformat())
     # a second auto-reply stating no date: a pause never turns into a stop
     deliver(ctx, mail.out_of_office(sender=PROSPECT, to=MAILBOX, in_reply_to=sent, return_text=""))
     assert state(ctx, "e-ooo")["status"] == "paused"
@@ -156,6 +158,10 @@ def test_domain_policy_stops_every_enrollment_sent_to_the_domain(ctx):
     assert current.enrollments.get("e-d")["reason"] == "replied"
     assert (current.enrollments.get("e-c")["status"], current.enrollments.get("e-c")["reason"]) == ("stopped", "domain_replied")
     assert current.enrollments.get("e-b")["status"] == "stopped"
+    # a reply from a free-mail address says nothing about anyone else at gmail.com
+    sent3 = send(ctx, "e-free2", to="other@gmail.com")
+    deliver(ctx, mail.reply(sender="other@gmail.com", to=MAILBOX, in_reply_to=sent3, references=sent3))
+    assert current.enrollments.get("e-free2")["reason"] == "replied"
     assert current.enrollments.get("e-free")["status"] == "active"
 
 
@@ -219,9 +225,10 @@ def test_hostile_input_never_crashes_the_job(ctx):
     many = " ".join(f"<id{n}@thread.example>" for n in range(10_000))
     huge_refs = mail.reply(sender=COLLEAGUE, to=MAILBOX, in_reply_to=None, references=f"{sent} {many}")
     summary = deliver(ctx, broken_mime, latin1_body, no_message_id, injection, huge_refs)
-    assert len(summary["items"]) == 5
-    assert all(i["kind"] in ("human_reply", "auto_reply", "bounce", "read_receipt", "complaint", "other")
-               for i in summary["items"])
+    assert len(summary["items"]) == 5 and summary["gone"] == 0
+    assert [i["kind"] for i in summary["items"]][1:] == ["human_reply"] * 4  # readable despite the damage
+    assert summary["items"][0]["kind"] in KINDS
+    assert summary["items"][3]["matched"] == []  # the injected header did not smuggle an id in
     assert state(ctx, "e-hostile")["status"] == "stopped"  # the 10,000-id References still matched
 
 
@@ -337,11 +344,9 @@ def test_any_delivered_mail_completes_or_fails_visibly(ctx, headers, body, cite_
     raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
     if not raw.strip():
         raw = b"X-Empty: 1\r\n\r\n"
-    try:
-        summary = deliver(ctx, raw)
-    except (FetchError, jobs.ItemsFailed) as exc:  # fails visibly: RQ retries, then lists it with this message
-        assert MAILBOX in str(exc) or "item(s) failed" in str(exc)
-    else:
-        (item,) = summary["items"]
-        assert item["kind"] in ("human_reply", "auto_reply", "bounce", "read_receipt", "complaint", "other")
-        json.dumps(summary)
+    summary = deliver(ctx, raw)  # any mail the server accepted is processed: a failure would retry forever
+    (item,) = summary["items"]
+    assert item["kind"] in KINDS
+    if cite_send and not item.get("skipped"):
+        assert item["matched"] == ["e-prop"]  # whatever else the headers say, the reply to our send is found
+    json.dumps(summary)

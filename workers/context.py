@@ -28,6 +28,7 @@ class Context:
         self._sends = None
         self._enrollments = None
         self._notifier = None
+        self._ledger = None
         self._fetchers: dict[str, object] = {}
 
     @property
@@ -52,6 +53,15 @@ class Context:
             self._enrollments = EnrollmentStore(self.redis, retention_days=self.settings.retention_days,
                                                 pause_days=self.settings.pause_days)
         return self._enrollments
+
+    @property
+    def ledger(self):
+        """Processed mail per mailbox (so a catch-up never fetches it again) and the move map."""
+        if self._ledger is None:
+            from exchange_listener.ledger import Ledger
+
+            self._ledger = Ledger(self.redis, processed_days=self.settings.processed_days)
+        return self._ledger
 
     @property
     def notifier(self):

@@ -3,39 +3,47 @@
 ``handle_mail(payload)`` is what the listener enqueues (see ``exchange_listener.queueing``).
 Per item:
 
-1. one batched fetch of headers for all items (MIME only when ``needs_body`` says so);
+1. one batched fetch of headers for all items (MIME only when ``needs_body`` says so); an item
+   that is gone is looked for where it is now (``fetcher.relocate``, when the source has it);
 2. classify (``workers.classify``);
 3. match every Message-ID in In-Reply-To/References, and a bounce's or receipt's original
-   Message-ID, against the send registry: the reply may come from any address;
-4. act, exactly once per (enrollment, message, kind) — the event key hashes the message's
-   Message-ID (or mailbox + item id when it has none), so the same mail delivered twice,
-   to two mailboxes, or replayed by a retry makes one transition:
+   Message-ID, against the send registry: the reply may come from any address; a mail that
+   matched and looks human by its headers has the start of its text read (``fetch_text``
+   when the source has it, else the first text part of its MIME), since some out-of-office
+   replies and ticket acknowledgements say what they are only there. Unmatched mail stays on
+   the headers-only path;
+4. decide (``workers.policy.decide``: the rules, as data) and apply the actions, exactly once
+   per (enrollment, message, kind) — the event key hashes the message's Message-ID (or mailbox
+   + item id when it has none), so the same mail delivered twice, to two mailboxes, or
+   replayed by a retry makes one transition;
+5. mark the mail processed in the ledger (``exchange_listener.ledger``), so a catch-up never
+   fetches it again — for every outcome but a failure.
 
-   ============  ========================================================================
-   human_reply   stop, reason ``replied`` (with ``stop_whole_domain``: every enrollment
-                 sent to the sender's domain, reason ``domain_replied``; never for the
-                 mailbox's own domain or a free-mail domain)
-   auto_reply    pause until the stated return date (or ``pause_days``); never a stop
-   bounce hard   stop, reason ``bounced`` — unless the failed recipients are known and none
-                 of them was a ``to`` recipient of the send (a bounced CC is recorded only)
-   bounce soft   recorded (the mail server is still trying; no state change)
-   complaint     stop, reason ``complaint`` (the prospect marked us as spam)
-   read_receipt  recorded only
-   other         nothing
-   ============  ========================================================================
+Time and one decision per mail: the mail's time is its Date header bounded by when its first
+copy was received anywhere (``el:first_received:{hash}``, the earliest ``received_at`` any
+copy had, kept ``retention_days``). The first copy that matches a send stores its decision
+(``el:decision:{hash}``, same TTL); every later copy of that Message-ID — in another mailbox,
+another folder, or a retry — applies the stored decision instead of deciding again, so an
+enrollment created between two copies, a pause computed a second later or a different
+classification cannot make the copies disagree. Mail that matched nothing stores no decision
+(a send recorded late is still found by a later copy).
 
-   "Recorded" means an entry in the capped ``el:observed`` stream (field ``data``: JSON with
-   enrollment_id, kind, at, event_key, by, item_id, message_id, mailbox, failed_recipients),
-   for operators; enrollment state does not change. A mail seen twice is recorded twice with
-   the same event_key.
+"Recorded" means an entry in the capped ``el:observed`` stream (field ``data``: JSON with
+enrollment_id, kind, at, event_key, by, item_id, message_id, mailbox, failed_recipients),
+for operators; enrollment state does not change. A mail seen twice is recorded twice with
+the same event_key.
 
 Mail the mailbox sent itself, and a copy of one of our own sends, is skipped. Unmatched mail
-is counted and ignored. An item that is gone by the time the job runs is counted and
-skipped. A failure on one item does not stop the others; the job then fails with every
-item's error in its message, and RQ retries it (replays are harmless).
+is counted and ignored. An item that exists nowhere (not even after a move or a delete) is
+reported in the item's summary (``gone``, ``gone_reason``), logged as a warning and counted
+(``el_items_gone_total``, outcome relocated | nowhere | unreadable). A failure on one item
+does not stop the others; the job then fails with every item's error in its message, and RQ
+retries it (replays are harmless). RQ's job timeout is never taken for an item's error: it
+ends the job.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -54,26 +62,38 @@ from exchange_listener.sources.base import (
     ItemUnreadable,
     NewMail,
 )
-from workers import context
+from workers import context, policy
+from workers.auto_reply_text import first_text
 from workers.classify import (
     Classification,
     UnparseableMessage,
     classify_headers,
     classify_message,
     needs_body,
+    needs_text,
+    settle_with_text,
 )
 from workers.message_ids import normalize, references_of
 
 OBSERVED_KEY = "el:observed"
 OBSERVED_MAXLEN = 100_000
 MAX_ITEMS = 500  # items one job may carry; more is a listener bug, refused visibly
-MAX_PAUSE_DAYS = 365
-# A reply from one of these domains says nothing about the prospect's company.
-FREE_MAIL_DOMAINS = frozenset({
-    "gmail.com", "googlemail.com", "outlook.com", "hotmail.com", "live.com", "msn.com", "yahoo.com",
-    "ymail.com", "icloud.com", "me.com", "mac.com", "aol.com", "gmx.de", "gmx.net", "web.de", "mail.com",
-    "proton.me", "protonmail.com", "yandex.ru", "mail.ru", "qq.com", "163.com", "t-online.de", "orange.fr",
-})
+MAX_RELOCATIONS = 2  # an item that moves again while we read it is looked for once more, then reported
+
+# KEYS[1]: el:first_received:{hash}. ARGV: epoch seconds of this copy, ttl. Returns the earliest.
+_FIRST_RECEIVED = """
+local cur = redis.call('GET', KEYS[1])
+if cur and tonumber(cur) <= tonumber(ARGV[1]) then return cur end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return ARGV[1]
+"""
+# KEYS[1]: el:decision:{hash}. ARGV: this copy's decision (JSON), ttl. Returns the one that counts.
+_DECIDE_ONCE = """
+local cur = redis.call('GET', KEYS[1])
+if cur then return cur end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return ARGV[1]
+"""
 
 log = logs.get_logger(component="jobs")
 
@@ -116,32 +136,48 @@ def _validate(payload: Any) -> tuple[str, str, list[NewMail]]:
     return mailbox, source, parsed
 
 
-def event_key(kind: str, mailbox: str, item: FetchedMessage, classification: Classification) -> str:
-    """Stable id of "this message, as this kind": the same mail seen twice gives the same key."""
+def _identity(mailbox: str, item: FetchedMessage, classification: Classification) -> str:
+    """This mail across mailboxes, folders and retries: its Message-ID, else this one item."""
     msgid = classification.message_id or normalize(item.internet_message_id or "")
     identity = f"mid\n{msgid}" if msgid else f"item\n{mailbox.lower()}\n{item.item_id}"
-    return f"{kind}:{hashlib.sha256(identity.encode()).hexdigest()[:32]}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
-def _domain(address: str | None) -> str:
-    _, at, domain = (address or "").strip().rpartition("@")
-    return domain.strip().strip(">").lower() if at else ""
+def event_key(kind: str, mailbox: str, item: FetchedMessage, classification: Classification) -> str:
+    """Stable id of "this message, as this kind": the same mail seen twice gives the same key."""
+    return f"{kind}:{_identity(mailbox, item, classification)}"
 
 
-def _classify(fetcher, mailbox: str, item: FetchedMessage, bound) -> Classification:
-    """Headers first; the full MIME source only when the headers cannot settle it."""
+def _classify(fetcher, mailbox: str, item: FetchedMessage, bound) -> tuple[Classification, bool]:
+    """Headers first; the full MIME source only when the headers cannot settle it. Also says
+    whether the verdict saw the body (then the text was already read)."""
     if not needs_body(item.headers):
-        return classify_headers(item.headers)
+        return classify_headers(item.headers), False
     try:
-        raw = fetcher.fetch_mime(mailbox, item.item_id)  # ItemGone: the caller counts it as gone
+        raw = fetcher.fetch_mime(mailbox, item.item_id)  # ItemGone: the caller looks for it elsewhere
     except ItemUnreadable as exc:  # the item is there but Exchange cannot give its MIME: headers decide
         bound.warning("mime unavailable, classified from headers", error=str(exc))
-        return classify_headers(item.headers)
+        return classify_headers(item.headers), False
     try:
-        return classify_message(raw)
+        return classify_message(raw), True
     except UnparseableMessage as exc:
         bound.warning("mime unusable, classified from headers", error=str(exc))
-        return classify_headers(item.headers)
+        return classify_headers(item.headers), False
+
+
+def _settle(fetcher, mailbox: str, item: FetchedMessage, c: Classification, when: dt.datetime,
+            bound) -> Classification:
+    """A human reply by its headers may still be an out-of-office or a ticket acknowledgement
+    that says so only in its text: read the start of it (the source's ``fetch_text``, e.g. EWS
+    UniqueBody; else the first text part of the MIME). Called only for mail that matched a
+    send, so unrelated mail stays on the headers-only path."""
+    fetch_text = getattr(fetcher, "fetch_text", None)
+    try:
+        text = fetch_text(mailbox, item.item_id) if fetch_text else first_text(fetcher.fetch_mime(mailbox, item.item_id))
+    except ItemUnreadable as exc:  # there, but its body cannot be read: the headers' verdict stands
+        bound.warning("text unavailable, classified from headers", error=str(exc))
+        return c
+    return settle_with_text(c, text or "", item.subject or "", when.date())
 
 
 def _match_ids(item: FetchedMessage, c: Classification) -> list[str]:
@@ -157,24 +193,54 @@ def _match_ids(item: FetchedMessage, c: Classification) -> list[str]:
     return ids
 
 
-def _pause_until(c: Classification, pause_days: int) -> dt.date | dt.datetime:
-    today = dt.datetime.now(dt.UTC).date()
-    if c.return_date and today < c.return_date <= today + dt.timedelta(days=MAX_PAUSE_DAYS):
-        return c.return_date
-    return dt.datetime.now(dt.UTC) + dt.timedelta(days=pause_days)
+def _header(item: FetchedMessage, name: str) -> str | None:
+    return next((value for key, value in item.headers if key.lower() == name), None)
 
 
-def _observe(ctx, send, kind: str, details: dict) -> None:
-    entry = {"enrollment_id": send.enrollment_id, "kind": kind, "at": dt.datetime.now(dt.UTC).isoformat(),
+def _received(mail: NewMail, item: FetchedMessage) -> dt.datetime:
+    """When this copy reached the mailbox: the server's time, else the listener's, else now."""
+    moment = item.received_at
+    if isinstance(moment, dt.datetime):  # a plain datetime: exchangelib's EWSDateTime refuses stdlib zones
+        aware = moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+        return dt.datetime.fromtimestamp(aware.timestamp(), dt.UTC)
+    for seconds in (getattr(mail, "received_at", 0.0), mail.seen_at):
+        if seconds:
+            return dt.datetime.fromtimestamp(float(seconds), dt.UTC)
+    return dt.datetime.now(dt.UTC)
+
+
+def _reply_time(ctx, identity: str, has_message_id: bool, mail: NewMail, item: FetchedMessage) -> dt.datetime:
+    """The mail's Date bounded by the earliest receipt of any copy of it (kept in Redis)."""
+    received = _received(mail, item)
+    if has_message_id:
+        ttl = int(ctx.settings.retention_days) * 86400
+        earliest = ctx.redis.eval(_FIRST_RECEIVED, 1, f"el:first_received:{identity}",
+                                  repr(received.timestamp()), ttl)
+        received = dt.datetime.fromtimestamp(float(earliest), dt.UTC)
+    return policy.reply_time(_header(item, "date"), received)
+
+
+def _decision_json(kind: str, key: str, when: dt.datetime, actions: list[policy.Action]) -> str:
+    def plain(value):
+        return value.isoformat() if isinstance(value, (dt.date, dt.datetime)) else value
+
+    return json.dumps({
+        "kind": kind, "event_key": key, "reply_time": when.isoformat(),
+        "actions": [{**dataclasses.asdict(a), "extra": {k: plain(v) for k, v in a.extra.items()}} for a in actions],
+    }, separators=(",", ":"))
+
+
+def _observe(ctx, enrollment_id: str, kind: str, details: dict) -> None:
+    entry = {"enrollment_id": enrollment_id, "kind": kind, "at": dt.datetime.now(dt.UTC).isoformat(),
              **{k: v for k, v in details.items() if v is not None}}
     ctx.redis.xadd(OBSERVED_KEY, {"data": json.dumps(entry, default=str)}, maxlen=OBSERVED_MAXLEN, approximate=True)
 
 
 def _process(ctx, fetcher, mailbox: str, mail: NewMail, item: FetchedMessage, bound) -> dict:
-    settings = ctx.settings
-    c = _classify(fetcher, mailbox, item, bound)
+    """Classify and match one fetched mail, decide (or reuse the decision an earlier copy
+    made) and apply it. Returns the item's summary."""
+    c, body_seen = _classify(fetcher, mailbox, item, bound)
     kind = c.kind
-    metrics.CLASSIFIED.labels(kind).inc()
     sender = c.from_address or (item.from_address or "").lower() or None
     own_id = c.message_id or normalize(item.internet_message_id or "")
     summary: dict[str, Any] = {"item_id": item.item_id, "kind": kind, "matched": [], "actions": []}
@@ -190,57 +256,63 @@ def _process(ctx, fetcher, mailbox: str, mail: NewMail, item: FetchedMessage, bo
     if own_id and any(own_id in s.message_ids for s in found):
         summary["skipped"] = "a copy of one of our sends"
         return summary
-    by_enrollment = {}
-    for send in found:  # several steps of one sequence may be in References: act once per enrollment
-        by_enrollment.setdefault(send.enrollment_id, send)
-    sends = list(by_enrollment.values())
-    summary["matched"] = [s.enrollment_id for s in sends]
-    if not sends:
+    identity = _identity(mailbox, item, c)
+    when = _reply_time(ctx, identity, bool(own_id), mail, item)
+    summary["matched"] = list(dict.fromkeys(s.enrollment_id for s in found))
+    if not found:
         metrics.UNMATCHED.labels(kind).inc()
         bound.info("mail matched no send", kind=kind)
         return summary
 
-    key = event_key(kind, mailbox, item, c)
-    common = {"event_key": key, "by": sender, "item_id": item.item_id, "message_id": own_id, "mailbox": mailbox}
-    plan: list[tuple[str, str, str, dict]] = []  # (enrollment, status, reason, extra)
-    if kind == "human_reply":
-        plan += [(s.enrollment_id, "stopped", "replied", {}) for s in sends]
-        domain = _domain(sender)
-        if settings.stop_whole_domain and domain and domain != _domain(mailbox) and domain not in FREE_MAIL_DOMAINS:
-            matched = {s.enrollment_id for s in sends}
-            plan += [(e, "stopped", "domain_replied", {}) for e in ctx.sends.enrollments_for_domain(domain)
-                     if e not in matched]
-    elif kind == "auto_reply":
-        until = _pause_until(c, settings.pause_days)
-        plan += [(s.enrollment_id, "paused", "auto_reply", {"until": until}) for s in sends]
-    elif kind == "complaint":
-        plan += [(s.enrollment_id, "stopped", "complaint", {}) for s in sends]
-    elif kind == "bounce" and c.bounce_type != "soft":
-        failed = {a.lower() for a in c.failed_recipients}
-        for s in sends:
-            if failed and not failed & {a.lower() for a in s.to}:
-                _observe(ctx, s, "bounce_of_cc", {**common, "failed_recipients": sorted(failed)})
-                summary["actions"].append({"enrollment_id": s.enrollment_id, "action": "recorded"})
-            else:
-                plan.append((s.enrollment_id, "stopped", "bounced", {}))
-    elif kind in ("bounce", "read_receipt"):
-        for s in sends:
-            _observe(ctx, s, "soft_bounce" if kind == "bounce" else kind,
-                     {**common, "failed_recipients": c.failed_recipients or None})
-            summary["actions"].append({"enrollment_id": s.enrollment_id, "action": "recorded"})
-
-    for enrollment_id, status, reason, extra in plan:
-        transition = ctx.enrollments.transition(enrollment_id, status, reason, **common, **extra)
-        action = {"enrollment_id": enrollment_id, "action": status, "reason": reason, "applied": transition is not None}
-        summary["actions"].append(action)
-        if transition is not None:
-            metrics.TRANSITIONS.labels(status, reason).inc()
-            if mail.seen_at:
-                metrics.DELIVERY_TO_STOP.observe(max(0.0, time.time() - float(mail.seen_at)))
-            bound.info("enrollment transition", enrollment_id=enrollment_id, status=status, reason=reason,
-                       kind=kind, transition_id=transition.id,
-                       paused_until=transition.paused_until)
+    decision_key = f"el:decision:{identity}"
+    stored = ctx.redis.get(decision_key)
+    if stored is None:
+        if not body_seen and needs_text(c):
+            c = _settle(fetcher, mailbox, item, c, when, bound)
+            kind = summary["kind"] = c.kind
+            if kind == "auto_reply" and c.return_date:
+                summary["return_date"] = c.return_date.isoformat()
+        settings = policy.PolicySettings.from_settings(ctx.settings)
+        domain = policy.domain_to_check(c, found, mailbox, sender, settings)
+        candidates = ctx.sends.domain_enrollments(domain) if domain else []
+        actions = policy.decide(c, found, mailbox=mailbox, sender=sender, when=when, now=dt.datetime.now(dt.UTC),
+                                settings=settings, domain_candidates=candidates)
+        mine = _decision_json(kind, event_key(kind, mailbox, item, c), when, actions)
+        stored = ctx.redis.eval(_DECIDE_ONCE, 1, decision_key, mine, int(ctx.settings.retention_days) * 86400)
+        reused = stored != mine.encode() and stored != mine
+    else:
+        reused = True
+    decision = json.loads(stored)
+    if reused:
+        summary["decision"] = "reused"  # an earlier copy (another mailbox, folder or attempt) decided
+        summary["kind"] = decision["kind"]
+    summary["reply_time"] = decision["reply_time"]
+    common = {"event_key": decision["event_key"], "by": sender, "item_id": item.item_id, "message_id": own_id,
+              "mailbox": mailbox}
+    for action in decision["actions"]:
+        summary["actions"].append(_apply(ctx, mail, policy.Action(**action), common, decision["kind"], bound))
     return summary
+
+
+def _apply(ctx, mail: NewMail, action: policy.Action, common: dict, kind: str, bound) -> dict:
+    """Carry out one action of the policy; its entry in the item's summary."""
+    if action.action == policy.RECORD:
+        _observe(ctx, action.enrollment_id, action.reason,
+                 {**common, "failed_recipients": action.extra.get("failed_recipients")})
+        return {"enrollment_id": action.enrollment_id, "action": "recorded"}
+    if action.status is None:
+        return {"enrollment_id": action.enrollment_id, "action": "none", "reason": action.reason}
+    transition = ctx.enrollments.transition(action.enrollment_id, action.status, action.reason, **common,
+                                            until=action.extra.get("until"))
+    if transition is not None:
+        metrics.TRANSITIONS.labels(action.status, action.reason).inc()
+        if mail.seen_at:
+            metrics.DELIVERY_TO_STOP.observe(max(0.0, time.time() - float(mail.seen_at)))
+        bound.info("enrollment transition", enrollment_id=action.enrollment_id, status=action.status,
+                   reason=action.reason, kind=kind, transition_id=transition.id,
+                   paused_until=transition.paused_until)
+    return {"enrollment_id": action.enrollment_id, "action": action.status, "reason": action.reason,
+            "applied": transition is not None}
 
 
 def handle_mail(payload: dict) -> dict:
@@ -260,6 +332,10 @@ def handle_mail(payload: dict) -> dict:
         with structlog.contextvars.bound_contextvars(mailbox=mailbox):
             try:
                 summary = _handle(mailbox, source, mails)
+            except BaseTimeoutException:
+                metrics.JOBS_PROCESSED.labels("timeout").inc()
+                log.error("job timed out", items=len(mails), seconds=round(time.monotonic() - started, 2))
+                raise
             except Exception as exc:
                 metrics.JOBS_PROCESSED.labels("failed").inc()
                 log.error("job failed", error=f"{type(exc).__name__}: {exc}", items=len(mails))
@@ -271,25 +347,63 @@ def handle_mail(payload: dict) -> dict:
             return summary
 
 
+def _gone(mail: NewMail, exc: ItemGone, outcome: str, bound) -> dict:
+    metrics.ITEMS_GONE.labels(outcome).inc()
+    bound.warning("mail exists nowhere" if outcome == "nowhere" else "mail cannot be read", reason=str(exc))
+    return {"item_id": mail.item_id, "kind": None, "gone": True, "gone_reason": str(exc), "matched": [], "actions": []}
+
+
+def _item(ctx, fetcher, mailbox: str, mail: NewMail, fetched: FetchedMessage | ItemGone, bound) -> dict:
+    """One item, wherever it is now: a gone item is looked for (``fetcher.relocate``) and
+    processed where it was found; only one that exists nowhere is reported gone."""
+    relocate = getattr(fetcher, "relocate", None)
+    relocated = False
+    for _ in range(MAX_RELOCATIONS + 1):
+        if isinstance(fetched, ItemUnreadable):
+            return _gone(mail, fetched, "unreadable", bound)
+        if isinstance(fetched, ItemGone):
+            if relocate is None:
+                return _gone(mail, fetched, "nowhere", bound)
+            try:
+                found = relocate(mailbox, mail)
+            except ItemUnreadable as exc:
+                return _gone(mail, exc, "unreadable", bound)
+            except ItemGone as exc:
+                found = exc
+            if not isinstance(found, FetchedMessage):
+                return _gone(mail, found if isinstance(found, ItemGone) else fetched, "nowhere", bound)
+            metrics.ITEMS_GONE.labels("relocated").inc()
+            bound.info("mail found elsewhere", now_item_id=found.item_id, reason=str(fetched))
+            fetched, relocated = found, True
+        try:
+            summary = _process(ctx, fetcher, mailbox, mail, fetched, bound)
+        except ItemGone as exc:  # it moved while we read it (e.g. fetching its MIME)
+            fetched = exc
+            continue
+        metrics.CLASSIFIED.labels(summary["kind"]).inc()
+        message_id = normalize(fetched.internet_message_id)
+        # the ledger keys the item the job carried, as the listener's catch-up computes it
+        ctx.ledger.mark_processed(mailbox, message_id, mail.item_id)
+        if relocated:
+            summary.update(item_id=mail.item_id, relocated=True, relocated_item_id=fetched.item_id)
+            if not message_id:  # identified by item id only: a catch-up would meet it under the new one
+                ctx.ledger.mark_processed(mailbox, None, fetched.item_id)
+        return summary
+    return _gone(mail, fetched, "nowhere", bound)
+
+
 def _handle(mailbox: str, source: str, mails: list[NewMail]) -> dict:
     ctx = context.get()
     fetcher = ctx.fetcher(source)
     items, errors = [], []
-    for mail, item in zip(mails, _fetch(fetcher, mailbox, mails)):
+    for mail, fetched in zip(mails, _fetch(fetcher, mailbox, mails)):
         bound = log.bind(item_id=mail.item_id)
-        if isinstance(item, Exception) and not isinstance(item, ItemGone):
-            bound.error("item could not be fetched", error=f"{type(item).__name__}: {item}")
-            errors.append(f"{mail.item_id[-16:]}: {type(item).__name__}: {item}")
-            continue
-        if isinstance(item, ItemGone):
-            bound.info("item gone before processing", reason=str(item))
-            items.append({"item_id": mail.item_id, "kind": None, "gone": True, "matched": [], "actions": []})
+        if isinstance(fetched, Exception) and not isinstance(fetched, ItemGone):
+            bound.error("item could not be fetched", error=f"{type(fetched).__name__}: {fetched}")
+            errors.append(f"{mail.item_id[-16:]}: {type(fetched).__name__}: {fetched}")
             continue
         try:
-            items.append(_process(ctx, fetcher, mailbox, mail, item, bound))
-        except ItemGone as exc:
-            bound.info("item gone before processing", reason=str(exc))
-            items.append({"item_id": mail.item_id, "kind": None, "gone": True, "matched": [], "actions": []})
+            items.append(_item(ctx, fetcher, mailbox, mail, fetched, bound))
         except BaseTimeoutException:
             raise  # RQ's job timeout: the job must end here, not go on to the next item
         except Exception as exc:  # noqa: BLE001 - one bad item must not cost the others their processing
@@ -347,5 +461,7 @@ def _notify(ctx) -> None:
         return
     try:
         ctx.notifier.drain()
+    except BaseTimeoutException:
+        raise  # RQ's job timeout fired while delivering: end the job, the outbox keeps the rest
     except Exception as exc:  # noqa: BLE001 - the transitions are safe in the outbox; say so and go on
         log.warning("notification drain failed; will retry", error=f"{type(exc).__name__}: {exc}")
