@@ -1,0 +1,117 @@
+"""A reply counts wherever it is when a worker gets to it (issue 9, point 1): real `listen` and
+`work` processes, a real redis-server, the EWS emulator over HTTP.
+
+Workers are drained (not running) while the rep moves replies to a folder, to Deleted Items, or
+hard-deletes them (to Recoverable Items); each move gives the item a new id. When the worker
+starts, every one of them must still stop its enrollment. Only a mail that exists nowhere is
+reported gone: in the job's result and the log.
+"""
+from __future__ import annotations
+
+import functools
+import json
+
+import mail_samples as mail
+import pytest
+from rq.job import Job
+from rq.registry import FinishedJobRegistry
+from rq.serializers import JSONSerializer
+
+from exchange_listener import mailboxes, queueing
+from exchange_listener.local_services import CliProcess, service_env, wait_for
+from workers.enrollments import EnrollmentStore
+from workers.sends import SendRegistry
+
+MAILBOX = "rep@ours.example"
+PROSPECT = "pat@prospect.example"
+QUEUE = "exchange-listener"
+wait_for = functools.partial(wait_for, timeout=60.0, interval=0.1)
+
+
+@pytest.fixture
+def system(redis_server, redis_client, emulator, tmp_path):
+    env = service_env(redis_server.url, emulator.ews_url, heartbeat_seconds=1, lease_seconds=3, listener_id="l1")
+    procs: list[CliProcess] = []
+
+    def start(*args, name):
+        proc = CliProcess(args, env, tmp_path / f"{name}-{len(procs)}.log")
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+def streaming(conn) -> bool:
+    raw = conn.hget("el:listener:l1", "groups")
+    return bool(raw) and sum(g["subscribed"] for g in json.loads(raw) if g["connected"]) == 1
+
+
+def queued_items(conn) -> set[str]:
+    return {m["item_id"] for job in queueing.make_queue(conn, QUEUE).jobs for m in job.args[0]["mails"]}
+
+
+def reply_to(sends: SendRegistry, enrollment: str) -> tuple[bytes, str]:
+    message_id = mail.new_id("ours.example")
+    sends.record([message_id], enrollment, "seq", MAILBOX, to=[PROSPECT])
+    return mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=message_id, references=message_id), message_id
+
+
+def finished_results(conn) -> list[dict]:
+    ids = FinishedJobRegistry(queue=queueing.make_queue(conn, QUEUE)).get_job_ids()
+    return [job.return_value() for job in Job.fetch_many(ids, connection=conn, serializer=JSONSerializer)
+            if job is not None]
+
+
+def test_replies_moved_deleted_or_hard_deleted_before_a_worker_runs_still_stop(system, redis_client, emulator):
+    sends, enrollments = SendRegistry(redis_client), EnrollmentStore(redis_client)
+    mailboxes.add(redis_client, [MAILBOX])
+    system("listen", name="listener")
+    wait_for(lambda: streaming(redis_client), message="streaming")
+
+    cases = {"e-moved": "Customers/Acme", "e-trashed": "deleteditems", "e-hard": "hard delete",
+             "e-purged": "purge", "e-moved-twice": "Later then Deleted Items"}
+    delivered = {}
+    for enrollment in cases:
+        raw, _ = reply_to(sends, enrollment)
+        delivered[enrollment] = emulator.deliver(MAILBOX, raw)["item_id"]
+    wait_for(lambda: set(delivered.values()) <= queued_items(redis_client), message="every reply enqueued")
+
+    # the rep tidies up before any worker ran (workers drained for a deploy)
+    emulator.move(delivered["e-moved"], "Customers/Acme")
+    emulator.move(delivered["e-trashed"], "deleteditems")
+    emulator.delete(delivered["e-hard"])
+    emulator.delete(delivered["e-purged"], purge=True)
+    later = emulator.move(delivered["e-moved-twice"], "Later")["item_id"]
+    emulator.move(later, "deleteditems")
+
+    worker = system("work", "--name", "reloc-worker", name="worker")
+    stopped = {"e-moved", "e-trashed", "e-hard", "e-moved-twice"}
+    wait_for(lambda: all((enrollments.get(e) or {}).get("status") == "stopped" for e in stopped),
+             message="every moved or deleted reply stopped its enrollment")
+    wait_for(lambda: any(line.get("event") == "mail exists nowhere" for line in worker.lines()),
+             message="the purged reply reported as existing nowhere")
+    assert (enrollments.get("e-purged") or {}).get("status", "active") == "active"
+    results = finished_results(redis_client)
+    items = [i for r in results for i in r["items"]]
+    assert sum(1 for i in items if i.get("relocated")) == 4
+    gone = [i for i in items if i.get("gone")]
+    assert len(gone) == 1 and gone[0]["item_id"] == delivered["e-purged"]
+
+
+def test_a_reply_moved_while_no_listener_ran_is_found_in_its_new_folder(system, redis_client, emulator):
+    sends, enrollments = SendRegistry(redis_client), EnrollmentStore(redis_client)
+    mailboxes.add(redis_client, [MAILBOX])
+    first = system("listen", name="listener")
+    wait_for(lambda: streaming(redis_client), message="streaming")
+    raw, _ = reply_to(sends, "e-moved-unseen")
+    item = emulator.deliver(MAILBOX, raw)["item_id"]
+    wait_for(lambda: item in queued_items(redis_client), message="enqueued")
+    assert first.terminate() == 0
+    emulator.move(item, "Follow up/This week")  # no listener sees this MovedEvent
+    system("listen", name="listener")
+    system("work", "--name", "reloc-worker-2", name="worker")
+    wait_for(lambda: (enrollments.get("e-moved-unseen") or {}).get("status") == "stopped",
+             message="the reply, caught up in its new folder, stopped its enrollment")
+    assert len(enrollments.history("e-moved-unseen")) == 1
