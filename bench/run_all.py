@@ -17,7 +17,9 @@ one listener + N workers per system (run one after the other, never at the same 
 4. catch-up: every listener stopped, N replies delivered, one listener started: time to the last
    stop, with the best worker count of (2) (the baseline has no catch-up: it never sees them);
 5. worker CPU seconds per processed reply (user + system of the worker processes and any children
-   they forked and reaped), from the throughput run.
+   they forked and reaped), from the throughput run;
+6. a listener restart after many processed mails (``bench/restart_bench.py``): jobs and GetItem
+   calls after the restart beside the mail that arrived in the gap (``restart_*`` rows).
 
 Goals are printed next to the figures, never asserted. A component bench that is missing or
 fails is recorded with its error; the rest still runs. The last line printed is the JSON object.
@@ -49,12 +51,15 @@ from rq.serializers import JSONSerializer
 from workers.enrollments import EnrollmentStore
 from workers.sends import SendRegistry
 
-COMPONENTS = ("emulator_bench", "listener_bench", "worker_bench", "classify_bench")
+COMPONENTS = ("emulator_bench", "listener_bench", "worker_bench", "classify_bench", "restart_bench")
 GOALS = {
     "latency_p99_ms": ("p99 < 250 ms at 50 replies/s", lambda v: v is not None and v < 250),
     "replies_per_s": (">= 500 replies/s sustained", lambda v: v is not None and v >= 500),
     "listener_rss_mb_5000": ("5,000 mailboxes per listener in < 500 MB RSS", lambda v: v is not None and v < 500),
     "catchup_s": ("10,000-mail catch-up < 60 s", lambda v: v is not None and v < 60),
+    "restart_extra_jobs": ("jobs after a restart ~= mail of the gap (<= 5% extra)", lambda v: v is not None and v <= 0.05),
+    "restart_extra_getitem": ("GetItem calls after a restart ~= mail of the gap (<= 5% extra)",
+                              lambda v: v is not None and v <= 0.05),
 }
 
 
@@ -456,6 +461,7 @@ def summarize(results: dict) -> dict:
         "listener_open_connections": (_first(ours_fp, fp["baseline"].get("mailboxes"), "open_connections"),
                                       fp["baseline"].get("open_connections"), False),
         "listener_rss_mb_5000": (big.get("rss_mb"), None, False),
+        **restart_rows(results["components"].get("restart_bench", {})),
     }
     table = {}
     for name, (a, b, higher) in rows.items():
@@ -465,6 +471,21 @@ def summarize(results: dict) -> dict:
                        "ratio": ratio(a, b, higher) if higher is not None else None,
                        **({"goal": goal[0], "goal_met": goal[1](a) if judged else None} if goal else {})}
     return table
+
+
+def restart_rows(component: dict) -> dict:
+    """bench/restart_bench.py: what a listener restart costs beyond the mail of the gap."""
+    r = component.get("result") or {}
+    gap = r.get("gap_mails")
+
+    def extra(key):
+        return round((r[key] - gap) / gap, 3) if gap and r.get(key) is not None else None
+
+    return {"restart_gap_mails": (gap, None, None), "restart_jobs": (r.get("jobs_after_restart"), None, None),
+            "restart_getitem": (r.get("getitem_after_restart"), None, None),
+            "restart_extra_jobs": (extra("jobs_after_restart"), None, None),
+            "restart_extra_getitem": (extra("getitem_after_restart"), None, None),
+            "restart_seconds_to_caught_up": (r.get("seconds_to_caught_up"), None, None)}
 
 
 def _first(footprints: dict, mailboxes, key):
