@@ -1,46 +1,68 @@
 """Tell the sending platform about each enrollment transition: Redis state, webhook, callable.
 
 1. Redis state (always): ``el:enrollment:{id}`` is what the platform checks before each send;
-   every transition is also appended to the ``el:transitions`` stream (XREAD to follow it).
-2. Webhook (``webhook_url``): POST of the transition as JSON with headers
-   ``X-Exchange-Listener-Timestamp`` (unix seconds), ``X-Exchange-Listener-Signature``
-   (``sha256=`` + hex HMAC-SHA256 with ``webhook_secret`` over ``"{timestamp}.{body}"``) and
-   ``X-Exchange-Listener-Delivery`` / ``Idempotency-Key`` (the transition id). Any 2xx is success;
-   anything else is retried with exponential backoff, then listed by ``failed()``.
+   every transition is also appended to the ``el:transitions`` stream (XREAD to follow it), in
+   the same Lua step that numbers it, so the stream holds each enrollment's versions in order.
+2. Webhook (``webhook_url``): POST of the transition as JSON, signed per Standard Webhooks
+   (``webhook-id`` = transition id, ``webhook-timestamp``, ``webhook-signature`` = ``v1,`` +
+   base64 HMAC-SHA256 over ``"{id}.{timestamp}.{body}"``) so receivers can verify it with
+   off-the-shelf code; for one more release also the legacy headers
+   ``X-Exchange-Listener-Timestamp``, ``X-Exchange-Listener-Signature`` (``sha256=`` + hex
+   HMAC-SHA256 over ``"{timestamp}.{body}"``), ``X-Exchange-Listener-Delivery`` and
+   ``Idempotency-Key``. Any 2xx is success; anything else is retried with exponential backoff,
+   then listed by ``failed()``. docs/webhooks.md is the receiver's guide.
 3. Callable (``callback``, dotted path ``pkg.mod.func`` or ``pkg.mod:func``): called with the
-   transition dict.
+   transition dict, in a thread of its own for at most ``callback_timeout`` seconds; a call that
+   has not returned by then counts as a failed attempt and its thread is abandoned (Python
+   cannot stop a thread). While an abandoned call still runs no new call starts, so at most one
+   thread is ever abandoned and calls never overlap.
 
 Why nothing is lost: ``EnrollmentStore.transition`` writes the transition id into the outbox
 zset ``el:outbox`` in the same Lua step as the state change. ``drain()`` claims due entries by
 pushing their score to now + lease (one Lua step, so concurrent drainers never take the same
 entry), delivers, then removes them. A drainer that dies mid-delivery leaves its entries to
 come due again when the lease runs out, and another drain delivers them. So each transition
-reaches the webhook at least once and, barring a crash between a successful POST and the
-removal, exactly once; receivers deduplicate by the delivery id. The callback and the
-webhook are tracked separately, so a failing webhook never calls the callback twice and
-never holds it up. Once a channel fails in a drain, that drain tries it no more (the rest wait
-a short while without losing an attempt), so a job's drain waits for at most one timeout.
+reaches each channel at least once and, barring a crash between a successful delivery and its
+bookkeeping, exactly once; receivers deduplicate by the transition id.
+
+Why the order holds: each channel (webhook, callable) is tracked per entry (``done:{channel}``),
+and a transition goes to a channel only once its enrollment's previous version is done there
+(or left the outbox: delivered, given up, expired). A held transition is parked just behind its
+predecessor's due time and woken as soon as the predecessor is through, so a retried
+transition holds back only the later transitions of its own enrollment; others flow.
+
+Why one stuck receiver delays nobody else: the two channels run side by side in a drain. A
+channel whose receiver is down (timeout, unreachable, HTTP 5xx/408/429, a callable that does
+not return) is not tried again in that drain: the rest wait a short while without losing an
+attempt. A drain waits for the webhook at most ``webhook_timeout`` in total: once that much time
+has gone into POSTs, the rest are handed back (a POST cut short by this budget is not counted as
+a failure). RQ's job timeout (``rq.timeouts.BaseTimeoutException``) is never taken for a failed
+delivery: it ends the drain, and the claimed entries come back when their lease runs out.
 
 Workers call ``notifier.drain()`` after each job and ``notifier.start_timer()`` once.
 
 API::
 
     notifier = Notifier.from_settings(redis, settings)   # or Notifier(redis, webhook_url=..., ...)
-    notifier.drain(limit=100) -> DrainResult(delivered, retrying, failed)
+    notifier.drain(limit=100) -> DrainResult(delivered, retrying, failed, held, more)
     notifier.start_timer(interval=5.0) -> Timer   # background drains; .stop()
     notifier.pending() -> list[dict]   # waiting or retrying: id, enrollment_id, status, attempts,
-                                       # next_attempt_at, last_error
+                                       # next_attempt_at, last_error, held_behind
     notifier.failed() -> list[dict]    # gave up after max_attempts: id, transition, attempts, last_error
     notifier.retry_failed(ids=None) -> int
     notifier.stats() -> dict           # counters: delivered, attempts_failed, gave_up
     sign(secret, timestamp, body) -> str;  verify(secret, timestamp, body, signature, tolerance=300)
+    signing_key(secret) -> bytes;  standard_signature(key, msg_id, timestamp, body) -> str
 
 Redis keys: ``el:outbox`` (zset id -> epoch ms when next due), ``el:transition:{id}`` (JSON),
-``el:outbox:state:{id}`` (hash: attempts, last_error, done:webhook, done:callback; 180 days),
-``el:outbox:failed`` (hash id -> JSON), ``el:notify:stats`` (hash of counters).
+``el:outbox:state:{id}`` (hash: attempts, last_error, done:webhook, done:callback, and for
+ordering behind/parked_at/waiter; 180 days), ``el:outbox:failed`` (hash id -> JSON),
+``el:notify:stats`` (hash of counters).
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import datetime as dt
 import hashlib
@@ -55,18 +77,24 @@ from urllib.parse import urlsplit
 
 import redis
 import requests
+from rq.timeouts import BaseTimeoutException
 
 from exchange_listener import logs
 from exchange_listener.config import ConfigError, _redact_url
-from workers.enrollments import OUTBOX_KEY, iso, transition_key
+from workers.enrollments import OUTBOX_KEY, enrollment_key, iso, transition_key
 
 FAILED_KEY = "el:outbox:failed"
 STATS_KEY = "el:notify:stats"
 STATE_TTL = 180 * 86400  # an entry's delivery state outlives any retry schedule
-SIGNATURE_HEADER = "X-Exchange-Listener-Signature"
-TIMESTAMP_HEADER = "X-Exchange-Listener-Timestamp"
-DELIVERY_HEADER = "X-Exchange-Listener-Delivery"
-
+SIGNATURE_HEADER = "X-Exchange-Listener-Signature"  # legacy, kept for one release
+TIMESTAMP_HEADER = "X-Exchange-Listener-Timestamp"  # legacy
+DELIVERY_HEADER = "X-Exchange-Listener-Delivery"  # legacy
+WEBHOOK_ID_HEADER = "webhook-id"
+WEBHOOK_TIMESTAMP_HEADER = "webhook-timestamp"
+WEBHOOK_SIGNATURE_HEADER = "webhook-signature"
+SECRET_PREFIX = "whsec_"
+DEFAULT_CALLBACK_TIMEOUT = 5.0
+_NEVER_MS = 2**52  # a due time later than any real one
 
 
 def state_key(transition_id: str) -> str:
@@ -74,18 +102,47 @@ def state_key(transition_id: str) -> str:
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
-    """The signature header value for ``body`` sent at ``timestamp``."""
+    """The legacy signature header value for ``body`` sent at ``timestamp``."""
     mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
     return "sha256=" + mac.hexdigest()
 
 
 def verify(secret: str, timestamp: str, body: bytes, signature: str, tolerance: float = 300) -> bool:
-    """For receivers: the signature matches and the timestamp is within ``tolerance`` seconds."""
+    """For receivers of the legacy headers: the signature matches and the timestamp is within
+    ``tolerance`` seconds."""
     try:
         fresh = abs(time.time() - int(timestamp)) <= tolerance
     except (TypeError, ValueError):
         return False
     return fresh and hmac.compare_digest(sign(secret, timestamp, body), signature or "")
+
+
+def signing_key(secret: str) -> bytes:
+    """The Standard Webhooks HMAC key for ``webhook_secret``.
+
+    A ``whsec_`` secret is base64 after the prefix, as the spec has it, and is decoded (what
+    the spec's libraries do with it). Any other secret is used as its UTF-8 bytes, so existing
+    plain secrets keep working; a receiver then hands the library those bytes
+    (``Webhook(secret.encode())``) - a str would be taken for base64. ConfigError if a
+    ``whsec_`` secret is not base64 (the message never repeats the secret).
+    """
+    if not secret.startswith(SECRET_PREFIX):
+        return secret.encode()
+    encoded = secret[len(SECRET_PREFIX):]
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if not key:
+        raise ConfigError("webhook_secret: a secret starting with 'whsec_' must be base64 after the prefix "
+                          "(or use a secret without that prefix)")
+    return key
+
+
+def standard_signature(key: bytes, msg_id: str, timestamp: str, body: bytes) -> str:
+    """The ``webhook-signature`` value: ``v1,`` + base64 HMAC-SHA256 over ``id.timestamp.body``."""
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
 
 
 def load_callable(path: str) -> Callable[[dict], Any]:
@@ -120,17 +177,92 @@ return 1
 """
 
 
+# Park an entry behind its enrollment's previous transition, if that one still blocks it.
+# KEYS: 1 outbox, 2 state of the entry, 3 state of the predecessor
+# ARGV: 1 id, 2 predecessor id, 3 due ms if nothing blocks, 4 latest due ms, 5 ttl, 6.. channels held
+# Returns 1 if parked (due just after the predecessor, and woken by it), 0 if rescheduled at ARGV[3].
+_PARK_LUA = r"""
+local ps = redis.call('ZSCORE', KEYS[1], ARGV[2])
+local blocked = false
+if ps then
+  for i = 6, #ARGV do
+    if redis.call('HGET', KEYS[3], 'done:' .. ARGV[i]) ~= '1' then blocked = true end
+  end
+end
+if not blocked then
+  redis.call('HDEL', KEYS[2], 'behind', 'parked_at')
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  return 0
+end
+redis.call('ZADD', KEYS[1], math.min(tonumber(ps) + 1, tonumber(ARGV[4])), ARGV[1])
+redis.call('HSET', KEYS[2], 'behind', ARGV[2], 'parked_at', redis.call('ZSCORE', KEYS[1], ARGV[1]))
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('HSET', KEYS[3], 'waiter', ARGV[1])
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+return 1
+"""
+
+
+# Wake an entry parked behind a predecessor that just got through, unless it has moved since
+# (claimed by a drainer, rescheduled for a failure of its own, delivered).
+# KEYS: 1 outbox, 2 state of the waiter; ARGV: 1 waiter id, 2 predecessor id, 3 now ms
+_WAKE_LUA = r"""
+local st = redis.call('HMGET', KEYS[2], 'behind', 'parked_at')
+if st[1] ~= ARGV[2] then return 0 end
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) ~= st[2] then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('HDEL', KEYS[2], 'behind', 'parked_at')
+return 1
+"""
+
+
+class ReceiverDown(Exception):
+    """The receiver is unavailable as a whole (not just for this transition): another attempt in
+    the same drain would only spend another timeout."""
+
+
+class CallbackTimeout(ReceiverDown, TimeoutError):
+    """The callable did not return within ``callback_timeout``."""
+
+
+class _Skip(Exception):
+    """Not tried in this drain (out of time, or an abandoned call still running); no attempt spent."""
+
+
 @dataclasses.dataclass
 class DrainResult:
     delivered: int = 0
-    retrying: int = 0
-    failed: int = 0
+    retrying: int = 0  # failed (backoff) or not tried in this drain
+    failed: int = 0  # gave up
+    held: int = 0  # waiting for their enrollment's previous transition
+    more: bool = False  # due entries were left for the next drain (batch full or out of time)
+
+
+@dataclasses.dataclass
+class _Entry:
+    """One claimed outbox entry during a drain; each channel's thread writes only its own channel."""
+
+    tid: str
+    transition: dict
+    state: dict
+    pred: str | None = None  # id of the enrollment's previous transition
+    pred_pending: set = dataclasses.field(default_factory=set)  # channels the predecessor lacked (out of batch)
+    done: set = dataclasses.field(default_factory=set)
+    errors: dict = dataclasses.field(default_factory=dict)  # channel -> error (an attempt spent)
+    held: set = dataclasses.field(default_factory=set)  # channels waiting for the predecessor
+    skipped: dict = dataclasses.field(default_factory=dict)  # channel -> due delay in seconds
+
+    @property
+    def enrollment_id(self) -> str:
+        return str(self.transition.get("enrollment_id") or "")
+
+    @property
+    def version(self) -> int:
+        return int(self.transition.get("version") or 0)
 
 
 class Timer(threading.Thread):
     """Background drains every ``interval`` seconds until ``stop()``."""
-
-    batch = 100
 
     def __init__(self, notifier: Notifier, interval: float):
         super().__init__(name="notify-drain", daemon=True)
@@ -139,8 +271,10 @@ class Timer(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
             try:
-                while not self._stop_event.is_set() and self.notifier.drain().delivered >= self.batch:
+                while not self._stop_event.is_set() and self.notifier.drain().more:
                     pass  # a backlog: keep going
+            except BaseTimeoutException:
+                raise
             except Exception as exc:  # noqa: BLE001 - the timer must outlive a Redis outage or a bad entry
                 logs.get_logger(component="notify").warning("notify drain failed", error=f"{type(exc).__name__}: {exc}")
 
@@ -149,34 +283,54 @@ class Timer(threading.Thread):
         self.join(timeout=self.interval + 10)
 
 
+def _in_version_order(entries: list[_Entry]) -> list[_Entry]:
+    """The batch with each enrollment's entries sorted by version (in the slots they held)."""
+    slots: dict[str, list[int]] = {}
+    for index, entry in enumerate(entries):
+        slots.setdefault(entry.enrollment_id, []).append(index)
+    ordered = list(entries)
+    for indexes in slots.values():
+        for index, entry in zip(indexes, sorted((entries[i] for i in indexes), key=lambda e: e.version)):
+            ordered[index] = entry
+    return ordered
+
+
 class Notifier:
     """Delivers outbox transitions to the configured webhook and callable."""
 
     def __init__(self, redis_client: redis.Redis, *, webhook_url: str = "", webhook_secret: str = "",
                  webhook_timeout: float = 5.0, callback: str | Callable[[dict], Any] | None = None,
-                 max_attempts: int = 12, backoff_base: float = 2.0, backoff_max: float = 3600.0,
-                 lease_seconds: float | None = None):
+                 callback_timeout: float = DEFAULT_CALLBACK_TIMEOUT, max_attempts: int = 12,
+                 backoff_base: float = 2.0, backoff_max: float = 3600.0, lease_seconds: float | None = None):
         if webhook_url and not webhook_secret:
             raise ConfigError("webhook_secret: required when webhook_url is set")
         self.redis = redis_client
         self.webhook_url, self._secret, self.webhook_timeout = webhook_url, webhook_secret, webhook_timeout
+        self._key = signing_key(webhook_secret) if webhook_url else b""
         self.callback = load_callable(callback) if isinstance(callback, str) and callback else (callback or None)
+        self.callback_timeout = callback_timeout
         self.max_attempts, self.backoff_base, self.backoff_max = max_attempts, backoff_base, backoff_max
-        self.lease_ms = int(1000 * (lease_seconds if lease_seconds is not None else max(30.0, 3 * webhook_timeout + 10)))
+        slowest = max(webhook_timeout, callback_timeout)
+        self.lease_ms = int(1000 * (lease_seconds if lease_seconds is not None else max(30.0, 3 * slowest + 10)))
         self.channels = [name for name, on in (("webhook", webhook_url), ("callback", self.callback)) if on]
         self._claim = redis_client.register_script(_CLAIM_LUA)
         self._requeue = redis_client.register_script(_REQUEUE_LUA)
-        self._local = threading.local()  # one requests.Session per thread (timer and job threads)
+        self._park = redis_client.register_script(_PARK_LUA)
+        self._wake = redis_client.register_script(_WAKE_LUA)
+        self._sessions: list[requests.Session] = []  # idle HTTP sessions (keep-alive across drains)
+        self._lock = threading.Lock()
+        self._abandoned: threading.Thread | None = None  # a callable call that did not return in time
 
     @classmethod
     def from_settings(cls, redis_client: redis.Redis, settings) -> Notifier:
         return cls(redis_client, webhook_url=settings.webhook_url, webhook_secret=settings.webhook_secret,
-                   webhook_timeout=settings.webhook_timeout, callback=settings.callback or None)
+                   webhook_timeout=settings.webhook_timeout, callback=settings.callback or None,
+                   callback_timeout=getattr(settings, "callback_timeout", DEFAULT_CALLBACK_TIMEOUT))
 
     def __repr__(self) -> str:  # never show the secret
         return f"Notifier(webhook_url={_redact_url(self.webhook_url)!r}, channels={self.channels})"
 
-    # -- delivery ------------------------------------------------------------------------
+    # -- the two channels ----------------------------------------------------------------
     def _safe(self, exc: BaseException) -> str:
         """An error description with no secret and no URL credentials in it."""
         text = f"{type(exc).__name__}: {exc}"
@@ -192,57 +346,232 @@ class Notifier:
             text = text.replace(self._secret, "***")
         return text[:500]
 
-    def _post(self, transition: dict) -> None:
-        body = json.dumps({"type": "enrollment.transition", **transition}, sort_keys=True,
-                          separators=(",", ":")).encode()
+    def _headers(self, transition_id: str, body: bytes) -> dict[str, str]:
         timestamp = str(int(time.time()))
-        headers = {
+        return {
             "Content-Type": "application/json",
             "User-Agent": "exchange-listener",
+            WEBHOOK_ID_HEADER: transition_id,
+            WEBHOOK_TIMESTAMP_HEADER: timestamp,
+            WEBHOOK_SIGNATURE_HEADER: standard_signature(self._key, transition_id, timestamp, body),
             TIMESTAMP_HEADER: timestamp,
             SIGNATURE_HEADER: sign(self._secret, timestamp, body),
-            DELIVERY_HEADER: transition["id"],
-            "Idempotency-Key": transition["id"],
+            DELIVERY_HEADER: transition_id,
+            "Idempotency-Key": transition_id,
         }
-        session = getattr(self._local, "session", None) or requests.Session()
-        self._local.session = session
-        response = session.post(self.webhook_url, data=body, headers=headers, timeout=self.webhook_timeout,
-                                allow_redirects=False)
-        if not 200 <= response.status_code < 300:
-            raise RuntimeError(f"webhook answered HTTP {response.status_code}")
 
-    def _deliver(self, channel: str, transition: dict) -> None:
-        if channel == "webhook":
-            self._post(transition)
-        else:
-            self.callback(dict(transition))
+    def _post(self, transition: dict, timeout: float) -> None:
+        """One POST; ReceiverDown if the endpoint is unavailable, RuntimeError if it refused this one."""
+        body = json.dumps({"type": "enrollment.transition", **transition}, sort_keys=True,
+                          separators=(",", ":")).encode()
+        with self._lock:
+            session = self._sessions.pop() if self._sessions else requests.Session()
+        try:
+            response = session.post(self.webhook_url, data=body, headers=self._headers(transition["id"], body),
+                                    timeout=timeout, allow_redirects=False)
+            response.close()
+        except requests.Timeout as exc:
+            if timeout < self.webhook_timeout:  # cut short by the drain's budget, not the receiver's fault
+                raise _Skip("out of time") from None
+            raise ReceiverDown(self._safe(exc)) from None
+        except requests.ConnectionError as exc:
+            raise ReceiverDown(self._safe(exc)) from None
+        finally:
+            with self._lock:
+                self._sessions.append(session)
+        code = response.status_code
+        if not 200 <= code < 300:
+            error = f"webhook answered HTTP {code}"
+            raise ReceiverDown(error) if code >= 500 or code in (408, 429) else RuntimeError(error)
 
-    def _settle(self, tid: str, transition: dict, error: str | None, bound, result: DrainResult) -> None:
-        """Remove a delivered entry; reschedule a failed one with backoff, or give up on it."""
-        if error is None:
+    def _call(self, transition: dict) -> None:
+        """Call the callable in a thread of its own, for at most ``callback_timeout`` seconds.
+
+        A call that has not returned by then raises CallbackTimeout and its thread is abandoned
+        (it runs on; Python cannot stop it). Until it ends, no new call starts (_Skip).
+        """
+        if self._abandoned is not None:
+            if self._abandoned.is_alive():
+                raise _Skip("an abandoned callable call is still running")
+            self._abandoned = None
+        outcome: dict[str, BaseException] = {}
+
+        def run() -> None:
+            try:
+                self.callback(dict(transition))
+            except BaseException as exc:  # noqa: BLE001 - handed to the drain, which decides
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=run, name="notify-callback", daemon=True)
+        worker.start()
+        worker.join(self.callback_timeout)  # RQ's job timeout interrupts this wait in the main thread
+        if worker.is_alive():
+            self._abandoned = worker
+            raise CallbackTimeout(f"callback did not return within {self.callback_timeout:g}s "
+                                  "(its thread is abandoned)")
+        if "error" in outcome:
+            raise outcome["error"]
+
+    # -- one drain -----------------------------------------------------------------------
+    def _find_predecessors(self, entries: list[_Entry]) -> None:
+        """Fill in each entry's previous transition (from its enrollment's history) and, when that
+        one is not in this batch, the channels it still lacks."""
+        later = [e for e in entries if e.version > 1]
+        pipe = self.redis.pipeline(transaction=False)
+        for entry in later:
+            pipe.lindex(enrollment_key(entry.enrollment_id) + ":history", entry.version - 2)
+        for entry, raw in zip(later, pipe.execute()):
+            previous = json.loads(raw) if raw else None
+            if not previous or previous.get("version") != entry.version - 1:  # history not aligned: search it
+                history = self.redis.lrange(enrollment_key(entry.enrollment_id) + ":history", 0, -1)
+                found = [h for h in map(json.loads, history) if h.get("version") == entry.version - 1]
+                previous = found[-1] if found else None
+            entry.pred = previous.get("id") if previous else None
+        in_batch = {e.tid for e in entries}
+        outside = [e for e in later if e.pred and e.pred not in in_batch]
+        pipe = self.redis.pipeline(transaction=False)
+        for entry in outside:
+            pipe.zscore(OUTBOX_KEY, entry.pred)
+            pipe.hgetall(state_key(entry.pred))
+        fetched = pipe.execute()
+        for index, entry in enumerate(outside):
+            if fetched[2 * index] is not None:
+                done = {k.decode() for k, v in fetched[2 * index + 1].items() if v == b"1"}
+                entry.pred_pending = {c for c in self.channels if f"done:{c}" not in done}
+
+    def _mark_done(self, entry: _Entry, channel: str) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(state_key(entry.tid), f"done:{channel}", 1).expire(state_key(entry.tid), STATE_TTL)
+        pipe.hget(state_key(entry.tid), "waiter")
+        waiter = pipe.execute()[-1]
+        entry.done.add(channel)
+        if waiter:
+            self._wake_waiter(waiter.decode(), entry.tid)
+
+    def _wake_waiter(self, waiter: str, predecessor: str) -> None:
+        self._wake(keys=[OUTBOX_KEY, state_key(waiter)], args=[waiter, predecessor, int(time.time() * 1000)])
+
+    def _run_channel(self, channel: str, entries: list[_Entry], by_id: dict[str, _Entry],
+                     hand_back_at: float, abort: threading.Event) -> None:
+        """Deliver ``entries`` on one channel, in order; record per entry what happened."""
+        down = False
+        budget = self.webhook_timeout if channel == "webhook" else self.callback_timeout
+        deadline = None  # the channel's time budget starts with its first delivery
+        longest = 0.0  # the slowest delivery so far: none is started that would likely be cut short
+        for entry in entries:
+            if channel in entry.done:
+                continue
+            previous = by_id.get(entry.pred) if entry.pred else None
+            if (channel not in previous.done) if previous else (channel in entry.pred_pending):
+                entry.held.add(channel)
+                continue
+            now = time.monotonic()
+            deadline = deadline if deadline is not None else now + budget
+            if down:
+                entry.skipped[channel] = self.backoff_base
+                continue
+            if abort.is_set() or now + max(longest, 0.05) >= min(deadline, hand_back_at):
+                entry.skipped[channel] = 0.0
+                continue
+            try:
+                if channel == "webhook":
+                    self._post(entry.transition, timeout=min(self.webhook_timeout, deadline - now))
+                else:
+                    self._call(entry.transition)
+                longest = max(longest, time.monotonic() - now)
+            except BaseTimeoutException:
+                raise
+            except _Skip:
+                entry.skipped[channel] = 0.0 if channel == "webhook" else self.backoff_base
+                continue
+            except Exception as exc:  # noqa: BLE001 - any failure is retried, never fatal
+                entry.errors[channel] = exc.args[0] if isinstance(exc, ReceiverDown) and exc.args else self._safe(exc)
+                down = isinstance(exc, ReceiverDown)
+                continue
+            self._mark_done(entry, channel)
+
+    def _run_channels(self, entries: list[_Entry], hand_back_at: float) -> None:
+        """Each channel in a thread of its own (one stuck receiver delays no other), or inline if
+        there is only one. RQ's job timeout interrupts the wait; the threads then stop early."""
+        by_id = {e.tid: e for e in entries}
+        abort = threading.Event()
+        if len(self.channels) == 1:
+            self._run_channel(self.channels[0], entries, by_id, hand_back_at, abort)
+            return
+        crashed: list[BaseException] = []
+
+        def run(channel: str) -> None:
+            try:
+                self._run_channel(channel, entries, by_id, hand_back_at, abort)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the draining thread below
+                crashed.append(exc)
+
+        threads = [threading.Thread(target=run, args=(c,), name=f"notify-{c}", daemon=True) for c in self.channels]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            abort.set()
+        if crashed:
+            raise crashed[0]
+
+    def _settle(self, entry: _Entry, result: DrainResult) -> None:
+        """Remove a delivered entry; reschedule a failed one with backoff (or give up on it), park a
+        held one behind its predecessor, and hand back one that was not tried."""
+        tid, transition = entry.tid, entry.transition
+        bound = logs.get_logger(component="notify", transition_id=tid, enrollment_id=transition.get("enrollment_id"),
+                                mailbox=transition.get("mailbox"))
+        now = time.time()
+        if all(c in entry.done for c in self.channels):
             pipe = self.redis.pipeline(transaction=True)
+            pipe.hget(state_key(tid), "waiter")
             pipe.zrem(OUTBOX_KEY, tid).delete(state_key(tid)).hincrby(STATS_KEY, "delivered", 1)
-            pipe.execute()
+            waiter = pipe.execute()[0]
+            if waiter:
+                self._wake_waiter(waiter.decode(), tid)
             result.delivered += 1
             if self.channels:
                 bound.info("transition delivered", status=transition.get("status"), channels=self.channels)
             return
+        if entry.errors:
+            self._settle_failure(entry, "; ".join(f"{c}: {e}" for c, e in entry.errors.items()), bound, result)
+            return
+        due = now + min(entry.skipped.values()) if entry.skipped else now
+        if entry.held and entry.pred:
+            parked = self._park(keys=[OUTBOX_KEY, state_key(tid), state_key(entry.pred)],
+                                args=[tid, entry.pred, int(due * 1000), int(due * 1000) if entry.skipped else _NEVER_MS,
+                                      STATE_TTL, *sorted(entry.held)])
+            result.held += 1 if parked else 0
+            result.retrying += 0 if parked else 1
+            return
+        self.redis.zadd(OUTBOX_KEY, {tid: int(due * 1000)})
+        result.retrying += 1
+        result.more = result.more or any(delay == 0 for delay in entry.skipped.values())
+
+    def _settle_failure(self, entry: _Entry, error: str, bound, result: DrainResult) -> None:
+        tid = entry.tid
         attempts, _ = self.redis.pipeline(transaction=False).hincrby(state_key(tid), "attempts", 1).expire(
             state_key(tid), STATE_TTL).execute()
         self.redis.hincrby(STATS_KEY, "attempts_failed", 1)
         if attempts >= self.max_attempts:
-            record = {"id": tid, "transition": transition, "attempts": attempts, "last_error": error,
+            record = {"id": tid, "transition": entry.transition, "attempts": attempts, "last_error": error,
                       "failed_at": iso_now()}
             pipe = self.redis.pipeline(transaction=True)
+            pipe.hget(state_key(tid), "waiter")
             pipe.hset(FAILED_KEY, tid, json.dumps(record)).zrem(OUTBOX_KEY, tid)
             pipe.hincrby(STATS_KEY, "gave_up", 1)
-            pipe.execute()
+            waiter = pipe.execute()[0]
+            if waiter:  # the later transitions of this enrollment go on without it
+                self._wake_waiter(waiter.decode(), tid)
             result.failed += 1
             bound.error("transition notification failed, giving up", attempts=attempts, error=error)
             return
         delay = min(self.backoff_max, self.backoff_base * 2 ** (attempts - 1))
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(state_key(tid), mapping={"last_error": error, "last_attempt_at": iso_now()})
+        pipe.hdel(state_key(tid), "behind", "parked_at")
         pipe.zadd(OUTBOX_KEY, {tid: int((time.time() + delay) * 1000)})
         pipe.execute()
         result.retrying += 1
@@ -250,50 +579,40 @@ class Notifier:
                       retry_in_seconds=round(delay, 1), error=error)
 
     def drain(self, limit: int = 100) -> DrainResult:
-        """Deliver every due transition (up to ``limit``); never sleeps, failures are rescheduled."""
+        """Deliver every due transition (up to ``limit``); never sleeps, failures are rescheduled.
+
+        Waits for the webhook at most ``webhook_timeout`` and for the callable at most about two
+        ``callback_timeout`` (the channels run side by side)."""
         result = DrainResult()
         now_ms = int(time.time() * 1000)
         ids = [i.decode() for i in self._claim(keys=[OUTBOX_KEY], args=[now_ms, self.lease_ms, limit])]
         if not ids:
             return result
+        result.more = len(ids) >= limit
+        # hand the rest back before our lease on them runs out, so no other drainer delivers
+        # them while we still might
+        hand_back_at = time.monotonic() + self.lease_ms / 2000
         pipe = self.redis.pipeline(transaction=False)
         for tid in ids:
             pipe.get(transition_key(tid))
             pipe.hgetall(state_key(tid))
         fetched = pipe.execute()
-        down: dict[str, str] = {}  # channel -> error, for channels that failed in this drain
+        entries = []
         for index, tid in enumerate(ids):
-            if time.time() * 1000 - now_ms > self.lease_ms / 2:
-                # a slow receiver: hand the rest back before our lease on them runs out, so no
-                # other drainer delivers them while we still might
-                self.redis.zadd(OUTBOX_KEY, {rest: int(time.time() * 1000) for rest in ids[index:]})
-                result.retrying += len(ids) - index
-                break
-            raw, state = fetched[2 * index], {k.decode(): v.decode() for k, v in fetched[2 * index + 1].items()}
+            raw = fetched[2 * index]
             if raw is None:  # expired with the retention: nothing left to tell
                 self.redis.zrem(OUTBOX_KEY, tid)
                 continue
-            transition = json.loads(raw)
-            bound = logs.get_logger(component="notify", transition_id=tid,
-                                    enrollment_id=transition.get("enrollment_id"), mailbox=transition.get("mailbox"))
-            errors, tried = [], False
-            for channel in (c for c in self.channels if not state.get(f"done:{c}")):
-                if channel in down:  # it failed earlier in this drain: don't spend another timeout now
-                    errors.append(f"{channel}: {down[channel]}")
-                    continue
-                try:
-                    self._deliver(channel, transition)
-                except Exception as exc:  # noqa: BLE001 - any failure is retried, never fatal
-                    down[channel], tried = self._safe(exc), True
-                    errors.append(f"{channel}: {down[channel]}")
-                    continue
-                self.redis.hset(state_key(tid), f"done:{channel}", 1)
-            if errors and not tried:  # only skipped: try again soon, without counting an attempt
-                self.redis.zadd(OUTBOX_KEY, {tid: int((time.time() + self.backoff_base) * 1000)})
-                result.retrying += 1
-                continue
-            error = "; ".join(errors) or None
-            self._settle(tid, transition, error, bound, result)
+            state = {k.decode(): v.decode() for k, v in fetched[2 * index + 1].items()}
+            entry = _Entry(tid, json.loads(raw), state)
+            entry.done = {c for c in self.channels if state.get(f"done:{c}")}
+            entries.append(entry)
+        entries = _in_version_order(entries)
+        if self.channels:
+            self._find_predecessors(entries)
+            self._run_channels(entries, hand_back_at)
+        for entry in entries:  # in version order: a predecessor is settled before its successor parks
+            self._settle(entry, result)
         return result
 
     def start_timer(self, interval: float = 5.0) -> Timer:
@@ -315,7 +634,8 @@ class Notifier:
             state = {k.decode(): v.decode() for k, v in fetched[2 * index + 1].items()}
             out.append({"id": tid.decode(), "enrollment_id": transition.get("enrollment_id"),
                         "status": transition.get("status"), "attempts": int(state.get("attempts", 0)),
-                        "next_attempt_at": iso_from_ms(score), "last_error": state.get("last_error")})
+                        "next_attempt_at": iso_from_ms(score), "last_error": state.get("last_error"),
+                        "held_behind": state.get("behind")})
         return out
 
     def failed(self) -> list[dict]:
