@@ -10,11 +10,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exchange_listener import config, queueing
+from exchange_listener import config, ledger, queueing
+from exchange_listener.local_services import wait_for
 from exchange_listener.sources.base import NewMail
-from exchange_listener.sources.ews_fetch import FetchError
+from exchange_listener.sources.ews_fetch import EwsFetcher, FetchError
 from workers import context, jobs
 from workers.classify import KINDS
+from workers.message_ids import normalize
 
 MAILBOX = "rep@ours.example"
 PROSPECT = "pat@prospect.example"
@@ -350,3 +352,228 @@ def test_any_delivered_mail_completes_or_fails_visibly(ctx, headers, body, cite_
     if cite_send and not item.get("skipped"):
         assert item["matched"] == ["e-prop"]  # whatever else the headers say, the reply to our send is found
     json.dumps(summary)
+
+
+# -- time: a mail acts only on sends that precede it; one decision per Message-ID --------------
+MAILBOX2 = "rep2@ours.example"
+
+
+def dated(raw: bytes, when: dt.datetime | None) -> bytes:
+    """The same mail with its Date header set to ``when`` (None: no Date header at all)."""
+    lines = [line for line in raw.split(b"\r\n") if not line.startswith(b"Date:")]
+    if when is not None:
+        lines.insert(1, f"Date: {when.strftime('%a, %d %b %Y %H:%M:%S +0000')}".encode())
+    return b"\r\n".join(lines)
+
+
+def run_job(mailbox: str, item_id: str) -> dict:
+    return jobs.handle_mail(queueing.payload([NewMail(mailbox, item_id, "inbox", time.time())]))
+
+
+def record(ctx, enrollment: str, to: str, sent_at: dt.datetime) -> str:
+    message_id = mail.new_id("ours.example")
+    ctx.sends.record([message_id], enrollment, "seq-1", MAILBOX, to=[to], sent_at=sent_at)
+    return message_id
+
+
+def decision(summary: dict) -> list[tuple]:
+    return sorted((a["enrollment_id"], a["action"], a.get("reason")) for a in summary["items"][0]["actions"])
+
+
+def test_a_reply_does_not_act_on_a_send_made_after_it_was_written(ctx):
+    now = dt.datetime.now(dt.UTC)
+    sent = record(ctx, "e-later", PROSPECT, now)
+    # written two hours ago (it sat in an outbox): it cannot answer a send made just now
+    summary = deliver(ctx, dated(mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=sent, references=sent),
+                                 now - dt.timedelta(hours=2)))
+    assert summary["items"][0]["actions"] == [{"enrollment_id": "e-later", "action": "none",
+                                               "reason": "sent_after_reply"}]
+    assert state(ctx, "e-later")["status"] == "active" and CALLED == []
+
+
+def test_the_same_reply_in_two_mailboxes_makes_one_decision(ctx):
+    """Issue 10's report: a reply-all reaches a second rep's mailbox seconds later, and an
+    enrollment created in between must not be stopped by the second copy."""
+    context.configure(ctx.settings.replace(stop_whole_domain=True)).emulator = ctx.emulator
+    current = context.get()
+    hour_ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    sent = record(current, "e-a", PROSPECT, hour_ago)
+    record(current, "e-b", "blair@prospect.example", hour_ago)
+    raw = dated(mail.reply(sender=COLLEAGUE, to=MAILBOX, cc=MAILBOX2, in_reply_to=sent, references=sent),
+                dt.datetime.now(dt.UTC) - dt.timedelta(seconds=30))
+    copy_a = ctx.emulator.deliver(MAILBOX, raw)["item_id"]
+    copy_b = ctx.emulator.deliver(MAILBOX2, raw)["item_id"]
+    first = run_job(MAILBOX, copy_a)
+    record(current, "e-late", "dana@prospect.example", dt.datetime.now(dt.UTC))  # between the two copies
+    second = run_job(MAILBOX2, copy_b)
+    assert decision(first) == decision(second) == [("e-a", "stopped", "replied"), ("e-b", "stopped", "domain_replied")]
+    assert second["items"][0]["decision"] == "reused" and second["transitions"] == 0
+    assert current.enrollments.get("e-late")["status"] == "active"
+    assert [current.enrollments.get(e)["reason"] for e in ("e-a", "e-b")] == ["replied", "domain_replied"]
+
+
+def test_without_a_date_the_first_copy_received_sets_the_time_for_every_copy(ctx):
+    """A copy processed before its send was recorded decides nothing (no match); the copy that
+    matches later still takes the mail's time from the first copy's receipt, not its own."""
+    context.configure(ctx.settings.replace(stop_whole_domain=True)).emulator = ctx.emulator
+    current = context.get()
+    sent = mail.new_id("ours.example")  # the platform records this send late
+    raw = dated(mail.reply(sender=COLLEAGUE, to=MAILBOX, cc=MAILBOX2, in_reply_to=sent, references=sent), None)
+    copy_a = ctx.emulator.deliver(MAILBOX, raw)["item_id"]
+    first = run_job(MAILBOX, copy_a)
+    after_a = dt.datetime.now(dt.UTC)
+    assert first["unmatched"] == 1
+    wait_for(lambda: dt.datetime.now(dt.UTC).replace(microsecond=0) > after_a, timeout=5, interval=0.05,
+             message="the clock past the first copy's second")
+    current.sends.record([sent], "e-a2", "seq-1", MAILBOX, to=[PROSPECT],
+                         sent_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
+    record(current, "e-mid", "dana@prospect.example", dt.datetime.now(dt.UTC))  # after copy A arrived
+    copy_b = ctx.emulator.deliver(MAILBOX2, raw)["item_id"]
+    second = run_job(MAILBOX2, copy_b)
+    assert dt.datetime.fromisoformat(second["items"][0]["reply_time"]) <= after_a
+    assert decision(second) == [("e-a2", "stopped", "replied")]
+    assert current.enrollments.get("e-mid")["status"] == "active"
+
+
+def test_copies_processed_in_any_order_make_one_decision(ctx):
+    """The copy a worker gets to first decides, whichever mailbox it is in; an auto-reply's pause
+    is the same length for every copy."""
+    sent = send(ctx, "e-ooo-two")
+    raw = mail.out_of_office(sender=PROSPECT, to=MAILBOX, in_reply_to=sent, return_text="")
+    copy_a, copy_b = ctx.emulator.deliver(MAILBOX, raw)["item_id"], ctx.emulator.deliver(MAILBOX2, raw)["item_id"]
+    first = run_job(MAILBOX2, copy_b)
+    paused_until = state(ctx, "e-ooo-two")["paused_until"]
+    second = run_job(MAILBOX, copy_a)
+    assert decision(first) == decision(second) == [("e-ooo-two", "paused", "auto_reply")]
+    assert second["items"][0]["decision"] == "reused" and "decision" not in first["items"][0]
+    assert state(ctx, "e-ooo-two")["paused_until"] == paused_until and len(ctx.enrollments.history("e-ooo-two")) == 1
+
+
+# -- issue 9: a reply counts wherever it is; processed mail is remembered ----------------------
+def gone_count(outcome: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("el_items_gone_total", {"outcome": outcome}) or 0.0
+
+
+def processed(ctx, mailbox: str, message_id: str | None, item_id: str) -> bool:
+    identity = ledger.identity(normalize(message_id), item_id)
+    return identity in ctx.ledger.processed(mailbox, [identity])
+
+
+def test_a_reply_moved_before_the_worker_came_is_processed_where_it_is_now(ctx):
+    sent = send(ctx, "e-moved")
+    reply_id = mail.new_id()
+    item_id = ctx.emulator.deliver(MAILBOX, mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=sent,
+                                                       references=sent, message_id=reply_id))["item_id"]
+    moved = ctx.emulator.move(item_id, "deleteditems")["item_id"]
+    ctx.ledger.record_moves(MAILBOX, [(item_id, moved)])  # what the listener does with the MovedEvent
+    before = gone_count("relocated")
+    summary = run_job(MAILBOX, item_id)
+    (item,) = summary["items"]
+    assert item["relocated"] is True and item["item_id"] == item_id and item["relocated_item_id"] == moved
+    assert summary["gone"] == 0 and not item.get("gone")
+    assert (state(ctx, "e-moved")["status"], state(ctx, "e-moved")["item_id"]) == ("stopped", moved)
+    assert gone_count("relocated") == before + 1
+    assert processed(ctx, MAILBOX, reply_id, item_id)
+
+
+def test_a_mail_that_exists_nowhere_is_reported_not_marked_processed(ctx):
+    from structlog.testing import capture_logs
+
+    sent = send(ctx, "e-nowhere")
+    reply_id = mail.new_id()
+    item_id = ctx.emulator.deliver(MAILBOX, mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=sent,
+                                                       references=sent, message_id=reply_id))["item_id"]
+    ctx.emulator.delete(item_id)  # hard delete, and no move recorded: nothing leads to it
+    before = gone_count("nowhere")
+    with capture_logs() as logs:
+        summary = run_job(MAILBOX, item_id)
+    (item,) = summary["items"]
+    assert summary["gone"] == 1 and item["gone"] is True and item["gone_reason"]
+    assert gone_count("nowhere") == before + 1
+    assert [e for e in logs if e["event"] == "mail exists nowhere" and e["log_level"] == "warning"]
+    assert not processed(ctx, MAILBOX, reply_id, item_id)
+    assert state(ctx, "e-nowhere")["status"] == "active"
+
+
+def test_every_decided_mail_is_marked_processed_and_a_failed_one_is_not(ctx):
+    sent, receipt_for = send(ctx, "e-led"), send(ctx, "e-led-rr")
+    ids = [mail.new_id() for _ in range(4)]
+    raws = [mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=sent, references=sent, message_id=ids[0]),  # acted
+            mail.unrelated(to=MAILBOX, message_id=ids[1]),  # unmatched
+            mail.reply(sender=MAILBOX, to=PROSPECT, in_reply_to=sent, references=sent, message_id=ids[2]),  # skipped
+            mail.read_receipt(sender=PROSPECT, to=MAILBOX, original_id=receipt_for, message_id=ids[3])]  # recorded
+    items = [ctx.emulator.deliver(MAILBOX, raw)["item_id"] for raw in raws]
+    payload = queueing.payload([NewMail(MAILBOX, i, "inbox", time.time()) for i in items])
+    ctx.emulator.fault(kind="server_busy", count=len(items) + 1, back_off_ms=10)  # the batch and each retry of it
+    with pytest.raises(FetchError):
+        jobs.handle_mail(payload)
+    assert not any(processed(ctx, MAILBOX, m, i) for m, i in zip(ids, items))
+    summary = jobs.handle_mail(payload)
+    assert [i.get("skipped") for i in summary["items"]][2] == "sent by the mailbox itself"
+    assert [processed(ctx, MAILBOX, m, i) for m, i in zip(ids, items)] == [True] * 4
+
+
+# -- issue 10 point 4: read the text only for mail that matched a send -------------------------
+class CountingFetcher(EwsFetcher):
+    """The real fetcher, counting the body reads (every call goes to the emulator unchanged)."""
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.mime_reads: list[str] = []
+
+    def fetch_mime(self, mailbox, item_id):
+        self.mime_reads.append(item_id)
+        return super().fetch_mime(mailbox, item_id)
+
+
+OOO_TEXT_ONLY = ("Vielen Dank für Ihre Nachricht. Ich bin bis einschließlich {day} nicht im Büro und habe keinen "
+                 "Zugriff auf meine E-Mails.")
+TICKET_ACK = ("Thank you for contacting support. Your request #4821 has been received and a member of our team "
+              "will respond shortly.")
+
+
+def test_text_only_auto_replies_and_acknowledgements_never_stop_and_unrelated_mail_is_not_read(ctx):
+    counting = ctx._fetchers["ews"] = CountingFetcher(ctx.settings)
+    back = dt.date.today() + dt.timedelta(days=10)
+    ooo_to, ack_to, human_to = send(ctx, "e-txt-ooo"), send(ctx, "e-txt-ack"), send(ctx, "e-txt-human")
+    summary = deliver(
+        ctx,
+        mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=ooo_to, references=ooo_to,
+                   body=OOO_TEXT_ONLY.format(day=back.strftime("%d.%m.%Y"))),
+        mail.reply(sender="support@prospect.example", to=MAILBOX, in_reply_to=ack_to, references=ack_to, body=TICKET_ACK),
+        mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=human_to, references=human_to),
+        mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to="<someone-else@elsewhere.example>", references=None,
+                   body=OOO_TEXT_ONLY.format(day=back.strftime("%d.%m.%Y"))),  # matches nothing of ours
+    )
+    assert [i["kind"] for i in summary["items"]] == ["auto_reply", "machine", "human_reply", "human_reply"]
+    got = state(ctx, "e-txt-ooo")
+    assert (got["status"], got["paused_until"][:10]) == ("paused", back.isoformat())
+    assert state(ctx, "e-txt-ack")["status"] == "active"
+    assert state(ctx, "e-txt-human")["reason"] == "replied"
+    items = [i["item_id"] for i in summary["items"]]
+    assert counting.mime_reads == items[:3]  # the unrelated mail stayed on the headers-only path
+
+
+def test_no_broad_except_in_job_code_swallows_rqs_timeout():
+    """Every ``except Exception`` in the job's code comes after an ``except BaseTimeoutException``
+    that re-raises (RQ's job timeout is an Exception subclass)."""
+    import ast
+    import inspect
+
+    from workers import context as context_module
+    from workers import policy
+
+    for module in (jobs, context_module, policy):
+        tree = ast.parse(inspect.getsource(module))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Try):
+                continue
+            names = [ast.unparse(h.type) if h.type is not None else "" for h in node.handlers]
+            for index, name in enumerate(names):
+                if name in ("", "Exception", "BaseException"):
+                    earlier = names[:index]
+                    assert "BaseTimeoutException" in earlier or any(
+                        isinstance(s, ast.Raise) for s in node.handlers[index].body), \
+                        f"{module.__name__} line {node.handlers[index].lineno}: broad except without the timeout first"
