@@ -23,8 +23,14 @@ from rq.serializers import JSONSerializer
 from exchange_listener import mailboxes, queueing
 from exchange_listener.local_services import CliProcess, service_env, wait_for
 from exchange_listener.sources.base import NewMail
-from workers.enrollments import EnrollmentStore
-from workers.notify import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+from workers.enrollments import OUTBOX_KEY, EnrollmentStore
+from workers.notify import (
+    DELIVERY_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    state_key,
+    verify,
+)
 from workers.sends import SendRegistry
 
 MAILBOX = "rep@ours.example"
@@ -154,17 +160,23 @@ def test_replies_out_of_office_bounces_receipts_through_listener_and_worker(syst
 
     wait_for(lambda: states() == expected, message=f"transitions {expected}")
     assert s.enrollments.get("e-ooo")["paused_until"].startswith("2026-12-14")
+    # every mail processed (the receipt, the unrelated mail and both copies of the duplicate
+    # included) before anything is said about what they did not change
+    wait_for(lambda: sum(line.get("items", 0) for line in worker.lines() if line.get("event") == "job done") >= 9,
+             message="all nine mails processed")
+    assert states() == expected
     for enrollment in ("e-receipt", "e-untouched"):
         got = s.enrollments.get(enrollment)
         assert (got["status"], got["version"]) == ("active", 0), enrollment
-    # both copies of the duplicate were processed, and made one transition
-    wait_for(lambda: sum(line.get("items", 0) for line in worker.lines() if line.get("event") == "job done") >= 9,
-             message="all nine mails processed")
     assert len(s.enrollments.history("e-dup")) == 1
 
-    # the webhook: exactly one correctly signed POST per transition
-    wait_for(lambda: len(s.receiver.posts) >= len(expected), message="one webhook per transition")
-    time.sleep(1.0)  # a duplicate would arrive now
+    # the webhook: exactly one correctly signed POST per transition. An outbox entry leaves
+    # only after its POST was answered, so once the outbox is empty every POST the worker will
+    # ever make for these transitions has reached the receiver; a redelivery (an entry left
+    # behind, or a second transition) keeps the outbox from emptying or adds a POST.
+    transitions = {h["id"] for e in expected for h in s.enrollments.history(e)}
+    assert len(transitions) == len(expected)
+    wait_for(lambda: s.redis.zcard(OUTBOX_KEY) == 0, message="the outbox delivered and emptied")
     assert len(s.receiver.posts) == len(expected)
     seen = {}
     for headers, body in s.receiver.posts:
@@ -173,6 +185,7 @@ def test_replies_out_of_office_bounces_receipts_through_listener_and_worker(syst
         assert headers[DELIVERY_HEADER] == data["id"]
         seen[data["enrollment_id"]] = (data["status"], data["reason"])
     assert seen == expected
+    assert {headers[DELIVERY_HEADER] for headers, _ in s.receiver.posts} == transitions
     assert listener.alive() and worker.alive()
 
 
@@ -287,10 +300,14 @@ def test_a_worker_outlives_a_redis_restart_mid_job_and_then_does_its_work(system
     worker = s.start("work", "--name", "e2e-redis-restart", name="worker")
     wait_for(lambda: job.get_status(refresh=True) == "started", message="the job running")
     s.redis_server.stop()
-    time.sleep(4)  # the job ends while Redis is away
+    # the job ends (its GetItem answered) while Redis is away: the worker meets the outage
+    # and says it will start again, instead of exiting
+    wait_for(lambda: any(line.get("event") == "redis unreachable; worker starts again after a pause"
+                         for line in worker.lines()) or not worker.alive(),
+             message="the worker meeting the outage")
+    assert worker.alive(), worker.lines()[-5:]
     s.emulator.fault(kind="latency", ms=0)
     s.redis_server.start()
-    assert worker.alive(), worker.lines()[-5:]
     sent = send(s, "e-after-restart")
     item_id = s.emulator.deliver(MAILBOX, mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=sent,
                                                      references=sent))["item_id"]
@@ -312,9 +329,13 @@ def test_a_webhook_that_fails_at_first_gets_the_transition_once_later(system):
     queueing.enqueue_new_mail(queueing.make_queue(s.redis, QUEUE), [NewMail(MAILBOX, item_id, "inbox", time.time())])
     worker = s.start("work", name="worker")
     wait_for(lambda: s.enrollments.get("e-hook")["status"] == "stopped", message="the reply processed")
-    wait_for(lambda: s.receiver.posts, timeout=45, message="the webhook delivered after the receiver recovered")
-    time.sleep(1.0)
+    # two refusals, each retried after its backoff (2 s, then 4 s) by the worker's drain timer;
+    # the entry leaves the outbox only once a POST was accepted, so an empty outbox means the
+    # platform has every POST it will ever get for this transition
+    wait_for(lambda: s.receiver.posts and s.redis.zcard(OUTBOX_KEY) == 0, timeout=45,
+             message="the webhook delivered after the receiver recovered, and the outbox emptied")
     assert s.receiver.refused == 2 and len(s.receiver.posts) == 1
+    assert not s.redis.exists(state_key(json.loads(s.receiver.posts[0][1])["id"]))  # no retry left scheduled
     headers, body = s.receiver.posts[0]
     assert verify(SECRET, headers[TIMESTAMP_HEADER], body, headers[SIGNATURE_HEADER])
     assert json.loads(body)["enrollment_id"] == "e-hook"
