@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import time
 
@@ -577,3 +578,19 @@ def test_no_broad_except_in_job_code_swallows_rqs_timeout():
                     assert "BaseTimeoutException" in earlier or any(
                         isinstance(s, ast.Raise) for s in node.handlers[index].body), \
                         f"{module.__name__} line {node.handlers[index].lineno}: broad except without the timeout first"
+
+
+def test_the_first_receipt_is_kept_for_the_retention_once_matched_and_briefly_otherwise(ctx, redis_client):
+    """Memory: every received mail leaves a first-receipt key; only mail that matched a send
+    keeps it for the whole retention."""
+    sent = send(ctx, "e-ttl")
+    unrelated_id, reply_id = mail.new_id(), mail.new_id()
+    deliver(ctx, mail.unrelated(to=MAILBOX, message_id=unrelated_id),
+            mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=sent, references=sent, message_id=reply_id))
+
+    def ttl_days(message_id: str) -> float:
+        key = "el:first_received:" + hashlib.sha256(f"mid\n{normalize(message_id)}".encode()).hexdigest()[:32]
+        return redis_client.ttl(key) / 86400
+
+    assert ctx.settings.processed_days - 1 < ttl_days(unrelated_id) <= ctx.settings.processed_days
+    assert ctx.settings.retention_days - 1 < ttl_days(reply_id) <= ctx.settings.retention_days

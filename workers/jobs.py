@@ -21,7 +21,7 @@ Per item:
 
 Time and one decision per mail: the mail's time is its Date header bounded by when its first
 copy was received anywhere (``el:first_received:{hash}``, the earliest ``received_at`` any
-copy had, kept ``retention_days``). The first copy that matches a send stores its decision
+copy had, kept ``retention_days`` once a copy matched a send, else ``processed_days``). The first copy that matches a send stores its decision
 (``el:decision:{hash}``, same TTL); every later copy of that Message-ID — in another mailbox,
 another folder, or a retry — applies the stored decision instead of deciding again, so an
 enrollment created between two copies, a pause computed a second later or a different
@@ -80,11 +80,18 @@ OBSERVED_MAXLEN = 100_000
 MAX_ITEMS = 500  # items one job may carry; more is a listener bug, refused visibly
 MAX_RELOCATIONS = 2  # an item that moves again while we read it is looked for once more, then reported
 
-# KEYS[1]: el:first_received:{hash}. ARGV: epoch seconds of this copy, ttl. Returns the earliest.
+# KEYS[1]: el:first_received:{hash}. ARGV: epoch seconds of this copy, ttl. Returns the earliest;
+# the key lives at least ``ttl`` from now (a TTL is only ever extended).
 _FIRST_RECEIVED = """
 local cur = redis.call('GET', KEYS[1])
-if cur and tonumber(cur) <= tonumber(ARGV[1]) then return cur end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+local ttl = tonumber(ARGV[2])
+local left = redis.call('TTL', KEYS[1])
+if left > ttl then ttl = left end
+if cur and tonumber(cur) <= tonumber(ARGV[1]) then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  return cur
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
 return ARGV[1]
 """
 # KEYS[1]: el:decision:{hash}. ARGV: this copy's decision (JSON), ttl. Returns the one that counts.
@@ -209,11 +216,17 @@ def _received(mail: NewMail, item: FetchedMessage) -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _reply_time(ctx, identity: str, has_message_id: bool, mail: NewMail, item: FetchedMessage) -> dt.datetime:
-    """The mail's Date bounded by the earliest receipt of any copy of it (kept in Redis)."""
+def _reply_time(ctx, identity: str, has_message_id: bool, matched: bool, mail: NewMail,
+                item: FetchedMessage) -> dt.datetime:
+    """The mail's Date bounded by the earliest receipt of any copy of it (kept in Redis: for
+    ``retention_days`` once it matched a send; mail that matched nothing is kept only for
+    ``processed_days``, the horizon within which another copy can still be processed — one key
+    per received mail for the whole retention would cost far more memory than it is worth)."""
     received = _received(mail, item)
     if has_message_id:
-        ttl = int(ctx.settings.retention_days) * 86400
+        days = ctx.settings.retention_days if matched else min(ctx.settings.processed_days,
+                                                               ctx.settings.retention_days)
+        ttl = int(days) * 86400
         earliest = ctx.redis.eval(_FIRST_RECEIVED, 1, f"el:first_received:{identity}",
                                   repr(received.timestamp()), ttl)
         received = dt.datetime.fromtimestamp(float(earliest), dt.UTC)
@@ -257,7 +270,7 @@ def _process(ctx, fetcher, mailbox: str, mail: NewMail, item: FetchedMessage, bo
         summary["skipped"] = "a copy of one of our sends"
         return summary
     identity = _identity(mailbox, item, c)
-    when = _reply_time(ctx, identity, bool(own_id), mail, item)
+    when = _reply_time(ctx, identity, bool(own_id), bool(found), mail, item)
     summary["matched"] = list(dict.fromkeys(s.enrollment_id for s in found))
     if not found:
         metrics.UNMATCHED.labels(kind).inc()
