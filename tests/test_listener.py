@@ -88,15 +88,18 @@ def test_delivered_mail_is_enqueued_while_the_stream_is_open(redis_client, emula
 
     job = queueing.make_queue(redis_client, QUEUE).fetch_job(queueing.job_id("alice@example.com", [inbox["item_id"]]))
     assert job is not None and job.args[0]["mails"][0]["via"] == "stream"
-    time.sleep(1.0)  # give the sent item and the draft every chance to show up wrongly
+    # a later mail in alice's inbox, enqueued: every event of hers before it (the sent item's,
+    # the draft's) has been through the listener by now
+    marker = emulator.deliver("alice@example.com", mail("marker"))
+    wait_for(lambda: ("alice@example.com", marker["item_id"]) in queued(redis_client), message="the marker enqueued")
     ids = {item for _mb, item in queued(redis_client)}
     assert sent["item_id"] not in ids and draft["item_id"] not in ids
     # the folder the rule filed mail into (made after the listener read the tree) is now known,
     # so every later catch-up covers it
     from exchange_listener.sync_state import SyncStore
 
-    ruled_job = [m for job in queueing.make_queue(redis_client, QUEUE).jobs for m in job.args[0]["mails"]
-                 if m["item_id"] == ruled["item_id"]][0]
+    ruled_job = next(m for job in queueing.make_queue(redis_client, QUEUE).jobs for m in job.args[0]["mails"]
+                     if m["item_id"] == ruled["item_id"])
     assert ruled_job["folder"] in SyncStore(redis_client).watched("bob@example.com").values()
 
 
@@ -171,20 +174,24 @@ def test_redis_restart_loses_nothing(durable, request, redis_server, emulator, l
     conn = redis.Redis.from_url(server.url)
     conn.flushall()
     mailboxes.add(conn, ["erin@example.com"])
-    listeners(emulator, redis_url=server.url)
+    proc = listeners(emulator, redis_url=server.url)
     wait_for(lambda: streaming(conn, "l1", 1), message="streaming")
     before = emulator.deliver("erin@example.com", mail("before"))
     wait_for(lambda: ("erin@example.com", before["item_id"]) in queued(conn), message="enqueued before the outage")
 
     server.stop()
     outage = [emulator.deliver("erin@example.com", mail(f"during outage {i}")) for i in range(3)]
-    time.sleep(2.0)  # the listener sees the mail while Redis is down
+    # the listener sees the mail on its stream while Redis is down and holds it
+    wait_for(lambda: any(line.get("event") == "Redis unreachable; holding new mail in memory until it is back"
+                         for line in proc.lines()), message="the listener holding mail while Redis is down")
     server.start()
     conn = redis.Redis.from_url(server.url)
     expected = {("erin@example.com", d["item_id"]) for d in outage}
     if durable:
         expected.add(("erin@example.com", before["item_id"]))
     wait_for(lambda: expected <= queued(conn), message="mail seen during the outage enqueued")
+    # and it was the held mail that went out, not only a later catch-up
+    assert any(line.get("event") == "Redis is back; enqueued held mail" for line in proc.lines())
     wait_for(lambda: held_by(conn, "l1", ["erin@example.com"]), message="lease held again")
     after = emulator.deliver("erin@example.com", mail("after"))
     wait_for(lambda: ("erin@example.com", after["item_id"]) in queued(conn), message="mail after the outage")
