@@ -1,11 +1,26 @@
 """Chaos drill: prove that no reply is lost or acted on twice while processes die and EWS misbehaves.
 
-One machine runs the EWS emulator, a redis-server with AOF (everysec), two listener processes and
-two worker processes (``python -m exchange_listener.cli listen|work``). The drill records sends
-across many mailboxes, keeps the ground truth in its own memory, delivers replies of every kind at
-a steady rate and, at random moments, kills a listener (-9), kills a worker in the middle of a job
-(-9), restarts Redis and injects every emulator fault. Then it waits (bounded) for the system to go
-quiet and checks the enrollment state and audit trail in Redis against the ground truth.
+One machine runs the EWS emulator, Redis with AOF (everysec), two listener processes and two
+worker processes (``python -m exchange_listener.cli listen|work``). Redis is a Sentinel group by
+default (a primary, a replica and three ``redis-server --sentinel``, ``local_services.
+SentinelGroup``) and every child is given its ``redis+sentinel://`` URL; ``--redis single`` runs
+one redis-server instead. The drill records sends across many mailboxes, keeps the ground truth
+in its own memory, delivers replies of every kind at a steady rate and, at random moments, kills a
+listener (-9), kills a worker in the middle of a job (-9), restarts Redis (under Sentinel: a
+graceful shutdown of the primary, the Sentinels promote the replica, the old primary rejoins as
+its replica), kills the primary -9 (``failover``, Sentinel only) and injects every emulator fault.
+
+Then comes the **mailbox-behaviour phase**, two deploy drains (workers stopped with SIGTERM).
+In the first, replies are delivered and queued, and the reps move some of them to a nested folder
+they had, to a new nested folder, to Deleted Items, twice (a folder, then Deleted Items),
+hard-delete some (to Recoverable Items) and purge some (batch A, listeners running); the workers
+come back and every batch-A reply that still exists must be stopped once its job has run, before
+any listener restart could find it again by a catch-up. In the second, a batch B is queued, both
+listeners go down (one SIGTERM, one kill -9), the same moves and deletes happen to batch B, and
+server-side rules file a batch C into new folders (``?folder=Rules/...``, half made by the rule
+first, half by the delivery); the listeners start again and catch up, then the workers. Finally
+the drill waits (bounded) for the system to go quiet and checks the enrollment state and audit
+trail in Redis against the ground truth.
 
 The last line printed is a JSON report; the exit status is non-zero when anything was lost,
 duplicated, falsely stopped or left unexplained in the queues. Its fields:
@@ -13,7 +28,9 @@ duplicated, falsely stopped or left unexplained in the queues. Its fields:
 - ``injected`` / ``faults``: faults injected, in all and by kind (a worker kill counts only when
   a worker was caught mid-job: EWS is slowed down with the emulator's latency fault meanwhile);
 - ``lost``: enrollments whose expected stop or pause never happened, and soft bounces or read
-  receipts never recorded in ``el:observed`` (what the workers do with them);
+  receipts never recorded in ``el:observed`` (what the workers do with them). A purged reply is
+  not lost by us: it exists nowhere, so nothing can stop its enrollment; the ground truth expects
+  it to stay active (``purged_expected_active`` counts them; a stop of one is a false stop);
 - ``duplicated``: enrollments with more than one stop, or more pauses than distinct
   out-of-office mails (the same mail delivered twice must make one transition);
 - ``false_stops``: stops of enrollments that only got out-of-office, soft bounces, read
@@ -25,13 +42,24 @@ duplicated, falsely stopped or left unexplained in the queues. Its fields:
   is the time until the last of them is stopped (for a worker kill, until the killed job
   finished on another worker); the maximum over all faults;
 - ``process_exits``: processes that exited on their own and were restarted, as supervisord's
-  ``autorestart`` does in production (deploy/programs.conf).
+  ``autorestart`` does in production (deploy/programs.conf);
+- ``redis``: ``sentinel`` or ``single``; ``failover_recovery_s``: for the kill -9 of the primary,
+  the seconds from the kill until the first enrollment transition is written again (the worst
+  over all failovers); ``failovers``: per failover ``promoted_s`` (kill until the Sentinels name
+  the new primary), ``flowing_s`` (as above) and ``recovery_s`` (until the replies delivered at the
+  kill are all stopped);
+- ``mailbox_phase``: seconds to drain the workers (``drain_s``), for the listeners to catch up the
+  rule-filed replies after starting again (``catch_up_s``), from the workers' return to the last
+  stop of each drain's replies (``resume_to_last_stop_s``, the worse of the two), per fate the
+  replies and the enrollments stopped (``by_fate``: every fate but ``purged`` must stop all;
+  ``purged`` none), and ``unstopped_after_jobs``: batch-A replies still not stopped when their
+  jobs had run (each also counted in ``lost``, even if a later catch-up stopped it).
 
 Children run with short timings so that the drill fits in CI: ``heartbeat_seconds`` 1,
 ``lease_seconds`` 8-10, ``worker_ttl`` 10, ``job_timeout`` 30, ``job_retries`` 8, and
 ``connection_timeout`` 1 minute, so the server's routine end of every stream happens mid-drill.
 
-    python bench/chaos.py --size small     # CI: under 3 minutes
+    python bench/chaos.py --size small     # CI: about 90 s on two cores
     python bench/chaos.py --size large     # >= 10,000 replies
 
 The helpers here (``Stack``, the message builders, ``Deliverer``, ``transition_times``) are also
@@ -53,6 +81,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from email.utils import format_datetime
 
@@ -66,7 +95,14 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from exchange_listener.local_services import Emulator, RedisServer, service_env
+from exchange_listener import redis_conn
+from exchange_listener.local_services import (
+    Emulator,
+    RedisServer,
+    SentinelGroup,
+    service_env,
+    wait_for,
+)
 from exchange_listener.queueing import make_queue
 from workers.enrollments import STREAM_KEY, EnrollmentStore
 from workers.sends import SendRegistry
@@ -75,14 +111,25 @@ SERVICE_ACCOUNT = ("svc", "svc-password")
 EMULATOR_FAULTS = ("reset_streams", "stall_streams", "expire_subscriptions", "server_busy", "http_503", "restart")
 PROCESS_FAULTS = ("kill_listener", "kill_worker", "restart_redis")
 FAULT_KINDS = EMULATOR_FAULTS + PROCESS_FAULTS
+SENTINEL_FAULTS = ("failover",)  # only when the drill's Redis is a Sentinel group
 PAUSE_DAYS = 7
 
 SIZES = {
     # deliveries: replies to deliver (incl. duplicates and unrelated mail); rate: replies/s;
     # rounds: how many times each fault kind is injected; settle: seconds allowed to go quiet.
-    "small": {"mailboxes": 24, "deliveries": 600, "rate": 12.0, "rounds": 1, "settle": 100.0, "lease": 8.0},
-    "large": {"mailboxes": 200, "deliveries": 10_000, "rate": 55.0, "rounds": 3, "settle": 240.0, "lease": 10.0},
+    # sentinel: run Redis as a Sentinel group and inject the failover; phase: replies per batch of
+    # the mailbox-behaviour phase.
+    "small": {"mailboxes": 24, "deliveries": 600, "rate": 12.0, "rounds": 1, "settle": 100.0, "lease": 8.0,
+              "sentinel": True, "phase": 21},
+    "large": {"mailboxes": 200, "deliveries": 10_000, "rate": 55.0, "rounds": 3, "settle": 240.0, "lease": 10.0,
+              "sentinel": True, "phase": 140},
 }
+# What the rep does to a queued reply while no worker runs (mailbox-behaviour phase). A move
+# gives the item a new id; a hard delete moves it to Recoverable Items; a purge removes it from
+# the mailbox entirely: that reply exists nowhere, so nothing can stop its enrollment.
+FATES = ("moved_nested", "moved_new", "deleted", "hard_deleted", "moved_twice", "purged", "kept")
+NESTED_FOLDER = "Clients/Key Accounts"  # made before the listeners start
+
 
 
 # --- messages ---------------------------------------------------------------------------------
@@ -276,7 +323,8 @@ class Stack:
 
     def __init__(self, mailboxes: list[str], *, listeners: int = 2, workers: int = 2, settings: dict | None = None,
                  listener_cmd: list[str] | None = None, worker_cmd: list[str] | None = None,
-                 heartbeat_seconds: float = 1.0, log_dir: str | None = None, aof: bool = True):
+                 heartbeat_seconds: float = 1.0, log_dir: str | None = None, aof: bool = True,
+                 sentinel: bool = False):
         self.mailboxes = mailboxes
         self.n_listeners, self.n_workers = listeners, workers
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="el-stack-")
@@ -284,7 +332,9 @@ class Stack:
         self.extra = dict(settings or {})
         self.listener_cmd = listener_cmd or cli("listen")
         self.worker_cmd = worker_cmd or cli("work")
-        self.redis_server = RedisServer(aof=aof)
+        # sentinel: a primary, a replica and three Sentinels; every child gets redis+sentinel://
+        self.sentinel = SentinelGroup(workdir=tempfile.mkdtemp(prefix="el-chaos-sentinel-")) if sentinel else None
+        self.redis_server = None if sentinel else RedisServer(aof=aof)
         self.emulator = Emulator(accounts=[":".join(SERVICE_ACCOUNT)], mailboxes=mailboxes,
                                  heartbeat_seconds=heartbeat_seconds)
         self.listeners: list[Proc] = []
@@ -295,19 +345,82 @@ class Stack:
     def queue_name(self) -> str:
         return self.extra.get("queue_name", "exchange-listener")
 
+    @property
+    def redis_url(self) -> str:
+        return self.sentinel.url if self.sentinel else self.redis_server.url
+
     def env(self) -> dict[str, str]:
         settings = {"heartbeat_seconds": self.heartbeat_seconds, "log_level": "warning", "pause_days": PAUSE_DAYS,
                     **self.extra}
-        env = service_env(self.redis_server.url, self.emulator.ews_url, username=SERVICE_ACCOUNT[0],
+        env = service_env(self.redis_url, self.emulator.ews_url, username=SERVICE_ACCOUNT[0],
                           password=SERVICE_ACCOUNT[1], **settings)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.path.join(ROOT, "bench"), env.get("PYTHONPATH")) if p)
         return env
 
     def start_services(self) -> Stack:
-        self.redis_server.start()
+        if self.sentinel:
+            self.sentinel.start()
+        else:
+            self.redis_server.start()
         self.emulator.start()
-        self.redis = redis.Redis.from_url(self.redis_server.url, socket_connect_timeout=2, socket_timeout=10)
+        self.redis = redis_conn.connect(self.redis_url, socket_timeout=10)
         return self
+
+    def restart_redis(self, pause: float) -> None:
+        """Take Redis down gracefully for ``pause`` seconds and start it again. Under Sentinel the
+        primary is shut down (maintenance): the Sentinels promote the replica, and the old primary
+        comes back as the new one's replica."""
+        if not self.sentinel:
+            self.redis_server.stop()
+            time.sleep(pause)
+            self.redis_server.start()
+            return
+        port = self.sentinel.primary_port()
+        self.sentinel.server(port).stop()
+        time.sleep(pause)
+        self.rejoin(port)
+
+    def kill_primary(self) -> tuple[int, float]:
+        """kill -9 of the Sentinel group's primary (a crash); its port and the epoch second of the kill."""
+        port = self.sentinel.primary_port()
+        self.sentinel.server(port).kill()
+        return port, time.time()
+
+    def rejoin(self, old_port: int, timeout: float = 30.0) -> float:
+        """Wait for the Sentinels to promote another server, then start the one on ``old_port``
+        again as its replica (as an operator or supervisor brings a failed node back). Returns the
+        epoch second at which the Sentinels named the new primary."""
+        new_port = wait_for(lambda: (p := self.sentinel.primary_port()) not in (None, old_port) and p,
+                            timeout=timeout, interval=0.1, message="the Sentinels promoting the replica")
+        promoted = time.time()
+        server = self.sentinel.server(old_port)
+        server.extra_args = ["--replicaof", "127.0.0.1", str(new_port)]
+        server.start()
+        return promoted
+
+    def sentinel_settled(self) -> bool:
+        """Every Sentinel names the same primary and sees the other server as its healthy replica,
+        and that replica is in sync: a further failover can happen."""
+        group = self.sentinel
+        try:
+            primary = group.primary_port()
+            if primary is None:
+                return False
+            other = group.replica if primary == group.primary.port else group.primary
+            info = _ask(other.port, "INFO", "replication")
+            if info.get("master_link_status") != "up" or int(info.get("master_port", 0)) != primary:
+                return False
+            for port in group.sentinel_ports:
+                addr = _ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", group.name)
+                if not addr or int(addr[1]) != primary:
+                    return False
+                replicas = _ask(port, "SENTINEL", "REPLICAS", group.name)
+                flags = {int(r[b"port"]): r[b"flags"].decode() for r in (_pairs(x) for x in replicas)}
+                if flags.get(other.port) != "slave":
+                    return False
+        except (redis.exceptions.RedisError, OSError, ValueError, KeyError):
+            return False
+        return True
 
     def add_mailboxes(self, mailboxes: list[str] | None = None) -> None:
         mailboxes = mailboxes or self.mailboxes
@@ -342,7 +455,13 @@ class Stack:
             except Exception:  # noqa: BLE001 - recorded in the report, never fatal
                 proc.kill()
         self.emulator.stop()
-        self.redis_server.kill()
+        if self.sentinel:
+            self.sentinel.stop()
+            import shutil
+
+            shutil.rmtree(self.sentinel.workdir, ignore_errors=True)
+        else:
+            self.redis_server.kill()
 
     def queue(self):
         return make_queue(self.redis, self.queue_name)
@@ -366,6 +485,22 @@ class Stack:
                 if job_id:
                     return by_pid[worker.pid], job_id
         return None
+
+
+def _ask(port: int, *command: str):
+    """One command to a loopback redis-server or Sentinel, on a short-lived connection."""
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return client.execute_command(*command)
+    finally:
+        client.close()
+
+
+def _pairs(flat) -> dict:
+    """A Sentinel reply as a flat [key, value, ...] list (RESP2), or already a dict, as a dict."""
+    if isinstance(flat, dict):
+        return {k if isinstance(k, bytes) else str(k).encode(): v for k, v in flat.items()}
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
 
 
 class Supervisor(threading.Thread):
@@ -415,7 +550,8 @@ class Deliverer:
             if conn is None:
                 conn = self.local.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
             try:
-                conn.request("POST", f"/emulator/mailboxes/{mailbox}/messages?folder={folder}", body=raw,
+                query = urllib.parse.urlencode({"folder": folder})
+                conn.request("POST", f"/emulator/mailboxes/{mailbox}/messages?{query}", body=raw,
                              headers={"Content-Type": "message/rfc822"})
                 resp = conn.getresponse()
                 data = resp.read()
@@ -513,6 +649,7 @@ class Enrollment:
     scenario: str
     return_date: dt.date | None = None
     delivered: list[str] = dataclasses.field(default_factory=list)  # kinds actually delivered
+    fate: str | None = None  # mailbox-behaviour phase: what happened to its reply (FATES, rule_filed)
 
     @property
     def expected(self) -> tuple[str, str | None]:
@@ -620,13 +757,17 @@ def warm_up(stack: Stack, replies: list[Enrollment], timeout: float = 60.0) -> f
 # --- the drill --------------------------------------------------------------------------------
 
 class Drill:
-    def __init__(self, size: str, seed: int, log_dir: str, plumbing: str = "ours"):
+    def __init__(self, size: str, seed: int, log_dir: str, plumbing: str = "ours", sentinel: bool | None = None,
+                 phase: bool = True):
         self.cfg = SIZES[size]
         self.size = size
         self.rng = random.Random(seed)
         self.mailboxes = [f"rep{i:04d}@sales.example" for i in range(self.cfg["mailboxes"])]
         commands = baseline_commands(self.mailboxes, log_dir) if plumbing == "baseline" else {}
-        self.stack = Stack(self.mailboxes, listeners=2, workers=2, log_dir=log_dir, **commands, settings={
+        self.sentinel = self.cfg["sentinel"] if sentinel is None else sentinel
+        self.fault_kinds = FAULT_KINDS + (SENTINEL_FAULTS if self.sentinel else ())
+        self.stack = Stack(self.mailboxes, listeners=2, workers=2, log_dir=log_dir, **commands, sentinel=self.sentinel,
+                           settings={
             "queue_name": "drill", "lease_seconds": self.cfg["lease"], "worker_ttl": 10, "job_timeout": 30,
             "job_retries": 8, "connection_timeout": 1,  # the server closes every stream each minute
         })
@@ -634,6 +775,10 @@ class Drill:
         self.supervisor = Supervisor(self.stack)
         self.faults: list[dict] = []  # {kind, at, probes: [enrollment ids], job_id, recovery_s}
         self.probes: list[Enrollment] = []
+        # mailbox-behaviour phase: batch -> enrollments whose one reply the rep moves, deletes or files
+        self.phase_on = phase
+        self.batches: dict[str, list[Enrollment]] = {}
+        self.phase_info: dict = {}
         self.lock = threading.Lock()
         self.delivered = 0
         self.errors: list[str] = []
@@ -652,13 +797,41 @@ class Drill:
             out.append(e)
         return out
 
+    def everyone(self) -> list[Enrollment]:
+        return self.enrollments + self.probes + [e for batch in self.batches.values() for e in batch]
+
+    def phase_enrollments(self) -> dict[str, list[Enrollment]]:
+        """Three batches of one-reply enrollments for the mailbox-behaviour phase: A (moved or
+        deleted while listeners run), B (moved or deleted while both listeners are down) and C
+        (rule-filed into new folders while both listeners are down, half as many)."""
+        count = self.cfg["phase"]
+        batches = {}
+        n = 0
+        for name, size in (("A", count), ("B", count), ("C", max(1, count // 2))):
+            batch = []
+            for i in range(size):
+                mailbox = self.mailboxes[n % len(self.mailboxes)]
+                fate = "rule_filed" if name == "C" else FATES[i % len(FATES)]
+                batch.append(Enrollment(id=f"mbx-{name}-{i:04d}", mailbox=mailbox, prospect=f"m{n}@mbx{n}.example",
+                                        colleague=f"c{n}@mbx{n}.example", cc=f"cc{n}@mbxcc.example",
+                                        send_ids=[_message_id("sales.example")], scenario="reply_prospect", fate=fate))
+                n += 1
+            batches[name] = batch
+        return batches
+
     def setup(self) -> None:
         self.stack.start_services()
         registry = SendRegistry(self.stack.redis)
         record_sends(registry, self.enrollments)
         rounds = self.cfg["rounds"]
-        self.probe_pool = self.probe_enrollments(len(FAULT_KINDS) * rounds * min(6, len(self.mailboxes)))
+        self.probe_pool = self.probe_enrollments(len(self.fault_kinds) * rounds * min(6, len(self.mailboxes)))
         record_sends(registry, self.probe_pool)
+        if self.phase_on:
+            self.batches = self.phase_enrollments()
+            for batch in self.batches.values():
+                record_sends(registry, batch)
+            for mailbox in sorted({e.mailbox for e in self.batches["A"] + self.batches["B"]}):
+                self.stack.emulator.create_folder(mailbox, NESTED_FOLDER)  # a folder the rep already had
         self.stack.add_mailboxes()
         self.stack.start_processes()
 
@@ -691,7 +864,7 @@ class Drill:
 
     # -- faults --------------------------------------------------------------------------------
     def fault_schedule(self, duration: float) -> list[tuple[float, str]]:
-        kinds = [k for k in FAULT_KINDS for _ in range(self.cfg["rounds"])]
+        kinds = [k for k in self.fault_kinds for _ in range(self.cfg["rounds"])]
         self.rng.shuffle(kinds)
         slot = duration * 0.85 / len(kinds)
         return [(duration * 0.05 + i * slot + self.rng.random() * slot * 0.5, kind) for i, kind in enumerate(kinds)]
@@ -731,13 +904,34 @@ class Drill:
         elif kind == "kill_worker":
             fault.update(self.kill_busy_worker())
         elif kind == "restart_redis":
-            stack.redis_server.stop()
+            self.wait_sentinel_settled(fault)
+            fault["at"] = time.time()
+            pause = self.rng.uniform(1, 3)
+            stopper = threading.Thread(target=stack.restart_redis, args=(pause,), daemon=True)
+            stopper.start()
+            time.sleep(0.2 if stack.sentinel else 0.0)
             self.send_probes(fault)  # replies arrive while Redis is down
-            time.sleep(self.rng.uniform(1, 3))
-            stack.redis_server.start()
+            stopper.join()
+            return fault
+        elif kind == "failover":
+            self.wait_sentinel_settled(fault)
+            old_port, fault["at"] = stack.kill_primary()  # a crash in the middle of the reply stream
+            self.send_probes(fault)
+            fault["promoted_s"] = round(stack.rejoin(old_port) - fault["at"], 2)
             return fault
         self.send_probes(fault)
         return fault
+
+    def wait_sentinel_settled(self, fault: dict, timeout: float = 30.0) -> None:
+        """Before a Redis fault under Sentinel: the last failover over and the replica in sync."""
+        if not self.stack.sentinel:
+            return
+        t0 = time.monotonic()
+        try:
+            wait_for(self.stack.sentinel_settled, timeout=timeout, interval=0.2, message="the Sentinel group settled")
+        except Exception:  # noqa: BLE001 - recorded; the fault is still injected
+            fault["note"] = f"Sentinel group not settled after {timeout:.0f}s"
+        fault["waited_settled_s"] = round(time.monotonic() - t0, 2)
 
     def kill_busy_worker(self) -> dict:
         """Slow EWS down so jobs take a while, wait until a worker is mid-job, kill -9 it, restart it."""
@@ -775,9 +969,149 @@ class Drill:
             with self.lock:
                 self.faults.append(fault)
 
+    # -- mailbox behaviour ---------------------------------------------------------------------
+    def queued_items(self) -> set[str]:
+        """Item ids carried by the jobs waiting in the queue."""
+        jobs = retrying(lambda: self.stack.queue().jobs)
+        return {m["item_id"] for job in jobs for m in (job.args[0].get("mails") or [])}
+
+    def deliver_batch(self, batch: list[Enrollment], deliverer: Deliverer, folder=lambda e, i: "inbox") -> dict:
+        """One reply per enrollment; returns enrollment id -> item id."""
+        items = {}
+        for i, e in enumerate(batch):
+            e.delivered.append("reply")
+            items[e.id] = deliverer.deliver(e.mailbox, human_reply(e.mailbox, e.prospect, e.send_ids[0]),
+                                            folder(e, i))["item_id"]
+            with self.lock:
+                self.delivered += 1
+        return items
+
+    def wait_queued(self, items: dict, what: str, timeout: float = 90.0) -> float | None:
+        """Seconds until every item of ``items`` is in a queued job; None (and an error in the
+        report) if that never happens: the drill goes on, so what it costs shows as lost replies."""
+        t0 = time.monotonic()
+        wanted = set(items.values())
+        try:
+            wait_for(lambda: wanted <= self.queued_items(), timeout=timeout, interval=0.25, message=what)
+        except AssertionError:
+            missing = len(wanted - self.queued_items())
+            self.errors.append(f"mailbox phase: {missing} of {len(wanted)} items never queued ({what})")
+            return None
+        return round(time.monotonic() - t0, 1)
+
+    def apply_fates(self, batch: list[Enrollment], items: dict) -> None:
+        """What the rep does to each queued reply while no worker runs (see FATES)."""
+        emulator = self.stack.emulator
+        for i, e in enumerate(batch):
+            item = items[e.id]
+            if e.fate == "moved_nested":
+                emulator.move(item, NESTED_FOLDER)
+            elif e.fate == "moved_new":  # a folder made by this very move, two levels deep
+                emulator.move(item, f"Projects/{e.id}/Replies")
+            elif e.fate == "deleted":
+                emulator.move(item, "deleteditems")
+            elif e.fate == "hard_deleted":  # to Recoverable Items (recoverableitemsdeletions)
+                emulator.delete(item)
+            elif e.fate == "moved_twice":
+                moved = emulator.move(item, "Later")
+                emulator.move(moved["item_id"], "deleteditems")
+            elif e.fate == "purged":  # gone from the mailbox: no worker can ever read it
+                emulator.delete(item, purge=True)
+
+    def set_running(self, procs: list[Proc], running: bool, *, kill: bool = False) -> float:
+        """Stop ``procs`` (SIGTERM: warm shutdown, in parallel; or kill -9) and keep the supervisor
+        from restarting them, or start them again. Returns the seconds it took."""
+        t0 = time.monotonic()
+        if running:
+            for proc in procs:
+                self.supervisor.release(proc)
+            return time.monotonic() - t0
+        for proc in procs:
+            self.supervisor.hold(proc)
+        if kill:
+            for proc in procs:
+                proc.kill()
+        else:  # one SIGTERM each: a second one would make RQ cut the running job short
+            stoppers = [threading.Thread(target=proc.terminate, args=(30.0,)) for proc in procs]
+            for t in stoppers:
+                t.start()
+            for t in stoppers:
+                t.join()
+        return time.monotonic() - t0
+
+    def pending_items(self) -> set[str]:
+        """Item ids carried by jobs not yet done: queued, running, or waiting for a retry."""
+        queue = self.stack.queue()
+
+        def read():
+            ids = (queue.get_job_ids() + StartedJobRegistry(queue=queue).get_job_ids()
+                   + ScheduledJobRegistry(queue=queue).get_job_ids())
+            jobs = Job.fetch_many(ids, connection=self.stack.redis, serializer=JSONSerializer)
+            return {m["item_id"] for job in jobs if job is not None for m in (job.args[0].get("mails") or [])}
+
+        return retrying(read)
+
+    def stopped(self, batch: list[Enrollment]) -> set[str]:
+        states = retrying(lambda: EnrollmentStore(self.stack.redis).get_many([e.id for e in batch]))
+        return {e.id for e, state in zip(batch, states) if state and state.get("status") == "stopped"}
+
+    def mailbox_phase(self) -> dict:
+        """Two deploy drains. In the first, the reps move, delete, hard-delete and purge queued
+        replies while the listeners run (batch A); the workers come back and must stop every one
+        that still exists before anything else happens: no listener restart may rescue them, so
+        a reply a worker finds "gone" is seen as lost. In the second, replies are queued (batch B),
+        both listeners go down (one SIGTERM, one kill -9), the reps move, delete or purge batch B,
+        and server-side rules file batch C into new folders; the listeners come back and catch up,
+        then the workers. Every reply that still exists must stop its enrollment exactly once."""
+        stack, info = self.stack, {}
+        deliverer = Deliverer(stack.emulator)
+        listeners, workers = list(stack.listeners), list(stack.workers)
+        batch_a, batch_b, batch_c = self.batches["A"], self.batches["B"], self.batches["C"]
+        # drain 1: batch A moved/deleted while queued, listeners running
+        info["drain_s"] = round(self.set_running(workers, False), 1)
+        items_a = self.deliver_batch(batch_a, deliverer)
+        info["queued_s"] = self.wait_queued(items_a, "batch A queued")
+        self.apply_fates(batch_a, items_a)
+        self.set_running(workers, True)
+        t_back = time.monotonic()
+        info["workers_back_at"] = [time.time()]
+        exists_a = [e for e in batch_a if e.fate != "purged"]
+        old_ids = set(items_a.values())
+        calm = 0
+        while time.monotonic() - t_back < 90 and calm < 3:  # until all stopped, or every batch-A job ran
+            done = len(self.stopped(exists_a)) == len(exists_a)
+            calm = 3 if done else (calm + 1 if not old_ids & self.pending_items() else 0)
+            time.sleep(0.3 if not done else 0)
+        info["unstopped_after_jobs"] = sorted({e.id for e in exists_a} - self.stopped(exists_a))
+        info["batch_a_s"] = round(time.monotonic() - t_back, 1)
+        # drain 2: batch B queued; both listeners down (SIGTERM one, kill -9 the other); batch B
+        # moved/deleted and batch C rule-filed into new folders meanwhile
+        self.set_running(workers, False)
+        items_b = self.deliver_batch(batch_b, deliverer)
+        self.wait_queued(items_b, "batch B queued")
+        self.set_running(listeners[:1], False)
+        self.set_running(listeners[1:], False, kill=True)
+        listeners_down = time.monotonic()
+        self.apply_fates(batch_b, items_b)
+
+        def rule_folder(e: Enrollment, i: int) -> str:
+            path = f"Rules/{e.id}" + ("/Filed" if i % 3 == 0 else "")
+            if i % 2 == 0:  # the rule made its folder first; else the delivery makes it
+                stack.emulator.create_folder(e.mailbox, path)
+            return path
+
+        items_c = self.deliver_batch(batch_c, deliverer, rule_folder)
+        info["listeners_down_s"] = round(time.monotonic() - listeners_down, 1)
+        self.set_running(listeners, True)
+        info["catch_up_s"] = self.wait_queued(items_c, "the rule-filed replies caught up by the listeners")
+        self.set_running(workers, True)
+        info["workers_back_at"].append(time.time())
+        info["fates"] = dict(collections.Counter(e.fate for b in self.batches.values() for e in b))
+        return info
+
     # -- waiting and checking ------------------------------------------------------------------
     def all_expected_done(self, store: EnrollmentStore) -> bool:
-        targets = [e for e in self.enrollments + self.probes if e.expected[0] != "active" and e.delivered]
+        targets = [e for e in self.everyone() if self._expected_status(e) != "active"]
         for start in range(0, len(targets), 1000):
             chunk = targets[start:start + 1000]
             for e, state in zip(chunk, store.get_many([e.id for e in chunk])):
@@ -786,6 +1120,8 @@ class Drill:
         return True
 
     def _expected_status(self, e: Enrollment) -> str:
+        if e.fate == "purged":  # its only reply exists nowhere: expected not stopped (not lost by us)
+            return "active"
         kinds = set(e.delivered)
         if kinds & STOPPING:
             return "stopped"
@@ -817,7 +1153,7 @@ class Drill:
         store = EnrollmentStore(client)
         times = transition_times(client)
         lost, duplicated, false_stops, wrong = [], [], [], []
-        everyone = self.enrollments + self.probes
+        everyone = self.everyone()
         known = {e.id for e in everyone}
         for start in range(0, len(everyone), 1000):
             chunk = everyone[start:start + 1000]
@@ -845,7 +1181,7 @@ class Drill:
                         wrong.append({"enrollment": e.id, "want": reason, "got": stops[0].get("reason")})
                 elif stops:
                     false_stops.append({"enrollment": e.id, "scenario": e.scenario, "reason": stops[0].get("reason"),
-                                        "delivered": e.delivered})
+                                        "delivered": e.delivered, **({"fate": e.fate} if e.fate else {})})
                 elif want == "paused":
                     if status != "paused":
                         lost.append({"enrollment": e.id, "scenario": e.scenario, "status": status})
@@ -890,6 +1226,30 @@ class Drill:
                 fault["job_status"] = job.get_status() if job is not None else "expired"
             fault["recovery_s"] = round(max(ends), 2) if ends else None
             recoveries.append(fault["recovery_s"] or 0.0)
+            if fault["kind"] in ("failover", "restart_redis") and self.stack.sentinel:
+                after = [t for entries in times.values() for t, _ in entries if t > fault["at"]]
+                fault["flowing_s"] = round(min(after) - fault["at"], 2) if after else None
+        # mailbox-behaviour phase: by fate, how many stopped; from the workers' return to the last stop
+        phase = {}
+        if self.batches:
+            by_fate: dict[str, dict] = collections.defaultdict(lambda: {"replies": 0, "stopped": 0})
+            last: dict[str, float] = {}
+            for name, batch in self.batches.items():
+                for e in batch:
+                    stops = [t for t, data in times.get(e.id, []) if data["status"] == "stopped"]
+                    by_fate[e.fate]["replies"] += 1
+                    by_fate[e.fate]["stopped"] += 1 if stops else 0
+                    if stops and e.fate != "purged":
+                        drain = "A" if name == "A" else "BC"
+                        last[drain] = max(last.get(drain, stops[0]), stops[0])
+            backs = self.phase_info.get("workers_back_at") or []
+            resumes = [round(last[k] - back, 2) for k, back in zip(("A", "BC"), backs) if k in last]
+            phase = {"by_fate": dict(sorted(by_fate.items())),
+                     "resume_to_last_stop_s": max(resumes) if len(resumes) == len(backs) == 2 else None}
+            already = {x["enrollment"] for x in lost}
+            for eid in self.phase_info.get("unstopped_after_jobs", []):  # the worker dropped it as gone
+                if eid not in already:
+                        lost.append({"enrollment": eid, "note": "not stopped after its job ran (a later catch-up hid it)"})
         backlog = self.stack.backlog()
         queue = self.stack.queue()
         failed_ids = FailedJobRegistry(queue=queue).get_job_ids()
@@ -901,6 +1261,8 @@ class Drill:
         unexplained = backlog["queued"] + backlog["started"] + backlog["scheduled"] + backlog["failed"]
         by_kind = collections.Counter(d.kind for d in self.timeline if d.item_id)
         return {
+            "phase": phase,
+            "purged_expected_active": sum(1 for e in everyone if e.fate == "purged"),
             "lost": len(lost), "duplicated": len(duplicated), "false_stops": len(false_stops), "wrong": len(wrong),
             "unexplained": unexplained, "backlog": backlog, "failed_jobs": failed,
             "expected_final": dict(sorted(expected.items())), "transitions": dict(sorted(observed.items())),
@@ -931,28 +1293,43 @@ class Drill:
             while not proc.alive() and time.monotonic() < deadline:
                 time.sleep(0.2)
         delivered_s = time.monotonic() - start
+        phase_start = time.monotonic()
+        if self.batches:
+            self.phase_info = self.mailbox_phase()
+        phase_s = time.monotonic() - phase_start
         settle_s = self.wait_quiet(self.cfg["settle"])
         self.supervisor.stopping.set()
         result = self.verify()
         kinds = collections.Counter(f["kind"] for f in self.faults if not f.get("skipped"))
+        failovers = [f for f in self.faults if f["kind"] == "failover"]
         report = {
             "size": self.size,
+            "redis": "sentinel" if self.sentinel else "single",
             "injected": sum(kinds.values()),
-            "faults": {k: kinds.get(k, 0) for k in FAULT_KINDS},
+            "faults": {k: kinds.get(k, 0) for k in self.fault_kinds},
             "replies": self.delivered,
-            "enrollments": len(self.enrollments),
+            "enrollments": len(self.everyone()),
             "mailboxes": len(self.mailboxes),
             **{k: result[k] for k in ("lost", "duplicated", "false_stops", "wrong", "unexplained", "max_recovery_s")},
+            "purged_expected_active": result["purged_expected_active"],
+            "failover_recovery_s": max((f.get("flowing_s") or 0.0 for f in failovers), default=None),
+            "failovers": [{k: f.get(k) for k in ("promoted_s", "flowing_s", "recovery_s")} for f in failovers],
+            "mailbox_phase": {**{k: v for k, v in self.phase_info.items()
+                                 if k not in ("workers_back_at", "unstopped_after_jobs")},
+                              "unstopped_after_jobs": len(self.phase_info.get("unstopped_after_jobs", [])),
+                              **result["phase"]} if self.batches else None,
             "backlog": result["backlog"],
             "expected_final": result["expected_final"], "transitions": result["transitions"],
             "recorded": result["recorded"],
             "replies_by_kind": result["replies_by_kind"],
-            "ready_s": round(ready_s, 1), "delivery_s": round(delivered_s, 1), "settle_s": round(settle_s, 1),
+            "ready_s": round(ready_s, 1), "delivery_s": round(delivered_s, 1), "phase_s": round(phase_s, 1),
+            "settle_s": round(settle_s, 1),
             "total_s": round(time.monotonic() - t_start, 1),
             "process_exits": dict(collections.Counter(e["process"].rsplit("-", 1)[0] for e in self.supervisor.exits)),
             "process_exit_codes": sorted({e["exit_code"] for e in self.supervisor.exits}),
             "recovery_by_fault": [{"kind": f["kind"], "recovery_s": f.get("recovery_s"),
-                                   **({"note": f["note"]} if f.get("note") else {})} for f in self.faults],
+                                   **{k: f[k] for k in ("flowing_s", "note") if f.get(k) is not None}}
+                                  for f in self.faults],
             "failed_jobs": result["failed_jobs"],
             "details": result["details"],
             "errors": self.errors[:10],
@@ -962,8 +1339,11 @@ class Drill:
 
 
 def passed(report: dict) -> bool:
+    phase = report.get("mailbox_phase")
     return (report["lost"] == 0 and report["duplicated"] == 0 and report["false_stops"] == 0 and report["wrong"] == 0
-            and report["unexplained"] == 0 and all(report["faults"][k] > 0 for k in FAULT_KINDS) and not report["errors"])
+            and report["unexplained"] == 0 and all(n > 0 for n in report["faults"].values()) and not report["errors"]
+            and (report["redis"] != "sentinel" or report["failover_recovery_s"] is not None)
+            and (phase is None or phase.get("resume_to_last_stop_s") is not None))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -973,10 +1353,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-logs", action="store_true", help="keep the process logs directory")
     parser.add_argument("--plumbing", choices=["ours", "baseline"], default="ours",
                         help="baseline: run the same drill against bench/baseline.py (to see what it catches)")
+    parser.add_argument("--redis", choices=["sentinel", "single"], default=None,
+                        help="Redis as a Sentinel group (with the failover fault) or one server (default: by size)")
+    parser.add_argument("--no-mailbox-phase", action="store_true", help="leave out the mailbox-behaviour phase")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else int(time.time())
     log_dir = tempfile.mkdtemp(prefix=f"el-chaos-{args.size}-")
-    drill = Drill(args.size, seed, log_dir, args.plumbing)
+    sentinel = None if args.redis is None else args.redis == "sentinel"
+    if args.plumbing == "baseline":
+        sentinel = False  # the baseline knows plain redis:// URLs only
+    drill = Drill(args.size, seed, log_dir, args.plumbing, sentinel=sentinel, phase=not args.no_mailbox_phase)
     report: dict
     try:
         report = drill.run()
@@ -997,8 +1383,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.join(ROOT, "bench-results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench-results", f"chaos-{args.size}{'-baseline' if args.plumbing == 'baseline' else ''}.json"), "w") as fh:
         json.dump(report, fh, indent=2, default=str)
-    summary = {k: report.get(k) for k in ("size", "replies", "injected", "lost", "duplicated", "false_stops", "wrong",
-                                          "unexplained", "max_recovery_s", "total_s")}
+    summary = {k: report.get(k) for k in ("size", "redis", "replies", "injected", "lost", "duplicated", "false_stops",
+                                          "wrong", "unexplained", "max_recovery_s", "failover_recovery_s", "total_s")}
     print("chaos drill: " + ", ".join(f"{k}={v}" for k, v in summary.items()), file=sys.stderr)
     if ok and not args.keep_logs:
         import shutil

@@ -1,5 +1,8 @@
-"""The small chaos drill, as CI runs it: real emulator, redis-server (AOF), two listener and two
-worker processes, every fault injected; the ground truth must hold exactly."""
+"""The small chaos drill, as CI runs it: real emulator, Redis as a Sentinel group (primary, replica,
+three Sentinels; AOF), two listener and two worker processes, every fault injected including a
+kill -9 of the primary mid-stream, and the mailbox-behaviour phase (queued replies moved, deleted,
+hard-deleted and purged while workers are drained; rule-filed into new folders while both
+listeners are down); the ground truth must hold exactly."""
 from __future__ import annotations
 
 import json
@@ -30,4 +33,18 @@ def test_small_drill_loses_nothing_and_stops_each_enrollment_once():
     assert report["transitions"].get("stopped:bounced", 0) > 0
     assert any(key.startswith("paused:") for key in report["transitions"])
     assert report["max_recovery_s"] is not None
+    # Sentinel: the primary was killed mid-stream and transitions flowed again afterwards
+    assert report["redis"] == "sentinel"
+    assert report["faults"]["failover"] >= 1
+    assert report["failover_recovery_s"] is not None and report["failover_recovery_s"] > 0
+    # mailbox behaviour: every reply that still exists stopped its enrollment; a purged one cannot
+    phase = report["mailbox_phase"]
+    by_fate = phase["by_fate"]
+    assert set(by_fate) == {"moved_nested", "moved_new", "deleted", "hard_deleted", "moved_twice", "purged", "kept",
+                            "rule_filed"}, by_fate
+    for fate, counts in by_fate.items():
+        assert counts["replies"] > 0, (fate, counts)
+        assert counts["stopped"] == (0 if fate == "purged" else counts["replies"]), (fate, counts)
+    assert report["purged_expected_active"] == by_fate["purged"]["replies"]
+    assert phase["resume_to_last_stop_s"] is not None
     assert proc.returncode == 0, report
