@@ -6,6 +6,7 @@ import datetime
 import functools
 import itertools
 import json
+import re
 import time
 import uuid
 
@@ -71,17 +72,29 @@ def test_connection_limit_is_backed_off_not_looped_on(redis_client, run_listener
         mailboxes.add(redis_client, ["pia@example.com", "quinn@example.com"])
         proc = run_listener(emu, group_size=1)  # two groups, two connections; the server allows one
         wait_for(lambda: connected(redis_client, 1), message="one group streaming")
-        time.sleep(4)
-        refused = [line for line in proc.lines() if line.get("reason") == "limit"]
-        assert refused and "ErrorExceededConnectionCount" in refused[0]["event"]
-        for group in {line["group"] for line in refused}:  # backed off (>= 15 s with jitter), not retried in a loop
-            times = [datetime.datetime.fromisoformat(line["timestamp"].rstrip("Z")).timestamp()
-                     for line in refused if line["group"] == group]
-            assert all(later - earlier >= 7 for earlier, later in itertools.pairwise(times)), times
+        first = wait_for(lambda: limit_refusals(proc), message="the second connection refused")[0]
+        assert "ErrorExceededConnectionCount" in first["event"]
         # the group that holds the one allowed connection keeps delivering meanwhile
         items = {emu.deliver(a, mail("still flowing"))["item_id"] for a in ("pia@example.com", "quinn@example.com")}
         wait_for(lambda: items & queued(redis_client), message="mail of the streaming group enqueued")
+        # a loop would have tried again many times within seconds of the first refusal
+        time.sleep(max(0.0, 4.0 - (time.time() - log_time(first))))
+        refused = limit_refusals(proc)
+        for line in refused:  # each refusal backs off >= 15 s (the floor; jitter only adds)
+            assert int(re.search(r"backing off (\d+)s", line["event"]).group(1)) >= 15, line["event"]
+        for group in {line["group"] for line in refused}:  # one refusal per group so far, not a loop
+            times = [log_time(line) for line in refused if line["group"] == group]
+            assert all(later - earlier >= 14 for earlier, later in itertools.pairwise(times)), times
         assert proc.alive()
+
+
+def log_time(line: dict) -> float:
+    """A JSON log line's timestamp as epoch seconds (the logs write UTC with a trailing Z)."""
+    return datetime.datetime.fromisoformat(line["timestamp"].rstrip("Z")).replace(tzinfo=datetime.UTC).timestamp()
+
+
+def limit_refusals(proc) -> list[dict]:
+    return [line for line in proc.lines() if line.get("reason") == "limit"]
 
 
 def test_subscription_limit_skips_the_mailbox_and_retries_later(redis_client, run_listener):
@@ -98,21 +111,30 @@ def test_subscription_limit_skips_the_mailbox_and_retries_later(redis_client, ru
         wait_for(lambda: connected(redis_client, 1), message="the other mailbox streaming")
         item = emu.deliver("sven@example.com", mail("for sven"))
         wait_for(lambda: item["item_id"] in queued(redis_client), message="sven's mail enqueued")
-        time.sleep(2)
+        # rhea is reported failing, with her next attempt scheduled (30 s +-25 %), not dropped
+        # and not retried in a loop
+        failing = wait_for(lambda: [m for g in json.loads(redis_client.hget("el:listener:l1", "groups") or "[]")
+                                    for m in g.get("failing", []) if m["mailbox"] == "rhea@example.com"],
+                           message="rhea reported failing")
+        assert "ErrorExceededSubscriptionCount" in failing[0]["error"]
+        assert failing[0]["retry_at"] - time.time() >= 15, failing
         errors = [line for line in proc.lines() if "too many subscriptions" in line.get("event", "")]
         assert len(errors) == 1 and errors[0]["mailbox"] == "rhea@example.com"
+        assert errors[0]["retry_in"] >= 22  # 30 s less the jitter
 
 
 def test_bad_credentials_are_logged_clearly_retried_with_backoff_and_never_leaked(redis_client, run_listener, emulator):
     mailboxes.add(redis_client, ["tina@example.com"])
     secret = "wrong-Pa55word-xyz"
     proc = run_listener(emulator, password=secret)
-    wait_for(lambda: any("authentication" in line.get("event", "") for line in proc.lines()), timeout=20,
-             message="authentication failure logged")
-    time.sleep(3)
-    failures = [line for line in proc.lines() if "authentication" in line.get("event", "")]
-    assert 1 <= len(failures) <= 2  # backoff of >= 5 s between attempts
-    assert "UnauthorizedError" in failures[0]["event"]
+    # retried: a second attempt comes, and only after the backoff (>= 5 s)
+    def auth_failures():
+        found = [line for line in proc.lines() if "authentication" in line.get("event", "")]
+        return found if len(found) >= 2 else None
+
+    failures = wait_for(auth_failures, timeout=30, message="the failed authentication retried")
+    assert "UnauthorizedError" in failures[0]["event"] and "UnauthorizedError" in failures[1]["event"]
+    assert log_time(failures[1]) - log_time(failures[0]) >= 4.9, failures
     assert proc.alive()
     assert secret not in proc.log_path.read_text()
 
