@@ -233,12 +233,12 @@ def _reply_time(ctx, identity: str, has_message_id: bool, matched: bool, mail: N
     return policy.reply_time(_header(item, "date"), received)
 
 
-def _decision_json(kind: str, key: str, when: dt.datetime, actions: list[policy.Action]) -> str:
+def _decision_json(c: Classification, key: str, when: dt.datetime, actions: list[policy.Action]) -> str:
     def plain(value):
         return value.isoformat() if isinstance(value, (dt.date, dt.datetime)) else value
 
     return json.dumps({
-        "kind": kind, "event_key": key, "reply_time": when.isoformat(),
+        "kind": c.kind, "return_date": plain(c.return_date), "event_key": key, "reply_time": when.isoformat(),
         "actions": [{**dataclasses.asdict(a), "extra": {k: plain(v) for k, v in a.extra.items()}} for a in actions],
     }, separators=(",", ":"))
 
@@ -277,34 +277,40 @@ def _process(ctx, fetcher, mailbox: str, mail: NewMail, item: FetchedMessage, bo
         bound.info("mail matched no send", kind=kind)
         return summary
 
-    decision_key = f"el:decision:{identity}"
-    stored = ctx.redis.get(decision_key)
-    if stored is None:
-        if not body_seen and needs_text(c):
-            c = _settle(fetcher, mailbox, item, c, when, bound)
-            kind = summary["kind"] = c.kind
-            if kind == "auto_reply" and c.return_date:
-                summary["return_date"] = c.return_date.isoformat()
-        settings = policy.PolicySettings.from_settings(ctx.settings)
-        domain = policy.domain_to_check(c, found, mailbox, sender, settings)
-        candidates = ctx.sends.domain_enrollments(domain) if domain else []
-        actions = policy.decide(c, found, mailbox=mailbox, sender=sender, when=when, now=dt.datetime.now(dt.UTC),
-                                settings=settings, domain_candidates=candidates)
-        mine = _decision_json(kind, event_key(kind, mailbox, item, c), when, actions)
-        stored = ctx.redis.eval(_DECIDE_ONCE, 1, decision_key, mine, int(ctx.settings.retention_days) * 86400)
-        reused = stored != mine.encode() and stored != mine
-    else:
-        reused = True
-    decision = json.loads(stored)
+    decision, reused = _decide_once(ctx, fetcher, mailbox, item, c, body_seen, found, sender, when, identity, bound)
     if reused:
         summary["decision"] = "reused"  # an earlier copy (another mailbox, folder or attempt) decided
-        summary["kind"] = decision["kind"]
+    summary["kind"] = decision["kind"]
+    if decision["kind"] == "auto_reply" and decision.get("return_date"):
+        summary["return_date"] = decision["return_date"]
     summary["reply_time"] = decision["reply_time"]
     common = {"event_key": decision["event_key"], "by": sender, "item_id": item.item_id, "message_id": own_id,
               "mailbox": mailbox}
     for action in decision["actions"]:
         summary["actions"].append(_apply(ctx, mail, policy.Action(**action), common, decision["kind"], bound))
     return summary
+
+
+def _decide_once(ctx, fetcher, mailbox: str, item: FetchedMessage, c: Classification, body_seen: bool,
+                 found: list, sender: str | None, when: dt.datetime, identity: str, bound) -> tuple[dict, bool]:
+    """The decision for this mail: the one an earlier copy stored, else this copy's (settled
+    with the text when the headers look human, then ``policy.decide``), stored unless another
+    worker stored one first. Returns (decision, whether it was an earlier copy's)."""
+    key = f"el:decision:{identity}"
+    stored = ctx.redis.get(key)
+    if stored is not None:
+        return json.loads(stored), True
+    if not body_seen and needs_text(c):
+        c = _settle(fetcher, mailbox, item, c, when, bound)
+    settings = policy.PolicySettings.from_settings(ctx.settings)
+    domain = policy.domain_to_check(c, found, mailbox, sender, settings)
+    candidates = ctx.sends.domain_enrollments(domain) if domain else []
+    actions = policy.decide(c, found, mailbox=mailbox, sender=sender, when=when, now=dt.datetime.now(dt.UTC),
+                            settings=settings, domain_candidates=candidates)
+    mine = _decision_json(c, event_key(c.kind, mailbox, item, c), when, actions)
+    stored = ctx.redis.eval(_DECIDE_ONCE, 1, key, mine, int(ctx.settings.retention_days) * 86400)
+    text = stored.decode() if isinstance(stored, bytes) else stored
+    return json.loads(text), text != mine
 
 
 def _apply(ctx, mail: NewMail, action: policy.Action, common: dict, kind: str, bound) -> dict:
