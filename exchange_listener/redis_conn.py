@@ -146,6 +146,12 @@ def server_address(conn: redis.Redis) -> str:
 
 
 
+def server_run_id(conn: redis.Redis) -> str | None:
+    """The server's ``run_id`` (INFO server): it changes when Redis restarts or a failover puts
+    another server behind the URL, the two moments the last writes may be missing."""
+    return _info(conn, "server").get("run_id")
+
+
 # -- what the server keeps -------------------------------------------------------------------------
 EVICTION_FIX = "set maxmemory-policy noeviction"
 PERSISTENCE_FIX = "set appendonly yes (appendfsync everysec)"

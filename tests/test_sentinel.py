@@ -101,6 +101,8 @@ def test_every_cli_command_works_over_sentinel_and_follows_a_failover(group):
     assert cli(url, "jobs", "queue").returncode == 0
     assert MAILBOX in mailboxes.list_all(direct(group.primary.port))  # written on the primary itself
 
+    conn = redis_conn.connect(url)
+    run_id = redis_conn.server_run_id(conn)
     old, _ = kill_primary(group)
     wait_for(lambda: group.primary_port() not in (None, old), timeout=30, message="the Sentinels' failover")
     new = group.primary_port()
@@ -112,6 +114,7 @@ def test_every_cli_command_works_over_sentinel_and_follows_a_failover(group):
     assert MAILBOX in wait_for(listed, timeout=30, message="mailboxes list after the failover").stdout
     assert cli(url, "mailboxes", "add", "second@ours.example").returncode == 0
     assert "second@ours.example" in mailboxes.list_all(direct(new))
+    assert redis_conn.server_run_id(conn) not in (None, run_id)  # how a process can tell a failover happened
     snap = json.loads(cli(url, "status", "--json").stdout)
     assert snap["redis"]["server"].startswith(f"127.0.0.1:{new} ")
     assert json.loads(cli(url, "sends", "show", "<s-1@ours.example>").stdout)["enrollment_id"] == "e-1"
