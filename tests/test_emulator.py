@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import time
 
 import pytest
 from ews_client import (
@@ -97,10 +98,16 @@ def test_all_folders_subscription_sees_other_folders_and_moves(emulator):
     wait_for(lambda: open_streams(emulator) == 1)
     junk = emulator.deliver(ALICE, message("<junk@spam.example>"), folder="junkemail")
     wait_for(lambda: any(e.item_id and e.item_id.id == junk["item_id"] for e in reader.events("NewMailEvent")))
-    by_sub = {n.subscription_id for n in reader.notifications}
-    assert by_sub == {every}
     inbox = emulator.deliver(ALICE, message("<moved@customer.example>"))
-    wait_for(lambda: len([n for n in reader.notifications if n.subscription_id == inbox_only]) >= 1)
+
+    def item_ids(sub):
+        return {e.item_id.id for n in reader.notifications if n.subscription_id == sub for e in n.events
+                if getattr(e, "item_id", None)}
+
+    # both subscriptions saw the later inbox mail, so anything about the junk mail (which came
+    # first, on the same stream) has arrived too: only the all-folders subscription had it
+    wait_for(lambda: inbox["item_id"] in item_ids(inbox_only) and inbox["item_id"] in item_ids(every))
+    assert junk["item_id"] in item_ids(every) and junk["item_id"] not in item_ids(inbox_only)
     moved = emulator.move(inbox["item_id"], "deleteditems")
     wait_for(lambda: reader.events("MovedEvent"))
     event = reader.events("MovedEvent")[0]
@@ -234,8 +241,12 @@ def test_stream_closes_at_connection_timeout():
     with Emulator(heartbeat_seconds=0.3, extra_args=extra) as emu:
         acc = account(emu, ALICE)
         sub = acc.inbox.subscribe_to_streaming()
+        started = time.monotonic()
         reader = StreamReader(acc.inbox, [sub]).start()
         reader.join(timeout=20)
+        # closed by the server when the one "minute" (1.5 s) ran out, not before; heartbeats
+        # in between yield nothing
+        assert time.monotonic() - started >= 1.4
         assert reader.error is None and reader.notifications == []
 
 
@@ -257,8 +268,7 @@ def test_idle_subscription_expires():
     with Emulator(idle_timeout=0.5) as emu:
         acc = account(emu, ALICE)
         sub = acc.inbox.subscribe_to_streaming()
-        import time
-        time.sleep(1.0)
+        time.sleep(1.0)  # twice the idle timeout, nobody streaming
         with pytest.raises(ErrorSubscriptionNotFound):
             list(acc.inbox.get_streaming_events(sub, connection_timeout=1))
 
