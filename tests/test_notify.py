@@ -229,6 +229,18 @@ def test_transitions_of_one_enrollment_reach_the_callable_in_version_order_while
     assert notifier.pending() == []
 
 
+def test_a_later_version_due_first_still_goes_out_after_its_predecessor_in_the_same_drain(redis_client,
+                                                                                          receiver_factory):
+    """Workers' clocks differ: v2 may be written with an earlier due time than v1 (the transition's
+    Lua step takes the writer's clock). One drain still delivers both, v1 first."""
+    receiver = receiver_factory()
+    a1, a2 = pause_then_stop(redis_client, "ea")
+    redis_client.zadd(OUTBOX_KEY, {a2.id: int(redis_client.zscore(OUTBOX_KEY, a1.id)) - 1000})  # 1 s behind
+    notifier = Notifier(redis_client, webhook_url=receiver.url, webhook_secret=SECRET)
+    assert notifier.drain().delivered == 2
+    assert [d for kind, d in receiver.log if kind == "accepted"] == [a1.id, a2.id]
+
+
 def test_a_transition_waits_for_its_predecessor_in_flight_at_another_drainer(redis_client, redis_server,
                                                                             receiver_factory):
     """Drainer X is inside v1's POST (the receiver holds it); drainer Y must hold v2 back, deliver
