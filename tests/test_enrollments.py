@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from workers.enrollments import OUTBOX_KEY, STREAM_KEY, EnrollmentStore, transition_key
+from workers.notify import Notifier
 
 FUTURE = dt.datetime.now(dt.UTC) + dt.timedelta(days=10)
 
@@ -196,3 +197,15 @@ def test_cli_outbox_lists_pending_and_failed_notifications(redis_server, redis_c
     assert shown.returncode == 0, shown.stderr
     outbox = json.loads(shown.stdout)
     assert [p["id"] for p in outbox["pending"]] == [transition.id] and outbox["failed"] == []
+
+    # a webhook nobody answers, one attempt allowed: the transition gives up and is listed as failed
+    refused = Notifier(redis_client, webhook_url="http://127.0.0.1:9/hook", webhook_secret="s3cret",
+                       webhook_timeout=2, max_attempts=1).drain()
+    assert refused.failed == 1
+    outbox = json.loads(cli(redis_server, "enrollments", "outbox").stdout)
+    assert outbox["pending"] == [] and [f["id"] for f in outbox["failed"]] == [transition.id]
+    assert outbox["failed"][0]["attempts"] == 1 and outbox["failed"][0]["last_error"]
+
+    retried = json.loads(cli(redis_server, "enrollments", "outbox", "--retry-failed").stdout)
+    assert retried["retried"] == 1 and [p["id"] for p in retried["pending"]] == [transition.id]
+    assert retried["failed"] == []
