@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import email
 import email.policy
+import html as html_lib
 import re
 from email.message import Message
 
@@ -117,7 +118,6 @@ _HTML_BREAK = re.compile(r"<(br|/p|/div|/tr|/li|/h\d|blockquote|/blockquote)\b[^
 _HTML_QUOTE = re.compile(r"<blockquote\b|<div[^>]{0,300}(gmail_quote|divRplyFwdMsg|OLK_SRC_BODY_SECTION|"
                          r"moz-cite-prefix|yahoo_quoted|appendonsend)", re.IGNORECASE)
 _HTML_TAG = re.compile(r"<[^>]{0,2000}>")
-_ENTITIES = {"&nbsp;": " ", "&amp;": "&", "&lt;": "<", "&gt;": ">", "&quot;": '"', "&#39;": "'"}
 
 
 def html_to_text(html: str) -> str:
@@ -127,10 +127,7 @@ def html_to_text(html: str) -> str:
     if quote:
         html = html[:quote.start()]
     html = _HTML_BREAK.sub("\n", _HTML_DROP.sub(" ", html))
-    text = _HTML_TAG.sub(" ", html)
-    for entity, char in _ENTITIES.items():
-        text = text.replace(entity, char)
-    return text
+    return html_lib.unescape(_HTML_TAG.sub(" ", html)).replace("\u00a0", " ")
 
 
 def first_text(raw: bytes | str | Message, limit: int = FIRST_TEXT_LIMIT) -> str:

@@ -230,17 +230,39 @@ def _sent(item: Item) -> dt.datetime:
         return item.received
 
 
-def _body(item: Item) -> str:
+def _body_text(item: Item) -> tuple[str, str]:
+    """(BodyType, content) of the message's main text part."""
     msg = email.message_from_bytes(item.raw, policy=email.policy.default)
     part = msg.get_body(preferencelist=("plain", "html"))
     if part is None:
-        return '<t:Body BodyType="Text"></t:Body>'
+        return "Text", ""
     try:
         content = part.get_content()
     except (LookupError, ValueError):  # unknown charset or undecodable payload
         content = ""
-    kind = "HTML" if part.get_content_subtype() == "html" else "Text"
-    return f'<t:Body BodyType="{kind}">{esc(store_safe(content))}</t:Body>'
+    return ("HTML" if part.get_content_subtype() == "html" else "Text"), store_safe(content)
+
+
+def _body(item: Item) -> str:
+    kind, content = _body_text(item)
+    return f'<t:Body BodyType="{kind}">{esc(content)}</t:Body>'
+
+
+_QUOTED_HISTORY = re.compile(
+    r"^(>|-{2,}\s*Original Message\s*-{2,}|On .{1,200} wrote:\s*$|From: .+$|Am .{1,200} schrieb .{1,200}:\s*$|"
+    r"Le .{1,200} a écrit\s*:\s*$|_{8,})", re.MULTILINE | re.IGNORECASE)
+
+
+def _unique_body(item: Item) -> str:
+    """UniqueBody: the part of the body this message added, without the quoted conversation.
+    Exchange works this out from the conversation; here the body is cut at the first line that
+    starts quoted history (``>``, "Original Message", "On ... wrote:", a From: block)."""
+    kind, content = _body_text(item)
+    if kind == "Text":
+        quoted = _QUOTED_HISTORY.search(content)
+        if quoted:
+            content = content[:quoted.start()]
+    return f'<t:UniqueBody BodyType="{kind}">{esc(content)}</t:UniqueBody>'
 
 
 def store_safe(text: str) -> str:
@@ -270,6 +292,7 @@ ITEM_FIELDS = {
     "item:DateTimeCreated": lambda s, i: f"<t:DateTimeCreated>{ts(i.received)}</t:DateTimeCreated>",
     "item:HasAttachments": lambda s, i: f"<t:HasAttachments>{str(_has_attachments(i)).lower()}</t:HasAttachments>",
     "item:ConversationId": lambda s, i: f"<t:ConversationId Id={quoteattr(i.conversation_id)}/>",
+    "item:UniqueBody": lambda s, i: _unique_body(i),
     "message:Sender": lambda s, i: _single("Sender", i.addresses("Sender") or i.addresses("From")),
     "message:ToRecipients": lambda s, i: _many("ToRecipients", i.addresses("To")),
     "message:CcRecipients": lambda s, i: _many("CcRecipients", i.addresses("Cc")),

@@ -47,6 +47,7 @@ from exchange_listener.sources.base import (
 )
 from exchange_listener.sources.ews_account import make_account, make_configuration
 from exchange_listener.sync_state import SyncStore, folder_ref
+from workers.auto_reply_text import html_to_text
 
 # exchangelib field name -> what it is in FetchedMessage; names checked against exchangelib 5.6.
 HEADER_FIELDS = (
@@ -116,6 +117,8 @@ def _field_paths(names: Sequence[str]) -> set[FieldPath]:
 
 _HEADER_PATHS = _field_paths(HEADER_FIELDS)
 _MIME_PATHS = _field_paths(("mime_content",))
+_TEXT_PATHS = _field_paths(("unique_body",))
+TEXT_LIMIT = 8192  # characters of UniqueBody the classifier gets: only the start of a reply matters
 
 
 def _address(mailbox) -> str | None:
@@ -223,6 +226,18 @@ class EwsFetcher:
         if isinstance(item, Exception):
             raise self._gone(mailbox, item_id, item)
         return item.mime_content or b""
+
+    def fetch_text(self, mailbox: str, item_id: str) -> str:
+        """The text this message added (EWS UniqueBody, without the quoted conversation), as
+        plain text and bounded; far smaller than its MIME. Empty when Exchange has none."""
+        (item,) = self._get_items(mailbox, [item_id], _TEXT_PATHS)
+        if isinstance(item, Exception):
+            raise self._gone(mailbox, item_id, item)
+        body = getattr(item, "unique_body", None)
+        if not body:
+            return ""
+        text = html_to_text(str(body)) if type(body).__name__ == "HTMLBody" else str(body)
+        return text[:TEXT_LIMIT]
 
     def relocate(self, mailbox: str, mail: NewMail) -> FetchedMessage | ItemGone:
         """The gone ``mail`` where it is now, or ``ItemGone`` saying it exists nowhere we can see."""
