@@ -528,6 +528,10 @@ class CountingFetcher(EwsFetcher):
         self.mime_reads.append(item_id)
         return super().fetch_mime(mailbox, item_id)
 
+    def fetch_text(self, mailbox, item_id):  # a body read too (UniqueBody), far smaller than the MIME
+        self.mime_reads.append(item_id)
+        return super().fetch_text(mailbox, item_id)
+
 
 OOO_TEXT_ONLY = ("Vielen Dank für Ihre Nachricht. Ich bin bis einschließlich {day} nicht im Büro und habe keinen "
                  "Zugriff auf meine E-Mails.")
