@@ -119,7 +119,7 @@ SIZES = {
     # rounds: how many times each fault kind is injected; settle: seconds allowed to go quiet.
     # sentinel: run Redis as a Sentinel group and inject the failover; phase: replies per batch of
     # the mailbox-behaviour phase.
-    "small": {"mailboxes": 24, "deliveries": 600, "rate": 12.0, "rounds": 1, "settle": 100.0, "lease": 8.0,
+    "small": {"mailboxes": 24, "deliveries": 480, "rate": 12.0, "rounds": 1, "settle": 100.0, "lease": 8.0,
               "sentinel": True, "phase": 21},
     "large": {"mailboxes": 200, "deliveries": 10_000, "rate": 55.0, "rounds": 3, "settle": 240.0, "lease": 10.0,
               "sentinel": True, "phase": 140},
@@ -866,6 +866,13 @@ class Drill:
     def fault_schedule(self, duration: float) -> list[tuple[float, str]]:
         kinds = [k for k in self.fault_kinds for _ in range(self.cfg["rounds"])]
         self.rng.shuffle(kinds)
+        # a killed worker's job comes back only after RQ's reclaim (worker_ttl, maintenance) and a
+        # retry's backoff, about a minute: in the first half, so the drill does not end waiting for it
+        cut = len(kinds) // 2
+        late = [i for i, k in enumerate(kinds) if k == "kill_worker" and i >= cut]
+        early = [i for i in range(cut) if kinds[i] != "kill_worker"]
+        for i, j in zip(late, self.rng.sample(early, min(len(late), len(early)))):
+            kinds[i], kinds[j] = kinds[j], kinds[i]
         slot = duration * 0.85 / len(kinds)
         return [(duration * 0.05 + i * slot + self.rng.random() * slot * 0.5, kind) for i, kind in enumerate(kinds)]
 
