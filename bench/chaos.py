@@ -53,7 +53,10 @@ duplicated, falsely stopped or left unexplained in the queues. Its fields:
   stop of each drain's replies (``resume_to_last_stop_s``, the worse of the two), per fate the
   replies and the enrollments stopped (``by_fate``: every fate but ``purged`` must stop all;
   ``purged`` none), and ``unstopped_after_jobs``: batch-A replies still not stopped when their
-  jobs had run (each also counted in ``lost``, even if a later catch-up stopped it).
+  jobs had run (each also counted in ``lost``, even if a later catch-up stopped it);
+  ``replayed_after_restart``: batch-A replies, already processed in the folders they were moved
+  to, that the listeners' catch-up after the restart enqueued again (must be 0: processed mail is
+  never fetched again, whatever its folder).
 
 Children run with short timings so that the drill fits in CI: ``heartbeat_seconds`` 1,
 ``lease_seconds`` 8-10, ``worker_ttl`` 10, ``job_timeout`` 30, ``job_retries`` 8, and
@@ -104,6 +107,7 @@ from exchange_listener.local_services import (
     wait_for,
 )
 from exchange_listener.queueing import make_queue
+from exchange_listener.sync_state import SyncStore
 from workers.enrollments import STREAM_KEY, EnrollmentStore
 from workers.sends import SendRegistry
 
@@ -1006,24 +1010,43 @@ class Drill:
             return None
         return round(time.monotonic() - t0, 1)
 
-    def apply_fates(self, batch: list[Enrollment], items: dict) -> None:
-        """What the rep does to each queued reply while no worker runs (see FATES)."""
+    def apply_fates(self, batch: list[Enrollment], items: dict) -> dict[str, str | None]:
+        """What the rep does to each queued reply while no worker runs (see FATES). Returns
+        enrollment id -> the reply's item id now (None when purged)."""
         emulator = self.stack.emulator
-        for i, e in enumerate(batch):
+        now: dict[str, str | None] = {}
+        for e in batch:
             item = items[e.id]
             if e.fate == "moved_nested":
-                emulator.move(item, NESTED_FOLDER)
+                item = emulator.move(item, NESTED_FOLDER)["item_id"]
             elif e.fate == "moved_new":  # a folder made by this very move, two levels deep
-                emulator.move(item, f"Projects/{e.id}/Replies")
+                item = emulator.move(item, f"Projects/{e.id}/Replies")["item_id"]
             elif e.fate == "deleted":
-                emulator.move(item, "deleteditems")
+                item = emulator.move(item, "deleteditems")["item_id"]
             elif e.fate == "hard_deleted":  # to Recoverable Items (recoverableitemsdeletions)
-                emulator.delete(item)
+                item = emulator.delete(item)["item_id"]
             elif e.fate == "moved_twice":
                 moved = emulator.move(item, "Later")
-                emulator.move(moved["item_id"], "deleteditems")
+                item = emulator.move(moved["item_id"], "deleteditems")["item_id"]
             elif e.fate == "purged":  # gone from the mailbox: no worker can ever read it
                 emulator.delete(item, purge=True)
+                item = None
+            now[e.id] = item
+        return now
+
+    def wait_caught_up(self, since: float, timeout: float = 60.0) -> float | None:
+        """Seconds until every mailbox finished a full catch-up after ``since`` (epoch), or None."""
+        store, t0 = SyncStore(self.stack.redis), time.monotonic()
+
+        def done() -> bool:
+            return all((store.caught_up_at(m) or 0) > since for m in self.mailboxes)
+
+        try:
+            wait_for(lambda: retrying(done), timeout=timeout, interval=0.5, message="every mailbox caught up")
+        except AssertionError:
+            self.errors.append(f"mailbox phase: not every mailbox caught up within {timeout:.0f}s of the restart")
+            return None
+        return round(time.monotonic() - t0, 1)
 
     def set_running(self, procs: list[Proc], running: bool, *, kill: bool = False) -> float:
         """Stop ``procs`` (SIGTERM: warm shutdown, in parallel; or kill -9) and keep the supervisor
@@ -1078,7 +1101,7 @@ class Drill:
         info["drain_s"] = round(self.set_running(workers, False), 1)
         items_a = self.deliver_batch(batch_a, deliverer)
         info["queued_s"] = self.wait_queued(items_a, "batch A queued")
-        self.apply_fates(batch_a, items_a)
+        now_a = self.apply_fates(batch_a, items_a)
         self.set_running(workers, True)
         t_back = time.monotonic()
         info["workers_back_at"] = [time.time()]
@@ -1109,8 +1132,12 @@ class Drill:
 
         items_c = self.deliver_batch(batch_c, deliverer, rule_folder)
         info["listeners_down_s"] = round(time.monotonic() - listeners_down, 1)
+        restarted_at = time.time()
         self.set_running(listeners, True)
         info["catch_up_s"] = self.wait_queued(items_c, "the rule-filed replies caught up by the listeners")
+        # batch A was processed in its new folders; the restart's catch-up must not enqueue it again
+        self.wait_caught_up(restarted_at)
+        info["replayed_after_restart"] = len({i for i in now_a.values() if i} & self.pending_items())
         self.set_running(workers, True)
         info["workers_back_at"].append(time.time())
         info["fates"] = dict(collections.Counter(e.fate for b in self.batches.values() for e in b))
@@ -1350,7 +1377,8 @@ def passed(report: dict) -> bool:
     return (report["lost"] == 0 and report["duplicated"] == 0 and report["false_stops"] == 0 and report["wrong"] == 0
             and report["unexplained"] == 0 and all(n > 0 for n in report["faults"].values()) and not report["errors"]
             and (report["redis"] != "sentinel" or report["failover_recovery_s"] is not None)
-            and (phase is None or phase.get("resume_to_last_stop_s") is not None))
+            and (phase is None or (phase.get("resume_to_last_stop_s") is not None
+                                   and phase.get("replayed_after_restart") == 0)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1392,6 +1420,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(report, fh, indent=2, default=str)
     summary = {k: report.get(k) for k in ("size", "redis", "replies", "injected", "lost", "duplicated", "false_stops",
                                           "wrong", "unexplained", "max_recovery_s", "failover_recovery_s", "total_s")}
+    phase = report.get("mailbox_phase") or {}
+    summary.update(replayed_after_restart=phase.get("replayed_after_restart"), passed=ok)
     print("chaos drill: " + ", ".join(f"{k}={v}" for k, v in summary.items()), file=sys.stderr)
     if ok and not args.keep_logs:
         import shutil

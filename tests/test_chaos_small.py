@@ -47,4 +47,6 @@ def test_small_drill_loses_nothing_and_stops_each_enrollment_once():
         assert counts["stopped"] == (0 if fate == "purged" else counts["replies"]), (fate, counts)
     assert report["purged_expected_active"] == by_fate["purged"]["replies"]
     assert phase["resume_to_last_stop_s"] is not None
+    assert phase["unstopped_after_jobs"] == 0, phase  # relocation did it, not a later catch-up
+    assert phase["replayed_after_restart"] == 0, phase  # the ledger kept processed mail from a re-fetch
     assert proc.returncode == 0, report
