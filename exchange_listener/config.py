@@ -49,6 +49,15 @@ def _url(*schemes: str) -> Callable[[str, Any], None]:
     return check
 
 
+def _redis_url(key: str, value: Any) -> None:
+    _url("redis", "rediss", "unix", "redis+sentinel")(key, value)
+    if str(value).startswith("redis+sentinel:"):
+        # imported here: redis_conn imports this module
+        from exchange_listener.redis_conn import parse_sentinel_url
+
+        parse_sentinel_url(str(value))  # a ConfigError naming redis_url, password hidden
+
+
 def _redact_url(value: Any) -> str:
     """A URL with any password replaced, for error messages."""
     parts = urlsplit(str(value))
@@ -68,7 +77,7 @@ class Field:
 
 
 FIELDS: tuple[Field, ...] = (
-    Field("redis_url", str, "redis://127.0.0.1:6379/0", "Redis holding queues, leases, sync states, sends and enrollments.", _url("redis", "rediss", "unix", "redis+sentinel")),
+    Field("redis_url", str, "redis://127.0.0.1:6379/0", "Redis holding queues, leases, sync states, sends and enrollments.", _redis_url),
     Field("allow_volatile_redis", bool, False, "Accept a Redis that persists nothing or may evict our keys (demo/tests only); otherwise status is unhealthy."),
     Field("ews_url", str, "", "EWS endpoint, e.g. https://mail.example.com/EWS/Exchange.asmx.", _url("http", "https")),
     Field("ews_version", str, "15.1.2507.6", "Exchange build to assume (skips exchangelib's version probe)."),
@@ -123,7 +132,10 @@ class Settings:
     def __repr__(self) -> str:
         shown = {k: ("***" if k in SECRET_KEYS and v else v) for k, v in self.values.items()}
         if shown.get("redis_url"):
-            shown["redis_url"] = _redact_url(shown["redis_url"])
+            # imported here: redis_conn imports this module
+            from exchange_listener.redis_conn import redact
+
+            shown["redis_url"] = redact(shown["redis_url"])
         return f"Settings({shown})"
 
     def require(self, *keys: str) -> None:

@@ -38,10 +38,15 @@ class Limits:
     silent_group: float = 150.0  # a group's stream silent (no heartbeat, no event) this long
     stuck_queue: float = 120.0  # oldest queued job this old and no worker busy: the queue is stuck
     allow_volatile_redis: bool = False  # a Redis that can evict our keys or persists nothing is accepted
+    mailbox_failure_grace: float = 900.0  # a mailbox that cannot be subscribed this long is a problem
 
 
 def _age(now: float, then: float | None) -> float | None:
     return None if then is None else round(max(0.0, now - then), 1)
+
+
+def _until(now: float, then: float | None) -> float | None:
+    return None if not then else round(max(0.0, then - now), 1)
 
 
 def _text(value) -> str:
@@ -79,6 +84,10 @@ def _listeners(conn: redis.Redis, now: float) -> list[dict]:
                 "connected": bool(g.get("connected")),
                 # never active yet: silent since the listener started
                 "last_activity_age_s": _age(now, g.get("last_activity") or started),
+                "failing_count": int(g.get("failing_count") or 0),
+                "failing": [{"mailbox": f.get("mailbox"), "error": f.get("error"),
+                             "failing_for_s": _age(now, f.get("since")), "retry_in_s": _until(now, f.get("retry_at"))}
+                            for f in g.get("failing") or () if isinstance(f, dict)],
             } for g in groups if isinstance(g, dict)],
         })
     return found
@@ -183,6 +192,10 @@ def problems(snap: dict, limits: Limits = Limits()) -> list[str]:
             found.append(f"listener {listener['id']} is stale: last heartbeat {age:.0f} s ago")
             continue
         for group in listener["groups"]:
+            for failing in group["failing"]:
+                if (failing["failing_for_s"] or 0) > limits.mailbox_failure_grace:
+                    found.append(f"mailbox {failing['mailbox']} cannot be subscribed for {failing['failing_for_s']:.0f} s "
+                                 f"(listener {listener['id']}): {failing['error']}")
             silent = group["last_activity_age_s"]
             if not group["connected"] and (silent is None or silent > limits.silent_group):
                 found.append(f"listener {listener['id']} group {group['group']} is not connected")

@@ -221,6 +221,7 @@ class Listener:
         self._set_missing = False
         self._stop = threading.Event()
         self._redis_ok = True
+        self._redis_run_id: str | None = None
         self._activity_lock = threading.Lock()
         self._active: dict[str, tuple[float, set[str]]] = {}  # mailbox -> (first new mail, folders) since its checkpoint
         self._full_groups: list[StreamGroup] = []  # groups the server refused a connection for
@@ -312,6 +313,8 @@ class Listener:
         metrics.serve(self.settings.metrics_port)
         self.log.info("listener starting", ews_url=self.settings.ews_url, group_size=self.settings.group_size,
                       lease_seconds=self.settings.lease_seconds)
+        redis_conn.check_at_start(self.conn, allow_volatile=self.settings.allow_volatile_redis, log=self.log)
+        self._redis_run_id = self._run_id()
         tick = min(1.0, self.settings.lease_seconds / 3)
         balance_every = max(tick, self.settings.lease_seconds / 3)
         next_balance = 0.0
@@ -331,6 +334,7 @@ class Listener:
                 if not self._redis_ok:
                     self._redis_ok = True
                     self.log.info("Redis reachable again")
+                    self._after_redis_outage()
             except REDIS_ERRORS as exc:
                 if self._redis_ok:
                     self._redis_ok = False
@@ -343,6 +347,23 @@ class Listener:
                 group.poke()
             self._stop.wait(tick)
         return self._shutdown()
+
+    def _run_id(self) -> str | None:
+        try:
+            return redis_conn.server_run_id(self.conn)
+        except REDIS_ERRORS:
+            return None
+
+    def _after_redis_outage(self) -> None:
+        """Another server behind the URL (a failover, a restart) may lack the last writes before
+        it: the jobs just enqueued, the sync states just stored. Catch every held mailbox up."""
+        run_id = self._run_id()
+        if run_id and self._redis_run_id and run_id != self._redis_run_id:
+            self.log.warning("Redis changed under us (failover or restart); catching up every mailbox we hold, "
+                             "since its last writes may be missing", mailboxes=len(self.group_of))
+            self.catchups.request(list(self.group_of), "redis_changed")
+            redis_conn.check_at_start(self.conn, allow_volatile=self.settings.allow_volatile_redis, log=self.log)
+        self._redis_run_id = run_id or self._redis_run_id
 
     def _poll_mailboxes(self) -> bool:
         version = mailboxes_mod.version(self.conn)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -152,7 +154,16 @@ def test_a_restart_catches_up_only_the_gap(redis_client, emulator, listeners):
     assert len(enqueued) == 3
 
 
-def test_one_mailbox_that_cannot_be_subscribed_never_disturbs_its_group(redis_client, emulator, listeners):
+def status(redis_server, emulator, **settings) -> dict:
+    env = service_env(redis_server.url, emulator.ews_url, allow_volatile_redis=True, **settings)
+    done = subprocess.run([sys.executable, "-m", "exchange_listener.cli", "status", "--json"], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.stdout, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_one_mailbox_that_cannot_be_subscribed_never_disturbs_its_group(redis_client, redis_server, emulator,
+                                                                        listeners):
     addresses = ["eve@example.com", "fay@example.com", "gus@example.com"]
     emulator.fault(kind="mailbox_error", mailbox="fay@example.com", code="ErrorImpersonateUserDenied")
     mailboxes.add(redis_client, addresses)
@@ -161,6 +172,17 @@ def test_one_mailbox_that_cannot_be_subscribed_never_disturbs_its_group(redis_cl
     wait_for(lambda: sum(g["failing_count"] for g in groups(redis_client)) == 1, message="the bad one reported")
     (failing,) = [f for g in groups(redis_client) for f in g["failing"]]
     assert failing["mailbox"] == "fay@example.com" and "ErrorImpersonateUserDenied" in failing["error"]
+    # status shows it; unhealthy only past the bound
+    within = status(redis_server, emulator, mailbox_failure_grace_seconds=3600)
+    assert not any("fay@example.com" in p for p in within["problems"])
+    assert any(f["mailbox"] == "fay@example.com" for lst in within["listeners"] for g in lst["groups"]
+               for f in g["failing"])
+    past = status(redis_server, emulator, mailbox_failure_grace_seconds=0)
+    assert any("fay@example.com cannot be subscribed" in p for p in past["problems"])
+    text = subprocess.run([sys.executable, "-m", "exchange_listener.cli", "status"], capture_output=True, text=True,
+                          env=service_env(redis_server.url, emulator.ews_url, allow_volatile_redis=True),
+                          timeout=60, check=False).stdout
+    assert "1 failing to subscribe" in text and "fay@example.com: ErrorImpersonateUserDenied" in text
     items = [emulator.deliver(a, mail("re: hello"))["item_id"] for a in ("eve@example.com", "gus@example.com")]
     wait_for(lambda: set(items) <= set(queued(redis_client)), message="the group's other mail flows")
 

@@ -1,6 +1,7 @@
 """Prometheus metrics: scraped from a running listener and a running worker, they move with a reply."""
 from __future__ import annotations
 
+import email.utils
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -38,7 +39,7 @@ def reply(send_id: str) -> bytes:
         "From: Dana Whitfield <dana@prospect.example>\r\n"
         f"To: Rep <{MAILBOX}>\r\n"
         "Subject: RE: Quick question\r\n"
-        "Date: Fri, 27 Nov 2026 09:30:00 +0000\r\n"
+        f"Date: {email.utils.formatdate(usegmt=True)}\r\n"  # written after the send it answers
         "Message-ID: <reply-1@prospect.example>\r\n"
         f"In-Reply-To: {send_id}\r\nReferences: {send_id}\r\n"
         "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"

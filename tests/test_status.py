@@ -5,6 +5,7 @@ suspension, and the mailbox and queue modules; nothing writes the keys status re
 """
 from __future__ import annotations
 
+import email.utils
 import json
 import subprocess
 import sys
@@ -94,7 +95,7 @@ def test_running_listener_and_worker_are_healthy_and_shown(redis_client, redis_s
                                              ["dana@prospect.example"])
     emulator.deliver("rep.one@example.com", (
         "From: Dana <dana@prospect.example>\r\nTo: rep.one@example.com\r\nSubject: RE: hello\r\n"
-        "Message-ID: <r-1@prospect.example>\r\nDate: Fri, 27 Nov 2026 09:00:00 +0000\r\n"
+        f"Message-ID: <r-1@prospect.example>\r\nDate: {email.utils.formatdate(usegmt=True)}\r\n"
         f"In-Reply-To: {send.message_ids[0]}\r\nReferences: {send.message_ids[0]}\r\n\r\nLet's talk.\r\n").encode())
     def stopped():
         snap = status(env)[1]

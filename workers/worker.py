@@ -179,8 +179,10 @@ def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> 
                           "every worker process needs its own port") from None
     ctx.warm_up()
     worker = make_worker(settings, name=name)
-    log.info("worker starting", worker=worker.name, queue=settings.queue_name, burst=burst,
+    worker_name = worker.name
+    log.info("worker starting", worker=worker_name, queue=settings.queue_name, burst=burst,
              worker_ttl=settings.worker_ttl, job_timeout=settings.job_timeout)
+    redis_conn.check_at_start(worker.connection, allow_volatile=settings.allow_volatile_redis, log=log)
     timer = None
     try:
         ctx.notifier.drain()  # whatever a previous worker left behind
@@ -193,6 +195,7 @@ def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> 
         while True:
             started = time.monotonic()
             try:
+                worker = worker or make_worker(settings, name=worker_name)  # RQ's Worker() talks to Redis too
                 worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level.upper())
                 break
             except redis.exceptions.ConnectionError as exc:
@@ -203,11 +206,11 @@ def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> 
                     raise
                 failures = 1 if time.monotonic() - started > 60 else failures + 1
                 delay = min(30.0, 2.0 ** failures) * random.uniform(0.5, 1.0)
-                log.warning("redis unreachable; worker starts again after a pause", worker=worker.name,
+                log.warning("redis unreachable; worker starts again after a pause", worker=worker_name,
                             error=f"{type(exc).__name__}: {exc}", retry_in_s=round(delay, 1))
                 if _sleep_unless_stopped(delay):
                     break
-                worker = make_worker(settings, name=worker.name)
+                worker = None
     finally:
         if timer is not None:
             timer.stop()
@@ -217,5 +220,5 @@ def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> 
             except redis.exceptions.RedisError:
                 pass
         ctx.close()
-    log.info("worker stopped", worker=worker.name)
+    log.info("worker stopped", worker=worker_name)
     return 0

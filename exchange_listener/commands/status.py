@@ -70,8 +70,14 @@ def render(snap: dict, found: list[str]) -> str:
     else:
         lines.append("  none")
     mb = snap["mailboxes"]
+    failing = [(item["id"], f) for item in listeners for g in item["groups"] for f in g["failing"]]
+    failing_total = sum(g["failing_count"] for item in listeners for g in item["groups"])
     lines.append("")
-    lines.append(f"Mailboxes: {mb['watched']} watched, {mb['held']} held, {len(mb['unowned'])} unowned")
+    lines.append(f"Mailboxes: {mb['watched']} watched, {mb['held']} held, {len(mb['unowned'])} unowned, "
+                 f"{failing_total} failing to subscribe")
+    for listener_id, f in failing[:20]:
+        lines.append(f"  failing for {f['failing_for_s'] or 0:.0f} s, retry in {f['retry_in_s'] or 0:.0f} s "
+                     f"({listener_id}): {f['mailbox']}: {f['error']}")
     for address in mb["unowned"][:20]:
         lines.append(f"  unowned: {address}")
     if len(mb["unowned"]) > 20:
@@ -110,6 +116,7 @@ def run(args) -> int:
         silent_group=args.silent_group if args.silent_group is not None else 3 * settings.heartbeat_seconds + 15,
         stuck_queue=args.stuck_queue,
         allow_volatile_redis=settings.allow_volatile_redis,
+        mailbox_failure_grace=settings.mailbox_failure_grace_seconds,
     )
     conn = redis_conn.connect(settings.redis_url)
     snap = health.snapshot(conn, settings.queue_name)
