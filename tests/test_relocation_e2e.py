@@ -8,18 +8,21 @@ reported gone: in the job's result and the log.
 """
 from __future__ import annotations
 
+import email
 import functools
 import json
 
 import mail_samples as mail
 import pytest
 from rq.job import Job
-from rq.registry import FinishedJobRegistry
+from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
 from exchange_listener import mailboxes, queueing
+from exchange_listener.ledger import Ledger, identity
 from exchange_listener.local_services import CliProcess, service_env, wait_for
 from workers.enrollments import EnrollmentStore
+from workers.message_ids import normalize
 from workers.sends import SendRegistry
 
 MAILBOX = "rep@ours.example"
@@ -33,8 +36,9 @@ def system(redis_server, redis_client, emulator, tmp_path):
     env = service_env(redis_server.url, emulator.ews_url, heartbeat_seconds=1, lease_seconds=3, listener_id="l1")
     procs: list[CliProcess] = []
 
-    def start(*args, name):
-        proc = CliProcess(args, env, tmp_path / f"{name}-{len(procs)}.log")
+    def start(*args, name, **settings):
+        proc = CliProcess(args, {**env, **{f"EXCHANGE_LISTENER_{k.upper()}": str(v) for k, v in settings.items()}},
+                          tmp_path / f"{name}-{len(procs)}.log")
         procs.append(proc)
         return proc
 
@@ -115,3 +119,36 @@ def test_a_reply_moved_while_no_listener_ran_is_found_in_its_new_folder(system, 
     wait_for(lambda: (enrollments.get("e-moved-unseen") or {}).get("status") == "stopped",
              message="the reply, caught up in its new folder, stopped its enrollment")
     assert len(enrollments.history("e-moved-unseen")) == 1
+
+
+def test_mail_whose_job_failed_is_never_taken_as_done_by_a_catch_up(system, redis_client, emulator):
+    """A job that failed (Exchange refused GetItem for the mailbox) stays in the failed registry
+    across a listener restart and its catch-up; the ledger never counts it as processed; once
+    requeued after the cause is gone, it stops its enrollment."""
+    sends, enrollments = SendRegistry(redis_client), EnrollmentStore(redis_client)
+    mailboxes.add(redis_client, [MAILBOX])
+    listener = system("listen", name="listener", job_retries=0)  # the listener sets a job's retries
+    wait_for(lambda: streaming(redis_client), message="streaming")
+    emulator.fault(kind="mailbox_error", mailbox=MAILBOX, code="ErrorAccessDenied", operations=["GetItem"])
+    raw, _ = reply_to(sends, "e-failed-first")
+    item = emulator.deliver(MAILBOX, raw)["item_id"]
+    failed = FailedJobRegistry(queue=queueing.make_queue(redis_client, QUEUE))
+    job_id = queueing.job_id(MAILBOX, [item])
+    worker = system("work", "--name", "fail-worker", name="worker")
+    wait_for(lambda: job_id in failed.get_job_ids(), message="the job failed for good")
+    assert worker.terminate() == 0
+
+    assert listener.terminate() == 0
+    system("listen", name="listener")  # its catch-up reads the inbox again
+    wait_for(lambda: streaming(redis_client), message="streaming again")
+    wait_for(lambda: redis_client.hget("el:listener:l1", "catchups_pending") == b"0", message="catch-up done")
+    assert job_id in failed.get_job_ids()  # still visible in `make failed`
+    reply_id = normalize(email.message_from_bytes(raw)["Message-ID"])
+    assert not Ledger(redis_client).processed(MAILBOX, [identity(reply_id, item), identity(None, item)])
+    assert (enrollments.get("e-failed-first") or {}).get("status", "active") == "active"
+
+    emulator.fault(kind="clear_mailbox_error", mailbox=MAILBOX)
+    failed.requeue(job_id)
+    system("work", "--name", "fail-worker-2", name="worker")
+    wait_for(lambda: (enrollments.get("e-failed-first") or {}).get("status") == "stopped",
+             message="requeued job stopped the enrollment")
