@@ -918,7 +918,13 @@ class Drill:
             self.wait_sentinel_settled(fault)
             fault["at"] = time.time()
             pause = self.rng.uniform(1, 3)
-            stopper = threading.Thread(target=stack.restart_redis, args=(pause,), daemon=True)
+            def restart() -> None:
+                try:
+                    stack.restart_redis(pause)
+                except Exception as exc:  # noqa: BLE001 - recorded in the report, never fatal
+                    self.errors.append(f"restarting Redis failed: {type(exc).__name__}: {exc}")
+
+            stopper = threading.Thread(target=restart, daemon=True)
             stopper.start()
             time.sleep(0.2 if stack.sentinel else 0.0)
             self.send_probes(fault)  # replies arrive while Redis is down
@@ -1260,7 +1266,7 @@ class Drill:
                 fault["job_status"] = job.get_status() if job is not None else "expired"
             fault["recovery_s"] = round(max(ends), 2) if ends else None
             recoveries.append(fault["recovery_s"] or 0.0)
-            if fault["kind"] in ("failover", "restart_redis") and self.stack.sentinel:
+            if fault["kind"] == "failover":
                 after = [t for entries in times.values() for t, _ in entries if t > fault["at"]]
                 fault["flowing_s"] = round(min(after) - fault["at"], 2) if after else None
         # mailbox-behaviour phase: by fate, how many stopped; from the workers' return to the last stop
