@@ -596,5 +596,26 @@ def test_the_first_receipt_is_kept_for_the_retention_once_matched_and_briefly_ot
         key = "el:first_received:" + hashlib.sha256(f"mid\n{normalize(message_id)}".encode()).hexdigest()[:32]
         return redis_client.ttl(key) / 86400
 
-    assert ctx.settings.processed_days - 1 < ttl_days(unrelated_id) <= ctx.settings.processed_days
+    assert 0.9 < ttl_days(unrelated_id) <= jobs.UNMATCHED_RECEIPT_TTL / 86400
     assert ctx.settings.retention_days - 1 < ttl_days(reply_id) <= ctx.settings.retention_days
+
+
+def test_a_later_copy_also_acts_on_a_send_recorded_after_the_first_copy_decided(ctx):
+    """The first copy's decision covers the sends it matched; a send recorded since (here the id
+    a mail server gave our second enrollment's send) is acted on by the next copy, with the
+    first copy's time, and the first decision is not changed or repeated."""
+    hour_ago = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    first_send = record(ctx, "e-first", PROSPECT, hour_ago)
+    rewritten = mail.new_id("ses.example")  # recorded only later, for another enrollment
+    raw = dated(mail.reply(sender=PROSPECT, to=MAILBOX, cc=MAILBOX2, in_reply_to=first_send,
+                           references=f"{rewritten} {first_send}"), dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5))
+    copy_a = ctx.emulator.deliver(MAILBOX, raw)["item_id"]
+    copy_b = ctx.emulator.deliver(MAILBOX2, raw)["item_id"]
+    first = run_job(MAILBOX, copy_a)
+    assert decision(first) == [("e-first", "stopped", "replied")]
+    ctx.sends.record([rewritten], "e-second", "seq-2", MAILBOX, to=[PROSPECT], sent_at=hour_ago)
+    second = run_job(MAILBOX2, copy_b)
+    assert second["items"][0]["decision"] == "reused"
+    assert decision(second) == [("e-first", "stopped", "replied"), ("e-second", "stopped", "replied")]
+    assert ctx.enrollments.get("e-second")["status"] == "stopped"
+    assert len(ctx.enrollments.history("e-first")) == 1

@@ -195,6 +195,10 @@ REPLY_TIMES = [
     ("an unparseable Date is the first receipt", "next tuesday-ish", RECEIVED),
     ("an empty Date is the first receipt", "  ", RECEIVED),
     ("an impossible Date is the first receipt", "Fri, 45 Nov 2026 10:30:00 +0000", RECEIVED),
+    ("a reset clock (1970) is the first receipt", "Thu, 01 Jan 1970 00:00:00 +0000", RECEIVED),
+    ("a reset clock (2000) is the first receipt", "Sat, 01 Jan 2000 00:00:00 -0000", RECEIVED),
+    ("a week-old Date is not believed", "Fri, 13 Nov 2026 10:59:00 +0000", RECEIVED),
+    ("six days in an outbox is believed", "Sat, 14 Nov 2026 11:00:00 +0000", dt.datetime(2026, 11, 14, 11, 0, tzinfo=dt.UTC)),
 ]
 
 

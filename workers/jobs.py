@@ -159,17 +159,17 @@ def _classify(fetcher, mailbox: str, item: FetchedMessage, bound) -> tuple[Class
     """Headers first; the full MIME source only when the headers cannot settle it. Also says
     whether the verdict saw the body (then the text was already read)."""
     if not needs_body(item.headers):
-        return classify_headers(item.headers), False
+        return classify_headers(item.headers, item.item_class), False
     try:
         raw = fetcher.fetch_mime(mailbox, item.item_id)  # ItemGone: the caller looks for it elsewhere
     except ItemUnreadable as exc:  # the item is there but Exchange cannot give its MIME: headers decide
         bound.warning("mime unavailable, classified from headers", error=str(exc))
-        return classify_headers(item.headers), False
+        return classify_headers(item.headers, item.item_class), False
     try:
         return classify_message(raw), True
     except UnparseableMessage as exc:
         bound.warning("mime unusable, classified from headers", error=str(exc))
-        return classify_headers(item.headers), False
+        return classify_headers(item.headers, item.item_class), False
 
 
 def _settle(fetcher, mailbox: str, item: FetchedMessage, c: Classification, when: dt.datetime,
@@ -216,29 +216,32 @@ def _received(mail: NewMail, item: FetchedMessage) -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+UNMATCHED_RECEIPT_TTL = 86400  # seconds a copy that matched nothing keeps its receipt (a send recorded late)
+
+
 def _reply_time(ctx, identity: str, has_message_id: bool, matched: bool, mail: NewMail,
-                item: FetchedMessage) -> dt.datetime:
-    """The mail's Date bounded by the earliest receipt of any copy of it (kept in Redis: for
-    ``retention_days`` once it matched a send; mail that matched nothing is kept only for
-    ``processed_days``, the horizon within which another copy can still be processed — one key
-    per received mail for the whole retention would cost far more memory than it is worth)."""
+                item: FetchedMessage) -> tuple[dt.datetime, dt.datetime]:
+    """(the mail's Date bounded by the earliest receipt of any copy of it, that earliest
+    receipt). The receipt is kept in Redis for ``retention_days`` once the mail matched a send;
+    a copy that matched nothing keeps it a day (``UNMATCHED_RECEIPT_TTL``), for a send the
+    platform records late — one key per received mail for longer would cost far more memory."""
     received = _received(mail, item)
     if has_message_id:
-        days = ctx.settings.retention_days if matched else min(ctx.settings.processed_days,
-                                                               ctx.settings.retention_days)
-        ttl = int(days) * 86400
+        ttl = int(ctx.settings.retention_days) * 86400 if matched else UNMATCHED_RECEIPT_TTL
         earliest = ctx.redis.eval(_FIRST_RECEIVED, 1, f"el:first_received:{identity}",
                                   repr(received.timestamp()), ttl)
         received = dt.datetime.fromtimestamp(float(earliest), dt.UTC)
-    return policy.reply_time(_header(item, "date"), received)
+    return policy.reply_time(_header(item, "date"), received), received
 
 
-def _decision_json(c: Classification, key: str, when: dt.datetime, actions: list[policy.Action]) -> str:
+def _decision_json(c: Classification, key: str, when: dt.datetime, received: dt.datetime,
+                   actions: list[policy.Action], matched: list[str]) -> str:
     def plain(value):
         return value.isoformat() if isinstance(value, (dt.date, dt.datetime)) else value
 
     return json.dumps({
         "kind": c.kind, "return_date": plain(c.return_date), "event_key": key, "reply_time": when.isoformat(),
+        "received": received.isoformat(), "matched": matched,
         "actions": [{**dataclasses.asdict(a), "extra": {k: plain(v) for k, v in a.extra.items()}} for a in actions],
     }, separators=(",", ":"))
 
@@ -270,14 +273,15 @@ def _process(ctx, fetcher, mailbox: str, mail: NewMail, item: FetchedMessage, bo
         summary["skipped"] = "a copy of one of our sends"
         return summary
     identity = _identity(mailbox, item, c)
-    when = _reply_time(ctx, identity, bool(own_id), bool(found), mail, item)
+    when, received = _reply_time(ctx, identity, bool(own_id), bool(found), mail, item)
     summary["matched"] = list(dict.fromkeys(s.enrollment_id for s in found))
     if not found:
         metrics.UNMATCHED.labels(kind).inc()
         bound.info("mail matched no send", kind=kind)
         return summary
 
-    decision, reused = _decide_once(ctx, fetcher, mailbox, item, c, body_seen, found, sender, when, identity, bound)
+    decision, reused = _decide_once(ctx, fetcher, mailbox, item, c, body_seen, found, sender, when, received,
+                                    identity, bound)
     if reused:
         summary["decision"] = "reused"  # an earlier copy (another mailbox, folder or attempt) decided
     summary["kind"] = decision["kind"]
@@ -292,14 +296,15 @@ def _process(ctx, fetcher, mailbox: str, mail: NewMail, item: FetchedMessage, bo
 
 
 def _decide_once(ctx, fetcher, mailbox: str, item: FetchedMessage, c: Classification, body_seen: bool,
-                 found: list, sender: str | None, when: dt.datetime, identity: str, bound) -> tuple[dict, bool]:
+                 found: list, sender: str | None, when: dt.datetime, received: dt.datetime, identity: str,
+                 bound) -> tuple[dict, bool]:
     """The decision for this mail: the one an earlier copy stored, else this copy's (settled
     with the text when the headers look human, then ``policy.decide``), stored unless another
     worker stored one first. Returns (decision, whether it was an earlier copy's)."""
     key = f"el:decision:{identity}"
     stored = ctx.redis.get(key)
     if stored is not None:
-        return json.loads(stored), True
+        return _covering(ctx, fetcher, mailbox, item, c, body_seen, found, sender, json.loads(stored), bound), True
     if not body_seen and needs_text(c):
         c = _settle(fetcher, mailbox, item, c, when, bound)
     settings = policy.PolicySettings.from_settings(ctx.settings)
@@ -307,10 +312,36 @@ def _decide_once(ctx, fetcher, mailbox: str, item: FetchedMessage, c: Classifica
     candidates = ctx.sends.domain_enrollments(domain) if domain else []
     actions = policy.decide(c, found, mailbox=mailbox, sender=sender, when=when, now=dt.datetime.now(dt.UTC),
                             settings=settings, domain_candidates=candidates)
-    mine = _decision_json(c, event_key(c.kind, mailbox, item, c), when, actions)
+    matched = sorted({s.enrollment_id for s in found})
+    mine = _decision_json(c, event_key(c.kind, mailbox, item, c), when, received, actions, matched)
     stored = ctx.redis.eval(_DECIDE_ONCE, 1, key, mine, int(ctx.settings.retention_days) * 86400)
     text = stored.decode() if isinstance(stored, bytes) else stored
-    return json.loads(text), text != mine
+    if text == mine:
+        return json.loads(text), False
+    return _covering(ctx, fetcher, mailbox, item, c, body_seen, found, sender, json.loads(text), bound), True
+
+
+def _covering(ctx, fetcher, mailbox: str, item: FetchedMessage, c: Classification, body_seen: bool, found: list,
+              sender: str | None, decision: dict, bound) -> dict:
+    """An earlier copy's decision, plus actions for sends it did not match (a send recorded
+    since, e.g. the id a mail server gave one of our sends): decided with the stored kind and
+    times, so the copies still agree on everything the first one saw."""
+    covered = set(decision.get("matched") or [a["enrollment_id"] for a in decision["actions"]])
+    extra = [s for s in found if s.enrollment_id not in covered]
+    if not extra:
+        return decision
+    if not body_seen and needs_text(c):
+        c = _settle(fetcher, mailbox, item, c, policy.parse_time(decision["reply_time"]), bound)
+    if c.kind != decision["kind"]:
+        c = dataclasses.replace(c, kind=decision["kind"])
+    when = policy.parse_time(decision["reply_time"])
+    received = policy.parse_time(decision.get("received")) or when
+    more = policy.decide(c, extra, mailbox=mailbox, sender=sender, when=when, now=dt.datetime.now(dt.UTC),
+                         settings=policy.PolicySettings.from_settings(ctx.settings))
+    plain = json.loads(_decision_json(c, decision["event_key"], when, received, more, []))["actions"]
+    bound.info("decision of an earlier copy extended to sends recorded since", enrollments=[s.enrollment_id
+                                                                                           for s in extra])
+    return {**decision, "actions": decision["actions"] + plain}
 
 
 def _apply(ctx, mail: NewMail, action: policy.Action, common: dict, kind: str, bound) -> dict:

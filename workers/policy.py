@@ -25,8 +25,9 @@ unknown kind
 ============  ========================================================================
 
 Time: a mail acts only on sends that precede it. Its time is ``reply_time`` (its Date
-header, bounded by when its first copy was received: see ``reply_time``). A send counts when
-its ``sent_at`` is at or before that time, compared in whole seconds (the resolution of a
+header, bounded by when its first copy was received; a Date more than ``MAX_DATE_LAG``
+before that receipt is a broken clock and is not believed: see ``reply_time``). A send counts
+when its ``sent_at`` is at or before that time, compared in whole seconds (the resolution of a
 Date header). For the domain rule the comparison is strict: an enrollment whose first send
 to the domain is later than the reply was never seen by the person replying. For a send the
 mail names itself (In-Reply-To, References, a bounce's original Message-ID) the reference
@@ -49,6 +50,9 @@ from workers.sends import DomainEnrollment, Send
 STOP, PAUSE, RECORD, NOTHING = "stop", "pause", "record", "nothing"
 MAX_PAUSE_DAYS = 365
 DIRECT_MATCH_SKEW = dt.timedelta(minutes=5)
+# A Date this long before the mail's first receipt is a reset or broken clock (1970, 2000),
+# not a mail that waited in an outbox: the receipt is the mail's time then.
+MAX_DATE_LAG = dt.timedelta(days=7)
 # A reply from one of these domains says nothing about the prospect's company.
 FREE_MAIL_DOMAINS = frozenset({
     "gmail.com", "googlemail.com", "outlook.com", "hotmail.com", "live.com", "msn.com", "yahoo.com",
@@ -114,6 +118,8 @@ def reply_time(date_header: str | None, first_received: dt.datetime) -> dt.datet
         return first.astimezone(dt.UTC)
     if written.tzinfo is None:  # "-0000": UTC with no claim about the local zone
         written = written.replace(tzinfo=dt.UTC)
+    if written < first - MAX_DATE_LAG:
+        return first.astimezone(dt.UTC)
     return min(written, first).astimezone(dt.UTC)
 
 

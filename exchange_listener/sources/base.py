@@ -50,6 +50,7 @@ class FetchedMessage:
     references: str | None
     headers: list[tuple[str, str]]  # every internet header, in order, as the server gave them
     mime: bytes | None = None  # the full RFC 5322 source, when fetched
+    item_class: str | None = None  # the source's own type of item (EWS ItemClass, e.g. IPM.Schedule.Meeting.Resp.Pos)
 
 
 class ItemGone(Exception):

@@ -62,6 +62,7 @@ HEADER_FIELDS = (
     "cc_recipients",
     "datetime_received",
     "conversation_id",
+    "item_class",  # IPM.Schedule.Meeting.* (meeting responses) are calendar machinery, not replies
 )
 MAX_ACCOUNTS = 2048  # Account objects cached per process (cheap, but not unbounded)
 
@@ -218,6 +219,7 @@ class EwsFetcher:
                 in_reply_to=getattr(item, "in_reply_to", None),
                 references=getattr(item, "references", None),
                 headers=[(h.name, h.value if h.value is not None else "") for h in (getattr(item, "headers", None) or ())],
+                item_class=getattr(item, "item_class", None),
             ))
         return out
 
