@@ -588,3 +588,242 @@ def test_a_token_in_the_webhook_path_or_query_never_reaches_logs_or_redis(redis_
     stored += str({k: redis_client.hgetall(k) for k in redis_client.keys("el:outbox:state:*")})
     assert "S3CRET-IN-QUERY" not in stored and "T0KEN-IN-PATH" not in stored
     assert "ConnectionError" in stored  # the error itself is still told
+
+
+class PlatformCallable:
+    """A callable standing in for the platform: records each call's entry and exit in order and
+    how many run at once. The first call for ``block_id`` waits until ``release`` is set."""
+
+    def __init__(self, block_id=None, duration=0.02):
+        self.block_id, self.duration = block_id, duration
+        self.lock, self.release = threading.Lock(), threading.Event()
+        self.events: list[tuple[str, str]] = []  # ("enter" | "exit", transition id), in order
+        self.active = self.peak = 0
+        self.status: dict[str, str] = {}  # the platform's own store: enrollment -> status last applied
+
+    def __call__(self, transition):
+        with self.lock:
+            first = ("enter", transition["id"]) not in self.events
+            self.events.append(("enter", transition["id"]))
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            if transition["id"] == self.block_id and first:
+                self.release.wait(60)
+            else:
+                time.sleep(self.duration)  # a real platform call takes a moment: room for another to overlap
+            with self.lock:  # a naive platform: the last call to finish wins
+                self.status[transition["enrollment_id"]] = transition["status"]
+        finally:
+            with self.lock:
+                self.active -= 1
+                self.events.append(("exit", transition["id"]))
+
+    def index(self, kind, tid, nth=0):
+        return [i for i, event in enumerate(self.events) if event == (kind, tid)][nth]
+
+    def entered(self, tid):
+        return ("enter", tid) in self.events
+
+    def calls_while_first_ran(self, tid):
+        """Calls that started while the first call for ``tid`` was still running."""
+        end = self.index("exit", tid) if ("exit", tid) in self.events else len(self.events)
+        return [event for event in self.events[self.index("enter", tid) + 1:end] if event[0] == "enter"]
+
+
+def _captured_logs():
+    out = io.StringIO()
+    logs.configure("info", "json", stream=out)
+    return out
+
+
+def test_an_abandoned_callable_call_is_neither_overlapped_nor_overtaken_by_two_draining_threads(redis_client):
+    """v1's call hangs past callback_timeout and is abandoned; a job thread and the timer both
+    keep draining. No call starts while it runs (for any enrollment), so v2 cannot reach the
+    platform before the abandoned v1 call has returned and leave it at "paused"."""
+    out = _captured_logs()
+    a1, a2 = pause_then_stop(redis_client, "ea")
+    platform = PlatformCallable(block_id=a1.id)
+    notifier = Notifier(redis_client, callback=platform, callback_timeout=0.3, backoff_base=0.05)
+    stop = threading.Event()
+
+    def job():
+        while not stop.is_set():
+            notifier.drain()
+            stop.wait(0.01)
+
+    job_thread = threading.Thread(target=job, daemon=True)
+    timer = notifier.start_timer(interval=0.01)
+    job_thread.start()
+    try:
+        wait_for(lambda: platform.entered(a1.id), message="v1's call started (it hangs)")
+        others = stop_some(redis_client, 3)  # due while v1's call hangs: the idle thread claims them
+        wait_for(lambda: (out.getvalue().count("abandoned callable call") >= 3
+                          and notifier.stats().get("attempts_failed")) or platform.peak > 1,
+                 message="v1's timeout counted, then drains that found its call still running")
+        assert platform.peak == 1  # nothing started beside the hanging call
+        assert not platform.entered(a2.id)
+        assert notifier.stats().get("attempts_failed") == 1  # the timeout counted; the waiting did not
+        platform.release.set()
+        wait_for(lambda: platform.entered(a2.id) and all(platform.entered(t.id) for t in others)
+                 and not notifier.pending(), message="everything delivered once the abandoned call returned")
+    finally:
+        platform.release.set()
+        stop.set()
+        timer.stop()
+        job_thread.join(10)
+        logs.configure("info", "json")
+    assert platform.peak == 1
+    assert platform.calls_while_first_ran(a1.id) == []
+    assert platform.index("exit", a1.id) < platform.index("enter", a1.id, 1) < platform.index("enter", a2.id)
+    assert platform.status["ea"] == "stopped"
+
+
+def test_a_callable_call_cut_short_by_rq_job_timeout_is_not_overlapped_by_the_timer(redis_client):
+    """RQ's job timeout interrupts the drain while the callable runs (the call goes on in its
+    thread). Once the lease runs out the timer and the next job find v1 due: neither may call
+    the platform while that call still runs, and v2 waits for it."""
+    out = _captured_logs()
+    a1, a2 = pause_then_stop(redis_client, "ea")
+    platform = PlatformCallable(block_id=a1.id)
+    notifier = Notifier(redis_client, callback=platform, callback_timeout=3, backoff_base=0.05, lease_seconds=1.5)
+    timer = None
+    try:
+        with pytest.raises(JobTimeoutException), UnixSignalDeathPenalty(1, JobTimeoutException):
+            notifier.drain()  # the job: cut short inside v1's call
+        assert platform.entered(a1.id) and not platform.calls_while_first_ran(a1.id)
+        timer = notifier.start_timer(interval=0.02)
+        # the lease ends after 1.5 s: then the next job's drain and the timer both find v1 due
+        drain_until(notifier, lambda: "abandoned callable call" in out.getvalue() or platform.peak > 1,
+                    message="a drain after the lease that found the cut-short call still running")
+        assert platform.peak == 1 and not platform.entered(a2.id), (platform.events, a1.id, a2.id, out.getvalue())
+        platform.release.set()
+        drain_until(notifier, lambda: platform.entered(a2.id) and not notifier.pending(),
+                    message="v1 then v2 once the cut-short call returned")
+    finally:
+        platform.release.set()
+        if timer:
+            timer.stop()
+        logs.configure("info", "json")
+    assert platform.peak == 1 and platform.calls_while_first_ran(a1.id) == []
+    assert platform.index("exit", a1.id) < platform.index("enter", a1.id, 1) < platform.index("enter", a2.id)
+    assert platform.status["ea"] == "stopped"
+    assert notifier.stats().get("attempts_failed", 0) == 0  # neither the job timeout nor the waiting is a failure
+
+
+def test_two_drains_whose_callable_calls_are_merely_slow_take_turns_without_handing_back(redis_client):
+    """The job's drain and the timer's share the process's one callable slot: a drain that finds
+    the other one's call in progress waits for it (calls never overlap) instead of handing its
+    transition back as if that call were abandoned."""
+    out = _captured_logs()
+    platform = PlatformCallable(duration=0.2)
+    notifier = Notifier(redis_client, callback=platform, callback_timeout=3)
+    stop = threading.Event()
+
+    def job():
+        while not stop.is_set():
+            notifier.drain()
+            stop.wait(0.01)
+
+    job_thread = threading.Thread(target=job, daemon=True)
+    timer = notifier.start_timer(interval=0.01)
+    job_thread.start()
+    made = []
+    try:
+        for n in range(4):  # each one due while the previous one's call is in progress in one thread
+            made.append(EnrollmentStore(redis_client).transition(f"et{n}", "stopped", "replied", event_key=f"t{n}"))
+            wait_for(lambda: platform.entered(made[-1].id), timeout=10, message="called")
+        wait_for(lambda: not notifier.pending(), message="all delivered")
+    finally:
+        stop.set()
+        timer.stop()
+        job_thread.join(10)
+        logs.configure("info", "json")
+    assert platform.peak == 1
+    assert "callback not called" not in out.getvalue()
+
+
+class _EchoingServer:
+    """A real HTTP server that answers 500 and echoes the request path (with the query) in its
+    reason phrase, a header and the body, as careless error pages do."""
+
+    def __init__(self):
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                body = f"no hook at {self.path}".encode()
+                self.send_response(500, f"no hook at {self.path}")
+                self.send_header("Location", self.path)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# requests percent-encodes the space and "|" before sending, so its errors name the encoded form
+_TOKEN_PATH, _TOKEN_QUERY = "/hooks/T0K EN|ZQ7P4TH/é", "?token=S3C RET|QV9X&lang=en"
+_TOKEN_FRAGMENTS = ("T0K", "ZQ7P4TH", "S3C", "QV9X", "%C3%A9", "é")
+
+
+def test_a_token_requests_percent_encodes_never_reaches_logs_last_error_or_failed(redis_client):
+    out = io.StringIO()
+    logs.configure("debug", "json", stream=out)
+    echo = _EchoingServer()
+    try:
+        seen = ""
+        for n, port in enumerate((free_port(), echo.port)):  # a refused port, then a 500 echoing the URL
+            url = f"http://127.0.0.1:{port}{_TOKEN_PATH}{_TOKEN_QUERY}"
+            notifier = Notifier(redis_client, webhook_url=url, webhook_secret=SECRET, max_attempts=2,
+                                backoff_base=0.05)
+            EnrollmentStore(redis_client).transition(f"e-tok{n}", "stopped", "replied", event_key=f"k{n}")
+            assert notifier.drain().retrying == 1
+            seen += json.dumps(notifier.pending())
+            drain_until(notifier, lambda n=n, notifier=notifier: len(notifier.failed()) == n + 1, message="given up")
+            seen += json.dumps(notifier.failed()) + repr(notifier)
+        seen += out.getvalue()
+    finally:
+        echo.close()
+        logs.configure("info", "json")
+    assert "ConnectionError" in seen and "HTTP 500" in seen  # the failures themselves are told
+    leaked = [fragment for fragment in _TOKEN_FRAGMENTS if fragment in seen]
+    assert leaked == []
+
+
+def test_retry_failed_puts_each_enrollments_transitions_back_in_version_order_while_the_timer_drains(redis_client):
+    """Given up on v1 and v2 of many enrollments, an operator sends them all again while the
+    timer drains: each enrollment's v2 reaches the platform only after its v1."""
+    enrollments = [f"er{n}" for n in range(60)]
+    firsts, seconds = zip(*(pause_then_stop(redis_client, eid) for eid in enrollments))
+    calls, failing = [], threading.Event()
+    failing.set()
+
+    def platform(t):
+        if failing.is_set():
+            raise RuntimeError("platform down")
+        calls.append(t["id"])
+
+    notifier = Notifier(redis_client, callback=platform, max_attempts=1, backoff_base=0.05)
+    drain_until(notifier, lambda: len(notifier.failed()) == 120, message="every transition given up")
+    # the failed list is a Redis hash: its order is not the version order (the test needs some
+    # enrollments whose v2 a naive requeue would put back first)
+    listed = [k.decode() for k in redis_client.hkeys("el:outbox:failed")]
+    assert sum(listed.index(v2.id) < listed.index(v1.id) for v1, v2 in zip(firsts, seconds)) >= 10
+    failing.clear()
+    timer = notifier.start_timer(interval=0.005)
+    try:
+        assert notifier.retry_failed() == 120
+        wait_for(lambda: len(set(calls)) == 120, message="all 120 delivered")
+    finally:
+        timer.stop()
+    out_of_order = [eid for eid, v1, v2 in zip(enrollments, firsts, seconds) if calls.index(v2.id) < calls.index(v1.id)]
+    assert out_of_order == []

@@ -14,8 +14,12 @@
 3. Callable (``callback``, dotted path ``pkg.mod.func`` or ``pkg.mod:func``): called with the
    transition dict, in a thread of its own for at most ``callback_timeout`` seconds; a call that
    has not returned by then counts as a failed attempt and its thread is abandoned (Python
-   cannot stop a thread). While an abandoned call still runs no new call starts, so at most one
-   thread is ever abandoned and calls never overlap.
+   cannot stop a thread). Calls in one process take turns (a lock shared by the job's drain and
+   the timer's), and while the last call's thread is still alive (abandoned, or its drain cut
+   short by RQ's job timeout) no new call starts, for any transition: those entries are handed
+   back without spending an attempt. So calls never overlap in a process, and a later version
+   never overtakes an abandoned call there. Across worker processes it can: docs/webhooks.md
+   tells receivers to apply only a higher ``version``.
 
 Why nothing is lost: ``EnrollmentStore.transition`` writes the transition id into the outbox
 zset ``el:outbox`` in the same Lua step as the state change. ``drain()`` claims due entries by
@@ -30,6 +34,7 @@ and a transition goes to a channel only once its enrollment's previous version i
 (or left the outbox: delivered, given up, expired). A held transition is parked just behind its
 predecessor's due time and woken as soon as the predecessor is through, so a retried
 transition holds back only the later transitions of its own enrollment; others flow.
+``retry_failed`` puts each enrollment's given-up transitions back in one step, in version order.
 
 Why one stuck receiver delays nobody else: the two channels run side by side in a drain. A
 channel whose receiver is down (timeout, unreachable, HTTP 5xx/408/429, a callable that does
@@ -69,18 +74,19 @@ import hashlib
 import hmac
 import importlib
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import redis
 import requests
 from rq.timeouts import BaseTimeoutException
 
 from exchange_listener import logs
-from exchange_listener.config import ConfigError, _redact_url
+from exchange_listener.config import ConfigError
 from workers.enrollments import OUTBOX_KEY, enrollment_key, iso, transition_key
 
 FAILED_KEY = "el:outbox:failed"
@@ -168,12 +174,19 @@ return ids
 """
 
 
-# KEYS: 1 failed hash, 2 state hash, 3 outbox; ARGV: 1 id, 2 now_ms. Only a failed id goes back.
+# Put failed ids back, all in one step and due in the order given (an enrollment's versions in
+# order), so no drainer sees a later version back before an earlier one. Only failed ids go back.
+# KEYS: 1 failed hash, 2 outbox, 3.. state hash of each id; ARGV: 1 now_ms, 2.. ids
 _REQUEUE_LUA = r"""
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('HDEL', KEYS[2], 'attempts', 'last_error')
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
-return 1
+local n = 0
+for i = 2, #ARGV do
+  if redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then
+    redis.call('HDEL', KEYS[i + 1], 'attempts', 'last_error')
+    redis.call('ZADD', KEYS[2], tonumber(ARGV[1]) - #ARGV + i, ARGV[i])
+    n = n + 1
+  end
+end
+return n
 """
 
 
@@ -226,7 +239,12 @@ class CallbackTimeout(ReceiverDown, TimeoutError):
 
 
 class _Skip(Exception):
-    """Not tried in this drain (out of time, or an abandoned call still running); no attempt spent."""
+    """Not tried in this drain; no attempt spent. ``delay``: seconds until it is due again;
+    ``channel_busy``: nothing else can go to this channel in this drain either."""
+
+    def __init__(self, reason: str, delay: float = 0.0, channel_busy: bool = False):
+        super().__init__(reason)
+        self.delay, self.channel_busy = delay, channel_busy
 
 
 @dataclasses.dataclass
@@ -276,7 +294,7 @@ class Timer(threading.Thread):
             except BaseTimeoutException:
                 raise
             except Exception as exc:  # noqa: BLE001 - the timer must outlive a Redis outage or a bad entry
-                logs.get_logger(component="notify").warning("notify drain failed", error=f"{type(exc).__name__}: {exc}")
+                logs.get_logger(component="notify").warning("notify drain failed", error=self.notifier._safe(exc))
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -319,7 +337,11 @@ class Notifier:
         self._wake = redis_client.register_script(_WAKE_LUA)
         self._sessions: list[requests.Session] = []  # idle HTTP sessions (keep-alive across drains)
         self._lock = threading.Lock()
-        self._abandoned: threading.Thread | None = None  # a callable call that did not return in time
+        self._redact = _url_redactor(webhook_url, webhook_secret)
+        # the callable: one call at a time in this process; the latest call's "returned" event,
+        # recorded before it starts, so a call cut off by a timeout (ours or RQ's) is never overlapped
+        self._call_lock = threading.Lock()
+        self._last_call_done: threading.Event | None = None
 
     @classmethod
     def from_settings(cls, redis_client: redis.Redis, settings) -> Notifier:
@@ -328,23 +350,13 @@ class Notifier:
                    callback_timeout=getattr(settings, "callback_timeout", DEFAULT_CALLBACK_TIMEOUT))
 
     def __repr__(self) -> str:  # never show the secret
-        return f"Notifier(webhook_url={_redact_url(self.webhook_url)!r}, channels={self.channels})"
+        return f"Notifier(webhook_url={_public_url(self.webhook_url)!r}, channels={self.channels})"
 
     # -- the two channels ----------------------------------------------------------------
     def _safe(self, exc: BaseException) -> str:
-        """An error description with no secret and no URL credentials in it."""
-        text = f"{type(exc).__name__}: {exc}"
-        if self.webhook_url:
-            text = text.replace(self.webhook_url, _redact_url(self.webhook_url))
-            # requests names only the path and query ("url: /hooks/T0/abc?token=..."): tokens
-            # often live there, so neither is repeated
-            parts = urlsplit(self.webhook_url)
-            for piece in (parts.query, parts.path if len(parts.path) > 1 else ""):
-                if piece:
-                    text = text.replace(piece, "***")
-        if self._secret:
-            text = text.replace(self._secret, "***")
-        return text[:500]
+        """An error description with no secret and nothing of the webhook URL's path, query or
+        password in it, in whatever encoding the error names them."""
+        return self._redact(f"{type(exc).__name__}: {exc}")[:500]
 
     def _headers(self, transition_id: str, body: bytes) -> dict[str, str]:
         timestamp = str(int(time.time()))
@@ -384,31 +396,46 @@ class Notifier:
             error = f"webhook answered HTTP {code}"
             raise ReceiverDown(error) if code >= 500 or code in (408, 429) else RuntimeError(error)
 
-    def _call(self, transition: dict) -> None:
+    def _call(self, transition: dict, wait: float) -> None:
         """Call the callable in a thread of its own, for at most ``callback_timeout`` seconds.
 
         A call that has not returned by then raises CallbackTimeout and its thread is abandoned
-        (it runs on; Python cannot stop it). Until it ends, no new call starts (_Skip).
+        (it runs on; Python cannot stop it). Calls take turns (waiting at most ``wait`` seconds
+        for another drain's call), and none starts while the previous call has not returned:
+        _Skip, the channel is busy for the rest of this drain.
         """
-        if self._abandoned is not None:
-            if self._abandoned.is_alive():
-                raise _Skip("an abandoned callable call is still running")
-            self._abandoned = None
-        outcome: dict[str, BaseException] = {}
+        if not self._call_lock.acquire(timeout=max(0.0, wait)):  # RQ's job timeout interrupts this wait
+            raise _Skip("another drain's callable call is running", self.backoff_base, channel_busy=True)
+        try:
+            if self._last_call_done is not None and not self._last_call_done.is_set():
+                raise _Skip("an abandoned callable call is still running", self.backoff_base, channel_busy=True)
+            outcome: dict[str, BaseException] = {}
+            # our own "returned" event, not Thread.is_alive(): on Python 3.11 a join cut short by
+            # a signal handler's exception (RQ's job timeout) marks the running thread stopped.
+            # Recorded before the call starts, so however the wait below ends the next call sees it.
+            self._last_call_done = done = threading.Event()
+            began = threading.Event()
 
-        def run() -> None:
+            def run() -> None:
+                began.set()
+                try:
+                    self.callback(dict(transition))
+                except BaseException as exc:  # noqa: BLE001 - handed to the drain, which decides
+                    outcome["error"] = exc
+                finally:
+                    done.set()
+
             try:
-                self.callback(dict(transition))
-            except BaseException as exc:  # noqa: BLE001 - handed to the drain, which decides
-                outcome["error"] = exc
-
-        worker = threading.Thread(target=run, name="notify-callback", daemon=True)
-        worker.start()
-        worker.join(self.callback_timeout)  # RQ's job timeout interrupts this wait in the main thread
-        if worker.is_alive():
-            self._abandoned = worker
-            raise CallbackTimeout(f"callback did not return within {self.callback_timeout:g}s "
-                                  "(its thread is abandoned)")
+                threading.Thread(target=run, name="notify-callback", daemon=True).start()
+            except BaseException:
+                if not began.wait(2.0):  # RQ's timeout came before the thread existed: no call runs
+                    done.set()
+                raise
+            if not done.wait(self.callback_timeout):  # RQ's job timeout interrupts this wait in the main thread
+                raise CallbackTimeout(f"callback did not return within {self.callback_timeout:g}s "
+                                      "(its thread is abandoned)")
+        finally:
+            self._call_lock.release()
         if "error" in outcome:
             raise outcome["error"]
 
@@ -477,12 +504,16 @@ class Notifier:
                 if channel == "webhook":
                     self._post(entry.transition, timeout=min(self.webhook_timeout, deadline - now))
                 else:
-                    self._call(entry.transition)
+                    self._call(entry.transition, wait=min(deadline, hand_back_at) - now)
                 longest = max(longest, time.monotonic() - now)
             except BaseTimeoutException:
                 raise
-            except _Skip:
-                entry.skipped[channel] = 0.0 if channel == "webhook" else self.backoff_base
+            except _Skip as skip:
+                entry.skipped[channel] = skip.delay
+                if skip.channel_busy:  # the rest wait too; said once per drain
+                    down = True
+                    logs.get_logger(component="notify").info("callback not called, handed back", reason=str(skip),
+                                                             transition_id=entry.tid, retry_in_seconds=skip.delay)
                 continue
             except Exception as exc:  # noqa: BLE001 - any failure is retried, never fatal
                 entry.errors[channel] = exc.args[0] if isinstance(exc, ReceiverDown) and exc.args else self._safe(exc)
@@ -642,10 +673,23 @@ class Notifier:
         return [json.loads(v) for v in self.redis.hvals(FAILED_KEY)]
 
     def retry_failed(self, ids: list[str] | None = None) -> int:
-        """Put failed transitions back in the outbox with a fresh attempt count."""
-        ids = ids if ids is not None else [k.decode() for k in self.redis.hkeys(FAILED_KEY)]
-        now_ms = int(time.time() * 1000)
-        return sum(self._requeue(keys=[FAILED_KEY, state_key(tid), OUTBOX_KEY], args=[tid, now_ms]) for tid in ids)
+        """Put failed transitions back in the outbox with a fresh attempt count.
+
+        Each enrollment's ids go back in one step, in version order, so a drain running meanwhile
+        never finds a later version back without the earlier one (which then holds it)."""
+        ids = list(dict.fromkeys(ids if ids is not None else [k.decode() for k in self.redis.hkeys(FAILED_KEY)]))
+        by_enrollment: dict[str, list[tuple[int, str]]] = {}
+        for tid, raw in zip(ids, self.redis.hmget(FAILED_KEY, ids) if ids else []):
+            if raw is None:
+                continue  # not failed (pending, delivered, unknown): stays where it is
+            transition = json.loads(raw).get("transition") or {}
+            by_enrollment.setdefault(str(transition.get("enrollment_id") or tid), []).append(
+                (int(transition.get("version") or 0), tid))
+        now_ms, requeued = int(time.time() * 1000), 0
+        for group in by_enrollment.values():
+            ordered = [tid for _, tid in sorted(group)]
+            requeued += self._requeue(keys=[FAILED_KEY, OUTBOX_KEY, *map(state_key, ordered)], args=[now_ms, *ordered])
+        return requeued
 
     def stats(self) -> dict:
         return {k.decode(): int(v) for k, v in self.redis.hgetall(STATS_KEY).items()}
@@ -657,3 +701,57 @@ def iso_now() -> str:
 
 def iso_from_ms(ms: float) -> str:
     return iso(dt.datetime.fromtimestamp(ms / 1000, dt.UTC))
+
+
+def _public_url(url: str) -> str:
+    """Scheme and host of ``url`` only: the path and query often carry a token."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}/***"
+
+
+def _any_encoding(text: str) -> str:
+    """A regex for ``text`` with any of its characters written as itself or percent-encoded
+    (either case; a space also as ``+``): errors name a URL as sent (requests encodes spaces,
+    ``|``, non-ASCII) or as given, or partly decoded."""
+    alternatives = []
+    for char in text:
+        forms = [re.escape(char), "".join(f"%{byte:02x}" for byte in char.encode())]
+        forms += [r"\+"] if char == " " else []
+        alternatives.append("(?:" + "|".join(forms) + ")")
+    return "".join(alternatives)
+
+
+def _url_redactor(url: str, secret: str) -> Callable[[str], str]:
+    """A function that removes from a text the webhook URL (-> scheme://host/***), its path,
+    query, each path segment, query value and password (-> ***), in any encoding, and the
+    secret. A piece is matched only as a whole word, so a short segment ("el") leaves other
+    words alone; the whole path and query are matched anyway."""
+    pieces: list[str] = []
+    if url:
+        parts = urlsplit(url)
+        path_query = parts.path + (f"?{parts.query}" if parts.query else "")
+        pieces += [path_query, parts.path if len(parts.path) > 1 else "", parts.query, parts.password or ""]
+        pieces += parts.path.split("/") + [p for pair in parts.query.split("&") for p in (pair, pair.partition("=")[2])]
+    pieces = sorted({unquote(p) for p in pieces if p} - {""}, key=len, reverse=True)
+    word = re.compile(r"[\w.~-]")
+
+    def bounded(piece: str) -> str:
+        before = r"(?<![\w.~%-])" if word.match(piece[0]) else ""
+        after = r"(?![\w.~-])" if word.match(piece[-1]) else ""
+        return before + _any_encoding(piece) + after
+
+    whole = re.compile(_any_encoding(unquote(url)), re.IGNORECASE) if url else None
+    parts_re = re.compile("|".join(map(bounded, pieces)), re.IGNORECASE) if pieces else None
+
+    def redact(text: str) -> str:
+        if whole:
+            text = whole.sub(_public_url(url), text)
+        if parts_re:
+            text = parts_re.sub("***", text)
+        return text.replace(secret, "***") if secret else text
+
+    return redact
