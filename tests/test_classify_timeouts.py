@@ -57,17 +57,59 @@ def test_ordinary_dateparser_errors_are_still_contained(monkeypatch):
     assert find_return_date("I am out of the office until 14 December 2026.", dt.date(2026, 12, 1)) is None
 
 
+def _broad(handler_type) -> bool:
+    """The handler catches Exception or BaseException (alone, in a tuple, or bare)."""
+    import ast
+
+    if handler_type is None:
+        return True
+    names = handler_type.elts if isinstance(handler_type, ast.Tuple) else [handler_type]
+    return any(ast.unparse(n).rsplit(".", 1)[-1] in ("Exception", "BaseException") for n in names)
+
+
+def _catches_timeout(handler_type) -> bool:
+    import ast
+
+    names = handler_type.elts if isinstance(handler_type, ast.Tuple) else [handler_type]
+    return any(ast.unparse(n).rsplit(".", 1)[-1] == "BaseTimeoutException" for n in names)
+
+
+def _unguarded_handlers(source: str) -> list[int]:
+    """Line numbers of broad handlers with no earlier ``except BaseTimeoutException`` clause
+    in the same ``try`` (read with ``ast``: tuples, bare ``except:`` and dotted names count)."""
+    import ast
+
+    bad = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.Try, getattr(ast, "TryStar", ast.Try))):
+            continue
+        for index, handler in enumerate(node.handlers):
+            if _broad(handler.type) and not any(
+                    h.type is not None and _catches_timeout(h.type) for h in node.handlers[:index]):
+                bad.append(handler.lineno)
+    return bad
+
+
 def test_no_handler_in_the_classifier_swallows_timeouts():
-    """Every ``except Exception`` in the classifier's modules is preceded by a clause that
-    re-raises RQ's timeout (read from the source, so a new handler cannot forget it)."""
+    """Every handler that catches ``Exception``/``BaseException`` in the classifier's modules
+    comes after a clause for RQ's timeout in the same ``try`` (read from the source, so a new
+    handler cannot forget it)."""
     import inspect
-    import re
 
     from workers import auto_reply_text, machine_mail
 
     for module in (classify, machine_mail, auto_reply_text):
-        lines = inspect.getsource(module).splitlines()
-        for i, line in enumerate(lines):
-            if re.match(r"\s*except (Exception|BaseException)\b", line):
-                before = "\n".join(lines[max(0, i - 2):i])
-                assert "except BaseTimeoutException" in before, f"{module.__name__}:{i + 1}"
+        assert _unguarded_handlers(inspect.getsource(module)) == [], module.__name__
+
+
+@pytest.mark.parametrize("clause", ["except Exception:", "except (ValueError, Exception):",
+                                    "except builtins.BaseException:", "except:",
+                                    "except (KeyError, BaseException) as exc:"])
+def test_the_source_check_sees_every_broad_handler(clause):
+    """The check itself can fail: a broad clause without the timeout first is reported,
+    and the same clause after ``except BaseTimeoutException: raise`` is not."""
+    bare = f"try:\n    f()\n{clause}\n    pass\n"
+    guarded = f"try:\n    f()\nexcept BaseTimeoutException:\n    raise\n{clause}\n    pass\n"
+    assert _unguarded_handlers(bare) == [3]
+    assert _unguarded_handlers(guarded) == []
+    assert _unguarded_handlers(f"try:\n    f()\nexcept ValueError:\n    pass\n{clause}\n    pass\n") == [5]

@@ -101,7 +101,7 @@ _RECEIPT_SUBJECTS = re.compile(r"^(read|gelesen|lu|leído|letto|gelezen|läst|le
                                r"not read|ungelesen|non lu|no leído)\s*:", re.IGNORECASE)
 _OOO_SUBJECTS = re.compile(
     r"automatic reply|auto(matic|mated)?[- ]?(reply|response|antwort)|autoreply|"
-    r"out of (the )?office|out-of-office|\booo\b|abwesenheit|automatische antwort|"
+    r"out of (the )?office|out-of-office|\booo\b|abwesenheit|\babwesend\b|automatische antwort|"
     r"réponse automatique|reponse automatique|absence du bureau|"
     r"respuesta automática|respuesta automatica|fuera de la oficina|"
     r"risposta automatica|fuori sede|fuori ufficio|automatisch antwoord|afwezig|"
@@ -109,8 +109,9 @@ _OOO_SUBJECTS = re.compile(
     r"automaattinen vastaus|automatyczna odpowiedź|poza biurem|on vacation|vacation reply|"
     r"away from (the )?office|im urlaub|en vacances|de vacaciones|in ferie|"
     r"自動応答|自动回复|不在", re.IGNORECASE)
-_REPLY_SUBJECT = re.compile(r"^\s*(re|aw|sv|vs|antw|ref|rif|r|res|odp|vá|atb|ynt|回复|答复)"
-                            r"(\[\d+\])?\s*:", re.IGNORECASE)
+_REPLY_SUBJECT = re.compile(r"^\s*(re|aw|sv|vs|antw|ref|rif|r|res|odp|vá|atb|ynt|回复|答复|回覆)"
+                            r"(\[\d+\])?\s*[:：]", re.IGNORECASE)
+_SUBJECT_TAGS = re.compile(r"^\s*(?:\[[^\]]{0,40}\]\s*)+")  # "[EXTERNAL] Re: ...": a gateway's tag
 _STATUS = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 _SMTP_REPLY = re.compile(r"(?<!\d)([45])\d\d[ -](?=\D)")
 _MSGID_LINE = re.compile(r"^[ \t>]*message-id[ \t]*:\s*(<[^<>\s]+>)", re.IGNORECASE | re.MULTILINE)
@@ -270,7 +271,6 @@ def _from_headers(h: _Headers, item_class: str | None = None) -> tuple[Classific
         c.reasons.append(machine[1])
         if not machine[2]:
             c.reasons.append(machine_mail.PROVISIONAL)
-            hints["provisional_machine"] = True
         return c, hints
     auto = _auto_reply_reasons(h, subject)
     if auto:
@@ -309,9 +309,23 @@ def _auto_reply_reasons(h: _Headers, subject: str) -> list[str]:
         reasons.append(f"precedence: {precedence}")
     if (h.get("x-precedence") or "").strip().lower() == "auto_reply":
         reasons.append("x-precedence: auto_reply")
-    if _OOO_SUBJECTS.search(subject):
+    if automatic_subject(subject):
         reasons.append("out-of-office subject")
     return reasons
+
+
+def is_reply_subject(subject: str) -> bool:
+    """A subject a person's client wrote by answering or forwarding ("Re:", "AW:", "SV:",
+    "Antw:", "RIF:", "回复：", "Fwd:" ..., after any "[EXTERNAL]" tag)."""
+    subject = _SUBJECT_TAGS.sub("", subject or "", count=1)
+    return bool(_REPLY_SUBJECT.match(subject) or _FORWARD_SUBJECT.match(subject))
+
+
+def automatic_subject(subject: str) -> bool:
+    """An out-of-office / automatic-reply subject. The responder puts its prefix first
+    ("Automatic reply: Re: Intro"); a subject that starts with "Re:" was written by a person
+    answering, even when our own subject says "Auto-reply templates that convert"."""
+    return not is_reply_subject(subject) and bool(_OOO_SUBJECTS.search(subject or ""))
 
 
 _LIST_SENDER = re.compile(r"^(owner-.+|.+-(owner|bounces|admin|request))@", re.IGNORECASE)
@@ -342,8 +356,10 @@ def needs_body(headers: list[tuple[str, str]]) -> bool:
     """True when the body is needed to settle the kind or its details.
 
     That is: any bounce / report / complaint / receipt or a hint of one (original Message-ID
-    and failed recipients live in the body), and auto-replies (the return date is in the
-    body). False for an ordinary human reply or plain mail, so the hot path skips MIME.
+    and failed recipients live in the body), auto-replies (the return date is in the body)
+    and a calendar-looking subject (the parts say whether it is an invitation). False for an
+    ordinary human reply, plain mail and provisional ticket-system / CRM mail (their text is
+    read through ``needs_text`` once they matched a send), so the hot path skips MIME.
     """
     try:
         c, hints = _from_headers(_Headers(headers or []))
@@ -353,43 +369,41 @@ def needs_body(headers: list[tuple[str, str]]) -> bool:
         return True
     if c.kind in ("bounce", "read_receipt", "complaint", "auto_reply"):
         return True
-    return bool(hints["report"] or hints["suspect_bounce"] or hints.get("provisional_machine"))
+    # A provisional ticket-system / CRM verdict is settled by its text (``needs_text``), read
+    # only once the mail matched a send: the platforms' marketing mail costs no MIME. Only a
+    # calendar-looking subject needs the parts (is there a text/calendar object?).
+    return bool(hints["report"] or hints["suspect_bounce"] or c.machine_family == "calendar"
+                and machine_mail.PROVISIONAL in c.reasons)
 
 
 def needs_text(c: Classification) -> bool:
     """True when the start of the reply's text can still change the verdict: a human reply
-    (a text-only out-of-office or a ticket acknowledgement) or a provisional platform mail.
-    Ask for it (EWS UniqueBody, or ``first_text`` of the MIME) only for mail that matched
-    a send, then call ``settle_with_text``."""
+    (a text-only out-of-office) or a provisional platform mail (an acknowledgement, or a
+    person's answer the platform relayed). Ask for it (EWS UniqueBody, or ``first_text`` of
+    the MIME) only for mail that matched a send, then call ``settle_with_text``."""
     return c.kind == "human_reply" or (c.kind == "machine" and machine_mail.PROVISIONAL in c.reasons)
 
 
 def settle_with_text(c: Classification, text: str, subject: str = "",
                      base: dt.date | None = None) -> Classification:
     """The verdict once the first text part / UniqueBody (plain text) is known; ``c`` is
-    updated and returned. A human reply whose own words are an out-of-office becomes
-    ``auto_reply`` (with ``return_date``); one that is a "your request was received" notice
-    becomes ``machine`` (ticket_system); a provisional platform mail becomes ``machine`` when
-    its text is an acknowledgement and ``human_reply`` otherwise (an agent's or rep's answer)."""
+    updated and returned. A provisional platform mail (its headers say ticket system / CRM)
+    stays ``machine`` when its text is an acknowledgement that asks for nothing, and is the
+    relayed answer of a person (``human_reply``) otherwise. A human reply whose own words are
+    an out-of-office becomes ``auto_reply`` (with ``return_date``). Text alone never turns a
+    plain human reply into ``machine``: "we have received your email, let's talk" is a person."""
     if not needs_text(c):
         return c
-    head = auto_reply_text.reply_head(text)
     if c.kind == "machine":  # provisional
         c.reasons.remove(machine_mail.PROVISIONAL)
-        if auto_reply_text.looks_acknowledgement(head, subject):
+        calendar = c.machine_family == "calendar"
+        if not calendar and auto_reply_text.looks_acknowledgement(auto_reply_text.reply_head(text), subject):
             c.reasons.append("acknowledgement text")
-        elif c.machine_family == "calendar":
-            c.kind, c.machine_family = ("human_reply" if c.references else "other"), None
-            c.reasons.append("no calendar object")
-        else:
-            c.kind, c.machine_family = ("human_reply" if c.references else "other"), None
-            c.reasons.append("a person's answer relayed by the platform")
+            return c
+        c.kind, c.machine_family = ("human_reply" if c.references else "other"), None
+        c.reasons.append("no calendar object" if calendar else "a person's answer relayed by the platform")
         if c.kind != "human_reply":
             return c
-    if auto_reply_text.looks_acknowledgement(head, subject):
-        c.kind, c.machine_family = "machine", "ticket_system"
-        c.reasons.append("acknowledgement text")
-        return c
     found = auto_reply_text.auto_reply_from_text(text, subject, base)
     if found:
         c.kind = "auto_reply"
@@ -792,7 +806,6 @@ _RETURN_CUES = re.compile(
     r"|(?:do dnia|do|od dnia|od|wracam(?: dnia)?|powrót(?: dnia)?|będę dostępn[ya] od(?: dnia)?)\s+(?=\d)",
     re.IGNORECASE)
 RETURN_CUES = _RETURN_CUES
-# A sentence ends after a year ("10.12.2026. Odpowiem") or a word, not after a day ("11. Dezember").
 _SENTENCE_END = re.compile(r"(?:(?<=\d{4}\.)|(?<=[^\d\W]{2}[.!?]))\s+(?=[A-ZÀ-ŽА-Я])")
 _DATE_LANGS = ["en", "de", "fr", "es", "it", "nl", "pt", "pl"]
 _WEEKDAYS = {name: i for i, names in enumerate([
@@ -803,6 +816,55 @@ _WEEKDAYS = {name: i for i, names in enumerate([
     "friday freitag vendredi viernes venerdì venerdi vrijdag sexta-feira sexta piątek",
     "saturday samstag samedi sábado sabato zaterdag sobota",
     "sunday sonntag dimanche domingo domenica zondag niedziela"]) for name in names.split()}
+_WEEKDAY = r"(?:" + "|".join(sorted(map(re.escape, _WEEKDAYS), key=len, reverse=True)) + r")\b"
+_MONTH = (r"(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec|mär|mai|okt|dez|janv|févr|fév|avr|juil|déc|"
+          r"ene|abr|ago|dic|gen|mag|giu|lug|ott|set|mei|maa|fev|out|sty|lut|kwi|cze|lip|sie|wrz|paź|lis|gru)"
+          r"[^\W\d]*\.?")
+_NOT_SENTENCE_END = r"(?:[^.;!?\n]|\.(?!\s+[A-ZÀ-Ž]))"
+# A range states the absence's last day at its end: "from 1 Dec to 14 Dec", "between 21 December
+# and 4 January", "du 28 décembre au 3 janvier", "od 28 grudnia do 3 stycznia", "21-23 December".
+# Its start must hold a day or weekday ("from the team to you" is no range); a bare "9-17" is
+# office hours, so a dash range needs a month after its end.
+_RANGES = re.compile(
+    r"\b(?:from|between|vom|von|du|del|desde(?:\s+el)?|de|dal|dalla|da|van|od|entre)\s+"
+    r"(?=" + _NOT_SENTENCE_END + r"{0,12}?(?:\d|" + _WEEKDAY + r"))" + _NOT_SENTENCE_END + r"{1,30}?"
+    r"(?:\s+(?:to|until|till|through|thru|and|bis(?:\s+zum|\s+einschließlich)?|au|jusqu'au|jusqu’au|al|"
+    r"hasta\s+el|fino\s+al|tot(?:\s+en\s+met)?|a|ao|até(?:\s+(?:ao\s+)?dia)?|e|y|et|do)\s+|\s*[-–—]\s*)"
+    r"|(?<![\d+])\d{1,2}(?:[./]\d{1,2}[./]?)?\.?(?:\s+" + _MONTH + r")?\s*[-–—]\s*"
+    r"(?=\d{1,2}\.?\s*(?:[./]\d{1,2}|" + _MONTH + r"))",
+    re.IGNORECASE)
+_WHEN = re.compile(r"^(?:the\s+|le\s+|el\s+|il\s+|am\s+|on\s+|dem\s+|zum\s+|o\s+dia\s+|dia\s+)?"
+                   r"(?:\d|" + _WEEKDAY + r"|" + _MONTH + r"\s+\d)", re.IGNORECASE)
+
+
+def _cue_ends(text: str) -> list[int]:
+    """Where a return date may start, in order: after each return cue, and after the
+    connector of each date range (a cue inside a range's start, "od 28 grudnia", is the first
+    day of the absence, not the return)."""
+    ranges = [(m.start(), m.end()) for m in _RANGES.finditer(text)]
+    ends = {end for _start, end in ranges}
+    for cue in _RETURN_CUES.finditer(text):
+        if not any(start <= cue.start() < end for start, end in ranges):
+            ends.add(cue.end())
+    return sorted(ends)
+
+
+def states_return(text: str) -> bool:
+    """The text says when its writer is back: a return cue followed by a date or weekday
+    ("until 14 December", "bis zum 18.12.", "back on Monday", "12月14日まで") or a date range.
+    A bare "until" or "bis" ("bis bald", "until we talk") is not enough."""
+    text = " ".join(text[:20_000].split())
+    for end in _cue_ends(text):
+        after = text[end:end + 40]
+        if _WHEN.match(after):
+            return True
+    return _has_ja_return(text)
+
+
+def _has_ja_return(text: str) -> bool:
+    return any(_JA_CUE.match(text[m.end():m.end() + 12]) for m in _JA_DATE.finditer(text[:20_000]))
+
+
 # Japanese states the date before its cue: "12月14日（月）まで", "2026年12月14日より出社".
 # dateparser reads a year-less "12月14日" as the year 2112, so these are read here.
 _JA_DATE = re.compile(r"(?:(\d{4})\s*年\s*)?(\d{1,2})\s*月\s*(\d{1,2})\s*日|(\d{1,2})/(\d{1,2})(?![/\d])")
@@ -845,8 +907,8 @@ def find_return_date(text: str, base: dt.date | None = None) -> dt.date | None:
                 "PREFER_DAY_OF_MONTH": "first", "REQUIRE_PARTS": ["day"]}
     text = " ".join(text[:20_000].split())
     tried = 0
-    for cue in _RETURN_CUES.finditer(text):
-        words = _SENTENCE_END.split(text[cue.end():cue.end() + 60], maxsplit=1)[0].split()
+    for end in _cue_ends(text):
+        words = _SENTENCE_END.split(text[end:end + 60], maxsplit=1)[0].split()
         day = _WEEKDAYS.get(words[0].strip(".,;:!)").lower()) if words else None
         if day is not None and not any(ch.isdigit() for ch in " ".join(words[:4])):
             return base + dt.timedelta(days=(day - base.weekday() - 1) % 7 + 1)  # "back on Monday"

@@ -10,7 +10,12 @@ from). Two rules keep people people:
 - Ticket systems and CRMs also relay what an agent or rep wrote. Those are decided by the
   text: an acknowledgement ("your request was received") is a machine, anything else is the
   person's answer (``human_reply``). Until the text is read the verdict is provisional
-  (``PROVISIONAL`` in the reasons) and ``needs_body`` asks for it.
+  (``PROVISIONAL`` in the reasons) and ``needs_text`` asks for it once the mail matched a send.
+- People work at these vendors too. Mail is platform mail by the platform's own marks (its
+  X- headers, a tenant address such as prospect.zendesk.com, its Sender / Message-ID /
+  Return-Path hosts), never because a person's address is at salesforce.com; and a person's
+  own RFC 3834 out-of-office ("Auto-Submitted: auto-replied" with an out-of-office subject)
+  is an auto-reply even when the mailbox is connected to a CRM.
 """
 from __future__ import annotations
 
@@ -45,9 +50,17 @@ _TICKET_SUBJECT = re.compile(r"\[(?:request received|ticket received)\]|\[jira\]
                              r"\b(?:request|ticket|case|incident) #?\s?[A-Z]{0,6}\d{2,} "
                              r"(?:has been |was )?(?:received|created|opened|logged)", re.IGNORECASE)
 _CRM_HEADER_PREFIXES = ("x-sfdc-", "x-hubspot-", "x-hs-")
-_CRM_DOMAINS = re.compile(r"(?:^|[@.])(salesforce\.com|force\.com|hubspot\.com|hubspotemail\.net|"
+_CRM_DOMAINS = re.compile(r"(?:^|[@.])(salesforce\.com|force\.com|sfdc\.net|hubspot\.com|hubspotemail\.net|"
                           r"hs-inbox\.com)\b", re.IGNORECASE)
 _CRM_AUTO_CATEGORY = re.compile(r"auto|workflow|alert|rule|notif|trigger|flow", re.IGNORECASE)
+
+# The vendors' own domains: mail from a person there is that person's, not the platform's.
+_VENDOR_DOMAINS = re.compile(r"^(salesforce\.com|force\.com|hubspot\.com|zendesk\.com|freshdesk\.com|"
+                             r"freshworks\.com|freshservice\.com|servicenow\.com|service-now\.com|"
+                             r"atlassian\.com|atlassian\.net)$", re.IGNORECASE)
+_ROBOT_LOCAL = re.compile(r"^(no-?reply|do-?not-?reply|donotreply|notifications?|notify|alerts?|mailer|system|"
+                          r"automated|support|help(desk)?|bounces?)([-+._].*)?$", re.IGNORECASE)
+_HOST = re.compile(r"@([\w.-]+)")
 
 _CAL_SENDERS = re.compile(r"^(calendar-notification@google\.com|calendar-server@google\.com|"
                           r"noreply@calendar\.google\.com)$", re.IGNORECASE)
@@ -94,9 +107,11 @@ def machine_from_headers(h, subject: str, from_addr: str, item_class: str | None
         if (robot and (listish or notice)) or (listish and notice and not _personal(h)):
             return "mailing_list", "list manager notice" + (" (sender)" if robot else " (subject)"), True
 
+    robot_sender = bool(_ROBOT_LOCAL.match(_local(from_addr)))
+    if not robot_sender and _own_out_of_office(h, subject):
+        return None  # a person's auto-reply, whatever their employer or CRM
     ticket = _header_prefixed(h, _TICKET_HEADER_PREFIXES)
-    where = " ".join(v for v in (from_addr, h.get("message-id"), h.get("reply-to"),
-                                 h.get("return-path")) if v)
+    where = _platform_hosts(h, from_addr, robot_sender)
     if ticket or _TICKET_DOMAINS.search(where):
         reason = f"ticket system ({ticket or 'domain'})"
         if _TICKET_SUBJECT.search(subject):
@@ -112,6 +127,26 @@ def machine_from_headers(h, subject: str, from_addr: str, item_class: str | None
     if _CAL_SUBJECT.match(subject) and ("multipart" in ctype or h.has("x-ms-exchange-calendar-series-instance-id")):
         return "calendar", "calendar subject: body decides", False
     return None
+
+
+def _platform_hosts(h, from_addr: str, robot_sender: bool) -> str:
+    """The hosts of From, Sender, Message-ID, Reply-To and Return-Path, as "@host" words,
+    without those at the vendor's own domain when From is a person there (anna@salesforce.com
+    writes from her own mailbox: her Message-ID and Return-Path are at salesforce.com too)."""
+    values = (from_addr, h.get("sender"), h.get("message-id"), h.get("reply-to"), h.get("return-path"))
+    hosts = [host.lower() for v in values if v for host in _HOST.findall(v)]
+    own = from_addr.rpartition("@")[2].lower()
+    if own and not robot_sender and _VENDOR_DOMAINS.match(own):
+        hosts = [host for host in hosts if host != own]
+    return " ".join("@" + host for host in hosts)
+
+
+def _own_out_of_office(h, subject: str) -> bool:
+    """An RFC 3834 auto-reply that calls itself an out-of-office in its subject."""
+    from workers.classify import automatic_subject
+
+    auto = (h.get("auto-submitted") or "").strip().lower()
+    return auto.startswith("auto-replied") and automatic_subject(subject)
 
 
 def _personal(h) -> bool:
