@@ -216,6 +216,16 @@ def load(path: str | None = None, *, env: dict[str, str] | None = None, override
     return settings
 
 
+def scrub(text: str, settings: Settings) -> str:
+    """``text`` with the value of every secret setting replaced by ``***`` (for error text that
+    goes to logs or Redis)."""
+    for key in SECRET_KEYS:
+        secret = settings.values.get(key)
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
 def _check_combinations(settings: Settings) -> None:
     if settings.ews_url:
         if settings.auth_type in ("basic", "ntlm"):

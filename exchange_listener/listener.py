@@ -34,6 +34,7 @@ import redis
 from exchange_listener import leases as leases_mod
 from exchange_listener import logs, metrics, queueing, redis_conn
 from exchange_listener import mailboxes as mailboxes_mod
+from exchange_listener.config import scrub
 from exchange_listener.ledger import Ledger
 from exchange_listener.sources import ews_account
 from exchange_listener.sources.ews_stream import Backoff, StreamGroup
@@ -62,7 +63,8 @@ class Sink:
     def enqueue(self, mails) -> None:
         """Enqueue now or raise (used by catch-up, which must not advance its state otherwise)."""
         job = queueing.enqueue_new_mail(self.queue, mails, retries=self.settings.job_retries,
-                                        job_timeout=self.settings.job_timeout)
+                                        job_timeout=self.settings.job_timeout,
+                                        failure_ttl=max(queueing.FAILURE_TTL, self.settings.processed_days * 86400))
         if job is not None:
             metrics.JOBS_ENQUEUED.labels(mails[0].via).inc()
             self.log.debug("enqueued", mailbox=mails[0].mailbox, job_id=job.id, items=len(mails), via=mails[0].via)
@@ -147,9 +149,11 @@ class CatchUps:
                     self._queue.put(mailbox)
 
     def retry_due(self) -> None:
+        """Queue the retries that came due (once: the run that starts takes the entry over)."""
         now = time.monotonic()
         with self._lock:
-            due = [(m, r, f) for m, (at, _b, r, f) in self._retry.items() if at <= now]
+            due = [(m, r, f) for m, (at, _b, r, f) in self._retry.items()
+                   if at <= now and m not in self._queued and m not in self._running]
         for mailbox, reason, folders in due:
             self.request([mailbox], reason, folders)
 
@@ -162,22 +166,24 @@ class CatchUps:
             mailbox = self._queue.get()
             with self._lock:
                 reason, folders = self._queued.pop(mailbox, ("again", None))
+                pending = self._retry.pop(mailbox, None)  # a failed run's work is part of this one
+                if pending is not None:
+                    reason, folders = self._merge((pending[2], pending[3]), reason, folders)
+                    backoff = pending[1]
+                else:
+                    backoff = None
                 self._running.add(mailbox)
             try:
                 if self.listener.holds(mailbox):
                     self._catch_up(mailbox, reason, folders)
-                with self._lock:
-                    self._retry.pop(mailbox, None)
             except Exception as exc:  # noqa: BLE001 - retried with backoff; nothing is lost meanwhile
                 with self._lock:
-                    old = self._retry.get(mailbox)
-                    backoff = old[1] if old else Backoff(base=1.0, cap=60.0)
-                    if old:
-                        reason, folders = self._merge((old[2], old[3]), reason, folders)
+                    backoff = backoff or Backoff(base=1.0, cap=60.0)
                     delay = backoff.next()
                     self._retry[mailbox] = (time.monotonic() + delay, backoff, reason, folders)
                 self.log.warning("catch-up failed; will retry", mailbox=mailbox, reason=reason,
-                                 error=f"{type(exc).__name__}: {exc}"[:300], retry_in=round(delay, 1))
+                                 error=scrub(f"{type(exc).__name__}: {exc}", self.listener.settings)[:300],
+                                 retry_in=round(delay, 1))
             finally:
                 with self._lock:
                     self._running.discard(mailbox)
@@ -233,7 +239,8 @@ class Listener:
         return mailbox in self.group_of
 
     def _on_mail(self, mails, *, subscription_id: str, group: str) -> None:
-        self.sink.put(mails)
+        for mail in mails:  # one job per item, the id a catch-up gives it too (RQ dedupes the twins)
+            self.sink.put([mail])
         self._note_activity(mails[0].mailbox, {m.folder for m in mails})
         self.log.debug("new mail", mailbox=mails[0].mailbox, group=group, subscription_id=subscription_id,
                        items=len(mails))
@@ -251,7 +258,14 @@ class Listener:
                       folder=folder_id)
         self.catchups.request([mailbox], "new_folder")
 
-    def _on_moves(self, mailbox: str, moves) -> None:
+    def _on_moves(self, mailbox: str, moves, moved_into=()) -> None:
+        """Record moves for workers whose item is gone, and have the folders mail was moved into
+        checkpointed: mail moved there that no job covers (moved before a stream saw it, or before
+        the move was recorded) is found by the checkpoint; processed mail is skipped there."""
+        if moved_into:
+            self._note_activity(mailbox, set(moved_into))
+        if not moves:
+            return
         try:
             self.ledger.record_moves(mailbox, moves)
         except REDIS_ERRORS as exc:  # the next full catch-up finds the moved mail in its new folder
@@ -325,6 +339,7 @@ class Listener:
                 changed = self._poll_mailboxes()
                 if changed or now >= next_balance:
                     self._balance()
+                    self._check_redis_identity()
                     next_balance = now + balance_every
                 if self.sink.buffer:
                     self.sink.flush(budget=FLUSH_SLICE_SECONDS)
@@ -334,7 +349,7 @@ class Listener:
                 if not self._redis_ok:
                     self._redis_ok = True
                     self.log.info("Redis reachable again")
-                    self._after_redis_outage()
+                    self._check_redis_identity()
             except REDIS_ERRORS as exc:
                 if self._redis_ok:
                     self._redis_ok = False
@@ -354,9 +369,10 @@ class Listener:
         except REDIS_ERRORS:
             return None
 
-    def _after_redis_outage(self) -> None:
+    def _check_redis_identity(self) -> None:
         """Another server behind the URL (a failover, a restart) may lack the last writes before
-        it: the jobs just enqueued, the sync states just stored. Catch every held mailbox up."""
+        it: the jobs just enqueued, the sync states just stored. Catch every held mailbox up.
+        Checked every balance: redis-py retries commands, so a quick restart may raise nothing."""
         run_id = self._run_id()
         if run_id and self._redis_run_id and run_id != self._redis_run_id:
             self.log.warning("Redis changed under us (failover or restart); catching up every mailbox we hold, "

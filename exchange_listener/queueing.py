@@ -20,6 +20,7 @@ from exchange_listener.sources.base import NewMail
 
 JOB_FUNC = "workers.jobs.handle_mail"
 RETRY_INTERVALS = [2, 10, 30, 120, 600]  # seconds; the last repeats for further retries
+FAILURE_TTL = 14 * 86400  # seconds a failed job stays listed (``make failed``)
 
 
 def make_queue(connection: redis.Redis, name: str, **kwargs) -> Queue:
@@ -46,8 +47,10 @@ def retry_policy(retries: int) -> Retry | None:
 
 
 def enqueue_new_mail(queue: Queue, mails: Sequence[NewMail], *, retries: int = 5, job_timeout: int = 120,
-                     source: str = "ews"):
-    """Enqueue one job for ``mails`` (all of one mailbox). Returns the job, or None if its twin is pending."""
+                     source: str = "ews", failure_ttl: int = FAILURE_TTL):
+    """Enqueue one job for ``mails`` (all of one mailbox). Returns the job, or None if its twin is
+    pending. A failed job is kept ``failure_ttl`` seconds: at least as long as the ledger's
+    memory, since a catch-up leaves mail whose job failed to the failed registry."""
     try:
         return queue.enqueue(
             JOB_FUNC,
@@ -57,7 +60,7 @@ def enqueue_new_mail(queue: Queue, mails: Sequence[NewMail], *, retries: int = 5
             retry=retry_policy(retries),
             job_timeout=job_timeout,
             result_ttl=3600,
-            failure_ttl=7 * 86400,
+            failure_ttl=failure_ttl,
             description=f"new mail for {mails[0].mailbox} ({len(mails)} item(s))",
         )
     except DuplicateJobError:

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 import redis
-from exchangelib.errors import ErrorInvalidSyncStateData
+from exchangelib.errors import ErrorFolderNotFound, ErrorInvalidSyncStateData
 from exchangelib.fields import FieldPath
 from exchangelib.folders import Folder
 from exchangelib.items import Message
@@ -265,6 +265,12 @@ def catch_up(account, mailbox: str, folder: str, store: SyncStore, ledger: Ledge
             store.drop(mailbox, folder)
             state = None
             continue
+        except ErrorFolderNotFound:
+            if folder in DISTINGUISHED:
+                raise
+            log.info("folder no longer exists; forgetting its sync state")  # deleted: its mail went elsewhere
+            store.drop(mailbox, folder)
+            return total
         now = time.time()
         candidates = []
         for change_type, item in changes:

@@ -29,15 +29,21 @@ from exchange_listener.local_services import (
     wait_for,
 )
 from exchange_listener.sync_state import SyncStore
+from workers.message_ids import normalize
 
 wait_for = functools.partial(wait_for, timeout=45.0)
 QUEUE = "exchange-listener"
 SERVICE_ACCOUNT = ("svc", "svc-password")
 
 
-def mail(subject: str) -> bytes:
+def mail(subject: str, message_id: str | None = None) -> bytes:
+    message_id = message_id or f"<{uuid.uuid4()}@customer.example>"
     return (f"From: p@customer.example\r\nTo: rep@example.com\r\nSubject: {subject}\r\n"
-            f"Message-ID: <{uuid.uuid4()}@customer.example>\r\n\r\nhi\r\n").encode()
+            f"Message-ID: {message_id}\r\n\r\nhi\r\n").encode()
+
+
+def caught_up(conn, listener_id: str = "l1") -> bool:
+    return conn.hget(leases.LISTENER_PREFIX + listener_id, "catchups_pending") == b"0"
 
 
 def queued(conn) -> dict[str, dict]:
@@ -85,6 +91,7 @@ def test_mail_filed_into_a_folder_made_while_no_listener_ran_is_caught_up(redis_
     appointment = emulator.deliver("ann@example.com", mail("a calendar item"), folder="calendar")
     listeners(emulator)
     wait_for(lambda: ruled["item_id"] in queued(redis_client), message="rule-filed mail caught up after the restart")
+    wait_for(lambda: caught_up(redis_client), message="catch-up done")
     assert queued(redis_client)[ruled["item_id"]]["via"] == "catchup"
     assert appointment["item_id"] not in queued(redis_client)
 
@@ -101,6 +108,7 @@ def test_non_mail_folders_never_make_a_job_and_new_folders_are_learned_while_str
     last = emulator.deliver("ben@example.com", mail("re: inbox, delivered last"))
     wait_for(lambda: {nested["item_id"], last["item_id"]} <= set(queued(redis_client)),
              message="nested new folder and inbox mail enqueued")
+    wait_for(lambda: caught_up(redis_client), message="the new folders' catch-ups done")
     # the listener has now seen every event above (they were streamed before the last one) and
     # caught up the tree: none of the non-mail or sent/draft items became a job
     assert not set(never) & set(queued(redis_client))
@@ -108,11 +116,15 @@ def test_non_mail_folders_never_make_a_job_and_new_folders_are_learned_while_str
 
 def test_moves_deletes_and_hard_deletes_are_recorded_for_workers(redis_client, emulator, listeners):
     mailboxes.add(redis_client, ["cat@example.com"])
-    listeners(emulator)
+    proc = listeners(emulator, checkpoint_seconds=1, log_level="debug")
     wait_for(lambda: streaming(redis_client, 1), message="streaming")
     ledger = Ledger(redis_client)
-    items = [emulator.deliver("cat@example.com", mail(f"re: {i}"))["item_id"] for i in range(3)]
+    ids = [f"<move-{i}-{uuid.uuid4()}@customer.example>" for i in range(3)]
+    items = [emulator.deliver("cat@example.com", mail(f"re: {i}", ids[i]))["item_id"] for i in range(3)]
     wait_for(lambda: set(items) <= set(queued(redis_client)), message="enqueued")
+    for item_id, message_id in zip(items, ids):  # a worker processed them
+        ledger.mark_processed("cat@example.com", normalize(message_id), item_id)
+    checkpoints_before = len([line for line in proc.lines() if line.get("event") == "caught up"])
     moved = emulator.move(items[0], "Archive/2026")["item_id"]
     moved_twice = emulator.move(moved, "deleteditems")["item_id"]
     trashed = emulator.move(items[1], "deleteditems")["item_id"]
@@ -120,7 +132,10 @@ def test_moves_deletes_and_hard_deletes_are_recorded_for_workers(redis_client, e
     wait_for(lambda: ledger.where_now("cat@example.com", items[0]) == moved_twice, message="chain of moves followed")
     wait_for(lambda: ledger.where_now("cat@example.com", items[1]) == trashed, message="move to Deleted Items")
     wait_for(lambda: ledger.where_now("cat@example.com", items[2]) is not None, message="hard delete recorded")
-    # moving mail is no new mail: the moved copies are not enqueued again
+    # the folders mail was moved into are read (a moved mail no job covers would be found there),
+    # but processed mail is no new mail: the moved copies are not enqueued
+    wait_for(lambda: len([line for line in proc.lines() if line.get("event") == "caught up"]) > checkpoints_before
+             and caught_up(redis_client), message="the folders moved into were read")
     assert not {moved, moved_twice, trashed} & set(queued(redis_client))
 
 
@@ -134,15 +149,17 @@ def test_a_restart_catches_up_only_the_gap(redis_client, emulator, listeners):
     store, ledger = SyncStore(redis_client), Ledger(redis_client)
     wait_for(lambda: store.get("dan@example.com", "inbox"), message="first catch-up stored a state")
     state_at_start = store.get("dan@example.com", "inbox")
-    before = [emulator.deliver("dan@example.com", mail(f"before {i}"))["item_id"] for i in range(12)]
+    ids = [f"<before-{i}-{uuid.uuid4()}@customer.example>" for i in range(12)]
+    before = [emulator.deliver("dan@example.com", mail(f"before {i}", ids[i]))["item_id"] for i in range(12)]
     wait_for(lambda: set(before) <= set(queued(redis_client)), message="streamed mail enqueued")
     wait_for(lambda: store.get("dan@example.com", "inbox") != state_at_start, message="checkpointed while streaming")
-    for item_id in queued(redis_client):  # what a worker does once it processed them
-        ledger.mark_processed("dan@example.com", None, item_id)
+    for item_id, message_id in zip(before, ids):  # what a worker does once it processed them
+        ledger.mark_processed("dan@example.com", normalize(message_id), item_id)
     assert first.terminate() == 0
     queueing.make_queue(redis_client, QUEUE).empty()
     for key in redis_client.scan_iter("rq:job:*"):  # as if result_ttl had long run out
         redis_client.delete(key)
+    store.drop("dan@example.com", "inbox")  # and the inbox read from scratch: only the ledger can tell
 
     gap = [emulator.deliver("dan@example.com", mail(f"gap {i}"))["item_id"] for i in range(3)]
     second = listeners(emulator, checkpoint_seconds=1, log_level="debug")
@@ -155,6 +172,7 @@ def test_a_restart_catches_up_only_the_gap(redis_client, emulator, listeners):
 
 
 def status(redis_server, emulator, **settings) -> dict:
+    """`exchange-listener status --json` as an operator runs it."""
     env = service_env(redis_server.url, emulator.ews_url, allow_volatile_redis=True, **settings)
     done = subprocess.run([sys.executable, "-m", "exchange_listener.cli", "status", "--json"], env=env,
                           capture_output=True, text=True, timeout=60, check=False)
@@ -162,35 +180,50 @@ def status(redis_server, emulator, **settings) -> dict:
     return json.loads(done.stdout)
 
 
-def test_one_mailbox_that_cannot_be_subscribed_never_disturbs_its_group(redis_client, redis_server, emulator,
-                                                                        listeners):
-    addresses = ["eve@example.com", "fay@example.com", "gus@example.com"]
-    emulator.fault(kind="mailbox_error", mailbox="fay@example.com", code="ErrorImpersonateUserDenied")
-    mailboxes.add(redis_client, addresses)
-    listeners(emulator)
-    wait_for(lambda: streaming(redis_client, 2), message="the two good mailboxes streaming")
-    wait_for(lambda: sum(g["failing_count"] for g in groups(redis_client)) == 1, message="the bad one reported")
-    (failing,) = [f for g in groups(redis_client) for f in g["failing"]]
-    assert failing["mailbox"] == "fay@example.com" and "ErrorImpersonateUserDenied" in failing["error"]
-    # status shows it; unhealthy only past the bound
-    within = status(redis_server, emulator, mailbox_failure_grace_seconds=3600)
-    assert not any("fay@example.com" in p for p in within["problems"])
-    assert any(f["mailbox"] == "fay@example.com" for lst in within["listeners"] for g in lst["groups"]
-               for f in g["failing"])
-    past = status(redis_server, emulator, mailbox_failure_grace_seconds=0)
-    assert any("fay@example.com cannot be subscribed" in p for p in past["problems"])
-    text = subprocess.run([sys.executable, "-m", "exchange_listener.cli", "status"], capture_output=True, text=True,
-                          env=service_env(redis_server.url, emulator.ews_url, allow_volatile_redis=True),
-                          timeout=60, check=False).stdout
-    assert "1 failing to subscribe" in text and "fay@example.com: ErrorImpersonateUserDenied" in text
-    items = [emulator.deliver(a, mail("re: hello"))["item_id"] for a in ("eve@example.com", "gus@example.com")]
-    wait_for(lambda: set(items) <= set(queued(redis_client)), message="the group's other mail flows")
+def test_one_mailbox_that_cannot_be_subscribed_never_disturbs_its_group(redis_client, redis_server, listeners):
+    # the server closes streams every 2 s here (a "minute" of ConnectionTimeout is 2 s): the bad
+    # mailbox is retried at those reconnects, never by cutting the group's stream
+    with Emulator(accounts=[":".join(SERVICE_ACCOUNT)], heartbeat_seconds=1.0,
+                  extra_args=["--connection-timeout-minute-seconds", "2"]) as emulator:
+        addresses = ["eve@example.com", "fay@example.com", "gus@example.com"]
+        emulator.fault(kind="mailbox_error", mailbox="fay@example.com", code="ErrorImpersonateUserDenied")
+        mailboxes.add(redis_client, addresses)
+        proc = listeners(emulator, connection_timeout=1, log_level="debug")
+        wait_for(lambda: streaming(redis_client, 2), message="the two good mailboxes streaming")
+        wait_for(lambda: sum(g["failing_count"] for g in groups(redis_client)) == 1, message="the bad one reported")
+        (failing,) = [f for g in groups(redis_client) for f in g["failing"]]
+        assert failing["mailbox"] == "fay@example.com" and "ErrorImpersonateUserDenied" in failing["error"]
+        # status shows it; unhealthy only past the bound
+        within = status(redis_server, emulator, mailbox_failure_grace_seconds=3600)
+        assert not any("fay@example.com" in p for p in within["problems"])
+        assert any(f["mailbox"] == "fay@example.com" for lst in within["listeners"] for g in lst["groups"]
+                   for f in g["failing"])
+        past = status(redis_server, emulator, mailbox_failure_grace_seconds=0)
+        assert any("fay@example.com cannot be subscribed" in p for p in past["problems"])
+        text = subprocess.run([sys.executable, "-m", "exchange_listener.cli", "status"], capture_output=True,
+                              text=True, env=service_env(redis_server.url, emulator.ews_url, allow_volatile_redis=True),
+                              timeout=60, check=False).stdout
+        assert "1 failing to subscribe" in text and "fay@example.com: ErrorImpersonateUserDenied" in text
+        items = [emulator.deliver(a, mail("re: hello"))["item_id"] for a in ("eve@example.com", "gus@example.com")]
+        wait_for(lambda: set(items) <= set(queued(redis_client)), message="the group's other mail flows")
 
-    emulator.fault(kind="clear_mailbox_error", mailbox="fay@example.com")  # rights given back
-    wait_for(lambda: streaming(redis_client, 3), message="retried on its own backoff and streaming")
-    assert sum(g["failing_count"] for g in groups(redis_client)) == 0
-    late = emulator.deliver("fay@example.com", mail("re: finally"))["item_id"]
-    wait_for(lambda: late in queued(redis_client), message="its mail enqueued")
+        def failures() -> int:
+            return sum(1 for line in proc.lines() if line.get("mailbox") == "fay@example.com"
+                       and "cannot subscribe" in line.get("event", ""))
+
+        def catch_ups() -> list[tuple[str, str]]:
+            return [(line["mailbox"], line.get("reason")) for line in proc.lines() if line.get("event") == "caught up"]
+
+        settled, failed_so_far = len(catch_ups()), failures()
+        wait_for(lambda: failures() >= failed_so_far + 1, timeout=60, message="the bad mailbox retried")
+        # its retry cost the good mailboxes nothing: no cut stream, so no catch-up of theirs
+        assert catch_ups()[settled:] == [], catch_ups()
+
+        emulator.fault(kind="clear_mailbox_error", mailbox="fay@example.com")  # rights given back
+        wait_for(lambda: streaming(redis_client, 3), timeout=60, message="retried on its own backoff and streaming")
+        assert sum(g["failing_count"] for g in groups(redis_client)) == 0
+        late = emulator.deliver("fay@example.com", mail("re: finally"))["item_id"]
+        wait_for(lambda: late in queued(redis_client), message="its mail enqueued")
 
 
 def test_a_busy_anchor_re_forms_the_group_on_another_anchor(redis_client, emulator, listeners):

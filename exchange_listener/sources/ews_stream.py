@@ -46,6 +46,7 @@ from exchangelib.services import (
 )
 
 from exchange_listener import logs, metrics
+from exchange_listener.config import scrub
 from exchange_listener.sources import ews_account
 from exchange_listener.sources.base import NewMail
 from exchange_listener.sync_state import distinguished_folder_ids, watched_folders
@@ -258,9 +259,14 @@ class StreamGroup:
         self._dirty.set()
 
     def poke(self) -> None:
-        """Interrupt the current stream if membership changed or a retry is due."""
+        """Interrupt the current stream if membership changed or a first subscribe is due.
+
+        A mailbox that keeps failing (``failures``) is retried when the stream reconnects anyway
+        (the server closes it every ``connection_timeout``), never by cutting the stream: a cut
+        costs every other member a catch-up, and one bad mailbox must not disturb its group."""
         now = time.time()
-        due = any(m.subscription_id is None and m.retry_at <= now for m in list(self.members.values()))
+        due = any(m.subscription_id is None and m.retry_at <= now and not m.failures
+                  for m in list(self.members.values()))
         if self._dirty.is_set() or due or self._stopping.is_set():
             if due:
                 self._dirty.set()
@@ -427,8 +433,8 @@ class StreamGroup:
         except Exception as exc:  # noqa: BLE001 - one bad mailbox must not stop the group
             delay = min(300.0, 2.0 * 2 ** (member.failures + 1)) * random.uniform(0.75, 1.25)
             self._failed(member, exc, delay)
-            log.error("cannot subscribe mailbox", error=member.last_error, retry_in=round(delay, 1),
-                      failures=member.failures)
+            log.error("cannot subscribe mailbox; retried on its own backoff when the stream next reconnects",
+                      error=member.last_error, retry_in=round(delay, 1), failures=member.failures)
             return False
         member.failures = 0
         member.failing_since = None
@@ -440,7 +446,7 @@ class StreamGroup:
     def _failed(self, member: Member, exc: Exception, delay: float) -> None:
         member.failures += 1
         member.retry_at = time.time() + delay
-        member.last_error = f"{type(exc).__name__}: {exc}"[:300]
+        member.last_error = scrub(f"{type(exc).__name__}: {exc}", self.settings)[:300]
         if member.failing_since is None:
             member.failing_since = time.time()
 
@@ -542,7 +548,10 @@ class StreamGroup:
         for mailbox, (watched, ignored) in updates.items():
             member = self.members.get(mailbox)
             if member is not None:
-                member.watched, member.ignored = watched, ignored
+                # folders still unknown after the tree was read (outside the mail folder tree, e.g.
+                # Recoverable Items' Purges) are ignored from now on, not asked about again
+                member.ignored = ignored | (member.asked - set(watched))
+                member.watched = watched
                 member.asked.clear()
 
     def _handle(self, notification, live: dict[str, Member]) -> None:
@@ -554,30 +563,40 @@ class StreamGroup:
         now = time.time()
         mails: dict[str, NewMail] = {}
         moves: list[tuple[str, str]] = []
+        moved_into: set[str] = set()
         for event in notification.events or ():
             kind = type(event).__name__
             metrics.EVENTS_RECEIVED.labels(kind).inc()
             if getattr(event, "item_id", None) is None:
                 continue  # a folder event
             if kind == "MovedEvent":
-                if getattr(event, "old_item_id", None) is not None:
+                old_parent = getattr(event, "old_parent_folder_id", None)
+                # a mail we may have a job for: from a folder that counts, or one not known yet
+                may_have_job = old_parent is None or member.folder_of(old_parent.id) is not None
+                if getattr(event, "old_item_id", None) is not None and may_have_job:
                     moves.append((event.old_item_id.id, event.item_id.id))
+                parent = event.parent_folder_id.id if event.parent_folder_id is not None else ""
+                target = member.folder_of(parent)
+                if target is UNKNOWN:
+                    member.asked.add(parent)
+                    self.on_unknown_folder(member.mailbox, parent)
+                elif target is not None:
+                    moved_into.add(target)  # the checkpoint reads it: nothing moved in is missed
                 continue
             if kind not in NEW_ITEM_EVENTS:
                 continue
             parent = event.parent_folder_id.id if event.parent_folder_id is not None else ""
             folder = member.folder_of(parent)
-            if folder is UNKNOWN:
-                if parent not in member.asked:  # a folder made since the tree was read: the catch-up finds it
-                    member.asked.add(parent)
-                    self.on_unknown_folder(member.mailbox, parent)
+            if folder is UNKNOWN:  # a folder made since the tree was read: a catch-up (merged) finds it
+                member.asked.add(parent)
+                self.on_unknown_folder(member.mailbox, parent)
                 continue
             if folder is None:
                 continue
             mails.setdefault(event.item_id.id, NewMail(mailbox=member.mailbox, item_id=event.item_id.id,
                                                        folder=folder, seen_at=now, via="stream"))
-        if moves:
-            self.on_moves(member.mailbox, moves)
+        if moves or moved_into:
+            self.on_moves(member.mailbox, moves, moved_into)
         if mails:
             self.on_mail(list(mails.values()), subscription_id=notification.subscription_id, group=self.id)
 
