@@ -547,7 +547,8 @@ def test_text_only_auto_replies_and_acknowledgements_never_stop_and_unrelated_ma
         ctx,
         mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=ooo_to, references=ooo_to,
                    body=OOO_TEXT_ONLY.format(day=back.strftime("%d.%m.%Y"))),
-        mail.reply(sender="support@prospect.example", to=MAILBOX, in_reply_to=ack_to, references=ack_to, body=TICKET_ACK),
+        mail.reply(sender="support@prospect.zendesk.com", to=MAILBOX, in_reply_to=ack_to, references=ack_to,
+                   body=TICKET_ACK),  # a ticket system's acknowledgement: text alone never makes a reply a machine
         mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=human_to, references=human_to),
         mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to="<someone-else@elsewhere.example>", references=None,
                    body=OOO_TEXT_ONLY.format(day=back.strftime("%d.%m.%Y"))),  # matches nothing of ours
