@@ -11,7 +11,8 @@ graceful shutdown of the primary, the Sentinels promote the replica, the old pri
 its replica), kills the primary -9 (``failover``, Sentinel only) and injects every emulator fault.
 
 Then comes the **mailbox-behaviour phase**, two deploy drains (workers stopped with SIGTERM).
-In the first, replies are delivered and queued, and the reps move some of them to a nested folder
+It starts once every mailbox was caught up after the last Redis fault. In the first drain,
+replies are delivered and queued, and the reps move some of them to a nested folder
 they had, to a new nested folder, to Deleted Items, twice (a folder, then Deleted Items),
 hard-delete some (to Recoverable Items) and purge some (batch A, listeners running); the workers
 come back and every batch-A reply that still exists must be stopped once its job has run, before
@@ -337,7 +338,8 @@ class Stack:
         self.listener_cmd = listener_cmd or cli("listen")
         self.worker_cmd = worker_cmd or cli("work")
         # sentinel: a primary, a replica and three Sentinels; every child gets redis+sentinel://
-        self.sentinel = SentinelGroup(workdir=tempfile.mkdtemp(prefix="el-chaos-sentinel-")) if sentinel else None
+        # (its logs under log_dir: kept with the drill's logs when it fails)
+        self.sentinel = SentinelGroup(workdir=os.path.join(self.log_dir, "redis-sentinel")) if sentinel else None
         self.redis_server = None if sentinel else RedisServer(aof=aof)
         self.emulator = Emulator(accounts=[":".join(SERVICE_ACCOUNT)], mailboxes=mailboxes,
                                  heartbeat_seconds=heartbeat_seconds)
@@ -402,6 +404,16 @@ class Stack:
         server.start()
         return promoted
 
+    def sentinel_switches(self) -> list[str]:
+        """The ``+switch-master`` lines of the first Sentinel's log: every failover it saw, the
+        drill's own and any it did not ask for (a primary too slow to answer for down-after)."""
+        path = os.path.join(self.sentinel.workdir, f"sentinel-{self.sentinel.sentinel_ports[0]}", "sentinel.log")
+        try:
+            with open(path, errors="replace") as fh:
+                return [line.strip() for line in fh if "+switch-master" in line]
+        except OSError:
+            return []
+
     def sentinel_settled(self) -> bool:
         """Every Sentinel names the same primary and sees the other server as its healthy replica,
         and that replica is in sync: a further failover can happen."""
@@ -461,9 +473,6 @@ class Stack:
         self.emulator.stop()
         if self.sentinel:
             self.sentinel.stop()
-            import shutil
-
-            shutil.rmtree(self.sentinel.workdir, ignore_errors=True)
         else:
             self.redis_server.kill()
 
@@ -1335,7 +1344,13 @@ class Drill:
         delivered_s = time.monotonic() - start
         phase_start = time.monotonic()
         if self.batches:
+            # the phase starts once every mailbox was caught up after the last Redis fault (after a
+            # failover or restart the listeners catch every mailbox up): its moves are then streamed
+            # and recorded as they happen, which is what a worker's relocation follows
+            redis_faults = [f["at"] for f in self.faults if f["kind"] in ("failover", "restart_redis")]
+            caught_up_s = self.wait_caught_up(max(redis_faults)) if redis_faults else None
             self.phase_info = self.mailbox_phase()
+            self.phase_info["caught_up_before_s"] = caught_up_s
         phase_s = time.monotonic() - phase_start
         settle_s = self.wait_quiet(self.cfg["settle"])
         self.supervisor.stopping.set()
@@ -1354,6 +1369,8 @@ class Drill:
             "purged_expected_active": result["purged_expected_active"],
             "failover_recovery_s": max((f.get("flowing_s") or 0.0 for f in failovers), default=None),
             "failovers": [{k: f.get(k) for k in ("promoted_s", "flowing_s", "recovery_s")} for f in failovers],
+            # failovers the Sentinels made: the drill's (failover, restart_redis) and any unasked one
+            "sentinel_switches": len(self.stack.sentinel_switches()) if self.sentinel else None,
             "mailbox_phase": {**{k: v for k, v in self.phase_info.items()
                                  if k not in ("workers_back_at", "unstopped_after_jobs")},
                               "unstopped_after_jobs": len(self.phase_info.get("unstopped_after_jobs", [])),
