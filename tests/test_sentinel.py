@@ -16,6 +16,7 @@ import time
 import mail_samples as mail
 import pytest
 import redis
+from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
 from exchange_listener import mailboxes, redis_conn
 from exchange_listener.config import ConfigError
@@ -25,6 +26,7 @@ from exchange_listener.local_services import (
     service_env,
     wait_for,
 )
+from exchange_listener.queueing import make_queue
 from workers.enrollments import STREAM_KEY, EnrollmentStore
 from workers.sends import SendRegistry
 
@@ -194,7 +196,20 @@ def test_failover_during_a_reply_stream_loses_nothing_and_duplicates_nothing(gro
                                  f"warnings: {noisy[-30:]}") from None
         finally:
             watcher.join(5)
-        time.sleep(2.0)  # a duplicate transition (a job run again) would be written now
+        # a duplicate transition would come from a job run again: wait until RQ holds none anywhere
+        # (queued, started, in its intermediate list or waiting to retry), then count
+        queue = make_queue(conn, "exchange-listener")
+
+        def settled():
+            supervise()
+            try:
+                return (queue.count == 0 and StartedJobRegistry(queue=queue).count == 0
+                        and ScheduledJobRegistry(queue=queue).count == 0
+                        and conn.llen(queue.intermediate_queue_key) == 0)
+            except redis.exceptions.RedisError:
+                return False
+
+        wait_for(settled, timeout=100, interval=0.2, message="no job left queued, running or to retry")
 
         per_enrollment: dict[str, int] = {}
         entries = conn.xrange(STREAM_KEY, "-", "+")
