@@ -152,3 +152,23 @@ def test_mail_whose_job_failed_is_never_taken_as_done_by_a_catch_up(system, redi
     system("work", "--name", "fail-worker-2", name="worker")
     wait_for(lambda: (enrollments.get("e-failed-first") or {}).get("status") == "stopped",
              message="requeued job stopped the enrollment")
+
+
+def test_a_move_recorded_after_the_job_looked_is_found_on_the_jobs_retry(system, redis_client, emulator):
+    """The listener may record a move late (it lags, or is catching up after a failover): a job
+    that finds its mail nowhere yet is retried before it reports the mail gone."""
+    from exchange_listener.sources.base import NewMail
+
+    sends, enrollments = SendRegistry(redis_client), EnrollmentStore(redis_client)
+    raw, _ = reply_to(sends, "e-late-move")
+    item = emulator.deliver(MAILBOX, raw)["item_id"]
+    queueing.enqueue_new_mail(queueing.make_queue(redis_client, QUEUE),
+                              [NewMail(MAILBOX, item, "inbox", seen_at=0.0)])  # as the stream would
+    moved = emulator.move(item, "Later")["item_id"]  # no listener runs: nobody records this yet
+    worker = system("work", "--name", "late-move-worker", name="worker")
+    wait_for(lambda: any("not found anywhere yet" in line.get("event", "") for line in worker.lines()),
+             message="the job found the mail nowhere yet and was retried")
+    Ledger(redis_client).record_moves(MAILBOX, [(item, moved)])  # the listener catches up
+    wait_for(lambda: (enrollments.get("e-late-move") or {}).get("status") == "stopped",
+             message="the retried job found the moved reply and stopped its enrollment")
+    assert not any(line.get("event") == "mail exists nowhere" for line in worker.lines())

@@ -397,6 +397,29 @@ def handle_mail(payload: dict) -> dict:
             return summary
 
 
+NOWHERE_RETRIES = 2  # a job that finds its mail nowhere is retried this often before saying so
+
+
+class NotFoundYet(RuntimeError):
+    """The mail is nowhere we can see *yet*: a move may not be recorded yet (the listener lags,
+    or is catching up). The job is retried (RQ's backoff) before the mail is reported gone."""
+
+
+def _retry_before_nowhere(mail: NewMail, exc: ItemGone, bound) -> None:
+    """Raise ``NotFoundYet`` while this job has retries and has not used ``NOWHERE_RETRIES``."""
+    job = get_current_job()
+    if job is None or not job.retries_left:
+        return
+    tried = int(job.meta.get("nowhere_attempts", 0))
+    if tried >= NOWHERE_RETRIES:
+        return
+    job.meta["nowhere_attempts"] = tried + 1
+    job.save_meta()
+    bound.info("mail not found anywhere yet; the job is retried before it is reported gone", reason=str(exc),
+               attempt=tried + 1)
+    raise NotFoundYet(f"item …{mail.item_id[-16:]} not found yet ({exc})")
+
+
 def _gone(mail: NewMail, exc: ItemGone, outcome: str, bound) -> dict:
     metrics.ITEMS_GONE.labels(outcome).inc()
     bound.warning("mail exists nowhere" if outcome == "nowhere" else "mail cannot be read", reason=str(exc))
@@ -421,7 +444,9 @@ def _item(ctx, fetcher, mailbox: str, mail: NewMail, fetched: FetchedMessage | I
             except ItemGone as exc:
                 found = exc
             if not isinstance(found, FetchedMessage):
-                return _gone(mail, found if isinstance(found, ItemGone) else fetched, "nowhere", bound)
+                gone = found if isinstance(found, ItemGone) else fetched
+                _retry_before_nowhere(mail, gone, bound)
+                return _gone(mail, gone, "nowhere", bound)
             metrics.ITEMS_GONE.labels("relocated").inc()
             bound.info("mail found elsewhere", now_item_id=found.item_id, reason=str(fetched))
             fetched, relocated = found, True

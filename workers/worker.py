@@ -198,8 +198,9 @@ def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> 
                 worker = worker or make_worker(settings, name=worker_name)  # RQ's Worker() talks to Redis too
                 worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level.upper())
                 break
-            except redis.exceptions.ConnectionError as exc:
-                # Redis restarting or away: wait and start again rather than exit, so a worker
+            except (redis.exceptions.ConnectionError, redis.exceptions.ResponseError) as exc:
+                # Redis restarting, away, or failing over (RQ's cleanup can meet a half-answered
+                # pipeline then): wait and start again rather than exit, so a worker
                 # not under supervisord still serves once Redis is back. Nothing is lost
                 # meanwhile: a job taken but not finished is reclaimed by RQ's maintenance.
                 if burst:
