@@ -26,9 +26,14 @@ The scheduler (retries with backoff) runs in a process RQ forks from the worker;
 when its parent is gone, so a killed worker leaves no orphan holding the scheduler lock. The
 notification outbox is drained after each job with transitions and on a timer.
 SIGTERM is RQ's warm shutdown (finish the job, take no new one); a second SIGTERM is cold.
+RQ raises its stop at once in an idle worker, and "idle" includes the instant after the blocking
+dequeue moved a job to RQ's intermediate list but before the job started: that job would sit
+there until RQ's cleanup a minute later. Here a job already taken is run first, then the worker
+stops (``TakingQueue``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -87,13 +92,44 @@ class _JobHeartbeat(threading.Thread):
         self.join(timeout=5)
 
 
+class TakingQueue(Queue):
+    """RQ's Queue, noting the job a dequeue just took, until the worker starts it."""
+
+    taken: str | None = None  # one worker per process
+
+    @classmethod
+    def dequeue_any(cls, *args, **kwargs):
+        result = super().dequeue_any(*args, **kwargs)
+        if result is not None:
+            TakingQueue.taken = result[0].id
+        return result
+
+
 class MailWorker(SimpleWorker):
     """SimpleWorker with short, renewed heartbeats (see the module docstring)."""
+
+    queue_class = TakingQueue
+
+    def _shutdown(self):
+        if self.get_state() != WorkerStatus.BUSY:
+            if TakingQueue.taken is not None:
+                self._stop_requested = True  # run the job just taken, then stop (see the module docstring)
+                log.info("warm shutdown: running the job just taken first", job_id=TakingQueue.taken)
+                if self.scheduler:
+                    self.stop_scheduler()
+                return
+            # Idle in the blocking dequeue: RQ's stop interrupts our read, but the server keeps the
+            # BLMOVE waiting on the open socket and would move the next job to the intermediate
+            # list for a reader that is gone. Closing the socket cancels it.
+            with contextlib.suppress(Exception):
+                self.connection.connection_pool.disconnect()
+        super()._shutdown()
 
     def get_heartbeat_ttl(self, job: Job) -> int:
         return self.worker_ttl
 
     def execute_job(self, job: Job, queue: Queue):
+        TakingQueue.taken = None
         self.prepare_execution(job)
         beat = _JobHeartbeat(self, job)
         beat.start()
@@ -166,6 +202,7 @@ def make_worker(settings: Settings, connection: redis.Redis | None = None, name:
         worker_ttl=ttl,
         maintenance_interval=ttl,
         job_monitoring_interval=max(1, ttl // 3),
+        queue_class=TakingQueue,
     )
 
 
