@@ -33,8 +33,10 @@ $(VENV)/.installed: $(BIN)/activate setup.cfg setup.py pyproject.toml
 
 install: $(VENV)/.installed ## create .venv and install the package with dev tools
 
+# Two test processes (one per core): most of the suite waits on real processes, not the CPU.
+# A file's tests stay in one process (--dist loadfile); each process starts its own redis-server.
 test: $(VENV)/.installed ## run the test suite (starts its own redis-server and emulator)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: $(VENV)/.installed ## ruff
 	$(BIN)/ruff check exchange_listener workers tests bench tools

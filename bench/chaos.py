@@ -358,7 +358,7 @@ class Stack:
         return self.sentinel.url if self.sentinel else self.redis_server.url
 
     def env(self) -> dict[str, str]:
-        settings = {"heartbeat_seconds": self.heartbeat_seconds, "log_level": "warning", "pause_days": PAUSE_DAYS,
+        settings = {"heartbeat_seconds": self.heartbeat_seconds, "log_level": os.environ.get("CHAOS_LOG_LEVEL", "warning"), "pause_days": PAUSE_DAYS,
                     **self.extra}
         env = service_env(self.redis_url, self.emulator.ews_url, username=SERVICE_ACCOUNT[0],
                           password=SERVICE_ACCOUNT[1], **settings)
@@ -1051,17 +1051,20 @@ class Drill:
             now[e.id] = item
         return now
 
-    def wait_caught_up(self, since: float, timeout: float = 60.0) -> float | None:
+    def wait_caught_up(self, since: float, timeout: float = 120.0) -> float | None:
         """Seconds until every mailbox finished a full catch-up after ``since`` (epoch), or None."""
         store, t0 = SyncStore(self.stack.redis), time.monotonic()
 
-        def done() -> bool:
-            return all((store.caught_up_at(m) or 0) > since for m in self.mailboxes)
+        def behind() -> list[str]:
+            return [m for m in self.mailboxes if (store.caught_up_at(m) or 0) <= since]
 
         try:
-            wait_for(lambda: retrying(done), timeout=timeout, interval=0.5, message="every mailbox caught up")
+            wait_for(lambda: retrying(lambda: not behind()), timeout=timeout, interval=0.5,
+                     message="every mailbox caught up")
         except AssertionError:
-            self.errors.append(f"mailbox phase: not every mailbox caught up within {timeout:.0f}s of the restart")
+            late = retrying(behind)
+            self.errors.append(f"mailbox phase: not every mailbox caught up within {timeout:.0f}s of the restart: "
+                               f"{late[:5]}")
             return None
         return round(time.monotonic() - t0, 1)
 

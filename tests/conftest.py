@@ -22,10 +22,15 @@ def pytest_configure(config):
     against Microsoft's schema."""
     for name in [settings.CONFIG_ENV] + [settings.ENV_PREFIX + f.key.upper() for f in settings.FIELDS]:
         os.environ.pop(name, None)
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: its emulators write to the controller's file
+        config._emulator_schema_log = None
+        return
     config._emulator_schema_log = ews_schema.enable()
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if session.config._emulator_schema_log is None:
+        return  # an xdist worker: the controller reads the file once every worker is done
     found = ews_schema.recorded(session.config._emulator_schema_log, remove=True)
     if found:
         print(f"\nEWS schema violations in emulator responses ({len(found)}):")
