@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
 
 import redis
 
-from exchange_listener import mailboxes, queueing
+from exchange_listener import local_services, mailboxes, queueing
 from exchange_listener.local_services import Emulator, RedisServer
 
 ACCOUNT = ("svc", "svc-password")
@@ -50,13 +50,7 @@ def env_for(redis_url: str, emulator: Emulator, **settings) -> dict:
 
 
 def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+    return local_services.wait_for(condition, timeout=timeout, interval=0.1, message=what)
 
 
 def listener_state(conn: redis.Redis, listener_id: str) -> tuple[int, int]:
