@@ -253,10 +253,11 @@ class Listener:
     def _on_subscribed(self, mailboxes, reason: str) -> None:
         self.catchups.request(mailboxes, reason)
 
-    def _on_unknown_folder(self, mailbox: str, folder_id: str) -> None:
-        self.log.info("new mail in a folder not known yet; reading the folder tree and catching up", mailbox=mailbox,
-                      folder=folder_id)
-        self.catchups.request([mailbox], "new_folder")
+    def _on_unknown_folder(self, mailbox: str, folder_id: str, first: bool = True) -> None:
+        if first:
+            self.log.info("new mail in a folder not known yet; reading the folder tree and catching up",
+                          mailbox=mailbox, folder=folder_id)
+        self.catchups.request([mailbox], "new_folder")  # requests merge: a burst costs one more run
 
     def _on_moves(self, mailbox: str, moves, moved_into=()) -> None:
         """Record moves for workers whose item is gone, and have the folders mail was moved into

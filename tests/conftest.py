@@ -23,6 +23,7 @@ def pytest_configure(config):
     for name in [settings.CONFIG_ENV] + [settings.ENV_PREFIX + f.key.upper() for f in settings.FIELDS]:
         os.environ.pop(name, None)
     if hasattr(config, "workerinput"):  # a pytest-xdist worker: its emulators write to the controller's file
+        assert os.environ.get(ews_schema.ENV_VAR), "xdist worker without the controller's schema-violation file"
         config._emulator_schema_log = None
         return
     config._emulator_schema_log = ews_schema.enable()

@@ -130,8 +130,9 @@ def test_each_emulator_fault_is_survived_and_mail_delivered_during_it_is_enqueue
     after = emulator.deliver("carol@example.com", mail("after"))
     wait_for(lambda: ("carol@example.com", after["item_id"]) in queued(redis_client), message="mail after the fault")
     assert proc.proc.poll() is None
-    if fault["kind"] == "server_busy":
-        assert any(line.get("reason") == "server_busy" for line in proc.lines())
+    if fault["kind"] == "server_busy":  # met by the stream's reconnect or by a catch-up racing it
+        assert any(line.get("reason") == "server_busy" or "ErrorServerBusy" in str(line.get("error", ""))
+                   for line in proc.lines())
     if fault["kind"] == "stall_streams":  # the heartbeat watchdog, not the server, ended the silent stream
         assert any(line.get("reason") == "connection" and "ConnectionError" in line["event"] for line in proc.lines())
 

@@ -240,7 +240,8 @@ def _decision_json(c: Classification, key: str, when: dt.datetime, received: dt.
         return value.isoformat() if isinstance(value, (dt.date, dt.datetime)) else value
 
     return json.dumps({
-        "kind": c.kind, "return_date": plain(c.return_date), "event_key": key, "reply_time": when.isoformat(),
+        "kind": c.kind, "return_date": plain(c.return_date), "bounce_type": c.bounce_type,
+        "failed_recipients": list(c.failed_recipients), "event_key": key, "reply_time": when.isoformat(),
         "received": received.isoformat(), "matched": matched,
         "actions": [{**dataclasses.asdict(a), "extra": {k: plain(v) for k, v in a.extra.items()}} for a in actions],
     }, separators=(",", ":"))
@@ -332,8 +333,11 @@ def _covering(ctx, fetcher, mailbox: str, item: FetchedMessage, c: Classificatio
         return decision
     if not body_seen and needs_text(c):
         c = _settle(fetcher, mailbox, item, c, policy.parse_time(decision["reply_time"]), bound)
-    if c.kind != decision["kind"]:
-        c = dataclasses.replace(c, kind=decision["kind"])
+    stored_return = decision.get("return_date")
+    c = dataclasses.replace(  # the first copy's verdict, so extra sends are decided as it would have
+        c, kind=decision["kind"], bounce_type=decision.get("bounce_type", c.bounce_type),
+        failed_recipients=list(decision.get("failed_recipients", c.failed_recipients)),
+        return_date=dt.date.fromisoformat(stored_return[:10]) if stored_return else None)
     when = policy.parse_time(decision["reply_time"])
     received = policy.parse_time(decision.get("received")) or when
     more = policy.decide(c, extra, mailbox=mailbox, sender=sender, when=when, now=dt.datetime.now(dt.UTC),
@@ -410,10 +414,11 @@ def _retry_before_nowhere(mail: NewMail, exc: ItemGone, bound) -> None:
     job = get_current_job()
     if job is None or not job.retries_left:
         return
-    tried = int(job.meta.get("nowhere_attempts", 0))
+    attempts = job.meta.setdefault("nowhere_attempts", {})  # per item: one job may carry several
+    tried = int(attempts.get(mail.item_id, 0))
     if tried >= NOWHERE_RETRIES:
         return
-    job.meta["nowhere_attempts"] = tried + 1
+    attempts[mail.item_id] = tried + 1
     job.save_meta()
     bound.info("mail not found anywhere yet; the job is retried before it is reported gone", reason=str(exc),
                attempt=tried + 1)

@@ -99,6 +99,7 @@ class TakingQueue(Queue):
 
     @classmethod
     def dequeue_any(cls, *args, **kwargs):
+        TakingQueue.taken = None  # a job taken earlier and never started (an error in between) is not ours now
         result = super().dequeue_any(*args, **kwargs)
         if result is not None:
             TakingQueue.taken = result[0].id
@@ -129,8 +130,10 @@ class MailWorker(SimpleWorker):
         return self.worker_ttl
 
     def execute_job(self, job: Job, queue: Queue):
-        TakingQueue.taken = None
-        self.prepare_execution(job)
+        try:
+            self.prepare_execution(job)  # busy from here on: a stop waits for the job
+        finally:
+            TakingQueue.taken = None
         beat = _JobHeartbeat(self, job)
         beat.start()
         try:

@@ -261,11 +261,12 @@ class StreamGroup:
     def poke(self) -> None:
         """Interrupt the current stream if membership changed or a first subscribe is due.
 
-        A mailbox that keeps failing (``failures``) is retried when the stream reconnects anyway
-        (the server closes it every ``connection_timeout``), never by cutting the stream: a cut
+        A mailbox's first retry cuts the stream (a passing error should not leave it unwatched
+        for a ``connection_timeout``); one that keeps failing is retried when the stream
+        reconnects anyway (the server closes it every ``connection_timeout``), since each cut
         costs every other member a catch-up, and one bad mailbox must not disturb its group."""
         now = time.time()
-        due = any(m.subscription_id is None and m.retry_at <= now and not m.failures
+        due = any(m.subscription_id is None and m.retry_at <= now and m.failures <= 1
                   for m in list(self.members.values()))
         if self._dirty.is_set() or due or self._stopping.is_set():
             if due:
@@ -578,8 +579,8 @@ class StreamGroup:
                 parent = event.parent_folder_id.id if event.parent_folder_id is not None else ""
                 target = member.folder_of(parent)
                 if target is UNKNOWN:
+                    self.on_unknown_folder(member.mailbox, parent, first=parent not in member.asked)
                     member.asked.add(parent)
-                    self.on_unknown_folder(member.mailbox, parent)
                 elif target is not None:
                     moved_into.add(target)  # the checkpoint reads it: nothing moved in is missed
                 continue
@@ -588,8 +589,8 @@ class StreamGroup:
             parent = event.parent_folder_id.id if event.parent_folder_id is not None else ""
             folder = member.folder_of(parent)
             if folder is UNKNOWN:  # a folder made since the tree was read: a catch-up (merged) finds it
+                self.on_unknown_folder(member.mailbox, parent, first=parent not in member.asked)
                 member.asked.add(parent)
-                self.on_unknown_folder(member.mailbox, parent)
                 continue
             if folder is None:
                 continue
