@@ -106,6 +106,7 @@ from exchange_listener.local_services import (
     Emulator,
     RedisServer,
     SentinelGroup,
+    ask,
     service_env,
     wait_for,
 )
@@ -425,14 +426,14 @@ class Stack:
             if primary is None:
                 return False
             other = group.replica if primary == group.primary.port else group.primary
-            info = _ask(other.port, "INFO", "replication")
+            info = ask(other.port, "INFO", "replication")
             if info.get("master_link_status") != "up" or int(info.get("master_port", 0)) != primary:
                 return False
             for port in group.sentinel_ports:
-                addr = _ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", group.name)
+                addr = ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", group.name)
                 if not addr or int(addr[1]) != primary:
                     return False
-                replicas = _ask(port, "SENTINEL", "REPLICAS", group.name)
+                replicas = ask(port, "SENTINEL", "REPLICAS", group.name)
                 flags = {int(r[b"port"]): r[b"flags"].decode() for r in (_pairs(x) for x in replicas)}
                 if flags.get(other.port) != "slave":
                     return False
@@ -500,15 +501,6 @@ class Stack:
                 if job_id:
                     return by_pid[worker.pid], job_id
         return None
-
-
-def _ask(port: int, *command: str):
-    """One command to a loopback redis-server or Sentinel, on a short-lived connection."""
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        return client.execute_command(*command)
-    finally:
-        client.close()
 
 
 def _pairs(flat) -> dict:

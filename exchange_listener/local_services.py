@@ -181,6 +181,17 @@ class RedisServer:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def ask(port: int, *command: str):
+    """One command to a loopback redis-server or Sentinel, on a short-lived connection."""
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return client.execute_command(*command)
+    finally:
+        client.close()
+
+
 class SentinelGroup:
     """A primary, a replica and three ``redis-server --sentinel`` processes on loopback ports.
 
@@ -232,26 +243,17 @@ class SentinelGroup:
                  "knowing the replica and the two other Sentinels")
         return self
 
-    def _ask(self, port: int, *command: str):
-        import redis
-
-        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2)
-        try:
-            return client.execute_command(*command)
-        finally:
-            client.close()
-
     def ready(self) -> bool:
         """Replica in sync, and every Sentinel sees it and the other two (a failover can then happen)."""
         import redis
 
         try:
-            if self._ask(self.replica.port, "INFO", "replication").get("master_link_status") != "up":
+            if ask(self.replica.port, "INFO", "replication").get("master_link_status") != "up":
                 return False
             for port in self.sentinel_ports:
-                if not self._ask(port, "SENTINEL", "REPLICAS", self.name):
+                if not ask(port, "SENTINEL", "REPLICAS", self.name):
                     return False
-                if len(self._ask(port, "SENTINEL", "SENTINELS", self.name)) < 2:
+                if len(ask(port, "SENTINEL", "SENTINELS", self.name)) < 2:
                     return False
         except redis.exceptions.RedisError:
             return False
@@ -263,7 +265,7 @@ class SentinelGroup:
 
         for port in self.sentinel_ports:
             try:
-                found = self._ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
+                found = ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
             except redis.exceptions.RedisError:
                 continue
             if found:

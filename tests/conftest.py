@@ -11,7 +11,12 @@ import pytest
 import redis
 
 from exchange_listener import config as settings
-from exchange_listener.local_services import Emulator, RedisServer
+from exchange_listener.local_services import (
+    CliProcess,
+    Emulator,
+    RedisServer,
+    service_env,
+)
 
 SERVICE_ACCOUNT = ("svc", "svc-password")
 
@@ -61,3 +66,20 @@ def emulator():
     """A fresh emulator process per test, with the service account that may impersonate anyone."""
     with Emulator(accounts=[":".join(SERVICE_ACCOUNT)], heartbeat_seconds=1.0) as emu:
         yield emu
+
+
+@pytest.fixture
+def listeners(redis_server, tmp_path):
+    """Start `exchange-listener listen` processes (1 s heartbeats, 3 s leases); all are stopped after the test."""
+    started = []
+
+    def start(emulator, name="l1", redis_url=None, **settings):
+        env = service_env(redis_url or redis_server.url, emulator.ews_url,
+                          **{"heartbeat_seconds": 1, "lease_seconds": 3, "listener_id": name, **settings})
+        proc = CliProcess(["listen"], env, tmp_path / f"listener-{name}-{len(started)}.log")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

@@ -16,9 +16,7 @@ import redis
 
 from exchange_listener import leases, mailboxes, queueing
 from exchange_listener.local_services import (
-    CliProcess,
     RedisServer,
-    service_env,
     wait_for,
 )
 
@@ -41,22 +39,6 @@ def queued(conn) -> set[tuple[str, str]]:
         payload = job.args[0]
         found.update((m["mailbox"], m["item_id"]) for m in payload["mails"])
     return found
-
-
-@pytest.fixture
-def listeners(redis_server, tmp_path):
-    started = []
-
-    def start(emulator, name="l1", redis_url=None, **settings):
-        env = service_env(redis_url or redis_server.url, emulator.ews_url,
-                          **{"heartbeat_seconds": 1, "lease_seconds": 3, "listener_id": name, **settings})
-        proc = CliProcess(["listen"], env, tmp_path / f"listener-{name}.log")
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
 
 
 def streaming(conn, listener_id: str, count: int) -> bool:

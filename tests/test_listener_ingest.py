@@ -17,13 +17,11 @@ import threading
 import time
 import uuid
 
-import pytest
 import redis
 
 from exchange_listener import leases, mailboxes, queueing
 from exchange_listener.ledger import Ledger
 from exchange_listener.local_services import (
-    CliProcess,
     Emulator,
     RedisServer,
     service_env,
@@ -63,22 +61,6 @@ def streaming(conn, count: int, listener_id: str = "l1") -> bool:
 
 def create_folder(emulator, mailbox: str, path: str, folder_class: str = "IPF.Note") -> str:
     return emulator.create_folder(mailbox, path, folder_class)["folder_id"]
-
-
-@pytest.fixture
-def listeners(redis_server, tmp_path):
-    started = []
-
-    def start(emulator, name="l1", redis_url=None, **settings):
-        env = service_env(redis_url or redis_server.url, emulator.ews_url,
-                          **{"heartbeat_seconds": 1, "lease_seconds": 3, "listener_id": name, **settings})
-        proc = CliProcess(["listen"], env, tmp_path / f"listener-{name}-{len(started)}.log")
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
 
 
 def test_mail_filed_into_a_folder_made_while_no_listener_ran_is_caught_up(redis_client, emulator, listeners):
