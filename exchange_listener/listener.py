@@ -113,12 +113,15 @@ class CatchUps:
 
     A request names a mailbox and either some folders (a checkpoint) or the whole mailbox with
     its folder tree refreshed (after a gap); requests for a mailbox already waiting are merged.
+
+    Each thread has a Protocol (one HTTP session) of its own. With one pool shared by the
+    threads, exchangelib answers ErrorServerBusy by shrinking the pool, and threads then wait
+    for a session without end (``Protocol.get_session``): whole mailboxes were never caught up
+    after a busy spell (found by the chaos drill). A pool of one is never shrunk.
     """
 
     def __init__(self, listener: Listener, threads: int = CATCHUP_THREADS):
         self.listener = listener
-        self.config = ews_account.make_configuration(listener.settings, pool=f"{listener.listener_id}/sync",
-                                                     max_connections=threads)
         self._queue: queue_mod.Queue = queue_mod.Queue()
         self._lock = threading.Lock()
         self._queued: dict[str, tuple[str, set | None]] = {}  # mailbox -> (reason, folders or None = all)
@@ -127,7 +130,9 @@ class CatchUps:
         self._retry: dict[str, tuple[float, Backoff, str, set | None]] = {}
         self.log = logs.get_logger()
         for i in range(threads):
-            threading.Thread(target=self._work, name=f"catchup-{i}", daemon=True).start()
+            config = ews_account.make_configuration(listener.settings, pool=f"{listener.listener_id}/sync-{i}",
+                                                    max_connections=1)
+            threading.Thread(target=self._work, args=(config,), name=f"catchup-{i}", daemon=True).start()
 
     @staticmethod
     def _merge(old: tuple[str, set | None] | None, reason: str, folders: set | None) -> tuple[str, set | None]:
@@ -161,7 +166,7 @@ class CatchUps:
         with self._lock:
             return len(self._queued) + len(self._running) + len(self._retry)
 
-    def _work(self) -> None:
+    def _work(self, config) -> None:
         while True:
             mailbox = self._queue.get()
             with self._lock:
@@ -175,7 +180,7 @@ class CatchUps:
                 self._running.add(mailbox)
             try:
                 if self.listener.holds(mailbox):
-                    self._catch_up(mailbox, reason, folders)
+                    self._catch_up(config, mailbox, reason, folders)
             except Exception as exc:  # noqa: BLE001 - retried with backoff; nothing is lost meanwhile
                 with self._lock:
                     backoff = backoff or Backoff(base=1.0, cap=60.0)
@@ -191,9 +196,9 @@ class CatchUps:
                 if again:
                     self.request([mailbox], *again)
 
-    def _catch_up(self, mailbox: str, reason: str, folders: set | None) -> None:
+    def _catch_up(self, config, mailbox: str, reason: str, folders: set | None) -> None:
         listener = self.listener
-        account = ews_account.make_account(listener.settings, mailbox, self.config)
+        account = ews_account.make_account(listener.settings, mailbox, config)
         account.protocol.TIMEOUT = 30
         total, watched = catch_up_mailbox(account, mailbox, listener.sync, listener.ledger, listener.sink.enqueue,
                                           added_at=listener.watched.get(mailbox),
