@@ -39,7 +39,7 @@ test: $(VENV)/.installed ## run the test suite (starts its own redis-server and 
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: $(VENV)/.installed ## ruff
-	$(BIN)/ruff check exchange_listener workers tests bench tools
+	$(BIN)/ruff check exchange_listener workers emulators tests bench tools
 
 demo: $(VENV)/.installed ## emulator + Redis + listener + workers under supervisord; play replies; print the table
 	$(BIN)/python tools/demo.py

@@ -1,7 +1,7 @@
 """The baseline a user would write in an afternoon, for side-by-side benchmarks.
 
-Same classification and matching code as the product (``workers.classify``, ``workers.sends``,
-``workers.enrollments``); the difference is the plumbing:
+Same classification and matching code as the product (``workers.classify.headers``, ``workers.state.sends``,
+``workers.state.enrollments``); the difference is the plumbing:
 
 - listener: one thread and one streaming subscription per mailbox (exchangelib's own loop),
   one RQ job per NewMailEvent, no job id, no catch-up after a gap, no leases;
@@ -34,11 +34,11 @@ from exchangelib.properties import NewMailEvent
 from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 
-from exchange_listener import config
-from exchange_listener.sources import ews_account
-from workers.classify import classify_message
-from workers.enrollments import EnrollmentStore
-from workers.sends import SendRegistry
+from exchange_listener.core import config
+from exchange_listener.sources.ews import account as ews_account
+from workers.classify.headers import classify_message
+from workers.state.enrollments import EnrollmentStore
+from workers.state.sends import SendRegistry
 
 JOB_FUNC = "baseline.handle_event"
 FIELDS = ["mime_content", "message_id", "subject", "datetime_received"]

@@ -101,8 +101,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from exchange_listener import redis_conn
-from exchange_listener.local_services import (
+from emulators.services import (
     Emulator,
     RedisServer,
     SentinelGroup,
@@ -110,10 +109,11 @@ from exchange_listener.local_services import (
     service_env,
     wait_for,
 )
+from exchange_listener.core import redis_conn
 from exchange_listener.queueing import make_queue
-from exchange_listener.sync_state import SyncStore
-from workers.enrollments import STREAM_KEY, EnrollmentStore
-from workers.sends import SendRegistry
+from exchange_listener.sources.ews.catch_up import SyncStore
+from workers.state.enrollments import STREAM_KEY, EnrollmentStore
+from workers.state.sends import SendRegistry
 
 SERVICE_ACCOUNT = ("svc", "svc-password")
 EMULATOR_FAULTS = ("reset_streams", "stall_streams", "expire_subscriptions", "server_busy", "http_503", "restart")

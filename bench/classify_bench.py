@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from workers.auto_reply_text import first_text
-from workers.classify import (
+from workers.classify.auto_reply_text import first_text
+from workers.classify.headers import (
     classify_headers,
     classify_message,
     headers_of,

@@ -29,9 +29,9 @@ if str(ROOT) not in sys.path:
 
 import aiohttp
 
-from exchange_listener.emulator.soap import M, S, T
-from exchange_listener.emulator.validation import ENV_VAR
-from exchange_listener.local_services import Emulator
+from emulators.ews.soap import M, S, T
+from emulators.ews.validation import ENV_VAR
+from emulators.services import Emulator
 
 HEADERS = {"Content-Type": "text/xml; charset=utf-8",
            "Authorization": "Basic " + base64.b64encode(b"svc:svc-password").decode()}

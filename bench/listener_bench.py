@@ -33,8 +33,9 @@ if str(ROOT) not in sys.path:
 
 import redis
 
-from exchange_listener import mailboxes, queueing
-from exchange_listener.local_services import Emulator, RedisServer
+from emulators.services import Emulator, RedisServer
+from exchange_listener import queueing
+from exchange_listener.listener import mailboxes
 
 ACCOUNT = ("svc", "svc-password")
 QUEUE = "bench-listener"

@@ -32,8 +32,10 @@ if str(ROOT) not in sys.path:
 
 import redis
 
-from exchange_listener import local_services, mailboxes, queueing
-from exchange_listener.local_services import Emulator, RedisServer
+from emulators import services as local_services
+from emulators.services import Emulator, RedisServer
+from exchange_listener import queueing
+from exchange_listener.listener import mailboxes
 
 ACCOUNT = ("svc", "svc-password")
 QUEUE = "bench-restart"

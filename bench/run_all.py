@@ -48,8 +48,8 @@ import chaos
 from rq import Worker
 from rq.serializers import JSONSerializer
 
-from workers.enrollments import EnrollmentStore
-from workers.sends import SendRegistry
+from workers.state.enrollments import EnrollmentStore
+from workers.state.sends import SendRegistry
 
 COMPONENTS = ("emulator_bench", "listener_bench", "worker_bench", "classify_bench", "restart_bench")
 GOALS = {

@@ -35,11 +35,12 @@ import mail_samples as mail
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from exchange_listener import queueing, redis_conn
-from exchange_listener.local_services import Emulator, RedisServer
+from emulators.services import Emulator, RedisServer
+from exchange_listener import queueing
+from exchange_listener.core import redis_conn
 from exchange_listener.sources.base import NewMail
-from workers.enrollments import EnrollmentStore
-from workers.sends import SendRegistry
+from workers.state.enrollments import EnrollmentStore
+from workers.state.sends import SendRegistry
 
 QUEUE = "bench-worker"
 MAILBOXES = [f"rep{i}@sales.example" for i in range(10)]

@@ -11,7 +11,7 @@ import sys
 
 import redis
 
-from exchange_listener.config import ConfigError
+from exchange_listener.core.config import ConfigError
 
 # name -> (module under exchange_listener.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

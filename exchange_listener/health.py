@@ -1,10 +1,10 @@
 """One snapshot of the whole system's health, read from Redis, for ``exchange-listener status``.
 
 Everything comes from what the parts already publish, plus what the Redis server itself is
-set to keep (``exchange_listener.redis_conn.durability``): listener liveness and group activity
-(``exchange_listener.leases``), the watched set (``exchange_listener.mailboxes``), RQ's queue,
-registries and worker records, the transition stream (``workers.enrollments``) and the
-notification outbox (``workers.notify``). Nothing here writes.
+set to keep (``exchange_listener.core.redis_conn.durability``): listener liveness and group activity
+(``exchange_listener.listener.leases``), the watched set (``exchange_listener.listener.mailboxes``), RQ's queue,
+registries and worker records, the transition stream (``workers.state.enrollments``) and the
+notification outbox (``workers.sinks.webhooks``). Nothing here writes.
 
 ``snapshot(conn, queue_name)`` gathers the facts; ``problems(snap, limits)`` judges them, so a
 test or a monitor can apply its own limits to the same facts.
@@ -22,10 +22,11 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from exchange_listener import leases, mailboxes, redis_conn
+from exchange_listener.core import redis_conn
+from exchange_listener.listener import leases, mailboxes
 from exchange_listener.queueing import make_queue
-from workers.enrollments import STREAM_KEY as TRANSITIONS_STREAM
-from workers.notify import FAILED_KEY as NOTIFY_FAILED_KEY
+from workers.sinks.webhooks import FAILED_KEY as NOTIFY_FAILED_KEY
+from workers.state.enrollments import STREAM_KEY as TRANSITIONS_STREAM
 
 STOPS_WINDOW = 3600.0
 

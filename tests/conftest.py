@@ -10,13 +10,13 @@ import ews_schema  # tests/ews_schema.py (conftest.py's directory is on sys.path
 import pytest
 import redis
 
-from exchange_listener import config as settings
-from exchange_listener.local_services import (
+from emulators.services import (
     CliProcess,
     Emulator,
     RedisServer,
     service_env,
 )
+from exchange_listener.core import config as settings
 
 SERVICE_ACCOUNT = ("svc", "svc-password")
 

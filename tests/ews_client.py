@@ -10,8 +10,9 @@ import urllib.request
 
 from exchangelib import Account
 
-from exchange_listener import config, local_services
-from exchange_listener.sources import ews_account
+from emulators import services as local_services
+from exchange_listener.core import config
+from exchange_listener.sources.ews import account as ews_account
 
 _pools = itertools.count()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from exchange_listener.emulator.validation import ENV_VAR
+from emulators.ews.validation import ENV_VAR
 
 
 def enable() -> str:

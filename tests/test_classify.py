@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.classify import (
+from workers.classify.headers import (
     KINDS,
     Classification,
     UnparseableMessage,

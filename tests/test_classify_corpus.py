@@ -15,8 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from workers.classify import classify_headers, classify_message, headers_of, needs_body
-from workers.message_ids import normalize
+from exchange_listener.mail.message_ids import normalize
+from workers.classify.headers import (
+    classify_headers,
+    classify_message,
+    headers_of,
+    needs_body,
+)
 
 CORPUS = Path(__file__).parent / "data" / "corpus"
 NOT_HUMAN = {"bounce", "auto_reply", "read_receipt", "complaint"}

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from workers.auto_reply_text import auto_reply_from_text, first_text
-from workers.classify import (
+from workers.classify.auto_reply_text import auto_reply_from_text, first_text
+from workers.classify.headers import (
     classify_headers,
     classify_message,
     headers_of,

@@ -13,9 +13,9 @@ import datetime as dt
 
 import pytest
 
-from workers import machine_mail
-from workers.auto_reply_text import auto_reply_from_text
-from workers.classify import (
+from workers.classify import machine_mail
+from workers.classify.auto_reply_text import auto_reply_from_text
+from workers.classify.headers import (
     classify_headers,
     classify_message,
     find_return_date,

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from exchange_listener import config
+from exchange_listener.core import config
 
 
 def test_defaults_load_without_file():

@@ -7,7 +7,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import gen_config_docs
 
-from exchange_listener import config
+from exchange_listener.core import config
 
 
 def test_reference_is_current():

@@ -26,7 +26,7 @@ from exchangelib.errors import (
     UnauthorizedError,
 )
 
-from exchange_listener.local_services import Emulator
+from emulators.services import Emulator
 
 ALICE = "alice@example.com"
 

@@ -12,9 +12,9 @@ import requests
 from ews_client import StreamReader, account, message, open_streams, wait_for
 from exchangelib.util import DocumentYielder
 
-from exchange_listener.emulator import validation
-from exchange_listener.emulator.soap import M, S, T
-from exchange_listener.local_services import Emulator
+from emulators.ews import validation
+from emulators.ews.soap import M, S, T
+from emulators.services import Emulator
 
 ALICE = "alice@example.com"
 AUTH = ("svc", "svc-password")

@@ -20,18 +20,19 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
-from exchange_listener import mailboxes, queueing
-from exchange_listener.local_services import CliProcess, service_env, wait_for
+from emulators.services import CliProcess, service_env, wait_for
+from exchange_listener import queueing
+from exchange_listener.listener import mailboxes
 from exchange_listener.sources.base import NewMail
-from workers.enrollments import OUTBOX_KEY, EnrollmentStore
-from workers.notify import (
+from workers.sinks.webhooks import (
     DELIVERY_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     state_key,
     verify,
 )
-from workers.sends import SendRegistry
+from workers.state.enrollments import OUTBOX_KEY, EnrollmentStore
+from workers.state.sends import SendRegistry
 
 MAILBOX = "rep@ours.example"
 PROSPECT = "pat@prospect.example"

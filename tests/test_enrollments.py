@@ -12,8 +12,13 @@ import sys
 import pytest
 import redis
 
-from workers.enrollments import OUTBOX_KEY, STREAM_KEY, EnrollmentStore, transition_key
-from workers.notify import Notifier
+from workers.sinks.webhooks import Notifier
+from workers.state.enrollments import (
+    OUTBOX_KEY,
+    STREAM_KEY,
+    EnrollmentStore,
+    transition_key,
+)
 
 FUTURE = dt.datetime.now(dt.UTC) + dt.timedelta(days=10)
 

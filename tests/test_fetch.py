@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from exchange_listener import config
+from exchange_listener.core import config
 from exchange_listener.sources.base import FetchedMessage, ItemGone
-from exchange_listener.sources.ews_fetch import EwsFetcher, FetchError
+from exchange_listener.sources.ews.fetch import EwsFetcher, FetchError
 
 MAILBOX = "rep@ours.example"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from exchange_listener import config
+from exchange_listener.core import config
 from exchange_listener.sources.base import ItemGone
-from exchange_listener.sources.ews_fetch import EwsFetcher
+from exchange_listener.sources.ews.fetch import EwsFetcher
 
 MAILBOX = "rep@ours.example"
 

@@ -11,13 +11,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exchange_listener import config, ledger, queueing
-from exchange_listener.local_services import wait_for
+from emulators.services import wait_for
+from exchange_listener import queueing
+from exchange_listener.core import config
+from exchange_listener.mail.message_ids import normalize
+from exchange_listener.sources import ledger
 from exchange_listener.sources.base import NewMail
-from exchange_listener.sources.ews_fetch import EwsFetcher, FetchError
+from exchange_listener.sources.ews.fetch import EwsFetcher, FetchError
 from workers import context, jobs
-from workers.classify import KINDS
-from workers.message_ids import normalize
+from workers.classify.headers import KINDS
 
 MAILBOX = "rep@ours.example"
 PROSPECT = "pat@prospect.example"

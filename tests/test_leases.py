@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from exchange_listener import leases
+from exchange_listener.listener import leases
 
 LEASE = 1.0
 

@@ -14,11 +14,12 @@ import uuid
 import pytest
 import redis
 
-from exchange_listener import leases, mailboxes, queueing
-from exchange_listener.local_services import (
+from emulators.services import (
     RedisServer,
     wait_for,
 )
+from exchange_listener import queueing
+from exchange_listener.listener import leases, mailboxes
 
 SERVICE_ACCOUNT = ("svc", "svc-password")  # the account the conftest emulator fixture grants
 
@@ -78,7 +79,7 @@ def test_delivered_mail_is_enqueued_while_the_stream_is_open(redis_client, emula
     assert sent["item_id"] not in ids and draft["item_id"] not in ids
     # the folder the rule filed mail into (made after the listener read the tree) is now known,
     # so every later catch-up covers it
-    from exchange_listener.sync_state import SyncStore
+    from exchange_listener.sources.ews.catch_up import SyncStore
 
     ruled_job = next(m for job in queueing.make_queue(redis_client, QUEUE).jobs for m in job.args[0]["mails"]
                      if m["item_id"] == ruled["item_id"])

@@ -19,16 +19,17 @@ import uuid
 
 import redis
 
-from exchange_listener import leases, mailboxes, queueing
-from exchange_listener.ledger import Ledger
-from exchange_listener.local_services import (
+from emulators.services import (
     Emulator,
     RedisServer,
     service_env,
     wait_for,
 )
-from exchange_listener.sync_state import SyncStore
-from workers.message_ids import normalize
+from exchange_listener import queueing
+from exchange_listener.listener import leases, mailboxes
+from exchange_listener.mail.message_ids import normalize
+from exchange_listener.sources.ews.catch_up import SyncStore
+from exchange_listener.sources.ledger import Ledger
 
 wait_for = functools.partial(wait_for, timeout=45.0)
 QUEUE = "exchange-listener"

@@ -12,9 +12,11 @@ import uuid
 
 import pytest
 
-from exchange_listener import config, mailboxes, queueing
-from exchange_listener.local_services import CliProcess, Emulator, service_env, wait_for
-from exchange_listener.sources import ews_account
+from emulators.services import CliProcess, Emulator, service_env, wait_for
+from exchange_listener import queueing
+from exchange_listener.core import config
+from exchange_listener.listener import mailboxes
+from exchange_listener.sources.ews import account as ews_account
 
 wait_for = functools.partial(wait_for, timeout=45.0)
 

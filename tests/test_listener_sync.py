@@ -10,15 +10,16 @@ import pytest
 import redis
 import structlog
 
-from exchange_listener import config, logs, queueing
-from exchange_listener.ledger import Ledger
-from exchange_listener.sources import ews_account
-from exchange_listener.sync_state import (
+from exchange_listener import queueing
+from exchange_listener.core import config, logs
+from exchange_listener.mail.message_ids import normalize
+from exchange_listener.sources.ews import account as ews_account
+from exchange_listener.sources.ews.catch_up import (
     SyncStore,
     catch_up,
     catch_up_mailbox,
 )
-from workers.message_ids import normalize
+from exchange_listener.sources.ledger import Ledger
 
 SERVICE_ACCOUNT = ("svc", "svc-password")
 MAILBOX = "sam@example.com"

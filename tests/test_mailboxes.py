@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from exchange_listener import mailboxes
+from exchange_listener.listener import mailboxes
 
 
 def cli(redis_url: str, *args: str) -> subprocess.CompletedProcess:
@@ -50,8 +50,8 @@ def test_command(redis_client, redis_server):
 
 
 def test_remove_forgets_the_sync_state(redis_client, redis_server):
-    from exchange_listener.ledger import Ledger
-    from exchange_listener.sync_state import SyncStore
+    from exchange_listener.sources.ews.catch_up import SyncStore
+    from exchange_listener.sources.ledger import Ledger
 
     mailboxes.add(redis_client, ["wes@example.com"])
     store, ledger = SyncStore(redis_client), Ledger(redis_client)
@@ -66,6 +66,6 @@ def test_remove_forgets_the_sync_state(redis_client, redis_server):
 
 
 def ledger_identity(message_id: str) -> str:
-    from exchange_listener.ledger import identity
+    from exchange_listener.sources.ledger import identity
 
     return identity(message_id, None)

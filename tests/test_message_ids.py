@@ -7,7 +7,7 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.message_ids import (
+from exchange_listener.mail.message_ids import (
     MAX_ID_LENGTH,
     new_message_id,
     normalize,

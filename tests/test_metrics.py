@@ -6,16 +6,17 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from exchange_listener import health, mailboxes
-from exchange_listener.local_services import (
+from emulators.services import (
     CliProcess,
     free_port,
     service_env,
     wait_for,
     wait_for_port,
 )
-from workers.enrollments import EnrollmentStore
-from workers.sends import SendRegistry
+from exchange_listener import health
+from exchange_listener.listener import mailboxes
+from workers.state.enrollments import EnrollmentStore
+from workers.state.sends import SendRegistry
 
 MAILBOX = "rep@seller.example"
 QUEUE = "el-metrics-test"

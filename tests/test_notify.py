@@ -28,11 +28,11 @@ from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from exchange_listener import logs
-from exchange_listener.config import ConfigError
-from exchange_listener.local_services import free_port, wait_for
-from workers.enrollments import OUTBOX_KEY, STREAM_KEY, EnrollmentStore
-from workers.notify import Notifier, sign, verify
+from emulators.services import free_port, wait_for
+from exchange_listener.core import logs
+from exchange_listener.core.config import ConfigError
+from workers.sinks.webhooks import Notifier, sign, verify
+from workers.state.enrollments import OUTBOX_KEY, STREAM_KEY, EnrollmentStore
 
 SECRET = "whsec-4f8a2c-very-secret"  # not "whsec_": a plain secret, used as its UTF-8 bytes
 
@@ -316,7 +316,7 @@ def test_concurrent_drainers_deliver_each_transition_once(redis_client, redis_se
 
 _CRASHING_DRAINER = """
 import redis, sys
-from workers.notify import Notifier
+from workers.sinks.webhooks import Notifier
 n = Notifier(redis.Redis.from_url(sys.argv[1]), webhook_url=sys.argv[2], webhook_secret=sys.argv[3],
              lease_seconds=4)
 n.drain()

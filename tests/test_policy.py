@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from workers.classify import Classification
+from workers.classify.headers import Classification
 from workers.policy import (
     DIRECT_MATCH_SKEW,
     NOTHING,
@@ -19,7 +19,7 @@ from workers.policy import (
     domain_to_check,
     reply_time,
 )
-from workers.sends import DomainEnrollment, Send
+from workers.state.sends import DomainEnrollment, Send
 
 MAILBOX = "rep@ours.example"
 PROSPECT = "pat@prospect.example"
@@ -213,7 +213,7 @@ def test_actions_name_the_status_they_move_to():
 
 
 def test_policy_settings_come_from_the_settings():
-    from exchange_listener import config
+    from exchange_listener.core import config
 
     settings = config.load(env={}, overrides={"stop_whole_domain": True, "pause_days": 3})
     assert PolicySettings.from_settings(settings) == PolicySettings(stop_whole_domain=True, pause_days=3)

@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from exchange_listener import logs, redis_conn
-from exchange_listener.local_services import RedisServer, free_port, service_env
+from emulators.services import RedisServer, free_port, service_env
+from exchange_listener.core import logs, redis_conn
 
 
 def status(url: str, *flags: str, **settings) -> tuple[int, dict | str]:

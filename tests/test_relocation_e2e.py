@@ -18,12 +18,13 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
-from exchange_listener import mailboxes, queueing
-from exchange_listener.ledger import Ledger, identity
-from exchange_listener.local_services import CliProcess, service_env, wait_for
-from workers.enrollments import EnrollmentStore
-from workers.message_ids import normalize
-from workers.sends import SendRegistry
+from emulators.services import CliProcess, service_env, wait_for
+from exchange_listener import queueing
+from exchange_listener.listener import mailboxes
+from exchange_listener.mail.message_ids import normalize
+from exchange_listener.sources.ledger import Ledger, identity
+from workers.state.enrollments import EnrollmentStore
+from workers.state.sends import SendRegistry
 
 MAILBOX = "rep@ours.example"
 PROSPECT = "pat@prospect.example"

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from workers.enrollments import EnrollmentStore
-from workers.sends import SendRegistry
+from workers.state.enrollments import EnrollmentStore
+from workers.state.sends import SendRegistry
 
 NOW = dt.datetime.now(dt.UTC)
 

@@ -18,17 +18,18 @@ import pytest
 import redis
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
-from exchange_listener import mailboxes, redis_conn
-from exchange_listener.config import ConfigError
-from exchange_listener.local_services import (
+from emulators.services import (
     CliProcess,
     SentinelGroup,
     service_env,
     wait_for,
 )
+from exchange_listener.core import redis_conn
+from exchange_listener.core.config import ConfigError
+from exchange_listener.listener import mailboxes
 from exchange_listener.queueing import make_queue
-from workers.enrollments import STREAM_KEY, EnrollmentStore
-from workers.sends import SendRegistry
+from workers.state.enrollments import STREAM_KEY, EnrollmentStore
+from workers.state.sends import SendRegistry
 
 MAILBOX = "rep@ours.example"
 PROSPECT_DOMAIN = "prospect.example"

@@ -14,11 +14,11 @@ import time
 import pytest
 from rq import suspension
 
-from exchange_listener import mailboxes
-from exchange_listener.local_services import CliProcess, service_env, wait_for
+from emulators.services import CliProcess, service_env, wait_for
+from exchange_listener.listener import mailboxes
 from exchange_listener.queueing import enqueue_new_mail, make_queue
 from exchange_listener.sources.base import NewMail
-from workers.sends import SendRegistry
+from workers.state.sends import SendRegistry
 
 QUEUE = "el-status-test"
 

@@ -19,9 +19,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 import demo
 import demo_messages
 
-from exchange_listener import redis_conn
-from workers.enrollments import EnrollmentStore
-from workers.sends import SendRegistry
+from exchange_listener.core import redis_conn
+from workers.state.enrollments import EnrollmentStore
+from workers.state.sends import SendRegistry
 
 REPLIES = 45
 INTERVAL = 0.35  # seconds between replies: ~16 s of steady delivery

@@ -29,12 +29,13 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
-from exchange_listener import health, redis_conn
-from exchange_listener.local_services import (
+from emulators.services import (
     free_port,
     redis_server_binary,
     wait_for_port,
 )
+from exchange_listener import health
+from exchange_listener.core import redis_conn
 from exchange_listener.queueing import make_queue
 
 CONF = ROOT / "deploy" / "demo" / "supervisord.conf"
@@ -176,8 +177,8 @@ class Demo:
         return done, errors
 
     def play(self) -> int:
-        from workers.enrollments import EnrollmentStore, enrollment_key
-        from workers.message_ids import new_message_id
+        from exchange_listener.mail.message_ids import new_message_id
+        from workers.state.enrollments import EnrollmentStore, enrollment_key
 
         conn = redis_conn.connect(f"redis://127.0.0.1:{self.redis_port}/0")
         self.el("mailboxes", "add", demo.MAILBOX)

@@ -12,7 +12,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from exchange_listener.config import ENV_PREFIX, FIELDS, SECRET_KEYS
+from exchange_listener.core.config import ENV_PREFIX, FIELDS, SECRET_KEYS
 
 
 def toml_value(value) -> str:
@@ -32,7 +32,7 @@ def markdown() -> str:
         "missing value stops the command at start with a message naming the key (exit status 2).",
         "Secrets are never logged; prefer environment variables for them.",
         "",
-        "Generated from `exchange_listener/config.py` by `tools/gen_config_docs.py`.",
+        "Generated from `exchange_listener/core/config.py` by `tools/gen_config_docs.py`.",
         "",
         "| key | default | environment variable | meaning |",
         "|---|---|---|---|",

@@ -11,11 +11,11 @@ import importlib
 import os
 import threading
 
-from exchange_listener import config, redis_conn
-from exchange_listener.config import Settings
+from exchange_listener.core import config, redis_conn
+from exchange_listener.core.config import Settings
 
 # source name (the job payload's "source") -> "module:Class" of its MailFetcher
-FETCHERS = {"ews": "exchange_listener.sources.ews_fetch:EwsFetcher"}
+FETCHERS = {"ews": "exchange_listener.sources.ews.fetch:EwsFetcher"}
 
 
 class Context:
@@ -40,7 +40,7 @@ class Context:
     @property
     def sends(self):
         if self._sends is None:
-            from workers.sends import SendRegistry
+            from workers.state.sends import SendRegistry
 
             self._sends = SendRegistry(self.redis, retention_days=self.settings.retention_days)
         return self._sends
@@ -48,7 +48,7 @@ class Context:
     @property
     def enrollments(self):
         if self._enrollments is None:
-            from workers.enrollments import EnrollmentStore
+            from workers.state.enrollments import EnrollmentStore
 
             self._enrollments = EnrollmentStore(self.redis, retention_days=self.settings.retention_days,
                                                 pause_days=self.settings.pause_days)
@@ -58,7 +58,7 @@ class Context:
     def ledger(self):
         """Processed mail per mailbox (so a catch-up never fetches it again) and the move map."""
         if self._ledger is None:
-            from exchange_listener.ledger import Ledger
+            from exchange_listener.sources.ledger import Ledger
 
             self._ledger = Ledger(self.redis, processed_days=self.settings.processed_days)
         return self._ledger
@@ -66,7 +66,7 @@ class Context:
     @property
     def notifier(self):
         if self._notifier is None:
-            from workers.notify import Notifier
+            from workers.sinks.webhooks import Notifier
 
             self._notifier = Notifier.from_settings(self.redis, self.settings)
         return self._notifier
@@ -84,15 +84,10 @@ class Context:
             return fetcher
 
     def warm_up(self) -> None:
-        """Pay the one-off costs before the first job rather than inside it: importing the job
-        code and exchangelib, the fetchers, and dateparser's language data (together over a
-        second on a cold process, which would otherwise land on the first reply's latency)."""
-        import workers.jobs  # noqa: F401 - the import is the point
-        from workers.classify import find_return_date
-
+        """Build every fetcher now (exchangelib's import and session set-up) rather than inside
+        the first job; the worker also imports the job code and dateparser's data up front."""
         for source in FETCHERS:
             self.fetcher(source)
-        find_return_date("back on 14 December", None)
 
     def close(self) -> None:
         for fetcher in self._fetchers.values():

@@ -5,7 +5,7 @@ Per item:
 
 1. one batched fetch of headers for all items (MIME only when ``needs_body`` says so); an item
    that is gone is looked for where it is now (``fetcher.relocate``, when the source has it);
-2. classify (``workers.classify``);
+2. classify (``workers.classify.headers``);
 3. match every Message-ID in In-Reply-To/References, and a bounce's or receipt's original
    Message-ID, against the send registry: the reply may come from any address; a mail that
    matched and looks human by its headers has the start of its text read (``fetch_text``
@@ -16,7 +16,7 @@ Per item:
    per (enrollment, message, kind) — the event key hashes the message's Message-ID (or mailbox
    + item id when it has none), so the same mail delivered twice, to two mailboxes, or
    replayed by a retry makes one transition;
-5. mark the mail processed in the ledger (``exchange_listener.ledger``), so a catch-up never
+5. mark the mail processed in the ledger (``exchange_listener.sources.ledger``), so a catch-up never
    fetches it again — for every outcome but a failure.
 
 Time and one decision per mail: the mail's time is its Date header bounded by when its first
@@ -55,7 +55,8 @@ import structlog
 from rq import get_current_job
 from rq.timeouts import BaseTimeoutException
 
-from exchange_listener import logs, metrics
+from exchange_listener.core import logs, metrics
+from exchange_listener.mail.message_ids import normalize, references_of
 from exchange_listener.sources.base import (
     FetchedMessage,
     ItemGone,
@@ -63,8 +64,8 @@ from exchange_listener.sources.base import (
     NewMail,
 )
 from workers import context, policy
-from workers.auto_reply_text import first_text
-from workers.classify import (
+from workers.classify.auto_reply_text import first_text
+from workers.classify.headers import (
     Classification,
     UnparseableMessage,
     classify_headers,
@@ -73,7 +74,6 @@ from workers.classify import (
     needs_text,
     settle_with_text,
 )
-from workers.message_ids import normalize, references_of
 
 OBSERVED_KEY = "el:observed"
 OBSERVED_MAXLEN = 100_000

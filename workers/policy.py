@@ -44,8 +44,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from workers.classify import Classification
-from workers.sends import DomainEnrollment, Send
+from workers.classify.headers import Classification
+from workers.state.sends import DomainEnrollment, Send
 
 STOP, PAUSE, RECORD, NOTHING = "stop", "pause", "record", "nothing"
 MAX_PAUSE_DAYS = 365

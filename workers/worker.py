@@ -49,8 +49,8 @@ from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
-from exchange_listener import logs, metrics, redis_conn
-from exchange_listener.config import ConfigError, Settings
+from exchange_listener.core import logs, metrics, redis_conn
+from exchange_listener.core.config import ConfigError, Settings
 from workers import context
 
 NOTIFY_INTERVAL = 5.0  # seconds between background drains of the notification outbox
@@ -209,6 +209,17 @@ def make_worker(settings: Settings, connection: redis.Redis | None = None, name:
     )
 
 
+def _warm_up(ctx: context.Context) -> None:
+    """Pay the one-off costs before the first job rather than inside it: the job code and
+    exchangelib's import, the fetchers, dateparser's language data (together over a second on a
+    cold process, which would otherwise land on the first reply's latency)."""
+    import workers.jobs  # noqa: F401 - the import is the point
+    from workers.classify.headers import find_return_date
+
+    ctx.warm_up()
+    find_return_date("back on 14 December", None)
+
+
 def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> int:
     """Run a worker until SIGTERM (or, with ``burst``, until the queue is empty)."""
     ctx = context.configure(settings)
@@ -217,7 +228,7 @@ def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> 
     except OSError as exc:
         raise ConfigError(f"metrics_port: cannot serve metrics on port {settings.metrics_port} ({exc.strerror}); "
                           "every worker process needs its own port") from None
-    ctx.warm_up()
+    _warm_up(ctx)
     worker = make_worker(settings, name=name)
     worker_name = worker.name
     log.info("worker starting", worker=worker_name, queue=settings.queue_name, burst=burst,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from exchange_listener import config, logs
+from exchange_listener.core import config, logs
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from workers.classify import UnparseableMessage, classify_message
+from workers.classify.headers import UnparseableMessage, classify_message
 
 
 def add_arguments(parser) -> None:
@@ -43,7 +43,7 @@ def _headers_only(raw: bytes) -> dict:
     import email
     import email.policy
 
-    from workers.classify import classify_headers, needs_body
+    from workers.classify.headers import classify_headers, needs_body
 
     if not raw.strip():
         raise UnparseableMessage("empty message")

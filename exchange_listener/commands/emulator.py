@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from exchange_listener import logs
+from exchange_listener.core import logs
 
 
 def _pair(value: str) -> tuple[str, str]:
@@ -53,8 +53,8 @@ def _raise_open_file_limit() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from exchange_listener.emulator.server import Options
-    from exchange_listener.emulator.server import run as serve
+    from emulators.ews.server import Options
+    from emulators.ews.server import run as serve
 
     logs.configure(args.log_level, "auto", stream=sys.stderr)
     _raise_open_file_limit()

@@ -11,8 +11,8 @@ import getpass
 import json
 import sys
 
-from exchange_listener import redis_conn
 from exchange_listener.commands import add_config_argument, load_settings
+from exchange_listener.core import redis_conn
 
 
 def add_arguments(parser) -> None:
@@ -32,13 +32,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from workers.enrollments import EnrollmentStore
+    from workers.state.enrollments import EnrollmentStore
 
     settings = load_settings(args)
     conn = redis_conn.connect(settings.redis_url)
     store = EnrollmentStore(conn, retention_days=settings.retention_days, pause_days=settings.pause_days)
     if args.action == "outbox":
-        from workers.notify import Notifier
+        from workers.sinks.webhooks import Notifier
 
         notifier = Notifier(conn)  # visibility only: no channel needed
         retried = notifier.retry_failed() if args.retry_failed else 0

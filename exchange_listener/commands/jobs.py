@@ -7,8 +7,8 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
-from exchange_listener import redis_conn
 from exchange_listener.commands import add_config_argument, load_settings
+from exchange_listener.core import redis_conn
 from exchange_listener.queueing import make_queue
 
 

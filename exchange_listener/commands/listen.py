@@ -13,8 +13,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = commands.load_settings(args)
     settings.require("ews_url")
-    from exchange_listener import (
-        listener,  # exchangelib is imported only when listening
-    )
+    from exchange_listener.listener import runner as listener
 
     return listener.run(settings)

@@ -5,7 +5,9 @@ import argparse
 import datetime
 import sys
 
-from exchange_listener import commands, mailboxes, redis_conn
+from exchange_listener import commands
+from exchange_listener.core import redis_conn
+from exchange_listener.listener import mailboxes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.action == "remove":
         removed = mailboxes.remove(conn, addresses)
         # sync_state imports exchangelib: only pay for it here
-        from exchange_listener.ledger import Ledger
-        from exchange_listener.sync_state import SyncStore
+        from exchange_listener.sources.ews.catch_up import SyncStore
+        from exchange_listener.sources.ledger import Ledger
 
         sync, ledger = SyncStore(conn), Ledger(conn)
         for address in removed:  # re-adding later starts from then, not from the old sync state

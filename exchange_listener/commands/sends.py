@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import sys
 
-from exchange_listener import redis_conn
 from exchange_listener.commands import add_config_argument, load_settings
+from exchange_listener.core import redis_conn
 
 
 def add_arguments(parser) -> None:
@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from workers.message_ids import new_message_id
+    from exchange_listener.mail.message_ids import new_message_id
 
     if args.action == "new-id":
         try:
@@ -43,7 +43,7 @@ def run(args) -> int:
             print(f"exchange-listener sends new-id: {exc}", file=sys.stderr)
             return 2
         return 0
-    from workers.sends import SendRegistry
+    from workers.state.sends import SendRegistry
 
     settings = load_settings(args)
     registry = SendRegistry(redis_conn.connect(settings.redis_url), retention_days=settings.retention_days)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 
-from exchange_listener import health, redis_conn
+from exchange_listener import health
 from exchange_listener.commands import add_config_argument, load_settings
+from exchange_listener.core import redis_conn
 
 
 def add_arguments(parser) -> None:

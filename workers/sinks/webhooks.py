@@ -85,9 +85,9 @@ import redis
 import requests
 from rq.timeouts import BaseTimeoutException
 
-from exchange_listener import logs
-from exchange_listener.config import ConfigError
-from workers.enrollments import OUTBOX_KEY, enrollment_key, iso, transition_key
+from exchange_listener.core import logs
+from exchange_listener.core.config import ConfigError
+from workers.state.enrollments import OUTBOX_KEY, enrollment_key, iso, transition_key
 
 FAILED_KEY = "el:outbox:failed"
 STATS_KEY = "el:notify:stats"

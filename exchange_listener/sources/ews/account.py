@@ -22,7 +22,7 @@ from exchangelib.credentials import OAuth2Credentials
 from exchangelib.protocol import BaseProtocol, NoVerifyHTTPAdapter
 from exchangelib.transport import BASIC, NTLM, OAUTH2
 
-from exchange_listener.config import Settings
+from exchange_listener.core.config import Settings
 
 _AUTH = {"basic": BASIC, "ntlm": NTLM, "oauth2": OAUTH2}
 

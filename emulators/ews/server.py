@@ -17,17 +17,17 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from exchange_listener import logs
-from exchange_listener.emulator import soap
-from exchange_listener.emulator.soap import NS, BadRequest
-from exchange_listener.emulator.store import (
+from emulators.ews import soap
+from emulators.ews.soap import NS, BadRequest
+from emulators.ews.store import (
     DELETIONS,
     EVENTS_PER_NOTIFICATION,
     Store,
     StoreError,
     Subscription,
 )
-from exchange_listener.emulator.validation import ViolationLog
+from emulators.ews.validation import ViolationLog
+from exchange_listener.core import logs
 
 XML = "text/xml; charset=utf-8"
 MAX_SUBSCRIPTIONS_PER_STREAM = 200

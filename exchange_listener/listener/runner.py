@@ -31,14 +31,15 @@ import time
 
 import redis
 
-from exchange_listener import leases as leases_mod
-from exchange_listener import logs, metrics, queueing, redis_conn
-from exchange_listener import mailboxes as mailboxes_mod
-from exchange_listener.config import scrub
-from exchange_listener.ledger import Ledger
-from exchange_listener.sources import ews_account
-from exchange_listener.sources.ews_stream import Backoff, StreamGroup
-from exchange_listener.sync_state import SyncStore, catch_up_mailbox
+from exchange_listener import queueing
+from exchange_listener.core import logs, metrics, redis_conn
+from exchange_listener.core.config import scrub
+from exchange_listener.listener import leases as leases_mod
+from exchange_listener.listener import mailboxes as mailboxes_mod
+from exchange_listener.sources.ews import account as ews_account
+from exchange_listener.sources.ews.catch_up import SyncStore, catch_up_mailbox
+from exchange_listener.sources.ews.stream import Backoff, StreamGroup
+from exchange_listener.sources.ledger import Ledger
 
 REDIS_ERRORS = (redis.exceptions.RedisError,  # unreachable, loading, read-only after a failover, OOM: all buffered
                 OSError)

@@ -20,18 +20,19 @@ out-of-office needs all of:
   "interested", "call me", "remove me", "yes", "sounds good" (in every language read).
 "Thanks, I'm back next week and will call you" has no absence statement and stays human.
 A ticket / CRM acknowledgement counts only for mail whose headers already name the platform
-(see ``workers.machine_mail``), never for a plain reply.
+(see ``workers.classify.machine_mail``), never for a plain reply.
 """
 from __future__ import annotations
 
 import datetime as dt
 import email
 import email.policy
-import html as html_lib
 import re
 from email.message import Message
 
 from rq.timeouts import BaseTimeoutException
+
+from exchange_listener.mail.text import html_to_text
 
 HEAD_CHARS = 1500          # of the reply's own text, after quoted history is cut off
 FIRST_TEXT_LIMIT = 8192    # characters taken from the first text part
@@ -171,24 +172,6 @@ _ACK = re.compile(
     r"お問い合わせ.{0,30}(受け付け|受付)", re.IGNORECASE | re.DOTALL)
 
 _WS = re.compile(r"[ \t\u00a0\u3000]+")
-_HTML_DROP = re.compile(r"<(script|style|head)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
-_HTML_BREAK = re.compile(r"<(br|/p|/div|/tr|/li|/h\d|blockquote|/blockquote)\b[^>]{0,2000}>",
-                         re.IGNORECASE)
-_HTML_QUOTE = re.compile(r"<blockquote\b|<div[^>]{0,300}(gmail_quote|divRplyFwdMsg|OLK_SRC_BODY_SECTION|"
-                         r"moz-cite-prefix|yahoo_quoted|appendonsend)", re.IGNORECASE)
-_HTML_TAG = re.compile(r"<[^>]{0,2000}>")
-
-
-def html_to_text(html: str) -> str:
-    """Rough text of an HTML body: quoted history (blockquote, client quote markers) dropped,
-    breaks kept as new lines. Good enough for reading the first lines; not a renderer."""
-    quote = _HTML_QUOTE.search(html)
-    if quote:
-        html = html[:quote.start()]
-    html = _HTML_BREAK.sub("\n", _HTML_DROP.sub(" ", html))
-    return html_lib.unescape(_HTML_TAG.sub(" ", html)).replace("\u00a0", " ")
-
-
 def first_text(raw: bytes | str | Message, limit: int = FIRST_TEXT_LIMIT) -> str:
     """The first text/plain part of a message (else the first text/html, stripped to text),
     decoded and cut to ``limit`` characters. Never raises: unreadable mail gives ""."""
@@ -269,7 +252,7 @@ def _states_absence(own: str) -> bool:
 def looks_out_of_office(head: str, subject: str = "") -> str | None:
     """Why ``head`` (see ``reply_head``) reads as an out-of-office, or None (see the module's
     docstring for the rules)."""
-    from workers.classify import automatic_subject, states_return
+    from workers.classify.headers import automatic_subject, states_return
 
     own = own_words(head)
     if engaged(own):
@@ -297,7 +280,7 @@ def auto_reply_from_text(text: str, subject: str = "", base: dt.date | None = No
     the start of ``text`` (first text part or EWS UniqueBody, plain text) is an out-of-office
     or automatic reply; None otherwise. ``base`` is the reply's date (return dates are read
     relative to it; today when None)."""
-    from workers.classify import Classification, find_return_date
+    from workers.classify.headers import Classification, find_return_date
 
     head = reply_head(text)
     reason = looks_out_of_office(head, subject)

@@ -3,7 +3,7 @@
 An enrollment is active, paused (until a time; an out-of-office) or stopped (terminal: replied,
 bounced, ...). ``transition`` is one Lua script, so replays, duplicate jobs and concurrent workers
 cannot apply the same event twice, and the notification for a transition is written to the
-outbox in the same atomic step (``workers.notify`` delivers it; a crash loses nothing).
+outbox in the same atomic step (``workers.sinks.webhooks`` delivers it; a crash loses nothing).
 
 API::
 

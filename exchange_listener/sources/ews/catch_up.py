@@ -47,12 +47,12 @@ from exchangelib.properties import (
 from exchangelib.services import GetFolder, SyncFolderHierarchy, SyncFolderItems
 from exchangelib.util import TNS
 
-from exchange_listener import logs, metrics
-from exchange_listener.ledger import Ledger, identity
-from exchange_listener.sources.base import NewMail
-from workers.message_ids import (
+from exchange_listener.core import logs, metrics
+from exchange_listener.mail.message_ids import (
     normalize,  # the same canonical id the workers record in the ledger
 )
+from exchange_listener.sources.base import NewMail
+from exchange_listener.sources.ledger import Ledger, identity
 
 MAX_CHANGES = 512
 # Mail received up to this long before the mailbox was added (or the ledger's horizon) is still

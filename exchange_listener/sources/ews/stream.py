@@ -45,11 +45,14 @@ from exchangelib.services import (
     Unsubscribe,
 )
 
-from exchange_listener import logs, metrics
-from exchange_listener.config import scrub
-from exchange_listener.sources import ews_account
+from exchange_listener.core import logs, metrics
+from exchange_listener.core.config import scrub
 from exchange_listener.sources.base import NewMail
-from exchange_listener.sync_state import distinguished_folder_ids, watched_folders
+from exchange_listener.sources.ews import account as ews_account
+from exchange_listener.sources.ews.catch_up import (
+    distinguished_folder_ids,
+    watched_folders,
+)
 
 NEW_ITEM_EVENTS = ("CreatedEvent", "NewMailEvent")
 EVENT_TYPES = (*NEW_ITEM_EVENTS, "MovedEvent")

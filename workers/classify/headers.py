@@ -31,8 +31,8 @@ from email.message import Message
 
 from rq.timeouts import BaseTimeoutException
 
-from workers import auto_reply_text, machine_mail
-from workers.message_ids import normalize, references_of
+from exchange_listener.mail.message_ids import normalize, references_of
+from workers.classify import auto_reply_text, machine_mail
 
 # flufl.bounce logs a traceback for every detector that trips over odd mail, then re-raises;
 # _flufl_failures handles that, so its log lines would only be noise in worker logs.

@@ -25,8 +25,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import redis
 from redis.sentinel import Sentinel
 
-from exchange_listener import logs
-from exchange_listener.config import ConfigError
+from exchange_listener.core import logs
+from exchange_listener.core.config import ConfigError
 
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_DEFAULT_PORT = 26379

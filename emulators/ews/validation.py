@@ -1,4 +1,4 @@
-"""Check emulator responses against Microsoft's EWS schema (the copy in exchange_listener/schema).
+"""Check emulator responses against Microsoft's EWS schema (the copy in emulators/ews/schema).
 
 Used by the test suite (``EXCHANGE_LISTENER_EMULATOR_SCHEMA_LOG``): the emulator validates every
 body it sends and appends each violation to that file. Off in production: it costs CPU.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lxml import etree
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
+SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
 ENV_VAR = "EXCHANGE_LISTENER_EMULATOR_SCHEMA_LOG"
 _S = "http://schemas.xmlsoap.org/soap/envelope/"
 _M = "http://schemas.microsoft.com/exchange/services/2006/messages"

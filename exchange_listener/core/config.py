@@ -53,7 +53,7 @@ def _redis_url(key: str, value: Any) -> None:
     _url("redis", "rediss", "unix", "redis+sentinel")(key, value)
     if str(value).startswith("redis+sentinel:"):
         # imported here: redis_conn imports this module
-        from exchange_listener.redis_conn import parse_sentinel_url
+        from exchange_listener.core.redis_conn import parse_sentinel_url
 
         parse_sentinel_url(str(value))  # a ConfigError naming redis_url, password hidden
 
@@ -133,7 +133,7 @@ class Settings:
         shown = {k: ("***" if k in SECRET_KEYS and v else v) for k, v in self.values.items()}
         if shown.get("redis_url"):
             # imported here: redis_conn imports this module
-            from exchange_listener.redis_conn import redact
+            from exchange_listener.core.redis_conn import redact
 
             shown["redis_url"] = redact(shown["redis_url"])
         return f"Settings({shown})"

@@ -14,7 +14,7 @@ API::
     registry.enrollments_for_domain(domain) -> list[str]   # enrollments sent to anyone @domain
     registry.domain_enrollments(domain) -> list[DomainEnrollment]   # the same, with first/last sent_at
 
-Message-IDs are stored normalized (``workers.message_ids.normalize``), so ``<A@x>``, ``A@x``
+Message-IDs are stored normalized (``exchange_listener.mail.message_ids.normalize``), so ``<A@x>``, ``A@x``
 and `` <A@x> `` all find the same send. Recording an id that already belongs to another
 enrollment raises ``ValueError`` and changes nothing; recording it again for the same
 enrollment merges the id lists and keeps the earlier ``sent_at`` (a send goes out once; adding
@@ -28,7 +28,7 @@ Redis keys:
 - ``el:domain:{domain}:first``         zset: enrollment id -> epoch seconds of its first send to
   that domain (the domain rule stops only enrollments whose first send precedes the reply);
   trimmed together with the entry above
-- ``el:enrollment:{id}``               created active if missing (see ``workers.enrollments``)
+- ``el:enrollment:{id}``               created active if missing (see ``workers.state.enrollments``)
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ from collections.abc import Iterable, Sequence
 
 import redis
 
-from workers.enrollments import EnrollmentStore, iso, to_utc, utcnow
-from workers.message_ids import normalize
+from exchange_listener.mail.message_ids import normalize
+from workers.state.enrollments import EnrollmentStore, iso, to_utc, utcnow
 
 
 def send_key(message_id: str) -> str:

@@ -36,18 +36,18 @@ from exchangelib.protocol import Protocol
 from exchangelib.services import FindItem, GetItem
 from exchangelib.util import SOAPNS, ParseError, create_element, to_xml
 
-from exchange_listener import redis_conn
-from exchange_listener.config import SECRET_KEYS, Settings
-from exchange_listener.ledger import Ledger
+from exchange_listener.core import redis_conn
+from exchange_listener.core.config import SECRET_KEYS, Settings
+from exchange_listener.mail.text import html_to_text
 from exchange_listener.sources.base import (
     FetchedMessage,
     ItemGone,
     ItemUnreadable,
     NewMail,
 )
-from exchange_listener.sources.ews_account import make_account, make_configuration
-from exchange_listener.sync_state import SyncStore, folder_ref
-from workers.auto_reply_text import html_to_text
+from exchange_listener.sources.ews.account import make_account, make_configuration
+from exchange_listener.sources.ews.catch_up import SyncStore, folder_ref
+from exchange_listener.sources.ledger import Ledger
 
 # exchangelib field name -> what it is in FetchedMessage; names checked against exchangelib 5.6.
 HEADER_FIELDS = (

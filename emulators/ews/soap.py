@@ -17,7 +17,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from lxml import etree
 
-from exchange_listener.emulator.store import Event, Folder, Item, Store, unfold
+from emulators.ews.store import Event, Folder, Item, Store, unfold
 
 S = "http://schemas.xmlsoap.org/soap/envelope/"
 M = "http://schemas.microsoft.com/exchange/services/2006/messages"
