@@ -36,7 +36,7 @@ from rq.serializers import JSONSerializer
 
 from exchange_listener.core import config
 from exchange_listener.sources.ews import account as ews_account
-from workers.classify.headers import classify_message
+from workers.classify import classify_message
 from workers.state.enrollments import EnrollmentStore
 from workers.state.sends import SendRegistry
 

@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from workers.classify.auto_reply_text import first_text
-from workers.classify.headers import (
+from workers.classify import (
     classify_headers,
     classify_message,
+    first_text,
     headers_of,
     needs_body,
     settle_with_text,

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.classify.headers import (
+from workers.classify import (
     KINDS,
     Classification,
     UnparseableMessage,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from exchange_listener.mail.message_ids import normalize
-from workers.classify.headers import (
+from workers.classify import (
     classify_headers,
     classify_message,
     headers_of,

@@ -12,15 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from workers.classify.auto_reply_text import auto_reply_from_text, first_text
-from workers.classify.headers import (
+from workers.classify import (
     classify_headers,
     classify_message,
+    first_text,
     headers_of,
     needs_body,
     needs_text,
     settle_with_text,
 )
+from workers.classify.auto_reply_text import auto_reply_from_text
 
 DATA = Path(__file__).parent / "data"
 

@@ -13,16 +13,16 @@ import datetime as dt
 
 import pytest
 
-from workers.classify import machine_mail
-from workers.classify.auto_reply_text import auto_reply_from_text
-from workers.classify.headers import (
+from workers.classify import (
     classify_headers,
     classify_message,
     find_return_date,
+    machine_mail,
     needs_body,
     needs_text,
     settle_with_text,
 )
+from workers.classify.auto_reply_text import auto_reply_from_text
 
 BASE = dt.date(2026, 12, 1)  # a Tuesday
 PLAIN = [("From", "Anna Prospect <anna@prospect.example>"), ("To", "tom@vendor.example"),

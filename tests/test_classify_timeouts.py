@@ -15,8 +15,8 @@ import time
 import pytest
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
+from workers.classify import classify_message, find_return_date
 from workers.classify import headers as classify
-from workers.classify.headers import classify_message, find_return_date
 
 OOO = (b"From: anna@prospect.example\r\nTo: tom@vendor.example\r\nSubject: Automatic reply: Intro\r\n"
        b"Date: Tue, 1 Dec 2026 09:00:00 +0000\r\nAuto-Submitted: auto-replied\r\n"
@@ -96,9 +96,9 @@ def test_no_handler_in_the_classifier_swallows_timeouts():
     handler cannot forget it)."""
     import inspect
 
-    from workers.classify import auto_reply_text, machine_mail
+    from workers.classify import auto_reply_text, machine_mail, return_date, verdict
 
-    for module in (classify, machine_mail, auto_reply_text):
+    for module in (classify, machine_mail, auto_reply_text, return_date, verdict):
         assert _unguarded_handlers(inspect.getsource(module)) == [], module.__name__
 
 

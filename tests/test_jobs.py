@@ -19,7 +19,7 @@ from exchange_listener.sources import ledger
 from exchange_listener.sources.base import NewMail
 from exchange_listener.sources.ews.fetch import EwsFetcher, FetchError
 from workers import context, jobs
-from workers.classify.headers import KINDS
+from workers.classify import KINDS
 
 MAILBOX = "rep@ours.example"
 PROSPECT = "pat@prospect.example"

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from workers.classify.headers import Classification
+from workers.classify import Classification
 from workers.policy import (
     DIRECT_MATCH_SKEW,
     NOTHING,

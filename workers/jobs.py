@@ -64,12 +64,12 @@ from exchange_listener.sources.base import (
     NewMail,
 )
 from workers import context, policy
-from workers.classify.auto_reply_text import first_text
-from workers.classify.headers import (
+from workers.classify import (
     Classification,
     UnparseableMessage,
     classify_headers,
     classify_message,
+    first_text,
     needs_body,
     needs_text,
     settle_with_text,

@@ -44,7 +44,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from workers.classify.headers import Classification
+from workers.classify import Classification
 from workers.state.sends import DomainEnrollment, Send
 
 STOP, PAUSE, RECORD, NOTHING = "stop", "pause", "record", "nothing"

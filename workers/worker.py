@@ -214,7 +214,7 @@ def _warm_up(ctx: context.Context) -> None:
     exchangelib's import, the fetchers, dateparser's language data (together over a second on a
     cold process, which would otherwise land on the first reply's latency)."""
     import workers.jobs  # noqa: F401 - the import is the point
-    from workers.classify.headers import find_return_date
+    from workers.classify import find_return_date
 
     ctx.warm_up()
     find_return_date("back on 14 December", None)

@@ -11,7 +11,12 @@ from __future__ import annotations
 import json
 import sys
 
-from workers.classify.headers import UnparseableMessage, classify_message
+from workers.classify import (
+    UnparseableMessage,
+    classify_headers,
+    classify_message,
+    needs_body,
+)
 
 
 def add_arguments(parser) -> None:
@@ -42,8 +47,6 @@ def _classify_one(path: str, headers_only: bool) -> dict:
 def _headers_only(raw: bytes) -> dict:
     import email
     import email.policy
-
-    from workers.classify.headers import classify_headers, needs_body
 
     if not raw.strip():
         raise UnparseableMessage("empty message")

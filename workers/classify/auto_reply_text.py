@@ -33,6 +33,8 @@ from email.message import Message
 from rq.timeouts import BaseTimeoutException
 
 from exchange_listener.mail.text import html_to_text
+from workers.classify.return_date import find_return_date, states_return
+from workers.classify.verdict import Classification, automatic_subject
 
 HEAD_CHARS = 1500          # of the reply's own text, after quoted history is cut off
 FIRST_TEXT_LIMIT = 8192    # characters taken from the first text part
@@ -252,8 +254,6 @@ def _states_absence(own: str) -> bool:
 def looks_out_of_office(head: str, subject: str = "") -> str | None:
     """Why ``head`` (see ``reply_head``) reads as an out-of-office, or None (see the module's
     docstring for the rules)."""
-    from workers.classify.headers import automatic_subject, states_return
-
     own = own_words(head)
     if engaged(own):
         return None
@@ -280,8 +280,6 @@ def auto_reply_from_text(text: str, subject: str = "", base: dt.date | None = No
     the start of ``text`` (first text part or EWS UniqueBody, plain text) is an out-of-office
     or automatic reply; None otherwise. ``base`` is the reply's date (return dates are read
     relative to it; today when None)."""
-    from workers.classify.headers import Classification, find_return_date
-
     head = reply_head(text)
     reason = looks_out_of_office(head, subject)
     if not reason:

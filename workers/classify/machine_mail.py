@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import re
 
+from workers.classify.verdict import automatic_subject
+
 FAMILIES = ("mailing_list", "ticket_system", "crm", "calendar")
 PROVISIONAL = "platform mail: text decides"
 
@@ -143,8 +145,6 @@ def _platform_hosts(h, from_addr: str, robot_sender: bool) -> str:
 
 def _own_out_of_office(h, subject: str) -> bool:
     """An RFC 3834 auto-reply that calls itself an out-of-office in its subject."""
-    from workers.classify.headers import automatic_subject
-
     auto = (h.get("auto-submitted") or "").strip().lower()
     return auto.startswith("auto-replied") and automatic_subject(subject)
 
