@@ -1,9 +1,15 @@
 """Settings fail at start with a message naming the key, never a traceback, and hide secrets."""
+import argparse
+import dataclasses
+import os
 import subprocess
 import sys
 
 import pytest
 
+from emulators.ews import validation
+from emulators.services import service_env
+from exchange_listener import cli
 from exchange_listener.core import config
 
 
@@ -63,3 +69,90 @@ def test_cli_reports_config_error_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "group_size" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"EXCHANGE_LISTENER_REDIS_ULR": "redis://10.0.0.9:6379/0"},
+     "EXCHANGE_LISTENER_REDIS_ULR is not a setting (did you mean EXCHANGE_LISTENER_REDIS_URL?)"),
+    ({"EXCHANGE_LISTENER_CONFIG_FILE": "/etc/el.toml"},
+     "EXCHANGE_LISTENER_CONFIG_FILE is not a setting (did you mean EXCHANGE_LISTENER_CONFIG?)"),
+    ({"exchange_listener_queue_name": "q"},
+     "exchange_listener_queue_name is not a setting (did you mean EXCHANGE_LISTENER_QUEUE_NAME?)"),
+    ({"EXCHANGE_LISTENER_FROBNICATE": "1"}, "EXCHANGE_LISTENER_FROBNICATE is not a setting (see docs/configuration.md)"),
+])
+def test_unknown_environment_variable_is_an_error_naming_the_closest_setting(env, message):
+    with pytest.raises(config.ConfigError) as err:
+        config.load(env=env)
+    assert str(err.value) == message
+
+
+def test_typo_in_environment_stops_a_command_before_it_touches_redis(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(config.ENV_PREFIX)}
+    env["EXCHANGE_LISTENER_REDIS_ULR"] = "redis://127.0.0.1:1/0"
+    proc = subprocess.run([sys.executable, "-m", "exchange_listener.cli", "status"], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "did you mean EXCHANGE_LISTENER_REDIS_URL?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_key_in_file_or_arguments_names_the_closest_key(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('redis_ulr = "redis://10.0.0.9:6379/0"\n')
+    with pytest.raises(config.ConfigError, match=r"^redis_ulr in .*c\.toml is not a setting \(did you mean redis_url\?\)$"):
+        config.load(str(path), env={})
+    settings = config.load(env={})
+    with pytest.raises(config.ConfigError, match=r"^grup_size \(an argument\) is not a setting \(did you mean group_size\?\)"):
+        settings.replace(grup_size=3)
+
+
+def test_documented_other_variables_are_accepted(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('queue_name = "from-file"\n')
+    env = {config.CONFIG_ENV: str(path), "EXCHANGE_LISTENER_EMULATOR_SCHEMA_LOG": str(tmp_path / "schema.log")}
+    assert config.load(env=env).queue_name == "from-file"
+    assert validation.ENV_VAR in config.OTHER_ENV  # the emulator's own variable is one of them
+
+
+def test_the_test_suites_own_environments_are_accepted():
+    """What conftest leaves in this process (the schema-violation file) and what the suite gives
+    listeners and workers (service_env, with settings) must load."""
+    assert validation.ENV_VAR in os.environ
+    config.load()
+    config.load(env=service_env("redis://127.0.0.1:1/0", "http://127.0.0.1:9/EWS/Exchange.asmx",
+                                heartbeat_seconds=1, lease_seconds=3, listener_id="l1"))
+
+
+def _setting_defaults_in_parsers():
+    """(command, dest, default) for every command-line option named like a setting."""
+    found = []
+
+    def walk(command, parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    walk(command, sub)
+            elif action.dest in config.FIELD_BY_KEY:
+                found.append((command, action.dest, action.default))
+
+    for name in cli.COMMANDS:
+        walk(name, cli.build_parser(name)._subparsers._group_actions[0].choices[name])
+    return found
+
+
+# options named like a setting that are not that setting: the emulator loads no settings and
+# stays quiet unless asked
+NOT_THE_SETTING = {("emulator", "log_level")}
+
+
+def test_command_line_defaults_are_the_tables():
+    found = [item for item in _setting_defaults_in_parsers() if item[:2] not in NOT_THE_SETTING]
+    assert ("emulator", "heartbeat_seconds", config.default("heartbeat_seconds")) in found
+    assert [item for item in found if item[2] != config.default(item[1])] == []
+
+
+def test_help_shows_the_tables_default(monkeypatch):
+    field = config.FIELD_BY_KEY["heartbeat_seconds"]
+    monkeypatch.setitem(config.FIELD_BY_KEY, "heartbeat_seconds", dataclasses.replace(field, default=12.5))
+    text = cli.build_parser("emulator")._subparsers._group_actions[0].choices["emulator"].format_help()
+    assert "(default 12.5)" in " ".join(text.split())

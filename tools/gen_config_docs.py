@@ -12,7 +12,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from exchange_listener.core.config import ENV_PREFIX, FIELDS, SECRET_KEYS
+from exchange_listener.core.config import ENV_PREFIX, FIELDS, OTHER_ENV, SECRET_KEYS
 
 
 def toml_value(value) -> str:
@@ -32,6 +32,13 @@ def markdown() -> str:
         "missing value stops the command at start with a message naming the key (exit status 2).",
         "Secrets are never logged; prefer environment variables for them.",
         "",
+        "A name that is not a setting is an error too, not silently ignored: an unknown key in the",
+        f"file, or an environment variable starting with `{ENV_PREFIX}` that is neither a setting",
+        "below nor one of the other variables listed after the table, stops the command with a message",
+        "naming it and the closest known name, e.g. `EXCHANGE_LISTENER_REDIS_ULR is not a setting",
+        "(did you mean EXCHANGE_LISTENER_REDIS_URL?)`. A misspelt `redis_url` that fell back to the",
+        "default would quietly point the system at the wrong Redis.",
+        "",
         "Generated from `exchange_listener/core/config.py` by `tools/gen_config_docs.py`.",
         "",
         "| key | default | environment variable | meaning |",
@@ -41,6 +48,8 @@ def markdown() -> str:
         default = toml_value(f.default)
         doc = f.doc.replace("|", "\\|")
         lines.append(f"| `{f.key}` | `{default}` | `{ENV_PREFIX}{f.key.upper()}` | {doc} |")
+    lines += ["", f"Other `{ENV_PREFIX}*` variables (not settings):", ""]
+    lines += [f"- `{name}`: {meaning}" for name, meaning in OTHER_ENV.items()]
     return "\n".join(lines) + "\n"
 
 

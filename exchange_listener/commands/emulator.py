@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from exchange_listener.core import logs
+from exchange_listener.core import config, logs
 
 
 def _pair(value: str) -> tuple[str, str]:
@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="OAuth2 client-credentials app that may impersonate every mailbox (repeatable)")
     parser.add_argument("--mailbox", action="append", default=[], metavar="ADDRESS",
                         help="mailbox to create at start (delivering to an unknown address creates it too)")
-    parser.add_argument("--heartbeat-seconds", type=float, default=45.0,
-                        help="seconds between ConnectionStatus OK heartbeats on an idle stream (default 45)")
+    parser.add_argument("--heartbeat-seconds", type=float, default=config.default("heartbeat_seconds"),
+                        help="seconds between ConnectionStatus OK heartbeats on an idle stream; the default is "
+                             "what the listener's heartbeat_seconds assumes (default %(default)g)")
     parser.add_argument("--subscription-idle-timeout", type=float, default=300.0,
                         help="seconds a subscription with no open stream lives (default 300)")
     parser.add_argument("--max-streams-per-account", type=int, default=0,

@@ -21,8 +21,8 @@ def add_arguments(parser) -> None:
                         help="a listener whose last heartbeat is older is stale (default: lease_seconds)")
     parser.add_argument("--silent-group", type=float, metavar="S",
                         help="a stream silent this long is a problem (default: 3 x heartbeat_seconds + 15)")
-    parser.add_argument("--stuck-queue", type=float, metavar="S", default=120.0,
-                        help="oldest queued job this old with no busy worker: stuck (default: 120)")
+    parser.add_argument("--stuck-queue", type=float, metavar="S", default=health.Limits.stuck_queue,
+                        help="oldest queued job this old with no busy worker: stuck (default: %(default)g)")
 
 
 def _age(value) -> str:
