@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
 import socket
 import threading
@@ -50,6 +49,7 @@ from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
 from exchange_listener.core import logs, metrics, redis_conn
+from exchange_listener.core.backoff import delay as backoff_delay
 from exchange_listener.core.config import ConfigError, Settings
 from workers import context
 
@@ -257,7 +257,7 @@ def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> 
                 if burst:
                     raise
                 failures = 1 if time.monotonic() - started > 60 else failures + 1
-                delay = min(30.0, 2.0 ** failures) * random.uniform(0.5, 1.0)
+                delay = backoff_delay(failures - 1, base=2.0, cap=30.0)  # 2 s, 4 s, ... 30 s, times U(0.5, 1)
                 log.warning("redis unreachable; worker starts again after a pause", worker=worker_name,
                             error=f"{type(exc).__name__}: {exc}", retry_in_s=round(delay, 1))
                 if _sleep_unless_stopped(delay):

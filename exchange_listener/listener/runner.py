@@ -33,12 +33,13 @@ import redis
 
 from exchange_listener import queueing
 from exchange_listener.core import logs, metrics, redis_conn
+from exchange_listener.core.backoff import Backoff
 from exchange_listener.core.config import scrub
 from exchange_listener.listener import leases as leases_mod
 from exchange_listener.listener import mailboxes as mailboxes_mod
 from exchange_listener.sources.ews import account as ews_account
 from exchange_listener.sources.ews.catch_up import SyncStore, catch_up_mailbox
-from exchange_listener.sources.ews.stream import Backoff, StreamGroup
+from exchange_listener.sources.ews.stream import StreamGroup
 from exchange_listener.sources.ledger import Ledger
 
 REDIS_ERRORS = (redis.exceptions.RedisError,  # unreachable, loading, read-only after a failover, OOM: all buffered

@@ -599,7 +599,8 @@ class Notifier:
             result.failed += 1
             bound.error("transition notification failed, giving up", attempts=attempts, error=error)
             return
-        delay = min(self.backoff_max, self.backoff_base * 2 ** (attempts - 1))
+        from exchange_listener.core.backoff import delay as backoff_delay
+        delay = backoff_delay(attempts - 1, self.backoff_base, self.backoff_max, jitter=None)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(state_key(tid), mapping={"last_error": error, "last_attempt_at": iso_now()})
         pipe.hdel(state_key(tid), "behind", "parked_at")

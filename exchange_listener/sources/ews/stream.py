@@ -46,6 +46,8 @@ from exchangelib.services import (
 )
 
 from exchange_listener.core import logs, metrics
+from exchange_listener.core.backoff import SPREAD, Backoff
+from exchange_listener.core.backoff import delay as backoff_delay
 from exchange_listener.core.config import scrub
 from exchange_listener.sources.base import NewMail
 from exchange_listener.sources.ews import account as ews_account
@@ -80,21 +82,6 @@ CONNECTION_ERRORS = (
 AUTH_ERRORS = (ews_errors.UnauthorizedError, ews_errors.ErrorImpersonateUserDenied,
                ews_errors.ErrorAccessDenied, ews_errors.ErrorNonExistentMailbox)
 _IDS_IN_MESSAGE = re.compile(r"subscription IDs: \[(.*)\]")
-
-
-class Backoff:
-    """Exponential backoff with full jitter in [d/2, d]."""
-
-    def __init__(self, base: float = 0.5, cap: float = 60.0):
-        self.base, self.cap, self.attempt = base, cap, 0
-
-    def next(self, floor: float = 0.0) -> float:
-        delay = min(self.cap, self.base * 2 ** self.attempt)
-        self.attempt += 1
-        return max(floor, random.uniform(delay / 2, delay))
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 def server_back_off(exc: ews_errors.ErrorServerBusy) -> float | None:
@@ -232,7 +219,7 @@ class StreamGroup:
         self._stopping = threading.Event()
         self._svc: GroupStreamingEvents | None = None
         self._reconnect_reason: str | None = "start"
-        self.backoff = Backoff()
+        self.backoff = Backoff(base=0.5, cap=60.0)
         self._thread = threading.Thread(target=self._run, name=f"stream-{group_id}", daemon=True)
         self.protocol = None
 
@@ -430,12 +417,12 @@ class StreamGroup:
         except (ews_errors.ErrorExceededConnectionCount, ews_errors.UnauthorizedError) + CONNECTION_ERRORS:
             raise
         except ews_errors.ErrorExceededSubscriptionCount as exc:
-            delay = min(600.0, 30.0 * (member.failures + 1)) * random.uniform(0.75, 1.25)
+            delay = backoff_delay(member.failures, base=30.0, cap=600.0, jitter=SPREAD, linear=True)
             self._failed(member, exc, delay)
             log.error("too many subscriptions on this mailbox; will try again later", retry_in=round(delay))
             return False
         except Exception as exc:  # noqa: BLE001 - one bad mailbox must not stop the group
-            delay = min(300.0, 2.0 * 2 ** (member.failures + 1)) * random.uniform(0.75, 1.25)
+            delay = backoff_delay(member.failures, base=4.0, cap=300.0, jitter=SPREAD)
             self._failed(member, exc, delay)
             log.error("cannot subscribe mailbox; retried on its own backoff when the stream next reconnects",
                       error=member.last_error, retry_in=round(delay, 1), failures=member.failures)
