@@ -200,29 +200,40 @@ def test_a_stop_while_the_worker_is_busy_waits_for_the_job(settings, conn):
     assert job.get_status(refresh=True) == "finished"
 
 
-def test_an_idle_stop_leaves_no_blocking_dequeue_behind(settings, conn):
+def test_an_idle_stop_leaves_no_blocking_dequeue_behind(redis_server, redis_client, conn):
     """``MailWorker._shutdown``'s idle branch relies on: an idle worker waits in a blocking
     BLMOVE of ``dequeue_timeout`` (``worker_ttl - 15``, at least 1 s) on ``worker.connection``,
     and a stop ends it without leaving the server a pending BLMOVE that would move the next job
-    to the intermediate list for nobody."""
+    to the intermediate list for nobody (the first lines show that trap with a raw connection)."""
+    observer = redis.Redis.from_url(redis_server.url)
+    queue = queue_of(observer)
+    abandoned = redis.Connection(host="127.0.0.1", port=redis_server.port)
+    abandoned.send_command("BLMOVE", queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT", 5)
+    time.sleep(0.2)  # the server now waits on that socket; nobody will read the answer
+    trapped = queue.enqueue(SLEEP, 0)
+    wait_for(lambda: observer.lrange(queue.intermediate_queue_key, 0, -1) == [trapped.id.encode()],
+             timeout=5, message="the pending BLMOVE took the job")
+    abandoned.disconnect()
+    observer.flushdb()
+
+    settings = config.load(env={}, overrides={"redis_url": redis_server.url, "worker_ttl": 20, "queue_name": QUEUE})
     worker = make_worker(settings, connection=conn)
-    assert worker.dequeue_timeout == 1 and worker.maintenance_interval == 5
+    assert worker.dequeue_timeout == 5
 
     def waiting_in_dequeue():
         if worker.get_state() != WorkerStatus.IDLE:
             return False
-        time.sleep(0.3)  # into the BLMOVE
+        time.sleep(0.5)  # into the BLMOVE, seconds before it would time out
         return True
 
     stop_when(worker, waiting_in_dequeue)
     started = time.monotonic()
     worker.work()
-    assert time.monotonic() - started < 10
-    observer = redis.Redis.from_url(settings.redis_url)
-    job = queue_of(observer).enqueue(SLEEP, 0)
-    time.sleep(1.5)  # longer than any BLMOVE the stopped worker could have left waiting
-    assert queue_of(observer).job_ids == [job.id]
-    assert observer.llen(queue_of(observer).intermediate_queue_key) == 0
+    assert time.monotonic() - started < 4  # the stop ended the 5 s BLMOVE
+    job = queue.enqueue(SLEEP, 0)
+    time.sleep(0.5)
+    assert queue.job_ids == [job.id]
+    assert observer.llen(queue.intermediate_queue_key) == 0
 
 
 # -- liveness and reclaiming a killed worker's job -----------------------------------------------
