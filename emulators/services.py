@@ -399,6 +399,12 @@ class Emulator:
         with urllib.request.urlopen(f"{self.base_url}/emulator/stats", timeout=10) as resp:
             return json.loads(resp.read())
 
+    def reset(self) -> dict:
+        """Back to a fresh process's state (streams cut; mail, subscriptions, faults, counts gone),
+        so one emulator process can serve test after test."""
+        self.output.clear()
+        return self._post("/emulator/reset", b"")
+
     def _post(self, path: str, data: bytes, content_type: str = "application/octet-stream") -> dict:
         import json
 

@@ -1,6 +1,9 @@
 """Shared fixtures: a real redis-server per session on a free port, and the EWS emulator.
 
-Nothing here talks to a shared Redis on 6379; every test gets a flushed database.
+Nothing here talks to a shared Redis on 6379; every test gets a flushed database. Likewise one
+emulator process serves a whole session (per xdist worker), reset before each test that asks for
+it, so every test starts from an empty emulator; a test that needs other flags or kills the
+process starts its own ``Emulator``.
 """
 from __future__ import annotations
 
@@ -61,11 +64,21 @@ def redis_client(redis_server):
     client.close()
 
 
-@pytest.fixture
-def emulator():
-    """A fresh emulator process per test, with the service account that may impersonate anyone."""
+@pytest.fixture(scope="session")
+def emulator_process():
+    """One emulator process per session, with the service account that may impersonate anyone."""
     with Emulator(accounts=[":".join(SERVICE_ACCOUNT)], heartbeat_seconds=1.0) as emu:
         yield emu
+
+
+@pytest.fixture
+def emulator(emulator_process):
+    """The session's emulator, reset to a fresh process's state (no mail, streams, subscriptions,
+    faults or counts from an earlier test); started again if a test stopped it."""
+    if emulator_process.proc.poll() is not None:
+        emulator_process.start()
+    emulator_process.reset()
+    return emulator_process
 
 
 @pytest.fixture

@@ -268,7 +268,8 @@ def test_idle_subscription_expires():
     with Emulator(idle_timeout=0.5) as emu:
         acc = account(emu, ALICE)
         sub = acc.inbox.subscribe_to_streaming()
-        time.sleep(1.0)  # twice the idle timeout, nobody streaming
+        # nobody streaming: swept once idle past the timeout (the sweeper looks every 0.5 s)
+        wait_for(lambda: emu.stats()["subscriptions"] == 0, timeout=2)
         with pytest.raises(ErrorSubscriptionNotFound):
             list(acc.inbox.get_streaming_events(sub, connection_timeout=1))
 
@@ -314,3 +315,40 @@ def test_malformed_subscription_id_is_invalid_subscription(emulator):
     acc = account(emulator, ALICE)
     with pytest.raises(ErrorInvalidSubscription):
         list(acc.inbox.get_streaming_events("not-a-subscription-id", connection_timeout=1))
+
+
+def test_reset_gives_back_a_fresh_emulator_in_the_same_process(emulator):
+    """What the suite's shared emulator relies on: nothing of one test is left for the next."""
+    pid = emulator.stats()["pid"]
+    acc = account(emulator, ALICE)
+    old_item = emulator.deliver(ALICE, message("<before-reset@customer.example>"))["item_id"]
+    sub = acc.inbox.subscribe_to_streaming()
+    reader = StreamReader(account(emulator, ALICE).inbox, [sub]).start()
+    wait_for(lambda: open_streams(emulator) == 1)
+    emulator.fault(kind="latency", ms=5_000)
+    emulator.fault(kind="mailbox_error", mailbox=ALICE, code="ErrorAccessDenied", operations=["GetFolder"])
+
+    assert emulator.reset() == {"reset": True, "streams_reset": 1}
+    reader.join()  # the open stream was cut
+    assert reader.error is not None
+    stats = emulator.stats()
+    assert stats["pid"] == pid
+    assert (stats["streams"], stats["subscriptions"], stats["mailboxes"], stats["items"]) == (0, 0, 0, 0)
+    assert stats["operations"] == {}
+    fresh = account(emulator, ALICE)
+    started = time.monotonic()
+    assert fresh.inbox.total_count == 0  # no latency, no mailbox error, no mail
+    assert time.monotonic() - started < 4
+    from exchangelib.errors import ErrorItemNotFound
+
+    assert isinstance(next(iter(fresh.fetch([(old_item, None)], only_fields=["subject"]))), ErrorItemNotFound)
+    with pytest.raises(ErrorSubscriptionNotFound):
+        list(fresh.inbox.get_streaming_events(sub, connection_timeout=1))
+
+
+def test_reset_makes_the_started_with_mailboxes_again():
+    with Emulator(mailboxes=[ALICE]) as emu:
+        emu.deliver(ALICE, message("<gone@customer.example>"))
+        emu.reset()
+        assert (emu.stats()["mailboxes"], emu.stats()["items"]) == (1, 0)
+        assert account(emu, ALICE).inbox.total_count == 0

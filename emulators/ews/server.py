@@ -1,6 +1,10 @@
 """The emulator's HTTP side: aiohttp routes, auth, EWS operations, streaming, faults, test hooks.
 
 One asyncio loop holds everything, so an open stream costs one coroutine and one socket.
+
+``POST /emulator/reset`` puts a running emulator back to the state of a fresh process with the
+same options (open streams reset, mailboxes, items, subscriptions, tokens, faults and operation
+counts gone; ``--mailbox`` ones made again), so a test suite can share one process between tests.
 """
 from __future__ import annotations
 
@@ -125,12 +129,7 @@ class Faults:
 class Emulator:
     def __init__(self, options: Options):
         self.options = options
-        self.store = Store(idle_timeout=options.idle_timeout,
-                           max_subscriptions_per_mailbox=options.max_subscriptions_per_mailbox,
-                           max_queued_events=options.max_queued_events)
-        self.store.on_event = self._on_event
-        for address in options.mailboxes:
-            self.store.mailbox(address)
+        self.store = self._new_store()
         self.streams: set[Stream] = set()
         self.tokens: dict[str, tuple[str, float]] = {}  # token -> (client id, expires at)
         self.faults = Faults()
@@ -138,6 +137,25 @@ class Emulator:
         self.validator = ViolationLog()
         self.log = logs.get_logger(component="emulator")
         self._sweeper: asyncio.Task | None = None
+
+    def _new_store(self) -> Store:
+        options = self.options
+        store = Store(idle_timeout=options.idle_timeout, max_subscriptions_per_mailbox=options.max_subscriptions_per_mailbox,
+                      max_queued_events=options.max_queued_events)
+        store.on_event = self._on_event
+        for address in options.mailboxes:
+            store.mailbox(address)
+        return store
+
+    def reset(self) -> None:
+        """Back to what a fresh process with the same options holds (see the module docstring)."""
+        for stream in list(self.streams):
+            stream.reset()
+        self.streams.clear()
+        self.store = self._new_store()
+        self.tokens.clear()
+        self.faults = Faults()
+        self.operations.clear()
 
     # -- app --------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -155,6 +173,7 @@ class Emulator:
         app.router.add_delete(r"/emulator/items/{item_id:.+}", self.delete_item)
         app.router.add_post("/emulator/faults", self.fault)
         app.router.add_get("/emulator/stats", self.stats)
+        app.router.add_post("/emulator/reset", self.reset_all)
         app.on_startup.append(self._start)
         app.on_shutdown.append(self._stop)
         return app
@@ -671,6 +690,12 @@ class Emulator:
         return web.json_response({"streams": len(self.streams), "subscriptions": len(self.store.subscriptions),
                                   "mailboxes": len(self.store.mailboxes), "items": len(self.store.items),
                                   "operations": dict(self.operations), "pid": os.getpid()})
+
+    async def reset_all(self, request: web.Request) -> web.Response:
+        count = len(self.streams)
+        self.reset()
+        self.log.info("emulator reset", streams_reset=count)
+        return web.json_response({"reset": True, "streams_reset": count})
 
     async def fault(self, request: web.Request) -> web.Response:
         """Inject a fault. Kinds: reset_streams; stall_streams {seconds}; expire_subscriptions;
