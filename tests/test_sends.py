@@ -91,10 +91,13 @@ def test_recording_creates_the_enrollment_but_never_revives_it(registry, redis_c
 
 def test_sends_expire_at_sent_at_plus_retention(registry, redis_client):
     # from the clock now, not at import: the suite may have run for minutes since
-    almost_expired = dt.datetime.now(dt.UTC) - dt.timedelta(days=180) + dt.timedelta(seconds=3)
+    almost_expired = dt.datetime.now(dt.UTC) - dt.timedelta(days=180) + dt.timedelta(seconds=1.5)
     registry.record(["<old@us.example>"], "e1", "seq", "rep@us.example", ["pat@prospect.example"], sent_at=almost_expired)
     registry.record(["<new@us.example>"], "e2", "seq", "rep@us.example", ["pat@prospect.example"])
     assert 179 * 86400 < redis_client.ttl("el:send:<new@us.example>") <= 180 * 86400
+    # the key expires at sent_at + retention exactly (to the millisecond), not "about then"
+    expires_ms = int((almost_expired + dt.timedelta(days=180)).timestamp() * 1000)
+    assert redis_client.execute_command("PEXPIRETIME", "el:send:<old@us.example>") == expires_ms
     assert registry.get("<old@us.example>") is not None
     deadline = time.monotonic() + 30
     while registry.get("<old@us.example>") is not None and time.monotonic() < deadline:

@@ -140,8 +140,12 @@ def test_jobs_with_no_worker_then_a_stuck_queue_then_healthy(redis_client, redis
     suspension.suspend(redis_client)
     spawn(env, "work", "--name", "suspended-worker")
     wait_for(lambda: status(env)[1]["workers"], timeout=60, message="the worker to register")
-    time.sleep(1.5)
-    code, snap = status(env, "--stuck-queue", "1")
+
+    def stuck():  # once the job is a second old
+        code, snap = status(env, "--stuck-queue", "1")
+        return (code, snap) if any("stuck" in p for p in snap["problems"]) else None
+
+    code, snap = wait_for(stuck, timeout=30, message="the queue reported stuck")
     assert code == 1, snap
     assert any("stuck" in p for p in snap["problems"])
     assert snap["queue"]["oldest_job_age_s"] >= 1
