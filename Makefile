@@ -18,7 +18,7 @@ SUPERVISORCTL := $(BIN)/supervisorctl -c deploy/supervisord.conf
 .DEFAULT_GOAL := help
 # EXCHANGE_LISTENER_CONFIG is given to supervisord only (make start): exported here it would
 # also reach the tests and the demo, which bring their own settings.
-.PHONY: config-check help install test lint demo start stop restart status drain resume failed requeue-failed tail bench chaos
+.PHONY: config-check help install test test-fast lint demo start stop restart status drain resume failed requeue-failed tail bench chaos
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -37,6 +37,10 @@ install: $(VENV)/.installed ## create .venv and install the package with dev too
 # A file's tests stay in one process (--dist loadfile); each process starts its own redis-server.
 test: $(VENV)/.installed ## run the test suite (starts its own redis-server and emulator)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# The edit loop: everything but the tests marked slow (drills, supervisord, restarts); under 90 s.
+test-fast: $(VENV)/.installed ## run the suite without the slow drills (-m "not slow")
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint: $(VENV)/.installed ## ruff
 	$(BIN)/ruff check exchange_listener workers emulators tests bench tools

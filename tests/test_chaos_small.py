@@ -10,6 +10,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # `make test-fast` leaves it out
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAULT_KINDS = ("reset_streams", "stall_streams", "expire_subscriptions", "server_busy", "http_503", "restart",
                "kill_listener", "kill_worker", "restart_redis")

@@ -8,10 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import demo_messages
+
+pytestmark = pytest.mark.slow  # `make test-fast` leaves it out
 
 
 def _pids_with_env(entry: str) -> list[int]:

@@ -8,6 +8,7 @@ import sys
 import urllib.error
 import urllib.request
 
+import pytest
 import requests
 from ews_client import StreamReader, account, message, open_streams, wait_for
 from exchangelib.util import DocumentYielder
@@ -27,6 +28,7 @@ def _soap(body: str, impersonate: str = ALICE) -> bytes:
             f"</s:Header><s:Body>{body}</s:Body></s:Envelope>").encode()
 
 
+@pytest.mark.slow
 def test_stream_is_one_complete_envelope_per_chunk_with_heartbeats(emulator):
     sub = account(emulator, ALICE).inbox.subscribe_to_streaming()
     body = (f"<m:GetStreamingEvents><m:SubscriptionIds><t:SubscriptionId>{sub}</t:SubscriptionId>"

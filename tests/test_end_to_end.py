@@ -225,6 +225,7 @@ def test_hostile_mail_never_takes_the_worker_down(system):
     assert failed == [] and not items_of(s.redis, FailedJobRegistry), failed
 
 
+@pytest.mark.slow
 def test_a_killed_workers_job_runs_again_within_two_minutes(system):
     """kill -9 a worker in the middle of a job (its GetItem stuck on a slow server); the worker
     restarted under the same name (as supervisord does) completes the job within 2 minutes,
@@ -271,6 +272,7 @@ def _has_children_named(pgid: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_sigterm_is_a_warm_shutdown(system):
     """SIGTERM while a job runs: the job finishes, then the worker exits 0."""
     s = system
@@ -289,6 +291,7 @@ def test_sigterm_is_a_warm_shutdown(system):
     assert s.enrollments.get("e-warm")["status"] == "stopped"
 
 
+@pytest.mark.slow
 def test_a_worker_outlives_a_redis_restart_mid_job_and_then_does_its_work(system):
     """Redis goes away while a job runs and comes back empty (no persistence here). The worker
     waits for it instead of exiting, and processes the next reply."""
@@ -319,6 +322,7 @@ def test_a_worker_outlives_a_redis_restart_mid_job_and_then_does_its_work(system
     assert worker.terminate(30) == 0
 
 
+@pytest.mark.slow
 def test_a_webhook_that_fails_at_first_gets_the_transition_once_later(system):
     """The receiver answers 503 twice: the worker's outbox drain retries with backoff and the
     platform gets the transition exactly once, without another mail arriving."""

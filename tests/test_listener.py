@@ -88,7 +88,7 @@ def test_delivered_mail_is_enqueued_while_the_stream_is_open(redis_client, emula
 
 @pytest.mark.parametrize("fault", [
     {"kind": "reset_streams"},
-    {"kind": "stall_streams", "seconds": 4},
+    pytest.param({"kind": "stall_streams", "seconds": 4}, marks=pytest.mark.slow),  # a 4 s stall
     {"kind": "expire_subscriptions"},
     {"kind": "server_busy", "count": 3, "back_off_ms": 300},
     {"kind": "http_503", "count": 3},
@@ -120,6 +120,7 @@ def test_each_emulator_fault_is_survived_and_mail_delivered_during_it_is_enqueue
         assert any(line.get("reason") == "connection" and "ConnectionError" in line["event"] for line in proc.lines())
 
 
+@pytest.mark.slow
 def test_kill_9_of_one_listener_hands_its_mailboxes_to_the_other(redis_client, emulator, listeners):
     addresses = [f"rep{i}@example.com" for i in range(4)]
     mailboxes.add(redis_client, addresses)
@@ -196,6 +197,7 @@ def test_sigterm_unsubscribes_releases_leases_and_exits_0_within_10_seconds(redi
     assert stats["subscriptions"] == 0 and stats["streams"] == 0
 
 
+@pytest.mark.slow
 def test_mailboxes_added_and_removed_while_running_are_picked_up(redis_client, redis_server, emulator, listeners):
     mailboxes.add(redis_client, ["heidi@example.com"])
     listeners(emulator)

@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 
+import pytest
 import redis
 
 from emulators.services import (
@@ -123,6 +124,7 @@ def test_moves_deletes_and_hard_deletes_are_recorded_for_workers(redis_client, e
     assert not {moved, moved_twice, trashed} & set(queued(redis_client))
 
 
+@pytest.mark.slow
 def test_a_restart_catches_up_only_the_gap(redis_client, emulator, listeners):
     """Mail that was processed is never enqueued again after a restart, however long ago (the
     queue's own memory of finished jobs is gone here), and the sync state was checkpointed while
@@ -164,6 +166,7 @@ def status(redis_server, emulator, **settings) -> dict:
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow
 def test_one_mailbox_that_cannot_be_subscribed_never_disturbs_its_group(redis_client, redis_server, listeners):
     # the server closes streams every 2 s here (a "minute" of ConnectionTimeout is 2 s): the bad
     # mailbox is retried at those reconnects, never by cutting the group's stream
@@ -218,6 +221,7 @@ def test_one_mailbox_that_cannot_be_subscribed_never_disturbs_its_group(redis_cl
         wait_for(lambda: late in queued(redis_client), message="its mail enqueued")
 
 
+@pytest.mark.slow
 def test_a_busy_anchor_re_forms_the_group_on_another_anchor(redis_client, emulator, listeners):
     addresses = ["hal@example.com", "ida@example.com"]
     mailboxes.add(redis_client, addresses)
@@ -247,6 +251,7 @@ def test_a_connection_limit_folds_groups_together(redis_client, listeners):
         wait_for(lambda: set(items) <= set(queued(redis_client)), message="mail of both enqueued")
 
 
+@pytest.mark.slow
 def test_a_backlog_held_during_a_redis_outage_never_costs_the_leases(emulator, listeners):
     with RedisServer(aof=True) as server:
         conn = redis.Redis.from_url(server.url)

@@ -54,6 +54,7 @@ def connected(conn, count: int) -> bool:
     return bool(raw) and sum(g["subscribed"] for g in json.loads(raw) if g["connected"]) == count
 
 
+@pytest.mark.slow
 def test_streams_closed_by_the_server_are_reopened_without_losing_mail(redis_client, run_listener):
     # a "minute" of ConnectionTimeout lasts 1.5 s here, so the server closes the stream every 1.5 s
     with Emulator(accounts=[":".join(SERVICE_ACCOUNT)], heartbeat_seconds=0.5,
@@ -68,6 +69,7 @@ def test_streams_closed_by_the_server_are_reopened_without_losing_mail(redis_cli
         wait_for(lambda: delivered <= queued(redis_client), message="every mail enqueued across stream closes")
 
 
+@pytest.mark.slow
 def test_connection_limit_is_backed_off_not_looped_on(redis_client, run_listener):
     with Emulator(accounts=[":".join(SERVICE_ACCOUNT)], heartbeat_seconds=1.0,
                   extra_args=["--max-streams-per-account", "1"]) as emu:
@@ -125,6 +127,7 @@ def test_subscription_limit_skips_the_mailbox_and_retries_later(redis_client, ru
         assert errors[0]["retry_in"] >= 22  # 30 s less the jitter
 
 
+@pytest.mark.slow
 def test_bad_credentials_are_logged_clearly_retried_with_backoff_and_never_leaked(redis_client, run_listener, emulator):
     mailboxes.add(redis_client, ["tina@example.com"])
     secret = "wrong-Pa55word-xyz"

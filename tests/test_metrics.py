@@ -4,6 +4,7 @@ from __future__ import annotations
 import email.utils
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from emulators.services import (
@@ -48,6 +49,7 @@ def reply(send_id: str) -> bytes:
     ).encode()
 
 
+@pytest.mark.slow
 def test_listener_and_worker_counters_move_after_a_reply(redis_client, redis_server, emulator, tmp_path):
     base = service_env(redis_server.url, emulator.ews_url, queue_name=QUEUE, heartbeat_seconds=1)
     listener_port, worker_port = free_port(), free_port()

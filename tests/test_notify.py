@@ -323,6 +323,7 @@ n.drain()
 """
 
 
+@pytest.mark.slow
 def test_a_drainer_killed_mid_delivery_loses_nothing(redis_client, redis_server, receiver_factory):
     receiver = receiver_factory(hang_first=True)
     (transition,) = stop_some(redis_client, 1)
@@ -453,6 +454,7 @@ def test_a_down_webhook_costs_one_attempt_per_drain_and_does_not_hold_up_the_cal
     assert len(notifier.pending()) == 10
 
 
+@pytest.mark.slow
 def test_a_hanging_webhook_delays_neither_the_callable_nor_the_drain_beyond_one_timeout(redis_client,
                                                                                         receiver_factory):
     receiver = receiver_factory(hang_all=True)
@@ -474,6 +476,7 @@ def test_a_hanging_webhook_delays_neither_the_callable_nor_the_drain_beyond_one_
     assert {p["attempts"] for p in notifier.pending()} <= {0, 1}
 
 
+@pytest.mark.slow
 def test_one_drain_waits_for_at_most_one_webhook_timeout_even_when_each_post_succeeds_slowly(redis_client,
                                                                                           receiver_factory):
     receiver = receiver_factory(delay=0.4)

@@ -69,6 +69,7 @@ def finished_results(conn) -> list[dict]:
             if job is not None]
 
 
+@pytest.mark.slow
 def test_replies_moved_deleted_or_hard_deleted_before_a_worker_runs_still_stop(system, redis_client, emulator):
     sends, enrollments = SendRegistry(redis_client), EnrollmentStore(redis_client)
     mailboxes.add(redis_client, [MAILBOX])
@@ -122,6 +123,7 @@ def test_a_reply_moved_while_no_listener_ran_is_found_in_its_new_folder(system, 
     assert len(enrollments.history("e-moved-unseen")) == 1
 
 
+@pytest.mark.slow
 def test_mail_whose_job_failed_is_never_taken_as_done_by_a_catch_up(system, redis_client, emulator):
     """A job that failed (Exchange refused GetItem for the mailbox) stays in the failed registry
     across a listener restart and its catch-up; the ledger never counts it as processed; once

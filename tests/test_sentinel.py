@@ -88,6 +88,7 @@ def test_a_bad_sentinel_url_is_a_configuration_error_without_the_password(url, n
     assert "s3cret" not in done.stderr + done.stdout
 
 
+@pytest.mark.slow
 def test_every_cli_command_works_over_sentinel_and_follows_a_failover(group):
     url = group.url
     done = cli(url, "status", "--json")
@@ -123,6 +124,7 @@ def test_every_cli_command_works_over_sentinel_and_follows_a_failover(group):
     assert json.loads(cli(url, "sends", "show", "<s-1@ours.example>").stdout)["enrollment_id"] == "e-1"
 
 
+@pytest.mark.slow
 def test_failover_during_a_reply_stream_loses_nothing_and_duplicates_nothing(group, emulator, tmp_path, capsys):
     count, interval, kill_after = 40, 0.15, 15
     conn = redis_conn.connect(group.url)

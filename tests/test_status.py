@@ -65,6 +65,7 @@ def test_empty_system_is_healthy(redis_client, redis_server):
     assert snap["redis"]["problems"]  # seen, and accepted by the setting
 
 
+@pytest.mark.slow
 def test_running_listener_and_worker_are_healthy_and_shown(redis_client, redis_server, emulator, spawn):
     env = settings_env(redis_server, emulator)
     mailboxes.add(redis_client, ["rep.one@example.com", "rep.two@example.com"])
@@ -111,6 +112,7 @@ def test_running_listener_and_worker_are_healthy_and_shown(redis_client, redis_s
     assert "Last hour: 1 stopped (replied 1), 0 paused" in text.stdout
 
 
+@pytest.mark.slow
 def test_killed_listener_is_stale_and_its_mailboxes_unowned(redis_client, redis_server, emulator, spawn):
     env = settings_env(redis_server, emulator)
     mailboxes.add(redis_client, ["rep.one@example.com"])

@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
@@ -22,6 +24,8 @@ import demo_messages
 from exchange_listener.core import redis_conn
 from workers.state.enrollments import EnrollmentStore
 from workers.state.sends import SendRegistry
+
+pytestmark = pytest.mark.slow  # `make test-fast` leaves it out
 
 REPLIES = 45
 INTERVAL = 0.35  # seconds between replies: ~16 s of steady delivery
