@@ -22,11 +22,10 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from exchange_listener.core import redis_conn
-from exchange_listener.listener import leases, mailboxes
+from exchange_listener.core import keys, redis_conn
+from exchange_listener.listener import mailboxes
 from exchange_listener.queueing import make_queue
-from workers.sinks.webhooks import FAILED_KEY as NOTIFY_FAILED_KEY
-from workers.state.enrollments import STREAM_KEY as TRANSITIONS_STREAM
+from workers.state.transitions import STREAM_FIELD, Transition
 
 STOPS_WINDOW = 3600.0
 
@@ -63,9 +62,9 @@ def _number(value) -> float | None:
 
 def _listeners(conn: redis.Redis, now: float) -> list[dict]:
     found = []
-    for raw_id, score in conn.zrange(leases.LISTENERS_KEY, 0, -1, withscores=True):
+    for raw_id, score in conn.zrange(keys.LISTENERS, 0, -1, withscores=True):
         listener_id = _text(raw_id)
-        info = {_text(k): _text(v) for k, v in conn.hgetall(leases.LISTENER_PREFIX + listener_id).items()}
+        info = {_text(k): _text(v) for k, v in conn.hgetall(keys.listener(listener_id)).items()}
         try:
             groups = json.loads(info.get("groups") or "[]")
         except ValueError:
@@ -97,7 +96,7 @@ def _listeners(conn: redis.Redis, now: float) -> list[dict]:
 def _leases(conn: redis.Redis, watched: list[str]) -> dict[str, str | None]:
     if not watched:
         return {}
-    values = conn.mget([leases.lease_key(m) for m in watched])
+    values = conn.mget([keys.lease(m) for m in watched])
     return {m: (_text(v) if v is not None else None) for m, v in zip(watched, values)}
 
 
@@ -139,16 +138,16 @@ def _transitions(conn: redis.Redis, now: float, window: float = STOPS_WINDOW) ->
     paused = 0
     start = f"{int((now - window) * 1000)}-0"
     while True:
-        page = conn.xrange(TRANSITIONS_STREAM, min=start, max="+", count=1000)
+        page = conn.xrange(keys.TRANSITIONS, min=start, max="+", count=1000)
         for entry_id, fields in page:
             try:
-                data = json.loads(fields.get(b"data") or fields.get("data") or "{}")
-            except ValueError:
+                transition = Transition.from_json(fields.get(STREAM_FIELD.encode()) or fields.get(STREAM_FIELD))
+            except (AttributeError, TypeError, ValueError):  # not a transition: nothing to count
                 continue
-            if data.get("status") == "stopped":
-                reason = data.get("reason") or "unknown"
+            if transition.status == "stopped":
+                reason = transition.reason or "unknown"
                 stops[reason] = stops.get(reason, 0) + 1
-            elif data.get("status") == "paused":
+            elif transition.status == "paused":
                 paused += 1
         if len(page) < 1000:
             break
@@ -173,7 +172,7 @@ def snapshot(conn: redis.Redis, queue_name: str, now: float | None = None) -> di
         "queue": queue,
         "workers": workers,
         "last_hour": _transitions(conn, now),
-        "notifications_failed": conn.hlen(NOTIFY_FAILED_KEY),
+        "notifications_failed": conn.hlen(keys.OUTBOX_FAILED),
         "redis": redis_conn.durability(conn),
     }
 

@@ -55,7 +55,8 @@ import structlog
 from rq import get_current_job
 from rq.timeouts import BaseTimeoutException
 
-from exchange_listener.core import logs, metrics
+from exchange_listener.core import keys, logs, metrics
+from exchange_listener.core.lua import Script
 from exchange_listener.mail.message_ids import normalize, references_of
 from exchange_listener.sources.base import (
     FetchedMessage,
@@ -75,32 +76,13 @@ from workers.classify import (
     settle_with_text,
 )
 
-OBSERVED_KEY = "el:observed"
+OBSERVED_KEY = keys.OBSERVED
 OBSERVED_MAXLEN = 100_000
 MAX_ITEMS = 500  # items one job may carry; more is a listener bug, refused visibly
 MAX_RELOCATIONS = 2  # an item that moves again while we read it is looked for once more, then reported
 
-# KEYS[1]: el:first_received:{hash}. ARGV: epoch seconds of this copy, ttl. Returns the earliest;
-# the key lives at least ``ttl`` from now (a TTL is only ever extended).
-_FIRST_RECEIVED = """
-local cur = redis.call('GET', KEYS[1])
-local ttl = tonumber(ARGV[2])
-local left = redis.call('TTL', KEYS[1])
-if left > ttl then ttl = left end
-if cur and tonumber(cur) <= tonumber(ARGV[1]) then
-  redis.call('EXPIRE', KEYS[1], ttl)
-  return cur
-end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
-return ARGV[1]
-"""
-# KEYS[1]: el:decision:{hash}. ARGV: this copy's decision (JSON), ttl. Returns the one that counts.
-_DECIDE_ONCE = """
-local cur = redis.call('GET', KEYS[1])
-if cur then return cur end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return ARGV[1]
-"""
+_FIRST_RECEIVED = Script("first_received")  # the earliest receipt of any copy; TTL only extended
+_DECIDE_ONCE = Script("decide_once")  # the first copy's decision counts
 
 log = logs.get_logger(component="jobs")
 
@@ -228,8 +210,8 @@ def _reply_time(ctx, identity: str, has_message_id: bool, matched: bool, mail: N
     received = _received(mail, item)
     if has_message_id:
         ttl = int(ctx.settings.retention_days) * 86400 if matched else UNMATCHED_RECEIPT_TTL
-        earliest = ctx.redis.eval(_FIRST_RECEIVED, 1, f"el:first_received:{identity}",
-                                  repr(received.timestamp()), ttl)
+        earliest = _FIRST_RECEIVED(ctx.redis, first_received=keys.first_received(identity),
+                                   received_at=repr(received.timestamp()), ttl=ttl)
         received = dt.datetime.fromtimestamp(float(earliest), dt.UTC)
     return policy.reply_time(_header(item, "date"), received), received
 
@@ -302,7 +284,7 @@ def _decide_once(ctx, fetcher, mailbox: str, item: FetchedMessage, c: Classifica
     """The decision for this mail: the one an earlier copy stored, else this copy's (settled
     with the text when the headers look human, then ``policy.decide``), stored unless another
     worker stored one first. Returns (decision, whether it was an earlier copy's)."""
-    key = f"el:decision:{identity}"
+    key = keys.decision(identity)
     stored = ctx.redis.get(key)
     if stored is not None:
         return _covering(ctx, fetcher, mailbox, item, c, body_seen, found, sender, json.loads(stored), bound), True
@@ -315,7 +297,7 @@ def _decide_once(ctx, fetcher, mailbox: str, item: FetchedMessage, c: Classifica
                             settings=settings, domain_candidates=candidates)
     matched = sorted({s.enrollment_id for s in found})
     mine = _decision_json(c, event_key(c.kind, mailbox, item, c), when, received, actions, matched)
-    stored = ctx.redis.eval(_DECIDE_ONCE, 1, key, mine, int(ctx.settings.retention_days) * 86400)
+    stored = _DECIDE_ONCE(ctx.redis, decision=key, candidate=mine, ttl=int(ctx.settings.retention_days) * 86400)
     text = stored.decode() if isinstance(stored, bytes) else stored
     if text == mine:
         return json.loads(text), False

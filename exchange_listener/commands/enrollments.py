@@ -58,6 +58,6 @@ def run(args) -> int:
             return 1
         state = store.get(args.enrollment)
     elif args.history:
-        state["history"] = store.history(args.enrollment)
+        state["history"] = [t.to_fields() for t in store.transitions(args.enrollment)]  # workers.state.transitions
     print(json.dumps(state))
     return 0

@@ -6,7 +6,7 @@ after at most one lease time and the others take them over. Every listener takes
 ``ceil(mailboxes / live listeners)``, so a new listener gets a fair share as the others
 release their extras.
 
-Keys (all under ``el:``; read by ``exchange-listener status``):
+Keys (named in ``exchange_listener.core.keys``; read by ``exchange-listener status``):
 
 - ``el:lease:<mailbox>`` — string, the holding listener's id; expires after ``lease_seconds``.
 - ``el:listeners`` — sorted set, listener id -> epoch seconds of its last heartbeat. A listener
@@ -24,30 +24,15 @@ import time
 
 import redis
 
-LEASE_PREFIX = "el:lease:"
-LISTENERS_KEY = "el:listeners"
-LISTENER_PREFIX = "el:listener:"
+from exchange_listener.core import keys
+from exchange_listener.core.lua import Script
 
-# Take or keep the lease when it is free or already ours.
-_CLAIM = """
-local holder = redis.call('GET', KEYS[1])
-if holder == false or holder == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-# Give the lease back only if it is still ours.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
+LISTENERS_KEY = keys.LISTENERS
+LISTENER_PREFIX = keys.listener("")  # + listener id
+lease_key = keys.lease
 
-
-def lease_key(mailbox: str) -> str:
-    return LEASE_PREFIX + mailbox
+_CLAIM = Script("lease_claim")
+_RELEASE = Script("lease_release")
 
 
 class Leases:
@@ -58,8 +43,6 @@ class Leases:
         self.listener_id = listener_id
         self.lease_ms = int(lease_seconds * 1000)
         self.lease_seconds = lease_seconds
-        self._claim = conn.register_script(_CLAIM)
-        self._release = conn.register_script(_RELEASE)
 
     def claim(self, mailboxes: list[str]) -> list[str]:
         """Take or renew the leases of ``mailboxes``; returns those now held by this listener."""
@@ -67,7 +50,7 @@ class Leases:
             return []
         pipe = self.conn.pipeline(transaction=False)
         for mailbox in mailboxes:
-            self._claim(keys=[lease_key(mailbox)], args=[self.listener_id, self.lease_ms], client=pipe)
+            _CLAIM(pipe, lease=keys.lease(mailbox), holder=self.listener_id, ttl_ms=self.lease_ms)
         return [m for m, ok in zip(mailboxes, pipe.execute()) if ok]
 
     def release(self, mailboxes: list[str]) -> None:
@@ -75,29 +58,29 @@ class Leases:
             return
         pipe = self.conn.pipeline(transaction=False)
         for mailbox in mailboxes:
-            self._release(keys=[lease_key(mailbox)], args=[self.listener_id], client=pipe)
+            _RELEASE(pipe, lease=keys.lease(mailbox), holder=self.listener_id)
         pipe.execute()
 
     def holders(self, mailboxes: list[str]) -> dict[str, str | None]:
         if not mailboxes:
             return {}
-        values = self.conn.mget([lease_key(m) for m in mailboxes])
+        values = self.conn.mget([keys.lease(m) for m in mailboxes])
         return {m: (v.decode() if v is not None else None) for m, v in zip(mailboxes, values)}
 
     def live_listeners(self, now: float | None = None) -> list[str]:
         now = time.time() if now is None else now
-        ids = self.conn.zrangebyscore(LISTENERS_KEY, now - self.lease_seconds, "+inf")
+        ids = self.conn.zrangebyscore(keys.LISTENERS, now - self.lease_seconds, "+inf")
         return [i.decode() for i in ids]
 
     def heartbeat(self, info: dict, now: float | None = None) -> None:
         """Publish liveness and group activity; prune listeners long dead."""
         now = time.time() if now is None else now
-        key = LISTENER_PREFIX + self.listener_id
+        key = keys.listener(self.listener_id)
         fields = {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in info.items()}
         fields["heartbeat_at"] = repr(now)
         pipe = self.conn.pipeline(transaction=False)
-        pipe.zadd(LISTENERS_KEY, {self.listener_id: now})
-        pipe.zremrangebyscore(LISTENERS_KEY, "-inf", now - 10 * self.lease_seconds)
+        pipe.zadd(keys.LISTENERS, {self.listener_id: now})
+        pipe.zremrangebyscore(keys.LISTENERS, "-inf", now - 10 * self.lease_seconds)
         pipe.hset(key, mapping=fields)
         pipe.pexpire(key, 2 * self.lease_ms)
         pipe.execute()
@@ -105,8 +88,8 @@ class Leases:
     def leave(self) -> None:
         """Remove this listener's liveness records (on clean shutdown)."""
         pipe = self.conn.pipeline(transaction=False)
-        pipe.zrem(LISTENERS_KEY, self.listener_id)
-        pipe.delete(LISTENER_PREFIX + self.listener_id)
+        pipe.zrem(keys.LISTENERS, self.listener_id)
+        pipe.delete(keys.listener(self.listener_id))
         pipe.execute()
 
 

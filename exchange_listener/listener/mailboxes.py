@@ -1,6 +1,6 @@
 """The set of mailboxes to watch, kept in Redis so every listener sees the same list.
 
-Keys (all under ``el:``):
+Keys (named in ``exchange_listener.core.keys``):
 
 - ``el:mailboxes`` — hash, lower-cased address -> epoch seconds it was added. The time lets a
   listener's first catch-up of a new mailbox enqueue mail that arrived after ``add`` but before
@@ -16,8 +16,10 @@ import time
 
 import redis
 
-MAILBOXES_KEY = "el:mailboxes"
-VERSION_KEY = "el:mailboxes:version"
+from exchange_listener.core import keys
+
+MAILBOXES_KEY = keys.MAILBOXES
+VERSION_KEY = keys.MAILBOXES_VERSION
 
 _ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Sequence
 
 import redis
 
+from exchange_listener.core import keys
+
 MAX_HOPS = 16  # moves followed for one item; a longer chain is a loop or an abuse
 
 
@@ -38,12 +40,11 @@ def identity(message_id: str | None, item_id: str | None) -> str:
     return _h("item\n" + (item_id or ""))
 
 
-def done_key(mailbox: str) -> str:
-    return f"el:done:{mailbox.lower()}"
+done_key = keys.done
 
 
 def moved_key(mailbox: str, item_id: str) -> str:
-    return f"el:moved:{mailbox.lower()}:{_h(item_id)}"
+    return keys.moved(mailbox, _h(item_id))
 
 
 class Ledger:

@@ -3,7 +3,7 @@
 1. Redis state (always): ``el:enrollment:{id}`` is what the platform checks before each send;
    every transition is also appended to the ``el:transitions`` stream (XREAD to follow it), in
    the same Lua step that numbers it, so the stream holds each enrollment's versions in order.
-2. Webhook (``webhook_url``): POST of the transition as JSON, signed per Standard Webhooks
+2. Webhook (``webhook_url``): POST of the transition as JSON (``Transition.webhook_body``), signed per Standard Webhooks
    (``webhook-id`` = transition id, ``webhook-timestamp``, ``webhook-signature`` = ``v1,`` +
    base64 HMAC-SHA256 over ``"{id}.{timestamp}.{body}"``) so receivers can verify it with
    off-the-shelf code; for one more release also the legacy headers
@@ -12,7 +12,7 @@
    ``Idempotency-Key``. Any 2xx is success; anything else is retried with exponential backoff,
    then listed by ``failed()``. docs/webhooks.md is the receiver's guide.
 3. Callable (``callback``, dotted path ``pkg.mod.func`` or ``pkg.mod:func``): called with the
-   transition dict, in a thread of its own for at most ``callback_timeout`` seconds; a call that
+   transition dict (``Transition.to_fields``), in a thread of its own for at most ``callback_timeout`` seconds; a call that
    has not returned by then counts as a failed attempt and its thread is abandoned (Python
    cannot stop a thread). Calls in one process take turns (a lock shared by the job's drain and
    the timer's), and while the last call's thread is still alive (abandoned, or its drain cut
@@ -59,7 +59,8 @@ API::
     sign(secret, timestamp, body) -> str;  verify(secret, timestamp, body, signature, tolerance=300)
     signing_key(secret) -> bytes;  standard_signature(key, msg_id, timestamp, body) -> str
 
-Redis keys: ``el:outbox`` (zset id -> epoch ms when next due), ``el:transition:{id}`` (JSON),
+Redis keys (named in ``exchange_listener.core.keys``): ``el:outbox`` (zset id -> epoch ms when next due),
+``el:transition:{id}`` (JSON of a ``workers.state.transitions.Transition``),
 ``el:outbox:state:{id}`` (hash: attempts, last_error, done:webhook, done:callback, and for
 ordering behind/parked_at/waiter; 180 days), ``el:outbox:failed`` (hash id -> JSON),
 ``el:notify:stats`` (hash of counters).
@@ -85,12 +86,15 @@ import redis
 import requests
 from rq.timeouts import BaseTimeoutException
 
-from exchange_listener.core import logs
+from exchange_listener.core import keys, logs
 from exchange_listener.core.config import ConfigError
-from workers.state.enrollments import OUTBOX_KEY, enrollment_key, iso, transition_key
+from exchange_listener.core.lua import Script
+from workers.state.enrollments import iso
+from workers.state.transitions import Transition
 
-FAILED_KEY = "el:outbox:failed"
-STATS_KEY = "el:notify:stats"
+OUTBOX_KEY = keys.OUTBOX
+FAILED_KEY = keys.OUTBOX_FAILED
+STATS_KEY = keys.NOTIFY_STATS
 STATE_TTL = 180 * 86400  # an entry's delivery state outlives any retry schedule
 SIGNATURE_HEADER = "X-Exchange-Listener-Signature"  # legacy, kept for one release
 TIMESTAMP_HEADER = "X-Exchange-Listener-Timestamp"  # legacy
@@ -103,8 +107,7 @@ DEFAULT_CALLBACK_TIMEOUT = 5.0
 _NEVER_MS = 2**52  # a due time later than any real one
 
 
-def state_key(transition_id: str) -> str:
-    return f"el:outbox:state:{transition_id}"
+state_key = keys.outbox_state
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -165,68 +168,10 @@ def load_callable(path: str) -> Callable[[dict], Any]:
     return target
 
 
-# KEYS: 1 outbox; ARGV: 1 now_ms, 2 lease_ms, 3 limit. Claims due ids by moving them a lease ahead.
-_CLAIM_LUA = r"""
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-local until_ms = tonumber(ARGV[1]) + tonumber(ARGV[2])
-for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], until_ms, id) end
-return ids
-"""
-
-
-# Put failed ids back, all in one step and due in the order given (an enrollment's versions in
-# order), so no drainer sees a later version back before an earlier one. Only failed ids go back.
-# KEYS: 1 failed hash, 2 outbox, 3.. state hash of each id; ARGV: 1 now_ms, 2.. ids
-_REQUEUE_LUA = r"""
-local n = 0
-for i = 2, #ARGV do
-  if redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then
-    redis.call('HDEL', KEYS[i + 1], 'attempts', 'last_error')
-    redis.call('ZADD', KEYS[2], tonumber(ARGV[1]) - #ARGV + i, ARGV[i])
-    n = n + 1
-  end
-end
-return n
-"""
-
-
-# Park an entry behind its enrollment's previous transition, if that one still blocks it.
-# KEYS: 1 outbox, 2 state of the entry, 3 state of the predecessor
-# ARGV: 1 id, 2 predecessor id, 3 due ms if nothing blocks, 4 latest due ms, 5 ttl, 6.. channels held
-# Returns 1 if parked (due just after the predecessor, and woken by it), 0 if rescheduled at ARGV[3].
-_PARK_LUA = r"""
-local ps = redis.call('ZSCORE', KEYS[1], ARGV[2])
-local blocked = false
-if ps then
-  for i = 6, #ARGV do
-    if redis.call('HGET', KEYS[3], 'done:' .. ARGV[i]) ~= '1' then blocked = true end
-  end
-end
-if not blocked then
-  redis.call('HDEL', KEYS[2], 'behind', 'parked_at')
-  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-  return 0
-end
-redis.call('ZADD', KEYS[1], math.min(tonumber(ps) + 1, tonumber(ARGV[4])), ARGV[1])
-redis.call('HSET', KEYS[2], 'behind', ARGV[2], 'parked_at', redis.call('ZSCORE', KEYS[1], ARGV[1]))
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-redis.call('HSET', KEYS[3], 'waiter', ARGV[1])
-redis.call('EXPIRE', KEYS[3], ARGV[5])
-return 1
-"""
-
-
-# Wake an entry parked behind a predecessor that just got through, unless it has moved since
-# (claimed by a drainer, rescheduled for a failure of its own, delivered).
-# KEYS: 1 outbox, 2 state of the waiter; ARGV: 1 waiter id, 2 predecessor id, 3 now ms
-_WAKE_LUA = r"""
-local st = redis.call('HMGET', KEYS[2], 'behind', 'parked_at')
-if st[1] ~= ARGV[2] then return 0 end
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) ~= st[2] then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-redis.call('HDEL', KEYS[2], 'behind', 'parked_at')
-return 1
-"""
+_CLAIM = Script("outbox_claim")  # due ids, moved a lease ahead
+_REQUEUE = Script("outbox_requeue")  # failed ids back, due in the order given
+_PARK = Script("outbox_park")  # behind the enrollment's previous transition, if it still blocks
+_WAKE = Script("outbox_wake")  # a parked entry, once its predecessor is through
 
 
 class ReceiverDown(Exception):
@@ -261,7 +206,7 @@ class _Entry:
     """One claimed outbox entry during a drain; each channel's thread writes only its own channel."""
 
     tid: str
-    transition: dict
+    transition: Transition
     state: dict
     pred: str | None = None  # id of the enrollment's previous transition
     pred_pending: set = dataclasses.field(default_factory=set)  # channels the predecessor lacked (out of batch)
@@ -272,11 +217,11 @@ class _Entry:
 
     @property
     def enrollment_id(self) -> str:
-        return str(self.transition.get("enrollment_id") or "")
+        return self.transition.enrollment_id
 
     @property
     def version(self) -> int:
-        return int(self.transition.get("version") or 0)
+        return int(self.transition.version or 0)
 
 
 class Timer(threading.Thread):
@@ -331,10 +276,6 @@ class Notifier:
         slowest = max(webhook_timeout, callback_timeout)
         self.lease_ms = int(1000 * (lease_seconds if lease_seconds is not None else max(30.0, 3 * slowest + 10)))
         self.channels = [name for name, on in (("webhook", webhook_url), ("callback", self.callback)) if on]
-        self._claim = redis_client.register_script(_CLAIM_LUA)
-        self._requeue = redis_client.register_script(_REQUEUE_LUA)
-        self._park = redis_client.register_script(_PARK_LUA)
-        self._wake = redis_client.register_script(_WAKE_LUA)
         self._sessions: list[requests.Session] = []  # idle HTTP sessions (keep-alive across drains)
         self._lock = threading.Lock()
         self._redact = _url_redactor(webhook_url, webhook_secret)
@@ -372,14 +313,13 @@ class Notifier:
             "Idempotency-Key": transition_id,
         }
 
-    def _post(self, transition: dict, timeout: float) -> None:
+    def _post(self, transition: Transition, timeout: float) -> None:
         """One POST; ReceiverDown if the endpoint is unavailable, RuntimeError if it refused this one."""
-        body = json.dumps({"type": "enrollment.transition", **transition}, sort_keys=True,
-                          separators=(",", ":")).encode()
+        body = transition.webhook_body()
         with self._lock:
             session = self._sessions.pop() if self._sessions else requests.Session()
         try:
-            response = session.post(self.webhook_url, data=body, headers=self._headers(transition["id"], body),
+            response = session.post(self.webhook_url, data=body, headers=self._headers(transition.id, body),
                                     timeout=timeout, allow_redirects=False)
             response.close()
         except requests.Timeout as exc:
@@ -396,7 +336,7 @@ class Notifier:
             error = f"webhook answered HTTP {code}"
             raise ReceiverDown(error) if code >= 500 or code in (408, 429) else RuntimeError(error)
 
-    def _call(self, transition: dict, wait: float) -> None:
+    def _call(self, transition: Transition, wait: float) -> None:
         """Call the callable in a thread of its own, for at most ``callback_timeout`` seconds.
 
         A call that has not returned by then raises CallbackTimeout and its thread is abandoned
@@ -419,7 +359,7 @@ class Notifier:
             def run() -> None:
                 began.set()
                 try:
-                    self.callback(dict(transition))
+                    self.callback(transition.to_fields())
                 except BaseException as exc:  # noqa: BLE001 - handed to the drain, which decides
                     outcome["error"] = exc
                 finally:
@@ -446,14 +386,14 @@ class Notifier:
         later = [e for e in entries if e.version > 1]
         pipe = self.redis.pipeline(transaction=False)
         for entry in later:
-            pipe.lindex(enrollment_key(entry.enrollment_id) + ":history", entry.version - 2)
+            pipe.lindex(keys.enrollment_history(entry.enrollment_id), entry.version - 2)
         for entry, raw in zip(later, pipe.execute()):
-            previous = json.loads(raw) if raw else None
-            if not previous or previous.get("version") != entry.version - 1:  # history not aligned: search it
-                history = self.redis.lrange(enrollment_key(entry.enrollment_id) + ":history", 0, -1)
-                found = [h for h in map(json.loads, history) if h.get("version") == entry.version - 1]
+            previous = Transition.from_json(raw) if raw else None
+            if not previous or previous.version != entry.version - 1:  # history not aligned: search it
+                history = self.redis.lrange(keys.enrollment_history(entry.enrollment_id), 0, -1)
+                found = [h for h in map(Transition.from_json, history) if h.version == entry.version - 1]
                 previous = found[-1] if found else None
-            entry.pred = previous.get("id") if previous else None
+            entry.pred = previous.id if previous else None
         in_batch = {e.tid for e in entries}
         outside = [e for e in later if e.pred and e.pred not in in_batch]
         pipe = self.redis.pipeline(transaction=False)
@@ -476,7 +416,8 @@ class Notifier:
             self._wake_waiter(waiter.decode(), entry.tid)
 
     def _wake_waiter(self, waiter: str, predecessor: str) -> None:
-        self._wake(keys=[OUTBOX_KEY, state_key(waiter)], args=[waiter, predecessor, int(time.time() * 1000)])
+        _WAKE(self.redis, outbox=OUTBOX_KEY, waiter_state=state_key(waiter), waiter_id=waiter,
+              predecessor_id=predecessor, now_ms=int(time.time() * 1000))
 
     def _run_channel(self, channel: str, entries: list[_Entry], by_id: dict[str, _Entry],
                      hand_back_at: float, abort: threading.Event) -> None:
@@ -552,8 +493,8 @@ class Notifier:
         """Remove a delivered entry; reschedule a failed one with backoff (or give up on it), park a
         held one behind its predecessor, and hand back one that was not tried."""
         tid, transition = entry.tid, entry.transition
-        bound = logs.get_logger(component="notify", transition_id=tid, enrollment_id=transition.get("enrollment_id"),
-                                mailbox=transition.get("mailbox"))
+        bound = logs.get_logger(component="notify", transition_id=tid, enrollment_id=transition.enrollment_id,
+                                mailbox=transition.mailbox)
         now = time.time()
         if all(c in entry.done for c in self.channels):
             pipe = self.redis.pipeline(transaction=True)
@@ -564,16 +505,17 @@ class Notifier:
                 self._wake_waiter(waiter.decode(), tid)
             result.delivered += 1
             if self.channels:
-                bound.info("transition delivered", status=transition.get("status"), channels=self.channels)
+                bound.info("transition delivered", status=transition.status, channels=self.channels)
             return
         if entry.errors:
             self._settle_failure(entry, "; ".join(f"{c}: {e}" for c, e in entry.errors.items()), bound, result)
             return
         due = now + min(entry.skipped.values()) if entry.skipped else now
         if entry.held and entry.pred:
-            parked = self._park(keys=[OUTBOX_KEY, state_key(tid), state_key(entry.pred)],
-                                args=[tid, entry.pred, int(due * 1000), int(due * 1000) if entry.skipped else _NEVER_MS,
-                                      STATE_TTL, *sorted(entry.held)])
+            parked = _PARK(self.redis, outbox=OUTBOX_KEY, state=state_key(tid), predecessor_state=state_key(entry.pred),
+                           transition_id=tid, predecessor_id=entry.pred, due_ms=int(due * 1000),
+                           latest_ms=int(due * 1000) if entry.skipped else _NEVER_MS, ttl=STATE_TTL,
+                           channels=sorted(entry.held))
             result.held += 1 if parked else 0
             result.retrying += 0 if parked else 1
             return
@@ -587,7 +529,7 @@ class Notifier:
             state_key(tid), STATE_TTL).execute()
         self.redis.hincrby(STATS_KEY, "attempts_failed", 1)
         if attempts >= self.max_attempts:
-            record = {"id": tid, "transition": entry.transition, "attempts": attempts, "last_error": error,
+            record = {"id": tid, "transition": entry.transition.to_fields(), "attempts": attempts, "last_error": error,
                       "failed_at": iso_now()}
             pipe = self.redis.pipeline(transaction=True)
             pipe.hget(state_key(tid), "waiter")
@@ -617,7 +559,8 @@ class Notifier:
         ``callback_timeout`` (the channels run side by side)."""
         result = DrainResult()
         now_ms = int(time.time() * 1000)
-        ids = [i.decode() for i in self._claim(keys=[OUTBOX_KEY], args=[now_ms, self.lease_ms, limit])]
+        ids = [i.decode() for i in _CLAIM(self.redis, outbox=OUTBOX_KEY, now_ms=now_ms, lease_ms=self.lease_ms,
+                                          limit=limit)]
         if not ids:
             return result
         result.more = len(ids) >= limit
@@ -626,7 +569,7 @@ class Notifier:
         hand_back_at = time.monotonic() + self.lease_ms / 2000
         pipe = self.redis.pipeline(transaction=False)
         for tid in ids:
-            pipe.get(transition_key(tid))
+            pipe.get(keys.transition(tid))
             pipe.hgetall(state_key(tid))
         fetched = pipe.execute()
         entries = []
@@ -636,7 +579,7 @@ class Notifier:
                 self.redis.zrem(OUTBOX_KEY, tid)
                 continue
             state = {k.decode(): v.decode() for k, v in fetched[2 * index + 1].items()}
-            entry = _Entry(tid, json.loads(raw), state)
+            entry = _Entry(tid, Transition.from_json(raw), state)
             entry.done = {c for c in self.channels if state.get(f"done:{c}")}
             entries.append(entry)
         entries = _in_version_order(entries)
@@ -657,15 +600,16 @@ class Notifier:
         entries = self.redis.zrange(OUTBOX_KEY, 0, -1, withscores=True)
         pipe = self.redis.pipeline(transaction=False)
         for tid, _ in entries:
-            pipe.get(transition_key(tid.decode()))
+            pipe.get(keys.transition(tid.decode()))
             pipe.hgetall(state_key(tid.decode()))
         fetched = pipe.execute()
         out = []
         for index, (tid, score) in enumerate(entries):
-            transition = json.loads(fetched[2 * index] or "{}")
+            raw = fetched[2 * index]
+            transition = Transition.from_json(raw) if raw else None  # None: expired with the retention
             state = {k.decode(): v.decode() for k, v in fetched[2 * index + 1].items()}
-            out.append({"id": tid.decode(), "enrollment_id": transition.get("enrollment_id"),
-                        "status": transition.get("status"), "attempts": int(state.get("attempts", 0)),
+            out.append({"id": tid.decode(), "enrollment_id": transition.enrollment_id if transition else None,
+                        "status": transition.status if transition else None, "attempts": int(state.get("attempts", 0)),
                         "next_attempt_at": iso_from_ms(score), "last_error": state.get("last_error"),
                         "held_behind": state.get("behind")})
         return out
@@ -689,7 +633,8 @@ class Notifier:
         now_ms, requeued = int(time.time() * 1000), 0
         for group in by_enrollment.values():
             ordered = [tid for _, tid in sorted(group)]
-            requeued += self._requeue(keys=[FAILED_KEY, OUTBOX_KEY, *map(state_key, ordered)], args=[now_ms, *ordered])
+            requeued += _REQUEUE(self.redis, failed=FAILED_KEY, outbox=OUTBOX_KEY, states=[state_key(t) for t in ordered],
+                                 now_ms=now_ms, ids=ordered)
         return requeued
 
     def stats(self) -> dict:

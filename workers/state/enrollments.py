@@ -10,7 +10,8 @@ API::
     store = EnrollmentStore(redis, retention_days=180, pause_days=7)
     store.get(enrollment_id) -> dict | None       # effective state; None if unknown
     store.get_many(ids) -> list[dict | None]      # one round trip
-    store.history(enrollment_id) -> list[dict]    # every transition, oldest first
+    store.history(enrollment_id) -> list[dict]    # every transition, oldest first (Transition.to_fields())
+    store.transitions(enrollment_id) -> list[Transition]   # the same, as Transition objects
     store.transition(enrollment_id, status, reason, *, event_key, by=None, item_id=None,
                      message_id=None, mailbox=None, until=None) -> Transition | None
     store.resume(enrollment_id, by, *, force=False) -> Transition | None   # operators
@@ -33,11 +34,11 @@ A platform reading Redis directly (instead of ``exchange-listener enrollments sh
 ``status`` and, when it is ``paused``, ``paused_until_ms`` (epoch ms): past it, sending may resume.
 A missing hash means an unknown enrollment (never recorded, or past its retention).
 
-Redis keys (all expire ``retention_days`` after their last write):
+Redis keys (named in ``exchange_listener.core.keys``; all expire ``retention_days`` after their last write):
 - ``el:enrollment:{id}``          hash: the fields above (+ ``paused_until_ms``, ``updated_at_ms``)
 - ``el:enrollment:{id}:events``   set: event keys already seen (the exactly-once guard)
 - ``el:enrollment:{id}:history``  list: JSON transitions, oldest first
-- ``el:transition:{tid}``         string: JSON of one transition, read by the notifier
+- ``el:transition:{tid}``         string: JSON of one transition (``workers.state.transitions``), read by the notifier
 - ``el:outbox``                   zset: transition id -> epoch ms when it may next be delivered
 - ``el:transitions``              stream: every transition (field ``data`` = JSON), capped
   at ~100,000 entries, for anyone who wants to follow along (XREAD)
@@ -47,31 +48,28 @@ so webhook receivers can deduplicate by it.
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
-import json
 import uuid
 from collections.abc import Iterable
 from typing import Any
 
 import redis
 
-PREFIX = "el:"
-OUTBOX_KEY = "el:outbox"
-STREAM_KEY = "el:transitions"
+from exchange_listener.core import keys
+from exchange_listener.core.lua import Script
+from workers.state.transitions import Transition
+
+OUTBOX_KEY = keys.OUTBOX
+STREAM_KEY = keys.TRANSITIONS
 STREAM_MAXLEN = 100_000
 STATUSES = ("active", "paused", "stopped")
 FIELDS = ("status", "reason", "updated_at", "paused_until", "stopped_by", "by", "item_id", "message_id",
           "mailbox", "sequence_id", "created_at", "version")
 
 
-def enrollment_key(enrollment_id: str) -> str:
-    return f"el:enrollment:{enrollment_id}"
-
-
-def transition_key(transition_id: str) -> str:
-    return f"el:transition:{transition_id}"
+enrollment_key = keys.enrollment
+transition_key = keys.transition
 
 
 def transition_id(enrollment_id: str, event_key: str) -> str:
@@ -101,79 +99,7 @@ def to_utc(value: dt.datetime | dt.date | str) -> dt.datetime:
     return value.astimezone(dt.UTC)
 
 
-@dataclasses.dataclass(frozen=True)
-class Transition:
-    """One applied change of an enrollment's status; what the platform is told."""
-
-    id: str
-    enrollment_id: str
-    status: str
-    previous_status: str
-    reason: str
-    at: str
-    event_key: str
-    version: int
-    by: str | None = None
-    item_id: str | None = None
-    message_id: str | None = None
-    mailbox: str | None = None
-    sequence_id: str | None = None
-    paused_until: str | None = None
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Transition:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
-# KEYS: 1 enrollment hash, 2 events set, 3 history list, 4 outbox zset, 5 transition key, 6 stream
-# ARGV: 1 enrollment_id, 2 status, 3 reason, 4 event_key, 5 by, 6 item_id, 7 message_id, 8 mailbox,
-#       9 until_iso, 10 until_ms, 11 now_iso, 12 now_ms, 13 ttl_seconds, 14 transition_id,
-#       15 reopen ("1" lets "active" leave "stopped"), 16 stream maxlen
-_TRANSITION_LUA = r"""
-local ttl = tonumber(ARGV[13])
-if redis.call('SISMEMBER', KEYS[2], ARGV[4]) == 1 then return false end
-redis.call('SADD', KEYS[2], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ttl)
-local cur = redis.call('HMGET', KEYS[1], 'status', 'paused_until_ms', 'sequence_id')
-local status = cur[1] or 'active'
-local now = tonumber(ARGV[12])
-if status == 'paused' and (tonumber(cur[2]) or 0) <= now then status = 'active' end
-local target = ARGV[2]
-if status == 'stopped' and not (target == 'active' and ARGV[15] == '1') then return false end
-if target == 'paused' and status == 'paused' and tonumber(ARGV[10]) <= tonumber(cur[2]) then return false end
-if target == 'active' and status == 'active' then return false end
-local function opt(v) if v == nil or v == '' or v == false then return cjson.null end return v end
-local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
-redis.call('HSETNX', KEYS[1], 'created_at', ARGV[11])
-redis.call('HSET', KEYS[1], 'status', target, 'reason', ARGV[3], 'updated_at', ARGV[11],
-  'updated_at_ms', ARGV[12], 'by', ARGV[5], 'item_id', ARGV[6], 'message_id', ARGV[7], 'event_key', ARGV[4])
-if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'mailbox', ARGV[8]) end
-if target == 'paused' then
-  redis.call('HSET', KEYS[1], 'paused_until', ARGV[9], 'paused_until_ms', ARGV[10])
-else
-  redis.call('HDEL', KEYS[1], 'paused_until', 'paused_until_ms')
-end
-if target == 'stopped' then redis.call('HSET', KEYS[1], 'stopped_by', ARGV[5])
-else redis.call('HDEL', KEYS[1], 'stopped_by') end
-local mailbox = redis.call('HGET', KEYS[1], 'mailbox')
-local payload = cjson.encode({
-  id = ARGV[14], enrollment_id = ARGV[1], status = target, previous_status = status,
-  reason = ARGV[3], at = ARGV[11], event_key = ARGV[4], version = version,
-  by = opt(ARGV[5]), item_id = opt(ARGV[6]), message_id = opt(ARGV[7]), mailbox = opt(mailbox),
-  sequence_id = opt(cur[3]), paused_until = (target == 'paused') and ARGV[9] or cjson.null,
-})
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('RPUSH', KEYS[3], payload)
-redis.call('EXPIRE', KEYS[3], ttl)
-redis.call('SET', KEYS[5], payload, 'EX', ttl)
-redis.call('ZADD', KEYS[4], now, ARGV[14])
-redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[16], '*', 'data', payload)
-return payload
-"""
+_TRANSITION = Script("enrollment_transition")
 
 
 def _text(value: Any) -> str | None:
@@ -190,7 +116,6 @@ class EnrollmentStore:
         self.redis = redis_client
         self.ttl = int(retention_days) * 86400
         self.pause_days = pause_days
-        self._transition = redis_client.register_script(_TRANSITION_LUA)
 
     # -- reading -------------------------------------------------------------------------
     def _view(self, enrollment_id: str, raw: dict) -> dict | None:
@@ -215,8 +140,12 @@ class EnrollmentStore:
             pipe.hgetall(enrollment_key(eid))
         return [self._view(eid, raw) for eid, raw in zip(ids, pipe.execute())]
 
+    def transitions(self, enrollment_id: str) -> list[Transition]:
+        """Every transition of the enrollment, oldest first."""
+        return [Transition.from_json(item) for item in self.redis.lrange(keys.enrollment_history(enrollment_id), 0, -1)]
+
     def history(self, enrollment_id: str) -> list[dict]:
-        return [json.loads(item) for item in self.redis.lrange(enrollment_key(enrollment_id) + ":history", 0, -1)]
+        return [t.to_fields() for t in self.transitions(enrollment_id)]
 
     # -- writing -------------------------------------------------------------------------
     def ensure_commands(self, pipe, enrollment_id: str, sequence_id: str = "", mailbox: str = "") -> None:
@@ -232,7 +161,8 @@ class EnrollmentStore:
             pipe.hsetnx(key, "sequence_id", sequence_id)
         if mailbox:
             pipe.hsetnx(key, "mailbox", mailbox)
-        for live_key in (key, key + ":events", key + ":history"):  # the audit trail lives as long as the state
+        for live_key in (key, keys.enrollment_events(enrollment_id), keys.enrollment_history(enrollment_id)):
+            # the audit trail lives as long as the state
             pipe.expire(live_key, self.ttl)
 
     def ensure(self, enrollment_id: str, sequence_id: str = "", mailbox: str = "") -> None:
@@ -254,14 +184,16 @@ class EnrollmentStore:
             moment = to_utc(until) if until is not None else now + dt.timedelta(days=self.pause_days)
             until_iso, until_ms = iso(moment), str(int(moment.timestamp() * 1000))
         tid = transition_id(enrollment_id, event_key)
-        key = enrollment_key(enrollment_id)
-        payload = self._transition(
-            keys=[key, key + ":events", key + ":history", OUTBOX_KEY, transition_key(tid), STREAM_KEY],
-            args=[enrollment_id, status, reason or "", event_key, by or "", item_id or "", message_id or "",
-                  mailbox or "", until_iso, until_ms, iso(now), int(now.timestamp() * 1000), self.ttl, tid,
-                  "1" if _reopen else "0", STREAM_MAXLEN],
-        )
-        return Transition.from_dict(json.loads(payload)) if payload else None
+        # what the script does not fill in (Transition.FROM_STATE) is stored as given here
+        draft = Transition(id=tid, enrollment_id=enrollment_id, status=status, previous_status="", reason=reason or "",
+                           at=iso(now), event_key=event_key, version=0, by=by or None, item_id=item_id or None,
+                           message_id=message_id or None, mailbox=mailbox or None, paused_until=until_iso or None)
+        payload = _TRANSITION(
+            self.redis, enrollment=keys.enrollment(enrollment_id), events=keys.enrollment_events(enrollment_id),
+            history=keys.enrollment_history(enrollment_id), outbox=keys.OUTBOX, transition=keys.transition(tid),
+            stream=keys.TRANSITIONS, draft=draft.to_json(), until_ms=until_ms, now_ms=int(now.timestamp() * 1000),
+            ttl=self.ttl, reopen="1" if _reopen else "0", stream_maxlen=STREAM_MAXLEN)
+        return Transition.from_json(payload) if payload else None
 
     def resume(self, enrollment_id: str, by: str, *, force: bool = False) -> Transition | None:
         """Operator action: lift a pause (and, with ``force``, reopen a stopped enrollment)."""

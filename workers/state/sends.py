@@ -20,7 +20,7 @@ enrollment raises ``ValueError`` and changes nothing; recording it again for the
 enrollment merges the id lists and keeps the earlier ``sent_at`` (a send goes out once; adding
 the id the mail server assigned later must not move it past the replies that answer it).
 
-Redis keys:
+Redis keys (named in ``exchange_listener.core.keys``):
 - ``el:send:{normalized message id}``  string: JSON of the Send; expires ``retention_days``
   after ``sent_at``
 - ``el:domain:{domain}``               zset: enrollment id -> epoch seconds of its latest send to
@@ -40,37 +40,16 @@ from collections.abc import Iterable, Sequence
 
 import redis
 
+from exchange_listener.core import keys
+from exchange_listener.core.lua import Script
 from exchange_listener.mail.message_ids import normalize
 from workers.state.enrollments import EnrollmentStore, iso, to_utc, utcnow
 
+send_key = keys.send
+domain_key = keys.domain
+domain_first_key = keys.domain_first
 
-def send_key(message_id: str) -> str:
-    return f"el:send:{message_id}"
-
-
-def domain_key(domain: str) -> str:
-    return f"el:domain:{domain.lower()}"
-
-
-def domain_first_key(domain: str) -> str:
-    return f"el:domain:{domain.lower()}:first"
-
-
-# KEYS: latest zset, first zset. ARGV: enrollment id, epoch seconds of this send, oldest epoch
-# kept, ttl seconds. Latest only moves later, first only earlier; an enrollment whose latest
-# send fell out of the retention leaves both sets together.
-_DOMAIN_INDEX = """
-redis.call('ZADD', KEYS[1], 'GT', ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[2], 'LT', ARGV[2], ARGV[1])
-local old = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[3], 'LIMIT', 0, 1000)
-for _, member in ipairs(old) do
-  redis.call('ZREM', KEYS[1], member)
-  redis.call('ZREM', KEYS[2], member)
-end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-return #old
-"""
+_DOMAIN_INDEX = Script("domain_index")  # latest only moves later, first only earlier
 
 
 def _domain(address: str) -> str | None:
@@ -157,11 +136,11 @@ class SendRegistry:
         given = to_utc(sent_at) if sent_at is not None else utcnow()
         if given + self.retention <= utcnow():
             raise ValueError(f"sent_at {iso(given)} is older than the retention ({self.retention.days} days)")
-        keys = [send_key(m) for m in normalized]
+        watched = [send_key(m) for m in normalized]
 
         def write(pipe: redis.client.Pipeline) -> Send:
             merged, moment = list(normalized), given
-            for raw in pipe.mget(keys):
+            for raw in pipe.mget(watched):
                 if raw is None:
                     continue
                 old = Send.from_json(raw)
@@ -178,12 +157,12 @@ class SendRegistry:
                 pipe.set(key, body, pxat=expires_ms)
             oldest = (utcnow() - self.retention).timestamp()
             for domain in sorted({d for d in map(_domain, to_addrs) if d}):
-                pipe.eval(_DOMAIN_INDEX, 2, domain_key(domain), domain_first_key(domain), enrollment_id,
-                          repr(moment.timestamp()), repr(oldest), int(self.retention.total_seconds()))
+                _DOMAIN_INDEX(pipe, latest=domain_key(domain), first=domain_first_key(domain), enrollment_id=enrollment_id,
+                              sent_at=repr(moment.timestamp()), oldest=repr(oldest), ttl=int(self.retention.total_seconds()))
             self.enrollments.ensure_commands(pipe, enrollment_id, sequence_id or "", mailbox or "")
             return send
 
-        return self.redis.transaction(write, *keys, value_from_callable=True)
+        return self.redis.transaction(write, *watched, value_from_callable=True)
 
     def get(self, message_id: str) -> Send | None:
         found = self.lookup_many([message_id])
@@ -191,11 +170,11 @@ class SendRegistry:
 
     def lookup_many(self, message_ids: Iterable[str]) -> list[Send]:
         """The distinct sends any of ``message_ids`` belongs to (one MGET; unknown ids skipped)."""
-        keys = list(dict.fromkeys(send_key(mid) for mid in (normalize(raw) if raw else None for raw in message_ids) if mid))
-        if not keys:
+        names = list(dict.fromkeys(send_key(mid) for mid in (normalize(raw) if raw else None for raw in message_ids) if mid))
+        if not names:
             return []
         sends, seen = [], set()
-        for raw in self.redis.mget(keys):
+        for raw in self.redis.mget(names):
             if raw is None:
                 continue
             send = Send.from_json(raw)

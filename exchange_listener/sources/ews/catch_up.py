@@ -19,7 +19,7 @@ The listener runs a catch-up after every gap (start, reconnect, resubscribe, tak
 stream reports mail in a folder it does not know, and as a *checkpoint* of the folders that had
 new mail while streaming, so a restart only has the gap left to read.
 
-Keys (all under ``el:``):
+Keys (named in ``exchange_listener.core.keys``):
 
 - ``el:sync:<mailbox>`` — hash: folder key -> SyncFolderItems state; ``@tree`` -> the
   SyncFolderHierarchy state; ``@caught_up`` -> epoch seconds of the last complete catch-up.
@@ -47,7 +47,7 @@ from exchangelib.properties import (
 from exchangelib.services import GetFolder, SyncFolderHierarchy, SyncFolderItems
 from exchangelib.util import TNS
 
-from exchange_listener.core import logs, metrics
+from exchange_listener.core import keys, logs, metrics
 from exchange_listener.mail.message_ids import (
     normalize,  # the same canonical id the workers record in the ledger
 )
@@ -66,10 +66,6 @@ NEVER = ("sentitems", "drafts", "outbox")
 # and the usual non-mail folders (so their events are known to be ignorable from the start).
 DISTINGUISHED = (*WATCHED, *NEVER, "msgfolderroot", "calendar", "contacts", "tasks", "notes", "journal")
 NOT_MAIL_ITEMS = frozenset({"CalendarItem", "Contact", "DistributionList", "Task"})
-
-
-def _sync_key(mailbox: str) -> str:
-    return f"el:sync:{mailbox}"
 
 
 def is_mail_class(folder_class: str | None) -> bool:
@@ -104,45 +100,45 @@ class SyncStore:
         self.conn = conn
 
     def get(self, mailbox: str, folder: str) -> str | None:
-        state = self.conn.hget(_sync_key(mailbox), folder)
+        state = self.conn.hget(keys.sync(mailbox), folder)
         return state.decode() if state else None
 
     def put(self, mailbox: str, folder: str, state: str) -> None:
-        self.conn.hset(_sync_key(mailbox), folder, state)
+        self.conn.hset(keys.sync(mailbox), folder, state)
 
     def drop(self, mailbox: str, folder: str) -> None:
-        self.conn.hdel(_sync_key(mailbox), folder)
+        self.conn.hdel(keys.sync(mailbox), folder)
 
     def mark_caught_up(self, mailbox: str) -> None:
-        self.conn.hset(_sync_key(mailbox), "@caught_up", repr(time.time()))
+        self.conn.hset(keys.sync(mailbox), "@caught_up", repr(time.time()))
 
     def caught_up_at(self, mailbox: str) -> float | None:
-        value = self.conn.hget(_sync_key(mailbox), "@caught_up")
+        value = self.conn.hget(keys.sync(mailbox), "@caught_up")
         return float(value) if value else None
 
     def folder_ids(self, mailbox: str) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in self.conn.hgetall(f"el:folders:{mailbox}").items()}
+        return {k.decode(): v.decode() for k, v in self.conn.hgetall(keys.folders(mailbox)).items()}
 
     def save_folder_ids(self, mailbox: str, ids: dict[str, str]) -> None:
         if ids:
-            self.conn.hset(f"el:folders:{mailbox}", mapping=ids)
+            self.conn.hset(keys.folders(mailbox), mapping=ids)
 
     def tree(self, mailbox: str) -> dict[str, tuple[str | None, str | None]]:
-        return {k.decode(): tuple(json.loads(v)) for k, v in self.conn.hgetall(f"el:tree:{mailbox}").items()}
+        return {k.decode(): tuple(json.loads(v)) for k, v in self.conn.hgetall(keys.tree(mailbox)).items()}
 
     def update_tree(self, mailbox: str, upserts: dict[str, tuple[str | None, str | None]], deletes: Iterable[str],
                     state: str | None, *, replace: bool = False) -> None:
         """Apply a SyncFolderHierarchy page and store its state, in one step."""
         pipe = self.conn.pipeline()
         if replace:
-            pipe.delete(f"el:tree:{mailbox}")
+            pipe.delete(keys.tree(mailbox))
         if upserts:
-            pipe.hset(f"el:tree:{mailbox}", mapping={k: json.dumps(list(v)) for k, v in upserts.items()})
+            pipe.hset(keys.tree(mailbox), mapping={k: json.dumps(list(v)) for k, v in upserts.items()})
         deletes = list(deletes)
         if deletes:
-            pipe.hdel(f"el:tree:{mailbox}", *deletes)
+            pipe.hdel(keys.tree(mailbox), *deletes)
         if state:
-            pipe.hset(_sync_key(mailbox), "@tree", state)
+            pipe.hset(keys.sync(mailbox), "@tree", state)
         pipe.execute()
 
     def watched(self, mailbox: str) -> dict[str, str]:
@@ -155,7 +151,7 @@ class SyncStore:
         return watched, (set(distinguished.values()) | set(tree)) - set(watched)
 
     def forget_mailbox(self, mailbox: str) -> None:
-        self.conn.delete(_sync_key(mailbox), f"el:folders:{mailbox}", f"el:tree:{mailbox}")
+        self.conn.delete(keys.sync(mailbox), keys.folders(mailbox), keys.tree(mailbox))
 
 
 def folder_ref(mailbox: str, folder: str):
@@ -211,7 +207,7 @@ _TREE_FIELDS = {FieldPath(field=Folder.get_field_by_fieldname(n)) for n in ("par
 def refresh_tree(account, mailbox: str, store: SyncStore) -> int:
     """Bring the stored folder tree up to date; returns how many folders changed."""
     log = logs.get_logger(mailbox=mailbox)
-    state = (store.conn.hget(_sync_key(mailbox), "@tree") or b"").decode() or None
+    state = (store.conn.hget(keys.sync(mailbox), "@tree") or b"").decode() or None
     replace = state is None
     changed = 0
     while True:
