@@ -23,6 +23,7 @@ from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegis
 from rq.serializers import JSONSerializer
 
 from exchange_listener.core import keys, redis_conn
+from exchange_listener.core.config import default
 from exchange_listener.listener import mailboxes
 from exchange_listener.queueing import make_queue
 from workers.state.transitions import STREAM_FIELD, Transition
@@ -34,11 +35,12 @@ STOPS_WINDOW = 3600.0
 class Limits:
     """When a fact becomes a problem (seconds)."""
 
-    stale_listener: float = 30.0  # a listener's heartbeat older than this: it is stale
-    silent_group: float = 150.0  # a group's stream silent (no heartbeat, no event) this long
+    stale_listener: float = float(default("lease_seconds"))  # a listener's heartbeat older than this: it is stale
+    # a group's stream silent (no heartbeat, no event) this long: three missed heartbeats and some slack
+    silent_group: float = 3 * float(default("heartbeat_seconds")) + 15
     stuck_queue: float = 120.0  # oldest queued job this old and no worker busy: the queue is stuck
     allow_volatile_redis: bool = False  # a Redis that can evict our keys or persists nothing is accepted
-    mailbox_failure_grace: float = 900.0  # a mailbox that cannot be subscribed this long is a problem
+    mailbox_failure_grace: float = float(default("mailbox_failure_grace_seconds"))  # a mailbox that cannot be subscribed this long is a problem
 
 
 def _age(now: float, then: float | None) -> float | None:

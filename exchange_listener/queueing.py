@@ -16,6 +16,7 @@ from rq import Queue, Retry
 from rq.exceptions import DuplicateJobError
 from rq.serializers import JSONSerializer
 
+from exchange_listener.core.config import default
 from exchange_listener.sources.base import NewMail
 
 JOB_FUNC = "workers.jobs.handle_mail"
@@ -46,7 +47,8 @@ def retry_policy(retries: int) -> Retry | None:
     return Retry(max=retries, interval=intervals)
 
 
-def enqueue_new_mail(queue: Queue, mails: Sequence[NewMail], *, retries: int = 5, job_timeout: int = 120,
+def enqueue_new_mail(queue: Queue, mails: Sequence[NewMail], *, retries: int = default("job_retries"),
+                     job_timeout: int = default("job_timeout"),
                      source: str = "ews", failure_ttl: int = FAILURE_TTL):
     """Enqueue one job for ``mails`` (all of one mailbox). Returns the job, or None if its twin is
     pending. A failed job is kept ``failure_ttl`` seconds: at least as long as the ledger's

@@ -5,7 +5,7 @@ Per item:
 
 1. one batched fetch of headers for all items (MIME only when ``needs_body`` says so); an item
    that is gone is looked for where it is now (``fetcher.relocate``, when the source has it);
-2. classify (``workers.classify.headers``);
+2. classify (``workers.classify``);
 3. match every Message-ID in In-Reply-To/References, and a bounce's or receipt's original
    Message-ID, against the send registry: the reply may come from any address; a mail that
    matched and looks human by its headers has the start of its text read (``fetch_text``

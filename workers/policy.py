@@ -44,6 +44,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from exchange_listener.core.config import default
 from workers.classify import Classification
 from workers.state.sends import DomainEnrollment, Send
 
@@ -79,8 +80,8 @@ class Action:
 
 @dataclasses.dataclass(frozen=True)
 class PolicySettings:
-    stop_whole_domain: bool = False
-    pause_days: int = 7
+    stop_whole_domain: bool = default("stop_whole_domain")
+    pause_days: int = default("pause_days")
     direct_match_skew: dt.timedelta = DIRECT_MATCH_SKEW
 
     @classmethod

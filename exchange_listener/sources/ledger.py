@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 import redis
 
 from exchange_listener.core import keys
+from exchange_listener.core.config import default
 
 MAX_HOPS = 16  # moves followed for one item; a longer chain is a loop or an abuse
 
@@ -50,7 +51,7 @@ def moved_key(mailbox: str, item_id: str) -> str:
 class Ledger:
     """Processed mail and the move map of every mailbox."""
 
-    def __init__(self, conn: redis.Redis, processed_days: int = 14):
+    def __init__(self, conn: redis.Redis, processed_days: int = default("processed_days")):
         self.conn = conn
         self.ttl = int(processed_days * 86400)
 

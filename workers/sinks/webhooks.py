@@ -87,7 +87,8 @@ import requests
 from rq.timeouts import BaseTimeoutException
 
 from exchange_listener.core import keys, logs
-from exchange_listener.core.config import ConfigError
+from exchange_listener.core.backoff import delay as backoff_delay
+from exchange_listener.core.config import ConfigError, default
 from exchange_listener.core.lua import Script
 from workers.state.enrollments import iso
 from workers.state.transitions import Transition
@@ -103,7 +104,7 @@ WEBHOOK_ID_HEADER = "webhook-id"
 WEBHOOK_TIMESTAMP_HEADER = "webhook-timestamp"
 WEBHOOK_SIGNATURE_HEADER = "webhook-signature"
 SECRET_PREFIX = "whsec_"
-DEFAULT_CALLBACK_TIMEOUT = 5.0
+DEFAULT_CALLBACK_TIMEOUT = default("callback_timeout")
 _NEVER_MS = 2**52  # a due time later than any real one
 
 
@@ -262,7 +263,7 @@ class Notifier:
     """Delivers outbox transitions to the configured webhook and callable."""
 
     def __init__(self, redis_client: redis.Redis, *, webhook_url: str = "", webhook_secret: str = "",
-                 webhook_timeout: float = 5.0, callback: str | Callable[[dict], Any] | None = None,
+                 webhook_timeout: float = default("webhook_timeout"), callback: str | Callable[[dict], Any] | None = None,
                  callback_timeout: float = DEFAULT_CALLBACK_TIMEOUT, max_attempts: int = 12,
                  backoff_base: float = 2.0, backoff_max: float = 3600.0, lease_seconds: float | None = None):
         if webhook_url and not webhook_secret:
@@ -541,7 +542,6 @@ class Notifier:
             result.failed += 1
             bound.error("transition notification failed, giving up", attempts=attempts, error=error)
             return
-        from exchange_listener.core.backoff import delay as backoff_delay
         delay = backoff_delay(attempts - 1, self.backoff_base, self.backoff_max, jitter=None)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(state_key(tid), mapping={"last_error": error, "last_attempt_at": iso_now()})

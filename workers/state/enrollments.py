@@ -7,7 +7,7 @@ outbox in the same atomic step (``workers.sinks.webhooks`` delivers it; a crash 
 
 API::
 
-    store = EnrollmentStore(redis, retention_days=180, pause_days=7)
+    store = EnrollmentStore(redis, retention_days=settings.retention_days, pause_days=settings.pause_days)
     store.get(enrollment_id) -> dict | None       # effective state; None if unknown
     store.get_many(ids) -> list[dict | None]      # one round trip
     store.history(enrollment_id) -> list[dict]    # every transition, oldest first (Transition.to_fields())
@@ -57,6 +57,7 @@ from typing import Any
 import redis
 
 from exchange_listener.core import keys
+from exchange_listener.core.config import default
 from exchange_listener.core.lua import Script
 from workers.state.transitions import Transition
 
@@ -112,7 +113,8 @@ def _text(value: Any) -> str | None:
 class EnrollmentStore:
     """Read and change enrollment state; see the module docstring for rules and keys."""
 
-    def __init__(self, redis_client: redis.Redis, retention_days: int = 180, pause_days: int = 7):
+    def __init__(self, redis_client: redis.Redis, retention_days: int = default("retention_days"),
+                 pause_days: int = default("pause_days")):
         self.redis = redis_client
         self.ttl = int(retention_days) * 86400
         self.pause_days = pause_days

@@ -7,7 +7,7 @@ points at the whole send. Recording a send also creates its enrollment (active) 
 
 API::
 
-    registry = SendRegistry(redis, retention_days=180)
+    registry = SendRegistry(redis, retention_days=settings.retention_days)
     registry.record(message_ids, enrollment_id, sequence_id, mailbox, to, cc=(), sent_at=None) -> Send
     registry.get(message_id) -> Send | None
     registry.lookup_many(message_ids) -> list[Send]   # distinct sends, in the order first matched
@@ -41,6 +41,7 @@ from collections.abc import Iterable, Sequence
 import redis
 
 from exchange_listener.core import keys
+from exchange_listener.core.config import default
 from exchange_listener.core.lua import Script
 from exchange_listener.mail.message_ids import normalize
 from workers.state.enrollments import EnrollmentStore, iso, to_utc, utcnow
@@ -111,7 +112,7 @@ def _addresses(values: Iterable[str] | str, what: str) -> tuple[str, ...]:
 class SendRegistry:
     """Record and look up outbound sends; see the module docstring for keys and rules."""
 
-    def __init__(self, redis_client: redis.Redis, retention_days: int = 180):
+    def __init__(self, redis_client: redis.Redis, retention_days: int = default("retention_days")):
         self.redis = redis_client
         self.retention = dt.timedelta(days=int(retention_days))
         self.enrollments = EnrollmentStore(redis_client, retention_days=retention_days)
