@@ -109,7 +109,7 @@ from emulators.services import (
     service_env,
     wait_for,
 )
-from exchange_listener.core import redis_conn
+from exchange_listener.core import keys, redis_conn
 from exchange_listener.queueing import make_queue
 from exchange_listener.sources.ews.catch_up import SyncStore
 from workers.state.enrollments import STREAM_KEY, EnrollmentStore
@@ -590,7 +590,7 @@ def transition_times(client: redis.Redis) -> dict[str, list[tuple[float, dict]]]
         last = entries[-1][0].decode()
 
 
-OBSERVED_STREAM = "el:observed"  # workers.jobs: soft bounces and read receipts are "recorded" here
+OBSERVED_STREAM = keys.OBSERVED  # workers.jobs: soft bounces and read receipts are "recorded" here
 RECORDED_AS = {"soft_bounce": "soft_bounce", "receipt": "read_receipt"}
 
 
@@ -1208,7 +1208,7 @@ class Drill:
             states = store.get_many([e.id for e in chunk])
             pipe = client.pipeline(transaction=False)
             for e in chunk:
-                pipe.lrange(f"el:enrollment:{e.id}:history", 0, -1)
+                pipe.lrange(keys.enrollment_history(e.id), 0, -1)
             histories = [[json.loads(h) for h in raw] for raw in pipe.execute()]
             for e, state, history in zip(chunk, states, histories):
                 status = (state or {}).get("status", "active")

@@ -35,6 +35,7 @@ import redis
 
 from emulators.services import Emulator, RedisServer
 from exchange_listener import queueing
+from exchange_listener.core import keys
 from exchange_listener.listener import mailboxes
 
 ACCOUNT = ("svc", "svc-password")
@@ -53,7 +54,7 @@ def start_listener(redis_url: str, emulator: Emulator, listener_id: str, log_pat
 
 
 def streamed(conn: redis.Redis, listener_id: str) -> int:
-    raw = conn.hget(f"el:listener:{listener_id}", "groups")
+    raw = conn.hget(keys.listener(listener_id), "groups")
     if not raw:
         return 0
     return sum(g["subscribed"] for g in json.loads(raw) if g["connected"])
@@ -153,7 +154,7 @@ def bench_footprint(workdir: Path, count: int, timeout: float) -> dict:
             wait_for(lambda: streamed(conn, listener_id) == count, timeout, f"{count} mailboxes streaming")
             startup = time.monotonic() - started
             # steady state: start-up catch-up finished
-            wait_for(lambda: conn.hget(f"el:listener:{listener_id}", "catchups_pending") == b"0", timeout,
+            wait_for(lambda: conn.hget(keys.listener(listener_id), "catchups_pending") == b"0", timeout,
                      "start-up catch-up done")
             settled = time.monotonic() - started
             status = proc_status(proc.pid)

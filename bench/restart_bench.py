@@ -35,6 +35,7 @@ import redis
 from emulators import services as local_services
 from emulators.services import Emulator, RedisServer
 from exchange_listener import queueing
+from exchange_listener.core import keys
 from exchange_listener.listener import mailboxes
 
 ACCOUNT = ("svc", "svc-password")
@@ -57,7 +58,7 @@ def wait_for(condition, timeout: float, what: str):
 
 def listener_state(conn: redis.Redis, listener_id: str) -> tuple[int, int]:
     """(mailboxes subscribed on connected streams, catch-ups pending) as the listener publishes them."""
-    info = conn.hgetall(f"el:listener:{listener_id}")
+    info = conn.hgetall(keys.listener(listener_id))
     groups = json.loads(info.get(b"groups", b"[]"))
     return (sum(g["subscribed"] for g in groups if g["connected"]), int(info.get(b"catchups_pending", b"-1")))
 
@@ -108,7 +109,7 @@ def run(mailbox_count: int, mails: int, gap: int, workdir: Path) -> dict:
         finally:
             if first.poll() is None:
                 first.kill()
-        remembered = sum(conn.zcard(f"el:done:{n}") for n in names)
+        remembered = sum(conn.zcard(keys.done(n)) for n in names)
         queue.empty()
         for key in conn.scan_iter("rq:job:*"):  # as if result_ttl had long run out
             conn.delete(key)

@@ -35,7 +35,7 @@ from emulators.services import (
     wait_for_port,
 )
 from exchange_listener import health
-from exchange_listener.core import redis_conn
+from exchange_listener.core import keys, redis_conn
 from exchange_listener.queueing import make_queue
 
 CONF = ROOT / "deploy" / "demo" / "supervisord.conf"
@@ -144,7 +144,7 @@ class Demo:
     def wait_subscribed(self, conn) -> None:
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
-            holder = conn.get(f"el:lease:{demo.MAILBOX}")
+            holder = conn.get(keys.lease(demo.MAILBOX))
             if holder:
                 snap = health.snapshot(conn, QUEUE)
                 for listener in snap["listeners"]:
