@@ -28,8 +28,9 @@ def pytest_configure(config):
     """Settings from the caller's environment (a config file, a Redis URL) must not reach the
     commands the tests start; and every emulator started by the suite validates its responses
     against Microsoft's schema."""
-    for name in [settings.CONFIG_ENV] + [settings.ENV_PREFIX + f.key.upper() for f in settings.FIELDS]:
-        os.environ.pop(name, None)
+    for name in [n for n in os.environ if n.upper().startswith(settings.ENV_PREFIX)]:
+        if name != ews_schema.ENV_VAR:  # xdist workers need the controller's schema-violation file
+            os.environ.pop(name, None)
     if hasattr(config, "workerinput"):  # a pytest-xdist worker: its emulators write to the controller's file
         assert os.environ.get(ews_schema.ENV_VAR), "xdist worker without the controller's schema-violation file"
         config._emulator_schema_log = None

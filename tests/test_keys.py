@@ -106,6 +106,7 @@ def snapshot(conn) -> dict[str, str]:
     return {k.decode(): conn.type(k).decode() for k in conn.scan_iter(count=1000)}
 
 
+@pytest.mark.slow
 def test_a_realistic_run_leaves_only_declared_keys_of_the_declared_type(redis_server, redis_client, emulator,
                                                                         tmp_path):
     env = service_env(redis_server.url, emulator.ews_url, heartbeat_seconds=1, lease_seconds=3, listener_id="l1")

@@ -270,6 +270,7 @@ def test_the_started_registry_entry_lives_worker_ttl_and_is_renewed_while_the_jo
     assert started_scores(observer, queue, job.id) == []
 
 
+@pytest.mark.slow
 def test_a_dead_workers_job_is_retried_or_failed_by_a_live_workers_maintenance(settings, conn):
     """The module docstring's "how a kill -9'd worker's job runs again" relies on: an expired
     StartedJobRegistry entry is found by any worker's maintenance (``clean_registries``, run
