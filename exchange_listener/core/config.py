@@ -23,11 +23,13 @@ import dataclasses
 import difflib
 import os
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from exchange_listener.core.redis_url import ConfigError, parse_sentinel_url, redact
+# re-exported (``X as X`` says so to mypy): everyone else uses it as config.ConfigError
+from exchange_listener.core.redis_url import ConfigError as ConfigError  # noqa: PLC0414
+from exchange_listener.core.redis_url import parse_sentinel_url, redact
 
 ENV_PREFIX = "EXCHANGE_LISTENER_"
 CONFIG_ENV = "EXCHANGE_LISTENER_CONFIG"
@@ -142,7 +144,7 @@ def _not_a_setting(name: str, where: str, env: bool = False) -> str:
     return f"{name}{where} is not a setting ({hint})"
 
 
-def _check_names(env: Any, path: str | None, from_file: dict[str, Any], overrides: dict[str, Any] | None) -> None:
+def _check_names(env: Mapping[str, str], path: str | None, from_file: dict[str, Any], overrides: dict[str, Any] | None) -> None:
     """Every ``EXCHANGE_LISTENER_*`` variable, file key and override must be a known name: a typo is
     an error, never a silently kept default (a mistyped redis_url would mean the wrong Redis)."""
     names = {env_name(k) for k in FIELD_BY_KEY} | set(OTHER_ENV)
@@ -221,7 +223,7 @@ def read_file(path: str) -> dict[str, Any]:
     return data
 
 
-def load(path: str | None = None, *, env: dict[str, str] | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+def load(path: str | None = None, *, env: Mapping[str, str] | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """File (``path`` or ``$EXCHANGE_LISTENER_CONFIG``), then environment, then ``overrides``."""
     env = os.environ if env is None else env
     path = path or env.get(CONFIG_ENV) or None
@@ -234,7 +236,7 @@ def load(path: str | None = None, *, env: dict[str, str] | None = None, override
             raw, origin = overrides[field.key], "arguments"
         elif name in env:
             raw, origin = env[name], name
-        elif field.key in from_file:
+        elif path and field.key in from_file:  # (from_file is empty without a path)
             raw, origin = from_file[field.key], path
         else:
             values[field.key] = field.default

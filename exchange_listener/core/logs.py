@@ -7,30 +7,32 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any, TextIO, cast
 
 import structlog
+from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 _SECRET_WORDS = ("password", "secret", "token", "authorization")
 
 
-def redact_secrets(_logger, _name, event_dict):
+def redact_secrets(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
     for key in list(event_dict):
         if any(word in key.lower() for word in _SECRET_WORDS):
             event_dict[key] = "***"
     return event_dict
 
 
-def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
+def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Configure structlog and route stdlib logging (rq, exchangelib) through the same renderer."""
     stream = stream or sys.stdout
     as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
-    shared = [
+    shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact_secrets,
     ]
-    renderer = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
+    renderer: Processor = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info if as_json else structlog.processors.StackInfoRenderer(), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
@@ -53,6 +55,7 @@ def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
     logging.getLogger("rq").setLevel(logging.INFO if level != "debug" else logging.DEBUG)
 
 
-def get_logger(**context):
+def get_logger(**context: Any) -> FilteringBoundLogger:
     """A lazy logger: safe at import time, it follows whatever ``configure`` set up last."""
-    return structlog.get_logger("exchange_listener", **context)
+    # a lazy proxy typed Any by structlog; it acts as the filtering logger configure() makes
+    return cast(FilteringBoundLogger, structlog.get_logger("exchange_listener", **context))

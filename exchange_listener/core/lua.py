@@ -25,6 +25,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from importlib import resources
+from typing import Any
 
 import redis
 from redis.client import Pipeline
@@ -68,8 +69,8 @@ class Script:
     def __repr__(self) -> str:
         return f"Script({self.name!r}, keys={self.keys}, args={self.args})"
 
-    def _fill(self, names: tuple[str, ...], values: dict) -> list:
-        out: list = []
+    def _fill(self, names: tuple[str, ...], values: dict[str, Any]) -> list[Any]:
+        out: list[Any] = []
         for name in names:
             if name.startswith("*"):
                 rest = values.pop(name[1:])
@@ -80,7 +81,7 @@ class Script:
                 out.append(values.pop(name))
         return out
 
-    def bind(self, **named) -> tuple[list, list]:
+    def bind(self, **named: Any) -> tuple[list[Any], list[Any]]:
         """(KEYS, ARGV) for these names; TypeError naming what is missing or unknown."""
         expected = {n.lstrip("*") for n in self.keys + self.args}
         missing, unknown = sorted(expected - set(named)), sorted(set(named) - expected)
@@ -92,7 +93,9 @@ class Script:
         values = dict(named)
         return self._fill(self.keys, values), self._fill(self.args, values)
 
-    def __call__(self, client: redis.Redis | Pipeline, /, **named):
+    def __call__(self, client: redis.Redis | Pipeline, /, **named: Any) -> Any:
+        """The script's reply as redis-py gives it (a pipeline: the pipeline; the reply comes from
+        ``execute()``); what it is depends on the script, so callers narrow it."""
         keys, args = self.bind(**named)
         if isinstance(client, Pipeline):
             return client.eval(self.text, len(keys), *keys, *args)

@@ -19,20 +19,21 @@ listener or worker starts; ``exchange-listener status`` makes it a health proble
 from __future__ import annotations
 
 import time
+from typing import Any, cast
 
 import redis
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelConnectionPool
+from structlog.typing import FilteringBoundLogger
 
 from exchange_listener.core import logs
 
-# re-exported: the URL parsing lives in redis_url (config checks redis_url with it too)
-from exchange_listener.core.redis_url import (  # noqa: F401
-    SENTINEL_SCHEME,
-    SENTINEL_SYNTAX,
-    SentinelTarget,
-    parse_sentinel_url,
-    redact,
-)
+# re-exported (``X as X`` says so to mypy): the URL parsing lives in redis_url (config checks
+# redis_url with it too)
+from exchange_listener.core.redis_url import SENTINEL_SCHEME as SENTINEL_SCHEME  # noqa: PLC0414
+from exchange_listener.core.redis_url import SENTINEL_SYNTAX as SENTINEL_SYNTAX  # noqa: PLC0414
+from exchange_listener.core.redis_url import SentinelTarget as SentinelTarget  # noqa: PLC0414
+from exchange_listener.core.redis_url import parse_sentinel_url as parse_sentinel_url  # noqa: PLC0414
+from exchange_listener.core.redis_url import redact as redact  # noqa: PLC0414
 
 SENTINEL_TIMEOUT = 2.0  # per Sentinel question; a dead Sentinel costs at most this before the next is asked
 
@@ -44,29 +45,30 @@ def connect(url: str, *, socket_timeout: float | None = 10.0) -> redis.Redis:
     so after a failover the next command (once the failed one raised ``ConnectionError``)
     reaches the promoted replica; a primary demoted to replica is left too (READONLY is
     turned into a reconnect by redis-py)."""
-    options = {"socket_connect_timeout": 5.0, "socket_timeout": socket_timeout, "health_check_interval": 15}
+    options: dict[str, Any] = {"socket_connect_timeout": 5.0, "socket_timeout": socket_timeout, "health_check_interval": 15}
     if not str(url).startswith(SENTINEL_SCHEME + ":"):
         return redis.Redis.from_url(url, **options)
     target = parse_sentinel_url(url)
-    sentinel_options = {"socket_connect_timeout": SENTINEL_TIMEOUT, "socket_timeout": SENTINEL_TIMEOUT}
+    sentinel_options: dict[str, Any] = {"socket_connect_timeout": SENTINEL_TIMEOUT, "socket_timeout": SENTINEL_TIMEOUT}
     if target.sentinel_password:
         sentinel_options.update(username=target.sentinel_username, password=target.sentinel_password)
     sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_options)
-    return sentinel.master_for(target.master, db=target.db, username=target.username, password=target.password,
-                               **options)
+    # master_for is untyped in redis-py; it returns its redis_class, redis.Redis by default
+    return cast(redis.Redis, sentinel.master_for(target.master, db=target.db, username=target.username,
+                                                 password=target.password, **options))
 
 
 def server_address(conn: redis.Redis) -> str:
     """``host:port`` (or socket path) of the server ``conn`` talks to; via Sentinel, the current primary."""
     pool = conn.connection_pool
-    if hasattr(pool, "service_name"):  # a SentinelConnectionPool
+    if isinstance(pool, SentinelConnectionPool):
         try:
             host, port = pool.get_master_address()
             return f"{host}:{port} (primary of {pool.service_name!r} via Sentinel)"
         except redis.exceptions.RedisError:
             return f"unknown (primary of {pool.service_name!r} via Sentinel)"
     kwargs = pool.connection_kwargs
-    return kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+    return str(kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}")
 
 
 
@@ -91,14 +93,14 @@ def _config(conn: redis.Redis, name: str) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _info(conn: redis.Redis, section: str) -> dict:
+def _info(conn: redis.Redis, section: str) -> dict[str, Any]:
     try:
         return conn.info(section)
     except redis.exceptions.ResponseError:
         return {}
 
 
-def durability(conn: redis.Redis) -> dict:
+def durability(conn: redis.Redis) -> dict[str, Any]:
     """What the server is set to keep, and each way it can lose our keys (one sentence each).
 
     Facts come from CONFIG GET where allowed and from INFO otherwise (INFO shows the eviction
@@ -137,7 +139,7 @@ def durability(conn: redis.Redis) -> dict:
     elif not aof_enabled and save is None:
         notes.append("persistence unknown: AOF is off and CONFIG GET save is not allowed here (managed Redis?), "
                       "so the RDB snapshot schedule cannot be read; check it with your provider")
-    elif not aof_enabled and not save.strip():
+    elif not aof_enabled and not (save or "").strip():  # (save is not None here)
         problems.append(f"Redis persists nothing (appendonly no, save \"\"): a Redis restart loses {OUR_KEYS}; "
                         f"{PERSISTENCE_FIX}")
     elif not aof_enabled:
@@ -153,7 +155,8 @@ def durability(conn: redis.Redis) -> dict:
     return {**facts, "problems": problems, "notes": notes}
 
 
-def check_at_start(conn: redis.Redis, *, allow_volatile: bool, log=None) -> dict | None:
+def check_at_start(conn: redis.Redis, *, allow_volatile: bool,
+                   log: FilteringBoundLogger | None = None) -> dict[str, Any] | None:
     """Read ``durability(conn)`` and log it as one line; for listeners and workers at start.
 
     A warning when Redis can lose our keys (an info line when ``allow_volatile_redis`` accepts
