@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import redis
 from rq import Queue, Retry
 from rq.exceptions import DuplicateJobError
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from exchange_listener.core.config import default
@@ -24,7 +26,7 @@ RETRY_INTERVALS = [2, 10, 30, 120, 600]  # seconds; the last repeats for further
 FAILURE_TTL = 14 * 86400  # seconds a failed job stays listed (``make failed``)
 
 
-def make_queue(connection: redis.Redis, name: str, **kwargs) -> Queue:
+def make_queue(connection: redis.Redis, name: str, **kwargs: Any) -> Queue:
     return Queue(name, connection=connection, serializer=JSONSerializer, **kwargs)
 
 
@@ -33,7 +35,7 @@ def job_id(mailbox: str, item_ids: Iterable[str]) -> str:
     return f"mail-{digest[:40]}"
 
 
-def payload(mails: Sequence[NewMail], source: str = "ews") -> dict:
+def payload(mails: Sequence[NewMail], source: str = "ews") -> dict[str, Any]:
     mailboxes = {m.mailbox for m in mails}
     if len(mailboxes) != 1:
         raise ValueError("one job carries mail of one mailbox")
@@ -49,7 +51,7 @@ def retry_policy(retries: int) -> Retry | None:
 
 def enqueue_new_mail(queue: Queue, mails: Sequence[NewMail], *, retries: int = default("job_retries"),
                      job_timeout: int = default("job_timeout"),
-                     source: str = "ews", failure_ttl: int = FAILURE_TTL):
+                     source: str = "ews", failure_ttl: int = FAILURE_TTL) -> Job | None:
     """Enqueue one job for ``mails`` (all of one mailbox). Returns the job, or None if its twin is
     pending. A failed job is kept ``failure_ttl`` seconds: at least as long as the ledger's
     memory, since a catch-up leaves mail whose job failed to the failed registry."""

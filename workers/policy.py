@@ -44,7 +44,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from exchange_listener.core.config import default
+from exchange_listener.core.config import Settings, default
 from workers.classify import Classification
 from workers.state.sends import DomainEnrollment, Send
 
@@ -85,7 +85,7 @@ class PolicySettings:
     direct_match_skew: dt.timedelta = DIRECT_MATCH_SKEW
 
     @classmethod
-    def from_settings(cls, settings) -> PolicySettings:
+    def from_settings(cls, settings: Settings) -> PolicySettings:
         return cls(stop_whole_domain=bool(settings.stop_whole_domain), pause_days=int(settings.pause_days))
 
 

@@ -58,6 +58,12 @@ def connect(url: str, *, socket_timeout: float | None = 10.0) -> redis.Redis:
                                                  password=target.password, **options))
 
 
+def text(value: bytes | str) -> str:
+    """A Redis reply as str. Our clients return bytes (RQ needs them: no ``decode_responses``);
+    redis-py's types say ``bytes | str`` since they cannot know how a client was made."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def server_address(conn: redis.Redis) -> str:
     """``host:port`` (or socket path) of the server ``conn`` talks to; via Sentinel, the current primary."""
     pool = conn.connection_pool

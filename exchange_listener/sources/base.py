@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,11 +24,11 @@ class NewMail:
     message_id: str = ""  # normalized Internet Message-ID, when the source read it (catch-up does)
     received_at: float = 0.0  # epoch seconds the server received it, when known
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> NewMail:
+    def from_dict(cls, data: Mapping[str, Any]) -> NewMail:
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 

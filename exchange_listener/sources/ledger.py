@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 
 import redis
 
-from exchange_listener.core import keys
+from exchange_listener.core import keys, redis_conn
 from exchange_listener.core.config import default
 
 MAX_HOPS = 16  # moves followed for one item; a longer chain is a loop or an abuse
@@ -93,7 +93,7 @@ class Ledger:
             nxt = self.conn.get(moved_key(mailbox, current))
             if nxt is None:
                 break
-            current = nxt.decode()
+            current = redis_conn.text(nxt)
             if current in seen:
                 break
             seen.add(current)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 KINDS = ("human_reply", "auto_reply", "bounce", "read_receipt", "complaint", "machine", "other")
 
@@ -31,7 +32,7 @@ class Classification:
     reasons: list[str] = field(default_factory=list)
     machine_family: str | None = None       # kind "machine": mailing_list | ticket_system | crm | calendar
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["return_date"] = self.return_date.isoformat() if self.return_date else None
         return data

@@ -51,10 +51,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from exchange_listener.core import keys
 from exchange_listener.core.config import default
@@ -120,11 +121,11 @@ class EnrollmentStore:
         self.pause_days = pause_days
 
     # -- reading -------------------------------------------------------------------------
-    def _view(self, enrollment_id: str, raw: dict) -> dict | None:
+    def _view(self, enrollment_id: str, raw: Mapping[bytes | str, bytes | str]) -> dict[str, Any] | None:
         if not raw:
             return None
         data = {_text(k): _text(v) for k, v in raw.items()}
-        view = {"enrollment_id": enrollment_id, **{name: data.get(name) for name in FIELDS}}
+        view: dict[str, Any] = {"enrollment_id": enrollment_id, **{name: data.get(name) for name in FIELDS}}
         view["status"] = view["status"] or "active"
         view["version"] = int(view["version"] or 0)
         until_ms = data.get("paused_until_ms")
@@ -132,10 +133,10 @@ class EnrollmentStore:
             view["status"], view["reason"] = "active", "pause_expired"
         return view
 
-    def get(self, enrollment_id: str) -> dict | None:
+    def get(self, enrollment_id: str) -> dict[str, Any] | None:
         return self._view(enrollment_id, self.redis.hgetall(enrollment_key(enrollment_id)))
 
-    def get_many(self, enrollment_ids: Iterable[str]) -> list[dict | None]:
+    def get_many(self, enrollment_ids: Iterable[str]) -> list[dict[str, Any] | None]:
         ids = list(enrollment_ids)
         pipe = self.redis.pipeline(transaction=False)
         for eid in ids:
@@ -146,11 +147,11 @@ class EnrollmentStore:
         """Every transition of the enrollment, oldest first."""
         return [Transition.from_json(item) for item in self.redis.lrange(keys.enrollment_history(enrollment_id), 0, -1)]
 
-    def history(self, enrollment_id: str) -> list[dict]:
+    def history(self, enrollment_id: str) -> list[dict[str, Any]]:
         return [t.to_fields() for t in self.transitions(enrollment_id)]
 
     # -- writing -------------------------------------------------------------------------
-    def ensure_commands(self, pipe, enrollment_id: str, sequence_id: str = "", mailbox: str = "") -> None:
+    def ensure_commands(self, pipe: Pipeline, enrollment_id: str, sequence_id: str = "", mailbox: str = "") -> None:
         """Queue on ``pipe`` the commands that create the enrollment as active if it is missing."""
         key = enrollment_key(enrollment_id)
         now = iso(utcnow())

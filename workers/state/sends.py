@@ -37,10 +37,11 @@ import datetime as dt
 import email.utils
 import json
 from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import redis
 
-from exchange_listener.core import keys
+from exchange_listener.core import keys, redis_conn
 from exchange_listener.core.config import default
 from exchange_listener.core.lua import Script
 from exchange_listener.mail.message_ids import normalize
@@ -78,7 +79,7 @@ class Send:
     cc: tuple[str, ...] = ()
     sent_at: str = ""  # ISO 8601 UTC
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
@@ -138,8 +139,11 @@ class SendRegistry:
         if given + self.retention <= utcnow():
             raise ValueError(f"sent_at {iso(given)} is older than the retention ({self.retention.days} days)")
         watched = [send_key(m) for m in normalized]
+        # what write made on its last run, the one whose EXEC went through (redis-py types
+        # transaction's callable as returning None, so its value is not taken from there)
+        recorded: list[Send] = []
 
-        def write(pipe: redis.client.Pipeline) -> Send:
+        def write(pipe: redis.client.Pipeline) -> None:
             merged, moment = list(normalized), given
             for raw in pipe.mget(watched):
                 if raw is None:
@@ -161,9 +165,10 @@ class SendRegistry:
                 _DOMAIN_INDEX(pipe, latest=domain_key(domain), first=domain_first_key(domain), enrollment_id=enrollment_id,
                               sent_at=repr(moment.timestamp()), oldest=repr(oldest), ttl=int(self.retention.total_seconds()))
             self.enrollments.ensure_commands(pipe, enrollment_id, sequence_id or "", mailbox or "")
-            return send
+            recorded[:] = [send]
 
-        return self.redis.transaction(write, *watched, value_from_callable=True)
+        self.redis.transaction(write, *watched)
+        return recorded[0]
 
     def get(self, message_id: str) -> Send | None:
         found = self.lookup_many([message_id])
@@ -174,7 +179,8 @@ class SendRegistry:
         names = list(dict.fromkeys(send_key(mid) for mid in (normalize(raw) if raw else None for raw in message_ids) if mid))
         if not names:
             return []
-        sends, seen = [], set()
+        sends: list[Send] = []
+        seen: set[str] = set()
         for raw in self.redis.mget(names):
             if raw is None:
                 continue
@@ -195,13 +201,16 @@ class SendRegistry:
         rule more careful, never stop an enrollment that began after a reply."""
         name = domain.strip().lstrip("@")
         oldest = (utcnow() - self.retention).timestamp()
-        latest = self.redis.zrangebyscore(domain_key(name), oldest, "+inf", withscores=True)
+        # withscores: (member, score) pairs (redis-py's type covers every form of ZRANGE's reply)
+        latest = cast(list[tuple[bytes | str, float]],
+                      self.redis.zrangebyscore(domain_key(name), oldest, "+inf", withscores=True))
         if not latest:
             return []
-        firsts = self.redis.zmscore(domain_first_key(name), [m for m, _ in latest])
+        members = [redis_conn.text(m) for m, _ in latest]
+        firsts = self.redis.zmscore(domain_first_key(name), members)
 
         def moment(score: float) -> dt.datetime:
             return dt.datetime.fromtimestamp(score, dt.UTC)
 
-        return [DomainEnrollment(member.decode(), moment(first if first is not None else last), moment(last))
-                for (member, last), first in zip(latest, firsts)]
+        return [DomainEnrollment(member, moment(first if first is not None else last), moment(last))
+                for member, (_, last), first in zip(members, latest, firsts)]

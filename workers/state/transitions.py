@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 WEBHOOK_TYPE = "enrollment.transition"
 STREAM_FIELD = "data"  # the field of an el:transitions entry (the script writes it)
@@ -42,11 +43,11 @@ class Transition:
     sequence_id: str | None = None
     paused_until: str | None = None  # for status "paused" only
 
-    def to_fields(self) -> dict:
+    def to_fields(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_fields(cls, data: dict) -> Transition:
+    def from_fields(cls, data: Mapping[str, Any]) -> Transition:
         """From a stored object; fields this version does not know are left out."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
@@ -58,7 +59,7 @@ class Transition:
     def from_json(cls, raw: bytes | str) -> Transition:
         return cls.from_fields(json.loads(raw))
 
-    def to_payload(self) -> dict:
+    def to_payload(self) -> dict[str, Any]:
         """The webhook's JSON object."""
         return {"type": WEBHOOK_TYPE, **self.to_fields()}
 
