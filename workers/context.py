@@ -10,9 +10,19 @@ from __future__ import annotations
 import importlib
 import os
 import threading
+from typing import TYPE_CHECKING
+
+from redis import Redis
 
 from exchange_listener.core import config, redis_conn
 from exchange_listener.core.config import Settings
+from exchange_listener.sources.base import MailFetcher
+
+if TYPE_CHECKING:  # for the annotations only: at run time each is imported on first use
+    from exchange_listener.sources.ledger import Ledger
+    from workers.sinks.webhooks import Notifier
+    from workers.state.enrollments import EnrollmentStore
+    from workers.state.sends import SendRegistry
 
 # source name (the job payload's "source") -> "module:Class" of its MailFetcher
 FETCHERS = {"ews": "exchange_listener.sources.ews.fetch:EwsFetcher"}
@@ -24,21 +34,21 @@ class Context:
     def __init__(self, settings: Settings):
         self.settings = settings
         self._lock = threading.Lock()
-        self._redis = None
-        self._sends = None
-        self._enrollments = None
-        self._notifier = None
-        self._ledger = None
-        self._fetchers: dict[str, object] = {}
+        self._redis: Redis | None = None
+        self._sends: SendRegistry | None = None
+        self._enrollments: EnrollmentStore | None = None
+        self._notifier: Notifier | None = None
+        self._ledger: Ledger | None = None
+        self._fetchers: dict[str, MailFetcher] = {}
 
     @property
-    def redis(self):
+    def redis(self) -> Redis:
         if self._redis is None:
             self._redis = redis_conn.connect(self.settings.redis_url)
         return self._redis
 
     @property
-    def sends(self):
+    def sends(self) -> SendRegistry:
         if self._sends is None:
             from workers.state.sends import SendRegistry
 
@@ -46,7 +56,7 @@ class Context:
         return self._sends
 
     @property
-    def enrollments(self):
+    def enrollments(self) -> EnrollmentStore:
         if self._enrollments is None:
             from workers.state.enrollments import EnrollmentStore
 
@@ -55,7 +65,7 @@ class Context:
         return self._enrollments
 
     @property
-    def ledger(self):
+    def ledger(self) -> Ledger:
         """Processed mail per mailbox (so a catch-up never fetches it again) and the move map."""
         if self._ledger is None:
             from exchange_listener.sources.ledger import Ledger
@@ -64,14 +74,14 @@ class Context:
         return self._ledger
 
     @property
-    def notifier(self):
+    def notifier(self) -> Notifier:
         if self._notifier is None:
             from workers.sinks.webhooks import Notifier
 
             self._notifier = Notifier.from_settings(self.redis, self.settings)
         return self._notifier
 
-    def fetcher(self, source: str):
+    def fetcher(self, source: str) -> MailFetcher:
         """The MailFetcher for ``source`` (``ValueError`` for a source nobody implements)."""
         with self._lock:
             fetcher = self._fetchers.get(source)

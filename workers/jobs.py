@@ -49,7 +49,7 @@ import hashlib
 import json
 import math
 import time
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from rq import get_current_job
@@ -314,13 +314,13 @@ def _covering(ctx, fetcher, mailbox: str, item: FetchedMessage, c: Classificatio
     if not extra:
         return decision
     if not body_seen and needs_text(c):
-        c = _settle(fetcher, mailbox, item, c, policy.parse_time(decision["reply_time"]), bound)
+        c = _settle(fetcher, mailbox, item, c, _stored_time(decision["reply_time"]), bound)
     stored_return = decision.get("return_date")
     c = dataclasses.replace(  # the first copy's verdict, so extra sends are decided as it would have
         c, kind=decision["kind"], bounce_type=decision.get("bounce_type", c.bounce_type),
         failed_recipients=list(decision.get("failed_recipients", c.failed_recipients)),
         return_date=dt.date.fromisoformat(stored_return[:10]) if stored_return else None)
-    when = policy.parse_time(decision["reply_time"])
+    when = _stored_time(decision["reply_time"])
     received = policy.parse_time(decision.get("received")) or when
     more = policy.decide(c, extra, mailbox=mailbox, sender=sender, when=when, now=dt.datetime.now(dt.UTC),
                          settings=policy.PolicySettings.from_settings(ctx.settings))
@@ -328,6 +328,14 @@ def _covering(ctx, fetcher, mailbox: str, item: FetchedMessage, c: Classificatio
     bound.info("decision of an earlier copy extended to sends recorded since", enrollments=[s.enrollment_id
                                                                                            for s in extra])
     return {**decision, "actions": decision["actions"] + plain}
+
+
+def _stored_time(value: str) -> dt.datetime:
+    """A time a stored decision holds: ``_decision_json`` writes an ISO string, so never None."""
+    moment = policy.parse_time(value)
+    if moment is None:
+        raise ValueError(f"a stored decision holds no time: {value!r}")
+    return moment
 
 
 def _apply(ctx, mail: NewMail, action: policy.Action, common: dict, kind: str, bound) -> dict:
@@ -451,7 +459,8 @@ def _item(ctx, fetcher, mailbox: str, mail: NewMail, fetched: FetchedMessage | I
             if not message_id:  # identified by item id only: a catch-up would meet it under the new one
                 ctx.ledger.mark_processed(mailbox, None, fetched.item_id)
         return summary
-    return _gone(mail, fetched, "nowhere", bound)
+    # every pass that did not return ended on the ItemGone its _process raised
+    return _gone(mail, cast(ItemGone, fetched), "nowhere", bound)
 
 
 def _handle(mailbox: str, source: str, mails: list[NewMail]) -> dict:

@@ -160,7 +160,7 @@ class MailWorker(SimpleWorker):
     def register_birth(self):
         """Take over the name of a dead worker of this host (a restart after kill -9) at once."""
         data = self.connection.hgetall(self.key)
-        if data and b"death" not in data and data.get(b"hostname", b"").decode() == self.hostname:
+        if data and b"death" not in data and redis_conn.text(data.get(b"hostname", b"")) == self.hostname:
             try:
                 pid = int(data.get(b"pid", b"0"))
             except ValueError:
@@ -229,11 +229,12 @@ def run(settings: Settings, *, burst: bool = False, name: str | None = None) -> 
         raise ConfigError(f"metrics_port: cannot serve metrics on port {settings.metrics_port} ({exc.strerror}); "
                           "every worker process needs its own port") from None
     _warm_up(ctx)
-    worker = make_worker(settings, name=name)
-    worker_name = worker.name
+    first = make_worker(settings, name=name)
+    worker_name = first.name
     log.info("worker starting", worker=worker_name, queue=settings.queue_name, burst=burst,
              worker_ttl=settings.worker_ttl, job_timeout=settings.job_timeout)
-    redis_conn.check_at_start(worker.connection, allow_volatile=settings.allow_volatile_redis, log=log)
+    redis_conn.check_at_start(first.connection, allow_volatile=settings.allow_volatile_redis, log=log)
+    worker: MailWorker | None = first  # None: make another (the last one's Redis went away)
     timer = None
     try:
         ctx.notifier.drain()  # whatever a previous worker left behind

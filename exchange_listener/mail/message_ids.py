@@ -22,7 +22,7 @@ _TOKEN = re.compile(r"<[^<>]*>|<[^<>\s,]*|\([^()]*\)?|[^\s<>(),;\"]+")
 _DOMAIN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
 
 
-def normalize(value: str) -> str | None:
+def normalize(value: str | None) -> str | None:
     """One Message-ID in canonical ``<local@domain>`` form, or None when it is not an id.
 
     Surrounding whitespace and one pair of angle brackets are removed, whitespace inside (left

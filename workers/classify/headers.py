@@ -441,7 +441,7 @@ def _text_of(part: Message) -> str:
         raise
     except Exception:  # noqa: BLE001 - bad mail must not crash the worker
         data = None
-    if data is None:
+    if not isinstance(data, bytes):  # None: no payload to decode (decode=True gives bytes or None)
         payload = part.get_payload()
         return payload if isinstance(payload, str) else ""
     charset = part.get_content_charset() or "utf-8"
@@ -572,9 +572,7 @@ def _bounce_details(c: Classification, msg: Message, parts: list[Message]) -> No
     for addr in list(permanent) + list(temporary):
         text = addr.decode("utf-8", "replace") if isinstance(addr, bytes) else str(addr)
         recipients.append(text.strip().strip("<>").lower())
-    seen = set()
-    c.failed_recipients = [r for r in recipients
-                           if r and "@" in r and not (r in seen or seen.add(r))][:100]
+    c.failed_recipients = list(dict.fromkeys(r for r in recipients if r and "@" in r))[:100]
 
     codes = [m.group(1) for s in statuses for m in _STATUS.finditer(s)]
     if "5" in codes:

@@ -93,8 +93,9 @@ def machine_from_headers(h, subject: str, from_addr: str, item_class: str | None
     so its text decides (see ``settle_platform``). ``h`` is the classifier's header view."""
     ctype = (h.get("content-type") or "").lower()
     content_class = (h.get("content-class") or "").lower()
-    if (item_class or "").lower().startswith(("ipm.schedule.meeting.", "ipm.appointment")):
-        return "calendar", f"item class {item_class[:60]}", True
+    item = item_class or ""
+    if item.lower().startswith(("ipm.schedule.meeting.", "ipm.appointment")):
+        return "calendar", f"item class {item[:60]}", True
     if ctype.startswith("text/calendar") or "calendarmessage" in content_class:
         return "calendar", "calendar message (text/calendar / content-class)", True
     sender = (h.get("sender") or "").lower()
