@@ -79,14 +79,14 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import redis
 import requests
 from rq.timeouts import BaseTimeoutException
 
-from exchange_listener.core import keys, logs
+from exchange_listener.core import keys, logs, redis_conn
 from exchange_listener.core.backoff import delay as backoff_delay
 from exchange_listener.core.config import ConfigError, default
 from exchange_listener.core.lua import Script
@@ -360,7 +360,8 @@ class Notifier:
             def run() -> None:
                 began.set()
                 try:
-                    self.callback(transition.to_fields())
+                    # set: without a callable there is no "callback" channel to call
+                    cast(Callable[[dict[str, Any]], Any], self.callback)(transition.to_fields())
                 except BaseException as exc:  # noqa: BLE001 - handed to the drain, which decides
                     outcome["error"] = exc
                 finally:
@@ -396,20 +397,21 @@ class Notifier:
                 previous = found[-1] if found else None
             entry.pred = previous.id if previous else None
         in_batch = {e.tid for e in entries}
-        outside = [e for e in later if e.pred and e.pred not in in_batch]
+        outside = [(e, e.pred) for e in later if e.pred and e.pred not in in_batch]
         pipe = self.redis.pipeline(transaction=False)
-        for entry in outside:
-            pipe.zscore(OUTBOX_KEY, entry.pred)
-            pipe.hgetall(state_key(entry.pred))
+        for _, pred in outside:
+            pipe.zscore(OUTBOX_KEY, pred)
+            pipe.hgetall(state_key(pred))
         fetched = pipe.execute()
-        for index, entry in enumerate(outside):
+        for index, (entry, _) in enumerate(outside):
             if fetched[2 * index] is not None:
                 done = {k.decode() for k, v in fetched[2 * index + 1].items() if v == b"1"}
                 entry.pred_pending = {c for c in self.channels if f"done:{c}" not in done}
 
     def _mark_done(self, entry: _Entry, channel: str) -> None:
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(state_key(entry.tid), f"done:{channel}", 1).expire(state_key(entry.tid), STATE_TTL)
+        pipe.hset(state_key(entry.tid), f"done:{channel}", 1)
+        pipe.expire(state_key(entry.tid), STATE_TTL)
         pipe.hget(state_key(entry.tid), "waiter")
         waiter = pipe.execute()[-1]
         entry.done.add(channel)
@@ -500,7 +502,9 @@ class Notifier:
         if all(c in entry.done for c in self.channels):
             pipe = self.redis.pipeline(transaction=True)
             pipe.hget(state_key(tid), "waiter")
-            pipe.zrem(OUTBOX_KEY, tid).delete(state_key(tid)).hincrby(STATS_KEY, "delivered", 1)
+            pipe.zrem(OUTBOX_KEY, tid)
+            pipe.delete(state_key(tid))
+            pipe.hincrby(STATS_KEY, "delivered", 1)
             waiter = pipe.execute()[0]
             if waiter:
                 self._wake_waiter(waiter.decode(), tid)
@@ -526,15 +530,18 @@ class Notifier:
 
     def _settle_failure(self, entry: _Entry, error: str, bound, result: DrainResult) -> None:
         tid = entry.tid
-        attempts, _ = self.redis.pipeline(transaction=False).hincrby(state_key(tid), "attempts", 1).expire(
-            state_key(tid), STATE_TTL).execute()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hincrby(state_key(tid), "attempts", 1)
+        pipe.expire(state_key(tid), STATE_TTL)
+        attempts, _ = pipe.execute()
         self.redis.hincrby(STATS_KEY, "attempts_failed", 1)
         if attempts >= self.max_attempts:
             record = {"id": tid, "transition": entry.transition.to_fields(), "attempts": attempts, "last_error": error,
                       "failed_at": iso_now()}
             pipe = self.redis.pipeline(transaction=True)
             pipe.hget(state_key(tid), "waiter")
-            pipe.hset(FAILED_KEY, tid, json.dumps(record)).zrem(OUTBOX_KEY, tid)
+            pipe.hset(FAILED_KEY, tid, json.dumps(record))
+            pipe.zrem(OUTBOX_KEY, tid)
             pipe.hincrby(STATS_KEY, "gave_up", 1)
             waiter = pipe.execute()[0]
             if waiter:  # the later transitions of this enrollment go on without it
@@ -597,18 +604,20 @@ class Notifier:
 
     # -- visibility ----------------------------------------------------------------------
     def pending(self) -> list[dict]:
-        entries = self.redis.zrange(OUTBOX_KEY, 0, -1, withscores=True)
+        # withscores: (member, score) pairs (redis-py's type covers every form of ZRANGE's reply)
+        entries = [(redis_conn.text(tid), score) for tid, score in
+                   cast(list[tuple[bytes | str, float]], self.redis.zrange(OUTBOX_KEY, 0, -1, withscores=True))]
         pipe = self.redis.pipeline(transaction=False)
         for tid, _ in entries:
-            pipe.get(keys.transition(tid.decode()))
-            pipe.hgetall(state_key(tid.decode()))
+            pipe.get(keys.transition(tid))
+            pipe.hgetall(state_key(tid))
         fetched = pipe.execute()
         out = []
         for index, (tid, score) in enumerate(entries):
             raw = fetched[2 * index]
             transition = Transition.from_json(raw) if raw else None  # None: expired with the retention
             state = {k.decode(): v.decode() for k, v in fetched[2 * index + 1].items()}
-            out.append({"id": tid.decode(), "enrollment_id": transition.enrollment_id if transition else None,
+            out.append({"id": tid, "enrollment_id": transition.enrollment_id if transition else None,
                         "status": transition.status if transition else None, "attempts": int(state.get("attempts", 0)),
                         "next_attempt_at": iso_from_ms(score), "last_error": state.get("last_error"),
                         "held_behind": state.get("behind")})
@@ -622,7 +631,7 @@ class Notifier:
 
         Each enrollment's ids go back in one step, in version order, so a drain running meanwhile
         never finds a later version back without the earlier one (which then holds it)."""
-        ids = list(dict.fromkeys(ids if ids is not None else [k.decode() for k in self.redis.hkeys(FAILED_KEY)]))
+        ids = list(dict.fromkeys(ids if ids is not None else [redis_conn.text(k) for k in self.redis.hkeys(FAILED_KEY)]))
         by_enrollment: dict[str, list[tuple[int, str]]] = {}
         for tid, raw in zip(ids, self.redis.hmget(FAILED_KEY, ids) if ids else []):
             if raw is None:
@@ -638,7 +647,7 @@ class Notifier:
         return requeued
 
     def stats(self) -> dict:
-        return {k.decode(): int(v) for k, v in self.redis.hgetall(STATS_KEY).items()}
+        return {redis_conn.text(k): int(v) for k, v in self.redis.hgetall(STATS_KEY).items()}
 
 
 def iso_now() -> str:
