@@ -21,10 +21,11 @@ from __future__ import annotations
 import json
 import math
 import time
+from typing import cast
 
 import redis
 
-from exchange_listener.core import keys
+from exchange_listener.core import keys, redis_conn
 from exchange_listener.core.lua import Script
 
 LISTENERS_KEY = keys.LISTENERS
@@ -65,12 +66,13 @@ class Leases:
         if not mailboxes:
             return {}
         values = self.conn.mget([keys.lease(m) for m in mailboxes])
-        return {m: (v.decode() if v is not None else None) for m, v in zip(mailboxes, values)}
+        return {m: (redis_conn.text(v) if v is not None else None) for m, v in zip(mailboxes, values)}
 
     def live_listeners(self, now: float | None = None) -> list[str]:
         now = time.time() if now is None else now
-        ids = self.conn.zrangebyscore(keys.LISTENERS, now - self.lease_seconds, "+inf")
-        return [i.decode() for i in ids]
+        # no withscores: members only (redis-py's type covers every form of ZRANGE's reply)
+        ids = cast(list[bytes | str], self.conn.zrangebyscore(keys.LISTENERS, now - self.lease_seconds, "+inf"))
+        return [redis_conn.text(i) for i in ids]
 
     def heartbeat(self, info: dict, now: float | None = None) -> None:
         """Publish liveness and group activity; prune listeners long dead."""

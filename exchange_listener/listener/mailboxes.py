@@ -16,7 +16,7 @@ import time
 
 import redis
 
-from exchange_listener.core import keys
+from exchange_listener.core import keys, redis_conn
 
 MAILBOXES_KEY = keys.MAILBOXES
 VERSION_KEY = keys.MAILBOXES_VERSION
@@ -62,7 +62,7 @@ def remove(conn: redis.Redis, addresses: list[str]) -> list[str]:
 
 def list_all(conn: redis.Redis) -> dict[str, float]:
     """Every watched address -> the time it was added."""
-    return {k.decode(): float(v) for k, v in conn.hgetall(MAILBOXES_KEY).items()}
+    return {redis_conn.text(k): float(v) for k, v in conn.hgetall(MAILBOXES_KEY).items()}
 
 
 def version(conn: redis.Redis) -> int | None:

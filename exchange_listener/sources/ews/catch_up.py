@@ -47,7 +47,7 @@ from exchangelib.properties import (
 from exchangelib.services import GetFolder, SyncFolderHierarchy, SyncFolderItems
 from exchangelib.util import TNS
 
-from exchange_listener.core import keys, logs, metrics
+from exchange_listener.core import keys, logs, metrics, redis_conn
 from exchange_listener.mail.message_ids import (
     normalize,  # the same canonical id the workers record in the ledger
 )
@@ -82,7 +82,8 @@ def watched_folders(distinguished: dict[str, str], tree: dict[str, tuple[str | N
         name = names_by_id.get(fid)
         if fid in watched or (name and name not in WATCHED) or not is_mail_class(folder_class):
             continue
-        current, hops = fid, 0
+        current: str | None = fid
+        hops = 0
         while current and hops < 64:  # below Sent Items, Drafts or Outbox: never
             if current in excluded:
                 break
@@ -101,7 +102,7 @@ class SyncStore:
 
     def get(self, mailbox: str, folder: str) -> str | None:
         state = self.conn.hget(keys.sync(mailbox), folder)
-        return state.decode() if state else None
+        return redis_conn.text(state) if state else None
 
     def put(self, mailbox: str, folder: str, state: str) -> None:
         self.conn.hset(keys.sync(mailbox), folder, state)
@@ -117,14 +118,15 @@ class SyncStore:
         return float(value) if value else None
 
     def folder_ids(self, mailbox: str) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in self.conn.hgetall(keys.folders(mailbox)).items()}
+        return {redis_conn.text(k): redis_conn.text(v) for k, v in self.conn.hgetall(keys.folders(mailbox)).items()}
 
     def save_folder_ids(self, mailbox: str, ids: dict[str, str]) -> None:
         if ids:
-            self.conn.hset(keys.folders(mailbox), mapping=ids)
+            # a copy typed as redis-py's mapping (a dict[str, str] is not one: Mapping's keys are invariant)
+            self.conn.hset(keys.folders(mailbox), mapping=dict(ids.items()))
 
     def tree(self, mailbox: str) -> dict[str, tuple[str | None, str | None]]:
-        return {k.decode(): tuple(json.loads(v)) for k, v in self.conn.hgetall(keys.tree(mailbox)).items()}
+        return {redis_conn.text(k): tuple(json.loads(v)) for k, v in self.conn.hgetall(keys.tree(mailbox)).items()}
 
     def update_tree(self, mailbox: str, upserts: dict[str, tuple[str | None, str | None]], deletes: Iterable[str],
                     state: str | None, *, replace: bool = False) -> None:
@@ -207,7 +209,7 @@ _TREE_FIELDS = {FieldPath(field=Folder.get_field_by_fieldname(n)) for n in ("par
 def refresh_tree(account, mailbox: str, store: SyncStore) -> int:
     """Bring the stored folder tree up to date; returns how many folders changed."""
     log = logs.get_logger(mailbox=mailbox)
-    state = (store.conn.hget(keys.sync(mailbox), "@tree") or b"").decode() or None
+    state = redis_conn.text(store.conn.hget(keys.sync(mailbox), "@tree") or b"") or None
     replace = state is None
     changed = 0
     while True:

@@ -17,8 +17,9 @@ import contextlib
 import os
 from collections.abc import Sequence
 
+import redis
 import requests.exceptions
-from exchangelib import Message
+from exchangelib import Account, Message
 from exchangelib.errors import (
     ErrorCorruptData,
     ErrorInvalidIdMalformed,
@@ -139,8 +140,8 @@ class EwsFetcher:
         self._pid: int | None = None
         self._generation = 0  # bumped when sessions are discarded, so exchangelib's cache yields a new Protocol
         self._configuration = None
-        self._accounts: collections.OrderedDict[str, object] = collections.OrderedDict()
-        self._redis = None
+        self._accounts: collections.OrderedDict[str, Account] = collections.OrderedDict()
+        self._redis: redis.Redis | None = None
 
     # -- exchangelib objects, per process ---------------------------------------------------
     def _account(self, mailbox: str):
@@ -243,9 +244,7 @@ class EwsFetcher:
 
     def relocate(self, mailbox: str, mail: NewMail) -> FetchedMessage | ItemGone:
         """The gone ``mail`` where it is now, or ``ItemGone`` saying it exists nowhere we can see."""
-        if self._redis is None:
-            self._redis = redis_conn.connect(self.settings.redis_url)
-        ledger = Ledger(self._redis, processed_days=self.settings.processed_days)
+        ledger = Ledger(self._redis_conn(), processed_days=self.settings.processed_days)
         tried = []
         new_id = ledger.where_now(mailbox, mail.item_id)
         if new_id:
@@ -262,17 +261,24 @@ class EwsFetcher:
         how = ", ".join(tried) if tried else "no move recorded and no Message-ID known"
         return ItemGone(f"{mailbox}: item …{mail.item_id[-16:]} exists nowhere ({how})")
 
+    def _redis_conn(self) -> redis.Redis:
+        """Redis for the ledger and the folder knowledge, connected on first use."""
+        if self._redis is None:
+            self._redis = redis_conn.connect(self.settings.redis_url)
+        return self._redis
+
     def _find_by_message_id(self, mailbox: str, message_id: str) -> list[str]:
         """Ids of items with this Internet Message-ID in every folder that counts (one FindItem)."""
-        keys = sorted(set(SyncStore(self._redis).watched(mailbox).values())) or ["inbox"]
+        keys = sorted(set(SyncStore(self._redis_conn()).watched(mailbox).values())) or ["inbox"]
         refs = [folder_ref(mailbox, k) for k in keys]
         account = self._account(mailbox)
         try:
             found = FindItem(account=account).call(
                 folders=refs, additional_fields=None, restriction=_MessageIdIs(message_id), order_fields=None,
                 shape=ID_ONLY, query_string=None, depth="Shallow", calendar_view=None, max_items=10, offset=0)
-            return [i[0] if isinstance(i, tuple) else getattr(i, "id", None) for i in found
-                    if not isinstance(i, Exception)]
+            ids = [i[0] if isinstance(i, tuple) else getattr(i, "id", None) for i in found
+                   if not isinstance(i, Exception)]
+            return [i for i in ids if i]
         except BaseException as exc:
             self._discard_sessions()
             if isinstance(exc, (EWSError, requests.exceptions.RequestException, OSError)):

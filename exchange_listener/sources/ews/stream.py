@@ -35,9 +35,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import requests
 import urllib3
+from exchangelib import Account
 from exchangelib import errors as ews_errors
 from exchangelib.services import (
     GetStreamingEvents,
@@ -100,7 +102,11 @@ def failed_subscription_ids(exc: Exception) -> list[str]:
     return re.findall(r"'([^']+)'", match.group(1))
 
 
-class _GroupAffinity:
+# the mixin's super() is the exchangelib service it is mixed into; exchangelib is untyped (Any)
+_Service: Any = object
+
+
+class _GroupAffinity(_Service):
     """Mixin for the group's services: anchor mailbox, server affinity and the group's cookie."""
 
     group: StreamGroup
@@ -160,7 +166,7 @@ class Member:
     """One mailbox in a group."""
 
     mailbox: str
-    account: object
+    account: Account
     watched: dict[str, str] = field(default_factory=dict)  # folder id -> folder key, for folders that count
     ignored: set[str] = field(default_factory=set)  # other known folder ids (sent items, calendar, ...)
     asked: set[str] = field(default_factory=set)  # unknown folder ids already reported
@@ -221,7 +227,7 @@ class StreamGroup:
         self._reconnect_reason: str | None = "start"
         self.backoff = Backoff(base=0.5, cap=60.0)
         self._thread = threading.Thread(target=self._run, name=f"stream-{group_id}", daemon=True)
-        self.protocol = None
+        self.protocol: Any = None  # exchangelib's Protocol of the members' accounts, once one subscribed
 
     # -- called from the listener's thread -------------------------------------------------
     def start(self) -> None:
@@ -285,13 +291,13 @@ class StreamGroup:
             self._folder_updates[mailbox] = (dict(watched), set(ignored))
 
     def status(self) -> dict:
-        failing = sorted((m for m in list(self.members.values()) if m.failing_since is not None),
-                         key=lambda m: m.failing_since)
+        failing = sorted(((m.failing_since, m) for m in list(self.members.values()) if m.failing_since is not None),
+                         key=lambda pair: pair[0])
         return {"group": self.id, "anchor": self.anchor, "mailboxes": len(self.members),
                 "subscribed": len(self.by_subscription), "connected": self.connected,
                 "last_activity": round(self.last_activity, 3), "failing_count": len(failing),
-                "failing": [{"mailbox": m.mailbox, "since": round(m.failing_since, 3), "error": m.last_error,
-                             "retry_at": round(m.retry_at, 3)} for m in failing[:MAX_FAILING_SHOWN]]}
+                "failing": [{"mailbox": m.mailbox, "since": round(since, 3), "error": m.last_error,
+                             "retry_at": round(m.retry_at, 3)} for since, m in failing[:MAX_FAILING_SHOWN]]}
 
     # -- the group's thread ----------------------------------------------------------------
     def _run(self) -> None:
@@ -464,7 +470,8 @@ class StreamGroup:
         self.cookie = None
         self.busy_streak = 0
         for member in list(self.members.values()):
-            self.by_subscription.pop(member.subscription_id, None)
+            if member.subscription_id is not None:
+                self.by_subscription.pop(member.subscription_id, None)
             member.subscription_id = None  # subscriptions live on the old backend; it will expire them
             member.retry_at = 0.0
         self._reconnect_reason = "reanchored"
@@ -492,7 +499,8 @@ class StreamGroup:
         named = [self.by_subscription[i] for i in ids if i in self.by_subscription]
         targets = named or list(self.by_subscription.values())
         for member in targets:
-            self.by_subscription.pop(member.subscription_id, None)
+            if member.subscription_id is not None:
+                self.by_subscription.pop(member.subscription_id, None)
             member.subscription_id = None
             member.retry_at = 0.0
         metrics.RESUBSCRIBES.labels(type(exc).__name__).inc(len(targets))
@@ -607,9 +615,9 @@ def _sockets_of(response) -> list:
     """The TCP socket(s) under a streaming ``requests`` response (urllib3 2.x internals, guarded)."""
     found = []
     raw = getattr(response, "raw", None)
-    conn = getattr(raw, "_connection", None)
-    if getattr(conn, "sock", None) is not None:
-        found.append(conn.sock)
+    sock = getattr(getattr(raw, "_connection", None), "sock", None)
+    if sock is not None:
+        found.append(sock)
     fp = getattr(raw, "_fp", None)
     inner = getattr(getattr(getattr(fp, "fp", None), "raw", None), "_sock", None)
     if inner is not None:
