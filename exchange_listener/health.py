@@ -15,6 +15,7 @@ import dataclasses
 import datetime as dt
 import json
 import time
+from typing import Any, cast
 
 import redis
 from rq import Worker
@@ -64,7 +65,8 @@ def _number(value) -> float | None:
 
 def _listeners(conn: redis.Redis, now: float) -> list[dict]:
     found = []
-    for raw_id, score in conn.zrange(keys.LISTENERS, 0, -1, withscores=True):
+    # withscores: (member, score) pairs (redis-py's type covers every form of ZRANGE's reply)
+    for raw_id, score in cast(list[tuple[bytes | str, float]], conn.zrange(keys.LISTENERS, 0, -1, withscores=True)):
         listener_id = _text(raw_id)
         info = {_text(k): _text(v) for k, v in conn.hgetall(keys.listener(listener_id)).items()}
         try:
@@ -118,7 +120,7 @@ def _queue(conn: redis.Redis, queue_name: str, now: float) -> tuple[dict, list[d
         "scheduled_retries": ScheduledJobRegistry(queue=queue).count,
         "failed": FailedJobRegistry(queue=queue).count,
     }
-    workers = []
+    workers: list[dict[str, Any]] = []
     for worker in Worker.all(queue=queue, serializer=JSONSerializer):
         workers.append({
             "name": worker.name,
@@ -140,10 +142,11 @@ def _transitions(conn: redis.Redis, now: float, window: float = STOPS_WINDOW) ->
     paused = 0
     start = f"{int((now - window) * 1000)}-0"
     while True:
-        page = conn.xrange(keys.TRANSITIONS, min=start, max="+", count=1000)
-        for entry_id, fields in page:
+        page = conn.xrange(keys.TRANSITIONS, min=start, max="+", count=1000) or []
+        for _entry_id, fields in page:
+            raw = (fields.get(STREAM_FIELD.encode()) or fields.get(STREAM_FIELD)) if fields else None
             try:
-                transition = Transition.from_json(fields.get(STREAM_FIELD.encode()) or fields.get(STREAM_FIELD))
+                transition = Transition.from_json(raw or "")
             except (AttributeError, TypeError, ValueError):  # not a transition: nothing to count
                 continue
             if transition.status == "stopped":

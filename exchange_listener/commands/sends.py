@@ -56,9 +56,9 @@ def run(args) -> int:
             return 2
         print(json.dumps(send.as_dict()))
         return 0
-    send = registry.get(args.message_id)
-    if send is None:
+    found = registry.get(args.message_id)
+    if found is None:
         print(f"exchange-listener sends show: no recorded send has Message-ID {args.message_id!r}", file=sys.stderr)
         return 1
-    print(json.dumps(send.as_dict()))
+    print(json.dumps(found.as_dict()))
     return 0
