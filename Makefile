@@ -42,8 +42,14 @@ test: $(VENV)/.installed ## run the test suite (starts its own redis-server and 
 test-fast: $(VENV)/.installed ## run the suite without the slow drills (-m "not slow")
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
-lint: $(VENV)/.installed ## ruff
-	$(BIN)/ruff check exchange_listener workers emulators tests bench tools
+# ruff, then mypy (settings and the strict modules in setup.cfg's [mypy]; .mypy_cache makes a
+# rerun take seconds), then the import directions (.importlinter). Every step runs; any failure fails.
+lint: $(VENV)/.installed ## ruff, mypy and lint-imports
+	@status=0; \
+	$(BIN)/ruff check exchange_listener workers emulators tests bench tools || status=1; \
+	$(BIN)/mypy || status=1; \
+	$(BIN)/lint-imports || status=1; \
+	exit $$status
 
 demo: $(VENV)/.installed ## emulator + Redis + listener + workers under supervisord; play replies; print the table
 	$(BIN)/python tools/demo.py
