@@ -54,6 +54,7 @@ from typing import Any, cast
 import structlog
 from rq import get_current_job
 from rq.timeouts import BaseTimeoutException
+from structlog.typing import FilteringBoundLogger
 
 from exchange_listener.core import keys, logs, metrics
 from exchange_listener.core.lua import Script
@@ -62,6 +63,7 @@ from exchange_listener.sources.base import (
     FetchedMessage,
     ItemGone,
     ItemUnreadable,
+    MailFetcher,
     NewMail,
 )
 from workers import context, policy
@@ -75,6 +77,7 @@ from workers.classify import (
     needs_text,
     settle_with_text,
 )
+from workers.state.sends import Send
 
 OBSERVED_KEY = keys.OBSERVED
 OBSERVED_MAXLEN = 100_000
@@ -137,7 +140,8 @@ def event_key(kind: str, mailbox: str, item: FetchedMessage, classification: Cla
     return f"{kind}:{_identity(mailbox, item, classification)}"
 
 
-def _classify(fetcher, mailbox: str, item: FetchedMessage, bound) -> tuple[Classification, bool]:
+def _classify(fetcher: MailFetcher, mailbox: str, item: FetchedMessage,
+              bound: FilteringBoundLogger) -> tuple[Classification, bool]:
     """Headers first; the full MIME source only when the headers cannot settle it. Also says
     whether the verdict saw the body (then the text was already read)."""
     if not needs_body(item.headers):
@@ -154,8 +158,8 @@ def _classify(fetcher, mailbox: str, item: FetchedMessage, bound) -> tuple[Class
         return classify_headers(item.headers, item.item_class), False
 
 
-def _settle(fetcher, mailbox: str, item: FetchedMessage, c: Classification, when: dt.datetime,
-            bound) -> Classification:
+def _settle(fetcher: MailFetcher, mailbox: str, item: FetchedMessage, c: Classification, when: dt.datetime,
+            bound: FilteringBoundLogger) -> Classification:
     """A human reply by its headers may still be an out-of-office or a ticket acknowledgement
     that says so only in its text: read the start of it (the source's ``fetch_text``, e.g. EWS
     UniqueBody; else the first text part of the MIME). Called only for mail that matched a
@@ -201,7 +205,7 @@ def _received(mail: NewMail, item: FetchedMessage) -> dt.datetime:
 UNMATCHED_RECEIPT_TTL = 86400  # seconds a copy that matched nothing keeps its receipt (a send recorded late)
 
 
-def _reply_time(ctx, identity: str, has_message_id: bool, matched: bool, mail: NewMail,
+def _reply_time(ctx: context.Context, identity: str, has_message_id: bool, matched: bool, mail: NewMail,
                 item: FetchedMessage) -> tuple[dt.datetime, dt.datetime]:
     """(the mail's Date bounded by the earliest receipt of any copy of it, that earliest
     receipt). The receipt is kept in Redis for ``retention_days`` once the mail matched a send;
@@ -229,13 +233,14 @@ def _decision_json(c: Classification, key: str, when: dt.datetime, received: dt.
     }, separators=(",", ":"))
 
 
-def _observe(ctx, enrollment_id: str, kind: str, details: dict) -> None:
+def _observe(ctx: context.Context, enrollment_id: str, kind: str, details: dict) -> None:
     entry = {"enrollment_id": enrollment_id, "kind": kind, "at": dt.datetime.now(dt.UTC).isoformat(),
              **{k: v for k, v in details.items() if v is not None}}
     ctx.redis.xadd(OBSERVED_KEY, {"data": json.dumps(entry, default=str)}, maxlen=OBSERVED_MAXLEN, approximate=True)
 
 
-def _process(ctx, fetcher, mailbox: str, mail: NewMail, item: FetchedMessage, bound) -> dict:
+def _process(ctx: context.Context, fetcher: MailFetcher, mailbox: str, mail: NewMail, item: FetchedMessage,
+             bound: FilteringBoundLogger) -> dict:
     """Classify and match one fetched mail, decide (or reuse the decision an earlier copy
     made) and apply it. Returns the item's summary."""
     c, body_seen = _classify(fetcher, mailbox, item, bound)
@@ -278,9 +283,9 @@ def _process(ctx, fetcher, mailbox: str, mail: NewMail, item: FetchedMessage, bo
     return summary
 
 
-def _decide_once(ctx, fetcher, mailbox: str, item: FetchedMessage, c: Classification, body_seen: bool,
-                 found: list, sender: str | None, when: dt.datetime, received: dt.datetime, identity: str,
-                 bound) -> tuple[dict, bool]:
+def _decide_once(ctx: context.Context, fetcher: MailFetcher, mailbox: str, item: FetchedMessage, c: Classification,
+                 body_seen: bool, found: list[Send], sender: str | None, when: dt.datetime, received: dt.datetime,
+                 identity: str, bound: FilteringBoundLogger) -> tuple[dict, bool]:
     """The decision for this mail: the one an earlier copy stored, else this copy's (settled
     with the text when the headers look human, then ``policy.decide``), stored unless another
     worker stored one first. Returns (decision, whether it was an earlier copy's)."""
@@ -304,8 +309,9 @@ def _decide_once(ctx, fetcher, mailbox: str, item: FetchedMessage, c: Classifica
     return _covering(ctx, fetcher, mailbox, item, c, body_seen, found, sender, json.loads(text), bound), True
 
 
-def _covering(ctx, fetcher, mailbox: str, item: FetchedMessage, c: Classification, body_seen: bool, found: list,
-              sender: str | None, decision: dict, bound) -> dict:
+def _covering(ctx: context.Context, fetcher: MailFetcher, mailbox: str, item: FetchedMessage, c: Classification,
+              body_seen: bool, found: list[Send], sender: str | None, decision: dict,
+              bound: FilteringBoundLogger) -> dict:
     """An earlier copy's decision, plus actions for sends it did not match (a send recorded
     since, e.g. the id a mail server gave one of our sends): decided with the stored kind and
     times, so the copies still agree on everything the first one saw."""
@@ -338,7 +344,8 @@ def _stored_time(value: str) -> dt.datetime:
     return moment
 
 
-def _apply(ctx, mail: NewMail, action: policy.Action, common: dict, kind: str, bound) -> dict:
+def _apply(ctx: context.Context, mail: NewMail, action: policy.Action, common: dict, kind: str,
+           bound: FilteringBoundLogger) -> dict:
     """Carry out one action of the policy; its entry in the item's summary."""
     if action.action == policy.RECORD:
         _observe(ctx, action.enrollment_id, action.reason,
@@ -399,7 +406,7 @@ class NotFoundYet(RuntimeError):
     or is catching up). The job is retried (RQ's backoff) before the mail is reported gone."""
 
 
-def _retry_before_nowhere(mail: NewMail, exc: ItemGone, bound) -> None:
+def _retry_before_nowhere(mail: NewMail, exc: ItemGone, bound: FilteringBoundLogger) -> None:
     """Raise ``NotFoundYet`` while this job has retries and has not used ``NOWHERE_RETRIES``."""
     job = get_current_job()
     if job is None or not job.retries_left:
@@ -415,13 +422,14 @@ def _retry_before_nowhere(mail: NewMail, exc: ItemGone, bound) -> None:
     raise NotFoundYet(f"item …{mail.item_id[-16:]} not found yet ({exc})")
 
 
-def _gone(mail: NewMail, exc: ItemGone, outcome: str, bound) -> dict:
+def _gone(mail: NewMail, exc: ItemGone, outcome: str, bound: FilteringBoundLogger) -> dict:
     metrics.ITEMS_GONE.labels(outcome).inc()
     bound.warning("mail exists nowhere" if outcome == "nowhere" else "mail cannot be read", reason=str(exc))
     return {"item_id": mail.item_id, "kind": None, "gone": True, "gone_reason": str(exc), "matched": [], "actions": []}
 
 
-def _item(ctx, fetcher, mailbox: str, mail: NewMail, fetched: FetchedMessage | ItemGone, bound) -> dict:
+def _item(ctx: context.Context, fetcher: MailFetcher, mailbox: str, mail: NewMail, fetched: FetchedMessage | ItemGone,
+          bound: FilteringBoundLogger) -> dict:
     """One item, wherever it is now: a gone item is looked for (``fetcher.relocate``) and
     processed where it was found; only one that exists nowhere is reported gone."""
     relocate = getattr(fetcher, "relocate", None)
@@ -499,7 +507,7 @@ def _handle(mailbox: str, source: str, mails: list[NewMail]) -> dict:
     }
 
 
-def _fetch(fetcher, mailbox: str, mails: list[NewMail]) -> list:
+def _fetch(fetcher: MailFetcher, mailbox: str, mails: list[NewMail]) -> list:
     """One batched fetch; if the batch fails, one item at a time, so one item the server
     cannot return (or chokes on) does not hold the others hostage. If every single fetch
     fails too, the first error is raised (the server is down or busy: RQ retries the job)."""
@@ -526,7 +534,7 @@ def _fetch(fetcher, mailbox: str, mails: list[NewMail]) -> list:
     return results
 
 
-def _notify(ctx) -> None:
+def _notify(ctx: context.Context) -> None:
     """Deliver the outbox now; a failure here is retried by the worker's drain timer."""
     if not ctx.notifier.channels:  # Redis state only: nothing to deliver now; the worker's timer clears the outbox
         return
