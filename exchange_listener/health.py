@@ -52,11 +52,11 @@ def _until(now: float, then: float | None) -> float | None:
     return None if not then else round(max(0.0, then - now), 1)
 
 
-def _text(value) -> str:
+def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _number(value) -> float | None:
+def _number(value: Any) -> float | None:  # None or a non-number: None
     try:
         return float(value)
     except (TypeError, ValueError):

@@ -222,7 +222,7 @@ def _reply_time(ctx: context.Context, identity: str, has_message_id: bool, match
 
 def _decision_json(c: Classification, key: str, when: dt.datetime, received: dt.datetime,
                    actions: list[policy.Action], matched: list[str]) -> str:
-    def plain(value):
+    def plain(value: object) -> object:
         return value.isoformat() if isinstance(value, (dt.date, dt.datetime)) else value
 
     return json.dumps({

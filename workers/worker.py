@@ -39,6 +39,8 @@ import signal
 import socket
 import threading
 import time
+from multiprocessing.process import BaseProcess
+from typing import Any
 
 import redis
 from rq import SimpleWorker
@@ -61,11 +63,11 @@ log = logs.get_logger(component="worker")
 class ParentBoundScheduler(RQScheduler):
     """RQ's scheduler process, which also stops (releasing its lock) once its worker has died."""
 
-    def start(self):
+    def start(self) -> BaseProcess:
         self._parent_pid = os.getpid()
         return super().start()
 
-    def heartbeat(self):
+    def heartbeat(self) -> None:
         if getattr(self, "_parent_pid", None) and os.getppid() != self._parent_pid:
             self.log.warning("Scheduler: worker %s is gone, stopping", self._parent_pid)
             self._stop_requested = True
@@ -98,7 +100,7 @@ class TakingQueue(Queue):
     taken: str | None = None  # one worker per process
 
     @classmethod
-    def dequeue_any(cls, *args, **kwargs):
+    def dequeue_any(cls, *args: Any, **kwargs: Any) -> tuple[Job, Queue] | None:
         TakingQueue.taken = None  # a job taken earlier and never started (an error in between) is not ours now
         result = super().dequeue_any(*args, **kwargs)
         if result is not None:
@@ -111,7 +113,7 @@ class MailWorker(SimpleWorker):
 
     queue_class = TakingQueue
 
-    def _shutdown(self):
+    def _shutdown(self) -> None:
         if self.get_state() != WorkerStatus.BUSY:
             if TakingQueue.taken is not None:
                 self._stop_requested = True  # run the job just taken, then stop (see the module docstring)
@@ -129,7 +131,7 @@ class MailWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job: Job) -> int:
         return self.worker_ttl
 
-    def execute_job(self, job: Job, queue: Queue):
+    def execute_job(self, job: Job, queue: Queue) -> None:
         try:
             self.prepare_execution(job)  # busy from here on: a stop waits for the job
         finally:
@@ -142,7 +144,8 @@ class MailWorker(SimpleWorker):
             beat.stop()
         self.set_state(WorkerStatus.IDLE)
 
-    def _start_scheduler(self, burst=False, logging_level="INFO", date_format=None, log_format=None):
+    def _start_scheduler(self, burst: bool = False, logging_level: str | None = "INFO", date_format: str | None = None,
+                         log_format: str | None = None) -> None:
         self.scheduler = ParentBoundScheduler(self.queues, connection=self.connection, serializer=self.serializer,
                                               logging_level=logging_level or "INFO")
         self.scheduler.acquire_locks()
@@ -157,7 +160,7 @@ class MailWorker(SimpleWorker):
             else:
                 self.scheduler.start()
 
-    def register_birth(self):
+    def register_birth(self) -> None:
         """Take over the name of a dead worker of this host (a restart after kill -9) at once."""
         data = self.connection.hgetall(self.key)
         if data and b"death" not in data and redis_conn.text(data.get(b"hostname", b"")) == self.hostname:

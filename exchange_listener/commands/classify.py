@@ -8,6 +8,7 @@ exits 1 after the other files are done. Needs no settings, Redis or Exchange.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -19,7 +20,7 @@ from workers.classify import (
 )
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", metavar="FILE", help="message file (RFC 5322 / .eml); - for stdin")
     parser.add_argument("--headers-only", action="store_true",
                         help="classify from the headers alone, as the worker's hot path does "
@@ -55,7 +56,7 @@ def _headers_only(raw: bytes) -> dict:
     return {**classify_headers(headers).as_dict(), "needs_body": needs_body(headers)}
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.files:
         result = _classify_one(path, args.headers_only)

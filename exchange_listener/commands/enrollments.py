@@ -7,6 +7,7 @@ reopens a stopped enrollment). ``outbox`` lists notifications still pending or f
 """
 from __future__ import annotations
 
+import argparse
 import getpass
 import json
 import sys
@@ -15,7 +16,7 @@ from exchange_listener.commands import add_config_argument, load_settings
 from exchange_listener.core import redis_conn
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     show = sub.add_parser("show", help="the enrollment's state as one JSON object")
     add_config_argument(show)
@@ -31,7 +32,7 @@ def add_arguments(parser) -> None:
     outbox.add_argument("--retry-failed", action="store_true", help="put failed notifications back in the outbox")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from workers.state.enrollments import EnrollmentStore
 
     settings = load_settings(args)

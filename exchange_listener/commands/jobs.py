@@ -8,8 +8,11 @@ have no ``kind``). They are sent again with ``exchange-listener enrollments outb
 """
 from __future__ import annotations
 
+import argparse
 import json
+from typing import Any
 
+import redis
 from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
@@ -19,7 +22,7 @@ from exchange_listener.core import redis_conn
 from exchange_listener.queueing import make_queue
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_argument(parser)
     parser.add_argument("action", choices=["failed", "requeue-failed", "queue"],
                         help="failed: list failed jobs with their errors; requeue-failed: put them back; queue: depth")
@@ -35,7 +38,7 @@ def _last_error_line(job: Job) -> str:
 RETRY_NOTIFICATIONS = "exchange-listener enrollments outbox --retry-failed"
 
 
-def _failed_notifications(conn) -> list[dict]:
+def _failed_notifications(conn: redis.Redis) -> list[dict[str, Any]]:
     """The outbox's given-up transitions, oldest failure first, as rows shaped like the job rows."""
     from workers.sinks.webhooks import Notifier
 
@@ -61,7 +64,7 @@ def _print_failed_notifications(rows: list[dict], limit: int, as_json: bool) -> 
               f"v{row['version']} {row['status']}  {row['attempts']} attempt(s): {row['error']}")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     conn = redis_conn.connect(settings.redis_url)
     queue = make_queue(conn, settings.queue_name)

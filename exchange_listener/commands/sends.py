@@ -7,6 +7,7 @@ a message naming the problem, and stores nothing.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -14,7 +15,7 @@ from exchange_listener.commands import add_config_argument, load_settings
 from exchange_listener.core import redis_conn
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     record = sub.add_parser("record", help="record an outbound send")
     add_config_argument(record)
@@ -33,7 +34,7 @@ def add_arguments(parser) -> None:
     new_id.add_argument("--domain", required=True, metavar="D")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from exchange_listener.mail.message_ids import new_message_id
 
     if args.action == "new-id":

@@ -7,6 +7,7 @@ that may evict our keys or persists nothing, unless ``allow_volatile_redis = tru
 """
 from __future__ import annotations
 
+import argparse
 import json
 
 from exchange_listener import health
@@ -14,7 +15,7 @@ from exchange_listener.commands import add_config_argument, load_settings
 from exchange_listener.core import redis_conn
 
 
-def add_arguments(parser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_argument(parser)
     parser.add_argument("--json", action="store_true", help="one JSON object (the facts, the problems, healthy)")
     parser.add_argument("--stale-listener", type=float, metavar="S",
@@ -25,7 +26,7 @@ def add_arguments(parser) -> None:
                         help="oldest queued job this old with no busy worker: stuck (default: %(default)g)")
 
 
-def _age(value) -> str:
+def _age(value: float | None) -> str:
     if value is None:
         return "-"
     if value < 120:
@@ -41,7 +42,7 @@ def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
 
 
 def _redis_lines(found: dict) -> list[str]:
-    def shown(value) -> str:
+    def shown(value: object) -> str:
         return "unknown" if value is None else repr(value) if value == "" else str(value)
 
     aof = shown(found["appendonly"]) + (f" ({found['appendfsync']})" if found["appendfsync"] else "")
@@ -110,7 +111,7 @@ def render(snap: dict, found: list[str]) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     limits = health.Limits(
         stale_listener=args.stale_listener if args.stale_listener is not None else settings.lease_seconds,

@@ -275,7 +275,7 @@ def looks_acknowledgement(head: str, subject: str = "") -> bool:
     return not engaged(own_words(head), questions=False)
 
 
-def auto_reply_from_text(text: str, subject: str = "", base: dt.date | None = None):
+def auto_reply_from_text(text: str, subject: str = "", base: dt.date | None = None) -> Classification | None:
     """An ``auto_reply`` Classification (with ``return_date`` where the text states one) when
     the start of ``text`` (first text part or EWS UniqueBody, plain text) is an out-of-office
     or automatic reply; None otherwise. ``base`` is the reply's date (return dates are read

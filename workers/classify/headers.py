@@ -30,7 +30,9 @@ import email.policy
 import email.utils
 import logging
 import re
+from collections.abc import Iterable, Iterator, KeysView
 from email.message import Message
+from typing import Any
 
 from rq.timeouts import BaseTimeoutException
 
@@ -93,7 +95,7 @@ _LONE_SURROGATE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
 _HTML_TAG = re.compile(r"<[^>]{0,2000}>|&nbsp;")
 
 
-def _clean(value) -> str:
+def _clean(value: object) -> str:
     """A header value as one safe line: decoded, CR/LF and other controls replaced."""
     if value is None:
         return ""
@@ -129,8 +131,8 @@ def _decoded(value: str) -> str:
 class _Headers:
     """Case-insensitive multi-valued view of a header list."""
 
-    def __init__(self, pairs):
-        self._values: dict[str, list] = {}  # raw values; cleaned when read (most never are)
+    def __init__(self, pairs: Iterable[tuple[str, Any]]):
+        self._values: dict[str, list[Any]] = {}  # raw values; cleaned when read (most never are)
         for name, value in pairs:
             key = _clean(name).strip().lower()
             if key:
@@ -146,7 +148,7 @@ class _Headers:
     def has(self, name: str) -> bool:
         return name in self._values
 
-    def names(self):
+    def names(self) -> KeysView[str]:
         return self._values.keys()
 
 
@@ -373,7 +375,7 @@ def settle_with_text(c: Classification, text: str, subject: str = "",
 
 # --- full message ----------------------------------------------------------------------------
 
-def _parse(raw) -> Message:
+def _parse(raw: object) -> Message:
     if isinstance(raw, Message):
         return raw
     if isinstance(raw, str):
@@ -391,7 +393,7 @@ def _parse(raw) -> Message:
         raise UnparseableMessage(f"cannot parse message: {type(exc).__name__}") from None
 
 
-def _salvaged(raw, msg: Message) -> list[tuple[str, str]]:
+def _salvaged(raw: bytes | bytearray | memoryview | str, msg: Message) -> list[tuple[str, str]]:
     if not any(isinstance(d, email.errors.MissingHeaderBodySeparatorDefect) for d in msg.defects):
         return _items(msg)
     try:
@@ -403,7 +405,7 @@ def _salvaged(raw, msg: Message) -> list[tuple[str, str]]:
         return _items(msg)
 
 
-def _parts(msg: Message):
+def _parts(msg: Message) -> Iterator[Message]:
     """Up to MAX_PARTS parts, depth first, tolerant of broken structure."""
     stack, count = [msg], 0
     while stack and count < MAX_PARTS:
@@ -420,7 +422,7 @@ def _parts(msg: Message):
             stack.extend(reversed([p for p in payload if isinstance(p, Message)]))
 
 
-def _own_parts(msg: Message):
+def _own_parts(msg: Message) -> Iterator[Message]:
     """Parts of the message itself: attached messages (a forwarded invitation) not entered."""
     stack, count = [msg], 0
     while stack and count < MAX_PARTS:

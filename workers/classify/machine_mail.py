@@ -20,6 +20,8 @@ from). Two rules keep people people:
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from typing import Protocol
 
 from workers.classify.verdict import automatic_subject
 
@@ -75,18 +77,28 @@ _CAL_SUBJECT = re.compile(
     r"invito|uitnodiging|convite|zaproszenie|招待)\s*[:：]", re.IGNORECASE)
 
 
+class HeaderView(Protocol):
+    """What these rules read of a mail's headers (``headers._Headers``, which imports this module)."""
+
+    def get(self, name: str) -> str | None: ...
+
+    def has(self, name: str) -> bool: ...
+
+    def names(self) -> Iterable[str]: ...
+
+
 def _local(addr: str) -> str:
     return addr.split("@", 1)[0] if addr else ""
 
 
-def _header_prefixed(h, prefixes: tuple[str, ...]) -> str | None:
+def _header_prefixed(h: HeaderView, prefixes: tuple[str, ...]) -> str | None:
     for name in h.names():
         if name.startswith(prefixes):
             return name
     return None
 
 
-def machine_from_headers(h, subject: str, from_addr: str, item_class: str | None = None
+def machine_from_headers(h: HeaderView, subject: str, from_addr: str, item_class: str | None = None
                          ) -> tuple[str, str, bool] | None:
     """(family, reason, settled) when the headers show software wrote the mail; None when
     they do not. ``settled`` False: a ticket system / CRM that may relay a person's words,
@@ -132,7 +144,7 @@ def machine_from_headers(h, subject: str, from_addr: str, item_class: str | None
     return None
 
 
-def _platform_hosts(h, from_addr: str, robot_sender: bool) -> str:
+def _platform_hosts(h: HeaderView, from_addr: str, robot_sender: bool) -> str:
     """The hosts of From, Sender, Message-ID, Reply-To and Return-Path, as "@host" words,
     without those at the vendor's own domain when From is a person there (anna@salesforce.com
     writes from her own mailbox: her Message-ID and Return-Path are at salesforce.com too)."""
@@ -144,19 +156,19 @@ def _platform_hosts(h, from_addr: str, robot_sender: bool) -> str:
     return " ".join("@" + host for host in hosts)
 
 
-def _own_out_of_office(h, subject: str) -> bool:
+def _own_out_of_office(h: HeaderView, subject: str) -> bool:
     """An RFC 3834 auto-reply that calls itself an out-of-office in its subject."""
     auto = (h.get("auto-submitted") or "").strip().lower()
     return auto.startswith("auto-replied") and automatic_subject(subject)
 
 
-def _personal(h) -> bool:
+def _personal(h: HeaderView) -> bool:
     """A list post sent by a person: the list relayed it, so From is the author and the
     author's own client headers are there (kept to the cheap, common ones)."""
     return h.has("user-agent") or "outlook" in (h.get("x-mailer") or "").lower() or h.has("thread-index")
 
 
-def calendar_in_parts(types_and_text) -> str | None:
+def calendar_in_parts(types_and_text: Iterable[tuple[str, str]]) -> str | None:
     """Reason when a part is an iCalendar object (text/calendar, METHOD:REPLY etc.)."""
     for ctype, text in types_and_text:
         if ctype == "text/calendar" or ctype == "application/ics":

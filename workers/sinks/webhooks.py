@@ -85,10 +85,11 @@ from urllib.parse import unquote, urlsplit
 import redis
 import requests
 from rq.timeouts import BaseTimeoutException
+from structlog.typing import FilteringBoundLogger
 
 from exchange_listener.core import keys, logs, redis_conn
 from exchange_listener.core.backoff import delay as backoff_delay
-from exchange_listener.core.config import ConfigError, default
+from exchange_listener.core.config import ConfigError, Settings, default
 from exchange_listener.core.lua import Script
 from workers.state.enrollments import iso
 from workers.state.transitions import Transition
@@ -286,7 +287,7 @@ class Notifier:
         self._last_call_done: threading.Event | None = None
 
     @classmethod
-    def from_settings(cls, redis_client: redis.Redis, settings) -> Notifier:
+    def from_settings(cls, redis_client: redis.Redis, settings: Settings) -> Notifier:
         return cls(redis_client, webhook_url=settings.webhook_url, webhook_secret=settings.webhook_secret,
                    webhook_timeout=settings.webhook_timeout, callback=settings.callback or None,
                    callback_timeout=getattr(settings, "callback_timeout", DEFAULT_CALLBACK_TIMEOUT))
@@ -528,7 +529,7 @@ class Notifier:
         result.retrying += 1
         result.more = result.more or any(delay == 0 for delay in entry.skipped.values())
 
-    def _settle_failure(self, entry: _Entry, error: str, bound, result: DrainResult) -> None:
+    def _settle_failure(self, entry: _Entry, error: str, bound: FilteringBoundLogger, result: DrainResult) -> None:
         tid = entry.tid
         pipe = self.redis.pipeline(transaction=False)
         pipe.hincrby(state_key(tid), "attempts", 1)
