@@ -28,19 +28,25 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import redis
 
 from exchange_listener import queueing
 from exchange_listener.core import logs, metrics, redis_conn
 from exchange_listener.core.backoff import Backoff
-from exchange_listener.core.config import scrub
+from exchange_listener.core.config import Settings, scrub
 from exchange_listener.listener import leases as leases_mod
 from exchange_listener.listener import mailboxes as mailboxes_mod
+from exchange_listener.sources.base import NewMail
 from exchange_listener.sources.ews import account as ews_account
 from exchange_listener.sources.ews.catch_up import SyncStore, catch_up_mailbox
 from exchange_listener.sources.ews.stream import StreamGroup
 from exchange_listener.sources.ledger import Ledger
+
+if TYPE_CHECKING:  # exchangelib's (untyped); account makes them
+    from exchangelib import Configuration
 
 REDIS_ERRORS = (redis.exceptions.RedisError,  # unreachable, loading, read-only after a failover, OOM: all buffered
                 OSError)
@@ -54,15 +60,15 @@ MAX_GROUP_SIZE = 200  # Exchange's limit of subscriptions per GetStreamingEvents
 class Sink:
     """Enqueue new mail; while Redis is unreachable, hold it in memory and flush later."""
 
-    def __init__(self, conn: redis.Redis, settings):
+    def __init__(self, conn: redis.Redis, settings: Settings):
         self.queue = queueing.make_queue(conn, settings.queue_name)
         self.settings = settings
-        self.buffer: collections.deque = collections.deque()
+        self.buffer: collections.deque[Sequence[NewMail]] = collections.deque()
         self.overflowed = False
         self._lock = threading.Lock()
         self.log = logs.get_logger()
 
-    def enqueue(self, mails) -> None:
+    def enqueue(self, mails: Sequence[NewMail]) -> None:
         """Enqueue now or raise (used by catch-up, which must not advance its state otherwise)."""
         job = queueing.enqueue_new_mail(self.queue, mails, retries=self.settings.job_retries,
                                         job_timeout=self.settings.job_timeout,
@@ -71,7 +77,7 @@ class Sink:
             metrics.JOBS_ENQUEUED.labels(mails[0].via).inc()
             self.log.debug("enqueued", mailbox=mails[0].mailbox, job_id=job.id, items=len(mails), via=mails[0].via)
 
-    def put(self, mails) -> None:
+    def put(self, mails: Sequence[NewMail]) -> None:
         """Enqueue from a stream; never raises."""
         with self._lock:
             if self.buffer:
@@ -85,7 +91,7 @@ class Sink:
                     self.log.warning("Redis unreachable; holding new mail in memory until it is back", error=str(exc))
                 self._hold(mails)
 
-    def _hold(self, mails) -> None:
+    def _hold(self, mails: Sequence[NewMail]) -> None:
         if len(self.buffer) >= BUFFER_LIMIT:
             self.overflowed = True  # the oldest stay; catch-up finds the rest once Redis is back
             return
@@ -124,12 +130,12 @@ class CatchUps:
 
     def __init__(self, listener: Listener, threads: int = CATCHUP_THREADS):
         self.listener = listener
-        self._queue: queue_mod.Queue = queue_mod.Queue()
+        self._queue: queue_mod.Queue[str] = queue_mod.Queue()
         self._lock = threading.Lock()
-        self._queued: dict[str, tuple[str, set | None]] = {}  # mailbox -> (reason, folders or None = all)
+        self._queued: dict[str, tuple[str, set[str] | None]] = {}  # mailbox -> (reason, folders or None = all)
         self._running: set[str] = set()
-        self._again: dict[str, tuple[str, set | None]] = {}
-        self._retry: dict[str, tuple[float, Backoff, str, set | None]] = {}
+        self._again: dict[str, tuple[str, set[str] | None]] = {}
+        self._retry: dict[str, tuple[float, Backoff, str, set[str] | None]] = {}
         self.log = logs.get_logger()
         for i in range(threads):
             config = ews_account.make_configuration(listener.settings, pool=f"{listener.listener_id}/sync-{i}",
@@ -137,14 +143,15 @@ class CatchUps:
             threading.Thread(target=self._work, args=(config,), name=f"catchup-{i}", daemon=True).start()
 
     @staticmethod
-    def _merge(old: tuple[str, set | None] | None, reason: str, folders: set | None) -> tuple[str, set | None]:
+    def _merge(old: tuple[str, set[str] | None] | None, reason: str,
+               folders: set[str] | None) -> tuple[str, set[str] | None]:
         if old is None:
             return reason, (set(folders) if folders is not None else None)
         if old[1] is None or folders is None:
             return (old[0] if old[1] is None else reason), None
         return old[0], old[1] | set(folders)
 
-    def request(self, mailboxes, reason: str, folders=None) -> None:
+    def request(self, mailboxes: Iterable[str], reason: str, folders: set[str] | None = None) -> None:
         with self._lock:
             for mailbox in mailboxes:
                 if mailbox in self._running:
@@ -168,7 +175,7 @@ class CatchUps:
         with self._lock:
             return len(self._queued) + len(self._running) + len(self._retry)
 
-    def _work(self, config) -> None:
+    def _work(self, config: Configuration) -> None:
         while True:
             mailbox = self._queue.get()
             with self._lock:
@@ -198,7 +205,7 @@ class CatchUps:
                 if again:
                     self.request([mailbox], *again)
 
-    def _catch_up(self, config, mailbox: str, reason: str, folders: set | None) -> None:
+    def _catch_up(self, config: Configuration, mailbox: str, reason: str, folders: set[str] | None) -> None:
         listener = self.listener
         account = ews_account.make_account(listener.settings, mailbox, config)
         account.protocol.TIMEOUT = 30
@@ -216,7 +223,7 @@ class CatchUps:
 
 
 class Listener:
-    def __init__(self, settings):
+    def __init__(self, settings: Settings):
         settings.require("ews_url", "redis_url")
         self.settings = settings
         self.listener_id = settings.listener_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -245,7 +252,7 @@ class Listener:
     def holds(self, mailbox: str) -> bool:
         return mailbox in self.group_of
 
-    def _on_mail(self, mails, *, subscription_id: str, group: str) -> None:
+    def _on_mail(self, mails: Sequence[NewMail], *, subscription_id: str, group: str) -> None:
         for mail in mails:  # one job per item, the id a catch-up gives it too (RQ dedupes the twins)
             self.sink.put([mail])
         self._note_activity(mails[0].mailbox, {m.folder for m in mails})
@@ -257,7 +264,7 @@ class Listener:
             since, known = self._active.get(mailbox, (time.monotonic(), set()))
             self._active[mailbox] = (since, known | folders)
 
-    def _on_subscribed(self, mailboxes, reason: str) -> None:
+    def _on_subscribed(self, mailboxes: Iterable[str], reason: str) -> None:
         self.catchups.request(mailboxes, reason)
 
     def _on_unknown_folder(self, mailbox: str, folder_id: str, first: bool = True) -> None:
@@ -266,7 +273,7 @@ class Listener:
                           mailbox=mailbox, folder=folder_id)
         self.catchups.request([mailbox], "new_folder")  # requests merge: a burst costs one more run
 
-    def _on_moves(self, mailbox: str, moves, moved_into=()) -> None:
+    def _on_moves(self, mailbox: str, moves: Sequence[tuple[str, str]], moved_into: Iterable[str] = ()) -> None:
         """Record moves for workers whose item is gone, and have the folders mail was moved into
         checkpointed: mail moved there that no job covers (moved before a stream saw it, or before
         the move was recorded) is found by the checkpoint; processed mail is skipped there."""
@@ -326,7 +333,7 @@ class Listener:
                 self.groups.remove(group)
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def stop(self, *_args) -> None:
+    def stop(self, *_args: object) -> None:
         self._stop.set()
 
     def run(self) -> int:
@@ -426,7 +433,7 @@ class Listener:
             self.log.info("mailboxes rebalanced", took=len(new), released=len(to_release), lost=len(lost),
                           holding=len(self.group_of), live_listeners=live)
 
-    def _take(self, mailboxes) -> None:
+    def _take(self, mailboxes: Iterable[str]) -> None:
         size = self.settings.group_size
         for mailbox in mailboxes:
             group = next((g for g in self.groups if g.size() < size), None)
@@ -441,8 +448,8 @@ class Listener:
             group.add([mailbox])
             self.group_of[mailbox] = group
 
-    def _drop(self, mailboxes) -> None:
-        by_group = collections.defaultdict(list)
+    def _drop(self, mailboxes: Iterable[str]) -> None:
+        by_group: collections.defaultdict[StreamGroup, list[str]] = collections.defaultdict(list)
         for mailbox in mailboxes:
             group = self.group_of.pop(mailbox, None)
             if group is not None:
@@ -484,5 +491,5 @@ class Listener:
         return 0
 
 
-def run(settings) -> int:
+def run(settings: Settings) -> int:
     return Listener(settings).run()

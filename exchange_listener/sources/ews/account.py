@@ -42,11 +42,11 @@ class _PooledOAuth2(OAuth2Credentials):
         self.pool = pool
 
     @property
-    def token_url(self):
+    def token_url(self) -> str:
         return self._token_url_override or super().token_url
 
 
-def make_credentials(settings: Settings, pool: str = "default"):
+def make_credentials(settings: Settings, pool: str = "default") -> Credentials | OAuth2Credentials:
     if settings.auth_type == "oauth2":
         return _PooledOAuth2(
             client_id=settings.client_id,

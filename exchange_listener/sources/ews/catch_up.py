@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import redis
+from exchangelib import Account
 from exchangelib.errors import ErrorFolderNotFound, ErrorInvalidSyncStateData
 from exchangelib.fields import FieldPath
 from exchangelib.folders import Folder
@@ -156,7 +158,7 @@ class SyncStore:
         self.conn.delete(keys.sync(mailbox), keys.folders(mailbox), keys.tree(mailbox))
 
 
-def folder_ref(mailbox: str, folder: str):
+def folder_ref(mailbox: str, folder: str) -> DistinguishedFolderId | FolderId:
     """The EWS id element for ``folder`` (a distinguished name or a folder id)."""
     if folder in DISTINGUISHED:
         return DistinguishedFolderId(id=folder, mailbox=Mailbox(email_address=mailbox))
@@ -167,7 +169,7 @@ def folder_ref(mailbox: str, folder: str):
 class FolderIds(GetFolder):
     """GetFolder that returns only each folder's id (no Folder objects, no root lookup)."""
 
-    def _elems_to_objs(self, elems):
+    def _elems_to_objs(self, elems: Iterable[Any]) -> Iterator[Any]:
         for elem in elems:
             if isinstance(elem, Exception) or elem is None:
                 yield elem
@@ -176,10 +178,10 @@ class FolderIds(GetFolder):
             yield None if fid is None else fid.get("Id")
 
 
-def distinguished_folder_ids(account, mailbox: str) -> dict[str, str]:
+def distinguished_folder_ids(account: Account, mailbox: str) -> dict[str, str]:
     """Ids of the distinguished folders this server has (one GetFolder; missing ones are left out)."""
     refs = [DistinguishedFolderId(id=n, mailbox=Mailbox(email_address=mailbox)) for n in DISTINGUISHED]
-    found = {}
+    found: dict[str, str] = {}
     for name, value in zip(DISTINGUISHED, FolderIds(account=account).call(folders=refs, additional_fields=set(),
                                                                            shape="IdOnly")):
         if isinstance(value, str):
@@ -190,7 +192,7 @@ def distinguished_folder_ids(account, mailbox: str) -> dict[str, str]:
 class FolderChanges(SyncFolderHierarchy):
     """SyncFolderHierarchy yielding (change, folder id, parent id, folder class): no Folder objects."""
 
-    def _elem_to_obj(self, elem):
+    def _elem_to_obj(self, elem: Any) -> tuple[Any, str | None, str | None, str | None]:
         change = self.change_types_map[elem.tag]
         if change == self.DELETE:
             fid = elem.find(FolderId.response_tag())
@@ -206,7 +208,7 @@ class FolderChanges(SyncFolderHierarchy):
 _TREE_FIELDS = {FieldPath(field=Folder.get_field_by_fieldname(n)) for n in ("parent_folder_id", "folder_class")}
 
 
-def refresh_tree(account, mailbox: str, store: SyncStore) -> int:
+def refresh_tree(account: Account, mailbox: str, store: SyncStore) -> int:
     """Bring the stored folder tree up to date; returns how many folders changed."""
     log = logs.get_logger(mailbox=mailbox)
     state = redis_conn.text(store.conn.hget(keys.sync(mailbox), "@tree") or b"") or None
@@ -242,7 +244,7 @@ def refresh_tree(account, mailbox: str, store: SyncStore) -> int:
 _ITEM_FIELDS = {FieldPath(field=Message.get_field_by_fieldname(n)) for n in ("datetime_received", "message_id")}
 
 
-def catch_up(account, mailbox: str, folder: str, store: SyncStore, ledger: Ledger,
+def catch_up(account: Account, mailbox: str, folder: str, store: SyncStore, ledger: Ledger,
              enqueue: Callable[[Sequence[NewMail]], None], *, since: float) -> int:
     """Enqueue every mail created in ``folder`` since its stored state that is not processed yet.
 
@@ -301,7 +303,7 @@ def catch_up(account, mailbox: str, folder: str, store: SyncStore, ledger: Ledge
     return total
 
 
-def catch_up_mailbox(account, mailbox: str, store: SyncStore, ledger: Ledger,
+def catch_up_mailbox(account: Account, mailbox: str, store: SyncStore, ledger: Ledger,
                      enqueue: Callable[[Sequence[NewMail]], None], *, added_at: float | None,
                      folders: Iterable[str] | None = None) -> tuple[int, dict[str, str] | None]:
     """Catch up ``folders`` (keys), or the whole mailbox with its folder tree refreshed first.

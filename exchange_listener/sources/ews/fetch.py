@@ -15,11 +15,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import redis
 import requests.exceptions
-from exchangelib import Account, Message
+from exchangelib import Account, Configuration, Message
 from exchangelib.errors import (
     ErrorCorruptData,
     ErrorInvalidIdMalformed,
@@ -83,7 +84,7 @@ class _GetItem(GetItem):
     """
 
     @classmethod
-    def _get_soap_parts(cls, response):
+    def _get_soap_parts(cls, response: requests.Response) -> tuple[Any, Any]:
         try:
             root = to_xml(response.content)
         except ParseError as exc:
@@ -102,7 +103,7 @@ class _MessageIdIs:
     def __init__(self, message_id: str):
         self.message_id = message_id
 
-    def to_xml(self, version):
+    def to_xml(self, version: Any) -> Any:
         restriction = create_element("m:Restriction")
         equal = create_element("t:IsEqualTo")
         equal.append(create_element("t:FieldURI", attrs={"FieldURI": "message:InternetMessageId"}))
@@ -123,11 +124,11 @@ _TEXT_PATHS = _field_paths(("unique_body",))
 TEXT_LIMIT = 8192  # characters of UniqueBody the classifier gets: only the start of a reply matters
 
 
-def _address(mailbox) -> str | None:
+def _address(mailbox: object) -> str | None:
     return getattr(mailbox, "email_address", None) or None
 
 
-def _addresses(mailboxes) -> list[str]:
+def _addresses(mailboxes: Iterable[object] | None) -> list[str]:
     return [a for a in (_address(m) for m in mailboxes or ()) if a]
 
 
@@ -139,12 +140,12 @@ class EwsFetcher:
         self.max_connections = max_connections
         self._pid: int | None = None
         self._generation = 0  # bumped when sessions are discarded, so exchangelib's cache yields a new Protocol
-        self._configuration = None
+        self._configuration: Configuration | None = None
         self._accounts: collections.OrderedDict[str, Account] = collections.OrderedDict()
         self._redis: redis.Redis | None = None
 
     # -- exchangelib objects, per process ---------------------------------------------------
-    def _account(self, mailbox: str):
+    def _account(self, mailbox: str) -> Account:
         pid = os.getpid()
         if self._pid != pid:  # first use, first use after a fork, or after a failure: start cold
             pool = f"worker-{pid}" + (f".{self._generation}" if self._generation else "")

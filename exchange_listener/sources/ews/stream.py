@@ -28,14 +28,15 @@ Membership changes interrupt the stream by shutting its socket down.
 from __future__ import annotations
 
 import contextlib
+import enum
 import random
 import re
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final, Literal
 
 import requests
 import urllib3
@@ -50,10 +51,11 @@ from exchangelib.services import (
 from exchange_listener.core import logs, metrics
 from exchange_listener.core.backoff import SPREAD, Backoff
 from exchange_listener.core.backoff import delay as backoff_delay
-from exchange_listener.core.config import scrub
+from exchange_listener.core.config import Settings, scrub
 from exchange_listener.sources.base import NewMail
 from exchange_listener.sources.ews import account as ews_account
 from exchange_listener.sources.ews.catch_up import (
+    SyncStore,
     distinguished_folder_ids,
     watched_folders,
 )
@@ -111,7 +113,7 @@ class _GroupAffinity(_Service):
 
     group: StreamGroup
 
-    def _extra_headers(self):
+    def _extra_headers(self) -> dict[str, str]:
         headers = super()._extra_headers()
         headers["X-AnchorMailbox"] = self.group.anchor
         headers["X-PreferServerAffinity"] = "True"
@@ -120,7 +122,7 @@ class _GroupAffinity(_Service):
             headers["X-BackEndOverrideCookie"] = self.group.cookie
         return headers
 
-    def _handle_response_cookies(self, session):
+    def _handle_response_cookies(self, session: requests.Session) -> None:
         super()._handle_response_cookies(session)
         for cookie in session.cookies:
             if cookie.name == "X-BackEndOverrideCookie" and cookie.value:
@@ -140,25 +142,29 @@ class GroupStreamingEvents(_GroupAffinity, GetStreamingEvents):
 
     read_timeout: float = 90.0
 
-    def call(self, subscription_ids, connection_timeout):
+    def call(self, subscription_ids: list[str], connection_timeout: int) -> Any:
         notifications = super().call(subscription_ids=subscription_ids, connection_timeout=connection_timeout)
         self.timeout = (CONNECT_TIMEOUT, self.read_timeout)  # read lazily when iteration sends the request
         return notifications
 
-    def _get_response(self, payload, api_version):
+    def _get_response(self, payload: Any, api_version: str) -> requests.Response:
         response = super()._get_response(payload=payload, api_version=api_version)
         self.group.connected = True  # HTTP 200: the server holds the stream now
         self.group.last_activity = time.time()
         return response
 
-    def _get_element_container(self, message, name=None):
+    def _get_element_container(self, message: Any, name: str | None = None) -> Any:
         self.group.last_activity = time.time()
         self.group.backoff.reset()  # a whole envelope arrived: the connection works again
         self.group.busy_streak = 0
         return super()._get_element_container(message, name=name)
 
 
-UNKNOWN = object()  # a folder the member's folder map does not know
+class _Unknown(enum.Enum):
+    FOLDER = 0  # an enum member rather than object(): mypy narrows ``is UNKNOWN``
+
+
+UNKNOWN: Final = _Unknown.FOLDER  # a folder the member's folder map does not know
 
 
 @dataclass
@@ -176,7 +182,7 @@ class Member:
     failing_since: float | None = None
     last_error: str | None = None
 
-    def folder_of(self, parent_id: str):
+    def folder_of(self, parent_id: str) -> str | Literal[_Unknown.FOLDER] | None:
         """Folder key for a new item's parent folder; None when mail there does not count; UNKNOWN."""
         key = self.watched.get(parent_id)
         if key is not None:
@@ -196,9 +202,10 @@ class StreamGroup:
     when the server refuses another connection; ``folder_cache`` is a ``SyncStore``.
     """
 
-    def __init__(self, group_id: str, settings, *, on_mail: Callable, on_subscribed: Callable,
-                 on_unknown_folder: Callable, on_moves: Callable, folder_cache, on_limit: Callable | None = None,
-                 listener_id: str = ""):
+    def __init__(self, group_id: str, settings: Settings, *, on_mail: Callable[..., None],
+                 on_subscribed: Callable[[list[str], str], None], on_unknown_folder: Callable[..., None],
+                 on_moves: Callable[[str, list[tuple[str, str]], set[str]], None], folder_cache: SyncStore,
+                 on_limit: Callable[[StreamGroup], None] | None = None, listener_id: str = ""):
         self.id = group_id
         self.settings = settings
         self.on_mail = on_mail
@@ -236,7 +243,7 @@ class StreamGroup:
     def size(self) -> int:
         return len(self.assigned)
 
-    def add(self, mailboxes) -> None:
+    def add(self, mailboxes: Collection[str]) -> None:
         self.assigned.update(mailboxes)
         with self._lock:
             for m in mailboxes:
@@ -246,7 +253,7 @@ class StreamGroup:
                 self.anchor = min(self._adds)
         self._dirty.set()
 
-    def remove(self, mailboxes) -> None:
+    def remove(self, mailboxes: Collection[str]) -> None:
         self.assigned.difference_update(mailboxes)
         with self._lock:
             for m in mailboxes:
@@ -369,7 +376,7 @@ class StreamGroup:
         self.connected = False
         self._reconnect_reason = self._reconnect_reason or "interrupted"
 
-    def _lost(self, reason: str, message: str | None, delay: float, **extra) -> None:
+    def _lost(self, reason: str, message: str | None, delay: float, **extra: Any) -> None:
         self.connected = False
         self._reconnect_reason = reason
         metrics.RECONNECTS.labels(reason).inc()
@@ -553,7 +560,7 @@ class StreamGroup:
                 member.watched = watched
                 member.asked.clear()
 
-    def _handle(self, notification, live: dict[str, Member]) -> None:
+    def _handle(self, notification: Any, live: dict[str, Member]) -> None:
         member = live.get(notification.subscription_id)
         if member is None:
             return
@@ -611,7 +618,7 @@ class StreamGroup:
                 pass
 
 
-def _sockets_of(response) -> list:
+def _sockets_of(response: object) -> list[socket.socket]:
     """The TCP socket(s) under a streaming ``requests`` response (urllib3 2.x internals, guarded)."""
     found = []
     raw = getattr(response, "raw", None)
