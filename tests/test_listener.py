@@ -19,6 +19,7 @@ from emulators.services import (
     wait_for,
 )
 from exchange_listener import queueing
+from exchange_listener.core import keys
 from exchange_listener.listener import leases, mailboxes
 
 SERVICE_ACCOUNT = ("svc", "svc-password")  # the account the conftest emulator fixture grants
@@ -59,6 +60,9 @@ def test_delivered_mail_is_enqueued_while_the_stream_is_open(redis_client, emula
     mailboxes.add(redis_client, ["alice@example.com", "bob@example.com"])
     listeners(emulator)
     wait_for(lambda: streaming(redis_client, "l1", 2), message="both mailboxes streaming")
+    # and their first catch-up done: one still running when the mail lands may enqueue it first
+    wait_for(lambda: redis_client.hget(keys.listener("l1"), "catchups_pending") == b"0",
+             message="first catch-ups done")
 
     sent = emulator.deliver("alice@example.com", mail("sent by the rep"), folder="sentitems")
     draft = emulator.deliver("alice@example.com", mail("draft"), folder="drafts")
