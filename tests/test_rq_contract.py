@@ -42,6 +42,9 @@ QUEUE = "contract"
 ROOT = Path(__file__).resolve().parent.parent
 SLEEP = "time.sleep"  # an importable job function with a JSON argument
 
+# a worker thread dying on a closed socket (e.g. RQ's pubsub after an idle stop) is a failure here
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+
 
 @pytest.fixture
 def settings(redis_server, redis_client):

@@ -123,7 +123,12 @@ class MailWorker(SimpleWorker):
                 return
             # Idle in the blocking dequeue: RQ's stop interrupts our read, but the server keeps the
             # BLMOVE waiting on the open socket and would move the next job to the intermediate
-            # list for a reader that is gone. Closing the socket cancels it.
+            # list for a reader that is gone. Closing the socket cancels it. The pool also holds
+            # the pubsub connection (RQ's command channel): stop its thread first, or it dies
+            # reading a closed socket and prints a traceback on every idle stop.
+            with contextlib.suppress(Exception):
+                self.unsubscribe()
+                self.pubsub_thread = None  # RQ's teardown unsubscribes again: nothing left to do
             with contextlib.suppress(Exception):
                 self.connection.connection_pool.disconnect()
         super()._shutdown()
