@@ -131,6 +131,7 @@ class Emulator:
         self.options = options
         self.store = self._new_store()
         self.streams: set[Stream] = set()
+        self.inflight: set[asyncio.Task] = set()  # EWS requests being answered (reset cancels them)
         self.tokens: dict[str, tuple[str, float]] = {}  # token -> (client id, expires at)
         self.faults = Faults()
         self.operations: collections.Counter = collections.Counter()  # EWS operations answered, for benchmarks
@@ -148,7 +149,12 @@ class Emulator:
         return store
 
     def reset(self) -> None:
-        """Back to what a fresh process with the same options holds (see the module docstring)."""
+        """Back to what a fresh process with the same options holds (see the module docstring).
+        EWS requests still being answered (asleep in a latency fault, streaming) are cancelled, so
+        none of them finishes against the new state; their clients see the connection drop."""
+        for task in list(self.inflight):
+            task.cancel()
+        self.inflight.clear()
         for stream in list(self.streams):
             stream.reset()
         self.streams.clear()
@@ -255,6 +261,15 @@ class Emulator:
                             charset="utf-8")
 
     async def ews(self, request: web.Request) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        self.inflight.add(task)
+        try:
+            return await self._ews(request)
+        finally:
+            self.inflight.discard(task)
+
+    async def _ews(self, request: web.Request) -> web.StreamResponse:
         data = await request.read()  # read first: an unread body would make aiohttp answer "Connection: close"
         principal = self._principal(request)
         if principal is None:
