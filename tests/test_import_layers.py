@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import grimp
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("exchange_listener", "workers", "emulators")
@@ -28,15 +29,22 @@ def test_every_import_follows_the_flow():
     assert "0 broken" in result.stdout
 
 
-def test_an_import_against_the_flow_is_caught(tmp_path):
+@pytest.mark.parametrize(("module", "added", "contract"), [
+    ("exchange_listener/core/config.py", "workers.jobs", "layers along the flow"),
+    ("workers/policy.py", "exchange_listener.listener.leases", "workers never import the listener"),
+    ("exchange_listener/commands/status.py", "emulators.services", "the runtime never imports emulators"),
+    ("emulators/services.py", "exchange_listener.cli", "emulators use only core"),
+])
+def test_an_import_against_a_contract_is_caught(tmp_path, module, added, contract):
     for package in PACKAGES:
         shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("schema", "__pycache__"))
     shutil.copy(ROOT / ".importlinter", tmp_path)
-    config = tmp_path / "exchange_listener" / "core" / "config.py"
-    config.write_text(config.read_text() + "\nimport workers.jobs  # against the flow\n")
+    path = tmp_path / module
+    path.write_text(path.read_text() + f"\nimport {added}  # breaks: {contract}\n")
     result = _lint_imports(tmp_path)
-    assert result.returncode != 0
-    assert "exchange_listener.core.config -> workers.jobs" in result.stdout
+    assert result.returncode != 0, contract
+    importer = module.removesuffix(".py").replace("/", ".")
+    assert f"{importer} -> {added}" in result.stdout, result.stdout
 
 
 def _cycle(graph: grimp.ImportGraph) -> list[str] | None:
