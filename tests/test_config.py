@@ -86,6 +86,17 @@ def test_unknown_environment_variable_is_an_error_naming_the_closest_setting(env
     assert str(err.value) == message
 
 
+def test_variables_kubernetes_and_docker_set_for_a_service_named_exchange_listener_are_not_typos():
+    """A Service "exchange-listener" (say, for metrics) puts these in every pod of the namespace."""
+    links = {"EXCHANGE_LISTENER_SERVICE_HOST": "10.0.0.7", "EXCHANGE_LISTENER_SERVICE_PORT": "9100",
+             "EXCHANGE_LISTENER_SERVICE_PORT_METRICS": "9100", "EXCHANGE_LISTENER_PORT": "tcp://10.0.0.7:9100",
+             "EXCHANGE_LISTENER_PORT_9100_TCP": "tcp://10.0.0.7:9100", "EXCHANGE_LISTENER_PORT_9100_TCP_PROTO": "tcp",
+             "EXCHANGE_LISTENER_PORT_9100_TCP_PORT": "9100", "EXCHANGE_LISTENER_PORT_9100_TCP_ADDR": "10.0.0.7"}
+    assert config.load(env=links).queue_name == config.default("queue_name")
+    with pytest.raises(config.ConfigError, match="EXCHANGE_LISTENER_PORTS is not a setting"):
+        config.load(env={**links, "EXCHANGE_LISTENER_PORTS": "1"})
+
+
 def test_typo_in_environment_stops_a_command_before_it_touches_redis(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(config.ENV_PREFIX)}
     env["EXCHANGE_LISTENER_REDIS_ULR"] = "redis://127.0.0.1:1/0"

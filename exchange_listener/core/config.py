@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -144,12 +145,18 @@ def _not_a_setting(name: str, where: str, env: bool = False) -> str:
     return f"{name}{where} is not a setting ({hint})"
 
 
+# Variables a platform sets for a service or container named "exchange-listener", not settings:
+# Kubernetes service links (EXCHANGE_LISTENER_SERVICE_HOST, _SERVICE_PORT[_NAME], _PORT,
+# _PORT_9100_TCP[_PROTO|_PORT|_ADDR]) and Docker links (the same _PORT* forms, _NAME, _ENV_*).
+_LINK_VARIABLE = re.compile(re.escape(ENV_PREFIX) + r"(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?|NAME|ENV_\w+)$")
+
+
 def _check_names(env: Mapping[str, str], path: str | None, from_file: dict[str, Any], overrides: dict[str, Any] | None) -> None:
     """Every ``EXCHANGE_LISTENER_*`` variable, file key and override must be a known name: a typo is
     an error, never a silently kept default (a mistyped redis_url would mean the wrong Redis)."""
     names = {env_name(k) for k in FIELD_BY_KEY} | set(OTHER_ENV)
     found = [_not_a_setting(n, "", env=True) for n in sorted(env)
-             if n.upper().startswith(ENV_PREFIX) and n not in names]
+             if n.upper().startswith(ENV_PREFIX) and n not in names and not _LINK_VARIABLE.match(n)]
     found += [_not_a_setting(k, f" in {path}") for k in sorted(set(from_file) - set(FIELD_BY_KEY))]
     found += [_not_a_setting(k, " (an argument)") for k in sorted(set(overrides or ()) - set(FIELD_BY_KEY))]
     if found:
