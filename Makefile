@@ -79,7 +79,7 @@ drain: ## stop taking jobs, let running jobs finish, stop workers (the listener 
 resume: ## start the workers again after a drain
 	$(SUPERVISORCTL) start 'worker:*'
 
-failed: config-check ## list failed jobs with their errors
+failed: config-check ## list failed jobs with their errors, and given-up notifications
 	$(EL) jobs failed --config "$(CONFIG)"
 
 requeue-failed: config-check ## put every failed job back on the queue

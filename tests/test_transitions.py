@@ -108,3 +108,13 @@ def test_a_stored_transition_with_a_field_this_version_does_not_know_still_reads
                                                   "previous_status": "active", "reason": "replied", "at": "x",
                                                   "event_key": "k", "version": 1}
     assert Transition.from_json(json.dumps({**fields, "added_later": 1})).to_fields() == fields
+
+
+def test_every_field_survives_the_scripts_json_round_trip():
+    """The transition script re-encodes the draft with Redis's cjson, which turns lists into
+    objects and big numbers into exponent form: fields must be strings, small ints or None."""
+    import typing
+
+    hints = typing.get_type_hints(Transition)
+    allowed = {str, int, str | None, int | None}
+    assert {name: hints[name] for name in hints if name != "FROM_STATE" and hints[name] not in allowed} == {}

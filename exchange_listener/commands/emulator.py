@@ -54,8 +54,13 @@ def _raise_open_file_limit() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emulators.ews.server import Options
-    from emulators.ews.server import run as serve
+    try:
+        from emulators.ews.server import Options
+        from emulators.ews.server import run as serve
+    except ImportError as exc:  # aiohttp is the 'emulator' extra, not needed to run the service
+        print(f"exchange-listener emulator: {exc}; install the extra: pip install 'exchange-listener[emulator]'",
+              file=sys.stderr)
+        return 2
 
     logs.configure(args.log_level, "auto", stream=sys.stderr)
     _raise_open_file_limit()

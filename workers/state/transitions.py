@@ -7,8 +7,10 @@ stream (field ``data``). The webhook body is that object plus ``"type"`` (``to_p
 sorted, no spaces: ``webhook_body``); the callable gets ``to_fields()``; ``exchange-listener
 enrollments show --history`` prints ``to_fields()`` of each. docs/webhooks.md documents the
 fields. To add a field, add it here (with a default, so stored transitions still read):
-``EnrollmentStore.transition`` fills it in the draft it hands to the script, which stores it as
-given. Only the fields in ``FROM_STATE`` are the script's to set, from the enrollment's state at
+``EnrollmentStore.transition`` fills it in the draft it hands to the script, which decodes and
+re-encodes it with Redis's cjson: a field must be a string, an int below 1e14 or None (cjson turns
+``[]`` into ``{}`` and writes larger numbers in exponent form), which tests/test_transitions.py
+checks. Only the fields in ``FROM_STATE`` are the script's to set, from the enrollment's state at
 the instant the transition applies.
 """
 from __future__ import annotations
