@@ -1,18 +1,37 @@
-"""``exchange-listener sends record|show|new-id``: the send registry for sending platforms.
+"""``exchange-listener sends record|import|show|new-id``: the send registry for sending platforms.
 
 ``record`` prints the stored send as JSON; ``show`` prints the send a Message-ID belongs to
 (exit 1 if none); ``new-id`` prints a fresh, unguessable Message-ID for a domain.
 Bad input (no usable Message-ID, no recipient, id owned by another enrollment) exits 2 with
 a message naming the problem, and stores nothing.
+
+``import FILE`` (``-``: stdin) records one send per JSON line, ``{"message_id": ID or
+"message_ids": [...], "enrollment", "sequence", "mailbox", "to": [...], "cc": [...], "sent_at"}``
+(cc and sent_at optional), checked exactly as ``record`` checks its flags, and prints
+``{"recorded": N, "rejected": [{"line": K, "error": "..."}]}`` (K counts physical lines from 1;
+blank lines are skipped). A rejected line stores nothing and the others are recorded; exit 0 when
+every line was recorded, 2 when any was rejected. Sends are written in batches, each one
+transaction (a send is never half-written), so importing the same file again changes nothing.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import redis
 
 from exchange_listener.commands import add_config_argument, load_settings
 from exchange_listener.core import redis_conn
+
+if TYPE_CHECKING:
+    from workers.state.sends import SendDraft, SendRegistry
+
+IMPORT_FIELDS = ("message_id", "message_ids", "enrollment", "sequence", "mailbox", "to", "cc", "sent_at")
+IMPORT_BATCH = 250  # sends per transaction
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     record.add_argument("--to", action="append", required=True, metavar="ADDR")
     record.add_argument("--cc", action="append", default=[], metavar="ADDR")
     record.add_argument("--sent-at", metavar="ISO", help="ISO 8601 send time (default: now; naive = UTC)")
+    bulk = sub.add_parser("import", help="record sends from a JSON-lines file")
+    add_config_argument(bulk)
+    bulk.add_argument("file", metavar="FILE", help="one send per line as a JSON object ('-': stdin)")
     show = sub.add_parser("show", help="the send a Message-ID belongs to, as JSON")
     add_config_argument(show)
     show.add_argument("message_id", metavar="MESSAGE_ID")
@@ -57,9 +79,110 @@ def run(args: argparse.Namespace) -> int:
             return 2
         print(json.dumps(send.as_dict()))
         return 0
+    if args.action == "import":
+        return _import(registry, args.file)
     found = registry.get(args.message_id)
     if found is None:
         print(f"exchange-listener sends show: no recorded send has Message-ID {args.message_id!r}", file=sys.stderr)
         return 1
     print(json.dumps(found.as_dict()))
     return 0
+
+
+def _string(data: dict[str, Any], name: str) -> str:
+    if not isinstance(data[name], str):
+        raise ValueError(f"{name}: must be a string")  # noqa: TRY004 (bad input: record's ValueError)
+    return data[name]
+
+
+def _strings(data: dict[str, Any], name: str) -> list[str]:
+    """A list of strings; one string alone is taken as that list of one (as ``record`` takes it)."""
+    value = data[name]
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{name}: must be a list of strings")
+    return value
+
+
+def _draft(registry: SendRegistry, line: bytes) -> SendDraft:
+    """One line as the send ``sends record`` would take; ValueError naming the field if not."""
+    try:
+        text = line.decode("utf-8-sig")  # strict (json.loads(bytes) would let encoded surrogates through)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8: {exc}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON: {exc}") from None
+    if "\\u" in text:  # an escape may make a lone surrogate, which Redis cannot be sent
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("not UTF-8: a \\u escape makes a lone surrogate") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")  # noqa: TRY004 (bad input: record's ValueError)
+    unknown = sorted(set(data) - set(IMPORT_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown field {', '.join(map(repr, unknown))} (fields: {', '.join(IMPORT_FIELDS)})")
+    missing = [n for n in ("enrollment", "sequence", "mailbox", "to") if n not in data]
+    if "message_id" not in data and "message_ids" not in data:
+        missing.insert(0, "message_id (or message_ids)")
+    if missing:
+        raise ValueError(f"{missing[0]}: required")
+    ids = ([_string(data, "message_id")] if "message_id" in data else []) + (
+        _strings(data, "message_ids") if "message_ids" in data else [])
+    cc = _strings(data, "cc") if data.get("cc") is not None else []
+    sent_at = _string(data, "sent_at") if data.get("sent_at") is not None else None
+    return registry.validate(ids, _string(data, "enrollment"), _string(data, "sequence"), _string(data, "mailbox"),
+                             _strings(data, "to"), cc=cc, sent_at=sent_at)
+
+
+@contextmanager
+def _lines(path: str) -> Iterator[BinaryIO]:
+    if path == "-":
+        yield sys.stdin.buffer
+    else:
+        with open(path, "rb") as fh:
+            yield fh
+
+
+def _import(registry: SendRegistry, path: str) -> int:
+    recorded = 0
+    rejected: list[tuple[int, str]] = []  # (line, error)
+    batch: list[tuple[int, SendDraft]] = []
+
+    def flush() -> None:
+        nonlocal recorded
+        for (number, _), result in zip(batch, registry.record_many([draft for _, draft in batch])):
+            if isinstance(result, ValueError):
+                rejected.append((number, str(result)))
+            else:
+                recorded += 1
+        batch.clear()
+
+    try:
+        with _lines(path) as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    batch.append((number, _draft(registry, line)))
+                except ValueError as exc:
+                    rejected.append((number, str(exc)))
+                if len(batch) >= IMPORT_BATCH:
+                    flush()
+            flush()
+    except OSError as exc:
+        print(f"exchange-listener sends import: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except redis.exceptions.RedisError as exc:
+        print(f"exchange-listener sends import: stopped after {recorded} sends recorded, each whole (the batch in "
+              "flight may or may not be); importing the file again is safe", file=sys.stderr)
+        if isinstance(exc, redis.exceptions.ConnectionError):
+            raise  # the command's usual "cannot reach Redis", exit 3
+        print(f"exchange-listener sends import: Redis refused a batch: {exc}", file=sys.stderr)
+        return 1
+    rejected.sort()  # refusals by stored sends come after their batch's bad lines
+    print(json.dumps({"recorded": recorded, "rejected": [{"line": n, "error": e} for n, e in rejected]}))
+    return 2 if rejected else 0
