@@ -85,6 +85,23 @@ def test_catch_up_pages_through_more_than_512_changes(emulator, account, redis_c
     assert item_ids(queue) == delivered
 
 
+def test_catch_up_puts_up_to_fifty_mails_of_a_mailbox_in_one_job(emulator, account, redis_client, queue, ledger):
+    """RQ's own work per job costs more than a mail's: a catch-up of 120 mails makes 3 jobs, each
+    item in exactly one, and running it again from the same state makes the same jobs (same ids)."""
+    store = SyncStore(redis_client)
+    run(account, store, ledger, queue)
+    state = store.get(MAILBOX, "inbox")
+    delivered = {emulator.deliver(MAILBOX, mail(f"c{i}"))["item_id"] for i in range(120)}
+    assert run(account, store, ledger, queue) == 120
+    jobs = queue.jobs
+    assert sorted(len(job.args[0]["mails"]) for job in jobs) == [20, 50, 50]
+    carried = [m["item_id"] for job in jobs for m in job.args[0]["mails"]]
+    assert sorted(carried) == sorted(delivered)
+    store.put(MAILBOX, "inbox", state)  # a crash before the state was stored: the same chunks again
+    assert run(account, store, ledger, queue) == 120
+    assert {job.id for job in queue.jobs} == {job.id for job in jobs}
+
+
 def test_state_advances_only_after_the_items_are_enqueued(emulator, account, redis_client, queue, ledger):
     store = SyncStore(redis_client)
     run(account, store, ledger, queue)

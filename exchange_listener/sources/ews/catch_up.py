@@ -12,8 +12,9 @@ state. So, per mailbox:
 - **each such folder** is caught up with SyncFolderItems from its stored state. A created item
   is enqueued unless the ledger says its mail was already processed (it was moved here, or a
   restart replays it) or it was received before the mailbox was watched or before the ledger's
-  horizon. The new state is stored only *after* the items it covers are enqueued, so a crash in
-  between re-delivers (job ids dedupe) instead of losing mail.
+  horizon. The new items of a page go out in jobs of up to ``MAX_MAILS_PER_JOB`` mails. The new
+  state is stored only *after* the items it covers are enqueued, so a crash in between
+  re-delivers (the same chunks, so job ids dedupe) instead of losing mail.
 
 The listener runs a catch-up after every gap (start, reconnect, resubscribe, takeover), when a
 stream reports mail in a folder it does not know, and as a *checkpoint* of the folders that had
@@ -55,6 +56,10 @@ from exchange_listener.mail.message_ids import (
 )
 from exchange_listener.sources.base import NewMail
 from exchange_listener.sources.ledger import Ledger, identity
+
+# Mails of one mailbox the listener puts in one job at most (catch-up and stream): RQ's own work,
+# ~2 ms CPU per job, is then shared by many mails, and a job stays far inside job_timeout.
+MAX_MAILS_PER_JOB = 50
 
 MAX_CHANGES = 512
 # Mail received up to this long before the mailbox was added (or the ledger's horizon) is still
@@ -287,8 +292,8 @@ def catch_up(account: Account, mailbox: str, folder: str, store: SyncStore, ledg
         mails = [NewMail(mailbox=mailbox, item_id=item.id, folder=folder, seen_at=now, via="catchup",
                          message_id=message_id, received_at=received.timestamp() if received else 0.0)
                  for ident, item, message_id, received in candidates if ident not in done]
-        for mail in mails:
-            enqueue([mail])  # one job per item: the same id the stream would give it
+        for start in range(0, len(mails), MAX_MAILS_PER_JOB):  # many mails per job: RQ's cost is per job
+            enqueue(mails[start:start + MAX_MAILS_PER_JOB])
         if mails:
             metrics.CATCHUP_ITEMS.inc(len(mails))
             total += len(mails)
