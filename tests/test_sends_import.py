@@ -70,12 +70,10 @@ def snapshot(client) -> dict:
     return out
 
 
-def run_import(monkeypatch, capsys, url: str, path: str) -> tuple[int, dict]:
-    """The command in this process (the tests that need a child process use ``cli``)."""
-    from exchange_listener import cli as main
-
-    monkeypatch.setenv("EXCHANGE_LISTENER_REDIS_URL", url)
-    code = main.main(["sends", "import", path])
+def run_import(capsys, client, path: str) -> tuple[int, dict]:
+    """The command's import in this process, with its output (``cli`` runs the whole command;
+    calling cli.main here would point the process's logging at pytest's captured stdout)."""
+    code = sends_command._import(SendRegistry(client), path)
     return code, json.loads(capsys.readouterr().out)
 
 
@@ -188,11 +186,10 @@ def test_a_missing_file_is_a_clear_error(redis_server, tmp_path):
     (line(message_id="<a@b.example>", sent_at="2020-01-01T00:00:00Z"), "older than the retention"),
     (line(message_id="<a@b.example>", enrollment="e\ud800"), "lone surrogate"),
 ])
-def test_a_bad_line_is_rejected_with_the_field_named(monkeypatch, capsys, redis_server, redis_client, tmp_path,
-                                                      raw, error):
+def test_a_bad_line_is_rejected_with_the_field_named(capsys, redis_client, tmp_path, raw, error):
     path = tmp_path / "bad.jsonl"
     path.write_text(raw + "\n" + line(message_id="<fine@us.example>", enrollment="ok") + "\n")
-    code, out = run_import(monkeypatch, capsys, redis_server.url, str(path))
+    code, out = run_import(capsys, redis_client, str(path))
     assert code == 2 and out["recorded"] == 1
     ((rejected),) = out["rejected"]
     assert rejected["line"] == 1 and error in rejected["error"], rejected
@@ -200,34 +197,33 @@ def test_a_bad_line_is_rejected_with_the_field_named(monkeypatch, capsys, redis_
     assert redis_client.keys("el:enrollment:*") == [b"el:enrollment:ok"]
 
 
-def test_bytes_that_are_not_utf8_are_a_rejected_line(monkeypatch, capsys, redis_server, redis_client, tmp_path):
+def test_bytes_that_are_not_utf8_are_a_rejected_line(capsys, redis_client, tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'\xef\xbb\xbf' + line(message_id="<bom@us.example>").encode() + b"\r\n"
                      + line(message_id="<x@us.example>").encode().replace(b"rep@", b"caf\xe9@") + b"\n")
-    code, out = run_import(monkeypatch, capsys, redis_server.url, str(path))
+    code, out = run_import(capsys, redis_client, str(path))
     assert code == 2 and out["recorded"] == 1  # a BOM and CRLF line ends are fine
     assert out["rejected"][0]["line"] == 2 and out["rejected"][0]["error"].startswith("not UTF-8")
 
 
-def test_message_id_and_message_ids_together_make_one_send(monkeypatch, capsys, redis_server, redis_client, tmp_path):
+def test_message_id_and_message_ids_together_make_one_send(capsys, redis_client, tmp_path):
     path = tmp_path / "ids.jsonl"
     path.write_text(line(message_id="<ours@us.example>", message_ids=["srv@mx.us.example", "<ours@us.example>"]))
-    code, out = run_import(monkeypatch, capsys, redis_server.url, str(path))
+    code, out = run_import(capsys, redis_client, str(path))
     assert (code, out) == (0, {"recorded": 1, "rejected": []})
     send = SendRegistry(redis_client).get("srv@mx.us.example")
     assert send.message_ids == ("<ours@us.example>", "<srv@mx.us.example>")
 
 
-def test_an_empty_file_records_nothing(monkeypatch, capsys, redis_server, redis_client, tmp_path):
+def test_an_empty_file_records_nothing(capsys, redis_client, tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n\n")
-    assert run_import(monkeypatch, capsys, redis_server.url, str(path)) == (0, {"recorded": 0, "rejected": []})
+    assert run_import(capsys, redis_client, str(path)) == (0, {"recorded": 0, "rejected": []})
     assert redis_client.dbsize() == 0
 
 
 # -- batches behave as one record after another ---------------------------------------------------
-def test_batches_store_what_one_record_after_another_stores(monkeypatch, capsys, redis_server, redis_client,
-                                                            tmp_path):
+def test_batches_store_what_one_record_after_another_stores(capsys, redis_client, tmp_path):
     """Lines that share ids within a batch and across batches (merges, later sent_at, ids of
     another enrollment): the import and a `record` per line leave the same keys, values and
     expiries, and reject the same lines."""
@@ -240,7 +236,7 @@ def test_batches_store_what_one_record_after_another_stores(monkeypatch, capsys,
                           to=[f"p@d{rng.randrange(30)}.example", f"q@d{rng.randrange(30)}.example"]))
     path = tmp_path / "many.jsonl"
     path.write_text("\n".join(lines))
-    code, out = run_import(monkeypatch, capsys, redis_server.url, str(path))
+    code, out = run_import(capsys, redis_client, str(path))
     assert out["recorded"] > len(lines) / 4 and out["rejected"], "the data should mix merges and refusals"
     assert code == 2
     imported = snapshot(redis_client)
@@ -310,3 +306,59 @@ def test_the_bulk_write_creates_an_enrollment_as_ensure_does(redis_client):
 @given(st.from_regex(sends_state._PLAIN_ADDRESS, fullmatch=True))
 def test_an_address_taken_without_parseaddr_is_one_parseaddr_leaves_as_it_is(address):
     assert (email.utils.parseaddr(address)[1] or address) == address
+
+
+# -- the pipelined batches: a concurrent change, an error on either side ------------------------
+def drafts(registry, *specs):
+    return [registry.validate([mid], enrollment, "s", "rep@us.example", ["pat@prospect.example"])
+            for mid, enrollment in specs]
+
+
+def test_an_id_recorded_elsewhere_between_read_and_write_reruns_the_batch(redis_client, redis_server):
+    """Another writer records an id after the batch read it and before EXEC: the batch is
+    planned again (WATCH), so that line is refused instead of overwriting the other send."""
+    import redis as redis_lib
+
+    other = SendRegistry(redis_lib.Redis.from_url(redis_server.url))
+    planned = []
+
+    class Interleaved(SendRegistry):
+        def _plan(self, *args):
+            if not planned:  # the first plan only: a platform records <x> meanwhile
+                other.record(["<x@us.example>"], "e-other", "s", "rep@us.example", ["lee@prospect.example"])
+            planned.append(args[0])
+            return super()._plan(*args)
+
+    registry = Interleaved(redis_client)
+    (results,) = registry.record_batches([drafts(registry, ("<x@us.example>", "e1"), ("<y@us.example>", "e1"))])
+    assert len(planned) == 2
+    assert isinstance(results[0], ValueError) and "'e-other'" in str(results[0])
+    assert results[1].message_ids == ("<y@us.example>",)
+    assert registry.get("<x@us.example>").enrollment_id == "e-other"
+
+
+def test_an_error_in_the_callers_batches_leaves_the_batch_in_flight_whole(redis_client):
+    registry = SendRegistry(redis_client)
+
+    def batches():
+        yield drafts(registry, ("<a@us.example>", "e1"), ("<b@us.example>", "e2"))
+        raise OSError("the file went away")
+
+    with pytest.raises(OSError, match="went away"):
+        for _ in registry.record_batches(batches()):
+            pass
+    assert {s.enrollment_id for s in registry.lookup_many(["<a@us.example>", "<b@us.example>"])} == {"e1", "e2"}
+    assert registry.enrollments.get("e2")["status"] == "active"
+    assert list(registry.record_batches([])) == []
+    empty, one = registry.record_batches([[], drafts(registry, ("<c@us.example>", "e3"))])
+    assert empty == [] and one[0].enrollment_id == "e3"
+    assert redis_client.ping()  # the pool still serves
+
+
+def test_redis_refusing_a_batch_is_a_clear_error_not_a_traceback(redis_server, redis_client, tmp_path):
+    redis_client.set("el:domain:prospect.example", "not a sorted set")
+    path = tmp_path / "one.jsonl"
+    path.write_text(line(message_id="<m@us.example>") + "\n")
+    done = cli(redis_server.url, "sends", "import", str(path))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "Redis refused a batch" in done.stderr and "WRONGTYPE" in done.stderr

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -150,29 +151,38 @@ def _lines(path: str) -> Iterator[BinaryIO]:
 def _import(registry: SendRegistry, path: str) -> int:
     recorded = 0
     rejected: list[tuple[int, str]] = []  # (line, error)
-    batch: list[tuple[int, SendDraft]] = []
+    numbers: deque[list[int]] = deque()  # the line numbers of each batch handed over, oldest first
 
-    def flush() -> None:
-        nonlocal recorded
-        for (number, _), result in zip(batch, registry.record_many([draft for _, draft in batch])):
-            if isinstance(result, ValueError):
-                rejected.append((number, str(result)))
-            else:
-                recorded += 1
-        batch.clear()
+    def batches(lines: BinaryIO) -> Iterator[list[SendDraft]]:
+        """The checked lines, IMPORT_BATCH at a time (the registry takes the next batch while
+        Redis writes the one before, so this checking overlaps Redis's work)."""
+        batch: list[SendDraft] = []
+        at: list[int] = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                batch.append(_draft(registry, line))
+            except ValueError as exc:
+                rejected.append((number, str(exc)))
+                continue
+            at.append(number)
+            if len(batch) >= IMPORT_BATCH:
+                numbers.append(at)
+                yield batch
+                batch, at = [], []
+        if batch:
+            numbers.append(at)
+            yield batch
 
     try:
         with _lines(path) as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    batch.append((number, _draft(registry, line)))
-                except ValueError as exc:
-                    rejected.append((number, str(exc)))
-                if len(batch) >= IMPORT_BATCH:
-                    flush()
-            flush()
+            for results in registry.record_batches(batches(lines)):
+                for number, result in zip(numbers.popleft(), results, strict=True):
+                    if isinstance(result, ValueError):
+                        rejected.append((number, str(result)))
+                    else:
+                        recorded += 1
     except OSError as exc:
         print(f"exchange-listener sends import: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
         return 2
