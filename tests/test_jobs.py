@@ -534,6 +534,11 @@ class CountingFetcher(EwsFetcher):
         self.mime_reads.append(item_id)
         return super().fetch_text(mailbox, item_id)
 
+    def fetch_texts(self, mailbox, item_ids):  # the job's matched replies, in one GetItem
+        self.mime_reads.extend(item_ids)
+        self.text_batches = getattr(self, "text_batches", 0) + 1
+        return super().fetch_texts(mailbox, item_ids)
+
 
 OOO_TEXT_ONLY = ("Vielen Dank für Ihre Nachricht. Ich bin bis einschließlich {day} nicht im Büro und habe keinen "
                  "Zugriff auf meine E-Mails.")

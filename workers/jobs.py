@@ -140,12 +140,97 @@ def event_key(kind: str, mailbox: str, item: FetchedMessage, classification: Cla
     return f"{kind}:{_identity(mailbox, item, classification)}"
 
 
-def _classify(fetcher: MailFetcher, mailbox: str, item: FetchedMessage,
+@dataclasses.dataclass
+class _Ahead:
+    """What the job learned of one fetched item before processing it, in round trips all its
+    items share: the verdict of its headers, whether they ask for the body, the sends its
+    header ids match, and the text of a matched reply that looks human (``None``: not read)."""
+
+    c: Classification
+    body: bool
+    found: list[Send]
+    text: str | None = None
+
+
+_CITING_KINDS = ("bounce", "read_receipt", "complaint")  # their body names the original's Message-ID
+_BOUNCE_HINTS = ("null return path", "bounce subject", "bounce hints: body decides", "x-failed-recipients")
+
+
+def _body_may_cite(c: Classification, item: FetchedMessage) -> bool:
+    """The headers say bounce, receipt or complaint, or hint at one: the body may name one of
+    our sends even though no header id did, so such mail keeps its MIME read."""
+    if c.kind in _CITING_KINDS or any(r in c.reasons for r in _BOUNCE_HINTS):
+        return True
+    ctype = (_header(item, "content-type") or "").strip().lower()
+    return ctype.startswith("multipart/report") or _header(item, "x-amz-sns-message-id") is not None
+
+
+def _lookup_each(ctx: context.Context, id_lists: list[list[str]]) -> list[list[Send]]:
+    """``SendRegistry.lookup_many`` for each list of ids, all in one MGET."""
+    per_item = [list(dict.fromkeys(keys.send(n) for n in (normalize(i) if i else None for i in ids) if n))
+                for ids in id_lists]
+    names = list(dict.fromkeys(name for item_names in per_item for name in item_names))
+    stored = dict(zip(names, ctx.redis.mget(names))) if names else {}
+    out = []
+    for item_names in per_item:
+        sends: list[Send] = []
+        seen: set[str] = set()
+        for name in item_names:
+            raw = stored[name]
+            if raw is None:
+                continue
+            send = Send.from_json(raw)
+            if not seen.intersection(send.message_ids):
+                sends.append(send)
+            seen.update(send.message_ids)
+        out.append(sends)
+    return out
+
+
+def _prepare(ctx: context.Context, fetcher: MailFetcher, mailbox: str, fetched: list) -> dict[str, _Ahead]:
+    """Classify every fetched item by its headers, look up the sends their ids name (one MGET)
+    and read the text of the matched ones that look human (one ``fetch_texts``)."""
+    items = [f for f in fetched if isinstance(f, FetchedMessage)]
+    ahead: dict[str, _Ahead] = {}
+    id_lists = []
+    for item in items:
+        c = classify_headers(item.headers, item.item_class)
+        own_id = c.message_id or normalize(item.internet_message_id or "")
+        id_lists.append(([own_id] if own_id else []) + _match_ids(item, c))
+        ahead[item.item_id] = _Ahead(c, needs_body(item.headers), [])
+    for item, found in zip(items, _lookup_each(ctx, id_lists)):
+        ahead[item.item_id].found = found
+    want = []
+    for item in items:
+        a = ahead[item.item_id]
+        own_id = a.c.message_id or normalize(item.internet_message_id or "")
+        sender = a.c.from_address or (item.from_address or "").lower() or None
+        if a.found and not a.body and needs_text(a.c) and sender != mailbox.lower() \
+                and not (own_id and any(own_id in s.message_ids for s in a.found)):
+            want.append(item.item_id)
+    fetch_texts = getattr(fetcher, "fetch_texts", None)  # a fetcher need not derive from MailFetcher
+    if want and fetch_texts is not None:
+        try:
+            texts = fetch_texts(mailbox, want)
+        except BaseTimeoutException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - each item then reads its own text (and reports its error)
+            log.warning("batched text fetch failed; reading texts one by one", error=f"{type(exc).__name__}: {exc}",
+                        items=len(want))
+            texts = []
+        for item_id, text in zip(want, texts):
+            if isinstance(text, str):  # a gone or unreadable one is read again, alone, where it is
+                ahead[item_id].text = text
+    return ahead
+
+
+def _classify(fetcher: MailFetcher, mailbox: str, item: FetchedMessage, ahead: _Ahead,
               bound: FilteringBoundLogger) -> tuple[Classification, bool]:
-    """Headers first; the full MIME source only when the headers cannot settle it. Also says
-    whether the verdict saw the body (then the text was already read)."""
-    if not needs_body(item.headers):
-        return classify_headers(item.headers, item.item_class), False
+    """Headers first; the full MIME source only when the headers cannot settle it and either
+    an id matched a send or the body may name one (a bounce or receipt): unrelated bulk mail
+    is not read. Also says whether the verdict saw the body (then the text was already read)."""
+    if not ahead.body or (not ahead.found and not _body_may_cite(ahead.c, item)):
+        return ahead.c, False
     try:
         raw = fetcher.fetch_mime(mailbox, item.item_id)  # ItemGone: the caller looks for it elsewhere
     except ItemUnreadable as exc:  # the item is there but Exchange cannot give its MIME: headers decide
@@ -159,11 +244,14 @@ def _classify(fetcher: MailFetcher, mailbox: str, item: FetchedMessage,
 
 
 def _settle(fetcher: MailFetcher, mailbox: str, item: FetchedMessage, c: Classification, when: dt.datetime,
-            bound: FilteringBoundLogger) -> Classification:
+            bound: FilteringBoundLogger, text: str | None = None) -> Classification:
     """A human reply by its headers may still be an out-of-office or a ticket acknowledgement
     that says so only in its text: read the start of it (the source's ``fetch_text``, e.g. EWS
-    UniqueBody; else the first text part of the MIME). Called only for mail that matched a
-    send, so unrelated mail stays on the headers-only path."""
+    UniqueBody; else the first text part of the MIME), unless the job read it already
+    (``text``). Called only for mail that matched a send, so unrelated mail stays on the
+    headers-only path."""
+    if text is not None:
+        return settle_with_text(c, text, item.subject or "", when.date())
     fetch_text = getattr(fetcher, "fetch_text", None)
     try:
         text = fetch_text(mailbox, item.item_id) if fetch_text else first_text(fetcher.fetch_mime(mailbox, item.item_id))
@@ -240,10 +328,12 @@ def _observe(ctx: context.Context, enrollment_id: str, kind: str, details: dict)
 
 
 def _process(ctx: context.Context, fetcher: MailFetcher, mailbox: str, mail: NewMail, item: FetchedMessage,
-             bound: FilteringBoundLogger) -> dict:
+             ahead: dict[str, _Ahead], bound: FilteringBoundLogger) -> dict:
     """Classify and match one fetched mail, decide (or reuse the decision an earlier copy
-    made) and apply it. Returns the item's summary."""
-    c, body_seen = _classify(fetcher, mailbox, item, bound)
+    made) and apply it. Returns the item's summary. ``ahead`` holds what the job learned of
+    its items together (an item met again, or found elsewhere, is looked at on its own)."""
+    first = ahead.pop(item.item_id, None) or _prepare(ctx, fetcher, mailbox, [item])[item.item_id]
+    c, body_seen = _classify(fetcher, mailbox, item, first, bound)
     kind = c.kind
     sender = c.from_address or (item.from_address or "").lower() or None
     own_id = c.message_id or normalize(item.internet_message_id or "")
@@ -256,7 +346,8 @@ def _process(ctx: context.Context, fetcher: MailFetcher, mailbox: str, mail: New
     if sender and sender == mailbox.lower():
         summary["skipped"] = "sent by the mailbox itself"
         return summary
-    found = ctx.sends.lookup_many(([own_id] if own_id else []) + _match_ids(item, c))  # one round trip
+    # the body may name more ids (a bounce's original): look again; else the job's look-up stands
+    found = ctx.sends.lookup_many(([own_id] if own_id else []) + _match_ids(item, c)) if body_seen else first.found
     if own_id and any(own_id in s.message_ids for s in found):
         summary["skipped"] = "a copy of one of our sends"
         return summary
@@ -269,7 +360,7 @@ def _process(ctx: context.Context, fetcher: MailFetcher, mailbox: str, mail: New
         return summary
 
     decision, reused = _decide_once(ctx, fetcher, mailbox, item, c, body_seen, found, sender, when, received,
-                                    identity, bound)
+                                    identity, first.text, bound)
     if reused:
         summary["decision"] = "reused"  # an earlier copy (another mailbox, folder or attempt) decided
     summary["kind"] = decision["kind"]
@@ -285,7 +376,7 @@ def _process(ctx: context.Context, fetcher: MailFetcher, mailbox: str, mail: New
 
 def _decide_once(ctx: context.Context, fetcher: MailFetcher, mailbox: str, item: FetchedMessage, c: Classification,
                  body_seen: bool, found: list[Send], sender: str | None, when: dt.datetime, received: dt.datetime,
-                 identity: str, bound: FilteringBoundLogger) -> tuple[dict, bool]:
+                 identity: str, text: str | None, bound: FilteringBoundLogger) -> tuple[dict, bool]:
     """The decision for this mail: the one an earlier copy stored, else this copy's (settled
     with the text when the headers look human, then ``policy.decide``), stored unless another
     worker stored one first. Returns (decision, whether it was an earlier copy's)."""
@@ -294,7 +385,7 @@ def _decide_once(ctx: context.Context, fetcher: MailFetcher, mailbox: str, item:
     if stored is not None:
         return _covering(ctx, fetcher, mailbox, item, c, body_seen, found, sender, json.loads(stored), bound), True
     if not body_seen and needs_text(c):
-        c = _settle(fetcher, mailbox, item, c, when, bound)
+        c = _settle(fetcher, mailbox, item, c, when, bound, text)
     settings = policy.PolicySettings.from_settings(ctx.settings)
     domain = policy.domain_to_check(c, found, mailbox, sender, settings)
     candidates = ctx.sends.domain_enrollments(domain) if domain else []
@@ -429,7 +520,7 @@ def _gone(mail: NewMail, exc: ItemGone, outcome: str, bound: FilteringBoundLogge
 
 
 def _item(ctx: context.Context, fetcher: MailFetcher, mailbox: str, mail: NewMail, fetched: FetchedMessage | ItemGone,
-          bound: FilteringBoundLogger) -> dict:
+          ahead: dict[str, _Ahead], bound: FilteringBoundLogger) -> dict:
     """One item, wherever it is now: a gone item is looked for (``fetcher.relocate``) and
     processed where it was found; only one that exists nowhere is reported gone."""
     relocate = getattr(fetcher, "relocate", None)
@@ -454,7 +545,7 @@ def _item(ctx: context.Context, fetcher: MailFetcher, mailbox: str, mail: NewMai
             bound.info("mail found elsewhere", now_item_id=found.item_id, reason=str(fetched))
             fetched, relocated = found, True
         try:
-            summary = _process(ctx, fetcher, mailbox, mail, fetched, bound)
+            summary = _process(ctx, fetcher, mailbox, mail, fetched, ahead, bound)
         except ItemGone as exc:  # it moved while we read it (e.g. fetching its MIME)
             fetched = exc
             continue
@@ -475,14 +566,16 @@ def _handle(mailbox: str, source: str, mails: list[NewMail]) -> dict:
     ctx = context.get()
     fetcher = ctx.fetcher(source)
     items, errors = [], []
-    for mail, fetched in zip(mails, _fetch(fetcher, mailbox, mails)):
+    fetched_all = _fetch(fetcher, mailbox, mails)
+    ahead = _prepare(ctx, fetcher, mailbox, fetched_all)
+    for mail, fetched in zip(mails, fetched_all):
         bound = log.bind(item_id=mail.item_id)
         if isinstance(fetched, Exception) and not isinstance(fetched, ItemGone):
             bound.error("item could not be fetched", error=f"{type(fetched).__name__}: {fetched}")
             errors.append(f"{mail.item_id[-16:]}: {type(fetched).__name__}: {fetched}")
             continue
         try:
-            items.append(_item(ctx, fetcher, mailbox, mail, fetched, bound))
+            items.append(_item(ctx, fetcher, mailbox, mail, fetched, ahead, bound))
         except BaseTimeoutException:
             raise  # RQ's job timeout: the job must end here, not go on to the next item
         except Exception as exc:  # noqa: BLE001 - one bad item must not cost the others their processing

@@ -70,4 +70,20 @@ class MailFetcher(Protocol):
     def fetch_mime(self, mailbox: str, item_id: str) -> bytes:
         """The full RFC 5322 source, for classification that needs the body or attachments."""
 
+    def fetch_texts(self, mailbox: str, item_ids: Sequence[str]) -> list[str | None | ItemGone]:
+        """The text each message added (e.g. EWS UniqueBody), in the given order, in as few round
+        trips as the source allows: ``ItemGone`` for a missing or unreadable item, ``None`` when
+        the source reads no such text (the caller then reads the MIME). This default asks the
+        source's one-item ``fetch_text`` per id when it has one, so a source need not implement it."""
+        fetch_text = getattr(self, "fetch_text", None)
+        if fetch_text is None:
+            return [None for _ in item_ids]
+        out: list[str | None | ItemGone] = []
+        for item_id in item_ids:
+            try:
+                out.append(fetch_text(mailbox, item_id))
+            except ItemGone as exc:
+                out.append(exc)
+        return out
+
     def close(self) -> None: ...

@@ -234,14 +234,28 @@ class EwsFetcher:
     def fetch_text(self, mailbox: str, item_id: str) -> str:
         """The text this message added (EWS UniqueBody, without the quoted conversation), as
         plain text and bounded; far smaller than its MIME. Empty when Exchange has none."""
-        (item,) = self._get_items(mailbox, [item_id], _TEXT_PATHS)
-        if isinstance(item, Exception):
-            raise self._gone(mailbox, item_id, item)
-        body = getattr(item, "unique_body", None)
-        if not body:
-            return ""
-        text = html_to_text(str(body)) if type(body).__name__ == "HTMLBody" else str(body)
-        return text[:TEXT_LIMIT]
+        (text,) = EwsFetcher.fetch_texts(self, mailbox, [item_id])  # not a subclass's override
+        if isinstance(text, ItemGone):
+            raise text
+        return text or ""
+
+    def fetch_texts(self, mailbox: str, item_ids: Sequence[str]) -> list[str | None | ItemGone]:
+        """``fetch_text`` for many items of one mailbox in one GetItem (a job's matched replies
+        need theirs together); ``ItemGone`` in place of a missing or unreadable item."""
+        if not item_ids:
+            return []
+        results = self._get_items(mailbox, item_ids, _TEXT_PATHS)
+        if len(results) != len(item_ids):
+            raise FetchError(f"GetItem for {mailbox}: asked for {len(item_ids)} text(s), got {len(results)}")
+        out: list[str | None | ItemGone] = []
+        for item_id, item in zip(item_ids, results):
+            if isinstance(item, Exception):
+                out.append(self._gone(mailbox, item_id, item))
+                continue
+            body = getattr(item, "unique_body", None)
+            text = "" if not body else html_to_text(str(body)) if type(body).__name__ == "HTMLBody" else str(body)
+            out.append(text[:TEXT_LIMIT])
+        return out
 
     def relocate(self, mailbox: str, mail: NewMail) -> FetchedMessage | ItemGone:
         """The gone ``mail`` where it is now, or ``ItemGone`` saying it exists nowhere we can see."""

@@ -1,0 +1,134 @@
+"""A job carrying many mails of one mailbox (issue 13): the matched replies' texts are read in
+one GetItem, unrelated mail whose ids match no send is not MIME-fetched unless it may be a
+bounce or receipt, and every enrollment ends exactly as one-mail jobs would leave it. Real
+emulator over HTTP and real redis-server; GetItem round trips counted by the emulator."""
+from __future__ import annotations
+
+import time
+
+import mail_samples as mail
+import pytest
+
+from exchange_listener import queueing
+from exchange_listener.core import config
+from exchange_listener.mail.message_ids import normalize
+from exchange_listener.sources import ledger
+from exchange_listener.sources.base import ItemGone, NewMail
+from exchange_listener.sources.ews.fetch import EwsFetcher
+from workers import context, jobs
+
+MAILBOX = "rep@ours.example"
+
+
+@pytest.fixture
+def ctx(redis_server, redis_client, emulator):
+    settings = config.load(env={}, overrides={
+        "redis_url": redis_server.url, "ews_url": emulator.ews_url, "ews_username": "svc",
+        "ews_password": "svc-password", "pause_days": 7})
+    current = context.configure(settings)
+    current.emulator = emulator
+    yield current
+    current.close()
+
+
+def send(ctx, enrollment: str, to: str) -> str:
+    message_id = mail.new_id("ours.example")
+    ctx.sends.record([message_id], enrollment, "seq-1", MAILBOX, to=[to])
+    return message_id
+
+
+def get_items(ctx) -> int:
+    return ctx.emulator.stats()["operations"].get("GetItem", 0)
+
+
+def run(ctx, *raws: bytes) -> tuple[dict, int]:
+    """One job for all ``raws``; (its summary, the GetItem round trips it made)."""
+    items = [ctx.emulator.deliver(MAILBOX, raw)["item_id"] for raw in raws]
+    before = get_items(ctx)
+    summary = jobs.handle_mail(queueing.payload([NewMail(MAILBOX, i, "inbox", time.time()) for i in items]))
+    return summary, get_items(ctx) - before
+
+
+def marked(ctx, raw: bytes, item_id: str) -> bool:
+    """The ledger holds this mail as processed (keyed by its Message-ID, as the job marks it)."""
+    message_id = normalize(raw.split(b"Message-ID: ", 1)[1].split(b"\r\n", 1)[0].decode())
+    member = ledger.identity(message_id, item_id)
+    return member in ctx.ledger.processed(MAILBOX, [member])
+
+
+def other_thread(n: int) -> bytes:
+    elsewhere = f"<t{n}.{time.time_ns()}@elsewhere.example>"
+    return mail.reply(sender=f"friend{n}@elsewhere.example", to=MAILBOX, in_reply_to=elsewhere,
+                      references=elsewhere, body="See you at noon.")
+
+
+def test_matched_replies_and_unrelated_mail_in_one_job_stop_exactly_the_replied_enrollments(ctx):
+    prospects = [f"p{n}@prospect{n}.example" for n in range(4)]
+    sent = [send(ctx, f"e-b{n}", p) for n, p in enumerate(prospects)]
+    raws = []
+    for n in range(3):  # replies to the first three sends, each after an unrelated mail
+        raws.append(other_thread(n))
+        raws.append(mail.reply(sender=prospects[n], to=MAILBOX, in_reply_to=sent[n], references=sent[n]))
+    raws.append(mail.unrelated(to=MAILBOX))
+    summary, round_trips = run(ctx, *raws)
+    assert [i["kind"] for i in summary["items"]] == ["human_reply"] * 6 + ["auto_reply"]
+    assert [i["matched"] for i in summary["items"]] == [[], ["e-b0"], [], ["e-b1"], [], ["e-b2"], []]
+    assert summary["transitions"] == 3 and summary["unmatched"] == 4
+    assert [(ctx.enrollments.get(f"e-b{n}")["status"], ctx.enrollments.get(f"e-b{n}")["reason"])
+            for n in range(3)] == [("stopped", "replied")] * 3
+    assert ctx.enrollments.get("e-b3")["status"] == "active"
+    assert round_trips == 2  # headers of all seven, then the three replies' texts together
+    assert all(marked(ctx, raw, i["item_id"]) for raw, i in zip(raws, summary["items"]))
+
+    again, round_trips = run(ctx, *raws)  # the same mails again (new items): decisions reused, no new transition
+    assert again["transitions"] == 0
+    assert [i.get("decision") for i in again["items"] if i["matched"]] == ["reused"] * 3
+
+
+def test_an_out_of_office_among_replies_is_told_by_its_text_read_in_the_batch(ctx):
+    a, b = send(ctx, "e-ooo", "pat@prospect.example"), send(ctx, "e-hum", "sam@prospect.example")
+    text = "Vielen Dank für Ihre Nachricht. Ich bin bis einschließlich 14.12.2099 nicht im Büro."
+    summary, round_trips = run(ctx, mail.reply(sender="pat@prospect.example", to=MAILBOX, in_reply_to=a,
+                                               references=a, body=text),
+                               mail.reply(sender="sam@prospect.example", to=MAILBOX, in_reply_to=b, references=b))
+    assert [i["kind"] for i in summary["items"]] == ["auto_reply", "human_reply"]
+    assert ctx.enrollments.get("e-ooo")["status"] == "paused"
+    assert ctx.enrollments.get("e-hum")["status"] == "stopped"
+    assert round_trips == 2
+
+
+def test_unmatched_bulk_mail_is_not_mime_fetched_but_counted_and_marked(ctx):
+    raws = [mail.unrelated(to=MAILBOX) for _ in range(5)]
+    summary, round_trips = run(ctx, *raws)
+    assert round_trips == 1  # the headers only: no MIME for mail whose ids match no send
+    assert [i["kind"] for i in summary["items"]] == ["auto_reply"] * 5 and summary["unmatched"] == 5
+    assert all(marked(ctx, raw, i["item_id"]) for raw, i in zip(raws, summary["items"]))
+
+
+def test_a_bounce_and_a_receipt_naming_a_send_only_in_their_body_still_have_their_mime_read(ctx):
+    bounced, read = send(ctx, "e-nd", "gone@prospect.example"), send(ctx, "e-rr", "pat@prospect.example")
+    summary, round_trips = run(ctx, mail.dsn(to=MAILBOX, failed="gone@prospect.example", original_id=bounced),
+                               mail.read_receipt(sender="pat@prospect.example", to=MAILBOX, original_id=read),
+                               mail.unrelated(to=MAILBOX))
+    assert [(i["kind"], i["matched"]) for i in summary["items"]] == [
+        ("bounce", ["e-nd"]), ("read_receipt", ["e-rr"]), ("auto_reply", [])]
+    assert (ctx.enrollments.get("e-nd")["status"], ctx.enrollments.get("e-nd")["reason"]) == ("stopped", "bounced")
+    assert ctx.enrollments.get("e-rr")["status"] == "active"
+    assert round_trips == 3  # headers, then the bounce's and the receipt's MIME; none for the newsletter
+
+
+def test_fetch_texts_returns_each_items_text_in_order_and_gone_for_a_missing_one(ctx):
+    fetcher = EwsFetcher(ctx.settings)
+    try:
+        ids = [ctx.emulator.deliver(MAILBOX, mail.reply(sender="pat@prospect.example", to=MAILBOX, in_reply_to=None,
+                                                        references=None, body=f"Answer number {n}."))["item_id"]
+               for n in range(3)]
+        ctx.emulator.delete(ids[1], purge=True)
+        before = get_items(ctx)
+        texts = fetcher.fetch_texts(MAILBOX, ids)
+        assert get_items(ctx) - before == 1
+        assert "Answer number 0." in texts[0] and "Answer number 2." in texts[2]
+        assert isinstance(texts[1], ItemGone)
+        assert fetcher.fetch_texts(MAILBOX, []) == []
+    finally:
+        fetcher.close()
