@@ -49,6 +49,10 @@ def run(ctx, *raws: bytes) -> tuple[dict, int]:
     return summary, get_items(ctx) - before
 
 
+def commands(ctx) -> dict[str, int]:
+    return {k.removeprefix("cmdstat_"): v["calls"] for k, v in ctx.redis.info("commandstats").items()}
+
+
 def marked(ctx, raw: bytes, item_id: str) -> bool:
     """The ledger holds this mail as processed (keyed by its Message-ID, as the job marks it)."""
     message_id = normalize(raw.split(b"Message-ID: ", 1)[1].split(b"\r\n", 1)[0].decode())
@@ -99,10 +103,17 @@ def test_an_out_of_office_among_replies_is_told_by_its_text_read_in_the_batch(ct
 
 def test_unmatched_bulk_mail_is_not_mime_fetched_but_counted_and_marked(ctx):
     raws = [mail.unrelated(to=MAILBOX) for _ in range(5)]
+    before = commands(ctx)
     summary, round_trips = run(ctx, *raws)
     assert round_trips == 1  # the headers only: no MIME for mail whose ids match no send
     assert [i["kind"] for i in summary["items"]] == ["auto_reply"] * 5 and summary["unmatched"] == 5
     assert all(marked(ctx, raw, i["item_id"]) for raw, i in zip(raws, summary["items"]))
+    for key in (ctx.redis.keys("el:first_received:*")):  # every copy's receipt kept a day, as one-mail jobs do
+        assert 0 < ctx.redis.ttl(key) <= jobs.UNMATCHED_RECEIPT_TTL
+    assert len(ctx.redis.keys("el:first_received:*")) == 5
+    used = {k: v - before.get(k, 0) for k, v in commands(ctx).items()}
+    # one look-up for all, one receipt script each (pipelined), one ledger write for the job
+    assert (used.get("mget"), used.get("eval", 0) + used.get("evalsha", 0), used.get("zadd")) == (1, 5, 1)
 
 
 def test_a_bounce_and_a_receipt_naming_a_send_only_in_their_body_still_have_their_mime_read(ctx):

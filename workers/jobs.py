@@ -1,10 +1,15 @@
 """The job: fetch a mailbox's new items, classify each, match it to recorded sends, and act.
 
 ``handle_mail(payload)`` is what the listener enqueues (see ``exchange_listener.queueing``).
-Per item:
+A job may carry many mails of one mailbox, and what can be asked for all of them together is
+(``_prepare``): one GetItem for the headers, one MGET for the sends their header ids name, one
+pipeline of first-received scripts and stored decisions, one GetItem for the texts of the
+matched replies that look human, and one ledger write at the end. Per item:
 
-1. one batched fetch of headers for all items (MIME only when ``needs_body`` says so); an item
-   that is gone is looked for where it is now (``fetcher.relocate``, when the source has it);
+1. headers from the batched fetch; the MIME only when ``needs_body`` says so and either an id
+   matched a send or the headers say or hint bounce / receipt / complaint (their body names
+   the original), so unrelated bulk mail is not read; an item that is gone is looked for
+   where it is now (``fetcher.relocate``, when the source has it);
 2. classify (``workers.classify``);
 3. match every Message-ID in In-Reply-To/References, and a bounce's or receipt's original
    Message-ID, against the send registry: the reply may come from any address; a mail that
@@ -17,7 +22,8 @@ Per item:
    + item id when it has none), so the same mail delivered twice, to two mailboxes, or
    replayed by a retry makes one transition;
 5. mark the mail processed in the ledger (``exchange_listener.sources.ledger``), so a catch-up never
-   fetches it again — for every outcome but a failure.
+   fetches it again — for every outcome but a failure; written for the whole job once all its
+   items are through (so after every transition).
 
 Time and one decision per mail: the mail's time is its Date header bounded by when its first
 copy was received anywhere (``el:first_received:{hash}``, the earliest ``received_at`` any
@@ -59,6 +65,7 @@ from structlog.typing import FilteringBoundLogger
 from exchange_listener.core import keys, logs, metrics
 from exchange_listener.core.lua import Script
 from exchange_listener.mail.message_ids import normalize, references_of
+from exchange_listener.sources import ledger
 from exchange_listener.sources.base import (
     FetchedMessage,
     ItemGone,
@@ -150,6 +157,13 @@ class _Ahead:
     body: bool
     found: list[Send]
     text: str | None = None
+    earliest: str | None = None  # the first_received script's reply, when the job ran it already
+    decision_read: bool = False  # whether ``decision`` holds what el:decision held
+    decision: bytes | None = None
+
+    def reads_body(self, item: FetchedMessage) -> bool:
+        """Its MIME is read (its verdict and ids may change): it goes on its own from there."""
+        return self.body and bool(self.found or _body_may_cite(self.c, item))
 
 
 _CITING_KINDS = ("bounce", "read_receipt", "complaint")  # their body names the original's Message-ID
@@ -187,10 +201,14 @@ def _lookup_each(ctx: context.Context, id_lists: list[list[str]]) -> list[list[S
     return out
 
 
-def _prepare(ctx: context.Context, fetcher: MailFetcher, mailbox: str, fetched: list) -> dict[str, _Ahead]:
-    """Classify every fetched item by its headers, look up the sends their ids name (one MGET)
-    and read the text of the matched ones that look human (one ``fetch_texts``)."""
-    items = [f for f in fetched if isinstance(f, FetchedMessage)]
+def _prepare(ctx: context.Context, fetcher: MailFetcher, mailbox: str,
+             pairs: list[tuple[NewMail, Any]]) -> dict[str, _Ahead]:
+    """Classify every fetched item by its headers, look up the sends their ids name (one MGET),
+    run the first-received script and read the stored decision of every item whose ids are
+    final (one pipeline), and read the text of the matched ones that look human and still
+    need a decision (one ``fetch_texts``)."""
+    mails = {id(f): m for m, f in pairs}
+    items = [f for _m, f in pairs if isinstance(f, FetchedMessage)]
     ahead: dict[str, _Ahead] = {}
     id_lists = []
     for item in items:
@@ -200,14 +218,29 @@ def _prepare(ctx: context.Context, fetcher: MailFetcher, mailbox: str, fetched: 
         ahead[item.item_id] = _Ahead(c, needs_body(item.headers), [])
     for item, found in zip(items, _lookup_each(ctx, id_lists)):
         ahead[item.item_id].found = found
-    want = []
+    pipe = ctx.redis.pipeline(transaction=False)
+    asked: list[tuple[_Ahead, str]] = []
     for item in items:
         a = ahead[item.item_id]
         own_id = a.c.message_id or normalize(item.internet_message_id or "")
         sender = a.c.from_address or (item.from_address or "").lower() or None
-        if a.found and not a.body and needs_text(a.c) and sender != mailbox.lower() \
-                and not (own_id and any(own_id in s.message_ids for s in a.found)):
-            want.append(item.item_id)
+        if a.reads_body(item) or sender == mailbox.lower() or (own_id and any(own_id in s.message_ids
+                                                                              for s in a.found)):
+            continue  # skipped by ``_process`` before any of this, or decided after its MIME is read
+        identity = _identity(mailbox, item, a.c)
+        if own_id:
+            _first_received(ctx, pipe, identity, bool(a.found), _received(mails[id(item)], item))
+            asked.append((a, "earliest"))
+        if a.found:
+            pipe.get(keys.decision(identity))
+            asked.append((a, "decision"))
+    for (a, what), reply in zip(asked, pipe.execute() if asked else []):
+        if what == "earliest":
+            a.earliest = reply.decode() if isinstance(reply, bytes) else str(reply)
+        else:
+            a.decision_read, a.decision = True, reply
+    want = [item.item_id for item in items if (a := ahead[item.item_id]).decision_read and a.decision is None
+            and needs_text(a.c)]
     fetch_texts = getattr(fetcher, "fetch_texts", None)  # a fetcher need not derive from MailFetcher
     if want and fetch_texts is not None:
         try:
@@ -293,17 +326,23 @@ def _received(mail: NewMail, item: FetchedMessage) -> dt.datetime:
 UNMATCHED_RECEIPT_TTL = 86400  # seconds a copy that matched nothing keeps its receipt (a send recorded late)
 
 
+def _first_received(ctx: context.Context, client: Any, identity: str, matched: bool, received: dt.datetime) -> Any:
+    ttl = int(ctx.settings.retention_days) * 86400 if matched else UNMATCHED_RECEIPT_TTL
+    return _FIRST_RECEIVED(client, first_received=keys.first_received(identity),
+                           received_at=repr(received.timestamp()), ttl=ttl)
+
+
 def _reply_time(ctx: context.Context, identity: str, has_message_id: bool, matched: bool, mail: NewMail,
-                item: FetchedMessage) -> tuple[dt.datetime, dt.datetime]:
+                item: FetchedMessage, earliest: str | None = None) -> tuple[dt.datetime, dt.datetime]:
     """(the mail's Date bounded by the earliest receipt of any copy of it, that earliest
     receipt). The receipt is kept in Redis for ``retention_days`` once the mail matched a send;
     a copy that matched nothing keeps it a day (``UNMATCHED_RECEIPT_TTL``), for a send the
-    platform records late — one key per received mail for longer would cost far more memory."""
+    platform records late — one key per received mail for longer would cost far more memory.
+    ``earliest``: the script's reply when the job ran it for all its items together."""
     received = _received(mail, item)
     if has_message_id:
-        ttl = int(ctx.settings.retention_days) * 86400 if matched else UNMATCHED_RECEIPT_TTL
-        earliest = _FIRST_RECEIVED(ctx.redis, first_received=keys.first_received(identity),
-                                   received_at=repr(received.timestamp()), ttl=ttl)
+        if earliest is None:
+            earliest = _first_received(ctx, ctx.redis, identity, matched, received)
         received = dt.datetime.fromtimestamp(float(earliest), dt.UTC)
     return policy.reply_time(_header(item, "date"), received), received
 
@@ -332,7 +371,7 @@ def _process(ctx: context.Context, fetcher: MailFetcher, mailbox: str, mail: New
     """Classify and match one fetched mail, decide (or reuse the decision an earlier copy
     made) and apply it. Returns the item's summary. ``ahead`` holds what the job learned of
     its items together (an item met again, or found elsewhere, is looked at on its own)."""
-    first = ahead.pop(item.item_id, None) or _prepare(ctx, fetcher, mailbox, [item])[item.item_id]
+    first = ahead.pop(item.item_id, None) or _prepare(ctx, fetcher, mailbox, [(mail, item)])[item.item_id]
     c, body_seen = _classify(fetcher, mailbox, item, first, bound)
     kind = c.kind
     sender = c.from_address or (item.from_address or "").lower() or None
@@ -352,7 +391,8 @@ def _process(ctx: context.Context, fetcher: MailFetcher, mailbox: str, mail: New
         summary["skipped"] = "a copy of one of our sends"
         return summary
     identity = _identity(mailbox, item, c)
-    when, received = _reply_time(ctx, identity, bool(own_id), bool(found), mail, item)
+    when, received = _reply_time(ctx, identity, bool(own_id), bool(found), mail, item,
+                                 None if body_seen else first.earliest)
     summary["matched"] = list(dict.fromkeys(s.enrollment_id for s in found))
     if not found:
         metrics.UNMATCHED.labels(kind).inc()
@@ -360,7 +400,7 @@ def _process(ctx: context.Context, fetcher: MailFetcher, mailbox: str, mail: New
         return summary
 
     decision, reused = _decide_once(ctx, fetcher, mailbox, item, c, body_seen, found, sender, when, received,
-                                    identity, first.text, bound)
+                                    identity, None if body_seen else first, bound)
     if reused:
         summary["decision"] = "reused"  # an earlier copy (another mailbox, folder or attempt) decided
     summary["kind"] = decision["kind"]
@@ -376,16 +416,16 @@ def _process(ctx: context.Context, fetcher: MailFetcher, mailbox: str, mail: New
 
 def _decide_once(ctx: context.Context, fetcher: MailFetcher, mailbox: str, item: FetchedMessage, c: Classification,
                  body_seen: bool, found: list[Send], sender: str | None, when: dt.datetime, received: dt.datetime,
-                 identity: str, text: str | None, bound: FilteringBoundLogger) -> tuple[dict, bool]:
+                 identity: str, first: _Ahead | None, bound: FilteringBoundLogger) -> tuple[dict, bool]:
     """The decision for this mail: the one an earlier copy stored, else this copy's (settled
     with the text when the headers look human, then ``policy.decide``), stored unless another
     worker stored one first. Returns (decision, whether it was an earlier copy's)."""
     key = keys.decision(identity)
-    stored = ctx.redis.get(key)
+    stored = first.decision if first is not None and first.decision_read else ctx.redis.get(key)
     if stored is not None:
         return _covering(ctx, fetcher, mailbox, item, c, body_seen, found, sender, json.loads(stored), bound), True
     if not body_seen and needs_text(c):
-        c = _settle(fetcher, mailbox, item, c, when, bound, text)
+        c = _settle(fetcher, mailbox, item, c, when, bound, first.text if first is not None else None)
     settings = policy.PolicySettings.from_settings(ctx.settings)
     domain = policy.domain_to_check(c, found, mailbox, sender, settings)
     candidates = ctx.sends.domain_enrollments(domain) if domain else []
@@ -520,9 +560,10 @@ def _gone(mail: NewMail, exc: ItemGone, outcome: str, bound: FilteringBoundLogge
 
 
 def _item(ctx: context.Context, fetcher: MailFetcher, mailbox: str, mail: NewMail, fetched: FetchedMessage | ItemGone,
-          ahead: dict[str, _Ahead], bound: FilteringBoundLogger) -> dict:
+          ahead: dict[str, _Ahead], marks: list[tuple[str | None, str]], bound: FilteringBoundLogger) -> dict:
     """One item, wherever it is now: a gone item is looked for (``fetcher.relocate``) and
-    processed where it was found; only one that exists nowhere is reported gone."""
+    processed where it was found; only one that exists nowhere is reported gone. What the
+    ledger is to mark processed is added to ``marks``."""
     relocate = getattr(fetcher, "relocate", None)
     relocated = False
     for _ in range(MAX_RELOCATIONS + 1):
@@ -552,11 +593,11 @@ def _item(ctx: context.Context, fetcher: MailFetcher, mailbox: str, mail: NewMai
         metrics.CLASSIFIED.labels(summary["kind"]).inc()
         message_id = normalize(fetched.internet_message_id)
         # the ledger keys the item the job carried, as the listener's catch-up computes it
-        ctx.ledger.mark_processed(mailbox, message_id, mail.item_id)
+        marks.append((message_id, mail.item_id))
         if relocated:
             summary.update(item_id=mail.item_id, relocated=True, relocated_item_id=fetched.item_id)
             if not message_id:  # identified by item id only: a catch-up would meet it under the new one
-                ctx.ledger.mark_processed(mailbox, None, fetched.item_id)
+                marks.append((None, fetched.item_id))
         return summary
     # every pass that did not return ended on the ItemGone its _process raised
     return _gone(mail, cast(ItemGone, fetched), "nowhere", bound)
@@ -566,8 +607,9 @@ def _handle(mailbox: str, source: str, mails: list[NewMail]) -> dict:
     ctx = context.get()
     fetcher = ctx.fetcher(source)
     items, errors = [], []
+    marks: list[tuple[str | None, str]] = []
     fetched_all = _fetch(fetcher, mailbox, mails)
-    ahead = _prepare(ctx, fetcher, mailbox, fetched_all)
+    ahead = _prepare(ctx, fetcher, mailbox, list(zip(mails, fetched_all)))
     for mail, fetched in zip(mails, fetched_all):
         bound = log.bind(item_id=mail.item_id)
         if isinstance(fetched, Exception) and not isinstance(fetched, ItemGone):
@@ -575,12 +617,13 @@ def _handle(mailbox: str, source: str, mails: list[NewMail]) -> dict:
             errors.append(f"{mail.item_id[-16:]}: {type(fetched).__name__}: {fetched}")
             continue
         try:
-            items.append(_item(ctx, fetcher, mailbox, mail, fetched, ahead, bound))
+            items.append(_item(ctx, fetcher, mailbox, mail, fetched, ahead, marks, bound))
         except BaseTimeoutException:
             raise  # RQ's job timeout: the job must end here, not go on to the next item
         except Exception as exc:  # noqa: BLE001 - one bad item must not cost the others their processing
             bound.error("item failed", error=f"{type(exc).__name__}: {exc}")
             errors.append(f"{mail.item_id[-16:]}: {type(exc).__name__}: {exc}")
+    _mark_processed(ctx, mailbox, marks)  # after every transition of the job, so a catch-up never skips one
     transitions = sum(1 for i in items for a in i["actions"] if a.get("applied"))
     if transitions:
         _notify(ctx)
@@ -598,6 +641,19 @@ def _handle(mailbox: str, source: str, mails: list[NewMail]) -> dict:
         "unmatched": sum(1 for i in items if i["kind"] and not i["matched"] and not i.get("skipped")),
         "gone": sum(1 for i in items if i.get("gone")),
     }
+
+
+def _mark_processed(ctx: context.Context, mailbox: str, marks: list[tuple[str | None, str]]) -> None:
+    """``Ledger.mark_processed`` for every (message_id, item_id) of the job, in one round trip."""
+    if not marks:
+        return
+    now, ttl = time.time(), ctx.ledger.ttl
+    key = ledger.done_key(mailbox)
+    pipe = ctx.ledger.conn.pipeline(transaction=False)
+    pipe.zadd(key, {ledger.identity(message_id, item_id): now for message_id, item_id in marks})
+    pipe.zremrangebyscore(key, "-inf", now - ttl)
+    pipe.expire(key, ttl)
+    pipe.execute()
 
 
 def _fetch(fetcher: MailFetcher, mailbox: str, mails: list[NewMail]) -> list:
