@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import email
-import email.policy
 import re
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -230,21 +228,8 @@ def _sent(item: Item) -> dt.datetime:
         return item.received
 
 
-def _body_text(item: Item) -> tuple[str, str]:
-    """(BodyType, content) of the message's main text part."""
-    msg = email.message_from_bytes(item.raw, policy=email.policy.default)
-    part = msg.get_body(preferencelist=("plain", "html"))
-    if part is None:
-        return "Text", ""
-    try:
-        content = part.get_content()
-    except (LookupError, ValueError):  # unknown charset or undecodable payload
-        content = ""
-    return ("HTML" if part.get_content_subtype() == "html" else "Text"), store_safe(content)
-
-
 def _body(item: Item) -> str:
-    kind, content = _body_text(item)
+    kind, content = item.body
     return f'<t:Body BodyType="{kind}">{esc(content)}</t:Body>'
 
 
@@ -257,21 +242,12 @@ def _unique_body(item: Item) -> str:
     """UniqueBody: the part of the body this message added, without the quoted conversation.
     Exchange works this out from the conversation; here the body is cut at the first line that
     starts quoted history (``>``, "Original Message", "On ... wrote:", a From: block)."""
-    kind, content = _body_text(item)
+    kind, content = item.body
     if kind == "Text":
         quoted = _QUOTED_HISTORY.search(content)
         if quoted:
             content = content[:quoted.start()]
     return f'<t:UniqueBody BodyType="{kind}">{esc(content)}</t:UniqueBody>'
-
-
-def store_safe(text: str) -> str:
-    return "".join(c for c in text if c in "\t\n\r" or ord(c) >= 0x20)
-
-
-def _has_attachments(item: Item) -> bool:
-    msg = email.message_from_bytes(item.raw, policy=email.policy.default)
-    return any(True for _ in msg.iter_attachments()) if msg.is_multipart() else False
 
 
 # FieldURI -> builder, in the schema's element order (ItemType, then MessageType).
@@ -290,7 +266,7 @@ ITEM_FIELDS = {
         for k, v in i.headers) + "</t:InternetMessageHeaders>" if i.headers else "",
     "item:DateTimeSent": lambda s, i: f"<t:DateTimeSent>{ts(_sent(i))}</t:DateTimeSent>",
     "item:DateTimeCreated": lambda s, i: f"<t:DateTimeCreated>{ts(i.received)}</t:DateTimeCreated>",
-    "item:HasAttachments": lambda s, i: f"<t:HasAttachments>{str(_has_attachments(i)).lower()}</t:HasAttachments>",
+    "item:HasAttachments": lambda s, i: f"<t:HasAttachments>{str(i.has_attachments).lower()}</t:HasAttachments>",
     "item:ConversationId": lambda s, i: f"<t:ConversationId Id={quoteattr(i.conversation_id)}/>",
     "item:UniqueBody": lambda s, i: _unique_body(i),
     "message:Sender": lambda s, i: _single("Sender", i.addresses("Sender") or i.addresses("From")),
@@ -303,6 +279,11 @@ ITEM_FIELDS = {
     "message:ReplyTo": lambda s, i: _many("ReplyTo", i.addresses("Reply-To")),
 }
 _ORDER = {name: n for n, name in enumerate(ITEM_FIELDS)}
+# Built from what an item can change (id, change key, folder, read flag), or too big to keep twice
+# (the MIME and the body texts, which the item keeps parsed): built on every request. Every other
+# field's XML depends only on the delivered message, so it is built once and kept on the item.
+_UNCACHED = frozenset({"item:MimeContent", "item:ItemId", "item:ParentFolderId", "message:IsRead", "item:Body",
+                       "item:UniqueBody"})
 
 
 def item_xml(store: Store, item: Item, base: str, fields: list[str]) -> str:
@@ -315,12 +296,17 @@ def item_xml(store: Store, item: Item, base: str, fields: list[str]) -> str:
     if not is_message:
         wanted = {f for f in wanted if not f.startswith("message:")}
     parts = []
+    rendered = item.rendered
     for name in sorted(wanted & ITEM_FIELDS.keys(), key=_ORDER.__getitem__):
-        if name == "item:MimeContent":
+        if name in _UNCACHED:
             parts.append(ITEM_FIELDS[name](store, item))
-            parts.append(item_id(item))
+            if name == "item:MimeContent":
+                parts.append(item_id(item))
         else:
-            parts.append(ITEM_FIELDS[name](store, item))
+            xml = rendered.get(name)
+            if xml is None:
+                xml = rendered[name] = ITEM_FIELDS[name](store, item)
+            parts.append(xml)
     if "item:MimeContent" not in wanted:
         parts.insert(0, item_id(item))
     tag = "Message" if is_message else "Item"

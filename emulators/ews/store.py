@@ -24,6 +24,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from email.header import decode_header, make_header
+from email.headerregistry import HeaderRegistry
+from email.parser import BytesParser
 from email.utils import getaddresses
 
 DISTINGUISHED = {
@@ -118,8 +120,39 @@ def _header_text(value: str) -> str:
         return raw.decode("latin-1")
 
 
+class _ParsedHeaders(HeaderRegistry):
+    """policy.default parses a part's Content-Type anew on every get(), ~16 times per message.
+    A parsed header is a pure function of (name, value) and nothing here changes one, so each
+    distinct pair is parsed once (bounded: a full cache is simply emptied)."""
+
+    def __init__(self, limit: int = 4096):
+        super().__init__()
+        self.limit = limit
+        self.parsed: dict = {}
+
+    def __call__(self, name, value):
+        key = (name, value)
+        header = self.parsed.get(key)
+        if header is None:
+            if len(self.parsed) >= self.limit:
+                self.parsed.clear()
+            header = self.parsed[key] = super().__call__(name, value)
+        return header
+
+
+BODY_POLICY = email.policy.default.clone(header_factory=_ParsedHeaders())
+
+
+def store_safe(text: str) -> str:
+    return "".join(c for c in text if c in "\t\n\r" or ord(c) >= 0x20)
+
+
 @dataclass
 class Item:
+    """A delivered message. ``raw``, ``mailbox``, ``received`` and ``item_class`` never change, so
+    everything parsed from them is worked out once, on first use; only ``id``, ``change_key``,
+    ``folder_id`` and ``is_read`` change (moves, read flags, touch)."""
+
     id: str
     mailbox: str
     folder_id: str
@@ -128,31 +161,75 @@ class Item:
     is_read: bool = False
     change_key: str = field(default_factory=lambda: _opaque(b"\x16\x00\x00\x00", 12))
     item_class: str = "IPM.Note"  # set from the folder it was delivered to; a move keeps it
-    _headers: list | None = None
+    _headers: list | None = field(default=None, repr=False, compare=False)
+    _by_name: dict | None = field(default=None, repr=False, compare=False)  # lower-cased name -> [raw values]
+    _addresses: dict = field(default_factory=dict, repr=False, compare=False)
+    _subject: str | None = field(default=None, repr=False, compare=False)
+    _body: tuple | None = field(default=None, repr=False, compare=False)  # (BodyType, text)
+    _attached: bool | None = field(default=None, repr=False, compare=False)
+    # XML of fields built only from the parts above that never change, by FieldURI (soap.item_xml fills it)
+    rendered: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def headers(self) -> list[tuple[str, str]]:
-        """(name, raw value) pairs in message order, parsed once."""
+        """(name, raw value) pairs in message order, parsed once (the header block only: the body
+        is not needed for them)."""
         if self._headers is None:
-            msg = email.message_from_bytes(self.raw, policy=email.policy.compat32)
+            msg = BytesParser(policy=email.policy.compat32).parsebytes(self.raw, headersonly=True)
             self._headers = [(name, _header_text(str(value))) for name, value in msg.raw_items()]
         return self._headers
 
+    def _values(self, name: str) -> list[str]:
+        if self._by_name is None:
+            by_name: dict[str, list[str]] = {}
+            for key, value in self.headers:
+                by_name.setdefault(key.lower(), []).append(value)
+            self._by_name = by_name
+        return self._by_name.get(name.lower(), [])
+
     def header(self, name: str) -> str | None:
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return None
+        values = self._values(name)
+        return values[0] if values else None
 
     def addresses(self, name: str) -> list[tuple[str, str]]:
         """(display name, address) pairs of an address header, names decoded."""
-        values = [v for k, v in self.headers if k.lower() == name.lower()]
-        return [(decoded(n), a) for n, a in getaddresses([unfold(v) for v in values]) if a or n]
+        key = name.lower()
+        found = self._addresses.get(key)
+        if found is None:
+            values = self._values(key)
+            found = self._addresses[key] = [(decoded(n), a) for n, a in getaddresses([unfold(v) for v in values])
+                                            if a or n]
+        return list(found)
 
     @property
     def subject(self) -> str:
-        value = self.header("Subject")
-        return decoded(value) if value is not None else ""
+        if self._subject is None:
+            value = self.header("Subject")
+            self._subject = decoded(value) if value is not None else ""
+        return self._subject
+
+    @property
+    def body(self) -> tuple[str, str]:
+        """(BodyType, content) of the message's main text part."""
+        if self._body is None:
+            msg = email.message_from_bytes(self.raw, policy=BODY_POLICY)
+            part = msg.get_body(preferencelist=("plain", "html"))
+            if part is None:
+                self._body = ("Text", "")
+            else:
+                try:
+                    content = part.get_content()
+                except (LookupError, ValueError):  # unknown charset or undecodable payload
+                    content = ""
+                self._body = ("HTML" if part.get_content_subtype() == "html" else "Text"), store_safe(content)
+        return self._body
+
+    @property
+    def has_attachments(self) -> bool:
+        if self._attached is None:
+            msg = email.message_from_bytes(self.raw, policy=BODY_POLICY)
+            self._attached = any(True for _ in msg.iter_attachments()) if msg.is_multipart() else False
+        return self._attached
 
     @property
     def conversation_id(self) -> str:
