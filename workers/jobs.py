@@ -396,7 +396,7 @@ def _process(ctx: context.Context, fetcher: MailFetcher, mailbox: str, mail: New
     summary["matched"] = list(dict.fromkeys(s.enrollment_id for s in found))
     if not found:
         metrics.UNMATCHED.labels(kind).inc()
-        bound.info("mail matched no send", kind=kind)
+        bound.debug("mail matched no send", kind=kind)  # counted in "job done" (unmatched, kinds)
         return summary
 
     decision, reused = _decide_once(ctx, fetcher, mailbox, item, c, body_seen, found, sender, when, received,
@@ -524,7 +524,7 @@ def handle_mail(payload: dict) -> dict:
                 raise
             metrics.JOBS_PROCESSED.labels("ok").inc()
             summary["seconds"] = round(time.monotonic() - started, 4)
-            log.info("job done", items=len(mails), kinds=summary["kinds"], transitions=summary["transitions"],
+            log.info("job done", outcome="ok", items=len(mails), kinds=summary["kinds"], transitions=summary["transitions"],
                      unmatched=summary["unmatched"], gone=summary["gone"], seconds=summary["seconds"])
             return summary
 
