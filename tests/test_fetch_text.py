@@ -49,3 +49,22 @@ def test_fetch_text_of_a_gone_item_says_gone(emulator, fetcher):
     emulator.delete(item["item_id"], purge=True)
     with pytest.raises(ItemGone):
         fetcher.fetch_text(MAILBOX, item["item_id"])
+
+
+def test_fetch_texts_reads_unique_body_as_exchangelibs_model_does(emulator, fetcher):
+    """``fetch_texts`` reads the UniqueBody element itself; the text must equal what the
+    model's Body / HTMLBody gave, plain and HTML alike."""
+    from exchange_listener.mail.text import html_to_text
+    from exchange_listener.sources.ews import fetch as fetch_module
+
+    raws = [message("Plain answer.\r\n\r\nOn Mon wrote:\r\n> quoted\r\n"),
+            message("<html><body><p>Bin bis 3.&nbsp;M&auml;rz weg.</p><div>Gru&szlig;</div></body></html>", "text/html"),
+            message("")]
+    ids = [emulator.deliver(MAILBOX, raw)["item_id"] for raw in raws]
+    want = []
+    for item in fetcher._get_items(MAILBOX, ids, fetch_module._TEXT_PATHS):
+        body = item.unique_body
+        text = "" if not body else html_to_text(str(body)) if type(body).__name__ == "HTMLBody" else str(body)
+        want.append(text[:fetch_module.TEXT_LIMIT])
+    assert fetcher.fetch_texts(MAILBOX, ids) == want
+    assert want[0] and want[1]

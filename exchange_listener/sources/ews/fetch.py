@@ -296,7 +296,7 @@ class EwsFetcher:
         need theirs together); ``ItemGone`` in place of a missing or unreadable item."""
         if not item_ids:
             return []
-        results = self._get_items(mailbox, item_ids, _TEXT_PATHS)
+        results = self._get_items(mailbox, item_ids, _TEXT_PATHS, raw=True)
         if len(results) != len(item_ids):
             raise FetchError(f"GetItem for {mailbox}: asked for {len(item_ids)} text(s), got {len(results)}")
         out: list[str | None | ItemGone] = []
@@ -304,8 +304,9 @@ class EwsFetcher:
             if isinstance(item, Exception):
                 out.append(self._gone(mailbox, item_id, item))
                 continue
-            body = getattr(item, "unique_body", None)
-            text = "" if not body else html_to_text(str(body)) if type(body).__name__ == "HTMLBody" else str(body)
+            body = item.find(_t("UniqueBody"))  # as exchangelib's BodyField reads it
+            text = "" if body is None or not body.text else \
+                html_to_text(body.text) if body.get("BodyType") == "HTML" else body.text
             out.append(text[:TEXT_LIMIT])
         return out
 
