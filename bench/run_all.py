@@ -379,8 +379,13 @@ class EndToEnd:
         stops = self.wait_stopped(list(sent), bound=s.drain_bound + seconds)
         lat = [(stops[eid] - sent[eid]) * 1000 for eid in sent if eid in stops]
         span = max(sent.values()) - min(sent.values())
+        # median latency of the first and the last tenth of the replies: a rise means a queue built up,
+        # i.e. the rate is above what the stack sustains
+        ordered = [(stops[eid] - sent[eid]) * 1000 for eid in sorted(sent, key=sent.get) if eid in stops]
+        tenth = max(1, len(ordered) // 10)
+        trend = [_r(percentile(ordered[:tenth], 50)), _r(percentile(ordered[-tenth:], 50))]
         return {"rate": rate, "offered_per_s": round((len(sent) - 1) / span, 1) if span > 0 else None,
-                "replies": len(sent), "completed": len(lat),
+                "p50_ms_first_last_tenth": trend, "replies": len(sent), "completed": len(lat),
                 "p50_ms": _r(percentile(lat, 50)) if len(lat) == len(sent) else None,
                 "p95_ms": _r(percentile(lat, 95)) if len(lat) >= 0.95 * len(sent) else None,
                 "p99_ms": _r(percentile(lat, 99)) if len(lat) >= 0.99 * len(sent) else None,
@@ -481,6 +486,13 @@ class EndToEnd:
 
     def run(self) -> dict:
         out: dict = {"plumbing": self.plumbing}
+        phases = out["phase_seconds"] = {}
+        last = [time.monotonic()]
+
+        def lap(name: str) -> None:
+            now = time.monotonic()
+            phases[name], last[0] = round(now - last[0], 1), now
+
         try:
             self.stack.start_services()
             if self.plumbing == "ours":  # the baseline reads its mailboxes from a file
@@ -488,19 +500,26 @@ class EndToEnd:
             self.stack.start_processes()
             warm = self.enrollments(len(self.mailboxes))
             out["ready_s"] = round(chaos.warm_up(self.stack, warm, timeout=60), 1)
+            lap("start")
             out["latency"] = self.latency()
+            lap("latency")
             out["throughput"] = [self.throughput(w) for w in self.sizes.worker_counts]
+            lap("throughput")
             top = max(out["throughput"], key=lambda r: r["replies_per_s"])
             best = top["workers"]
             if self.plumbing == "ours":  # the baseline writes no ledger, and its maximum is a fraction of ours
                 out["mixed"] = self.mixed(best, top.get("worker_cpu_ms_per_reply"))
+                lap("mixed")
                 if top["replies_per_s"]:
                     out["latency_at_80pct"] = self.latency_at_80pct(best, top["replies_per_s"])
+                    lap("latency_at_80pct")
             out["catchup"] = self.catch_up(best)
+            lap("catchup")
         except Exception as exc:  # record what was measured and why the rest was not  # noqa: BLE001 - recorded in the report, never fatal
             out["error"] = f"{type(exc).__name__}: {exc}"
         finally:
             self.stack.stop()
+            lap("stop")
         return out
 
 
