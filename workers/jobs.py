@@ -65,7 +65,6 @@ from structlog.typing import FilteringBoundLogger
 from exchange_listener.core import keys, logs, metrics
 from exchange_listener.core.lua import Script
 from exchange_listener.mail.message_ids import normalize, references_of
-from exchange_listener.sources import ledger
 from exchange_listener.sources.base import (
     FetchedMessage,
     ItemGone,
@@ -645,15 +644,7 @@ def _handle(mailbox: str, source: str, mails: list[NewMail]) -> dict:
 
 def _mark_processed(ctx: context.Context, mailbox: str, marks: list[tuple[str | None, str]]) -> None:
     """``Ledger.mark_processed`` for every (message_id, item_id) of the job, in one round trip."""
-    if not marks:
-        return
-    now, ttl = time.time(), ctx.ledger.ttl
-    key = ledger.done_key(mailbox)
-    pipe = ctx.ledger.conn.pipeline(transaction=False)
-    pipe.zadd(key, {ledger.identity(message_id, item_id): now for message_id, item_id in marks})
-    pipe.zremrangebyscore(key, "-inf", now - ttl)
-    pipe.expire(key, ttl)
-    pipe.execute()
+    ctx.ledger.mark_processed_many(mailbox, marks)
 
 
 def _fetch(fetcher: MailFetcher, mailbox: str, mails: list[NewMail]) -> list:

@@ -57,10 +57,16 @@ class Ledger:
 
     # -- processed -------------------------------------------------------------------------
     def mark_processed(self, mailbox: str, message_id: str | None, item_id: str | None) -> None:
+        self.mark_processed_many(mailbox, [(message_id, item_id)])
+
+    def mark_processed_many(self, mailbox: str, marks: Sequence[tuple[str | None, str | None]]) -> None:
+        """Every (message_id, item_id) of a job as processed, in one round trip."""
+        if not marks:
+            return
         now = time.time()
         key = done_key(mailbox)
         pipe = self.conn.pipeline(transaction=False)
-        pipe.zadd(key, {identity(message_id, item_id): now})
+        pipe.zadd(key, {identity(message_id, item_id): now for message_id, item_id in marks})
         pipe.zremrangebyscore(key, "-inf", now - self.ttl)
         pipe.expire(key, self.ttl)
         pipe.execute()
