@@ -618,8 +618,9 @@ def listener_footprint(component: dict) -> dict:
     for entry in _entries_with(result, "mailboxes"):
         n = entry.get("mailboxes")
         if isinstance(n, int):
-            out[str(n)] = {"rss_mb": _find(entry, "rss"), "open_connections": _find(entry, "conn"),
-                           "startup_s": _find(entry, "start")}
+            out[str(n)] = {"rss_mb": entry.get("rss_mb", _find(entry, "rss")),
+                           "open_connections": entry.get("open_connections", _find(entry, "conn")),
+                           "startup_s": entry.get("startup_s", _find(entry, "start"))}
     return out or {"raw": result}
 
 
