@@ -102,7 +102,7 @@ def run(mailbox_count: int, mails: int, gap: int, workdir: Path) -> dict:
         try:
             wait_for(lambda: caught_up(conn, "first", mailbox_count), 600, "first listener streaming and caught up")
             deliver(emu, names, mails, "before")
-            wait_for(lambda: queue.count >= mails, 600, "every mail enqueued")
+            wait_for(lambda: mails_queued(queue) >= mails, 600, "every mail enqueued")
             drain(env, 2)
             first.terminate()
             first.wait(30)
@@ -123,7 +123,7 @@ def run(mailbox_count: int, mails: int, gap: int, workdir: Path) -> dict:
         try:
             wait_for(lambda: caught_up(conn, "second", mailbox_count), 600, "second listener streaming and caught up")
             seconds = time.monotonic() - started
-            jobs = queue.count
+            jobs, enqueued = queue.count, mails_queued(queue)
             drain(env, 2)
             after_ops = emu.stats()["operations"]
         finally:
@@ -131,10 +131,15 @@ def run(mailbox_count: int, mails: int, gap: int, workdir: Path) -> dict:
             second.wait(30)
         delta = {op: after_ops.get(op, 0) - before_ops.get(op, 0) for op in after_ops}
         return {"mailboxes": mailbox_count, "mails_processed_before": mails, "remembered_in_ledger": remembered,
-                "gap_mails": gap, "jobs_after_restart": jobs, "getitem_after_restart": delta.get("GetItem", 0),
+                "gap_mails": gap, "jobs_after_restart": jobs, "mails_after_restart": enqueued, "getitem_after_restart": delta.get("GetItem", 0),
                 "sync_folder_items_after_restart": delta.get("SyncFolderItems", 0),
                 "sync_folder_hierarchy_after_restart": delta.get("SyncFolderHierarchy", 0),
                 "seconds_to_caught_up": round(seconds, 1), "checkpoint_seconds": settings["checkpoint_seconds"]}
+
+
+def mails_queued(queue) -> int:
+    """Mails in the queued jobs (the listener puts up to 50 of a mailbox in one job)."""
+    return sum(len(job.args[0]["mails"]) for job in queue.jobs if job.args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="el-restart-bench-"))
     sizes = (100, 1000, 20) if args.quick else (1000, 10_000, 100)
     result = {"quick": args.quick, **run(*sizes, workdir), "logs": str(workdir)}
-    result["goal"] = "jobs and GetItem calls after the restart ~= gap mails"
-    result["goal_met"] = (result["jobs_after_restart"] <= result["gap_mails"] * 1.05
+    result["goal"] = "mails enqueued and GetItem calls after the restart ~= gap mails"
+    result["goal_met"] = (result["mails_after_restart"] <= result["gap_mails"] * 1.05
                           and result["getitem_after_restart"] <= result["gap_mails"] * 1.05)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:

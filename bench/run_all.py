@@ -718,7 +718,9 @@ def restart_rows(component: dict) -> dict:
 
     return {"restart_gap_mails": (gap, None, None), "restart_jobs": (r.get("jobs_after_restart"), None, None),
             "restart_getitem": (r.get("getitem_after_restart"), None, None),
-            "restart_extra_jobs": (extra("jobs_after_restart"), None, None),
+            # mails enqueued again, not jobs: a job carries up to 50 mails of a mailbox
+            "restart_extra_jobs": (extra("mails_after_restart" if "mails_after_restart" in r else "jobs_after_restart"),
+                                   None, None),
             "restart_extra_getitem": (extra("getitem_after_restart"), None, None),
             "restart_seconds_to_caught_up": (r.get("seconds_to_caught_up"), None, None)}
 
