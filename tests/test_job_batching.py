@@ -143,3 +143,39 @@ def test_fetch_texts_returns_each_items_text_in_order_and_gone_for_a_missing_one
         assert fetcher.fetch_texts(MAILBOX, []) == []
     finally:
         fetcher.close()
+
+
+def test_one_corrupt_stored_send_fails_its_own_mail_not_the_rest_of_the_job(ctx):
+    """The batched look-ups fail on one unreadable stored send: the job falls back to each mail
+    looking itself up, so the good reply beside it still stops its enrollment and is marked."""
+    good_to, bad_to = "good@prospect.example", "bad@prospect.example"
+    good, bad = send(ctx, "e-good", good_to), send(ctx, "e-bad", bad_to)
+    ctx.redis.set(jobs.keys.send(normalize(bad)), b"{not json")
+    raws = [mail.reply(sender=bad_to, to=MAILBOX, in_reply_to=bad, references=bad),
+            mail.reply(sender=good_to, to=MAILBOX, in_reply_to=good, references=good), other_thread(9)]
+    items = [ctx.emulator.deliver(MAILBOX, raw)["item_id"] for raw in raws]
+    with pytest.raises(jobs.ItemsFailed, match="1 of 3 item"):
+        jobs.handle_mail(queueing.payload([NewMail(MAILBOX, i, "inbox", time.time()) for i in items]))
+    assert ctx.enrollments.get("e-good")["status"] == "stopped"
+    assert marked(ctx, raws[1], items[1]) and marked(ctx, raws[2], items[2])
+    assert not marked(ctx, raws[0], items[0])  # the failed one stays for its retry
+
+
+def test_exchange_report_items_keep_their_mime_read_even_without_report_headers():
+    """An Exchange NDR or receipt is told by its ItemClass (REPORT.*) even when its header list
+    lacks multipart/report: its body may name our send, so it is not classified from headers alone."""
+    from exchange_listener.sources.base import FetchedMessage
+    from workers.classify import classify_headers
+
+    headers = [("From", "Someone <someone@example.com>"), ("Subject", "Your message"),
+               ("Content-Type", "text/plain")]
+
+    def item(item_class: str) -> FetchedMessage:
+        return FetchedMessage(mailbox=MAILBOX, item_id="x", internet_message_id="<n@x.example>", subject="Your message",
+                              sender=None, from_address="someone@example.com", to=[MAILBOX], cc=[],
+                              received_at=None, conversation_id=None, in_reply_to=None, references=None,
+                              headers=headers, item_class=item_class)
+
+    verdict = classify_headers(headers, None)
+    assert jobs._body_may_cite(verdict, item("REPORT.IPM.Note.NDR"))
+    assert not jobs._body_may_cite(verdict, item("IPM.Note"))

@@ -174,6 +174,8 @@ def _body_may_cite(c: Classification, item: FetchedMessage) -> bool:
     our sends even though no header id did, so such mail keeps its MIME read."""
     if c.kind in _CITING_KINDS or any(r in c.reasons for r in _BOUNCE_HINTS):
         return True
+    if (item.item_class or "").upper().startswith("REPORT."):  # Exchange's own NDRs and receipts
+        return True
     ctype = (_header(item, "content-type") or "").strip().lower()
     return ctype.startswith("multipart/report") or _header(item, "x-amz-sns-message-id") is not None
 
@@ -608,21 +610,31 @@ def _handle(mailbox: str, source: str, mails: list[NewMail]) -> dict:
     items, errors = [], []
     marks: list[tuple[str | None, str]] = []
     fetched_all = _fetch(fetcher, mailbox, mails)
-    ahead = _prepare(ctx, fetcher, mailbox, list(zip(mails, fetched_all)))
-    for mail, fetched in zip(mails, fetched_all):
-        bound = log.bind(item_id=mail.item_id)
-        if isinstance(fetched, Exception) and not isinstance(fetched, ItemGone):
-            bound.error("item could not be fetched", error=f"{type(fetched).__name__}: {fetched}")
-            errors.append(f"{mail.item_id[-16:]}: {type(fetched).__name__}: {fetched}")
-            continue
-        try:
-            items.append(_item(ctx, fetcher, mailbox, mail, fetched, ahead, marks, bound))
-        except BaseTimeoutException:
-            raise  # RQ's job timeout: the job must end here, not go on to the next item
-        except Exception as exc:  # noqa: BLE001 - one bad item must not cost the others their processing
-            bound.error("item failed", error=f"{type(exc).__name__}: {exc}")
-            errors.append(f"{mail.item_id[-16:]}: {type(exc).__name__}: {exc}")
-    _mark_processed(ctx, mailbox, marks)  # after every transition of the job, so a catch-up never skips one
+    try:
+        ahead = _prepare(ctx, fetcher, mailbox, list(zip(mails, fetched_all)))
+    except BaseTimeoutException:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one bad item (a corrupt stored send, say) must not fail the job
+        log.warning("batched look-ups failed; each item looks itself up", error=f"{type(exc).__name__}: {exc}")
+        ahead = {}
+    try:
+        for mail, fetched in zip(mails, fetched_all):
+            bound = log.bind(item_id=mail.item_id)
+            if isinstance(fetched, Exception) and not isinstance(fetched, ItemGone):
+                bound.error("item could not be fetched", error=f"{type(fetched).__name__}: {fetched}")
+                errors.append(f"{mail.item_id[-16:]}: {type(fetched).__name__}: {fetched}")
+                continue
+            try:
+                items.append(_item(ctx, fetcher, mailbox, mail, fetched, ahead, marks, bound))
+            except BaseTimeoutException:
+                raise  # RQ's job timeout: the job must end here, not go on to the next item
+            except Exception as exc:  # noqa: BLE001 - one bad item must not cost the others their processing
+                bound.error("item failed", error=f"{type(exc).__name__}: {exc}")
+                errors.append(f"{mail.item_id[-16:]}: {type(exc).__name__}: {exc}")
+    finally:
+        # after every transition of the items done, so a catch-up never skips one; also when RQ's
+        # job timeout ends a long job half-way, so its retry does not redo what was finished
+        _mark_processed(ctx, mailbox, marks)
     transitions = sum(1 for i in items for a in i["actions"] if a.get("applied"))
     if transitions:
         _notify(ctx)
