@@ -3,8 +3,10 @@
 A job is ``workers.jobs.handle_mail(payload)`` with
 ``payload = {"mailbox": str, "source": "ews", "mails": [NewMail.as_dict(), ...]}``.
 Its id hashes the mailbox and item ids (EWS ItemIds hold characters RQ forbids in ids), and it
-is enqueued with ``unique=True``, so the same mail enqueued twice while the first is queued or
-running runs once. Later duplicates are harmless: workers are idempotent.
+is enqueued with ``unique=True``, so the same batch enqueued twice while the first is queued or
+running runs once (a catch-up replaying a page from the same state makes the same batches).
+A stream batch and a catch-up batch rarely hold the same items, so a mail in both runs twice:
+harmless (decisions are stored once, transitions are once per event), but it costs work.
 """
 from __future__ import annotations
 
