@@ -65,7 +65,8 @@ from exchange_listener.sources import ledger
 from workers.state.enrollments import EnrollmentStore
 from workers.state.sends import SendRegistry
 
-COMPONENTS = ("emulator_bench", "listener_bench", "worker_bench", "classify_bench", "restart_bench")
+COMPONENTS = ("emulator_bench", "listener_bench", "worker_bench", "classify_bench", "restart_bench",
+              "sends_import_bench")
 GOALS = {  # issue 13's targets (this machine, emulator on the same cores)
     "latency_p99_ms": ("p99 < 50 ms at 50 replies/s", lambda v: v is not None and v < 50),
     "latency_p99_ms_at_80pct": ("p99 < 250 ms at 80% of the highest replies/s", lambda v: v is not None and v < 250),
@@ -78,6 +79,7 @@ GOALS = {  # issue 13's targets (this machine, emulator on the same cores)
     "worker_cpu_ms_per_unrelated": ("<= 1 ms worker CPU per unrelated mail", lambda v: v is not None and v <= 1),
     "listener_streaming_s_5000": ("5,000 mailboxes all streaming < 10 s after start", lambda v: v is not None and v < 10),
     "listener_rss_mb_20000": ("20,000 mailboxes per listener in < 300 MB RSS", lambda v: v is not None and v < 300),
+    "sends_import_records_per_s": (">= 20,000 records/s (sends import)", lambda v: v is not None and v >= 20_000),
     "restart_extra_jobs": ("jobs after a restart ~= mail of the gap (<= 5% extra)", lambda v: v is not None and v <= 0.05),
     "restart_extra_getitem": ("GetItem calls after a restart ~= mail of the gap (<= 5% extra)",
                               lambda v: v is not None and v <= 0.05),
@@ -683,6 +685,8 @@ def summarize(results: dict) -> dict:
         "listener_streaming_s_5000": footprint_row(ours_fp, 5000, "startup_s"),
         "listener_rss_mb_20000": footprint_row(ours_fp, 20000, "rss_mb"),
         **restart_rows(results["components"].get("restart_bench", {})),
+        "sends_import_records_per_s": (((results["components"].get("sends_import_bench") or {}).get("result") or {})
+                                       .get("records_per_s"), None, True),
     }
     table = {}
     for name, (a, b, higher, *extra) in rows.items():

@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"goal >= {GOAL} records/s: {'met' if report['meets_goal'] else 'MISSED'}; checks {checks}; "
           f"load {report['load_avg_at_start']} -> {report['load_avg_at_end']}")
     print(f"-> {args.out}")
-    return 0 if report["meets_goal"] and all(checks.values()) else 1
+    # a missed speed goal is reported (meets_goal), not an error: make bench prints goals, never asserts them
+    return 0 if all(checks.values()) else 1
 
 
 if __name__ == "__main__":
