@@ -182,24 +182,7 @@ def _body_may_cite(c: Classification, item: FetchedMessage) -> bool:
 
 def _lookup_each(ctx: context.Context, id_lists: list[list[str]]) -> list[list[Send]]:
     """``SendRegistry.lookup_many`` for each list of ids, all in one MGET."""
-    per_item = [list(dict.fromkeys(keys.send(n) for n in (normalize(i) if i else None for i in ids) if n))
-                for ids in id_lists]
-    names = list(dict.fromkeys(name for item_names in per_item for name in item_names))
-    stored = dict(zip(names, ctx.redis.mget(names))) if names else {}
-    out = []
-    for item_names in per_item:
-        sends: list[Send] = []
-        seen: set[str] = set()
-        for name in item_names:
-            raw = stored[name]
-            if raw is None:
-                continue
-            send = Send.from_json(raw)
-            if not seen.intersection(send.message_ids):
-                sends.append(send)
-            seen.update(send.message_ids)
-        out.append(sends)
-    return out
+    return ctx.sends.lookup_each(id_lists)
 
 
 def _prepare(ctx: context.Context, fetcher: MailFetcher, mailbox: str,

@@ -311,19 +311,28 @@ class SendRegistry:
 
     def lookup_many(self, message_ids: Iterable[str]) -> list[Send]:
         """The distinct sends any of ``message_ids`` belongs to (one MGET; unknown ids skipped)."""
-        names = list(dict.fromkeys(send_key(mid) for mid in (normalize(raw) if raw else None for raw in message_ids) if mid))
-        if not names:
-            return []
-        sends: list[Send] = []
-        seen: set[str] = set()
-        for raw in self.redis.mget(names):
-            if raw is None:
-                continue
-            send = Send.from_json(raw)
-            if not seen.intersection(send.message_ids):
-                sends.append(send)
-            seen.update(send.message_ids)
-        return sends
+        return self.lookup_each([message_ids])[0]
+
+    def lookup_each(self, id_lists: Sequence[Iterable[str | None]]) -> list[list[Send]]:
+        """``lookup_many`` for each list of ids (a job's mails), all in one MGET."""
+        per_list = [list(dict.fromkeys(send_key(n) for n in (normalize(i) if i else None for i in ids) if n))
+                    for ids in id_lists]
+        names = list(dict.fromkeys(name for list_names in per_list for name in list_names))
+        stored = dict(zip(names, self.redis.mget(names))) if names else {}
+        out = []
+        for list_names in per_list:
+            sends: list[Send] = []
+            seen: set[str] = set()
+            for name in list_names:
+                raw = stored[name]
+                if raw is None:
+                    continue
+                send = Send.from_json(raw)
+                if not seen.intersection(send.message_ids):
+                    sends.append(send)
+                seen.update(send.message_ids)
+            out.append(sends)
+        return out
 
     def enrollments_for_domain(self, domain: str) -> list[str]:
         """Enrollments with a send to a ``to`` address at ``domain`` within the retention."""
