@@ -95,6 +95,9 @@ def test_variables_kubernetes_and_docker_set_for_a_service_named_exchange_listen
     assert config.load(env=links).queue_name == config.default("queue_name")
     with pytest.raises(config.ConfigError, match="EXCHANGE_LISTENER_PORTS is not a setting"):
         config.load(env={**links, "EXCHANGE_LISTENER_PORTS": "1"})
+    # a bare port meant as metrics_port is a typo, not a link (a link's value is tcp://host:port)
+    with pytest.raises(config.ConfigError, match="EXCHANGE_LISTENER_PORT is not a setting"):
+        config.load(env={"EXCHANGE_LISTENER_PORT": "9100"})
 
 
 def test_typo_in_environment_stops_a_command_before_it_touches_redis(tmp_path):

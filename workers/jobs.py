@@ -597,9 +597,10 @@ def _handle(mailbox: str, source: str, mails: list[NewMail]) -> dict:
         ahead = _prepare(ctx, fetcher, mailbox, list(zip(mails, fetched_all)))
     except BaseTimeoutException:
         raise
-    except Exception as exc:  # noqa: BLE001 - one bad item (a corrupt stored send, say) must not fail the job
+    except (ValueError, TypeError, KeyError) as exc:  # one bad stored value must not fail the whole job
         log.warning("batched look-ups failed; each item looks itself up", error=f"{type(exc).__name__}: {exc}")
         ahead = {}
+    finished = False
     try:
         for mail, fetched in zip(mails, fetched_all):
             bound = log.bind(item_id=mail.item_id)
@@ -614,10 +615,11 @@ def _handle(mailbox: str, source: str, mails: list[NewMail]) -> dict:
             except Exception as exc:  # noqa: BLE001 - one bad item must not cost the others their processing
                 bound.error("item failed", error=f"{type(exc).__name__}: {exc}")
                 errors.append(f"{mail.item_id[-16:]}: {type(exc).__name__}: {exc}")
+        finished = True
     finally:
-        # after every transition of the items done, so a catch-up never skips one; also when RQ's
-        # job timeout ends a long job half-way, so its retry does not redo what was finished
-        _mark_processed(ctx, mailbox, marks)
+        if not finished:  # RQ's job timeout ended the job half-way: keep the marks of the items done
+            _mark_after_interruption(ctx, mailbox, marks)
+    _mark_processed(ctx, mailbox, marks)  # after every transition of the job, so a catch-up never skips one
     transitions = sum(1 for i in items for a in i["actions"] if a.get("applied"))
     if transitions:
         _notify(ctx)
@@ -635,6 +637,17 @@ def _handle(mailbox: str, source: str, mails: list[NewMail]) -> dict:
         "unmatched": sum(1 for i in items if i["kind"] and not i["matched"] and not i.get("skipped")),
         "gone": sum(1 for i in items if i.get("gone")),
     }
+
+
+def _mark_after_interruption(ctx: context.Context, mailbox: str, marks: list[tuple[str | None, str]]) -> None:
+    """The marks of the items a cut-short job finished, so its retry does not redo them; a failure
+    here is logged, never raised over what ended the job (RQ retries it either way)."""
+    try:
+        _mark_processed(ctx, mailbox, marks)
+    except BaseTimeoutException:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the exception that ended the job is the one to report
+        log.warning("could not mark the finished items processed", error=f"{type(exc).__name__}: {exc}")
 
 
 def _mark_processed(ctx: context.Context, mailbox: str, marks: list[tuple[str | None, str]]) -> None:

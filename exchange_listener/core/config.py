@@ -147,8 +147,14 @@ def _not_a_setting(name: str, where: str, env: bool = False) -> str:
 
 # Variables a platform sets for a service or container named "exchange-listener", not settings:
 # Kubernetes service links (EXCHANGE_LISTENER_SERVICE_HOST, _SERVICE_PORT[_NAME], _PORT,
-# _PORT_9100_TCP[_PROTO|_PORT|_ADDR]) and Docker links (the same _PORT* forms, _NAME, _ENV_*).
-_LINK_VARIABLE = re.compile(re.escape(ENV_PREFIX) + r"(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?|NAME|ENV_\w+)$")
+# _PORT_9100_TCP[_PROTO|_PORT|_ADDR]) and Docker links (the same _PORT* forms). A bare _PORT counts
+# only with a link's value (tcp://...), so EXCHANGE_LISTENER_PORT=9100 meant as METRICS_PORT is a typo.
+_LINK_VARIABLE = re.compile(re.escape(ENV_PREFIX) + r"(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)$")
+_LINK_URL = re.compile(r"^(tcp|udp|sctp)://")  # the value of a bare ..._PORT link variable
+
+
+def _is_link(name: str, value: str) -> bool:
+    return bool(_LINK_VARIABLE.match(name)) or (name == ENV_PREFIX + "PORT" and bool(_LINK_URL.match(value)))
 
 
 def _check_names(env: Mapping[str, str], path: str | None, from_file: dict[str, Any], overrides: dict[str, Any] | None) -> None:
@@ -156,7 +162,7 @@ def _check_names(env: Mapping[str, str], path: str | None, from_file: dict[str, 
     an error, never a silently kept default (a mistyped redis_url would mean the wrong Redis)."""
     names = {env_name(k) for k in FIELD_BY_KEY} | set(OTHER_ENV)
     found = [_not_a_setting(n, "", env=True) for n in sorted(env)
-             if n.upper().startswith(ENV_PREFIX) and n not in names and not _LINK_VARIABLE.match(n)]
+             if n.upper().startswith(ENV_PREFIX) and n not in names and not _is_link(n, env[n])]
     found += [_not_a_setting(k, f" in {path}") for k in sorted(set(from_file) - set(FIELD_BY_KEY))]
     found += [_not_a_setting(k, " (an argument)") for k in sorted(set(overrides or ()) - set(FIELD_BY_KEY))]
     if found:
