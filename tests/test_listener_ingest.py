@@ -124,36 +124,6 @@ def test_moves_deletes_and_hard_deletes_are_recorded_for_workers(redis_client, e
     assert not {moved, moved_twice, trashed} & set(queued(redis_client))
 
 
-def test_a_burst_of_streamed_mail_goes_out_in_fewer_jobs_and_a_lone_mail_at_once(redis_client, emulator, listeners):
-    """RQ's own work per job costs more than a mail's, so the mail of a mailbox that arrived while
-    the last job was being enqueued goes out together; every mail is in a job. A lone mail on a
-    quiet stream is not held back to wait for company."""
-    mailboxes.add(redis_client, ["bea@example.com", "bob@example.com"])
-    listeners(emulator)
-    wait_for(lambda: streaming(redis_client, 2) and caught_up(redis_client), message="streaming")
-    delivered = []
-    senders = [threading.Thread(target=lambda box=box: delivered.extend(
-        emulator.deliver(box, mail(f"burst {i}"))["item_id"] for i in range(150)))
-        for box in ("bea@example.com", "bob@example.com")]
-    for sender in senders:
-        sender.start()
-    for sender in senders:
-        sender.join()
-    wait_for(lambda: set(delivered) <= set(queued(redis_client)), message="the whole burst enqueued")
-    jobs = queueing.make_queue(redis_client, QUEUE).jobs
-    assert len(jobs) < len(delivered)
-    assert all(len({m["mailbox"] for m in job.args[0]["mails"]}) == 1 for job in jobs)
-
-    time.sleep(0.5)  # quiet again
-    lone = emulator.deliver("bea@example.com", mail("alone"))["item_id"]
-    started = time.monotonic()
-    wait_for(lambda: lone in queued(redis_client), interval=0.005, message="the lone mail enqueued")
-    assert time.monotonic() - started < 0.5
-    (job,) = [job for job in queueing.make_queue(redis_client, QUEUE).jobs
-              if any(m["item_id"] == lone for m in job.args[0]["mails"])]
-    assert [m["item_id"] for m in job.args[0]["mails"]] == [lone]
-
-
 @pytest.mark.slow
 def test_a_restart_catches_up_only_the_gap(redis_client, emulator, listeners):
     """Mail that was processed is never enqueued again after a restart, however long ago (the
@@ -320,7 +290,6 @@ def test_a_backlog_held_during_a_redis_outage_never_costs_the_leases(emulator, l
             watcher.join(2)
         assert set(outage) <= set(queued(conn))
         assert not lapses, f"the lease lapsed {len(lapses)} time(s) while the backlog was flushed"
-        assert any("enqueued held mail" in line.get("event", "") for line in proc.lines())
-        # the held mail of one mailbox went out many mails per job
-        assert len(queueing.make_queue(conn, QUEUE).jobs) <= count // 10
+        flushed = [line for line in proc.lines() if "enqueued held mail" in line.get("event", "")]
+        assert len(flushed) > 1  # in slices, between renewals
         assert not any(re.search("lost leases", line.get("event", "")) for line in proc.lines())

@@ -4,9 +4,8 @@ One thread balances leases and publishes liveness (``leases``), one thread per g
 (``sources.ews_stream``), a few threads catch up from SyncFolderItems state (``sync_state``).
 Nothing is lost on the way to the queue:
 
-- a stream event is enqueued at once by the ``Sink``'s thread, together with whatever else of
-  its mailbox arrived meanwhile (up to ``MAX_MAILS_PER_JOB`` per job); while Redis is
-  unreachable it waits in memory and is flushed when Redis is back;
+- a stream event is enqueued at once; while Redis is unreachable it waits in memory
+  (``Sink``) and is flushed when Redis is back;
 - catch-up runs on start and after every reconnect, resubscribe, expiry, server restart and
   takeover, and its sync state only advances after its items are enqueued;
 - while streaming, the folders that had new mail are checkpointed every ``checkpoint_seconds``
@@ -42,11 +41,7 @@ from exchange_listener.listener import leases as leases_mod
 from exchange_listener.listener import mailboxes as mailboxes_mod
 from exchange_listener.sources.base import NewMail
 from exchange_listener.sources.ews import account as ews_account
-from exchange_listener.sources.ews.catch_up import (
-    MAX_MAILS_PER_JOB,
-    SyncStore,
-    catch_up_mailbox,
-)
+from exchange_listener.sources.ews.catch_up import SyncStore, catch_up_mailbox
 from exchange_listener.sources.ews.stream import StreamGroup
 from exchange_listener.sources.ledger import Ledger
 
@@ -63,26 +58,15 @@ MAX_GROUP_SIZE = 200  # Exchange's limit of subscriptions per GetStreamingEvents
 
 
 class Sink:
-    """Enqueue new mail from the streams on a thread of its own, many mails of a mailbox per job.
-
-    ``put`` only files the mail by mailbox and wakes the thread, which takes whatever is pending,
-    a mailbox at a time, up to ``MAX_MAILS_PER_JOB`` per job: a lone mail goes out at once (no
-    added wait), and under load the mail that arrived during one enqueue forms the next batch.
-    While Redis is unreachable the mail stays pending in memory and the thread waits; the main
-    loop retries in slices (``flush``) and hands back to the thread once Redis answers.
-    """
+    """Enqueue new mail; while Redis is unreachable, hold it in memory and flush later."""
 
     def __init__(self, conn: redis.Redis, settings: Settings):
         self.queue = queueing.make_queue(conn, settings.queue_name)
         self.settings = settings
-        self.pending: dict[str, list[NewMail]] = {}  # mailbox -> mail not enqueued yet, oldest first
-        self.held = 0  # mails in ``pending``
-        self.away = False  # Redis unreachable: only ``flush`` tries, the thread waits
+        self.buffer: collections.deque[Sequence[NewMail]] = collections.deque()
         self.overflowed = False
-        self._cond = threading.Condition()
-        self._drain_lock = threading.Lock()  # one drainer at a time, or a batch could go out twice
+        self._lock = threading.Lock()
         self.log = logs.get_logger()
-        threading.Thread(target=self._run, name="sink", daemon=True).start()
 
     def enqueue(self, mails: Sequence[NewMail]) -> None:
         """Enqueue now or raise (used by catch-up, which must not advance its state otherwise)."""
@@ -94,58 +78,41 @@ class Sink:
             self.log.debug("enqueued", mailbox=mails[0].mailbox, job_id=job.id, items=len(mails), via=mails[0].via)
 
     def put(self, mails: Sequence[NewMail]) -> None:
-        """Take mail from a stream; never raises, never waits for Redis."""
-        with self._cond:
-            if self.held + len(mails) > BUFFER_LIMIT:
-                self.overflowed = True  # the oldest stay; catch-up finds the rest once Redis is back
+        """Enqueue from a stream; never raises."""
+        with self._lock:
+            if self.buffer:
+                self._hold(mails)
                 return
-            for mail in mails:
-                self.pending.setdefault(mail.mailbox, []).append(mail)
-            self.held += len(mails)
-            self._cond.notify()
+        try:
+            self.enqueue(mails)
+        except REDIS_ERRORS as exc:
+            with self._lock:
+                if not self.buffer:
+                    self.log.warning("Redis unreachable; holding new mail in memory until it is back", error=str(exc))
+                self._hold(mails)
 
-    def _drain(self, until: float | None) -> int:
-        """Enqueue pending mail until none is left (or ``until``); returns the jobs sent. Raises
-        what the enqueue raised; the mail it carried stays pending."""
-        sent = 0
-        with self._drain_lock:
-            while until is None or time.monotonic() < until:
-                with self._cond:
-                    if not self.pending:
-                        break
-                    mailbox = next(iter(self.pending))
-                    mails = self.pending[mailbox][:MAX_MAILS_PER_JOB]
-                self.enqueue(mails)
-                with self._cond:  # only appends happened meanwhile: the batch is still at the front
-                    rest = self.pending.pop(mailbox)[len(mails):]
-                    if rest:
-                        self.pending[mailbox] = rest  # to the back: other mailboxes go first
-                    self.held -= len(mails)
-                sent += 1
-        return sent
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self.pending or self.away:
-                    self._cond.wait()
-            try:
-                self._drain(None)
-            except Exception as exc:  # noqa: BLE001 - held in memory; the main loop retries
-                with self._cond:
-                    self.away = True
-                self.log.warning("Redis unreachable; holding new mail in memory until it is back", error=str(exc),
-                                 held=self.held)
+    def _hold(self, mails: Sequence[NewMail]) -> None:
+        if len(self.buffer) >= BUFFER_LIMIT:
+            self.overflowed = True  # the oldest stay; catch-up finds the rest once Redis is back
+            return
+        self.buffer.append(mails)
 
     def flush(self, budget: float | None = None) -> int:
-        """Enqueue held mail for at most ``budget`` seconds (None: all of it), then leave the rest
-        to the thread; returns how many jobs went out. Raises while Redis is still away."""
-        sent = self._drain(None if budget is None else time.monotonic() + budget)
-        with self._cond:
-            was_away, self.away = self.away, False
-            self._cond.notify()
-        if was_away:
-            self.log.info("Redis is back; enqueued held mail", jobs=sent, still_held=self.held)
+        """Enqueue what was held, for at most ``budget`` seconds (None: all of it); returns how
+        many jobs went out. Raises while Redis is still away."""
+        sent = 0
+        until = None if budget is None else time.monotonic() + budget
+        while until is None or time.monotonic() < until:
+            with self._lock:
+                if not self.buffer:
+                    break
+                mails = self.buffer[0]
+            self.enqueue(mails)
+            with self._lock:
+                self.buffer.popleft()
+            sent += 1
+        if sent:
+            self.log.info("Redis is back; enqueued held mail", jobs=sent, still_held=len(self.buffer))
         return sent
 
 
@@ -286,7 +253,8 @@ class Listener:
         return mailbox in self.group_of
 
     def _on_mail(self, mails: Sequence[NewMail], *, subscription_id: str, group: str) -> None:
-        self.sink.put(mails)  # the sink's thread enqueues, many mails of a mailbox per job
+        for mail in mails:  # one job per item, the id a catch-up gives it too (RQ dedupes the twins)
+            self.sink.put([mail])
         self._note_activity(mails[0].mailbox, {m.folder for m in mails})
         self.log.debug("new mail", mailbox=mails[0].mailbox, group=group, subscription_id=subscription_id,
                        items=len(mails))
@@ -388,11 +356,11 @@ class Listener:
                     self._balance()
                     self._check_redis_identity()
                     next_balance = now + balance_every
-                if self.sink.away:
+                if self.sink.buffer:
                     self.sink.flush(budget=FLUSH_SLICE_SECONDS)
-                if self.sink.overflowed and not self.sink.away:
-                    self.sink.overflowed = False
-                    self.catchups.request(list(self.group_of), "buffer_overflow")
+                    if self.sink.overflowed:
+                        self.sink.overflowed = False
+                        self.catchups.request(list(self.group_of), "buffer_overflow")
                 if not self._redis_ok:
                     self._redis_ok = True
                     self.log.info("Redis reachable again")
@@ -492,7 +460,7 @@ class Listener:
     def _info(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "started_at": self.started_at,
                 "mailboxes": len(self.group_of), "groups": [g.status() for g in self.groups],
-                "held_in_memory": self.sink.held, "catchups_pending": self.catchups.pending()}
+                "held_in_memory": len(self.sink.buffer), "catchups_pending": self.catchups.pending()}
 
     def _publish(self) -> None:
         self.leases.heartbeat(self._info())
@@ -513,7 +481,7 @@ class Listener:
         for t in threads:
             t.join(max(0.05, deadline - time.monotonic() - 2))
         try:
-            if self.sink.held:
+            if self.sink.buffer:
                 self.sink.flush()
             self.leases.release(list(self.group_of))
             self.leases.leave()
