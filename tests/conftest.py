@@ -36,24 +36,6 @@ def pytest_configure(config):
         config._emulator_schema_log = None
         return
     config._emulator_schema_log = ews_schema.enable()
-    if hasattr(config.option, "loadscopereorder"):
-        # xdist hands out files by test count, most first, which left the one-test files (the
-        # 100 s chaos drill, the demo) for last and one process running them alone; hand them
-        # out in the order pytest_collection_modifyitems gives instead
-        config.option.loadscopereorder = False
-
-
-def pytest_collection_modifyitems(config, items):
-    """Files that are slow as a whole (the chaos drill, the demo) first, so the longest run starts
-    at once and the quick files fill in beside it; then the files with no slow test; then the
-    rest, most slow tests first, so the multi-process drills do not all overlap the chaos drill.
-    Test order within a file is kept."""
-    slow: dict[str, list[bool]] = {}
-    for item in items:
-        slow.setdefault(item.nodeid.split("::")[0], []).append(item.get_closest_marker("slow") is not None)
-    rank = {path: 0 if all(marks) else 1 if not any(marks) else 2 + 1 / (1 + sum(marks))
-            for path, marks in slow.items()}
-    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])
 
 
 def pytest_sessionfinish(session, exitstatus):
