@@ -87,9 +87,10 @@ def listeners(redis_server, tmp_path):
     """Start `exchange-listener listen` processes (1 s heartbeats, 3 s leases); all are stopped after the test."""
     started = []
 
-    def start(emulator, name="l1", redis_url=None, **settings):
-        env = service_env(redis_url or redis_server.url, emulator.ews_url,
+    def start(emulator, name="l1", redis_url=None, password=SERVICE_ACCOUNT[1], extra_env=None, **settings):
+        env = service_env(redis_url or redis_server.url, emulator.ews_url, password=password,
                           **{"heartbeat_seconds": 1, "lease_seconds": 3, "listener_id": name, **settings})
+        env.update(extra_env or {})
         proc = CliProcess(["listen"], env, tmp_path / f"listener-{name}-{len(started)}.log")
         started.append(proc)
         return proc

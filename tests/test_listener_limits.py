@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from emulators.services import CliProcess, Emulator, service_env, wait_for
+from emulators.services import Emulator, wait_for
 from exchange_listener import queueing
 from exchange_listener.core import config
 from exchange_listener.listener import mailboxes
@@ -32,35 +32,18 @@ def queued(conn) -> set[str]:
     return {m["item_id"] for job in queueing.make_queue(conn, "exchange-listener").jobs for m in job.args[0]["mails"]}
 
 
-@pytest.fixture
-def run_listener(redis_server, tmp_path):
-    procs = []
-
-    def start(emulator, password=SERVICE_ACCOUNT[1], extra_env=None, **settings):
-        env = service_env(redis_server.url, emulator.ews_url, password=password,
-                          **{"heartbeat_seconds": 1, "lease_seconds": 3, "listener_id": "l1", **settings})
-        env.update(extra_env or {})
-        proc = CliProcess(["listen"], env, tmp_path / f"listener-{len(procs)}.log")
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        proc.stop()
-
-
 def connected(conn, count: int) -> bool:
     raw = conn.hget("el:listener:l1", "groups")
     return bool(raw) and sum(g["subscribed"] for g in json.loads(raw) if g["connected"]) == count
 
 
 @pytest.mark.slow
-def test_streams_closed_by_the_server_are_reopened_without_losing_mail(redis_client, run_listener):
+def test_streams_closed_by_the_server_are_reopened_without_losing_mail(redis_client, listeners):
     # a "minute" of ConnectionTimeout lasts 1.5 s here, so the server closes the stream every 1.5 s
     with Emulator(accounts=[":".join(SERVICE_ACCOUNT)], heartbeat_seconds=0.5,
                   extra_args=["--connection-timeout-minute-seconds", "1.5"]) as emu:
         mailboxes.add(redis_client, ["olga@example.com"])
-        run_listener(emu, connection_timeout=1, heartbeat_seconds=0.5)
+        listeners(emu, connection_timeout=1, heartbeat_seconds=0.5)
         wait_for(lambda: connected(redis_client, 1), message="streaming")
         delivered = set()
         for i in range(8):  # spread over several stream lifetimes
@@ -70,11 +53,11 @@ def test_streams_closed_by_the_server_are_reopened_without_losing_mail(redis_cli
 
 
 @pytest.mark.slow
-def test_connection_limit_is_backed_off_not_looped_on(redis_client, run_listener):
+def test_connection_limit_is_backed_off_not_looped_on(redis_client, listeners):
     with Emulator(accounts=[":".join(SERVICE_ACCOUNT)], heartbeat_seconds=1.0,
                   extra_args=["--max-streams-per-account", "1"]) as emu:
         mailboxes.add(redis_client, ["pia@example.com", "quinn@example.com"])
-        proc = run_listener(emu, group_size=1)  # two groups, two connections; the server allows one
+        proc = listeners(emu, group_size=1)  # two groups, two connections; the server allows one
         wait_for(lambda: connected(redis_client, 1), message="one group streaming")
         first = wait_for(lambda: limit_refusals(proc), message="the second connection refused")[0]
         assert "ErrorExceededConnectionCount" in first["event"]
@@ -101,7 +84,7 @@ def limit_refusals(proc) -> list[dict]:
     return [line for line in proc.lines() if line.get("reason") == "limit"]
 
 
-def test_subscription_limit_skips_the_mailbox_and_retries_later(redis_client, run_listener):
+def test_subscription_limit_skips_the_mailbox_and_retries_later(redis_client, listeners):
     with Emulator(accounts=[":".join(SERVICE_ACCOUNT)], heartbeat_seconds=1.0,
                   extra_args=["--max-subscriptions-per-mailbox", "1"]) as emu:
         # someone else already holds the only subscription rhea's mailbox may have
@@ -111,7 +94,7 @@ def test_subscription_limit_skips_the_mailbox_and_retries_later(redis_client, ru
                                          ews_account.make_configuration(settings, pool="someone-else"))
         other.subscribe_to_streaming()
         mailboxes.add(redis_client, ["rhea@example.com", "sven@example.com"])
-        proc = run_listener(emu)
+        proc = listeners(emu)
         wait_for(lambda: connected(redis_client, 1), message="the other mailbox streaming")
         item = emu.deliver("sven@example.com", mail("for sven"))
         wait_for(lambda: item["item_id"] in queued(redis_client), message="sven's mail enqueued")
@@ -128,10 +111,10 @@ def test_subscription_limit_skips_the_mailbox_and_retries_later(redis_client, ru
 
 
 @pytest.mark.slow
-def test_bad_credentials_are_logged_clearly_retried_with_backoff_and_never_leaked(redis_client, run_listener, emulator):
+def test_bad_credentials_are_logged_clearly_retried_with_backoff_and_never_leaked(redis_client, listeners, emulator):
     mailboxes.add(redis_client, ["tina@example.com"])
     secret = "wrong-Pa55word-xyz"
-    proc = run_listener(emulator, password=secret)
+    proc = listeners(emulator, password=secret)
     # retried: a second attempt comes, and only after the backoff (>= 5 s)
     def auth_failures():
         found = [line for line in proc.lines() if "authentication" in line.get("event", "")]
@@ -144,11 +127,11 @@ def test_bad_credentials_are_logged_clearly_retried_with_backoff_and_never_leake
     assert secret not in proc.log_path.read_text()
 
 
-def test_oauth2_client_credentials_listener(redis_client, run_listener):
+def test_oauth2_client_credentials_listener(redis_client, listeners):
     with Emulator(accounts=[":".join(SERVICE_ACCOUNT)], heartbeat_seconds=1.0,
                   extra_args=["--oauth-client", "app-id:app-secret"]) as emu:
         mailboxes.add(redis_client, ["uma@example.com"])
-        proc = run_listener(emu, auth_type="oauth2", client_id="app-id", client_secret="app-secret",
+        proc = listeners(emu, auth_type="oauth2", client_id="app-id", client_secret="app-secret",
                             token_url=f"{emu.base_url}/oauth2/v2.0/token", ews_username="", password="",
                             extra_env={"OAUTHLIB_INSECURE_TRANSPORT": "1"})  # the emulator speaks plain HTTP
         wait_for(lambda: connected(redis_client, 1), message="streaming with an OAuth2 token")

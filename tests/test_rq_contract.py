@@ -141,24 +141,22 @@ def test_the_worker_dequeues_through_its_queue_class_and_the_job_waits_in_the_in
     assert conn.llen(queue.intermediate_queue_key) == 0  # perform_job took it out
 
 
-class _StopAfterDequeue(TakingQueue):
-    """A SIGTERM landing right after the dequeue took a job, before the worker starts it."""
+def _stopping_after_dequeue(base: type[Queue]) -> type[Queue]:
+    """``base`` with a SIGTERM landing right after the dequeue took a job, before the worker starts it."""
 
-    @classmethod
-    def dequeue_any(cls, *args, **kwargs):
-        result = super().dequeue_any(*args, **kwargs)
-        if result is not None:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
+    class StopAfterDequeue(base):
+        @classmethod
+        def dequeue_any(cls, *args, **kwargs):
+            result = super().dequeue_any(*args, **kwargs)
+            if result is not None:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return result
+
+    return StopAfterDequeue
 
 
-class _PlainStopAfterDequeue(Queue):
-    @classmethod
-    def dequeue_any(cls, *args, **kwargs):
-        result = super().dequeue_any(*args, **kwargs)
-        if result is not None:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
+_StopAfterDequeue = _stopping_after_dequeue(TakingQueue)
+_PlainStopAfterDequeue = _stopping_after_dequeue(Queue)
 
 
 def test_a_stop_right_after_the_dequeue_runs_the_taken_job_then_stops(settings, conn):

@@ -180,11 +180,6 @@ def _body_may_cite(c: Classification, item: FetchedMessage) -> bool:
     return ctype.startswith("multipart/report") or _header(item, "x-amz-sns-message-id") is not None
 
 
-def _lookup_each(ctx: context.Context, id_lists: list[list[str]]) -> list[list[Send]]:
-    """``SendRegistry.lookup_many`` for each list of ids, all in one MGET."""
-    return ctx.sends.lookup_each(id_lists)
-
-
 def _prepare(ctx: context.Context, fetcher: MailFetcher, mailbox: str,
              pairs: list[tuple[NewMail, Any]]) -> dict[str, _Ahead]:
     """Classify every fetched item by its headers, look up the sends their ids name (one MGET),
@@ -200,7 +195,7 @@ def _prepare(ctx: context.Context, fetcher: MailFetcher, mailbox: str,
         own_id = c.message_id or normalize(item.internet_message_id or "")
         id_lists.append(([own_id] if own_id else []) + _match_ids(item, c))
         ahead[item.item_id] = _Ahead(c, needs_body(item.headers), [])
-    for item, found in zip(items, _lookup_each(ctx, id_lists)):
+    for item, found in zip(items, ctx.sends.lookup_each(id_lists)):
         ahead[item.item_id].found = found
     pipe = ctx.redis.pipeline(transaction=False)
     asked: list[tuple[_Ahead, str]] = []
@@ -619,7 +614,7 @@ def _handle(mailbox: str, source: str, mails: list[NewMail]) -> dict:
     finally:
         if not finished:  # RQ's job timeout ended the job half-way: keep the marks of the items done
             _mark_after_interruption(ctx, mailbox, marks)
-    _mark_processed(ctx, mailbox, marks)  # after every transition of the job, so a catch-up never skips one
+    ctx.ledger.mark_processed_many(mailbox, marks)  # after every transition of the job, so a catch-up never skips one
     transitions = sum(1 for i in items for a in i["actions"] if a.get("applied"))
     if transitions:
         _notify(ctx)
@@ -643,16 +638,11 @@ def _mark_after_interruption(ctx: context.Context, mailbox: str, marks: list[tup
     """The marks of the items a cut-short job finished, so its retry does not redo them; a failure
     here is logged, never raised over what ended the job (RQ retries it either way)."""
     try:
-        _mark_processed(ctx, mailbox, marks)
+        ctx.ledger.mark_processed_many(mailbox, marks)
     except BaseTimeoutException:
         raise
     except Exception as exc:  # noqa: BLE001 - the exception that ended the job is the one to report
         log.warning("could not mark the finished items processed", error=f"{type(exc).__name__}: {exc}")
-
-
-def _mark_processed(ctx: context.Context, mailbox: str, marks: list[tuple[str | None, str]]) -> None:
-    """``Ledger.mark_processed`` for every (message_id, item_id) of the job, in one round trip."""
-    ctx.ledger.mark_processed_many(mailbox, marks)
 
 
 def _fetch(fetcher: MailFetcher, mailbox: str, mails: list[NewMail]) -> list:
