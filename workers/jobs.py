@@ -241,7 +241,7 @@ def _classify(fetcher: MailFetcher, mailbox: str, item: FetchedMessage, ahead: _
     """Headers first; the full MIME source only when the headers cannot settle it and either
     an id matched a send or the body may name one (a bounce or receipt): unrelated bulk mail
     is not read. Also says whether the verdict saw the body (then the text was already read)."""
-    if not ahead.body or (not ahead.found and not _body_may_cite(ahead.c, item)):
+    if not ahead.reads_body(item):
         return ahead.c, False
     try:
         raw = fetcher.fetch_mime(mailbox, item.item_id)  # ItemGone: the caller looks for it elsewhere

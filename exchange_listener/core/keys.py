@@ -46,8 +46,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 
-PREFIX = "el:"
-
 # -- the listener: what to watch and who watches it (exchange_listener.listener) ----------------
 MAILBOXES = "el:mailboxes"
 MAILBOXES_VERSION = "el:mailboxes:version"

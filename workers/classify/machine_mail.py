@@ -25,7 +25,6 @@ from typing import Protocol
 
 from workers.classify.verdict import automatic_subject
 
-FAMILIES = ("mailing_list", "ticket_system", "crm", "calendar")
 PROVISIONAL = "platform mail: text decides"
 
 _LIST_HEADERS = ("list-id", "mailing-list", "x-mailman-version", "x-beenthere", "x-google-group-id",

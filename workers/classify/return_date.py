@@ -26,7 +26,6 @@ _RETURN_CUES = re.compile(
     r"retorno (?:em|no dia|dia)?|a partir de|a partir do dia)\s*"
     r"|(?:do dnia|do|od dnia|od|wracam(?: dnia)?|powrót(?: dnia)?|będę dostępn[ya] od(?: dnia)?)\s+(?=\d)",
     re.IGNORECASE)
-RETURN_CUES = _RETURN_CUES
 _SENTENCE_END = re.compile(r"(?:(?<=\d{4}\.)|(?<=[^\d\W]{2}[.!?]))\s+(?=[A-ZÀ-ŽА-Я])")
 _DATE_LANGS = ["en", "de", "fr", "es", "it", "nl", "pt", "pl"]
 _WEEKDAYS = {name: i for i, names in enumerate([

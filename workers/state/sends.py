@@ -53,10 +53,6 @@ from exchange_listener.core.lua import Script
 from exchange_listener.mail.message_ids import normalize
 from workers.state.enrollments import EnrollmentStore, iso, to_utc, utcnow
 
-send_key = keys.send
-domain_key = keys.domain
-domain_first_key = keys.domain_first
-
 _COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps with separators builds an encoder a call
 _WRITE = Script("send_batch")  # send keys, domain indexes and enrollments of a batch, at once
 
@@ -141,7 +137,7 @@ def _merge(draft: SendDraft, stored: Iterable[Send | None]) -> tuple[Send, dt.da
 
 def _watched(drafts: Sequence[SendDraft]) -> list[str]:
     """The send keys of the drafts' ids, each once: what a batch reads and WATCHes."""
-    return list(dict.fromkeys(send_key(m) for draft in drafts for m in draft.message_ids))
+    return list(dict.fromkeys(keys.send(m) for draft in drafts for m in draft.message_ids))
 
 
 def _addresses(values: Iterable[str] | str, what: str) -> tuple[str, ...]:
@@ -284,16 +280,16 @@ class SendRegistry:
         args: list[tuple[int, int, str, str, str, str, str, str]] = []
         for draft in drafts:
             try:
-                send, moment = _merge(draft, [stored[send_key(m)] for m in draft.message_ids])
+                send, moment = _merge(draft, [stored[keys.send(m)] for m in draft.message_ids])
             except ValueError as exc:
                 results.append(exc)
                 continue
             results.append(send)
-            stored.update((send_key(m), send) for m in send.message_ids)
+            stored.update((keys.send(m), send) for m in send.message_ids)
             domains = sorted({d for d in map(_domain, send.to) if d})
-            names += [send_key(m) for m in send.message_ids]
+            names += [keys.send(m) for m in send.message_ids]
             for domain in domains:
-                names += [domain_key(domain), domain_first_key(domain)]
+                names += [keys.domain(domain), keys.domain_first(domain)]
             names += [keys.enrollment(send.enrollment_id), keys.enrollment_events(send.enrollment_id),
                       keys.enrollment_history(send.enrollment_id)]
             args.append((len(send.message_ids), len(domains), send.to_json(),
@@ -315,7 +311,7 @@ class SendRegistry:
 
     def lookup_each(self, id_lists: Sequence[Iterable[str | None]]) -> list[list[Send]]:
         """``lookup_many`` for each list of ids (a job's mails), all in one MGET."""
-        per_list = [list(dict.fromkeys(send_key(n) for n in (normalize(i) if i else None for i in ids) if n))
+        per_list = [list(dict.fromkeys(keys.send(n) for n in (normalize(i) if i else None for i in ids) if n))
                     for ids in id_lists]
         names = list(dict.fromkeys(name for list_names in per_list for name in list_names))
         stored = dict(zip(names, self.redis.mget(names))) if names else {}
@@ -347,11 +343,11 @@ class SendRegistry:
         oldest = (utcnow() - self.retention).timestamp()
         # withscores: (member, score) pairs (redis-py's type covers every form of ZRANGE's reply)
         latest = cast(list[tuple[bytes | str, float]],
-                      self.redis.zrangebyscore(domain_key(name), oldest, "+inf", withscores=True))
+                      self.redis.zrangebyscore(keys.domain(name), oldest, "+inf", withscores=True))
         if not latest:
             return []
         members = [redis_conn.text(m) for m, _ in latest]
-        firsts = self.redis.zmscore(domain_first_key(name), members)
+        firsts = self.redis.zmscore(keys.domain_first(name), members)
 
         def moment(score: float) -> dt.datetime:
             return dt.datetime.fromtimestamp(score, dt.UTC)
