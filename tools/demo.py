@@ -158,9 +158,10 @@ class Demo:
         req = urllib.request.Request(
             f"http://127.0.0.1:{self.emulator_port}/emulator/mailboxes/{demo.MAILBOX}/messages?folder=inbox",
             data=raw, method="POST", headers={"Content-Type": "message/rfc822"})
+        sent_at = time.time()  # the pipeline may finish before the emulator's answer is read
         with urllib.request.urlopen(req, timeout=10) as resp:
             item_id = json.loads(resp.read())["item_id"]
-        return item_id, time.time()
+        return item_id, sent_at
 
     def processed_items(self, conn) -> tuple[set[str], list[str]]:
         """Item ids of every finished job, and the errors of failed ones."""
