@@ -109,6 +109,7 @@ class Faults:
         self.busy = 0
         self.back_off_ms = 30_000
         self.http_503 = 0
+        self.truncated = 0
         self.latency_ms = 0
         self.stall_until = 0.0
         self.busy_anchors: dict[str, list[int]] = {}  # X-AnchorMailbox -> [count left (-1: until cleared), back off]
@@ -298,7 +299,11 @@ class Emulator:
                 return self._mailbox_error(req, failing[0])
             if req.operation == "GetStreamingEvents":
                 return await self.op_GetStreamingEvents(request, principal, req)
-            return handler(request, principal, mailbox, req)
+            response = handler(request, principal, mailbox, req)
+            if self.faults.truncated > 0 and isinstance(response.body, bytes):
+                self.faults.truncated -= 1  # a backend or proxy dying mid-answer: HTTP 200, half a document
+                response.body = response.body[:len(response.body) // 2]
+            return response
         except BadRequest as exc:
             return self._fault(exc.code, exc.text)
 
@@ -716,7 +721,8 @@ class Emulator:
         """Inject a fault. Kinds: reset_streams; stall_streams {seconds}; expire_subscriptions;
         server_busy {count, back_off_ms} (the next N requests), or with {anchor}: only requests
         whose X-AnchorMailbox is that address, N times (count < 0: until count 0 clears it);
-        http_503 {count}; latency {ms}; restart; mailbox_error {mailbox, code, operations};
+        http_503 {count}; truncated_xml {count} (the next N answers other than streams stop halfway,
+        still HTTP 200); latency {ms}; restart; mailbox_error {mailbox, code, operations};
         clear_mailbox_error {mailbox}."""
         try:
             body = await request.json()
@@ -760,6 +766,8 @@ class Emulator:
                 count = int(self.faults.mailbox_errors.pop(str(body["mailbox"]).strip().lower(), None) is not None)
             elif kind == "http_503":
                 self.faults.http_503 = count = int(body.get("count", 1))
+            elif kind == "truncated_xml":
+                self.faults.truncated = count = int(body.get("count", 1))
             elif kind == "latency":
                 self.faults.latency_ms = count = max(0, int(body.get("ms", 0)))
             elif kind == "restart":

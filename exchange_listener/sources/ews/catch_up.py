@@ -55,6 +55,7 @@ from exchange_listener.mail.message_ids import (
     normalize,  # the same canonical id the workers record in the ledger
 )
 from exchange_listener.sources.base import NewMail
+from exchange_listener.sources.ews.wire import WholeBody
 from exchange_listener.sources.ledger import Ledger, identity
 
 # Mails of one mailbox the listener puts in one job at most (catch-up and stream): RQ's own work,
@@ -171,7 +172,7 @@ def folder_ref(mailbox: str, folder: str) -> DistinguishedFolderId | FolderId:
 
 
 # -- folders ------------------------------------------------------------------------------------
-class FolderIds(GetFolder):
+class FolderIds(WholeBody, GetFolder):
     """GetFolder that returns only each folder's id (no Folder objects, no root lookup)."""
 
     def _elems_to_objs(self, elems: Iterable[Any]) -> Iterator[Any]:
@@ -194,7 +195,7 @@ def distinguished_folder_ids(account: Account, mailbox: str) -> dict[str, str]:
     return found
 
 
-class FolderChanges(SyncFolderHierarchy):
+class FolderChanges(WholeBody, SyncFolderHierarchy):
     """SyncFolderHierarchy yielding (change, folder id, parent id, folder class): no Folder objects."""
 
     def _elem_to_obj(self, elem: Any) -> tuple[Any, str | None, str | None, str | None]:
@@ -208,6 +209,10 @@ class FolderChanges(SyncFolderHierarchy):
         folder_class = folder.find(f"{{{TNS}}}FolderClass")
         return (change, fid.get("Id") if fid is not None else None, parent.get("Id") if parent is not None else None,
                 folder_class.text if folder_class is not None else None)
+
+
+class _ItemChanges(WholeBody, SyncFolderItems):
+    pass
 
 
 _TREE_FIELDS = {FieldPath(field=Folder.get_field_by_fieldname(n)) for n in ("parent_folder_id", "folder_class")}
@@ -261,7 +266,7 @@ def catch_up(account: Account, mailbox: str, folder: str, store: SyncStore, ledg
     state = store.get(mailbox, folder)
     total = 0
     while True:
-        svc = SyncFolderItems(account=account)
+        svc = _ItemChanges(account=account)
         try:
             changes = list(svc.call(folder=folder_ref(mailbox, folder), shape="IdOnly", additional_fields=_ITEM_FIELDS,
                                     sync_state=state, ignore=None, max_changes_returned=MAX_CHANGES, sync_scope=None))

@@ -29,15 +29,13 @@ from exchangelib.errors import (
     ErrorItemNotFound,
     ErrorMimeContentConversionFailed,
     EWSError,
-    MalformedResponseError,
-    SOAPError,
 )
 from exchangelib.fields import FieldPath
 from exchangelib.items import ID_ONLY
 from exchangelib.properties import ItemId
 from exchangelib.protocol import Protocol
 from exchangelib.services import FindItem, GetItem
-from exchangelib.util import SOAPNS, TNS, ParseError, create_element, to_xml
+from exchangelib.util import TNS, create_element
 
 from exchange_listener.core import redis_conn
 from exchange_listener.core.config import SECRET_KEYS, Settings
@@ -50,6 +48,7 @@ from exchange_listener.sources.base import (
 )
 from exchange_listener.sources.ews.account import make_account, make_configuration
 from exchange_listener.sources.ews.catch_up import SyncStore, folder_ref
+from exchange_listener.sources.ews.wire import WholeBody
 from exchange_listener.sources.ledger import Ledger
 
 # exchangelib field name -> what it is in FetchedMessage; names checked against exchangelib 5.6.
@@ -76,12 +75,8 @@ class FetchError(Exception):
 
 
 
-class _GetItem(GetItem):
-    """exchangelib's GetItem, parsing the response body in one piece.
-
-    exchangelib hands lxml ``response.iter_content()``, whose default chunk size is one byte:
-    for a GetItem answer that costs more CPU than everything else the worker does. The body
-    is already in memory (GetItem does not stream), so parse it as it is.
+class _GetItem(WholeBody, GetItem):
+    """exchangelib's GetItem, parsing the response body in one piece (see ``wire``).
 
     With ``raw=True`` each item is handed back as its XML element: building exchangelib's
     Message model looks up every one of its ~60 fields, most of the CPU a batched fetch costs,
@@ -94,17 +89,9 @@ class _GetItem(GetItem):
     def _elem_to_obj(self, elem: Any) -> Any:
         return elem if self.raw else super()._elem_to_obj(elem)
 
-    @classmethod
-    def _get_soap_parts(cls, response: requests.Response) -> tuple[Any, Any]:
-        try:
-            root = to_xml(response.content)
-        except ParseError as exc:
-            raise SOAPError(f"Bad SOAP response: {exc}") from None
-        header = root.find(f"{{{SOAPNS}}}Header")
-        body = root.find(f"{{{SOAPNS}}}Body")
-        if body is None:
-            raise MalformedResponseError("No Body element in SOAP response")
-        return header, body
+
+class _FindItem(WholeBody, FindItem):
+    pass
 
 
 class _MessageIdIs:
@@ -341,7 +328,7 @@ class EwsFetcher:
         refs = [folder_ref(mailbox, k) for k in keys]
         account = self._account(mailbox)
         try:
-            found = FindItem(account=account).call(
+            found = _FindItem(account=account).call(
                 folders=refs, additional_fields=None, restriction=_MessageIdIs(message_id), order_fields=None,
                 shape=ID_ONLY, query_string=None, depth="Shallow", calendar_view=None, max_items=10, offset=0)
             ids = [i[0] if isinstance(i, tuple) else getattr(i, "id", None) for i in found

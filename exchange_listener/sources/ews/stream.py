@@ -59,6 +59,7 @@ from exchange_listener.sources.ews.catch_up import (
     distinguished_folder_ids,
     watched_folders,
 )
+from exchange_listener.sources.ews.wire import Service, WholeBody
 
 NEW_ITEM_EVENTS = ("CreatedEvent", "NewMailEvent")
 EVENT_TYPES = (*NEW_ITEM_EVENTS, "MovedEvent")
@@ -104,11 +105,7 @@ def failed_subscription_ids(exc: Exception) -> list[str]:
     return re.findall(r"'([^']+)'", match.group(1))
 
 
-# the mixin's super() is the exchangelib service it is mixed into; exchangelib is untyped (Any)
-_Service: Any = object
-
-
-class _GroupAffinity(_Service):
+class _GroupAffinity(Service):
     """Mixin for the group's services: anchor mailbox, server affinity and the group's cookie."""
 
     group: StreamGroup
@@ -129,11 +126,11 @@ class _GroupAffinity(_Service):
                 self.group.cookie = cookie.value
 
 
-class GroupSubscribe(_GroupAffinity, SubscribeToStreaming):
+class GroupSubscribe(WholeBody, _GroupAffinity, SubscribeToStreaming):
     pass
 
 
-class GroupUnsubscribe(_GroupAffinity, Unsubscribe):
+class GroupUnsubscribe(WholeBody, _GroupAffinity, Unsubscribe):
     pass
 
 

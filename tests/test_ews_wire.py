@@ -1,0 +1,75 @@
+"""Our EWS services read whole answers: a cut-off answer is a clear error, and the next call works.
+
+Every service but GetStreamingEvents parses the body requests already holds (``sources.ews.wire``).
+These go over real HTTP to the emulator, whose ``truncated_xml`` fault answers HTTP 200 with
+half a document, as a dying backend or proxy does.
+"""
+from __future__ import annotations
+
+import pytest
+from exchangelib.errors import SOAPError
+
+from exchange_listener.core import config
+from exchange_listener.sources.ews import account as ews_account
+from exchange_listener.sources.ews.catch_up import (
+    DISTINGUISHED,
+    distinguished_folder_ids,
+)
+from exchange_listener.sources.ews.fetch import EwsFetcher, FetchError
+from exchange_listener.sources.ews.stream import GroupSubscribe
+
+MAILBOX = "rep@ours.example"
+REPLY = (b"From: p@prospect.example\r\nTo: rep@ours.example\r\nSubject: Re: hi\r\n"
+         b"Message-ID: <wire-1@prospect.example>\r\nIn-Reply-To: <send-1@ours.example>\r\n\r\nyes\r\n")
+
+
+@pytest.fixture
+def settings(emulator):
+    return config.load(env={}, overrides={"ews_url": emulator.ews_url, "ews_username": "svc",
+                                          "ews_password": "svc-password"})
+
+
+@pytest.fixture
+def account(settings):
+    return ews_account.make_account(settings, MAILBOX, ews_account.make_configuration(settings, pool="wire-test"))
+
+
+class _Group:
+    anchor = MAILBOX
+    cookie = None
+
+
+def test_folder_ids_cut_off_answer_is_an_error_then_the_same_ids(emulator, account):
+    first = distinguished_folder_ids(account, MAILBOX)
+    assert set(first) <= set(DISTINGUISHED) and "inbox" in first
+    emulator.fault(kind="truncated_xml", count=1)
+    with pytest.raises(SOAPError):
+        distinguished_folder_ids(account, MAILBOX)
+    assert distinguished_folder_ids(account, MAILBOX) == first
+
+
+def test_subscribe_cut_off_answer_is_an_error_then_a_subscription(emulator, account):
+    def subscribe():
+        svc = GroupSubscribe(account=account)
+        svc.group = _Group
+        return svc.get(folders=None, event_types=["NewMailEvent"])
+
+    emulator.fault(kind="truncated_xml", count=1)
+    with pytest.raises(SOAPError):
+        subscribe()
+    subscription_id = subscribe()
+    assert isinstance(subscription_id, str) and subscription_id
+
+
+def test_fetch_cut_off_answer_is_a_retryable_fetch_error(emulator, settings):
+    item_id = emulator.deliver(MAILBOX, REPLY)["item_id"]
+    fetcher = EwsFetcher(settings)
+    try:
+        emulator.fault(kind="truncated_xml", count=1)
+        with pytest.raises(FetchError):
+            fetcher.fetch(MAILBOX, [item_id])
+        (msg,) = fetcher.fetch(MAILBOX, [item_id])
+        assert msg.internet_message_id == "<wire-1@prospect.example>"
+        assert msg.in_reply_to == "<send-1@ours.example>"
+    finally:
+        fetcher.close()
