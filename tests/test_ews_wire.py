@@ -73,3 +73,23 @@ def test_fetch_cut_off_answer_is_a_retryable_fetch_error(emulator, settings):
         assert msg.in_reply_to == "<send-1@ours.example>"
     finally:
         fetcher.close()
+
+
+def test_hand_built_getfolder_request_is_valid_ews(account):
+    """FolderIds builds its request without exchangelib's models: it must still be schema-valid."""
+    from lxml import etree
+
+    from emulators.ews.validation import violations
+    from exchange_listener.sources.ews.catch_up import FolderIds
+
+    payload = FolderIds(account=account).get_payload(folders=[(n, MAILBOX) for n in DISTINGUISHED],
+                                                     additional_fields=set(), shape="IdOnly")
+    body = etree.tostring(payload)
+    envelope = (b'<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
+                b'xmlns:m="http://schemas.microsoft.com/exchange/services/2006/messages" '
+                b'xmlns:t="http://schemas.microsoft.com/exchange/services/2006/types"><s:Body>'
+                + body + b"</s:Body></s:Envelope>")
+    assert violations(envelope) == []
+    refs = etree.fromstring(envelope).findall(".//{*}DistinguishedFolderId")
+    assert [r.get("Id") for r in refs] == list(DISTINGUISHED)
+    assert {r.findtext("{*}Mailbox/{*}EmailAddress") for r in refs} == {MAILBOX}
