@@ -13,10 +13,13 @@ from exchange_listener.core import config
 from exchange_listener.sources.ews import account as ews_account
 from exchange_listener.sources.ews.catch_up import (
     DISTINGUISHED,
+    SyncStore,
+    catch_up,
     distinguished_folder_ids,
 )
 from exchange_listener.sources.ews.fetch import EwsFetcher, FetchError
 from exchange_listener.sources.ews.stream import GroupSubscribe
+from exchange_listener.sources.ledger import Ledger
 
 MAILBOX = "rep@ours.example"
 REPLY = (b"From: p@prospect.example\r\nTo: rep@ours.example\r\nSubject: Re: hi\r\n"
@@ -43,7 +46,7 @@ def test_folder_ids_cut_off_answer_is_an_error_then_the_same_ids(emulator, accou
     first = distinguished_folder_ids(account, MAILBOX)
     assert set(first) <= set(DISTINGUISHED) and "inbox" in first
     emulator.fault(kind="truncated_xml", count=1)
-    with pytest.raises(SOAPError):
+    with pytest.raises(SOAPError, match="cut off"):
         distinguished_folder_ids(account, MAILBOX)
     assert distinguished_folder_ids(account, MAILBOX) == first
 
@@ -55,7 +58,7 @@ def test_subscribe_cut_off_answer_is_an_error_then_a_subscription(emulator, acco
         return svc.get(folders=None, event_types=["NewMailEvent"])
 
     emulator.fault(kind="truncated_xml", count=1)
-    with pytest.raises(SOAPError):
+    with pytest.raises(SOAPError, match="cut off"):
         subscribe()
     subscription_id = subscribe()
     assert isinstance(subscription_id, str) and subscription_id
@@ -66,13 +69,32 @@ def test_fetch_cut_off_answer_is_a_retryable_fetch_error(emulator, settings):
     fetcher = EwsFetcher(settings)
     try:
         emulator.fault(kind="truncated_xml", count=1)
-        with pytest.raises(FetchError):
+        with pytest.raises(FetchError, match="cut off"):
             fetcher.fetch(MAILBOX, [item_id])
         (msg,) = fetcher.fetch(MAILBOX, [item_id])
         assert msg.internet_message_id == "<wire-1@prospect.example>"
         assert msg.in_reply_to == "<send-1@ours.example>"
     finally:
         fetcher.close()
+
+
+def test_catch_up_cut_off_page_keeps_its_state_and_the_next_run_enqueues(emulator, account, redis_client):
+    """SyncFolderItems puts the SyncState before the changes: half a page used to store the new
+    state with only some changes read, and the rest of the mail was never enqueued."""
+    store, ledger = SyncStore(redis_client), Ledger(redis_client)
+    queued: list = []
+    catch_up(account, MAILBOX, "inbox", store, ledger, queued.extend, since=0)
+    state_before = store.get(MAILBOX, "inbox")
+    assert state_before
+    delivered = {emulator.deliver(MAILBOX, REPLY.replace(b"wire-1", f"wire-c{i}".encode()))["item_id"]
+                 for i in range(30)}
+    queued.clear()
+    emulator.fault(kind="truncated_xml", count=1)
+    with pytest.raises(SOAPError, match="cut off"):
+        catch_up(account, MAILBOX, "inbox", store, ledger, queued.extend, since=0)
+    assert queued == [] and store.get(MAILBOX, "inbox") == state_before
+    assert catch_up(account, MAILBOX, "inbox", store, ledger, queued.extend, since=0) == 30
+    assert {m.item_id for m in queued} == delivered
 
 
 def test_hand_built_getfolder_request_is_valid_ews(account):

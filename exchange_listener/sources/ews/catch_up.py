@@ -180,6 +180,8 @@ class FolderIds(WholeBody, GetFolder):
     """
 
     def get_payload(self, folders: Iterable[tuple[str, str]], additional_fields: Any, shape: str) -> Any:
+        if shape != "IdOnly" or additional_fields:
+            raise ValueError("FolderIds asks for folder ids only")
         payload = create_element("m:GetFolder")
         folder_shape = create_element("m:FolderShape")
         add_xml_child(folder_shape, "t:BaseShape", "IdOnly")
@@ -204,7 +206,10 @@ class FolderIds(WholeBody, GetFolder):
 
 
 def distinguished_folder_ids(account: Account, mailbox: str) -> dict[str, str]:
-    """Ids of the distinguished folders this server has (one GetFolder; missing ones are left out)."""
+    """Ids of the distinguished folders this server has (one GetFolder; missing ones are left out).
+
+    Answers are matched to names by position: a cut-off answer is refused (``wire``), not zipped short.
+    """
     found: dict[str, str] = {}
     refs = [(name, mailbox) for name in DISTINGUISHED]
     for name, value in zip(DISTINGUISHED, FolderIds(account=account).call(folders=refs, additional_fields=set(),

@@ -9,16 +9,21 @@ responses stay exchangelib's.
 
 exchangelib's parser recovers from broken XML, so an answer cut off halfway (a backend or proxy
 dying mid-response, still HTTP 200) would parse as a shorter document: a GetItem missing its
-In-Reply-To, a GetFolder missing folders, taken as the truth. An answer must therefore end with
-its closing Envelope tag, or it is a ``SOAPError`` and the caller retries.
+In-Reply-To, a GetFolder missing folders, a SyncFolderItems page whose SyncState (it comes
+first) arrived without all of its changes, taken as the truth. An answer must therefore end with
+its closing Envelope tag (any prefix, whitespace or NULs after it), or it is a ``SOAPError``
+naming its last bytes, and the caller retries.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import requests
 from exchangelib.errors import MalformedResponseError, SOAPError
 from exchangelib.util import SOAPNS, ParseError, to_xml
+
+_ENDS_WITH_ENVELOPE = re.compile(rb"</(?:[\w.-]+:)?Envelope\s*>[\s\x00]*\Z")
 
 # a mixin's super() is the exchangelib service it is mixed into; exchangelib is untyped (Any)
 Service: Any = object
@@ -27,11 +32,13 @@ Service: Any = object
 class WholeBody(Service):
     """Mixin for a non-streaming exchangelib service: parse ``response.content`` at once."""
 
-    @classmethod
-    def _get_soap_parts(cls, response: requests.Response) -> tuple[Any, Any]:
+    def _get_soap_parts(self, response: requests.Response) -> tuple[Any, Any]:
+        if self.streaming:  # exchangelib's own incremental path; the body is not in memory
+            return super()._get_soap_parts(response=response)
         content = response.content
-        if not content.rstrip().endswith(b"Envelope>"):
-            raise SOAPError(f"Bad SOAP response: cut off after {len(content)} bytes (no closing Envelope tag)")
+        if not _ENDS_WITH_ENVELOPE.search(content[-256:]):
+            raise SOAPError(f"Bad SOAP response: cut off after {len(content)} bytes (no closing Envelope tag; "
+                            f"it ends {content[-64:]!r})")
         try:
             root = to_xml(content)
         except ParseError as exc:
