@@ -70,6 +70,27 @@ def _url(*schemes: str) -> Callable[[str, Any], None]:
     return check
 
 
+def _host_port(key: str, value: Any) -> None:
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: must be host:port, e.g. 127.0.0.1:8780 (got {value!r})")
+
+
+def _token_hashes(key: str, value: Any) -> None:
+    for item in value:
+        if len(item) != 64 or any(c not in "0123456789abcdef" for c in item):
+            raise ConfigError(f"{key}: every entry must be a SHA-256 hash in hex (64 characters; "
+                              "`exchange-listener api hash-token TOKEN` prints one), never a token itself")
+
+
+def _subset(*allowed: str) -> Callable[[str, Any], None]:
+    def check(key: str, value: Any) -> None:
+        unknown = [v for v in value if v not in allowed]
+        if unknown:
+            raise ConfigError(f"{key}: {', '.join(unknown)} not among {', '.join(allowed)}")
+    return check
+
+
 def _redis_url(key: str, value: Any) -> None:
     _url("redis", "rediss", "unix", "redis+sentinel")(key, value)
     if str(value).startswith("redis+sentinel:"):
@@ -119,6 +140,16 @@ FIELDS: tuple[Field, ...] = (
     Field("checkpoint_seconds", float, 300.0, "While streaming, a mailbox that had new mail has its sync state checkpointed this often, so a restart catches up only the gap.", _between(1, 86400)),
     Field("processed_days", int, 14, "How long a processed mail is remembered per mailbox; a catch-up never fetches it again within that time, and skips mail received longer ago.", _between(1, 365)),
     Field("mailbox_failure_grace_seconds", float, 900.0, "A mailbox that cannot be subscribed makes status unhealthy only after failing this long.", _between(0, 86400)),
+    Field("api_listen", str, "127.0.0.1:8780", "host:port the HTTP API (`exchange-listener api`) binds.", _host_port),
+    Field("api_tokens", tuple, (), "SHA-256 hashes of the API's bearer tokens (`exchange-listener api hash-token TOKEN` prints one); a list in the file, comma-separated in the environment. Empty: the API refuses every request but /healthz.", _token_hashes),
+    Field("api_max_body_bytes", int, 1_048_576, "Largest request body the API accepts (413 beyond).", _between(1024, 64 * 1_048_576)),
+    Field("api_rate_per_second", float, 50.0, "Requests per second each token may make, with bursts of twice that (429 beyond).", _between(0.1, 100_000)),
+    Field("salesforce_login_url", str, "", "Salesforce login host for the JWT bearer flow (https://login.salesforce.com, https://test.salesforce.com or a My Domain); empty turns the Salesforce sink off.", _url("http", "https")),
+    Field("salesforce_client_id", str, "", "Consumer key of the connected app (JWT issuer)."),
+    Field("salesforce_username", str, "", "Salesforce user the integration acts as (JWT subject)."),
+    Field("salesforce_private_key_file", str, "", "PEM file with the private key whose certificate is on the connected app (its content is a secret; never logged)."),
+    Field("salesforce_activity", str, "task", "task | email_message: what a logged reply becomes on the Lead or Contact.", _choice("task", "email_message")),
+    Field("salesforce_events", tuple, ("replied", "bounced", "paused"), "Transitions logged to Salesforce: any of replied, bounced, paused.", _subset("replied", "bounced", "paused")),
     Field("metrics_port", int, 0, "Port for Prometheus metrics; 0 disables.", _between(0, 65535)),
     Field("log_level", str, "info", "debug | info | warning | error.", _choice("debug", "info", "warning", "error")),
     Field("log_format", str, "auto", "auto (JSON unless on a terminal) | json | console.", _choice("auto", "json", "console")),
@@ -218,6 +249,11 @@ def _coerce(field: Field, raw: Any, origin: str) -> Any:
         if field.type is int and isinstance(raw, float) and raw != int(raw):
             raise ConfigError(f"{key}: must be an integer (got {raw!r} from {origin})")
         return number
+    if field.type is tuple:  # a list in the file, comma-separated in the environment
+        items = raw.split(",") if isinstance(raw, str) else raw
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{key}: must be a list of strings (got {raw!r} from {origin})")
+        return tuple(i.strip() for i in items if i.strip())
     if not isinstance(raw, str):
         raise ConfigError(f"{key}: must be a string (got {type(raw).__name__} from {origin})")
     return raw
@@ -283,3 +319,5 @@ def _check_combinations(settings: Settings) -> None:
                 settings.require("tenant_id")
     if settings.webhook_url:
         settings.require("webhook_secret")
+    if settings.salesforce_login_url:
+        settings.require("salesforce_client_id", "salesforce_username", "salesforce_private_key_file")
