@@ -426,3 +426,79 @@ class Emulator:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class SalesforceEmulator:
+    """The Salesforce REST emulator as a child process (``exchange-listener salesforce-emulator``)
+    on a free port; ``jwt_cert`` (a PEM file path) makes it verify assertion signatures."""
+
+    def __init__(self, port: int | None = None, *, jwt_cert: str | None = None, client_ids=(), extra_args=()):
+        self.port = port or free_port()
+        self.jwt_cert = jwt_cert
+        self.client_ids = list(client_ids)
+        self.extra_args = list(extra_args)
+        self.proc: subprocess.Popen | None = None
+        self.output: collections.deque[str] = collections.deque(maxlen=200)
+
+    @property
+    def login_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> SalesforceEmulator:
+        args = [sys.executable, "-m", "exchange_listener.cli", "salesforce-emulator", "--host", "127.0.0.1",
+                "--port", str(self.port), "--log-level", "info"]
+        if self.jwt_cert:
+            args += ["--jwt-cert", self.jwt_cert]
+        for client_id in self.client_ids:
+            args += ["--client-id", client_id]
+        args += self.extra_args
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        line = self.proc.stdout.readline()  # the one line with the login URL, printed once serving
+        if "Salesforce emulator serving" not in line:
+            rest = self.proc.stdout.read() if self.proc.poll() is not None else ""
+            raise RuntimeError(f"salesforce emulator did not start: {line}{rest}")
+        threading.Thread(target=self._drain, args=(self.proc,), daemon=True).start()
+        return self
+
+    def _drain(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            self.output.append(line.rstrip("\n"))
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"{self.login_url}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def seed(self, sobject: str, **fields) -> str:
+        """Add a row (a User with Username, a Lead or Contact with Email, ...); returns its id."""
+        return self._call("POST", f"/emulator/records/{sobject}", fields)["id"]
+
+    def records(self, sobject: str) -> list[dict]:
+        return self._call("GET", f"/emulator/records/{sobject}")["records"]
+
+    def fault(self, kind: str, **params) -> dict:
+        return self._call("POST", "/emulator/faults", {"kind": kind, **params})
+
+    def stats(self) -> dict:
+        return self._call("GET", "/emulator/stats")
+
+    def reset(self) -> dict:
+        self.output.clear()
+        return self._call("POST", "/emulator/reset", {})
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,1 @@
+"""A Salesforce REST emulator (token endpoint, SOQL subset, sObject rows) for tests and the demo."""
