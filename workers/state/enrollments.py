@@ -15,7 +15,7 @@ API::
     store.transition(enrollment_id, status, reason, *, event_key, by=None, item_id=None,
                      message_id=None, mailbox=None, until=None) -> Transition | None
     store.resume(enrollment_id, by, *, force=False) -> Transition | None   # operators
-    store.ensure(enrollment_id, sequence_id="", mailbox="")   # create as active if missing
+    store.ensure(enrollment_id, sequence_id="", mailbox="", prospect="")   # create as active if missing
 
 Rules of ``transition`` (``None`` means nothing changed):
 - the same ``event_key`` for the same enrollment applies at most once, ever (within retention);
@@ -28,7 +28,8 @@ Rules of ``transition`` (``None`` means nothing changed):
 
 Fields of ``get``: enrollment_id, status, reason, updated_at (ISO 8601 UTC), paused_until,
 stopped_by, by, item_id, message_id, mailbox, sequence_id, created_at, version (number of
-transitions). Empty values are ``None``.
+transitions), prospect (the first ``to`` address of the first recorded send). Empty values are
+``None``.
 
 A platform reading Redis directly (instead of ``exchange-listener enrollments show``) checks
 ``status`` and, when it is ``paused``, ``paused_until_ms`` (epoch ms): past it, sending may resume.
@@ -67,7 +68,7 @@ STREAM_KEY = keys.TRANSITIONS
 STREAM_MAXLEN = 100_000
 STATUSES = ("active", "paused", "stopped")
 FIELDS = ("status", "reason", "updated_at", "paused_until", "stopped_by", "by", "item_id", "message_id",
-          "mailbox", "sequence_id", "created_at", "version")
+          "mailbox", "sequence_id", "created_at", "version", "prospect")
 
 
 enrollment_key = keys.enrollment
@@ -151,8 +152,12 @@ class EnrollmentStore:
         return [t.to_fields() for t in self.transitions(enrollment_id)]
 
     # -- writing -------------------------------------------------------------------------
-    def ensure_commands(self, pipe: Pipeline, enrollment_id: str, sequence_id: str = "", mailbox: str = "") -> None:
-        """Queue on ``pipe`` the commands that create the enrollment as active if it is missing."""
+    def ensure_commands(self, pipe: Pipeline, enrollment_id: str, sequence_id: str = "", mailbox: str = "",
+                        prospect: str = "") -> None:
+        """Queue on ``pipe`` the commands that create the enrollment as active if it is missing.
+
+        ``prospect``: the first ``to`` address of its first recorded send (kept once set), which
+        the Salesforce sink looks up; a colleague's reply still belongs to this prospect."""
         key = enrollment_key(enrollment_id)
         now = iso(utcnow())
         pipe.hsetnx(key, "status", "active")
@@ -164,13 +169,15 @@ class EnrollmentStore:
             pipe.hsetnx(key, "sequence_id", sequence_id)
         if mailbox:
             pipe.hsetnx(key, "mailbox", mailbox)
+        if prospect:
+            pipe.hsetnx(key, "prospect", prospect)
         for live_key in (key, keys.enrollment_events(enrollment_id), keys.enrollment_history(enrollment_id)):
             # the audit trail lives as long as the state
             pipe.expire(live_key, self.ttl)
 
-    def ensure(self, enrollment_id: str, sequence_id: str = "", mailbox: str = "") -> None:
+    def ensure(self, enrollment_id: str, sequence_id: str = "", mailbox: str = "", prospect: str = "") -> None:
         pipe = self.redis.pipeline(transaction=True)
-        self.ensure_commands(pipe, enrollment_id, sequence_id, mailbox)
+        self.ensure_commands(pipe, enrollment_id, sequence_id, mailbox, prospect)
         pipe.execute()
 
     def transition(self, enrollment_id: str, status: str, reason: str, *, event_key: str, by: str | None = None,

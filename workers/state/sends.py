@@ -277,7 +277,7 @@ class SendRegistry:
             key: None if raw is None else Send.from_json(raw) for key, raw in zip(watched, raws)}
         results: list[Send | ValueError] = []
         names: list[str] = []
-        args: list[tuple[int, int, str, str, str, str, str, str]] = []
+        args: list[tuple[int, int, str, str, str, str, str, str, str]] = []
         for draft in drafts:
             try:
                 send, moment = _merge(draft, [stored[keys.send(m)] for m in draft.message_ids])
@@ -294,7 +294,7 @@ class SendRegistry:
                       keys.enrollment_history(send.enrollment_id)]
             args.append((len(send.message_ids), len(domains), send.to_json(),
                          str(int((moment + self.retention).timestamp() * 1000)), send.enrollment_id,
-                         repr(moment.timestamp()), send.sequence_id, send.mailbox))
+                         repr(moment.timestamp()), send.sequence_id, send.mailbox, send.to[0] if send.to else ""))
         if not args:
             return results, None
         now = utcnow()

@@ -4,7 +4,8 @@
 -- keys: for each send in turn: its send keys (one per Message-ID), the latest/first pair of each
 -- domain of its ``to`` addresses, then its enrollment's hash, events set and history list.
 -- sends: a JSON array with an array per send: id count, domain count, body (the Send's JSON),
--- expiry (epoch ms), enrollment id, sent_at (epoch seconds), sequence id, mailbox; one argument
+-- expiry (epoch ms), enrollment id, sent_at (epoch seconds), sequence id, mailbox, prospect (the
+-- first ``to`` address; kept once set, as ``prospect`` of the enrollment); one argument
 -- instead of eight a send (redis-py's packing of arguments was a third of a bulk import's time).
 -- now: ISO 8601 time for a new enrollment's created_at/updated_at; oldest: epoch seconds of the
 -- oldest send a domain index keeps; ttl: seconds, for the domain indexes and the enrollment.
@@ -17,7 +18,7 @@
 local now, oldest, ttl = ARGV[1], ARGV[2], ARGV[3]
 local k, written = 1, 0
 for _, send in ipairs(cjson.decode(ARGV[4])) do
-  local ids, domains, body, expires_ms, enrollment, sent_at, sequence, mailbox = unpack(send)
+  local ids, domains, body, expires_ms, enrollment, sent_at, sequence, mailbox, prospect = unpack(send)
   for _ = 1, ids do
     redis.call('SET', KEYS[k], body, 'PXAT', expires_ms)
     k = k + 1
@@ -44,6 +45,10 @@ for _, send in ipairs(cjson.decode(ARGV[4])) do
   if mailbox ~= '' then
     table.insert(fields, 'mailbox')
     table.insert(fields, mailbox)
+  end
+  if prospect ~= '' then
+    table.insert(fields, 'prospect')
+    table.insert(fields, prospect)
   end
   if redis.call('EXISTS', hash) == 0 then
     redis.call('HSET', hash, unpack(fields))
