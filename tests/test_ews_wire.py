@@ -1,4 +1,5 @@
-"""Our EWS services read whole answers: a cut-off answer is a clear error, and the next call works.
+"""Our EWS services read whole answers: a cut-off answer is a clear error, and the next call works;
+the stream is split into whole envelopes however its chunks fall.
 
 Every service but GetStreamingEvents parses the body requests already holds (``sources.ews.wire``).
 These go over real HTTP to the emulator, whose ``truncated_xml`` fault answers HTTP 200 with
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 from exchangelib.errors import SOAPError
+from hypothesis import given
+from hypothesis import strategies as st
 
 from exchange_listener.core import config
 from exchange_listener.sources.ews import account as ews_account
@@ -19,6 +22,7 @@ from exchange_listener.sources.ews.catch_up import (
 )
 from exchange_listener.sources.ews.fetch import EwsFetcher, FetchError
 from exchange_listener.sources.ews.stream import GroupSubscribe
+from exchange_listener.sources.ews.wire import envelopes
 from exchange_listener.sources.ledger import Ledger
 
 MAILBOX = "rep@ours.example"
@@ -115,3 +119,39 @@ def test_hand_built_getfolder_request_is_valid_ews(account):
     refs = etree.fromstring(envelope).findall(".//{*}DistinguishedFolderId")
     assert [r.get("Id") for r in refs] == list(DISTINGUISHED)
     assert {r.findtext("{*}Mailbox/{*}EmailAddress") for r in refs} == {MAILBOX}
+
+
+# -- the streaming splitter -------------------------------------------------------------------
+_PREFIXES = st.sampled_from(["s:", "soap:", "", "env:"])
+_GAPS = st.sampled_from(["", "\r\n", "\n\n", "<?xml version='1.0' encoding='utf-8'?>\n", "  "])
+_AFTER_NAME = st.sampled_from([" ", "\n ", "\t", "\r\n  "])
+
+
+@st.composite
+def _stream(draw):
+    docs = []
+    for i in range(draw(st.integers(1, 6))):
+        prefix = draw(_PREFIXES)
+        text = draw(st.text(alphabet="abc <>&;/:=\"'\n", max_size=40)).replace("<", "&lt;").replace(">", "&gt;")
+        docs.append((f'<{prefix}Envelope{draw(_AFTER_NAME)}xmlns:{prefix.rstrip(":") or "d"}="urn:x">'
+                     f"<{prefix}Body><m:Note n=\"{i}\">{text}</m:Note></{prefix}Body></{prefix}Envelope"
+                     f"{draw(st.sampled_from(['', ' ', chr(10)]))}>").encode())
+    gaps = [draw(_GAPS).encode() for _ in range(len(docs) + 1)]
+    whole = gaps[0] + b"".join(doc + gap for doc, gap in zip(docs, gaps[1:]))
+    cuts = sorted(draw(st.lists(st.integers(0, len(whole)), max_size=12)))
+    chunks = [whole[a:b] for a, b in zip([0, *cuts], [*cuts, len(whole)])]
+    return docs, chunks
+
+
+@given(_stream())
+def test_envelopes_come_out_whole_however_the_stream_is_chunked(case):
+    docs, chunks = case
+    assert list(envelopes(chunks)) == docs
+
+
+def test_envelopes_byte_by_byte_and_a_cut_off_last_one():
+    one = b'<s:Envelope\n xmlns:s="urn:x"><s:Body>1</s:Body></s:Envelope>'
+    two = b'<s:Envelope xmlns:s="urn:x"><s:Body>2</s:Body></s:Envelope >'
+    cut = b'<s:Envelope xmlns:s="urn:x"><s:Body>3</s:Bo'
+    stream = one + b"\r\n" + two + cut
+    assert list(envelopes(stream[i:i + 1] for i in range(len(stream)))) == [one, two]

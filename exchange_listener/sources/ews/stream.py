@@ -47,6 +47,7 @@ from exchangelib.services import (
     SubscribeToStreaming,
     Unsubscribe,
 )
+from exchangelib.util import SOAPNS, ParseError, to_xml
 
 from exchange_listener.core import logs, metrics
 from exchange_listener.core.backoff import SPREAD, Backoff
@@ -59,7 +60,7 @@ from exchange_listener.sources.ews.catch_up import (
     distinguished_folder_ids,
     watched_folders,
 )
-from exchange_listener.sources.ews.wire import Service, WholeBody
+from exchange_listener.sources.ews.wire import Service, WholeBody, envelopes
 
 NEW_ITEM_EVENTS = ("CreatedEvent", "NewMailEvent")
 EVENT_TYPES = (*NEW_ITEM_EVENTS, "MovedEvent")
@@ -149,6 +150,34 @@ class GroupStreamingEvents(_GroupAffinity, GetStreamingEvents):
         self.group.connected = True  # HTTP 200: the server holds the stream now
         self.group.last_activity = time.time()
         return response
+
+    def _get_soap_messages(self, body: Any) -> Any:
+        """Each envelope of the chunked stream, split by ``wire.envelopes`` and parsed whole.
+
+        ``body`` is the raw response (exchangelib passes it through). A body that is not chunked
+        (a proxy in between that buffers) goes to exchangelib's byte-at-a-time reader, which
+        does not wait for the end of the response.
+        """
+        response = body
+        if not getattr(response.raw, "chunked", False):
+            yield from super()._get_soap_messages(body=body)
+            return
+        try:
+            for doc in envelopes(response.iter_content(chunk_size=None)):
+                try:
+                    root = to_xml(doc)
+                except ParseError as exc:
+                    raise ews_errors.SOAPError(f"Bad SOAP response: {exc}") from None
+                soap_body = root.find(f"{{{SOAPNS}}}Body")
+                if soap_body is None:
+                    raise ews_errors.MalformedResponseError("No Body element in SOAP response")
+                # the envelope's messages, read as every other service reads them (errors raised)
+                yield from super(GetStreamingEvents, self)._get_soap_messages(body=soap_body)
+                if self.connection_status == self.CLOSED:
+                    break  # the server ends the stream; do not wait for the socket to close
+        except BaseException:
+            response.close()
+            raise
 
     def _get_element_container(self, message: Any, name: str | None = None) -> Any:
         self.group.last_activity = time.time()
