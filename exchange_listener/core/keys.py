@@ -35,6 +35,7 @@ el:outbox                        zset    workers.state.enrollments (adds), worke
 el:outbox:state:{transition id}  hash    workers.sinks.webhooks -> CLI; 180 days (``STATE_TTL``)
 el:outbox:failed                 hash    workers.sinks.webhooks -> health, CLI; no TTL (``--retry-failed``)
 el:notify:stats                  hash    workers.sinks.webhooks -> CLI; no TTL (counters)
+el:salesforce:unmatched          hash    workers.sinks.salesforce -> operators; no TTL (one field a prospect)
 rq:*                             (RQ)    RQ, for the queue ``queue_name`` -> health, CLI; RQ's own TTLs
 -------------------------------  ------  ---------------------------------------------------------------------------
 
@@ -137,6 +138,10 @@ def outbox_state(transition_id: str) -> str:
     return f"el:outbox:state:{transition_id}"
 
 
+# -- the Salesforce sink (workers.sinks.salesforce) ----------------------------------------------
+SALESFORCE_UNMATCHED = "el:salesforce:unmatched"  # prospect address -> JSON: no Lead or Contact had it
+
+
 # -- the declared keyspace -----------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Key:
@@ -173,6 +178,7 @@ KEYSPACE: tuple[Key, ...] = (
     Key(outbox_state("*"), "hash", "workers.sinks.webhooks"),
     Key(OUTBOX_FAILED, "hash", "workers.sinks.webhooks"),
     Key(NOTIFY_STATS, "hash", "workers.sinks.webhooks"),
+    Key(SALESFORCE_UNMATCHED, "hash", "workers.sinks.salesforce"),
     Key("rq:*", "(RQ)", "rq"),  # RQ's queue, jobs, registries and workers (queue name: settings.queue_name)
 )
 

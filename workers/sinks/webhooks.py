@@ -1,4 +1,4 @@
-"""Tell the sending platform about each enrollment transition: Redis state, webhook, callable.
+"""Tell the sending platform about each enrollment transition: Redis state, webhook, callable, Salesforce.
 
 1. Redis state (always): ``el:enrollment:{id}`` is what the platform checks before each send;
    every transition is also appended to the ``el:transitions`` stream (XREAD to follow it), in
@@ -20,6 +20,10 @@
    back without spending an attempt. So calls never overlap in a process, and a later version
    never overtakes an abandoned call there. Across worker processes it can: docs/webhooks.md
    tells receivers to apply only a higher ``version``.
+4. Salesforce (``salesforce_login_url``): a reply, bounce or out-of-office (``salesforce_events``)
+   logged as a Task or EmailMessage on the prospect's Contact or Lead, once per transition id
+   (``workers.sinks.salesforce``; docs/salesforce.md). No matching record: noted and done.
+   Salesforce unavailable (5xx, REQUEST_LIMIT_EXCEEDED, timeouts) counts as a receiver down.
 
 Why nothing is lost: ``EnrollmentStore.transition`` writes the transition id into the outbox
 zset ``el:outbox`` in the same Lua step as the state change. ``drain()`` claims due entries by
@@ -29,19 +33,19 @@ come due again when the lease runs out, and another drain delivers them. So each
 reaches each channel at least once and, barring a crash between a successful delivery and its
 bookkeeping, exactly once; receivers deduplicate by the transition id.
 
-Why the order holds: each channel (webhook, callable) is tracked per entry (``done:{channel}``),
+Why the order holds: each channel (webhook, callable, salesforce) is tracked per entry (``done:{channel}``),
 and a transition goes to a channel only once its enrollment's previous version is done there
 (or left the outbox: delivered, given up, expired). A held transition is parked just behind its
 predecessor's due time and woken as soon as the predecessor is through, so a retried
 transition holds back only the later transitions of its own enrollment; others flow.
 ``retry_failed`` puts each enrollment's given-up transitions back in one step, in version order.
 
-Why one stuck receiver delays nobody else: the two channels run side by side in a drain. A
+Why one stuck receiver delays nobody else: the channels run side by side in a drain. A
 channel whose receiver is down (timeout, unreachable, HTTP 5xx/408/429, a callable that does
-not return) is not tried again in that drain: the rest wait a short while without losing an
+not return, Salesforce's REQUEST_LIMIT_EXCEEDED) is not tried again in that drain: the rest wait a short while without losing an
 attempt. A drain waits for the webhook at most ``webhook_timeout`` in total: once that much time
 has gone into POSTs, the rest are handed back (a POST cut short by this budget is not counted as
-a failure). RQ's job timeout (``rq.timeouts.BaseTimeoutException``) is never taken for a failed
+a failure); Salesforce gets twice ``webhook_timeout`` (a delivery is a few requests). RQ's job timeout (``rq.timeouts.BaseTimeoutException``) is never taken for a failed
 delivery: it ends the drain, and the claimed entries come back when their lease runs out.
 
 Workers call ``notifier.drain()`` after each job and ``notifier.start_timer()`` once.
@@ -61,7 +65,7 @@ API::
 
 Redis keys (named in ``exchange_listener.core.keys``): ``el:outbox`` (zset id -> epoch ms when next due),
 ``el:transition:{id}`` (JSON of a ``workers.state.transitions.Transition``),
-``el:outbox:state:{id}`` (hash: attempts, last_error, done:webhook, done:callback, and for
+``el:outbox:state:{id}`` (hash: attempts, last_error, done:webhook, done:callback, done:salesforce, and for
 ordering behind/parked_at/waiter; 180 days), ``el:outbox:failed`` (hash id -> JSON),
 ``el:notify:stats`` (hash of counters).
 """
@@ -91,6 +95,8 @@ from exchange_listener.core import keys, logs, redis_conn
 from exchange_listener.core.backoff import delay as backoff_delay
 from exchange_listener.core.config import ConfigError, Settings, default
 from exchange_listener.core.lua import Script
+from workers.sinks.salesforce import Down as SalesforceDown
+from workers.sinks.salesforce import SalesforceSink
 from workers.state.enrollments import iso
 from workers.state.transitions import Transition
 
@@ -261,12 +267,13 @@ def _in_version_order(entries: list[_Entry]) -> list[_Entry]:
 
 
 class Notifier:
-    """Delivers outbox transitions to the configured webhook and callable."""
+    """Delivers outbox transitions to the configured webhook, callable and Salesforce."""
 
     def __init__(self, redis_client: redis.Redis, *, webhook_url: str = "", webhook_secret: str = "",
                  webhook_timeout: float = default("webhook_timeout"), callback: str | Callable[[dict], Any] | None = None,
                  callback_timeout: float = DEFAULT_CALLBACK_TIMEOUT, max_attempts: int = 12,
-                 backoff_base: float = 2.0, backoff_max: float = 3600.0, lease_seconds: float | None = None):
+                 backoff_base: float = 2.0, backoff_max: float = 3600.0, lease_seconds: float | None = None,
+                 salesforce: SalesforceSink | None = None):
         if webhook_url and not webhook_secret:
             raise ConfigError("webhook_secret: required when webhook_url is set")
         self.redis = redis_client
@@ -274,10 +281,13 @@ class Notifier:
         self._key = signing_key(webhook_secret) if webhook_url else b""
         self.callback = load_callable(callback) if isinstance(callback, str) and callback else (callback or None)
         self.callback_timeout = callback_timeout
+        self.salesforce = salesforce
+        self.salesforce_budget = 2 * salesforce.timeout if salesforce else 0.0
         self.max_attempts, self.backoff_base, self.backoff_max = max_attempts, backoff_base, backoff_max
-        slowest = max(webhook_timeout, callback_timeout)
+        slowest = max(webhook_timeout, callback_timeout, self.salesforce_budget)
         self.lease_ms = int(1000 * (lease_seconds if lease_seconds is not None else max(30.0, 3 * slowest + 10)))
-        self.channels = [name for name, on in (("webhook", webhook_url), ("callback", self.callback)) if on]
+        self.channels = [name for name, on in (("webhook", webhook_url), ("callback", self.callback),
+                                               ("salesforce", salesforce)) if on]
         self._sessions: list[requests.Session] = []  # idle HTTP sessions (keep-alive across drains)
         self._lock = threading.Lock()
         self._redact = _url_redactor(webhook_url, webhook_secret)
@@ -288,14 +298,17 @@ class Notifier:
 
     @classmethod
     def from_settings(cls, redis_client: redis.Redis, settings: Settings) -> Notifier:
+        on = getattr(settings, "salesforce_login_url", "")  # settings objects of older callers lack it
+        salesforce = SalesforceSink.from_settings(redis_client, settings) if on else None
         return cls(redis_client, webhook_url=settings.webhook_url, webhook_secret=settings.webhook_secret,
                    webhook_timeout=settings.webhook_timeout, callback=settings.callback or None,
-                   callback_timeout=getattr(settings, "callback_timeout", DEFAULT_CALLBACK_TIMEOUT))
+                   callback_timeout=getattr(settings, "callback_timeout", DEFAULT_CALLBACK_TIMEOUT),
+                   salesforce=salesforce)
 
     def __repr__(self) -> str:  # never show the secret
         return f"Notifier(webhook_url={_public_url(self.webhook_url)!r}, channels={self.channels})"
 
-    # -- the two channels ----------------------------------------------------------------
+    # -- the channels --------------------------------------------------------------------
     def _safe(self, exc: BaseException) -> str:
         """An error description with no secret and nothing of the webhook URL's path, query or
         password in it, in whatever encoding the error names them."""
@@ -382,6 +395,17 @@ class Notifier:
         if "error" in outcome:
             raise outcome["error"]
 
+    def _log_to_salesforce(self, transition: Transition, timeout: float) -> None:
+        """One transition to Salesforce; ReceiverDown while it is unavailable, RuntimeError
+        (an attempt spent) when it refused this one."""
+        sink = cast(SalesforceSink, self.salesforce)  # set: there is no "salesforce" channel without it
+        try:
+            sink.deliver(transition, timeout)
+        except SalesforceDown as exc:
+            if exc.timed_out and timeout < sink.timeout:  # cut short by the drain's budget
+                raise _Skip("out of time") from None
+            raise ReceiverDown(str(exc)) from None
+
     # -- one drain -----------------------------------------------------------------------
     def _find_predecessors(self, entries: list[_Entry]) -> None:
         """Fill in each entry's previous transition (from its enrollment's history) and, when that
@@ -427,7 +451,7 @@ class Notifier:
                      hand_back_at: float, abort: threading.Event) -> None:
         """Deliver ``entries`` on one channel, in order; record per entry what happened."""
         down = False
-        budget = self.webhook_timeout if channel == "webhook" else self.callback_timeout
+        budget = {"webhook": self.webhook_timeout, "callback": self.callback_timeout}.get(channel, self.salesforce_budget)
         deadline = None  # the channel's time budget starts with its first delivery
         longest = 0.0  # the slowest delivery so far: none is started that would likely be cut short
         for entry in entries:
@@ -448,6 +472,8 @@ class Notifier:
             try:
                 if channel == "webhook":
                     self._post(entry.transition, timeout=min(self.webhook_timeout, deadline - now))
+                elif channel == "salesforce":
+                    self._log_to_salesforce(entry.transition, timeout=min(self.salesforce_budget / 2, deadline - now))
                 else:
                     self._call(entry.transition, wait=min(deadline, hand_back_at) - now)
                 longest = max(longest, time.monotonic() - now)
