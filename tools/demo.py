@@ -3,7 +3,9 @@
 Starts Redis, the EWS emulator, a listener and two workers with the shipped supervisord
 configuration (deploy/demo/supervisord.conf), records one send per enrollment, delivers a
 reply of every kind to the rep's mailbox, and prints what happened to each enrollment and how
-long it took from delivery. Exits 0 only if every outcome is the expected one; always shuts
+long it took from delivery. The Salesforce emulator runs too, with a Contact or Lead per
+prospect: the workers log each reply, bounce and out-of-office there as a Task, and a second
+table shows them. Exits 0 only if every outcome and activity is the expected one; always shuts
 supervisord and everything it started down, also on Ctrl-C or an error.
 """
 from __future__ import annotations
@@ -40,6 +42,8 @@ from exchange_listener.queueing import make_queue
 
 CONF = ROOT / "deploy" / "demo" / "supervisord.conf"
 QUEUE = "exchange-listener"
+SALESFORCE_USER = "exchange-listener@northwind.example"
+SALESFORCE_CLIENT_ID = "3MVG9demo-consumer-key"
 
 
 class Stop(Exception):
@@ -63,6 +67,9 @@ class Demo:
         self.started = time.monotonic()
         self.redis_port = free_port()
         self.emulator_port = free_port()
+        self.salesforce_port = free_port()
+        self.salesforce_key = workdir / "salesforce.key"
+        self.salesforce_cert = workdir / "salesforce.crt"
         self.env: dict[str, str] = {}
 
     # -- processes ---------------------------------------------------------------------
@@ -100,7 +107,11 @@ class Demo:
             'auth_type = "basic"\news_username = "svc"\news_password = "svc-password"\n'
             "heartbeat_seconds = 5.0\nlease_seconds = 10.0\nworker_ttl = 15\n"
             'log_format = "json"\n'
+            f'salesforce_login_url = "http://127.0.0.1:{self.salesforce_port}"\n'
+            f'salesforce_client_id = "{SALESFORCE_CLIENT_ID}"\nsalesforce_username = "{SALESFORCE_USER}"\n'
+            f'salesforce_private_key_file = "{self.salesforce_key}"\n'
         )
+        _key_and_certificate(self.salesforce_key, self.salesforce_cert)
         self.env = {  # the demo's own settings file decides; stray EXCHANGE_LISTENER_* would override it
             **{k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_LISTENER_")},
             "EL_BIN": str(Path(self.command("exchange-listener")).parent),
@@ -109,15 +120,34 @@ class Demo:
             "EL_REDIS_SERVER": redis_server_binary(),
             "EL_REDIS_PORT": str(self.redis_port),
             "EL_EMULATOR_PORT": str(self.emulator_port),
+            "EL_SALESFORCE_PORT": str(self.salesforce_port),
+            "EL_SALESFORCE_CERT": str(self.salesforce_cert),
             "EXCHANGE_LISTENER_CONFIG": str(self.settings_path),
         }
         self.shutdown(quiet=True)  # a demo left running by a killed earlier run
 
     def start(self) -> None:
-        say(f"starting supervisord ({CONF.relative_to(ROOT)}): redis, emulator, listener, 2 workers", self.started)
+        say(f"starting supervisord ({CONF.relative_to(ROOT)}): redis, emulator, salesforce emulator, listener, "
+            "2 workers", self.started)
         subprocess.run([self.command("supervisord"), "-c", str(CONF)], env=self.env, check=True, timeout=30)
         wait_for_port(self.redis_port, timeout=15)
         wait_for_port(self.emulator_port, timeout=15)
+        wait_for_port(self.salesforce_port, timeout=15)
+        self.salesforce("POST", "/emulator/records/User", {"Username": SALESFORCE_USER, "LastName": "Integration"})
+        for index, s in enumerate(demo.SCENARIOS):  # every other prospect is a Lead, the rest Contacts
+            kind = "Lead" if index % 2 else "Contact"
+            self.salesforce("POST", f"/emulator/records/{kind}", {"Email": s.to[0], "LastName": s.to[0].split("@")[0],
+                                                                  **({"Company": s.to[0].split("@")[1]}
+                                                                     if kind == "Lead" else {})})
+        say(f"salesforce emulator: the integration user and {len(demo.SCENARIOS)} prospects' Contacts and Leads",
+            self.started)
+
+    def salesforce(self, method: str, path: str, body: dict | None = None) -> dict:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.salesforce_port}{path}", method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
 
     def shutdown(self, quiet: bool = False) -> None:
         """Stop supervisord and everything under it; wait until its pid is gone."""
@@ -216,9 +246,63 @@ class Demo:
                 break
             time.sleep(0.1)
         changed_ms = {e: conn.hget(enrollment_key(e), "updated_at_ms") for e in delivered}
+        activities = self.wait_activities(store, deadline)
         say("outcomes:", self.started)
         print()
-        return self.report(states, delivered, changed_ms, done, errors, now)
+        outcome = self.report(states, delivered, changed_ms, done, errors, now)
+        return self.report_salesforce(activities) or outcome
+
+    def expects_activity(self, s: demo.Scenario) -> bool:
+        """A reply, bounce or out-of-office is logged in Salesforce; a read receipt or unrelated mail is not."""
+        return s.expect_status in ("stopped", "paused")
+
+    def wait_activities(self, store, deadline: float) -> dict[str, list[dict]]:
+        """Enrollment -> the Tasks Salesforce holds for its transitions, once every expected one is
+        there (or the deadline passed); a little longer, so an unexpected one would show too."""
+        while True:
+            tasks = self.salesforce("GET", "/emulator/records/Task")["records"]
+            by_transition = {t["ExchangeListener_Transition_Id__c"]: t for t in tasks}
+            found = {s.enrollment: [by_transition[t.id] for t in store.transitions(s.enrollment) if t.id in by_transition]
+                     for s in demo.SCENARIOS}
+            if all(found[s.enrollment] for s in demo.SCENARIOS if self.expects_activity(s)):
+                time.sleep(0.5)
+                return found if len(self.salesforce("GET", "/emulator/records/Task")["records"]) == len(tasks) \
+                    else self.wait_activities(store, deadline)
+            if time.monotonic() > deadline:
+                return found
+            time.sleep(0.1)
+
+    def report_salesforce(self, activities: dict[str, list[dict]]) -> int:
+        records = {r["Id"]: (kind, r) for kind in ("Contact", "Lead")
+                   for r in self.salesforce("GET", f"/emulator/records/{kind}")["records"]}
+        rows = [("PROSPECT", "SALESFORCE RECORD", "ACTIVITY", "ENROLLMENT", "AS EXPECTED")]
+        failures = []
+        for s in demo.SCENARIOS:
+            tasks = activities[s.enrollment]
+            if tasks:
+                kind, record = records.get(tasks[0]["WhoId"], ("?", {}))
+                where = f"{kind} {record.get('Id', tasks[0]['WhoId'])}"
+                what = "; ".join(f"Task \"{t['Subject'].split(':')[0]}\"" for t in tasks)
+            else:
+                where, what = "-", "none"
+            wrong_record = bool(tasks) and (records.get(tasks[0]["WhoId"], ("", {}))[1].get("Email") != s.to[0])
+            ok = (len(tasks) == 1 if self.expects_activity(s) else not tasks) and not wrong_record
+            rows.append((s.to[0], where, what, s.enrollment, "yes" if ok else "NO"))
+            if not ok:
+                failures.append(f"{s.enrollment} ({s.label}): salesforce activities {what} on {where}")
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        print("Salesforce (the workers' third channel, on the prospect's Contact or Lead):")
+        for row in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        print()
+        for line in failures:
+            print(f"UNEXPECTED: {line}")
+        if failures:
+            print(f"logs of every process: {self.log_dir}")
+            return 1
+        say(f"salesforce: {sum(map(self.expects_activity, demo.SCENARIOS))} activities as expected, none for the "
+            "others", self.started)
+        return 0
 
     def report(self, states, delivered, changed_ms, done, errors, now) -> int:
         rows = [("ENROLLMENT", "SCENARIO", "STATUS", "REASON", "DELIVERY->CHANGE", "AS EXPECTED")]
@@ -261,6 +345,25 @@ class Demo:
             return 1
         say(f"all {len(rows) - 1} outcomes as expected", self.started)
         return 0
+
+
+def _key_and_certificate(key_path: Path, cert_path: Path) -> None:
+    """The demo's connected-app key pair: an RSA key and a self-signed certificate for it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "exchange-listener demo")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=7)).sign(key, hashes.SHA256()))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _alive(pid: int) -> bool:
