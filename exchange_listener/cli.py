@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "classify": ("classify", "classify message files (human_reply, auto_reply, bounce, ...)"),
     "jobs": ("jobs", "list failed jobs with their errors, requeue them, show queue depth"),
     "status": ("status", "health of listeners, queue and workers (non-zero exit when unhealthy)"),
+    "api": ("api", "HTTP API for sending platforms: sends, enrollments, transitions (or: api hash-token TOKEN)"),
     "salesforce-emulator": ("salesforce_emulator", "run the Salesforce REST emulator (token endpoint, SOQL, sObjects)"),
 }
 

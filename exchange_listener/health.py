@@ -2,7 +2,8 @@
 
 Everything comes from what the parts already publish, plus what the Redis server itself is
 set to keep (``exchange_listener.core.redis_conn.durability``): listener liveness and group activity
-(``exchange_listener.listener.leases``), the watched set (``exchange_listener.listener.mailboxes``), RQ's queue,
+(``exchange_listener.listener.leases``), the HTTP API processes' heartbeats
+(``exchange_listener.api.presence``), the watched set (``exchange_listener.listener.mailboxes``), RQ's queue,
 registries and worker records, the transition stream (``workers.state.enrollments``) and the
 notification outbox (``workers.sinks.webhooks``). Nothing here writes.
 
@@ -37,6 +38,7 @@ class Limits:
     """When a fact becomes a problem (seconds)."""
 
     stale_listener: float = float(default("lease_seconds"))  # a listener's heartbeat older than this: it is stale
+    stale_api: float = float(default("lease_seconds"))  # an API process's heartbeat older than this: it is stale
     # a group's stream silent (no heartbeat, no event) this long: three missed heartbeats and some slack
     silent_group: float = 3 * float(default("heartbeat_seconds")) + 15
     stuck_queue: float = 120.0  # oldest queued job this old and no worker busy: the queue is stuck
@@ -95,6 +97,25 @@ def _listeners(conn: redis.Redis, now: float) -> list[dict]:
             } for g in groups if isinstance(g, dict)],
         })
     return found
+
+
+def _api_processes(conn: redis.Redis, now: float) -> list[dict]:
+    found = []
+    for raw_id, raw in conn.hgetall(keys.API_PROCESSES).items():
+        try:
+            info = json.loads(raw)
+            info = info if isinstance(info, dict) else {}
+        except ValueError:
+            info = {}
+        found.append({
+            "id": _text(raw_id),
+            "address": info.get("address"),
+            "host": info.get("host"),
+            "pid": info.get("pid") if isinstance(info.get("pid"), int) else None,
+            "last_heartbeat_age_s": _age(now, _number(info.get("heartbeat_at"))),
+            "started_age_s": _age(now, _number(info.get("started_at"))),
+        })
+    return sorted(found, key=lambda p: p["id"])
 
 
 def _leases(conn: redis.Redis, watched: list[str]) -> dict[str, str | None]:
@@ -169,6 +190,7 @@ def snapshot(conn: redis.Redis, queue_name: str, now: float | None = None) -> di
     return {
         "checked_at": dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="seconds"),
         "listeners": _listeners(conn, now),
+        "api": _api_processes(conn, now),
         "mailboxes": {
             "watched": len(watched),
             "held": sum(1 for h in holders.values() if h),
@@ -206,6 +228,11 @@ def problems(snap: dict, limits: Limits = Limits()) -> list[str]:
                 found.append(f"listener {listener['id']} group {group['group']} is not connected")
             elif silent is not None and silent > limits.silent_group:
                 found.append(f"listener {listener['id']} group {group['group']} silent for {silent:.0f} s")
+    for process in snap.get("api", ()):
+        age = process["last_heartbeat_age_s"]
+        if age is None or age > limits.stale_api:
+            shown = "never" if age is None else f"{age:.0f} s ago"
+            found.append(f"API process {process['id']} ({process['address']}) is stale: last heartbeat {shown}")
     queue = snap["queue"]
     busy = [w for w in snap["workers"] if w["state"] == "busy"]
     if queue["depth"] and not snap["workers"]:

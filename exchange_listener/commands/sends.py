@@ -23,7 +23,7 @@ import sys
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import redis
 
@@ -33,7 +33,6 @@ from exchange_listener.core import redis_conn
 if TYPE_CHECKING:
     from workers.state.sends import SendDraft, SendRegistry
 
-IMPORT_FIELDS = ("message_id", "message_ids", "enrollment", "sequence", "mailbox", "to", "cc", "sent_at")
 IMPORT_BATCH = 250  # sends per transaction: a ~4 ms script (WATCH costs Redis the square of a batch's ids)
 
 
@@ -92,24 +91,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _string(data: dict[str, Any], name: str) -> str:
-    if not isinstance(data[name], str):
-        raise ValueError(f"{name}: must be a string")  # noqa: TRY004 (bad input: record's ValueError)
-    return data[name]
-
-
-def _strings(data: dict[str, Any], name: str) -> list[str]:
-    """A list of strings; one string alone is taken as that list of one (as ``record`` takes it)."""
-    value = data[name]
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{name}: must be a list of strings")
-    return value
-
-
 def _draft(registry: SendRegistry, line: bytes) -> SendDraft:
-    """One line as the send ``sends record`` would take; ValueError naming the field if not."""
+    """One line as the send ``sends record`` would take (``SendRegistry.draft`` checks the
+    object); ValueError naming the field if not."""
     try:
         text = line.decode("utf-8-sig")  # strict (json.loads(bytes) would let encoded surrogates through)
     except UnicodeDecodeError as exc:
@@ -118,27 +102,7 @@ def _draft(registry: SendRegistry, line: bytes) -> SendDraft:
         data = json.loads(text)
     except ValueError as exc:
         raise ValueError(f"not valid JSON: {exc}") from None
-    if "\\u" in text:  # an escape may make a lone surrogate, which Redis cannot be sent
-        try:
-            json.dumps(data, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("not UTF-8: a \\u escape makes a lone surrogate") from None
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")  # noqa: TRY004 (bad input: record's ValueError)
-    unknown = sorted(set(data) - set(IMPORT_FIELDS))
-    if unknown:
-        raise ValueError(f"unknown field {', '.join(map(repr, unknown))} (fields: {', '.join(IMPORT_FIELDS)})")
-    missing = [n for n in ("enrollment", "sequence", "mailbox", "to") if n not in data]
-    if "message_id" not in data and "message_ids" not in data:
-        missing.insert(0, "message_id (or message_ids)")
-    if missing:
-        raise ValueError(f"{missing[0]}: required")
-    ids = ([_string(data, "message_id")] if "message_id" in data else []) + (
-        _strings(data, "message_ids") if "message_ids" in data else [])
-    cc = _strings(data, "cc") if data.get("cc") is not None else []
-    sent_at = _string(data, "sent_at") if data.get("sent_at") is not None else None
-    return registry.validate(ids, _string(data, "enrollment"), _string(data, "sequence"), _string(data, "mailbox"),
-                             _strings(data, "to"), cc=cc, sent_at=sent_at)
+    return registry.draft(data)
 
 
 @contextmanager

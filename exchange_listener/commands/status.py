@@ -1,7 +1,7 @@
 """``exchange-listener status [--json]``: is every mailbox streamed, is the queue moving?
 
 Exit status, so a monitor can call it: 0 healthy; 1 unhealthy (a watched mailbox held by no
-listener, a stale listener or silent stream, a stuck queue, jobs waiting with no worker, a Redis
+listener, a stale listener, API process or silent stream, a stuck queue, jobs waiting with no worker, a Redis
 that may evict our keys or persists nothing, unless ``allow_volatile_redis = true``);
 3 Redis unreachable; 2 configuration error.
 """
@@ -71,6 +71,15 @@ def render(snap: dict, found: list[str]) -> str:
         lines += _table(rows)
     else:
         lines.append("  none")
+    api = snap.get("api", [])
+    lines.append("")
+    lines.append(f"API processes ({len(api)})")
+    if api:
+        rows = [["API PROCESS", "ADDRESS", "HEARTBEAT"]]
+        rows += [[p["id"], p["address"] or "-", _age(p["last_heartbeat_age_s"])] for p in api]
+        lines += _table(rows)
+    else:
+        lines.append("  none")
     mb = snap["mailboxes"]
     failing = [(item["id"], f) for item in listeners for g in item["groups"] for f in g["failing"]]
     failing_total = sum(g["failing_count"] for item in listeners for g in item["groups"])
@@ -115,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     limits = health.Limits(
         stale_listener=args.stale_listener if args.stale_listener is not None else settings.lease_seconds,
+        stale_api=settings.lease_seconds,  # the API beats every lease_seconds / 3
         silent_group=args.silent_group if args.silent_group is not None else 3 * settings.heartbeat_seconds + 15,
         stuck_queue=args.stuck_queue,
         allow_volatile_redis=settings.allow_volatile_redis,

@@ -14,6 +14,7 @@ el:mailboxes:version             string  listener.mailboxes -> listener.runner; 
 el:lease:{mailbox}               string  listener.leases -> health; lease_seconds, renewed while held
 el:listeners                     zset    listener.leases -> health; no TTL, members pruned after 10 leases
 el:listener:{listener id}        hash    listener.leases -> health, status; 2 * lease_seconds, renewed
+el:api:processes                 hash    api.presence -> health, status; no TTL, fields pruned after 10 leases
 el:sync:{mailbox}                hash    sources.ews.catch_up -> sources.ews.fetch; no TTL (``mailboxes remove``)
 el:folders:{mailbox}             hash    sources.ews.catch_up -> sources.ews.stream, .fetch; the same
 el:tree:{mailbox}                hash    sources.ews.catch_up -> sources.ews.stream, .fetch; the same
@@ -59,6 +60,10 @@ def lease(mailbox: str) -> str:
 
 def listener(listener_id: str) -> str:
     return f"el:listener:{listener_id}"
+
+
+# -- the HTTP API's processes (exchange_listener.api.presence) --------------------------------------
+API_PROCESSES = "el:api:processes"  # process id -> JSON heartbeat (address, host, pid, times)
 
 
 # -- catch-up state (exchange_listener.sources.ews.catch_up) -----------------------------------
@@ -158,6 +163,7 @@ KEYSPACE: tuple[Key, ...] = (
     Key(lease("*"), "string", "exchange_listener.listener.leases"),
     Key(LISTENERS, "zset", "exchange_listener.listener.leases"),
     Key(listener("*"), "hash", "exchange_listener.listener.leases"),
+    Key(API_PROCESSES, "hash", "exchange_listener.api.presence"),
     Key(sync("*"), "hash", "exchange_listener.sources.ews.catch_up"),
     Key(folders("*"), "hash", "exchange_listener.sources.ews.catch_up"),
     Key(tree("*"), "hash", "exchange_listener.sources.ews.catch_up"),

@@ -10,7 +10,8 @@ API::
     registry = SendRegistry(redis, retention_days=settings.retention_days)
     registry.record(message_ids, enrollment_id, sequence_id, mailbox, to, cc=(), sent_at=None) -> Send
     registry.validate(...same arguments...) -> SendDraft   # record's checks only, nothing stored
-    registry.record_many(drafts) -> list[Send | ValueError]  # bulk: one transaction per batch
+    registry.draft(fields) -> SendDraft   # one send as a JSON object (INPUT_FIELDS): import, the HTTP API
+    registry.record_many(drafts, all_or_nothing=False) -> list[Send | ValueError]  # one transaction
     registry.record_batches(batches) -> Iterator[list[Send | ValueError]]  # record_many each, pipelined
     registry.get(message_id) -> Send | None
     registry.lookup_many(message_ids) -> list[Send]   # distinct sends, in the order first matched
@@ -42,7 +43,7 @@ import datetime as dt
 import email.utils
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import redis
@@ -53,6 +54,7 @@ from exchange_listener.core.lua import Script
 from exchange_listener.mail.message_ids import normalize
 from workers.state.enrollments import EnrollmentStore, iso, to_utc, utcnow
 
+INPUT_FIELDS = ("message_id", "message_ids", "enrollment", "sequence", "mailbox", "to", "cc", "sent_at")
 _COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps with separators builds an encoder a call
 _WRITE = Script("send_batch")  # send keys, domain indexes and enrollments of a batch, at once
 
@@ -60,6 +62,47 @@ _WRITE = Script("send_batch")  # send keys, domain indexes and enrollments of a 
 # an address with nothing for parseaddr to take apart (it gives such a one back unchanged, and
 # costs ~5 µs an address: a tenth of a bulk import's time)
 _PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
+
+
+class BadSend(ValueError):
+    """Unusable send input; ``field`` names the input field at fault (an ``INPUT_FIELDS`` name, or
+    an unknown field), so a caller can point at it (the HTTP API's problem ``field``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class SendConflict(BadSend):
+    """A Message-ID of the send already belongs to another enrollment (found when recording)."""
+
+
+def _string(data: Mapping[str, Any], name: str) -> str:
+    value = data[name]
+    if not isinstance(value, str):
+        raise BadSend(name, f"{name}: must be a string")
+    _encodable(name, value)
+    return value
+
+
+def _strings(data: Mapping[str, Any], name: str) -> list[str]:
+    """A list of strings; one string alone is taken as that list of one (as ``record`` takes it)."""
+    value = data[name]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadSend(name, f"{name}: must be a list of strings")
+    for item in value:
+        _encodable(name, item)
+    return value
+
+
+def _encodable(name: str, value: str) -> None:
+    """A JSON ``\\u`` escape can make a lone surrogate, which cannot be sent to Redis as UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadSend(name, f"{name}: not UTF-8: a \\u escape makes a lone surrogate") from None
 
 
 def _domain(address: str) -> str | None:
@@ -127,7 +170,7 @@ def _merge(draft: SendDraft, stored: Iterable[Send | None]) -> tuple[Send, dt.da
         if old is None:
             continue
         if old.enrollment_id != draft.enrollment_id:
-            raise ValueError(f"message id already recorded for enrollment {old.enrollment_id!r}")
+            raise SendConflict("message_id", f"message id already recorded for enrollment {old.enrollment_id!r}")
         merged += [m for m in old.message_ids if m not in merged]
         if old.sent_at:
             moment = min(moment, to_utc(old.sent_at))
@@ -147,10 +190,10 @@ def _addresses(values: Iterable[str] | str, what: str) -> tuple[str, ...]:
     cleaned = []
     for value in (v.strip() for v in values if v and v.strip()):
         if any(c in value for c in "\r\n"):
-            raise ValueError(f"{what}: not an email address: {value!r}")
+            raise BadSend(what, f"{what}: not an email address: {value!r}")
         address = value if _PLAIN_ADDRESS.fullmatch(value) else email.utils.parseaddr(value)[1] or value
         if "@" not in address:
-            raise ValueError(f"{what}: not an email address: {value!r}")
+            raise BadSend(what, f"{what}: not an email address: {value!r}")
         cleaned.append(address)
     return tuple(cleaned)
 
@@ -173,23 +216,52 @@ class SendRegistry:
         for raw in ids:
             mid = normalize(raw) if raw else None
             if not mid:
-                raise ValueError(f"message id: not a Message-ID: {raw!r}")
+                raise BadSend("message_id", f"message id: not a Message-ID: {raw!r}")
             if mid not in normalized:
                 normalized.append(mid)
         if not normalized:
-            raise ValueError("message id: at least one is required")
+            raise BadSend("message_id", "message id: at least one is required")
         if not enrollment_id or not str(enrollment_id).strip():
-            raise ValueError("enrollment: required")
+            raise BadSend("enrollment", "enrollment: required")
         to_addrs, cc_addrs = _addresses(to, "to"), _addresses(cc, "cc")
         if not to_addrs:
-            raise ValueError("to: at least one recipient is required")
+            raise BadSend("to", "to: at least one recipient is required")
         try:
             given = to_utc(sent_at) if sent_at is not None else utcnow()
         except ValueError as exc:
-            raise ValueError(f"sent_at: {exc}") from None
+            raise BadSend("sent_at", f"sent_at: {exc}") from None
         if given + self.retention <= utcnow():
-            raise ValueError(f"sent_at {iso(given)} is older than the retention ({self.retention.days} days)")
+            raise BadSend("sent_at", f"sent_at {iso(given)} is older than the retention ({self.retention.days} days)")
         return SendDraft(tuple(normalized), enrollment_id, sequence_id or "", mailbox or "", to_addrs, cc_addrs, given)
+
+    def draft(self, data: Any) -> SendDraft:
+        """One send given as a JSON object (``INPUT_FIELDS``; cc and sent_at optional, message_id
+        and message_ids together are one send's ids) checked as ``validate`` checks ``record``'s
+        arguments; BadSend naming the field if it is unusable. ``sends import`` and the HTTP API
+        take their sends through here."""
+        if not isinstance(data, dict):
+            raise BadSend("", "not a JSON object")
+        unknown = sorted(set(data) - set(INPUT_FIELDS), key=str)
+        if unknown:
+            raise BadSend(unknown[0], f"unknown field {', '.join(map(repr, unknown))} (fields: {', '.join(INPUT_FIELDS)})")
+        missing = [n for n in ("enrollment", "sequence", "mailbox", "to") if n not in data]
+        if "message_id" not in data and "message_ids" not in data:
+            missing.insert(0, "message_id")
+        if missing:
+            raise BadSend(missing[0], f"{'message_id (or message_ids)' if missing[0] == 'message_id' else missing[0]}"
+                                      ": required")
+        ids = ([_string(data, "message_id")] if "message_id" in data else []) + (
+            _strings(data, "message_ids") if "message_ids" in data else [])
+        cc = _strings(data, "cc") if data.get("cc") is not None else []
+        sent_at = _string(data, "sent_at") if data.get("sent_at") is not None else None
+        enrollment, sequence, mailbox = (_string(data, n) for n in ("enrollment", "sequence", "mailbox"))
+        to = _strings(data, "to")
+        try:
+            return self.validate(ids, enrollment, sequence, mailbox, to, cc=cc, sent_at=sent_at)
+        except BadSend as exc:
+            if exc.field == "message_id" and "message_id" not in data:
+                exc.field = "message_ids"
+            raise
 
     def record(self, message_ids: Sequence[str] | str, enrollment_id: str, sequence_id: str, mailbox: str,
                to: Sequence[str] | str, cc: Sequence[str] | str = (), sent_at: dt.datetime | str | None = None) -> Send:
@@ -198,9 +270,10 @@ class SendRegistry:
             raise result
         return result
 
-    def record_many(self, drafts: Sequence[SendDraft]) -> list[Send | ValueError]:
+    def record_many(self, drafts: Sequence[SendDraft], *, all_or_nothing: bool = False) -> list[Send | ValueError]:
         """Record validated sends in one transaction: each result is the stored Send, or the
-        ValueError that refused it (an id of another enrollment; nothing of it is stored).
+        ValueError that refused it (an id of another enrollment; nothing of it is stored). With
+        ``all_or_nothing``, one refused send means none is stored (the results still say which).
 
         The drafts meet what is stored, and each other, in order, exactly as one ``record`` after
         another would; the ids are WATCHed and the writes are one script inside MULTI/EXEC, so
@@ -214,7 +287,7 @@ class SendRegistry:
             planned, script = self._plan(drafts, watched, pipe.mget(watched))
             results[:] = planned
             pipe.multi()
-            if script:
+            if script and not (all_or_nothing and any(isinstance(r, ValueError) for r in planned)):
                 _WRITE(pipe, **script)
 
         if drafts:
