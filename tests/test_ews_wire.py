@@ -155,3 +155,28 @@ def test_envelopes_byte_by_byte_and_a_cut_off_last_one():
     cut = b'<s:Envelope xmlns:s="urn:x"><s:Body>3</s:Bo'
     stream = one + b"\r\n" + two + cut
     assert list(envelopes(stream[i:i + 1] for i in range(len(stream)))) == [one, two]
+
+
+def test_notification_read_by_local_names_as_exchange_and_the_schema_write_it():
+    """Exchange writes m:Notification with t:SubscriptionId; the ids a new or moved mail carries
+    are read, folder and status events carry none."""
+    from lxml import etree
+
+    from exchange_listener.sources.ews.stream import read_notification
+
+    xml = (b'<m:Notification xmlns:m="urn:m" xmlns:t="urn:t"><t:SubscriptionId>sub-1</t:SubscriptionId>'
+           b'<t:StatusEvent><t:Watermark>w</t:Watermark></t:StatusEvent>'
+           b'<t:NewMailEvent><t:Watermark>w</t:Watermark><t:TimeStamp>2026-11-30T10:00:00Z</t:TimeStamp>'
+           b'<t:ItemId Id="item-1" ChangeKey="c"/><t:ParentFolderId Id="inbox-id" ChangeKey="c"/></t:NewMailEvent>'
+           b'<t:MovedEvent><t:TimeStamp>2026-11-30T10:00:01Z</t:TimeStamp><t:ItemId Id="item-2" ChangeKey="c"/>'
+           b'<t:ParentFolderId Id="junk-id"/><t:OldItemId Id="item-1"/><t:OldParentFolderId Id="inbox-id"/>'
+           b'</t:MovedEvent><t:CreatedEvent><t:TimeStamp>2026-11-30T10:00:02Z</t:TimeStamp>'
+           b'<t:FolderId Id="new-folder"/><t:ParentFolderId Id="root-id"/></t:CreatedEvent></m:Notification>')
+    note = read_notification(etree.fromstring(xml))
+    assert note.subscription_id == "sub-1"
+    assert [e.kind for e in note.events] == ["StatusEvent", "NewMailEvent", "MovedEvent", "CreatedEvent"]
+    status, new, moved, folder = note.events
+    assert status.item_id is None and folder.item_id is None
+    assert (new.item_id.id, new.parent_folder_id.id) == ("item-1", "inbox-id")
+    assert (moved.item_id.id, moved.parent_folder_id.id, moved.old_item_id.id, moved.old_parent_folder_id.id) == \
+        ("item-2", "junk-id", "item-1", "inbox-id")
