@@ -23,6 +23,7 @@ from emulators.services import CliProcess, free_port, service_env, wait_for
 from exchange_listener.core import keys
 from exchange_listener.core.lua import Script
 from exchange_listener.listener import mailboxes
+from workers.sinks.salesforce import SalesforceSink
 from workers.sinks.webhooks import Notifier
 from workers.state.enrollments import EnrollmentStore
 from workers.state.sends import SendRegistry
@@ -110,7 +111,9 @@ def snapshot(conn) -> dict[str, str]:
 def test_a_realistic_run_leaves_only_declared_keys_of_the_declared_type(redis_server, redis_client, emulator,
                                                                         tmp_path):
     env = service_env(redis_server.url, emulator.ews_url, heartbeat_seconds=1, lease_seconds=3, listener_id="l1")
-    procs = [CliProcess(["listen"], env, tmp_path / "listener.log")]
+    procs = [CliProcess(["listen"], env, tmp_path / "listener.log"),
+             CliProcess(["api"], {**env, "EXCHANGE_LISTENER_API_LISTEN": f"127.0.0.1:{free_port()}"},
+                        tmp_path / "api.log")]
     try:
         mailboxes.add(redis_client, [MAILBOX])
         worker = CliProcess(["work", "--name", "keys-worker"], env, tmp_path / "worker.log")
@@ -132,6 +135,7 @@ def test_a_realistic_run_leaves_only_declared_keys_of_the_declared_type(redis_se
         emulator.move(reply["item_id"], "Customers/Acme")  # the listener records the move
         wait_for(lambda: any(redis_client.scan_iter(keys.moved(MAILBOX, "*"))), message="the move recorded")
         wait_for(lambda: redis_client.zcard(keys.OUTBOX) == 0, message="the worker drained the outbox")
+        wait_for(lambda: redis_client.hlen(keys.API_PROCESSES) == 1, message="the API's heartbeat")
         seen = snapshot(redis_client)
     finally:
         for proc in procs:
@@ -142,6 +146,9 @@ def test_a_realistic_run_leaves_only_declared_keys_of_the_declared_type(redis_se
     Notifier(redis_client, webhook_url=dead, webhook_secret="keys-test-secret", max_attempts=1).drain()
     store.transition("e-later", "stopped", "replied", event_key="r:2")
     Notifier(redis_client, webhook_url=dead, webhook_secret="keys-test-secret", max_attempts=5).drain()
+    # an enrollment with no prospect on record: the Salesforce sink records it unmatched (no HTTP call)
+    SalesforceSink(redis_client, login_url=dead, client_id="c", username="u",
+                   private_key=None).deliver(store.transitions("e-gone")[-1])
     seen.update(snapshot(redis_client))
 
     undeclared = sorted(k for k in seen if keys.declared(k) is None)

@@ -287,7 +287,7 @@ def test_a_killed_import_leaves_every_send_whole_and_importing_again_finishes_it
 def test_the_bulk_write_creates_an_enrollment_as_ensure_does(redis_client):
     """send_batch.lua creates a missing enrollment field for field as
     EnrollmentStore.ensure_commands: the two must not drift apart."""
-    EnrollmentStore(redis_client).ensure("by-ensure", "séq-1", "rep@us.example")
+    EnrollmentStore(redis_client).ensure("by-ensure", "séq-1", "rep@us.example", "a@b.example")
     SendRegistry(redis_client).record(["<m@us.example>"], "by-record", "séq-1", "rep@us.example", ["a@b.example"])
     made = [{k: v for k, v in redis_client.hgetall(f"el:enrollment:{e}").items()
              if k not in (b"created_at", b"updated_at")} for e in ("by-ensure", "by-record")]

@@ -68,6 +68,7 @@ class Demo:
         self.redis_port = free_port()
         self.emulator_port = free_port()
         self.salesforce_port = free_port()
+        self.api_port = free_port()  # deploy/programs.conf runs the HTTP API too
         self.salesforce_key = workdir / "salesforce.key"
         self.salesforce_cert = workdir / "salesforce.crt"
         self.env: dict[str, str] = {}
@@ -107,6 +108,7 @@ class Demo:
             'auth_type = "basic"\news_username = "svc"\news_password = "svc-password"\n'
             "heartbeat_seconds = 5.0\nlease_seconds = 10.0\nworker_ttl = 15\n"
             'log_format = "json"\n'
+            f'api_listen = "127.0.0.1:{self.api_port}"\n'
             f'salesforce_login_url = "http://127.0.0.1:{self.salesforce_port}"\n'
             f'salesforce_client_id = "{SALESFORCE_CLIENT_ID}"\nsalesforce_username = "{SALESFORCE_USER}"\n'
             f'salesforce_private_key_file = "{self.salesforce_key}"\n'
