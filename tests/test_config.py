@@ -154,9 +154,10 @@ def _setting_defaults_in_parsers():
     return found
 
 
-# options named like a setting that are not that setting: the emulator loads no settings and
-# stays quiet unless asked
-NOT_THE_SETTING = {("emulator", "log_level")}
+# options named like a setting that are not that setting: the emulators load no settings and stay
+# quiet unless asked; the Salesforce emulator's --client-id names the connected apps it accepts
+NOT_THE_SETTING = {("emulator", "log_level"), ("salesforce-emulator", "log_level"),
+                   ("salesforce-emulator", "client_id")}
 
 
 def test_command_line_defaults_are_the_tables():

@@ -151,10 +151,11 @@ def test_limits_and_outages_back_off_without_giving_up_then_deliver(redis_client
     assert notifier.failed() == [] and redis_client.zcard(OUTBOX_KEY) == 2
     attempts = {t.id: redis_client.hget(keys.outbox_state(t.id), "attempts") for t in (first, second)}
     # the Notifier's rule: the delivery that found Salesforce down is one attempt, the rest of the
-    # drain is handed back without spending one
-    assert attempts == {first.id: b"1", second.id: None}
+    # drain is handed back without spending one (entries of two enrollments come in either order)
+    assert sorted(attempts.values(), key=str) == [None, b"1"]
+    tried = next(tid for tid, n in attempts.items() if n == b"1")
     pending = {p["id"]: p for p in notifier.pending()}
-    assert pending[first.id]["next_attempt_at"] and not sf.records("Task")
+    assert pending[tried]["next_attempt_at"] and not sf.records("Task")
     make_due(redis_client)
     assert sum(r.delivered for r in drain_all(notifier)) == 2
     assert len(sf.records("Task")) == 2 and notifier.failed() == []
