@@ -20,7 +20,7 @@ import requests
 from aiohttp import web
 
 from emulators.services import CliProcess, free_port, service_env, wait_for
-from exchange_listener.api.access import hash_token
+from exchange_listener.api.access import RateLimiter, hash_token
 from exchange_listener.api.server import create_app
 from exchange_listener.core import config, keys
 from workers.state.enrollments import EnrollmentStore
@@ -111,14 +111,14 @@ def test_every_request_but_health_needs_a_known_token(api):
     for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": f"Basic {TOKEN}"},
                     {"Authorization": "Bearer"}):
         for method, path in (("GET", "/v1/sends/a@b.example"), ("GET", "/metrics"), ("POST", "/v1/sends"),
-                             ("GET", "/v1/transitions"), ("GET", "/nowhere")):
+                             ("GET", "/v1/transitions"), ("GET", "/v1/openapi.json"), ("GET", "/nowhere")):
             response = requests.request(method, api.url + path, headers=headers, timeout=10)
             body = problem(response, 401)
             assert response.headers["WWW-Authenticate"].startswith("Bearer")
             assert TOKEN not in response.text and "wrong-token" not in response.text
     health = requests.get(api.url + "/healthz", timeout=10)
     assert health.status_code == 200 and health.json() == {"status": "ok", "redis": "ok"}
-    assert requests.get(api.url + "/v1/openapi.json", timeout=10).json()["openapi"].startswith("3.1")
+    assert api.get("/v1/openapi.json").json()["openapi"].startswith("3.1")  # with the token, as every request
     assert body["type"].endswith(":unauthorized")
 
 
@@ -171,12 +171,30 @@ def test_a_bad_item_in_a_batch_stores_nothing_and_names_field_and_index(api, red
     assert single["field"] == field and "index" not in single
 
 
-def test_a_message_id_of_another_enrollment_is_a_conflict_and_stores_nothing(api, redis_client):
+def test_a_message_id_of_another_enrollment_is_a_400_naming_the_field_and_stores_nothing(api, redis_client):
     assert api.post("/v1/sends", send("<taken@us.example>", "e1")).status_code == 201
     before = stored(redis_client)
-    body = problem(api.post("/v1/sends", [send("<new@us.example>", "e2"), send("<taken@us.example>", "e3")]), 409)
+    body = problem(api.post("/v1/sends", [send("<new@us.example>", "e2"), send("<taken@us.example>", "e3")]), 400)
+    assert body["type"].endswith(":send-conflict")
     assert body["index"] == 1 and body["field"] == "message_id" and "'e1'" in body["detail"]
+    assert "<taken@us.example>" in body["detail"]
     assert stored(redis_client) == before  # e2's send and enrollment were not written
+    # the taken id given as a further id of the send: message_ids is the field at fault
+    extra = send("<fresh@us.example>", "e4", message_ids=["<other@ses.example>", "<taken@US.example>"])
+    body = problem(api.post("/v1/sends", extra), 400)
+    assert body["field"] == "message_ids" and "index" not in body and "'e1'" in body["detail"]
+    # two items of one request claiming one id for different enrollments: nothing of either is stored
+    body = problem(api.post("/v1/sends", [send("<dup@us.example>", "e5"), send("<dup@us.example>", "e6")]), 400)
+    assert body["index"] == 1 and body["field"] == "message_id" and "'e5'" in body["detail"]
+    assert stored(redis_client) == before
+
+
+def test_at_most_250_sends_a_request(api, redis_client):
+    too_many = [send(f"<m{i}@us.example>", f"e{i}") for i in range(251)]
+    body = problem(api.post("/v1/sends", too_many), 400)
+    assert body["type"].endswith(":too-many-sends") and "251" in body["detail"] and "250" in body["detail"]
+    assert stored(redis_client) == []
+    assert api.post("/v1/sends", too_many[:250]).json() == {"recorded": 250}
 
 
 def test_malformed_bodies_are_problems(api, redis_client):
@@ -196,6 +214,28 @@ def test_a_body_over_the_limit_is_413(start_api, redis_client):
     assert api.post("/v1/sends", big[:3]).status_code == 201
 
 
+def test_a_chunked_body_over_the_limit_is_413(start_api, redis_client):
+    """No Content-Length to refuse up front: the limit holds while the body is read."""
+    api = start_api(api_max_body_bytes=2048)
+    raw = json.dumps([send(f"<m{i}@us.example>") for i in range(40)]).encode()
+    assert len(raw) > 2048
+
+    def chunks(data: bytes):
+        for start in range(0, len(data), 512):
+            yield data[start:start + 512]
+
+    response = requests.post(api.url + "/v1/sends", data=chunks(raw), timeout=10,
+                             headers={**AUTH, "Content-Type": "application/json"})
+    assert response.request.headers.get("Transfer-Encoding") == "chunked"
+    assert "Content-Length" not in response.request.headers
+    assert problem(response, 413)["type"].endswith(":body-too-large")
+    assert stored(redis_client) == []
+    small = json.dumps([send("<ok@us.example>")]).encode()
+    response = requests.post(api.url + "/v1/sends", data=chunks(small), timeout=10,
+                             headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 201, response.text
+
+
 def test_unknown_route_and_wrong_method_are_problems(api):
     problem(api.get("/v1/nothing-here"), 404)
     wrong = problem(requests.delete(api.url + "/v1/transitions", headers=AUTH, timeout=10), 405)
@@ -213,6 +253,29 @@ def test_rate_limit_per_token_is_429_with_retry_after(start_api):
     assert requests.get(api.url + "/healthz", timeout=10).status_code == 200  # not limited
     time.sleep(1.1)
     assert api.get("/v1/transitions").status_code == 200
+
+
+def test_a_rate_below_one_every_two_seconds_still_lets_requests_through(start_api):
+    """A bucket of 2 * 0.4 = 0.8 tokens never held the one a request spends: the burst is at least one."""
+    api = start_api(api_rate_per_second=0.4)
+    assert api.get("/v1/transitions").status_code == 200
+    refused = api.get("/v1/transitions")
+    problem(refused, 429)
+    wait = int(refused.headers["Retry-After"])
+    assert 1 <= wait <= 3  # 1 / 0.4 = 2.5 s until the next token
+    time.sleep(wait)
+    assert api.get("/v1/transitions").status_code == 200
+
+
+def test_the_token_bucket_at_low_rates():
+    now = [100.0]
+    limiter = RateLimiter(0.4, clock=lambda: now[0])
+    assert limiter.take("t") == 0
+    assert limiter.take("t") == pytest.approx(2.5)
+    now[0] += 2.5
+    assert limiter.take("t") == 0
+    now[0] += 3600  # an idle hour refills to the burst of one, not more
+    assert limiter.take("t") == 0 and limiter.take("t") > 0
 
 
 # -- enrollments -----------------------------------------------------------------------------------
@@ -277,6 +340,71 @@ def test_cursor_pages_continue_exactly(api, redis_client):
     for bad, field in (({"after": "yesterday"}, "after"), ({"limit": 0}, "limit"), ({"limit": "x"}, "limit"),
                        ({"wait": -1}, "wait")):
         assert problem(api.get("/v1/transitions", params=bad), 400)["field"] == field
+
+
+def trimmed_stream(redis_client, made: int = 10, kept: int = 4) -> list[str]:
+    """``made`` transitions, then the stream trimmed (exactly) to its newest ``kept``: every id made."""
+    make_transitions(EnrollmentStore(redis_client), made)
+    ids = [i.decode() for i, _ in redis_client.xrange(keys.TRANSITIONS)]
+    redis_client.xtrim(keys.TRANSITIONS, maxlen=kept, approximate=False)
+    assert redis_client.xinfo_stream(keys.TRANSITIONS)["first-entry"][0].decode() == ids[made - kept]
+    return ids
+
+
+def cursors(response: requests.Response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [t["cursor"] for t in response.json()["transitions"]]
+
+
+def test_a_cursor_behind_the_trim_is_410_saying_where_the_stream_starts(api, redis_client):
+    assert len(cursors(api.get("/v1/transitions", params={"after": "0-0"}))) == 0  # nothing trimmed: whole
+    ids = trimmed_stream(redis_client)
+    for cursor in ("0-0", ids[2], ids[4]):
+        body = problem(api.get("/v1/transitions", params={"after": cursor}), 410)
+        assert body["type"].endswith(":cursor-expired") and body["field"] == "after"
+        assert body["oldest_cursor"] == ids[6] and ids[6] in body["detail"] and cursor in body["detail"]
+    # resume_after continues from the oldest kept, when the client chooses to
+    assert cursors(api.get("/v1/transitions", params={"after": body["resume_after"]})) == ids[6:]
+    # no cursor starts at the oldest kept; a cursor within what is kept continues as before
+    assert cursors(api.get("/v1/transitions")) == ids[6:]
+    assert cursors(api.get("/v1/transitions", params={"after": ids[7]})) == ids[8:]
+    assert cursors(api.get("/v1/transitions", params={"after": ids[6], "wait": 0.2})) == ids[7:]
+    # everything trimmed: no entry kept, the newest id resumes
+    redis_client.xtrim(keys.TRANSITIONS, maxlen=0, approximate=False)
+    body = problem(api.get("/v1/transitions", params={"after": ids[8]}), 410)
+    assert "oldest_cursor" not in body and body["resume_after"] == ids[-1]
+    assert api.get("/v1/transitions").json() == {"transitions": [], "next": ids[-1]}
+    assert api.get("/v1/transitions", params={"after": ids[-1]}).json() == {"transitions": [], "next": ids[-1]}
+
+
+def test_a_cursor_beyond_the_stream_is_400_naming_after(api, redis_client):
+    beyond = ("9999999999999-0", f"{2**64 - 1}-{2**64 - 1}")
+    for cursor in (*beyond, "1-0"):  # no stream yet: nothing was generated
+        body = problem(api.get("/v1/transitions", params={"after": cursor}), 400)
+        assert body["field"] == "after" and cursor in body["detail"]
+    make_transitions(EnrollmentStore(redis_client), 2)
+    newest = redis_client.xinfo_stream(keys.TRANSITIONS)["last-generated-id"].decode()
+    for cursor in beyond:
+        assert problem(api.get("/v1/transitions", params={"after": cursor, "wait": 1}), 400)["field"] == "after"
+    assert api.get("/v1/transitions", params={"after": newest}).json() == {"transitions": [], "next": newest}
+
+
+def test_event_stream_cursors_behind_the_trim_or_beyond_the_stream(api, redis_client):
+    ids = trimmed_stream(redis_client)
+    url = api.url + "/v1/transitions/stream"
+    behind = problem(requests.get(url, params={"after": ids[1]}, headers=AUTH, timeout=10), 410)
+    assert behind["field"] == "after" and behind["oldest_cursor"] == ids[6]
+    headers = {**AUTH, "Last-Event-ID": ids[1]}
+    behind = problem(requests.get(url, params={"after": ids[8]}, headers=headers, timeout=10), 410)
+    assert behind["field"] == "Last-Event-ID" and behind["type"].endswith(":cursor-expired")
+    ahead = requests.get(url, headers={**AUTH, "Last-Event-ID": "9999999999999-0"}, timeout=10)
+    assert problem(ahead, 400)["field"] == "Last-Event-ID"
+    assert problem(requests.get(url, params={"after": "9999999999999-0"}, headers=AUTH, timeout=10), 400)["field"] \
+        == "after"
+    headers = {**AUTH, "Last-Event-ID": behind["resume_after"]}
+    with requests.get(url, headers=headers, stream=True, timeout=10) as response:
+        events = read_events(response.iter_lines(chunk_size=1, decode_unicode=True), 4)
+    assert [e["id"] for e in events] == ids[6:]
 
 
 def test_long_poll_returns_when_a_transition_arrives(api, redis_client):
@@ -377,8 +505,11 @@ def status_when(env: dict, condition) -> tuple[int, dict] | None:
     return (code, snap) if condition(code, snap) else None
 
 
+LEASE_SECONDS = 2
+
+
 def test_the_real_process_serves_and_shows_in_status(redis_server, redis_client, tmp_path):
-    env = service_env(redis_server.url, "", lease_seconds=2, allow_volatile_redis="true")
+    env = service_env(redis_server.url, "", lease_seconds=LEASE_SECONDS, allow_volatile_redis="true")
     hashed = cli(env, "api", "hash-token", TOKEN)
     assert hashed.returncode == 0 and hashed.stdout.strip() == hash_token(TOKEN) and len(hashed.stdout.strip()) == 64
     piped = subprocess.run([sys.executable, "-m", "exchange_listener.cli", "api", "hash-token", "-"], env=env,
@@ -396,16 +527,19 @@ def test_the_real_process_serves_and_shows_in_status(redis_server, redis_client,
         assert requests.get(url + "/v1/transitions", headers={"Authorization": "Bearer not-it"}, timeout=10).status_code == 401
         recorded = requests.post(url + "/v1/sends", json=send("<p@us.example>"), headers=AUTH, timeout=10)
         assert recorded.status_code == 201
-        code, snap = wait_for(lambda: status_when(env, lambda code, snap: snap["api"]), timeout=20,
-                              message="the API in status")
+        # fresh means a heartbeat younger than lease_seconds (2 here); status must show the process so,
+        # and healthy, at some reading (one reading on a loaded machine may catch a late beat)
+        _, snap = wait_for(lambda: status_when(env, lambda code, snap: code == 0 and snap["api"] and
+                                               snap["api"][0]["last_heartbeat_age_s"] < LEASE_SECONDS),
+                           timeout=20, message="the API in a healthy status, its heartbeat fresh")
         (shown,) = snap["api"]
-        assert code == 0 and shown["address"] == url and shown["pid"] == proc.pid
-        assert shown["last_heartbeat_age_s"] < 2
+        assert shown["address"] == url and shown["pid"] == proc.pid
+        assert not any("API process" in p for p in snap["problems"])
         text = cli(env, "status").stdout
         assert "API processes (1)" in text and url in text
         proc.kill9()
-        code, snap = wait_for(lambda: status_when(env, lambda code, snap: code == 1), timeout=20,
-                              message="status to flag the killed API")
+        _, snap = wait_for(lambda: status_when(env, lambda code, snap: code == 1), timeout=20,
+                           message="status to flag the killed API")
         assert any(p.startswith(f"API process {shown['id']}") and "stale" in p for p in snap["problems"])
     finally:
         proc.stop()

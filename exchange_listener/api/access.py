@@ -44,11 +44,14 @@ class Tokens:
 
 
 class RateLimiter:
-    """A token bucket per key: ``rate`` requests a second, bursts of ``2 * rate``."""
+    """A token bucket per key: ``rate`` requests a second, bursts of ``2 * rate`` but at least one.
+
+    A request spends a whole token, so a bucket holding less than one never lets anything
+    through: below 0.5 requests a second, ``2 * rate`` alone would refuse every request forever."""
 
     def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic):
         self.rate = float(rate)
-        self.burst = 2.0 * self.rate
+        self.burst = max(1.0, 2.0 * self.rate)
         self.clock = clock
         self.buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
         self.lock = threading.Lock()

@@ -26,10 +26,13 @@ class Problem(Exception):
         self.headers = headers or {}
         self.members = {k: v for k, v in members.items() if v is not None}
 
-    def response(self) -> web.Response:
-        body = {"type": TYPE_PREFIX + self.kind, "title": http.HTTPStatus(self.status).phrase,
+    def document(self) -> dict[str, Any]:
+        """The problem as JSON data (also the data of an event stream's ``event: error``)."""
+        return {"type": TYPE_PREFIX + self.kind, "title": http.HTTPStatus(self.status).phrase,
                 "status": self.status, "detail": self.detail, **self.members}
-        return web.Response(status=self.status, body=json.dumps(body).encode(), content_type=CONTENT_TYPE,
+
+    def response(self) -> web.Response:
+        return web.Response(status=self.status, body=json.dumps(self.document()).encode(), content_type=CONTENT_TYPE,
                             headers=self.headers)
 
 

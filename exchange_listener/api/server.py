@@ -29,14 +29,14 @@ from exchange_listener.api.access import RateLimiter, Tokens
 from exchange_listener.api.problems import Problem, from_http_error
 from exchange_listener.core import config, logs, redis_conn
 from exchange_listener.mail.message_ids import normalize
-from workers.state.enrollments import EnrollmentStore
-from workers.state.sends import BadSend, SendRegistry
+from workers.state.enrollments import STREAM_MAXLEN, EnrollmentStore
+from workers.state.sends import BATCH_LIMIT, BadSend, SendDraft, SendRegistry
 
 log = logs.get_logger(component="api")
 T = TypeVar("T")
 
-PUBLIC = frozenset({"/healthz", "/v1/openapi.json"})  # answered without a token
-MAX_SENDS = 1000  # per request: one transaction WATCHes every id, and WATCH costs grow with the square
+PUBLIC = frozenset({"/healthz"})  # answered without a token: load balancers probe it
+MAX_SENDS = BATCH_LIMIT  # per request: one transaction WATCHes every id, and WATCH costs grow with the square
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 MAX_WAIT = 30.0  # seconds a long-poll may wait
 KEEPALIVE = 15.0  # seconds between comments on an idle event stream
@@ -146,7 +146,8 @@ async def record_sends(request: web.Request) -> web.Response:
     if many and not items:
         raise Problem(400, "invalid-field", "an empty list records nothing: send one send or a list of them")
     if len(items) > MAX_SENDS:
-        raise Problem(400, "invalid-field", f"{len(items)} sends in one request; at most {MAX_SENDS}")
+        raise Problem(400, "too-many-sends", f"the body is a list of {len(items)} sends; at most {MAX_SENDS} a "
+                      "request: split it (nothing was recorded)")
     drafts = []
     for index, item in enumerate(items):  # every item checked before any is stored
         try:
@@ -157,9 +158,30 @@ async def record_sends(request: web.Request) -> web.Response:
     results = await state.run(state.sends.record_many, drafts, all_or_nothing=True)
     for index, result in enumerate(results):
         if isinstance(result, ValueError):
-            raise Problem(409, "conflict", f"{result}; nothing was recorded", field=getattr(result, "field", None),
+            field, detail = await state.run(_conflict, state.sends, items[index], drafts, index, result)
+            raise Problem(400, "send-conflict", f"{detail}; nothing was recorded", field=field,
                           index=index if many else None)
     return _ok({"recorded": len(results)}, 201)
+
+
+def _conflict(sends: SendRegistry, item: dict[str, Any], drafts: list[SendDraft], index: int,
+              error: ValueError) -> tuple[str, str]:
+    """Which field of a refused send (``message_id`` or ``message_ids``) holds an id another
+    enrollment owns, and a detail naming the id and that enrollment. The owner is an earlier
+    send of the same request, or else the stored send (nothing of the request was stored)."""
+    draft = drafts[index]
+    given = item.get("message_id")
+    for mid in draft.message_ids:
+        field = "message_id" if isinstance(given, str) and normalize(given) == mid else "message_ids"
+        owner = next((d.enrollment_id for d in drafts[:index] if mid in d.message_ids), None)
+        where = " (an earlier send of this request)"
+        if owner is None:
+            stored = sends.get(mid)
+            owner, where = (stored.enrollment_id if stored is not None else None), ""
+        if owner is not None and owner != draft.enrollment_id:
+            return field, f"{field}: {mid} already belongs to enrollment {owner!r}{where}"
+    field = "message_id" if "message_id" in item else "message_ids"  # changed meanwhile: say what record said
+    return field, f"{field}: {error}"
 
 
 async def show_send(request: web.Request) -> web.Response:
@@ -244,13 +266,32 @@ def _query(request: web.Request) -> tuple[str | None, int, float]:
     return transitions.parse_cursor(after) if after is not None else None, limit, min(wait, MAX_WAIT)
 
 
+def _cursor_problem(exc: transitions.CursorExpired | transitions.CursorAhead, field: str) -> Problem:
+    """410 for a cursor behind the stream's trim, 400 for one beyond the stream."""
+    if isinstance(exc, transitions.CursorAhead):
+        return Problem(400, "invalid-parameter", f"{field}: {exc.cursor} is beyond the newest transition's cursor "
+                       f"({exc.newest}): it is not a cursor from this stream", field=field)
+    kept = f"the oldest entry kept is {exc.oldest}" if exc.oldest else "no entry is kept (no oldest_cursor)"
+    return Problem(410, "cursor-expired", f"{field}: {exc.cursor} fell behind the stream's trim (it keeps ~{STREAM_MAXLEN:,}): "
+                   f"transitions after it may be gone; {kept}. Pass after={exc.resume_after} (or no cursor) to "
+                   "continue from the oldest kept, and reconcile from the enrollments' state", field=field,
+                   oldest_cursor=exc.oldest, resume_after=exc.resume_after)
+
+
+async def _page(state: State, after: str | None, limit: int, field: str) -> tuple[list[dict[str, Any]], str]:
+    try:
+        return await state.run(transitions.page, state.conn, after, limit)
+    except (transitions.CursorExpired, transitions.CursorAhead) as exc:
+        raise _cursor_problem(exc, field) from None
+
+
 async def list_transitions(request: web.Request) -> web.Response:
     state = request.app[STATE]
     after, limit, wait = _query(request)
     deadline = time.monotonic() + wait
     while True:
         generation = state.follower.generation
-        items, following = await state.run(transitions.page, state.conn, after, limit)
+        items, following = await _page(state, after, limit, "after")
         remaining = deadline - time.monotonic()
         if items or remaining <= 0 or state.follower.closing:
             return _ok({"transitions": items, "next": following})
@@ -262,13 +303,14 @@ async def stream_transitions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     after, limit, _ = _query(request)
     last_event = request.headers.get("Last-Event-ID")
+    field = "after"
     if last_event:
-        after = transitions.parse_cursor(last_event.strip())
+        after, field = transitions.parse_cursor(last_event.strip()), "Last-Event-ID"
         if after is None:
             raise Problem(400, "invalid-parameter", "Last-Event-ID: must be an event id from this stream",
                           field="Last-Event-ID")
     generation = state.follower.generation
-    items, after = await state.run(transitions.page, state.conn, after, limit)  # a Redis failure: a 503 still
+    items, after = await _page(state, after, limit, field)  # a Redis failure or a bad cursor: a problem still
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
@@ -280,7 +322,9 @@ async def stream_transitions(request: web.Request) -> web.StreamResponse:
             if not items and not await state.follower.wait(generation, KEEPALIVE):
                 await response.write(b": keep-alive\n\n")
             generation = state.follower.generation
-            items, after = await state.run(transitions.page, state.conn, after, limit)
+            items, after = await _page(state, after, limit, field)
+    except Problem as problem:  # trimmed past this client while it was behind: it must know
+        await response.write(f"event: error\ndata: {json.dumps(problem.document())}\n\n".encode())
     except redis.exceptions.RedisError as exc:
         log.warning("event stream ended: Redis failed", error=type(exc).__name__)
         await response.write(b"event: error\ndata: {\"detail\": \"Redis cannot be reached; reconnect later\"}\n\n")
@@ -366,7 +410,7 @@ async def serve(settings: config.Settings, ready: Callable[[str], None]) -> None
     """Serve on ``api_listen`` until SIGTERM or SIGINT; ``ready(base_url)`` once listening."""
     host, _, port = settings.api_listen.rpartition(":")
     if not settings.api_tokens:
-        log.warning("api_tokens is empty: every request but /healthz and /v1/openapi.json gets 401")
+        log.warning("api_tokens is empty: every request but /healthz gets 401")
     runner = web.AppRunner(create_app(settings), access_log=None, handle_signals=False)
     await runner.setup()
     try:

@@ -29,6 +29,29 @@ MAX_ID = 2**64 - 1
 BLOCK_MS = 2000  # one XREAD of the follower; also how long a stop may wait for it
 
 
+class CursorExpired(Exception):
+    """The cursor is older than the oldest entry kept, and entries have been trimmed: some of
+    what followed it may be gone. ``oldest``: the oldest kept entry's cursor (None: none kept);
+    ``resume_after``: the cursor to pass to continue from the oldest kept entry."""
+
+    def __init__(self, cursor: str, oldest: str | None, resume_after: str):
+        super().__init__(f"cursor {cursor} fell behind the stream's trim")
+        self.cursor, self.oldest, self.resume_after = cursor, oldest, resume_after
+
+
+class CursorAhead(Exception):
+    """The cursor is beyond the newest id the stream has generated (``newest``)."""
+
+    def __init__(self, cursor: str, newest: str):
+        super().__init__(f"cursor {cursor} is beyond the stream's newest id {newest}")
+        self.cursor, self.newest = cursor, newest
+
+
+def _key(cursor: str) -> tuple[int, int]:
+    ms, _, seq = cursor.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def parse_cursor(value: str) -> str | None:
     """``value`` as a stream id, or None if it is not one."""
     if not CURSOR.fullmatch(value):
@@ -48,14 +71,49 @@ def _decode(entry_id: bytes | str, fields: dict[Any, Any]) -> dict[str, Any] | N
 
 def page(conn: redis.Redis, after: str | None, limit: int) -> tuple[list[dict[str, Any]], str]:
     """Up to ``limit`` transitions after the cursor ``after`` (None: from the oldest kept), and
-    the cursor to continue from (``after`` itself, or ``0-0``, when there is nothing new)."""
-    if after == f"{MAX_ID}-{MAX_ID}":
-        return [], after
+    the cursor to continue from (``after`` itself when there is nothing new; without ``after``,
+    the newest id the stream generated, ``0-0`` for no stream).
+    ``CursorExpired`` / ``CursorAhead`` when ``after`` is behind the trim / beyond the stream."""
     start = "-" if after is None else "(" + after
-    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], conn.xrange(keys.TRANSITIONS, min=start, max="+", count=limit))
+    pipe = conn.pipeline(transaction=True)  # the check and the page see the same stream
+    pipe.exists(keys.TRANSITIONS)
+    pipe.xinfo_stream(keys.TRANSITIONS)  # an error when there is no stream: only then ignored
+    last = after == f"{MAX_ID}-{MAX_ID}"  # nothing can follow it (and XRANGE refuses it exclusive)
+    if not last:
+        pipe.xrange(keys.TRANSITIONS, min=start, max="+", count=limit)
+    exists, info, *rest = pipe.execute(raise_on_error=False)
+    raw = rest[0] if rest else []
+    for reply in (exists, raw) if not exists else (exists, info, raw):
+        if isinstance(reply, Exception):
+            raise reply
+    if not exists:
+        info = None  # no stream (yet): nothing was trimmed, nothing generated
+    if after is not None:
+        _check(after, info)
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], raw)
     items = [item for item in (_decode(i, f) for i, f in entries) if item is not None]
-    following = redis_conn.text(entries[-1][0]) if entries else (after or "0-0")
+    if entries:
+        following = redis_conn.text(entries[-1][0])
+    else:  # nothing new: the newest id, never one behind a trim that would expire at once
+        following = after or (redis_conn.text(info["last-generated-id"]) if info else "0-0")
     return items, following
+
+
+def _check(after: str, info: dict[str, Any] | None) -> None:
+    newest = redis_conn.text(info["last-generated-id"]) if info else "0-0"
+    if _key(after) > _key(newest):
+        raise CursorAhead(after, newest)
+    if not info or int(info.get("entries-added") or 0) <= int(info["length"]):
+        return  # nothing was ever removed: every cursor up to the newest is whole
+    first = info.get("first-entry")
+    if first and first[0] is not None:  # the id just before the oldest kept: nothing can lie between
+        ms, seq = _key(redis_conn.text(first[0]))
+        oldest: str | None = f"{ms}-{seq}"
+        resume = f"{ms}-{seq - 1}" if seq else f"{ms - 1}-{MAX_ID}"
+    else:  # everything was trimmed
+        oldest, resume = None, newest
+    if _key(after) < _key(resume):
+        raise CursorExpired(after, oldest, resume)
 
 
 def event(item: dict[str, Any]) -> bytes:

@@ -12,6 +12,7 @@ API::
     registry.validate(...same arguments...) -> SendDraft   # record's checks only, nothing stored
     registry.draft(fields) -> SendDraft   # one send as a JSON object (INPUT_FIELDS): import, the HTTP API
     registry.record_many(drafts, all_or_nothing=False) -> list[Send | ValueError]  # one transaction
+                                                                   # (at most BATCH_LIMIT drafts)
     registry.record_batches(batches) -> Iterator[list[Send | ValueError]]  # record_many each, pipelined
     registry.get(message_id) -> Send | None
     registry.lookup_many(message_ids) -> list[Send]   # distinct sends, in the order first matched
@@ -55,6 +56,10 @@ from exchange_listener.mail.message_ids import normalize
 from workers.state.enrollments import EnrollmentStore, iso, to_utc, utcnow
 
 INPUT_FIELDS = ("message_id", "message_ids", "enrollment", "sequence", "mailbox", "to", "cc", "sent_at")
+# The most sends one ``record_many`` transaction should take: it WATCHes every id of the batch and
+# WATCH costs Redis the square of a batch's ids, so 1,000 sends (~4x an import batch's keys)
+# stall Redis for every other client. The HTTP API refuses larger requests.
+BATCH_LIMIT = 250
 _COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps with separators builds an encoder a call
 _WRITE = Script("send_batch")  # send keys, domain indexes and enrollments of a batch, at once
 
