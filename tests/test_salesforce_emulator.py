@@ -205,3 +205,70 @@ def test_the_command_says_where_it_listens_and_refuses_a_missing_certificate(tmp
                            str(free_port()), "--jwt-cert", str(tmp_path / "missing.crt")],
                           check=False, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "--jwt-cert" in done.stderr
+
+
+# -- external ids, deletes and EmailMessage rules -------------------------------------------------
+def test_create_refuses_a_second_row_with_the_same_external_id_and_get_honours_fields(sf, keys):
+    access = token(sf, keys[0])["access_token"]
+    contact = sf.seed("Contact", Email="pat@prospect.example", LastName="Pat")
+    task = {"Subject": "Reply", "WhoId": contact, "ExchangeListener_Transition_Id__c": "t-1"}
+    made = api(sf, "POST", "sobjects/Task", access, json=task)
+    assert made.status_code == 201
+    again = api(sf, "POST", "sobjects/Task", access, json={**task, "Subject": "Again"})
+    assert (again.status_code, again.json()[0]["errorCode"]) == (400, "DUPLICATE_VALUE")
+    assert made.json()["id"] in again.json()[0]["message"] and len(sf.records("Task")) == 1
+    other = api(sf, "PATCH", "sobjects/Task/ExchangeListener_Transition_Id__c/t-2", access, json={"Subject": "B"})
+    moved = api(sf, "PATCH", "sobjects/Task/ExchangeListener_Transition_Id__c/t-2", access,
+                json={"ExchangeListener_Transition_Id__c": "t-1"})  # an update onto another row's value
+    assert other.status_code == 201 and moved.json()[0]["errorCode"] == "DUPLICATE_VALUE"
+    only_id = api(sf, "GET", "sobjects/Task/ExchangeListener_Transition_Id__c/t-1", access, params={"fields": "Id"})
+    assert set(only_id.json()) == {"attributes", "Id"} and only_id.json()["Id"] == made.json()["id"]
+    two = api(sf, "GET", f"sobjects/Task/{made.json()['id']}", access, params={"fields": "Subject,WhoId"}).json()
+    assert (set(two), two["Subject"]) == ({"attributes", "Subject", "WhoId"}, "Reply")
+    unknown = api(sf, "GET", "sobjects/Task/ExchangeListener_Transition_Id__c/t-1", access, params={"fields": "Nope"})
+    assert (unknown.status_code, unknown.json()[0]["errorCode"]) == (400, "INVALID_FIELD")
+
+
+def test_relations_of_a_received_message_need_update_email_messages(sf, keys):
+    contact = sf.seed("Contact", Email="pat@prospect.example", LastName="Pat")
+    received = sf.seed("EmailMessage", Subject="Re: hi", Status="0", Incoming=True)
+    draft = sf.seed("EmailMessage", Subject="Draft", Status="5")
+    access = token(sf, keys[0])["access_token"]  # the fixture's user has no such permission
+
+    def relate(message):
+        return api(sf, "POST", "sobjects/EmailMessageRelation", access, json={
+            "EmailMessageId": message, "RelationId": contact, "RelationType": "FromAddress"})
+
+    refused = relate(received)
+    assert (refused.status_code, refused.json()[0]["errorCode"]) == (400, "INSUFFICIENT_ACCESS_ON_CROSS_REFERENCE_ENTITY")
+    assert relate(draft).status_code == 201  # a draft's relations need no permission
+    edit = api(sf, "PATCH", "sobjects/EmailMessage/ExchangeListener_Transition_Id__c/t-9", access,
+               json={"Subject": "m", "Status": "0"})
+    assert edit.status_code == 201
+    standard = api(sf, "PATCH", "sobjects/EmailMessage/ExchangeListener_Transition_Id__c/t-9", access,
+                   json={"Subject": "changed"})  # a received message: custom fields only
+    assert (standard.status_code, standard.json()[0]["errorCode"]) == (400, "INVALID_FIELD_FOR_INSERT_UPDATE")
+    sf.seed("User", Username="admin@acme.example", LastName="Admin", PermissionsUpdateEmailMessages=True)
+    allowed = token_response(sf, assertion(keys[0], sub="admin@acme.example")).json()["access_token"]
+    made = api(sf, "POST", "sobjects/EmailMessageRelation", allowed, json={
+        "EmailMessageId": received, "RelationId": contact, "RelationType": "FromAddress"})
+    assert made.status_code == 201
+    path = f"sobjects/EmailMessageRelation/{made.json()['id']}"
+    assert api(sf, "DELETE", path, access).json()[0]["errorCode"] == "INSUFFICIENT_ACCESS_ON_CROSS_REFERENCE_ENTITY"
+    assert api(sf, "DELETE", path, allowed).status_code == 204
+    gone = api(sf, "DELETE", path, allowed)
+    assert (gone.status_code, gone.json()[0]["errorCode"]) == (404, "ENTITY_IS_DELETED")
+    assert [r["EmailMessageId"] for r in sf.records("EmailMessageRelation")] == [draft]
+
+
+def test_limit_and_outage_answers_carry_retry_after_when_asked_and_latency_delays(sf, keys):
+    access = token(sf, keys[0])["access_token"]
+    q = {"params": {"q": "SELECT Id FROM Lead"}}
+    sf.fault("request_limit", count=1, retry_after=90)
+    limited = api(sf, "GET", "query", access, **q)
+    assert (limited.status_code, limited.headers.get("Retry-After")) == (403, "90")
+    sf.fault("http_503", count=1)
+    assert "Retry-After" not in api(sf, "GET", "query", access, **q).headers
+    sf.fault("latency", seconds=0.3, count=1)
+    began = time.monotonic()
+    assert api(sf, "GET", "query", access, **q).status_code == 200 and time.monotonic() - began >= 0.3

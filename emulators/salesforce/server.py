@@ -14,24 +14,40 @@ What it serves, as Salesforce's REST API documents it:
   ``POST sobjects/{Type}`` (create: 201 ``{"id", "success", "errors"}``),
   ``PATCH sobjects/{Type}/{ExternalIdField}/{value}`` (upsert: 201 with ``"created": true`` when
   made, 200 with ``"created": false`` when updated), ``GET sobjects/{Type}/{id}`` and
-  ``GET sobjects/{Type}/{ExternalIdField}/{value}``.
+  ``GET sobjects/{Type}/{ExternalIdField}/{value}`` (both take ``?fields=A,B``), ``DELETE
+  sobjects/{Type}/{id}`` (204).
+- External-id fields are unique: a create or upsert that would give a second row the same value
+  is 400 DUPLICATE_VALUE.
+- A received (non-draft, ``Status`` other than ``5``) EmailMessage takes updates to custom
+  fields only, as Salesforce's EmailMessage reference says; and its EmailMessageRelation rows
+  may be created or deleted only by a user with the "Update Email Messages" permission (seeded
+  as the User's ``PermissionsUpdateEmailMessages``), else 400
+  INSUFFICIENT_ACCESS_ON_CROSS_REFERENCE_ENTITY. A draft's relations need no permission.
 - Errors as a JSON list ``[{"message", "errorCode", "fields"?}]``: 401 INVALID_SESSION_ID for a
   missing, unknown or expired token; 403 REQUEST_LIMIT_EXCEEDED; 400 MALFORMED_QUERY,
   INVALID_FIELD, INVALID_FIELD_FOR_INSERT_UPDATE (e.g. Task.TaskSubtype, which can be set on
-  create only), INVALID_CROSS_REFERENCE_KEY, REQUIRED_FIELD_MISSING, JSON_PARSER_ERROR;
-  404 NOT_FOUND (unknown object, row or external-id field); 503 when the fault asks for it.
+  create only), INVALID_CROSS_REFERENCE_KEY, REQUIRED_FIELD_MISSING, JSON_PARSER_ERROR,
+  DUPLICATE_VALUE; 404 NOT_FOUND (unknown object, row or external-id field), ENTITY_IS_DELETED
+  (a deleted row); 503 when the fault asks for it.
 
 Test hooks: ``POST /emulator/records/{Type}`` seeds a row (no validation; returns its id),
 ``GET /emulator/records/{Type}`` lists the rows held, ``POST /emulator/faults`` with
 ``{"kind": "expire_sessions"}``, ``{"kind": "request_limit", "count": N}`` or
-``{"kind": "http_503", "count": N}``, ``GET /emulator/stats`` (token grants, API requests),
+``{"kind": "http_503", "count": N}`` (503 and 403 REQUEST_LIMIT_EXCEEDED carry ``Retry-After``
+when the fault gives ``retry_after``), ``{"kind": "latency", "seconds": S, "count": N}`` (the next
+N API requests wait S seconds before they are handled, so concurrent clients' requests overlap
+as they would over a slow link), ``GET /emulator/stats`` (token grants, API requests),
 ``POST /emulator/reset`` (no rows, sessions, faults or counts).
 
 Where it knowingly differs from Salesforce:
 - Objects and fields are a fixed, small schema (User, Lead, Contact, Task, EmailMessage,
   EmailMessageRelation, with the fields in ``SCHEMA``); external-id fields are those given in
-  ``Options.external_ids`` and are unique. No sharing, field-level security, triggers,
-  validation rules, Shared Activities or 300 Multiple Choices answers.
+  ``Options.external_ids`` and are unique, compared exactly (a case-sensitive unique field). No
+  sharing, field-level security, triggers, validation rules, Shared Activities or 300 Multiple
+  Choices answers. Permissions: only "Update Email Messages", held on the User row (Salesforce
+  keeps it on a profile or permission set); the refusal's code and text are the emulator's own.
+  Any other user may do anything. The refused update of a received EmailMessage's standard
+  field answers INVALID_FIELD_FOR_INSERT_UPDATE (the emulator's choice of code).
 - SOQL: only the subset above; a string ``=`` compares case-insensitively, as Salesforce does
   for text fields. Rows come back in creation order (Salesforce promises no order without
   ORDER BY).
@@ -83,8 +99,9 @@ class SObject:
 
 
 SCHEMA: dict[str, SObject] = {
-    "User": SObject("005", ("Username", "Email", "FirstName", "LastName", "Name", "IsActive"), booleans=("IsActive",),
-                    defaults={"IsActive": True}),
+    "User": SObject("005", ("Username", "Email", "FirstName", "LastName", "Name", "IsActive",
+                            "PermissionsUpdateEmailMessages"), booleans=("IsActive", "PermissionsUpdateEmailMessages"),
+                    defaults={"IsActive": True, "PermissionsUpdateEmailMessages": False}),
     "Lead": SObject("00Q", ("Email", "FirstName", "LastName", "Name", "Company", "Status", "IsConverted", "OwnerId"),
                     booleans=("IsConverted",), required=("LastName", "Company"),
                     defaults={"IsConverted": False, "Status": "Open - Not Contacted"}),
@@ -119,15 +136,18 @@ _VERSION = re.compile(r"^v(\d{2})\.0$")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, fields: list[str] | None = None):
+    def __init__(self, status: int, code: str, message: str, fields: list[str] | None = None,
+                 retry_after: int | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.fields = status, code, message, fields
+        self.retry_after = retry_after
 
     def response(self) -> web.Response:
         body: dict[str, Any] = {"message": self.message, "errorCode": self.code}
         if self.fields is not None:
             body["fields"] = self.fields
-        return web.json_response([body], status=self.status)
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        return web.json_response([body], status=self.status, headers=headers)
 
 
 class GrantError(Exception):
@@ -160,6 +180,9 @@ class Options:
 class Faults:
     request_limit: int = 0
     http_503: int = 0
+    retry_after: int | None = None  # the Retry-After of the two above
+    latency: int = 0  # requests still to delay
+    latency_seconds: float = 0.0
 
 
 class Emulator:
@@ -180,6 +203,7 @@ class Emulator:
     def reset(self) -> None:
         self.rows: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in SCHEMA}
         self.sessions: dict[str, str] = {}  # access token -> user id
+        self.deleted: dict[str, str] = {}  # id -> type of the rows deleted
         self.faults = Faults()
         self.counts = {"token_grants": 0, "token_refusals": 0, "api_requests": 0}
         self._serial = itertools.count(1)
@@ -263,6 +287,36 @@ class Emulator:
                                missing)
         return out
 
+    def _check_unique(self, sobject: str, fields: dict[str, Any], row_id: str | None = None) -> None:
+        """DUPLICATE_VALUE when another row already holds one of these external-id values."""
+        for field, value in fields.items():
+            if value is None or field.lower() not in self.external_ids.get(sobject, set()):
+                continue
+            clash = next((r for r in self._by_external_id(sobject, field, value) if r["Id"] != row_id), None)
+            if clash is not None:
+                raise ApiError(400, "DUPLICATE_VALUE", f"duplicate value found: {field} duplicates value on record "
+                               f"with id: {clash['Id']}", [])
+
+    def _check_update(self, sobject: str, row: dict[str, Any], fields: dict[str, Any]) -> None:
+        """A received EmailMessage: custom fields only."""
+        if sobject == "EmailMessage" and row.get("Status") != "5":
+            standard = [f for f in fields if not f.endswith("__c")]
+            if standard:
+                raise ApiError(400, "INVALID_FIELD_FOR_INSERT_UPDATE", f"Unable to create/update fields: "
+                               f"{', '.join(standard)}. Only custom fields of an email message that is not a draft "
+                               "can be updated.", standard)
+
+    def _check_relation_access(self, relation: dict[str, Any], user_id: str) -> None:
+        """An EmailMessageRelation of a received EmailMessage: only with "Update Email Messages"."""
+        found = self.find(str(relation.get("EmailMessageId") or ""))
+        if found is None or found[1].get("Status") == "5":
+            return
+        user = self.rows["User"].get(user_id) or {}
+        if user.get("PermissionsUpdateEmailMessages") is not True:
+            raise ApiError(400, "INSUFFICIENT_ACCESS_ON_CROSS_REFERENCE_ENTITY", "insufficient access rights on "
+                           f"cross-reference id: {found[1]['Id']} (changing the relations of an email message that "
+                           "is not a draft needs the Update Email Messages permission)", ["EmailMessageId"])
+
     def insert(self, sobject: str, fields: dict[str, Any]) -> dict[str, Any]:
         spec, now = SCHEMA[sobject], _now_iso()
         row = {f: None for f in spec.fields}
@@ -297,6 +351,7 @@ class Emulator:
         app.router.add_get("/services/data/{version}/sobjects/{sobject}/{record_id}", self.get_row)
         app.router.add_get("/services/data/{version}/sobjects/{sobject}/{field}/{value}", self.get_by_external_id)
         app.router.add_patch("/services/data/{version}/sobjects/{sobject}/{field}/{value}", self.upsert)
+        app.router.add_delete("/services/data/{version}/sobjects/{sobject}/{record_id}", self.delete_row)
         app.router.add_post("/emulator/records/{sobject}", self.seed)
         app.router.add_get("/emulator/records/{sobject}", self.list_rows)
         app.router.add_post("/emulator/faults", self.fault)
@@ -363,18 +418,22 @@ class Emulator:
 
     # the REST API
     def _begin(self, request: web.Request) -> None:
-        """Faults, session and version checks every API request goes through."""
+        """Faults, session and version checks every API request goes through; the session's user
+        id is left in ``request["user_id"]``."""
         self.counts["api_requests"] += 1
         if self.faults.http_503 > 0:
             self.faults.http_503 -= 1
-            raise ApiError(503, "SERVER_UNAVAILABLE", "Server is unavailable, try again later")
+            raise ApiError(503, "SERVER_UNAVAILABLE", "Server is unavailable, try again later",
+                           retry_after=self.faults.retry_after)
         auth = request.headers.get("Authorization", "")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() not in ("bearer", "oauth") or token.strip() not in self.sessions:
             raise ApiError(401, "INVALID_SESSION_ID", "Session expired or invalid")
+        request["user_id"] = self.sessions[token.strip()]
         if self.faults.request_limit > 0:
             self.faults.request_limit -= 1
-            raise ApiError(403, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded.")
+            raise ApiError(403, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded.",
+                           retry_after=self.faults.retry_after)
         match = _VERSION.match(request.match_info["version"])
         if not match or not 20 <= int(match.group(1)) <= 66:
             raise ApiError(404, "NOT_FOUND", "The requested resource does not exist")
@@ -397,7 +456,15 @@ class Emulator:
         except ValueError:
             raise ApiError(400, "JSON_PARSER_ERROR", "The request body is not valid JSON") from None
 
+    def _selected(self, sobject: str, request: web.Request) -> tuple[str, ...] | None:
+        """The fields ``?fields=A,B`` asks for (None: all)."""
+        wanted = [f.strip() for f in request.query.get("fields", "").split(",") if f.strip()]
+        return tuple(self._canonical(sobject, f) for f in wanted) or None
+
     async def _api(self, request: web.Request, work) -> web.Response:
+        if self.faults.latency > 0:
+            self.faults.latency -= 1
+            await asyncio.sleep(self.faults.latency_seconds)
         try:
             self._begin(request)
             return await work()
@@ -425,7 +492,11 @@ class Emulator:
     async def create(self, request: web.Request) -> web.Response:
         async def work() -> web.Response:
             sobject = self._sobject(request.match_info["sobject"])
-            row = self.insert(sobject, self._fields(sobject, await self._json(request), creating=True))
+            fields = self._fields(sobject, await self._json(request), creating=True)
+            self._check_unique(sobject, fields)
+            if sobject == "EmailMessageRelation":
+                self._check_relation_access(fields, request["user_id"])
+            row = self.insert(sobject, fields)
             self.log.info("record created", sobject=sobject, id=row["Id"])
             return web.json_response({"id": row["Id"], "success": True, "errors": []}, status=201)
         return await self._api(request, work)
@@ -436,7 +507,24 @@ class Emulator:
             found = self.find(request.match_info["record_id"])
             if found is None or found[0] != sobject:
                 raise ApiError(404, "NOT_FOUND", "The requested resource does not exist")
-            return web.json_response(self.view(sobject, found[1]))
+            return web.json_response(self.view(sobject, found[1], self._selected(sobject, request)))
+        return await self._api(request, work)
+
+    async def delete_row(self, request: web.Request) -> web.Response:
+        async def work() -> web.Response:
+            sobject = self._sobject(request.match_info["sobject"])
+            record_id = request.match_info["record_id"]
+            if any(record_id in (i, i[:15]) for i, kind in self.deleted.items() if kind == sobject):
+                raise ApiError(404, "ENTITY_IS_DELETED", "entity is deleted", [])
+            found = self.find(record_id)
+            if found is None or found[0] != sobject:
+                raise ApiError(404, "NOT_FOUND", "The requested resource does not exist")
+            if sobject == "EmailMessageRelation":
+                self._check_relation_access(found[1], request["user_id"])
+            del self.rows[sobject][found[1]["Id"]]
+            self.deleted[found[1]["Id"]] = sobject
+            self.log.info("record deleted", sobject=sobject, id=found[1]["Id"])
+            return web.Response(status=204)
         return await self._api(request, work)
 
     def _by_external_id(self, sobject: str, field: str, value: str) -> list[dict[str, Any]]:
@@ -449,7 +537,7 @@ class Emulator:
             rows = self._by_external_id(sobject, field, request.match_info["value"])
             if not rows:
                 raise ApiError(404, "NOT_FOUND", "The requested resource does not exist")
-            return web.json_response(self.view(sobject, rows[0]))
+            return web.json_response(self.view(sobject, rows[0], self._selected(sobject, request)))
         return await self._api(request, work)
 
     async def upsert(self, request: web.Request) -> web.Response:
@@ -461,12 +549,16 @@ class Emulator:
             existing = self._by_external_id(sobject, field, value)
             if existing:
                 row = existing[0]
-                row.update(self._fields(sobject, body, creating=False), LastModifiedDate=_now_iso())
+                fields = self._fields(sobject, body, creating=False)
+                self._check_update(sobject, row, fields)
+                self._check_unique(sobject, fields, row["Id"])
+                row.update(fields, LastModifiedDate=_now_iso())
                 self._derive(sobject, row)
                 self.log.info("record updated by upsert", sobject=sobject, id=row["Id"])
                 return web.json_response({"id": row["Id"], "success": True, "errors": [], "created": False})
             fields = self._fields(sobject, body, creating=True)
             fields[field] = value
+            self._check_unique(sobject, fields)
             row = self.insert(sobject, fields)
             self.log.info("record created by upsert", sobject=sobject, id=row["Id"])
             return web.json_response({"id": row["Id"], "success": True, "errors": [], "created": True}, status=201)
@@ -500,6 +592,10 @@ class Emulator:
             elif kind in ("request_limit", "http_503"):
                 count = int(body.get("count", 1))
                 setattr(self.faults, kind, count)
+                self.faults.retry_after = int(body["retry_after"]) if body.get("retry_after") is not None else None
+            elif kind == "latency":
+                count = int(body.get("count", 1))
+                self.faults.latency, self.faults.latency_seconds = count, float(body.get("seconds", 0.1))
             else:
                 return web.json_response({"error": f"unknown fault kind {kind!r}"}, status=400)
         except (KeyError, TypeError, ValueError) as exc:
