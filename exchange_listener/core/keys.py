@@ -36,7 +36,8 @@ el:outbox                        zset    workers.state.enrollments (adds), worke
 el:outbox:state:{transition id}  hash    workers.sinks.webhooks -> CLI; 180 days (``STATE_TTL``)
 el:outbox:failed                 hash    workers.sinks.webhooks -> health, CLI; no TTL (``--retry-failed``)
 el:notify:stats                  hash    workers.sinks.webhooks -> CLI; no TTL (counters)
-el:salesforce:unmatched          hash    workers.sinks.salesforce -> operators; no TTL (one field a prospect)
+el:salesforce:unmatched          hash    workers.sinks.salesforce -> operators; retention_days after the last write,
+                                         fields noted longer ago pruned on each write (one a prospect/enrollment)
 rq:*                             (RQ)    RQ, for the queue ``queue_name`` -> health, CLI; RQ's own TTLs
 -------------------------------  ------  ---------------------------------------------------------------------------
 
@@ -144,7 +145,7 @@ def outbox_state(transition_id: str) -> str:
 
 
 # -- the Salesforce sink (workers.sinks.salesforce) ----------------------------------------------
-SALESFORCE_UNMATCHED = "el:salesforce:unmatched"  # prospect address -> JSON: no Lead or Contact had it
+SALESFORCE_UNMATCHED = "el:salesforce:unmatched"  # address or enrollment:{id} -> JSON: not logged, why
 
 
 # -- the declared keyspace -----------------------------------------------------------------------

@@ -23,7 +23,16 @@
 4. Salesforce (``salesforce_login_url``): a reply, bounce or out-of-office (``salesforce_events``)
    logged as a Task or EmailMessage on the prospect's Contact or Lead, once per transition id
    (``workers.sinks.salesforce``; docs/salesforce.md). No matching record: noted and done.
-   Salesforce unavailable (5xx, REQUEST_LIMIT_EXCEEDED, timeouts) counts as a receiver down.
+   Salesforce down (unreachable, timeouts, 5xx, REQUEST_LIMIT_EXCEEDED - a rolling 24-hour org
+   limit) spends no attempt: the entries are handed back, like a busy callable, and the channel
+   backs off on its own schedule (Salesforce's Retry-After if it sent one, at most an hour; else
+   doubling per drain that found it down, from ``backoff_base`` to 15 minutes; at least 5 minutes
+   for REQUEST_LIMIT_EXCEEDED; per worker process, reset by a success). ``attempts`` is one count
+   per entry for all channels, so an outage spending it would give up replies and abandon their
+   webhook delivery too: nothing is ever given up because Salesforce was down or over its limit.
+   Any other refusal (a 4xx, a refused token) spends an attempt and is given up as a webhook's.
+   One delivery is several requests: it gets an absolute deadline from the channel's budget, so
+   it never outlives the drain's share of the lease.
 
 Why nothing is lost: ``EnrollmentStore.transition`` writes the transition id into the outbox
 zset ``el:outbox`` in the same Lua step as the state change. ``drain()`` claims due entries by
@@ -42,10 +51,11 @@ transition holds back only the later transitions of its own enrollment; others f
 
 Why one stuck receiver delays nobody else: the channels run side by side in a drain. A
 channel whose receiver is down (timeout, unreachable, HTTP 5xx/408/429, a callable that does
-not return, Salesforce's REQUEST_LIMIT_EXCEEDED) is not tried again in that drain: the rest wait a short while without losing an
-attempt. A drain waits for the webhook at most ``webhook_timeout`` in total: once that much time
+not return, Salesforce down) is not tried again in that drain: the rest wait a short while (Salesforce:
+its back-off above) without losing an attempt. A drain waits for the webhook at most ``webhook_timeout`` in total: once that much time
 has gone into POSTs, the rest are handed back (a POST cut short by this budget is not counted as
-a failure); Salesforce gets twice ``webhook_timeout`` (a delivery is a few requests). RQ's job timeout (``rq.timeouts.BaseTimeoutException``) is never taken for a failed
+a failure); Salesforce gets twice ``webhook_timeout`` (a delivery is a few requests; one cut
+short by this budget is handed back, not counted). RQ's job timeout (``rq.timeouts.BaseTimeoutException``) is never taken for a failed
 delivery: it ends the drain, and the claimed entries come back when their lease runs out.
 
 Workers call ``notifier.drain()`` after each job and ``notifier.start_timer()`` once.
@@ -113,6 +123,9 @@ WEBHOOK_SIGNATURE_HEADER = "webhook-signature"
 SECRET_PREFIX = "whsec_"
 DEFAULT_CALLBACK_TIMEOUT = default("callback_timeout")
 _NEVER_MS = 2**52  # a due time later than any real one
+SALESFORCE_BACKOFF_MAX = 900.0  # Salesforce down: the channel's back-off grows to 15 minutes
+SALESFORCE_LIMIT_BACKOFF = 300.0  # REQUEST_LIMIT_EXCEEDED (a rolling 24-hour limit): at least 5 minutes
+SALESFORCE_RETRY_AFTER_MAX = 3600.0  # a Retry-After beyond this is taken as an hour
 
 
 state_key = keys.outbox_state
@@ -222,6 +235,7 @@ class _Entry:
     errors: dict = dataclasses.field(default_factory=dict)  # channel -> error (an attempt spent)
     held: set = dataclasses.field(default_factory=set)  # channels waiting for the predecessor
     skipped: dict = dataclasses.field(default_factory=dict)  # channel -> due delay in seconds
+    notes: dict = dataclasses.field(default_factory=dict)  # channel -> why it was handed back (shown as last_error)
 
     @property
     def enrollment_id(self) -> str:
@@ -282,7 +296,8 @@ class Notifier:
         self.callback = load_callable(callback) if isinstance(callback, str) and callback else (callback or None)
         self.callback_timeout = callback_timeout
         self.salesforce = salesforce
-        self.salesforce_budget = 2 * salesforce.timeout if salesforce else 0.0
+        self.salesforce_budget = salesforce.budget if salesforce else 0.0
+        self._salesforce_down = 0  # drains in a row that found Salesforce down (its back-off grows with it)
         self.max_attempts, self.backoff_base, self.backoff_max = max_attempts, backoff_base, backoff_max
         slowest = max(webhook_timeout, callback_timeout, self.salesforce_budget)
         self.lease_ms = int(1000 * (lease_seconds if lease_seconds is not None else max(30.0, 3 * slowest + 10)))
@@ -395,16 +410,30 @@ class Notifier:
         if "error" in outcome:
             raise outcome["error"]
 
-    def _log_to_salesforce(self, transition: Transition, timeout: float) -> None:
-        """One transition to Salesforce; ReceiverDown while it is unavailable, RuntimeError
-        (an attempt spent) when it refused this one."""
+    def _log_to_salesforce(self, transition: Transition, deadline: float) -> None:
+        """One transition to Salesforce by ``deadline`` (monotonic). Salesforce down: _Skip with the
+        channel's back-off, no attempt spent; out of time: _Skip, due again at once; refused
+        (``Refused``): raised, an attempt spent."""
         sink = cast(SalesforceSink, self.salesforce)  # set: there is no "salesforce" channel without it
         try:
-            sink.deliver(transition, timeout)
+            sink.deliver(transition, deadline=deadline)
         except SalesforceDown as exc:
-            if exc.timed_out and timeout < sink.timeout:  # cut short by the drain's budget
+            if exc.out_of_time:  # the drain's budget ran out, not Salesforce's fault
                 raise _Skip("out of time") from None
-            raise ReceiverDown(str(exc)) from None
+            with self._lock:
+                self._salesforce_down += 1
+                streak = self._salesforce_down
+            raise _Skip(str(exc), self._salesforce_backoff(exc, streak), channel_busy=True) from None
+        with self._lock:
+            self._salesforce_down = 0
+
+    def _salesforce_backoff(self, exc: SalesforceDown, streak: int) -> float:
+        """Seconds until entries handed back because Salesforce is down are due again."""
+        if exc.retry_after is not None:
+            wait = min(exc.retry_after, SALESFORCE_RETRY_AFTER_MAX)
+        else:
+            wait = backoff_delay(streak - 1, self.backoff_base, SALESFORCE_BACKOFF_MAX, jitter=None)
+        return max(wait, SALESFORCE_LIMIT_BACKOFF if exc.limit else 0.0)
 
     # -- one drain -----------------------------------------------------------------------
     def _find_predecessors(self, entries: list[_Entry]) -> None:
@@ -450,7 +479,7 @@ class Notifier:
     def _run_channel(self, channel: str, entries: list[_Entry], by_id: dict[str, _Entry],
                      hand_back_at: float, abort: threading.Event) -> None:
         """Deliver ``entries`` on one channel, in order; record per entry what happened."""
-        down = False
+        down, down_delay, down_note = False, self.backoff_base, ""
         budget = {"webhook": self.webhook_timeout, "callback": self.callback_timeout}.get(channel, self.salesforce_budget)
         deadline = None  # the channel's time budget starts with its first delivery
         longest = 0.0  # the slowest delivery so far: none is started that would likely be cut short
@@ -464,7 +493,9 @@ class Notifier:
             now = time.monotonic()
             deadline = deadline if deadline is not None else now + budget
             if down:
-                entry.skipped[channel] = self.backoff_base
+                entry.skipped[channel] = down_delay
+                if down_note:
+                    entry.notes[channel] = down_note
                 continue
             if abort.is_set() or now + max(longest, 0.05) >= min(deadline, hand_back_at):
                 entry.skipped[channel] = 0.0
@@ -473,7 +504,7 @@ class Notifier:
                 if channel == "webhook":
                     self._post(entry.transition, timeout=min(self.webhook_timeout, deadline - now))
                 elif channel == "salesforce":
-                    self._log_to_salesforce(entry.transition, timeout=min(self.salesforce_budget / 2, deadline - now))
+                    self._log_to_salesforce(entry.transition, deadline=min(deadline, hand_back_at))
                 else:
                     self._call(entry.transition, wait=min(deadline, hand_back_at) - now)
                 longest = max(longest, time.monotonic() - now)
@@ -482,9 +513,15 @@ class Notifier:
             except _Skip as skip:
                 entry.skipped[channel] = skip.delay
                 if skip.channel_busy:  # the rest wait too; said once per drain
-                    down = True
-                    logs.get_logger(component="notify").info("callback not called, handed back", reason=str(skip),
-                                                             transition_id=entry.tid, retry_in_seconds=skip.delay)
+                    down, down_delay = True, skip.delay
+                    if channel == "salesforce":
+                        down_note = entry.notes[channel] = f"salesforce unavailable, not counted as an attempt: {skip}"
+                        logs.get_logger(component="notify").warning(
+                            "salesforce unavailable, handed back without spending an attempt", reason=str(skip),
+                            transition_id=entry.tid, retry_in_seconds=round(skip.delay, 1))
+                    else:
+                        logs.get_logger(component="notify").info("callback not called, handed back", reason=str(skip),
+                                                                 transition_id=entry.tid, retry_in_seconds=skip.delay)
                 continue
             except Exception as exc:  # noqa: BLE001 - any failure is retried, never fatal
                 entry.errors[channel] = exc.args[0] if isinstance(exc, ReceiverDown) and exc.args else self._safe(exc)
@@ -551,7 +588,12 @@ class Notifier:
             result.held += 1 if parked else 0
             result.retrying += 0 if parked else 1
             return
-        self.redis.zadd(OUTBOX_KEY, {tid: int(due * 1000)})
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zadd(OUTBOX_KEY, {tid: int(due * 1000)})
+        if entry.notes:  # why it waits, for pending(); attempts untouched
+            pipe.hset(state_key(tid), "last_error", "; ".join(entry.notes.values())[:500])
+            pipe.expire(state_key(tid), STATE_TTL)
+        pipe.execute()
         result.retrying += 1
         result.more = result.more or any(delay == 0 for delay in entry.skipped.values())
 
