@@ -130,8 +130,10 @@ def test_a_realistic_run_leaves_only_declared_keys_of_the_declared_type(redis_se
                                                      return_text=f"I will be back on {back.day} {back:%B %Y}."))
         emulator.deliver(MAILBOX, mail.dsn(to=MAILBOX, failed=PROSPECT, original_id=sent["e-soft"], status="4.2.2",
                                            action="delayed"))
+        # >= 1: a mail the start-up catch-up also queued is recorded again with the same event_key
+        # (workers/jobs.py says so); this test is about keys, not about that
         wait_for(lambda: [(store.get(e) or {}).get("status") for e in ("e-reply", "e-ooo")] == ["stopped", "paused"]
-                 and redis_client.xlen(keys.OBSERVED) == 1, message="the reply, the out-of-office, the soft bounce")
+                 and redis_client.xlen(keys.OBSERVED) >= 1, message="the reply, the out-of-office, the soft bounce")
         emulator.move(reply["item_id"], "Customers/Acme")  # the listener records the move
         wait_for(lambda: any(redis_client.scan_iter(keys.moved(MAILBOX, "*"))), message="the move recorded")
         wait_for(lambda: redis_client.zcard(keys.OUTBOX) == 0, message="the worker drained the outbox")
