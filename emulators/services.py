@@ -295,21 +295,62 @@ class SentinelGroup:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-class Emulator:
+class _EmulatorProcess:
+    """An emulator child process: started with its CLI arguments, ready once it prints its banner
+    line, its later output kept (last 200 lines) so a chatty emulator never blocks on a full pipe."""
+
+    name = "emulator"
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+        self.output: collections.deque[str] = collections.deque(maxlen=200)
+
+    def _launch(self, args: list[str], banner: str):
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        line = self.proc.stdout.readline()  # the one line it prints once serving
+        if banner not in line:
+            rest = self.proc.stdout.read() if self.proc.poll() is not None else ""
+            raise RuntimeError(f"{self.name} did not start: {line}{rest}")
+        threading.Thread(target=self._drain, args=(self.proc,), daemon=True).start()
+        return self
+
+    def _drain(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            self.output.append(line.rstrip("\n"))
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def start(self):
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class Emulator(_EmulatorProcess):
     """The EWS emulator as a child process (``exchange-listener emulator``) on a free port."""
 
     def __init__(self, port: int | None = None, *, accounts=("svc:svc-password",), mailboxes=(),
                  heartbeat_seconds: float | None = None, idle_timeout: float | None = None, extra_args=(),
                  oauth_clients=()):
-        self.port = port or free_port()
+        super().__init__(port)
         self.accounts = list(accounts)
         self.mailboxes = list(mailboxes)
         self.heartbeat_seconds = heartbeat_seconds
         self.idle_timeout = idle_timeout
         self.oauth_clients = list(oauth_clients)  # "CLIENT_ID:SECRET"
         self.extra_args = list(extra_args)
-        self.proc: subprocess.Popen | None = None
-        self.output: collections.deque[str] = collections.deque(maxlen=200)  # last lines it printed
 
     @property
     def base_url(self) -> str:
@@ -331,28 +372,7 @@ class Emulator:
             args += ["--subscription-idle-timeout", str(self.idle_timeout)]
         for client in self.oauth_clients:
             args += ["--oauth-client", client]
-        args += self.extra_args
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        line = self.proc.stdout.readline()  # the one line with the EWS URL, printed once serving
-        if "/EWS/Exchange.asmx" not in line:
-            rest = self.proc.stdout.read() if self.proc.poll() is not None else ""
-            raise RuntimeError(f"emulator did not start: {line}{rest}")
-        # keep reading its output so a chatty emulator never blocks on a full pipe
-        threading.Thread(target=self._drain, args=(self.proc,), daemon=True).start()
-        return self
-
-    def _drain(self, proc: subprocess.Popen) -> None:
-        for line in proc.stdout:
-            self.output.append(line.rstrip("\n"))
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        return self._launch(args + self.extra_args, "/EWS/Exchange.asmx")
 
     def deliver(self, mailbox: str, raw: bytes, folder: str = "inbox") -> dict:
         """Deliver a raw RFC 5322 message; returns ``{"item_id": ..., "folder": ...}``."""
@@ -421,24 +441,18 @@ class Emulator:
         with urllib.request.urlopen(req, timeout=10) as resp:
             resp.read()
 
-    def __enter__(self):
-        return self.start()
 
-    def __exit__(self, *exc):
-        self.stop()
-
-
-class SalesforceEmulator:
+class SalesforceEmulator(_EmulatorProcess):
     """The Salesforce REST emulator as a child process (``exchange-listener salesforce-emulator``)
     on a free port; ``jwt_cert`` (a PEM file path) makes it verify assertion signatures."""
 
+    name = "salesforce emulator"
+
     def __init__(self, port: int | None = None, *, jwt_cert: str | None = None, client_ids=(), extra_args=()):
-        self.port = port or free_port()
+        super().__init__(port)
         self.jwt_cert = jwt_cert
         self.client_ids = list(client_ids)
         self.extra_args = list(extra_args)
-        self.proc: subprocess.Popen | None = None
-        self.output: collections.deque[str] = collections.deque(maxlen=200)
 
     @property
     def login_url(self) -> str:
@@ -451,27 +465,7 @@ class SalesforceEmulator:
             args += ["--jwt-cert", self.jwt_cert]
         for client_id in self.client_ids:
             args += ["--client-id", client_id]
-        args += self.extra_args
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        line = self.proc.stdout.readline()  # the one line with the login URL, printed once serving
-        if "Salesforce emulator serving" not in line:
-            rest = self.proc.stdout.read() if self.proc.poll() is not None else ""
-            raise RuntimeError(f"salesforce emulator did not start: {line}{rest}")
-        threading.Thread(target=self._drain, args=(self.proc,), daemon=True).start()
-        return self
-
-    def _drain(self, proc: subprocess.Popen) -> None:
-        for line in proc.stdout:
-            self.output.append(line.rstrip("\n"))
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        return self._launch(args + self.extra_args, "Salesforce emulator serving")
 
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         data = json.dumps(body).encode() if body is not None else None
@@ -496,9 +490,3 @@ class SalesforceEmulator:
     def reset(self) -> dict:
         self.output.clear()
         return self._call("POST", "/emulator/reset", {})
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
