@@ -21,7 +21,7 @@ from emulators.services import wait_for
 from exchange_listener.commands import sends as sends_command
 from workers.state import sends as sends_state
 from workers.state.enrollments import EnrollmentStore
-from workers.state.sends import SendRegistry
+from workers.state.sends import BATCH_LIMIT, SendRegistry
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 RETENTION = 180 * 86400
@@ -229,7 +229,7 @@ def test_batches_store_what_one_record_after_another_stores(capsys, redis_client
     expiries, and reject the same lines."""
     rng = random.Random(13)
     lines = []
-    for _ in range(3 * sends_command.IMPORT_BATCH + 17):
+    for _ in range(3 * BATCH_LIMIT + 17):
         ids = [f"<m{rng.randrange(400)}@us.example>" for _ in range(rng.choice((1, 1, 2)))]
         lines.append(line(message_ids=ids, enrollment=f"e{rng.randrange(40)}", sequence=f"s{rng.randrange(3)}",
                           mailbox=rng.choice(("rep@us.example", "")), sent_at=at(rng.randrange(1, 2000)),

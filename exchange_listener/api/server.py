@@ -36,7 +36,6 @@ log = logs.get_logger(component="api")
 T = TypeVar("T")
 
 PUBLIC = frozenset({"/healthz"})  # answered without a token: load balancers probe it
-MAX_SENDS = BATCH_LIMIT  # per request: one transaction WATCHes every id, and WATCH costs grow with the square
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 MAX_WAIT = 30.0  # seconds a long-poll may wait
 KEEPALIVE = 15.0  # seconds between comments on an idle event stream
@@ -145,8 +144,8 @@ async def record_sends(request: web.Request) -> web.Response:
     items = body if many else [body]
     if many and not items:
         raise Problem(400, "invalid-field", "an empty list records nothing: send one send or a list of them")
-    if len(items) > MAX_SENDS:
-        raise Problem(400, "too-many-sends", f"the body is a list of {len(items)} sends; at most {MAX_SENDS} a "
+    if len(items) > BATCH_LIMIT:
+        raise Problem(400, "too-many-sends", f"the body is a list of {len(items)} sends; at most {BATCH_LIMIT} a "
                       "request: split it (nothing was recorded)")
     drafts = []
     for index, item in enumerate(items):  # every item checked before any is stored

@@ -33,7 +33,6 @@ from exchange_listener.core import redis_conn
 if TYPE_CHECKING:
     from workers.state.sends import SendDraft, SendRegistry
 
-IMPORT_BATCH = 250  # sends per transaction: a ~4 ms script (WATCH costs Redis the square of a batch's ids)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,8 +119,10 @@ def _import(registry: SendRegistry, path: str) -> int:
     numbers: deque[list[int]] = deque()  # the line numbers of each batch handed over, oldest first
 
     def batches(lines: BinaryIO) -> Iterator[list[SendDraft]]:
-        """The checked lines, IMPORT_BATCH at a time (the registry takes the next batch while
-        Redis writes the one before, so this checking overlaps Redis's work)."""
+        """The checked lines, the registry's BATCH_LIMIT at a time (the registry takes the next
+        batch while Redis writes the one before, so this checking overlaps Redis's work)."""
+        from workers.state.sends import BATCH_LIMIT
+
         batch: list[SendDraft] = []
         at: list[int] = []
         for number, line in enumerate(lines, 1):
@@ -133,7 +134,7 @@ def _import(registry: SendRegistry, path: str) -> int:
                 rejected.append((number, str(exc)))
                 continue
             at.append(number)
-            if len(batch) >= IMPORT_BATCH:
+            if len(batch) >= BATCH_LIMIT:
                 numbers.append(at)
                 yield batch
                 batch, at = [], []
