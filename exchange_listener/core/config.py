@@ -120,6 +120,14 @@ FIELDS: tuple[Field, ...] = (
     Field("token_url", str, "", "OAuth2 token endpoint; empty means Microsoft's login host for tenant_id.", _url("http", "https")),
     Field("access_type", str, "impersonation", "impersonation | delegate.", _choice("impersonation", "delegate")),
     Field("verify_tls", bool, True, "Verify the EWS server's TLS certificate."),
+    Field("source", str, "ews", "ews | graph: what this listener watches (Exchange Server by EWS, Exchange Online by Microsoft Graph); workers serve both.", _choice("ews", "graph")),
+    Field("graph_url", str, "https://graph.microsoft.com/v1.0", "Microsoft Graph base URL (source = graph; workers fetch graph jobs through it).", _url("http", "https")),
+    Field("client_certificate_file", str, "", "PEM file with the app's certificate and private key, instead of client_secret (Graph; its content is a secret; never logged)."),
+    Field("ca_file", str, "", "PEM file of CA certificates to trust for Graph and its token host (a private CA, the emulator); empty: the system's."),
+    Field("notification_url", str, "", "Public HTTPS URL Microsoft Graph POSTs change notifications to (a reverse proxy to notification_listen); empty: delta-only polling.", _url("http", "https")),
+    Field("notification_listen", str, "127.0.0.1:8790", "host:port the Graph notification receiver binds (source = graph with notification_url).", _host_port),
+    Field("graph_poll_seconds", float, 0.0, "Delta-only mode when > 0 and notification_url is empty: every mailbox's folders are read by delta this often.", _between(0, 86400)),
+    Field("graph_subscription_minutes", float, 4230.0, "Lifetime asked for each Graph subscription (Outlook allows at most 4230); renewed when a third of it is left.", _between(0.05, 4230)),
     Field("queue_name", str, "exchange-listener", "RQ queue the listener fills and workers drain."),
     Field("group_size", int, 200, "Mailboxes per GetStreamingEvents connection (Exchange allows at most 200).", _between(1, 200)),
     Field("connection_timeout", int, 30, "GetStreamingEvents ConnectionTimeout in minutes (1-30).", _between(1, 30)),
@@ -310,6 +318,9 @@ def scrub(text: str, settings: Settings) -> str:
 
 
 def _check_combinations(settings: Settings) -> None:
+    if settings.source == "graph" and not settings.notification_url and not settings.graph_poll_seconds:
+        raise ConfigError("source = graph needs notification_url (change notifications) or graph_poll_seconds > 0 "
+                          "(delta-only polling)")
     if settings.ews_url:
         if settings.auth_type in ("basic", "ntlm"):
             settings.require("ews_username", "ews_password")

@@ -11,6 +11,7 @@ key                              type    owner (writes) -> readers; TTL
 -------------------------------  ------  ---------------------------------------------------------------------------
 el:mailboxes                     hash    listener.mailboxes -> listener.runner, health, CLI; no TTL
 el:mailboxes:version             string  listener.mailboxes -> listener.runner; no TTL
+el:mailboxes:source              hash    listener.mailboxes -> listener runners, CLI; no TTL (absent: ews)
 el:lease:{mailbox}               string  listener.leases -> health; lease_seconds, renewed while held
 el:listeners                     zset    listener.leases -> health; no TTL, members pruned after 10 leases
 el:listener:{listener id}        hash    listener.leases -> health, status; 2 * lease_seconds, renewed
@@ -18,6 +19,11 @@ el:api:processes                 hash    api.presence -> health, status; no TTL,
 el:sync:{mailbox}                hash    sources.ews.catch_up -> sources.ews.fetch; no TTL (``mailboxes remove``)
 el:folders:{mailbox}             hash    sources.ews.catch_up -> sources.ews.stream, .fetch; the same
 el:tree:{mailbox}                hash    sources.ews.catch_up -> sources.ews.stream, .fetch; the same
+el:graph:subscriptions           hash    sources.graph.subscriptions -> sources.graph.receiver; no TTL, removed
+                                         with the subscription (subscription id -> mailbox)
+el:graph:subscription:{mailbox}  hash    sources.graph.subscriptions -> health; no TTL (``mailboxes remove``)
+el:graph:delta:{mailbox}         hash    sources.graph.delta -> health; no TTL (``mailboxes remove``)
+el:graph:folders:{mailbox}       hash    sources.graph.delta; no TTL (``mailboxes remove``)
 el:done:{mailbox}                zset    sources.ledger (in workers) -> sources.ews.catch_up; processed_days
 el:moved:{mailbox}:{item hash}   string  sources.ledger (in the listener) -> sources.ews.fetch; processed_days
 el:first_received:{mail hash}    string  workers.jobs; retention_days if the mail matched, else a day; only extended
@@ -52,6 +58,7 @@ import fnmatch
 # -- the listener: what to watch and who watches it (exchange_listener.listener) ----------------
 MAILBOXES = "el:mailboxes"
 MAILBOXES_VERSION = "el:mailboxes:version"
+MAILBOX_SOURCES = "el:mailboxes:source"  # address -> source name, for mailboxes not on EWS
 LISTENERS = "el:listeners"
 
 
@@ -78,6 +85,22 @@ def folders(mailbox: str) -> str:
 
 def tree(mailbox: str) -> str:
     return f"el:tree:{mailbox}"
+
+
+# -- the Microsoft Graph source (exchange_listener.sources.graph) --------------------------------
+GRAPH_SUBSCRIPTIONS = "el:graph:subscriptions"  # subscription id -> mailbox
+
+
+def graph_subscription(mailbox: str) -> str:
+    return f"el:graph:subscription:{mailbox}"
+
+
+def graph_delta(mailbox: str) -> str:
+    return f"el:graph:delta:{mailbox}"
+
+
+def graph_folders(mailbox: str) -> str:
+    return f"el:graph:folders:{mailbox}"
 
 
 # -- the ledger (exchange_listener.sources.ledger) ---------------------------------------------
@@ -161,6 +184,7 @@ class Key:
 KEYSPACE: tuple[Key, ...] = (
     Key(MAILBOXES, "hash", "exchange_listener.listener.mailboxes"),
     Key(MAILBOXES_VERSION, "string", "exchange_listener.listener.mailboxes"),
+    Key(MAILBOX_SOURCES, "hash", "exchange_listener.listener.mailboxes"),
     Key(lease("*"), "string", "exchange_listener.listener.leases"),
     Key(LISTENERS, "zset", "exchange_listener.listener.leases"),
     Key(listener("*"), "hash", "exchange_listener.listener.leases"),
@@ -168,6 +192,10 @@ KEYSPACE: tuple[Key, ...] = (
     Key(sync("*"), "hash", "exchange_listener.sources.ews.catch_up"),
     Key(folders("*"), "hash", "exchange_listener.sources.ews.catch_up"),
     Key(tree("*"), "hash", "exchange_listener.sources.ews.catch_up"),
+    Key(GRAPH_SUBSCRIPTIONS, "hash", "exchange_listener.sources.graph.subscriptions"),
+    Key(graph_subscription("*"), "hash", "exchange_listener.sources.graph.subscriptions"),
+    Key(graph_delta("*"), "hash", "exchange_listener.sources.graph.delta"),
+    Key(graph_folders("*"), "hash", "exchange_listener.sources.graph.delta"),
     Key(done("*"), "zset", "exchange_listener.sources.ledger"),
     Key(moved("*", "*"), "string", "exchange_listener.sources.ledger"),
     Key(first_received("*"), "string", "workers.jobs"),
