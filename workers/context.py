@@ -25,7 +25,8 @@ if TYPE_CHECKING:  # for the annotations only: at run time each is imported on f
     from workers.state.sends import SendRegistry
 
 # source name (the job payload's "source") -> "module:Class" of its MailFetcher
-FETCHERS = {"ews": "exchange_listener.sources.ews.fetch:EwsFetcher"}
+FETCHERS = {"ews": "exchange_listener.sources.ews.fetch:EwsFetcher",
+            "graph": "exchange_listener.sources.graph.fetch:GraphFetcher"}
 
 
 class Context:

@@ -11,6 +11,13 @@ import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+# Mails of one mailbox a listener puts in one job at most (catch-up and stream, every source): RQ's
+# own work, ~2 ms CPU per job, is then shared by many mails, and a job stays far inside job_timeout.
+MAX_MAILS_PER_JOB = 50
+# Mail received up to this long before a mailbox was added (or before the ledger's horizon) is
+# still taken by a catch-up, to cover clock skew between us and the server (every source).
+SKEW_SECONDS = 300
+
 
 @dataclasses.dataclass(frozen=True)
 class NewMail:
@@ -51,6 +58,9 @@ class FetchedMessage:
     headers: list[tuple[str, str]]  # every internet header, in order, as the server gave them
     mime: bytes | None = None  # the full RFC 5322 source, when fetched
     item_class: str | None = None  # the source's own type of item (EWS ItemClass, e.g. IPM.Schedule.Meeting.Resp.Pos)
+    # the mail sits in the mailbox's own-mail folders (Sent Items, Drafts, Outbox): never a reply;
+    # the job skips it. (A Graph subscription covers every folder, so our own sends come through.)
+    outgoing: bool = False
 
 
 class ItemGone(Exception):

@@ -1,0 +1,1 @@
+"""The Microsoft Graph mail source: an HTTP client, the workers' fetcher and the delta catch-up."""
