@@ -76,8 +76,13 @@ def _listeners(conn: redis.Redis, now: float) -> list[dict]:
         except ValueError:
             groups = []
         started = _number(info.get("started_at"))
+        try:
+            graph = json.loads(info.get("graph") or "null")
+        except ValueError:
+            graph = None
         found.append({
             "id": listener_id,
+            "source": info.get("source") or "ews",
             "host": info.get("host"),
             "pid": int(info["pid"]) if info.get("pid", "").isdigit() else None,
             "last_heartbeat_age_s": _age(now, score),
@@ -95,8 +100,24 @@ def _listeners(conn: redis.Redis, now: float) -> list[dict]:
                              "failing_for_s": _age(now, f.get("since")), "retry_in_s": _until(now, f.get("retry_at"))}
                             for f in g.get("failing") or () if isinstance(f, dict)],
             } for g in groups if isinstance(g, dict)],
+            **({"graph": _graph(graph, now)} if isinstance(graph, dict) else {}),
         })
     return found
+
+
+def _graph(info: dict, now: float) -> dict:
+    """A Graph listener's receiver and subscriptions, as ``status`` shows them."""
+    return {
+        "mode": info.get("mode"),
+        "receiver": info.get("receiver"),
+        "subscriptions": int(info.get("subscriptions") or 0),
+        "next_expiry_in_s": _number(info.get("next_expiry_in_s")),
+        "notifications": int(info.get("notifications") or 0),
+        "last_notification_age_s": _age(now, _number(info.get("last_notification_at"))),
+        "failing_count": int(info.get("failing_count") or 0),
+        "failing": [{"mailbox": f.get("mailbox"), "error": f.get("error"), "failing_for_s": _age(now, f.get("since"))}
+                    for f in info.get("failing") or () if isinstance(f, dict)],
+    }
 
 
 def _api_processes(conn: redis.Redis, now: float) -> list[dict]:
@@ -223,11 +244,15 @@ def problems(snap: dict, limits: Limits = Limits()) -> list[str]:
                 if (failing["failing_for_s"] or 0) > limits.mailbox_failure_grace:
                     found.append(f"mailbox {failing['mailbox']} cannot be subscribed for {failing['failing_for_s']:.0f} s "
                                  f"(listener {listener['id']}): {failing['error']}")
-            silent = group["last_activity_age_s"]
+            silent = group["last_activity_age_s"]  # (a Graph listener has no groups)
             if not group["connected"] and (silent is None or silent > limits.silent_group):
                 found.append(f"listener {listener['id']} group {group['group']} is not connected")
             elif silent is not None and silent > limits.silent_group:
                 found.append(f"listener {listener['id']} group {group['group']} silent for {silent:.0f} s")
+        for failing in listener.get("graph", {}).get("failing", ()):
+            if (failing["failing_for_s"] or 0) > limits.mailbox_failure_grace:
+                found.append(f"mailbox {failing['mailbox']} cannot be subscribed through Graph for "
+                             f"{failing['failing_for_s']:.0f} s (listener {listener['id']}): {failing['error']}")
     for process in snap.get("api", ()):
         age = process["last_heartbeat_age_s"]
         if age is None or age > limits.stale_api:

@@ -350,6 +350,10 @@ def _process(ctx: context.Context, fetcher: MailFetcher, mailbox: str, mail: New
     """Classify and match one fetched mail, decide (or reuse the decision an earlier copy
     made) and apply it. Returns the item's summary. ``ahead`` holds what the job learned of
     its items together (an item met again, or found elsewhere, is looked at on its own)."""
+    if item.outgoing:  # our own mail (Graph's subscription covers Sent Items too): never a reply
+        ahead.pop(item.item_id, None)
+        return {"item_id": item.item_id, "kind": "other", "matched": [], "actions": [],
+                "skipped": "in the mailbox's own-mail folders (Sent Items, Drafts, Outbox)"}
     first = ahead.pop(item.item_id, None) or _prepare(ctx, fetcher, mailbox, [(mail, item)])[item.item_id]
     c, body_seen = _classify(fetcher, mailbox, item, first, bound)
     kind = c.kind

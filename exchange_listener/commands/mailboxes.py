@@ -14,6 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands.add_config_argument(parser)
     parser.add_argument("action", choices=("add", "remove", "list"))
     parser.add_argument("addresses", nargs="*", metavar="ADDRESS")
+    parser.add_argument("--source", choices=mailboxes.SOURCES, default=None,
+                        help="add: watch through EWS or Microsoft Graph (default: the setting `source`); "
+                             "adding a watched address with another source moves it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,23 +31,29 @@ def run(args: argparse.Namespace) -> int:
         return 2
     conn = redis_conn.connect(settings.redis_url)
     if args.action == "add":
-        added = mailboxes.add(conn, addresses)
+        source = args.source or settings.source
+        before = mailboxes.list_all(conn)
+        added = mailboxes.add(conn, addresses, source=source)
         for address in addresses:
-            print(f"{'added' if address in added else 'already watched'}: {address}")
+            word = ("moved to " + source if address in before else "added") if address in added else "already watched"
+            print(f"{word}: {address}")
     elif args.action == "remove":
         removed = mailboxes.remove(conn, addresses)
         # sync_state imports exchangelib: only pay for it here
         from exchange_listener.sources.ews.catch_up import SyncStore
+        from exchange_listener.sources.graph.delta import DeltaStore
         from exchange_listener.sources.ledger import Ledger
 
-        sync, ledger = SyncStore(conn), Ledger(conn)
+        sync, delta, ledger = SyncStore(conn), DeltaStore(conn), Ledger(conn)
         for address in removed:  # re-adding later starts from then, not from the old sync state
             sync.forget_mailbox(address)
+            delta.forget_mailbox(address)  # its Graph subscription is deleted by the listener that held it
             ledger.forget_mailbox(address)
         for address in addresses:
             print(f"{'removed' if address in removed else 'not watched'}: {address}")
     else:
+        of = mailboxes.sources(conn)
         for address, added_at in sorted(mailboxes.list_all(conn).items()):
             when = datetime.datetime.fromtimestamp(added_at, datetime.UTC).isoformat(timespec="seconds")
-            print(f"{address}\tadded {when}")
+            print(f"{address}\tadded {when}\t{of.get(address, 'ews')}")
     return 0

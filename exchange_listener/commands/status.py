@@ -62,12 +62,19 @@ def render(snap: dict, found: list[str]) -> str:
     listeners = snap["listeners"]
     lines.append(f"Listeners ({len(listeners)})")
     if listeners:
-        rows = [["LISTENER", "MAILBOXES", "HEARTBEAT", "GROUPS (mailboxes, connected, last activity)"]]
+        rows = [["LISTENER", "SOURCE", "MAILBOXES", "HEARTBEAT",
+                 "GROUPS (mailboxes, connected, last activity) / GRAPH (mode, subscriptions, last notification)"]]
         for item in listeners:
-            groups = "; ".join(
-                f"{g['group']} ({g['mailboxes']}, {'up' if g['connected'] else 'DOWN'}, {_age(g['last_activity_age_s'])})"
-                for g in item["groups"]) or "-"
-            rows.append([item["id"], str(item["mailboxes"]), _age(item["last_heartbeat_age_s"]), groups])
+            graph = item.get("graph")
+            if graph is not None:
+                detail = (f"{graph['mode']}, {graph['subscriptions']} subscriptions, "
+                          f"last notification {_age(graph['last_notification_age_s'])}")
+            else:
+                detail = "; ".join(
+                    f"{g['group']} ({g['mailboxes']}, {'up' if g['connected'] else 'DOWN'}, {_age(g['last_activity_age_s'])})"
+                    for g in item["groups"]) or "-"
+            rows.append([item["id"], item.get("source", "ews"), str(item["mailboxes"]),
+                         _age(item["last_heartbeat_age_s"]), detail])
         lines += _table(rows)
     else:
         lines.append("  none")
@@ -82,12 +89,14 @@ def render(snap: dict, found: list[str]) -> str:
         lines.append("  none")
     mb = snap["mailboxes"]
     failing = [(item["id"], f) for item in listeners for g in item["groups"] for f in g["failing"]]
-    failing_total = sum(g["failing_count"] for item in listeners for g in item["groups"])
+    failing += [(item["id"], f) for item in listeners for f in item.get("graph", {}).get("failing", ())]
+    failing_total = (sum(g["failing_count"] for item in listeners for g in item["groups"])
+                     + sum(item.get("graph", {}).get("failing_count", 0) for item in listeners))
     lines.append("")
     lines.append(f"Mailboxes: {mb['watched']} watched, {mb['held']} held, {len(mb['unowned'])} unowned, "
                  f"{failing_total} failing to subscribe")
     for listener_id, f in failing[:20]:
-        lines.append(f"  failing for {f['failing_for_s'] or 0:.0f} s, retry in {f['retry_in_s'] or 0:.0f} s "
+        lines.append(f"  failing for {f['failing_for_s'] or 0:.0f} s, retry in {f.get('retry_in_s') or 0:.0f} s "
                      f"({listener_id}): {f['mailbox']}: {f['error']}")
     for address in mb["unowned"][:20]:
         lines.append(f"  unowned: {address}")

@@ -21,6 +21,7 @@ el:folders:{mailbox}             hash    sources.ews.catch_up -> sources.ews.str
 el:tree:{mailbox}                hash    sources.ews.catch_up -> sources.ews.stream, .fetch; the same
 el:graph:subscriptions           hash    sources.graph.subscriptions -> sources.graph.receiver; no TTL, removed
                                          with the subscription (subscription id -> mailbox)
+el:graph:lifecycle               stream  sources.graph.receiver -> listener.graph; capped at ~10,000 entries
 el:graph:subscription:{mailbox}  hash    sources.graph.subscriptions -> health; no TTL (``mailboxes remove``)
 el:graph:delta:{mailbox}         hash    sources.graph.delta -> health; no TTL (``mailboxes remove``)
 el:graph:folders:{mailbox}       hash    sources.graph.delta; no TTL (``mailboxes remove``)
@@ -89,6 +90,7 @@ def tree(mailbox: str) -> str:
 
 # -- the Microsoft Graph source (exchange_listener.sources.graph) --------------------------------
 GRAPH_SUBSCRIPTIONS = "el:graph:subscriptions"  # subscription id -> mailbox
+GRAPH_LIFECYCLE = "el:graph:lifecycle"  # lifecycle notifications, for the listener holding the mailbox
 
 
 def graph_subscription(mailbox: str) -> str:
@@ -194,6 +196,7 @@ KEYSPACE: tuple[Key, ...] = (
     Key(tree("*"), "hash", "exchange_listener.sources.ews.catch_up"),
     Key(GRAPH_SUBSCRIPTIONS, "hash", "exchange_listener.sources.graph.subscriptions"),
     Key(graph_subscription("*"), "hash", "exchange_listener.sources.graph.subscriptions"),
+    Key(GRAPH_LIFECYCLE, "stream", "exchange_listener.sources.graph.receiver"),
     Key(graph_delta("*"), "hash", "exchange_listener.sources.graph.delta"),
     Key(graph_folders("*"), "hash", "exchange_listener.sources.graph.delta"),
     Key(done("*"), "zset", "exchange_listener.sources.ledger"),

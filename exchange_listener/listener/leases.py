@@ -12,7 +12,8 @@ Keys (named in ``exchange_listener.core.keys``; read by ``exchange-listener stat
 - ``el:listeners`` — sorted set, listener id -> epoch seconds of its last heartbeat. A listener
   is live while its score is younger than ``lease_seconds``.
 - ``el:listener:<id>`` — hash, expires after ``2 * lease_seconds``: ``host``, ``pid``,
-  ``started_at``, ``heartbeat_at``, ``mailboxes`` (count held), ``groups`` (JSON list of
+  ``started_at``, ``heartbeat_at``, ``source`` (ews | graph: fair shares are counted among the
+  live listeners of one source), ``mailboxes`` (count held), ``groups`` (JSON list of
   ``{"group", "anchor", "mailboxes", "subscribed", "connected", "last_activity"}``, last activity = epoch
   seconds of the last heartbeat or notification on that group's stream).
 """
@@ -39,9 +40,10 @@ _RELEASE = Script("lease_release")
 class Leases:
     """One listener's view of the lease table."""
 
-    def __init__(self, conn: redis.Redis, listener_id: str, lease_seconds: float):
+    def __init__(self, conn: redis.Redis, listener_id: str, lease_seconds: float, source: str = "ews"):
         self.conn = conn
         self.listener_id = listener_id
+        self.source = source  # shares are counted among the live listeners of the same source
         self.lease_ms = int(lease_seconds * 1000)
         self.lease_seconds = lease_seconds
 
@@ -71,8 +73,15 @@ class Leases:
     def live_listeners(self, now: float | None = None) -> list[str]:
         now = time.time() if now is None else now
         # no withscores: members only (redis-py's type covers every form of ZRANGE's reply)
-        ids = cast(list[bytes | str], self.conn.zrangebyscore(keys.LISTENERS, now - self.lease_seconds, "+inf"))
-        return [redis_conn.text(i) for i in ids]
+        ids = [redis_conn.text(i) for i in
+               cast(list[bytes | str], self.conn.zrangebyscore(keys.LISTENERS, now - self.lease_seconds, "+inf"))]
+        if not ids:
+            return []
+        pipe = self.conn.pipeline(transaction=False)
+        for listener_id in ids:
+            pipe.hget(keys.listener(listener_id), "source")
+        sources = pipe.execute()  # a listener that names no source (an older one) is an EWS listener
+        return [i for i, s in zip(ids, sources) if (redis_conn.text(s) if s is not None else "ews") == self.source]
 
     def heartbeat(self, info: dict, now: float | None = None) -> None:
         """Publish liveness and group activity; prune listeners long dead."""
@@ -80,6 +89,7 @@ class Leases:
         key = keys.listener(self.listener_id)
         fields = {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in info.items()}
         fields["heartbeat_at"] = repr(now)
+        fields["source"] = self.source
         pipe = self.conn.pipeline(transaction=False)
         pipe.zadd(keys.LISTENERS, {self.listener_id: now})
         pipe.zremrangebyscore(keys.LISTENERS, "-inf", now - 10 * self.lease_seconds)

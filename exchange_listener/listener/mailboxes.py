@@ -5,6 +5,10 @@ Keys (named in ``exchange_listener.core.keys``):
 - ``el:mailboxes`` — hash, lower-cased address -> epoch seconds it was added. The time lets a
   listener's first catch-up of a new mailbox enqueue mail that arrived after ``add`` but before
   any listener subscribed, and nothing older.
+- ``el:mailboxes:source`` — hash, address -> the source that watches it (``graph``), for the
+  mailboxes not on EWS (an absent field means ``ews``, so sets written before sources existed
+  read unchanged). A tenant mid-migration watches some mailboxes by EWS, some by Graph; adding
+  a watched address again with another source moves it.
 - ``el:mailboxes:version`` — integer bumped on every change. Listeners poll it (one GET a
   second) instead of re-reading the whole set; a missing version after a Redis data loss is
   reported, not read as "watch nothing".
@@ -20,6 +24,8 @@ from exchange_listener.core import keys, redis_conn
 
 MAILBOXES_KEY = keys.MAILBOXES
 VERSION_KEY = keys.MAILBOXES_VERSION
+SOURCES_KEY = keys.MAILBOX_SOURCES
+SOURCES = ("ews", "graph")
 
 _ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
@@ -35,14 +41,24 @@ def normalize(address: str) -> str:
     return value
 
 
-def add(conn: redis.Redis, addresses: list[str], now: float | None = None) -> list[str]:
-    """Watch ``addresses``; returns the ones that were new. All are checked before any is written."""
+def add(conn: redis.Redis, addresses: list[str], now: float | None = None,
+        source: str = "ews") -> list[str]:
+    """Watch ``addresses`` through ``source``; returns the ones that were new, or that moved from
+    another source. All are checked before any is written."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r} (known: {', '.join(SOURCES)})")
     clean = [normalize(a) for a in addresses]
     now = time.time() if now is None else now
+    before = sources(conn, clean)
     pipe = conn.pipeline()
     for address in clean:
         pipe.hsetnx(MAILBOXES_KEY, address, repr(now))
-    added = [a for a, new in zip(clean, pipe.execute()) if new]
+        if source == "ews":
+            pipe.hdel(SOURCES_KEY, address)
+        else:
+            pipe.hset(SOURCES_KEY, address, source)
+    replies = pipe.execute()
+    added = [a for a, new in zip(clean, replies[::2]) if new or before.get(a, source) != source]
     if added:
         conn.incr(VERSION_KEY)
     return added
@@ -54,15 +70,30 @@ def remove(conn: redis.Redis, addresses: list[str]) -> list[str]:
     pipe = conn.pipeline()
     for address in clean:
         pipe.hdel(MAILBOXES_KEY, address)
-    removed = [a for a, gone in zip(clean, pipe.execute()) if gone]
+        pipe.hdel(SOURCES_KEY, address)
+    removed = [a for a, gone in zip(clean, pipe.execute()[::2]) if gone]
     if removed:
         conn.incr(VERSION_KEY)
     return removed
 
 
-def list_all(conn: redis.Redis) -> dict[str, float]:
-    """Every watched address -> the time it was added."""
-    return {redis_conn.text(k): float(v) for k, v in conn.hgetall(MAILBOXES_KEY).items()}
+def list_all(conn: redis.Redis, source: str | None = None) -> dict[str, float]:
+    """Every watched address (of ``source``, when given) -> the time it was added."""
+    every = {redis_conn.text(k): float(v) for k, v in conn.hgetall(MAILBOXES_KEY).items()}
+    if source is None:
+        return every
+    of = sources(conn)
+    return {a: t for a, t in every.items() if of.get(a, "ews") == source}
+
+
+def sources(conn: redis.Redis, addresses: list[str] | None = None) -> dict[str, str]:
+    """Address -> source for the mailboxes not on EWS (all of them, or those of ``addresses``)."""
+    if addresses is None:
+        return {redis_conn.text(k): redis_conn.text(v) for k, v in conn.hgetall(SOURCES_KEY).items()}
+    if not addresses:
+        return {}
+    values = conn.hmget(SOURCES_KEY, addresses)
+    return {a: redis_conn.text(v) for a, v in zip(addresses, values) if v is not None}
 
 
 def version(conn: redis.Redis) -> int | None:

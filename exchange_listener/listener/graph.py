@@ -1,0 +1,288 @@
+"""The Microsoft Graph listener (Exchange Online): notifications as hints, delta as the truth.
+
+For each mailbox whose lease it holds (same leases and fair shares as EWS, counted among the
+live Graph listeners), the listener:
+
+- keeps one subscription to the mailbox's messages (``sources.graph.subscriptions``), made
+  *before* each full catch-up so no mail falls between the two, renewed when a third of its
+  life is left, reauthorized on ``reauthorizationRequired``, recreated on
+  ``subscriptionRemoved`` and when the periodic listing of the app's subscriptions
+  (``VERIFY_SECONDS``) no longer shows it (Graph sometimes removes one without a word);
+- runs its notification receiver (``sources.graph.receiver``): a notification is a queued job
+  at once; the mailbox is then checkpointed by delta ``checkpoint_seconds`` later;
+- catches up by per-folder delta from the stored deltaLinks (``sources.graph.delta``) after every
+  gap: on taking a mailbox (start, takeover), on ``missed``, on a recreated subscription, when
+  Redis changed under us, and on a sweep of every held mailbox every ``graph_poll_seconds``
+  (``3 * checkpoint_seconds`` when that is 0), since notifications can be lost silently;
+- without a public ``notification_url`` it only polls: every held mailbox is read by delta every
+  ``graph_poll_seconds``.
+
+Subscriptions outlive the process: a restart or a takeover finds the mailbox's subscription in
+Redis and keeps it (notifications meanwhile were queued by another listener's receiver, or are
+retried by Graph), and catches up the gap by delta. ``mailboxes remove`` deletes it (the
+listener that held the mailbox does, when it drops it).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, cast
+
+from exchange_listener.core import keys, logs, metrics, redis_conn
+from exchange_listener.core.config import Settings, scrub
+from exchange_listener.listener.base import (
+    REDIS_ERRORS,
+    BaseListener,
+    CatchUps,
+    Folders,
+)
+from exchange_listener.sources.graph.client import GraphClient, GraphError, NotFound
+from exchange_listener.sources.graph.delta import DeltaStore, catch_up_mailbox
+from exchange_listener.sources.graph.receiver import Receiver
+from exchange_listener.sources.graph.subscriptions import (
+    Subscriber,
+    Subscription,
+    SubscriptionStore,
+)
+
+VERIFY_SECONDS = 60.0  # how often the app's subscriptions are listed to find ones removed without a word
+SUBSCRIBE_ONLY: Folders = set()  # a catch-up request that only makes sure the subscription is alive
+
+
+class GraphListener(BaseListener):
+    source = "graph"
+
+    def __init__(self, settings: Settings):
+        settings.require("redis_url", "client_id")
+        super().__init__(settings)
+        self.notifying = bool(settings.notification_url)
+        self.delta = DeltaStore(self.conn)
+        self.subs = SubscriptionStore(self.conn)
+        self._held: set[str] = set()
+        self._lock = threading.Lock()
+        self._expires: dict[str, float] = {}  # mailbox -> its subscription's expiry (epoch seconds)
+        self._dead: set[str] = set()  # mailboxes whose subscription must be made anew
+        self._reauthorize: set[str] = set()
+        self._failing: dict[str, tuple[float, str]] = {}  # mailbox -> (failing since, error)
+        self._lifecycle_last = "$"
+        self._next_sweep = time.monotonic() + self._sweep_seconds()
+        self._next_verify = time.monotonic() + VERIFY_SECONDS
+        self._verifying = False
+        self.client = GraphClient(settings)  # the main thread's: listing and deleting subscriptions
+        self.receiver: Receiver | None = None
+        if self.notifying:
+            self.receiver = Receiver(settings.notification_listen, settings.notification_url, self.conn,
+                                     self.sink.enqueue, self._on_notified)
+        self.catchups: CatchUps[GraphClient] = CatchUps(self.holds, self._catch_up, lambda _i: GraphClient(settings),
+                                                         settings)
+
+    def _sweep_seconds(self) -> float:
+        return self.settings.graph_poll_seconds or 3 * self.settings.checkpoint_seconds
+
+    # -- BaseListener --------------------------------------------------------------------------
+    def held(self) -> list[str]:
+        with self._lock:
+            return list(self._held)
+
+    def holds(self, mailbox: str) -> bool:
+        return mailbox in self._held
+
+    def _banner(self) -> dict[str, Any]:
+        return {"graph_url": self.settings.graph_url,
+                "mode": "notifications" if self.notifying else f"polling every {self.settings.graph_poll_seconds:g} s",
+                "notification_url": self.settings.notification_url or None}
+
+    def run(self) -> int:
+        if self.receiver is not None:
+            self.receiver.start()  # before any subscription: Graph validates the URL when one is made
+            self.log.info("notification receiver listening", listen=self.settings.notification_listen)
+        return super().run()
+
+    def _take(self, mailboxes: list[str]) -> None:
+        with self._lock:
+            self._held.update(mailboxes)
+        self.catchups.request(mailboxes, "take")
+
+    def _drop(self, mailboxes: list[str]) -> None:
+        with self._lock:
+            self._held.difference_update(mailboxes)
+        unwatched = [m for m in mailboxes if m not in self.watched]
+        for mailbox in mailboxes:
+            self._expires.pop(mailbox, None)
+            self._failing.pop(mailbox, None)
+        if unwatched and self.notifying:  # no longer watched at all: its subscription goes too
+            threading.Thread(target=self._delete_subscriptions, args=(unwatched,), daemon=True).start()
+
+    def _delete_subscriptions(self, mailboxes: list[str]) -> None:
+        for mailbox in mailboxes:
+            try:
+                Subscriber(self.client, self.subs, self.settings).delete(mailbox, self.subs.get(mailbox))
+                metrics.GRAPH_SUBSCRIPTIONS.labels("deleted").inc()
+            except (GraphError, *REDIS_ERRORS) as exc:  # it expires on its own; the receiver drops its notifications
+                self.log.warning("could not delete the subscription of a mailbox no longer watched", mailbox=mailbox,
+                                 error=scrub(str(exc), self.settings)[:300])
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        try:
+            self._read_lifecycle()
+        except REDIS_ERRORS as exc:
+            self.log.debug("could not read lifecycle notifications", error=str(exc))
+        if self.notifying:
+            wall = time.time()
+            due = [m for m, at in list(self._expires.items())
+                   if self.holds(m) and at - wall <= self.settings.graph_subscription_minutes * 60 / 3]
+            if due:
+                self.catchups.request(due, "renew", SUBSCRIBE_ONLY)
+            if now >= self._next_verify and not self._verifying:
+                self._next_verify = now + VERIFY_SECONDS
+                self._verifying = True
+                threading.Thread(target=self._verify, daemon=True).start()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self._sweep_seconds()
+            self.catchups.request(self.held(), "sweep" if self.notifying else "poll")
+
+    def _checkpoints(self) -> None:
+        """A mailbox that had notifications is read by delta ``checkpoint_seconds`` later (every
+        folder: a notification does not say which)."""
+        due_before = time.monotonic() - self.settings.checkpoint_seconds
+        with self._activity_lock:
+            due = [m for m, (since, _f) in self._active.items() if since <= due_before]
+            for mailbox in due:
+                del self._active[mailbox]
+        due = [m for m in due if self.holds(m)]
+        if due:
+            self.catchups.request(due, "checkpoint")
+
+    def _source_info(self) -> dict[str, Any]:
+        now = time.time()
+        receiver = self.receiver
+        return {
+            "groups": [],
+            "graph": {
+                "mode": "notifications" if self.notifying else "polling",
+                "receiver": self.settings.notification_listen if receiver is not None else None,
+                "subscriptions": len(self._expires),
+                "next_expiry_in_s": round(min(self._expires.values()) - now, 1) if self._expires else None,
+                "notifications": receiver.received if receiver is not None else 0,
+                "last_notification_at": receiver.last_notification_at if receiver is not None else None,
+                "failing": [{"mailbox": m, "since": since, "error": error}
+                            for m, (since, error) in list(self._failing.items())[:20]],
+                "failing_count": len(self._failing),
+            },
+        }
+
+    def _stop_source(self, deadline: float) -> dict[str, Any]:
+        if self.receiver is not None:
+            self.receiver.stop(max(0.1, min(2.0, deadline - time.monotonic() - 2)))
+        self.client.close()
+        return {"subscriptions_kept": len(self._expires)}
+
+    # -- notifications and lifecycle ------------------------------------------------------------
+    def _on_notified(self, mailbox: str) -> None:
+        if self.holds(mailbox):
+            self._note_activity(mailbox, set())
+
+    def _read_lifecycle(self) -> None:
+        """Act on the lifecycle notifications (any receiver stored them) for mailboxes we hold."""
+        if self._lifecycle_last == "$":  # from the newest entry on; a mailbox taken later is caught up anyway
+            newest = cast(list[tuple[bytes, dict]], self.conn.xrevrange(keys.GRAPH_LIFECYCLE, count=1))
+            self._lifecycle_last = redis_conn.text(newest[0][0]) if newest else "0-0"
+        replies = cast(list[tuple[bytes, list[tuple[bytes, dict]]]],
+                       self.conn.xread({keys.GRAPH_LIFECYCLE: self._lifecycle_last}, count=500))
+        for _stream, entries in replies or ():
+            for entry_id, fields in entries:
+                self._lifecycle_last = redis_conn.text(entry_id)
+                data = {redis_conn.text(k): redis_conn.text(v) for k, v in fields.items()}
+                mailbox, event = data.get("mailbox", ""), data.get("event", "")
+                if not self.holds(mailbox):
+                    continue
+                current = self.subs.get(mailbox)
+                if current is not None and data.get("subscription_id") not in ("", current.id):
+                    continue  # about a subscription already replaced
+                if event == "subscriptionRemoved":
+                    self._dead.add(mailbox)
+                    self.catchups.request([mailbox], "subscription_removed")
+                elif event == "reauthorizationRequired":
+                    self._reauthorize.add(mailbox)
+                    self.catchups.request([mailbox], "reauthorize", SUBSCRIBE_ONLY)
+                else:  # missed: some notifications were not sent
+                    self.catchups.request([mailbox], "missed")
+
+    def _verify(self) -> None:
+        """Find held mailboxes whose subscription Graph no longer lists; make them anew and catch up."""
+        try:
+            started = time.time()
+            live = Subscriber(self.client, self.subs, self.settings).live_ids()
+            gone = []
+            for mailbox in self.held():
+                sub = self.subs.get(mailbox)
+                if sub is not None and sub.created_at < started - 1 and sub.id not in live:
+                    gone.append(mailbox)
+            if gone:
+                self.log.warning("subscriptions removed without notice; making them anew and catching up",
+                                 mailboxes=len(gone))
+                self._dead.update(gone)
+                self.catchups.request(gone, "subscription_gone")
+        except (GraphError, *REDIS_ERRORS) as exc:
+            self.log.warning("could not list subscriptions", error=scrub(str(exc), self.settings)[:300])
+        finally:
+            self._verifying = False
+
+    # -- one catch-up run (on a catch-up thread, with its own client) ---------------------------
+    def _catch_up(self, client: GraphClient, mailbox: str, reason: str, folders: Folders) -> None:
+        if self.notifying:
+            try:
+                renewed_gap = self._ensure_subscription(client, mailbox)
+            except Exception as exc:
+                self._failing.setdefault(mailbox, (time.time(), ""))
+                self._failing[mailbox] = (self._failing[mailbox][0], scrub(f"{type(exc).__name__}: {exc}",
+                                                                           self.settings)[:300])
+                raise
+            self._failing.pop(mailbox, None)
+            if renewed_gap:
+                folders = None  # a subscription made anew: whatever came meanwhile is found by delta
+        if folders is not None and not folders:
+            return
+        total = catch_up_mailbox(client, mailbox, self.delta, self.ledger, self.sink.enqueue,
+                                 added_at=self.watched.get(mailbox), folders=sorted(folders) if folders else None)
+        metrics.CATCHUPS.labels("full").inc()
+        logs.get_logger().debug("caught up", mailbox=mailbox, reason=reason, items=total)
+
+    def _ensure_subscription(self, client: GraphClient, mailbox: str) -> bool:
+        """Make sure ``mailbox`` has a live subscription; True when it had to be made anew (a gap)."""
+        subscriber = Subscriber(client, self.subs, self.settings)
+        sub: Subscription | None = self.subs.get(mailbox)
+        fresh = False
+        if sub is not None and mailbox in self._dead:
+            self._dead.discard(mailbox)
+            try:
+                subscriber.delete(mailbox, sub)  # a ghost must not keep notifying (it usually is gone already)
+            except GraphError:
+                pass
+            sub = None
+        if sub is not None and sub.expires_at <= time.time() + 5:
+            subscriber.store.forget(mailbox, sub.id)  # expired: Graph has dropped it
+            sub = None
+        if sub is not None and mailbox in self._reauthorize:
+            try:
+                sub = subscriber.reauthorize(sub)
+                metrics.GRAPH_SUBSCRIPTIONS.labels("reauthorized").inc()
+            except NotFound:
+                sub = None
+            self._reauthorize.discard(mailbox)
+        elif sub is not None and subscriber.due(sub):
+            try:
+                sub = subscriber.renew(sub)
+                metrics.GRAPH_SUBSCRIPTIONS.labels("renewed").inc()
+            except NotFound:
+                subscriber.store.forget(mailbox, sub.id)
+                sub = None
+        if sub is None:
+            sub = subscriber.create(mailbox)
+            fresh = True
+            metrics.GRAPH_SUBSCRIPTIONS.labels("created").inc()
+            self.log.info("subscribed", mailbox=mailbox, subscription_id=sub.id)
+        if self.holds(mailbox):
+            self._expires[mailbox] = sub.expires_at
+        return fresh
