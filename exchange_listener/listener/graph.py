@@ -45,7 +45,8 @@ from exchange_listener.sources.graph.subscriptions import (
     SubscriptionStore,
 )
 
-VERIFY_SECONDS = 60.0  # how often the app's subscriptions are listed to find ones removed without a word
+VERIFY_SECONDS = 60.0  # the app's subscriptions are listed this often (or at each sweep, if sooner) to find
+# ones removed without a word
 SUBSCRIBE_ONLY: Folders = set()  # a catch-up request that only makes sure the subscription is alive
 
 
@@ -66,7 +67,8 @@ class GraphListener(BaseListener):
         self._failing: dict[str, tuple[float, str]] = {}  # mailbox -> (failing since, error)
         self._lifecycle_last = "$"
         self._next_sweep = time.monotonic() + self._sweep_seconds()
-        self._next_verify = time.monotonic() + VERIFY_SECONDS
+        self._verify_every = min(VERIFY_SECONDS, self._sweep_seconds())
+        self._next_verify = time.monotonic() + self._verify_every
         self._verifying = False
         self.client = GraphClient(settings)  # the main thread's: listing and deleting subscriptions
         self.receiver: Receiver | None = None
@@ -135,7 +137,7 @@ class GraphListener(BaseListener):
             if due:
                 self.catchups.request(due, "renew", SUBSCRIBE_ONLY)
             if now >= self._next_verify and not self._verifying:
-                self._next_verify = now + VERIFY_SECONDS
+                self._next_verify = now + self._verify_every
                 self._verifying = True
                 threading.Thread(target=self._verify, daemon=True).start()
         if now >= self._next_sweep:
