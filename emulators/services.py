@@ -490,3 +490,104 @@ class SalesforceEmulator(_EmulatorProcess):
     def reset(self) -> dict:
         self.output.clear()
         return self._call("POST", "/emulator/reset", {})
+
+
+class GraphEmulator(_EmulatorProcess):
+    """The Microsoft Graph emulator as a child process (``exchange-listener graph-emulator``): Graph on
+    ``base_url`` (http), its token host on ``token_url`` (https, CA certificate in ``ca_file``)."""
+
+    name = "graph emulator"
+
+    def __init__(self, port: int | None = None, *, tenant: str = "contoso-tenant", client_id: str = "graph-app",
+                 client_secret: str = "graph-secret", mailboxes=(), client_certificate: str | None = None,
+                 extra_args=()):
+        super().__init__(port)
+        self.tenant, self.client_id, self.client_secret = tenant, client_id, client_secret
+        self.mailboxes = list(mailboxes)
+        self.client_certificate = client_certificate  # PEM path: the certificate (and, for clients, its key)
+        self.extra_args = list(extra_args)
+        self.token_port = free_port()
+        self.workdir = tempfile.mkdtemp(prefix="el-graph-")
+        self.ca_file = os.path.join(self.workdir, "ca.pem")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def graph_url(self) -> str:
+        return f"{self.base_url}/v1.0"
+
+    @property
+    def authority(self) -> str:
+        return f"https://127.0.0.1:{self.token_port}/{self.tenant}"
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.authority}/oauth2/v2.0/token"
+
+    def start(self) -> GraphEmulator:
+        args = [sys.executable, "-m", "exchange_listener.cli", "graph-emulator", "--host", "127.0.0.1",
+                "--port", str(self.port), "--token-port", str(self.token_port), "--ca-file", self.ca_file,
+                "--tenant", self.tenant, "--client-id", self.client_id, "--client-secret", self.client_secret,
+                "--log-level", "info"]
+        for mailbox in self.mailboxes:
+            args += ["--mailbox", mailbox]
+        if self.client_certificate:
+            args += ["--client-certificate", self.client_certificate]
+        self._launch(args + self.extra_args, "/v1.0")
+        wait_for(lambda: any("token URL:" in line for line in list(self.output)), timeout=10,
+                 message="the graph emulator's token URL line")
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _call(self, method: str, path: str, data: bytes | None = None,
+              content_type: str = "application/json") -> dict:
+        req = urllib.request.Request(f"{self.base_url}{path}", data=data, method=method,
+                                     headers={"Content-Type": content_type})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def deliver(self, mailbox: str, raw: bytes, folder: str = "inbox") -> dict:
+        """Deliver RFC 5322 bytes; returns ``{"item_id" (immutable), "regular_id", "folder", ...}``."""
+        return self._call("POST", f"/emulator/mailboxes/{urllib.parse.quote(mailbox, safe='@')}/messages"
+                          f"?folder={urllib.parse.quote(folder)}", raw, "message/rfc822")
+
+    def move(self, item_id: str, folder: str) -> dict:
+        return self._call("POST", f"/emulator/items/{urllib.parse.quote(item_id, safe='')}/move"
+                          f"?folder={urllib.parse.quote(folder)}", b"")
+
+    def delete(self, item_id: str) -> dict:
+        """Hard delete (both ids answer 404 afterwards)."""
+        return self._call("DELETE", f"/emulator/items/{urllib.parse.quote(item_id, safe='')}")
+
+    def create_folder(self, mailbox: str, path: str) -> dict:
+        return self._call("POST", f"/emulator/folders?mailbox={urllib.parse.quote(mailbox)}"
+                          f"&path={urllib.parse.quote(path)}", b"")
+
+    def fault(self, **body) -> None:
+        self._call("POST", "/emulator/faults", json.dumps(body).encode())
+
+    def reset(self) -> dict:
+        self.output.clear()
+        return self._call("POST", "/emulator/reset", b"")
+
+    def stats(self) -> dict:
+        return self._call("GET", "/emulator/stats")
+
+    def settings_env(self, credential: str = "secret") -> dict[str, str]:
+        """``EXCHANGE_LISTENER_*`` settings pointing a listener or worker at this emulator;
+        ``credential="certificate"`` gives the certificate file instead of the secret."""
+        env = {"EXCHANGE_LISTENER_SOURCE": "graph", "EXCHANGE_LISTENER_GRAPH_URL": self.graph_url,
+               "EXCHANGE_LISTENER_TOKEN_URL": self.token_url, "EXCHANGE_LISTENER_TENANT_ID": self.tenant,
+               "EXCHANGE_LISTENER_CLIENT_ID": self.client_id, "EXCHANGE_LISTENER_CA_FILE": self.ca_file}
+        if credential == "certificate":
+            if not self.client_certificate:
+                raise ValueError("this emulator was started without a client certificate")
+            env["EXCHANGE_LISTENER_CLIENT_CERTIFICATE_FILE"] = self.client_certificate
+        else:
+            env["EXCHANGE_LISTENER_CLIENT_SECRET"] = self.client_secret
+        return env

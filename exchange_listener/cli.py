@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("status", "health of listeners, queue and workers (non-zero exit when unhealthy)"),
     "api": ("api", "HTTP API for sending platforms: sends, enrollments, transitions (or: api hash-token TOKEN)"),
     "salesforce-emulator": ("salesforce_emulator", "run the Salesforce REST emulator (token endpoint, SOQL, sObjects)"),
+    "graph-emulator": ("graph_emulator", "run the Microsoft Graph emulator (mail, delta, webhooks, $batch; HTTPS token host)"),
 }
 
 
