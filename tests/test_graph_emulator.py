@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+import jwt
 import msal
 import pytest
 import requests
@@ -252,6 +253,34 @@ def test_tokens_by_secret_and_certificate_and_refusals(graph, cert_files):
         "scope": "https://graph.microsoft.com/Mail.Read"})
     assert bad_scope.status_code == 400 and bad_scope.json()["error"] == "invalid_scope"
     assert graph.stats()["token_grants"] == 3
+
+
+def test_client_assertions_checked_like_entra(graph, cert_files):
+    key = serialization.load_pem_private_key(cert_files["key"].encode(), None)
+    cert = x509.load_pem_x509_certificate(cert_files["cert"].encode())
+
+    def thumbprint(algorithm) -> str:
+        return base64.urlsafe_b64encode(cert.fingerprint(algorithm)).decode()
+
+    def grant(algorithm="PS256", header=None, **claims) -> requests.Response:
+        now = int(time.time())
+        body = {"iss": graph.client_id, "sub": graph.client_id, "aud": graph.token_url, "exp": now + 600,
+                "nbf": now, "jti": str(now)}
+        body.update(claims)
+        signing_key = key if algorithm != "HS256" else "a-shared-secret-of-at-least-32-bytes!"
+        assertion = jwt.encode(body, signing_key, algorithm=algorithm,
+                               headers=header or {"x5t#S256": thumbprint(hashes.SHA256())})
+        return requests.post(graph.token_url, verify=graph.ca_file, timeout=10, data={
+            "grant_type": "client_credentials", "client_id": graph.client_id, "scope": SCOPE[0],
+            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_assertion": assertion})
+
+    assert grant().status_code == 200
+    assert grant("RS256", {"x5t": thumbprint(hashes.SHA1())}).status_code == 200
+    for refused in (grant("HS256"), grant(aud="https://login.microsoftonline.com/other/oauth2/v2.0/token"),
+                    grant(exp=int(time.time()) - 3600), grant(iss="someone-else"),
+                    grant(header={"x5t#S256": base64.urlsafe_b64encode(b"0" * 32).decode()})):
+        assert refused.status_code == 401 and refused.json()["error"] == "invalid_client", refused.text
 
 
 def test_graph_requires_a_valid_token(client):
@@ -592,13 +621,24 @@ def test_remove_and_reauthorization_faults(client, receiver):
     assert receiver.items() == []  # held until reauthorized
     assert client.post(f"subscriptions/{sub['id']}/reauthorize").status_code == 204
     wait_for(lambda: [i["resourceData"]["id"] for i in receiver.items()] == [held["item_id"]], timeout=5)
-    graph.fault(kind="remove_subscriptions")
-    removed = wait_for(lambda: len(receiver.items("/lifecycle")) == 2 and receiver.items("/lifecycle"), timeout=5)
-    assert removed[1]["lifecycleEvent"] == "subscriptionRemoved"
-    assert client.get(f"subscriptions/{sub['id']}").status_code == 404
-    graph.deliver(REP, mail(2))
+    graph.fault(kind="reauthorization_required")  # a renewal releases them too
+    wait_for(lambda: len(receiver.items("/lifecycle")) == 2, timeout=5)
+    again = graph.deliver(REP, mail(2))
     time.sleep(0.3)
     assert len(receiver.items()) == 1
+    later = (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=90)).isoformat()
+    assert client.call("PATCH", f"subscriptions/{sub['id']}", json={"expirationDateTime": later}).status_code == 200
+    wait_for(lambda: [i["resourceData"]["id"] for i in receiver.items()] == [held["item_id"], again["item_id"]],
+             timeout=5)
+    assert graph.stats()["notifications"]["held"] == 2
+    graph.fault(kind="remove_subscriptions")
+    removed = wait_for(lambda: len(receiver.items("/lifecycle")) == 3 and receiver.items("/lifecycle"), timeout=5)
+    assert removed[2]["lifecycleEvent"] == "subscriptionRemoved"
+    assert client.get(f"subscriptions/{sub['id']}").status_code == 404
+    graph.deliver(REP, mail(3))
+    time.sleep(0.3)
+    assert len(receiver.items()) == 2
+    assert graph.stats()["lifecycle"] == {"reauthorizationRequired": 2, "subscriptionRemoved": 1}
 
 
 def test_restart_forgets_subscriptions_silently(client, receiver):
@@ -672,6 +712,9 @@ def test_throttle_and_503_faults_carry_retry_after(client):
     assert client.get(f"users/{REP}").status_code == 200
     stats = graph.stats()
     assert (stats["throttled"], stats["http_503"], stats["requests_per_mailbox"][REP]) == (2, 1, 4)
+    graph.fault(kind="throttle", count=5)
+    graph.fault(kind="clear")
+    assert client.get(f"users/{REP}").status_code == 200
     bad = requests.post(f"{graph.base_url}/emulator/faults", json={"kind": "nonsense"}, timeout=10)
     assert bad.status_code == 400
 

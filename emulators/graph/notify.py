@@ -186,8 +186,9 @@ class Notifier:
         self._enqueue("change", url, [pending])
 
     def lifecycle(self, url: str, subscription_id: str, payload: dict[str, Any]) -> None:
-        if any(p.subscription_id == subscription_id and p.payload.get("lifecycleEvent") == payload["lifecycleEvent"]
-               for p in self.queues.get(("lifecycle", url), Queue()).items):
+        queue = self.queues.get(("lifecycle", url))
+        if queue is not None and any(p.subscription_id == subscription_id
+                                     and p.payload["lifecycleEvent"] == payload["lifecycleEvent"] for p in queue.items):
             return  # one pending event of a kind per subscription is enough
         self._enqueue("lifecycle", url, [Pending(payload, subscription_id, time.monotonic())])
 
@@ -209,7 +210,10 @@ class Notifier:
     async def _worker(self, kind: str, url: str, queue: Queue) -> None:
         while True:
             now = time.monotonic()
-            ready = [p for p in queue.items if p.not_before <= now][:MAX_PER_POST]
+            ready: list[Pending] = []
+            waiting: list[Pending] = []
+            for item in queue.items:
+                (ready if item.not_before <= now and len(ready) < MAX_PER_POST else waiting).append(item)
             if not ready:
                 queue.wake.clear()
                 waits = [p.not_before - now for p in queue.items]
@@ -218,8 +222,8 @@ class Notifier:
                 except TimeoutError:
                     pass
                 continue
+            queue.items = waiting
             for item in ready:
-                queue.items.remove(item)
                 item.first_attempt = item.first_attempt or now
             ready = [p for p in ready if kind == "lifecycle" or self.is_live(p.subscription_id)]
             if ready:
