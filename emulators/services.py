@@ -560,9 +560,11 @@ class GraphEmulator(_EmulatorProcess):
         return self._call("POST", f"/emulator/items/{urllib.parse.quote(item_id, safe='')}/move"
                           f"?folder={urllib.parse.quote(folder)}", b"")
 
-    def delete(self, item_id: str) -> dict:
-        """Hard delete (both ids answer 404 afterwards)."""
-        return self._call("DELETE", f"/emulator/items/{urllib.parse.quote(item_id, safe='')}")
+    def delete(self, item_id: str, purge: bool = False) -> dict:
+        """Hard delete: to Recoverable Items\\Deletions (a new regular id, the same immutable one),
+        as Exchange does; ``purge``: gone from the mailbox (both ids answer 404)."""
+        query = "?purge=true" if purge else ""
+        return self._call("DELETE", f"/emulator/items/{urllib.parse.quote(item_id, safe='')}{query}")
 
     def create_folder(self, mailbox: str, path: str) -> dict:
         return self._call("POST", f"/emulator/folders?mailbox={urllib.parse.quote(mailbox)}"

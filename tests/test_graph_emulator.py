@@ -354,7 +354,12 @@ def test_immutable_ids_survive_a_move_and_regular_ids_do_not(client):
     after = client.get(f"users/{REP}/messages/{delivered['item_id']}", headers=IMMUTABLE).json()
     assert after["id"] == delivered["item_id"] and after["parentFolderId"] == moved["folder_id"]
     assert client.get(f"users/{REP}/messages/{moved['regular_id']}").json()["id"] == moved["regular_id"]
-    graph.delete(delivered["item_id"])
+    deleted = graph.delete(delivered["item_id"])  # hard delete: to Recoverable Items\Deletions, as Exchange does
+    assert deleted["folder"] == "Recoverable Items/Deletions" and deleted["item_id"] == delivered["item_id"]
+    deletions = client.get(f"users/{REP}/mailFolders/recoverableitemsdeletions").json()
+    assert client.get(f"users/{REP}/messages/{delivered['item_id']}").json()["parentFolderId"] == deletions["id"]
+    assert client.get(f"users/{REP}/messages", params={"$select": "id"}).json()["value"] == []  # not under the root
+    graph.delete(delivered["item_id"], purge=True)
     assert client.get(f"users/{REP}/messages/{delivered['item_id']}").status_code == 404
 
 
@@ -385,6 +390,15 @@ def test_mail_folders_paging_children_and_well_known_names(client):
     children = client.get(f"users/{REP}/mailFolders/{inbox['id']}/childFolders").json()["value"]
     assert [c["id"] for c in children] == [sales["id"]] and children[0]["parentFolderId"] == inbox["id"]
     assert client.get(f"users/{REP}/mailFolders('sentitems')").json()["displayName"] == "Sent Items"
+    selected = client.get(f"users/{REP}/mailFolders/inbox", params={"$select": "displayName,parentFolderId"}).json()
+    assert set(selected) == {"@odata.context", "id", "displayName", "parentFolderId"}
+    assert client.get(f"users/{REP}/mailFolders/inbox", params={"$select": "wellKnownName"}).status_code == 400
+    deletions = client.get(f"users/{REP}/mailFolders/RecoverableItemsDeletions")
+    assert deletions.status_code == 200 and deletions.json()["displayName"] == "Deletions"
+    assert deletions.json()["id"] not in {f["id"] for f in hidden["value"]}  # outside msgfolderroot: never listed
+    assert client.get(f"users/{REP}/mailFolders/clutter").status_code == 404  # well-known, not in this mailbox
+    malformed = client.get(f"users/{REP}/mailFolders/Projects")  # a display name is not an id
+    assert malformed.status_code == 400 and malformed.json()["error"]["code"] == "ErrorInvalidIdMalformed"
 
 
 # -- $batch ----------------------------------------------------------------------------------

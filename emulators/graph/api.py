@@ -187,7 +187,7 @@ class GraphApi:
             if not tail:
                 _only(method, "GET")
                 return Response(200, {"@odata.context": f"{req.base}/$metadata#users('{mailbox.object_id}')/"
-                                      "mailFolders/$entity", **folder.to_json()})
+                                      "mailFolders/$entity", **_folder_json(folder, req.query.get("$select"))})
             if tail_names == ["childfolders"]:
                 _only(method, "GET")
                 return self._folder_list(req, mailbox, folder, f"mailFolders('{folder.id}')/childFolders")
@@ -203,9 +203,11 @@ class GraphApi:
         folders = [f for f in parent.children if hidden or not f.hidden]
         top, skip = _int(req.query, "$top", DEFAULT_TOP, 1, 1000), _int(req.query, "$skip", 0, 0, 10**9)
         body: dict[str, Any] = {"@odata.context": f"{req.base}/$metadata#users('{mailbox.object_id}')/{what}",
-                                "value": [f.to_json() for f in folders[skip:skip + top]]}
+                                "value": [_folder_json(f, req.query.get("$select")) for f in folders[skip:skip + top]]}
         if skip + top < len(folders):
             extra = "&includeHiddenFolders=true" if hidden else ""
+            if "$select" in req.query:
+                extra += f"&%24select={quote(req.query['$select'])}"
             body["@odata.nextLink"] = (f"{req.base}/users/{mailbox.object_id}/{what}?%24top={top}&%24skip={skip + top}"
                                        f"{extra}")
         return Response(200, body)
@@ -276,7 +278,7 @@ class GraphApi:
             if unsupported in req.query:
                 raise bad_request(f"{unsupported} is not supported by this emulator.", "ErrorInvalidRequest")
         select = messages.select_list(req.query.get("$select"))
-        pool = list(folder.messages.values()) if folder else [m for f in mailbox.folders.values()
+        pool = list(folder.messages.values()) if folder else [m for f in mailbox.folders.values() if f.ipm
                                                                for m in f.messages.values()]
         pool.sort(key=lambda m: (m.received, m.key), reverse=True)
         top, skip = _int(req.query, "$top", DEFAULT_TOP, 1, 1000), _int(req.query, "$skip", 0, 0, 10**9)
@@ -413,6 +415,23 @@ def _batch_item(item_id: str, response: Response) -> dict[str, Any]:
         out["body"] = (response.body if isinstance(response.body, dict)
                        else base64.b64encode(response.body).decode())  # a non-JSON body is base64, as Graph sends it
     out["headers"] = headers
+    return out
+
+
+def _folder_json(folder: Folder, select: str | None) -> dict[str, Any]:
+    """A mailFolder, only the id and the properties ``$select`` names if it names any (an
+    unknown name, wellKnownName included, which v1.0 does not have, is Graph's 400)."""
+    full = folder.to_json()
+    if not select or not select.strip():
+        return full
+    canonical = {name.lower(): name for name in full}
+    out = {"id": full["id"]}
+    for part in select.split(","):
+        name = canonical.get(part.strip().lower())
+        if name is None:
+            raise GraphError(400, "RequestBroker--ParseUri",
+                             f"Could not find a property named '{part.strip()}' on type 'microsoft.graph.mailFolder'.")
+        out[name] = full[name]
     return out
 
 

@@ -26,7 +26,8 @@ assertion signed by the key of a configured certificate), errors as Entra's JSON
 
 Test hooks on the Graph port: ``POST /emulator/mailboxes/{addr}/messages?folder=NAME`` (body: RFC
 5322) -> 201 ``{"item_id", "folder", ...}``; ``POST /emulator/items/{id}/move?folder=NAME``;
-``DELETE /emulator/items/{id}`` (hard delete); ``POST /emulator/folders?mailbox=&path=``;
+``DELETE /emulator/items/{id}`` (hard delete: to Recoverable Items\\Deletions as Exchange does,
+``?purge=true``: gone); ``POST /emulator/folders?mailbox=&path=``;
 ``POST /emulator/faults`` (kinds in ``Emulator.fault``); ``POST /emulator/reset``;
 ``GET /emulator/stats``.
 
@@ -249,9 +250,12 @@ class Emulator:
         message = self._item(request)
         if message is None:
             return web.json_response({"error": "ErrorItemNotFound"}, status=404)
+        purge = request.query.get("purge", "").lower() in ("1", "true", "yes")
+        self.store.delete(message, purge=purge)
         answer = self._message_answer(message)
-        self.store.delete(message)
-        return web.json_response({"deleted": True, **answer})
+        if purge:
+            answer.update(folder=None, folder_id=None, regular_id=None)
+        return web.json_response({"deleted": True, "purged": purge, **answer})
 
     async def create_folder(self, request: web.Request) -> web.Response:
         address, path = request.query.get("mailbox", ""), request.query.get("path", "")

@@ -25,8 +25,13 @@ from emulators.graph.errors import GraphError, malformed_id, not_found_item
 WELL_KNOWN = {
     "inbox": "Inbox", "drafts": "Drafts", "sentitems": "Sent Items", "deleteditems": "Deleted Items",
     "junkemail": "Junk Email", "archive": "Archive", "outbox": "Outbox", "conversationhistory": "Conversation History",
+    "syncissues": "Sync Issues",
 }
-OTHER_TOP = (("RSS Feeds", False), ("Sync Issues", False), ("Conversation Action Settings", True))  # name, hidden
+SYNC_ISSUES = {"conflicts": "Conflicts", "localfailures": "Local Failures", "serverfailures": "Server Failures"}
+OTHER_TOP = (("RSS Feeds", False), ("Conversation Action Settings", True))  # name, hidden
+# Graph v1.0's other well-known names: folders these mailboxes do not have (404, not 400)
+ABSENT = frozenset({"clutter", "scheduled", "searchfolders"})
+DELETIONS = "recoverableitemsdeletions"  # Recoverable Items\Deletions: outside msgfolderroot, not listed
 NO_HEADERS = frozenset({"sentitems", "drafts"})  # Graph returns no internetMessageHeaders for these
 ROOT = "msgfolderroot"
 _NAMESPACE = uuid.UUID("6f1c0b6e-4b8e-4d59-9a53-2f0e7c1a9d41")
@@ -61,11 +66,22 @@ class Folder:
 
     @property
     def path(self) -> str:
+        """Display names from below msgfolderroot ("Inbox/Replies"; "Recoverable Items/Deletions")."""
         parts, folder = [], self
-        while folder.parent is not None:
+        while folder.parent is not None and folder.well_known != ROOT:
             parts.append(folder.name)
             folder = folder.parent
         return "/".join(reversed(parts))
+
+    @property
+    def ipm(self) -> bool:
+        """Under msgfolderroot: what ``users/{u}/messages`` covers."""
+        folder: Folder | None = self.parent
+        while folder is not None:
+            if folder.well_known == ROOT:
+                return True
+            folder = folder.parent
+        return False
 
     def child(self, name: str) -> Folder | None:
         return next((c for c in self.children if c.name.lower() == name.lower()), None)
@@ -168,17 +184,20 @@ class Mailbox:
         local = address.split("@", 1)[0]
         self.display_name = " ".join(p.capitalize() for p in local.replace("_", ".").split(".") if p) or address
         self.folders: dict[str, Folder] = {}
-        self.root = store.new_folder(self, "Top of Information Store", None, ROOT)
+        top = store.new_folder(self, "Root", None, hidden=True)
+        self.root = store.new_folder(self, "Top of Information Store", top, ROOT)
+        self.named: dict[str, Folder] = {ROOT: self.root}
         for well_known, name in WELL_KNOWN.items():
-            store.new_folder(self, name, self.root, well_known)
+            self.named[well_known] = store.new_folder(self, name, self.root, well_known)
+        for well_known, name in SYNC_ISSUES.items():
+            self.named[well_known] = store.new_folder(self, name, self.named["syncissues"], well_known)
         for name, hidden in OTHER_TOP:
             store.new_folder(self, name, self.root, hidden=hidden)
+        recoverable = store.new_folder(self, "Recoverable Items", top, hidden=True)
+        self.named[DELETIONS] = store.new_folder(self, "Deletions", recoverable, DELETIONS, hidden=True)
 
     def well_known(self, name: str) -> Folder | None:
-        name = name.lower()
-        if name == ROOT:
-            return self.root
-        return next((f for f in self.root.children if f.well_known == name), None)
+        return self.named.get(name.lower())
 
     def to_json(self) -> dict[str, Any]:
         given, _, surname = self.display_name.partition(" ")
@@ -240,12 +259,15 @@ class Store:
         folder = mailbox.folders.get(ref)
         if folder is not None:
             return folder
+        if ref.lower() in ABSENT:
+            raise not_found_item()
         if not well_formed(ref):
             raise malformed_id()
         raise not_found_item()
 
     def folder_path(self, mailbox: Mailbox, path: str, create: bool = True) -> Folder:
-        """A well-known name or a display-name path under the root ("Inbox/Replies"), made if missing."""
+        """A well-known name, then a display-name path under msgfolderroot ("Inbox/Replies",
+        "recoverableitemsdeletions"), made if missing."""
         parts = [p.strip() for p in path.strip().strip("/").split("/") if p.strip()]
         if not parts:
             raise ValueError("empty folder path")
@@ -287,12 +309,12 @@ class Store:
         self._log(folder, message, "in")
         return message
 
-    def move(self, message: Message, folder: Folder) -> Message:
+    def move(self, message: Message, folder: Folder, event: str = "moved_out") -> Message:
         """Move to ``folder``: a new regular id, the old one gone (a move to the same folder does nothing)."""
         if folder is message.folder:
             return message
         source = message.folder
-        self._log(source, message, "moved_out")
+        self._log(source, message, event)
         del source.messages[message.key]
         self.by_regular.pop(message.regular_id, None)
         message.moved()
@@ -302,8 +324,14 @@ class Store:
         self._log(folder, message, "in")
         return message
 
-    def delete(self, message: Message) -> None:
-        """Hard delete: gone from the mailbox, both ids answer 404."""
+    def delete(self, message: Message, purge: bool = False) -> None:
+        """Hard delete, as Exchange does it: to Recoverable Items\\Deletions (a new regular id, the
+        same immutable id; the folder it left sees a deletion). ``purge`` (or a message already in
+        Deletions): gone from the mailbox, both ids answer 404."""
+        deletions = message.mailbox.well_known(DELETIONS)
+        if not purge and deletions is not None and message.folder is not deletions:
+            self.move(message, deletions, event="deleted")
+            return
         folder = message.folder
         self._log(folder, message, "deleted")
         del folder.messages[message.key]

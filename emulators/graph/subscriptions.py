@@ -243,8 +243,8 @@ class Subscriptions:
         change_type = "created" if event == "in" else "deleted"
         now = dt.datetime.now(dt.UTC)
         for sub in list(self.subs.values()):
-            if (sub.mailbox is not message.mailbox or (sub.folder is not None and sub.folder is not folder)
-                    or change_type not in sub.change_types or sub.expiration <= now):
+            if (sub.mailbox is not message.mailbox or change_type not in sub.change_types or sub.expiration <= now
+                    or (sub.folder is not None and sub.folder is not folder) or (sub.folder is None and not folder.ipm)):
                 continue
             message_id = message.graph_id(sub.immutable)
             resource = f"Users/{message.mailbox.object_id}/Messages/{message_id}"
