@@ -371,6 +371,19 @@ def test_value_is_the_mime(client):
     assert response.headers["Content-Type"].startswith("text/plain")
 
 
+def test_unique_body_is_what_the_reply_added(client):
+    raw = (f"From: pat@prospect.example\r\nTo: {REP}\r\nSubject: Re: Pricing\r\n\r\nTuesday works.\r\n\r\n"
+           f"On Mon, 4 Mar 2024 at 10:00, Rep <{REP}> wrote:\r\n> Would Tuesday work?\r\n").encode()
+    delivered = client.emu.deliver(REP, raw)
+    texts = client.get(f"users/{REP}/messages/{delivered['item_id']}", params={"$select": "uniqueBody,body"},
+                       headers={"Prefer": 'outlook.body-content-type="text"'})
+    assert texts.headers["Preference-Applied"] == 'outlook.body-content-type="text"'
+    assert texts.json()["uniqueBody"] == {"contentType": "text", "content": "Tuesday works."}
+    assert "Would Tuesday work?" in texts.json()["body"]["content"]
+    html_form = client.get(f"users/{REP}/messages/{delivered['item_id']}", params={"$select": "uniqueBody"}).json()
+    assert html_form["uniqueBody"]["contentType"] == "html" and "Tuesday works." in html_form["uniqueBody"]["content"]
+
+
 def test_mail_folders_paging_children_and_well_known_names(client):
     graph = client.emu
     sales = graph.create_folder(REP, "Inbox/Sales")

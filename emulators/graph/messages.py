@@ -36,6 +36,9 @@ _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _SPACE = re.compile(r"\s+")
 _TAGS = re.compile(r"<[^>]+>")
 REPLY_HEADERS = frozenset({"in-reply-to", "references"})
+_ATTRIBUTION = re.compile(r"^(on\s.{1,300}\swrote:|le\s.{1,300}\sa\s+écrit\s*:|am\s.{1,300}\sschrieb\s.{0,200}:)$",
+                          re.IGNORECASE)
+_SEPARATOR = re.compile(r"^(-{2,}\s*original message\s*-{2,}|_{10,})$", re.IGNORECASE)
 
 
 def select_list(text: str | None) -> tuple[str, ...] | None:
@@ -161,11 +164,48 @@ def preview(parsed: Parsed) -> str:
     return _SPACE.sub(" ", source).strip()[:255]
 
 
-def body(parsed: Parsed, as_text: bool) -> dict[str, str]:
-    """The body in the format asked for (Prefer: outlook.body-content-type), HTML by default."""
+def _plain(parsed: Parsed) -> str:
+    if parsed.text:
+        return parsed.text
+    source = re.sub(r"(?i)<br\s*/?>|</p>|</div>", "\n", parsed.html or "")
+    return html.unescape(_TAGS.sub("", source)).strip()
+
+
+def _starts_quote(lines: list[str], i: int) -> bool:
+    """Line ``i`` opens the quoted part of a reply: an attribution ("On ... wrote:", possibly on
+    two lines), an "Original Message" or underscore separator, or a From:/Sent: header block."""
+    line = lines[i].strip()
+    if _ATTRIBUTION.match(line) or _SEPARATOR.match(line):
+        return True
+    if line.lower().startswith("on ") and i + 1 < len(lines) and lines[i + 1].strip().lower().endswith("wrote:"):
+        return True
+    if line.lower().startswith("from:"):
+        return any(n.strip().lower().startswith(("sent:", "date:", "to:", "subject:")) for n in lines[i + 1:i + 4])
+    return False
+
+
+def unique_text(parsed: Parsed) -> str:
+    """What this message added to its thread: the text above the quoted part, without ``>`` lines."""
+    lines = _plain(parsed).replace("\r\n", "\n").split("\n")
+    kept = []
+    for i, line in enumerate(lines):
+        if _starts_quote(lines, i):
+            break
+        if not line.lstrip().startswith(">"):
+            kept.append(line)
+    return "\n".join(kept).strip()
+
+
+def body(parsed: Parsed, as_text: bool, unique: bool = False) -> dict[str, str]:
+    """The body (or uniqueBody) in the format asked for (Prefer: outlook.body-content-type), HTML by default."""
+    if unique:
+        text = unique_text(parsed)
+        if as_text:
+            return {"contentType": "text", "content": text}
+        escaped = html.escape(text).replace("\n", "<br>\r\n")
+        return {"contentType": "html", "content": f"<div>{escaped}</div>"}
     if as_text:
-        content = parsed.text or _SPACE.sub(" ", _TAGS.sub(" ", html.unescape(parsed.html or ""))).strip()
-        return {"contentType": "text", "content": content}
+        return {"contentType": "text", "content": _plain(parsed)}
     if parsed.html is not None:
         return {"contentType": "html", "content": parsed.html}
     escaped = html.escape(parsed.text).replace("\r\n", "\n").replace("\n", "<br>\r\n")

@@ -41,8 +41,10 @@ Where it knowingly differs from Graph:
   checked. No Event Hubs, no rich notifications (includeResourceData), no encryption.
 - Only Outlook messages: no calendar, contacts, attachments, $filter, $search, $orderby or
   $expand (refused with 400 rather than ignored). Bodies are the MIME's own text or HTML (text is
-  wrapped in minimal HTML); bodyPreview is the first 255 characters of the text; isRead is always
-  false; conversationId groups by the first References id (Exchange uses its thread index).
+  wrapped in minimal HTML); bodyPreview is the first 255 characters of the text; uniqueBody is the
+  text above the first quote attribution or separator, without ``>`` lines (Exchange compares the
+  conversation's messages); isRead is always false; conversationId groups by the first References
+  id (Exchange uses its thread index).
   Messages reached through a folder they are not in are still returned.
 - Changes are arrivals, moves and hard deletes only (no updates). A move out of a folder is
   ``@removed`` reason ``changed`` in delta, a hard delete ``deleted``; change notifications are

@@ -170,7 +170,7 @@ class Message:
                 if headers is not None:
                     out[name] = headers
             elif name in ("body", "uniqueBody"):
-                out[name] = messages.body(p, as_text)
+                out[name] = messages.body(p, as_text, unique=name == "uniqueBody")
             else:
                 out[name] = values[name]
         return out
