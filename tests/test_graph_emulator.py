@@ -550,7 +550,7 @@ def test_subscription_refusals(client, receiver):
         created(client, receiver, resource=f"users/{REP}/messages")
     full = subscribe(client, receiver)
     assert full.status_code == 403 and "Maximum number of subscriptions" in full.json()["error"]["message"]
-    assert created(client, receiver, resource=f"users/{OTHER}/messages")
+    assert created(client, receiver, resource=f"users/{OTHER.replace('@', '%40')}/messages")  # percent-encoded
     stats = client.emu.stats()
     assert stats["subscriptions"] == {REP: 3, OTHER: 1} and stats["validations_failed"] == 3
 

@@ -7,7 +7,7 @@ import datetime as dt
 import re
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from emulators.graph.errors import GraphError
 from emulators.graph.notify import Notifier
@@ -106,7 +106,7 @@ class Subscriptions:
         if match is None:
             raise GraphError(400, "InvalidRequest", f"The resource '{text}' is not supported: use users/{{id}}/messages, "
                              "users/{id}/mailFolders('{id}')/messages or users/{id}/mailFolders/{id}/messages.")
-        user = match.group("user") or match.group("user_key")
+        user = unquote(match.group("user") or match.group("user_key"))
         mailbox = self.store.user(user)
         if mailbox is None:
             raise GraphError(404, "ExtensionError", f"Operation: Create; Exception: [Status Code: NotFound; "
@@ -114,6 +114,7 @@ class Subscriptions:
         folder_ref = match.group("folder") or match.group("folder_key")
         if folder_ref is None:
             return mailbox, None
+        folder_ref = unquote(folder_ref)
         try:
             return mailbox, self.store.folder(mailbox, folder_ref)
         except GraphError as exc:
@@ -138,17 +139,21 @@ class Subscriptions:
             raise GraphError(400, "InvalidRequest", "clientState must be a string of at most 128 characters.")
         expiration = _expiration(body.get("expirationDateTime"), now)
         mailbox, folder = self._resource(body.get("resource"))
-        self.sweep()
-        if sum(1 for s in self.subs.values() if s.mailbox is mailbox) >= self.max_per_mailbox:
-            raise GraphError(403, "ExtensionError", "Operation: Create; Exception: [Status Code: Forbidden; "
-                             "Reason: Maximum number of subscriptions has been reached]")
+        self._check_room(mailbox)
         await self.notifier.validate(notification_url)
         if lifecycle_url is not None:
             await self.notifier.validate(lifecycle_url)
+        self._check_room(mailbox)  # again: others may have been created while we validated
         sub = Subscription(str(uuid.uuid4()), body["resource"], mailbox, folder, change_type, frozenset(types),
                            notification_url, lifecycle_url, expiration, client_state, immutable, self.application_id)
         self.subs[sub.id] = sub
         return sub
+
+    def _check_room(self, mailbox: Mailbox) -> None:
+        self.sweep()
+        if sum(1 for s in self.subs.values() if s.mailbox is mailbox) >= self.max_per_mailbox:
+            raise GraphError(403, "ExtensionError", "Operation: Create; Exception: [Status Code: Forbidden; "
+                             "Reason: Maximum number of subscriptions has been reached]")
 
     def get(self, subscription_id: str) -> Subscription:
         self.sweep()
