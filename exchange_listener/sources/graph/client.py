@@ -9,7 +9,8 @@ What every request gets:
   ``InvalidAuthenticationToken`` drops the cached token and tries once more with a fresh one;
 - ``Prefer: IdType="ImmutableId"`` (merged with any other preference, e.g. odata.maxpagesize),
   so an item keeps its id when a rule or the user moves it (also inside ``$batch``);
-- ``verify=ca_file`` (a private CA, the emulator's) or the system's CAs, and a timeout;
+- ``verify=ca_file`` (a private CA, the emulator's) or the system's CAs, and a timeout, given per
+  request, token host included (see ``_TokenHttp``);
 - retries of 429/503/504 honouring ``Retry-After`` (seconds, may be fractional) and of network
   errors with ``core.backoff``, all within one sleep budget per call. Past the budget the call
   raises ``GraphUnavailable``: the job or the catch-up is retried later, it never sleeps long.
@@ -160,6 +161,15 @@ def certificate_credential(path: str) -> dict[str, str]:
         raise ConfigError(f"client_certificate_file {path}: must hold a PEM certificate and its private key")
     if key.group(1).startswith("ENCRYPTED"):
         raise ConfigError(f"client_certificate_file {path}: the private key must not be encrypted")
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        private = load_pem_private_key(key.group(0).encode(), password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(f"client_certificate_file {path}: the private key cannot be read") from None
+    if not isinstance(private, rsa.RSAPrivateKey):  # msal signs PS256/RS256; Entra takes RSA certificates
+        raise ConfigError(f"client_certificate_file {path}: the key must be an RSA key")
     return {"private_key": key.group(0), "public_certificate": cert.group(0)}
 
 
@@ -170,6 +180,31 @@ def authority_of(settings: Settings) -> str:
     if not settings.tenant_id:
         raise ConfigError("Graph needs tenant_id (or token_url)")
     return DEFAULT_AUTHORITY.format(tenant=settings.tenant_id)
+
+
+class _TokenHttp:
+    """The HTTP client msal uses for the token host: our session, ``verify`` passed on every call.
+
+    Left to itself msal sets ``session.verify = ca_file``, which requests ignores whenever
+    REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE is set (the environment wins over a session's
+    verify; only a per-request value beats it), and the token host then fails TLS."""
+
+    def __init__(self, session: requests.Session, verify: str | bool, timeout: tuple[float, float]):
+        self.session, self.verify, self.timeout = session, verify, timeout
+
+    def get(self, url: str, **kwargs: Any) -> requests.Response:
+        return self.session.get(url, **self._options(kwargs))
+
+    def post(self, url: str, **kwargs: Any) -> requests.Response:
+        return self.session.post(url, **self._options(kwargs))
+
+    def _options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        kwargs["verify"] = self.verify
+        kwargs.setdefault("timeout", self.timeout)
+        return kwargs
+
+    def close(self) -> None:  # the session is the client's; it closes it
+        pass
 
 
 class GraphClient:
@@ -222,7 +257,7 @@ class GraphClient:
             try:
                 self._app = msal.ConfidentialClientApplication(
                     self.settings.client_id, client_credential=credential, authority=authority_of(self.settings),
-                    verify=self.verify, timeout=self.timeout[1],
+                    http_client=_TokenHttp(self.session, self.verify, self.timeout),
                     instance_discovery=False if self.settings.token_url else None)
             except (requests.RequestException, OSError) as exc:
                 raise GraphUnavailable(0, type(exc).__name__, self._describe(exc)) from None
