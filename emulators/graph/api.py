@@ -167,6 +167,8 @@ class GraphApi:
         method = req.method
         if names and names[0] == "subscriptions":
             return await self._subscriptions(req, route)
+        if names[:1] == ["me"]:
+            raise bad_request("/me request is only valid with delegated authentication flow.")
         if mailbox is None or not names or names[0] != "users":
             raise bad_request(f"Resource not found for the segment '{route[0] if route else ''}'.")
         rest, rest_names = route[2:], names[2:]

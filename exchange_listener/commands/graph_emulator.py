@@ -12,11 +12,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8087, help="Graph port (http; default %(default)s)")
     parser.add_argument("--token-port", type=int, default=0,
                         help="port of the HTTPS token host (default: a free port)")
-    parser.add_argument("--ca-file", metavar="PATH",
+    # dest names unlike the settings': these options configure the emulator, not a listener
+    parser.add_argument("--ca-file", dest="ca_out", metavar="PATH",
                         help="where to write the token host's CA certificate (PEM; default: a temporary file)")
     parser.add_argument("--tenant", default="contoso-tenant", help="tenant id in the token URL (default %(default)s)")
-    parser.add_argument("--client-id", default="graph-app", help="the one application's client id")
-    parser.add_argument("--client-secret", default=None, help="its client secret (none: certificates only)")
+    parser.add_argument("--client-id", dest="app_id", default="graph-app", help="the one application's client id")
+    parser.add_argument("--client-secret", dest="app_secret", default=None,
+                        help="its client secret (none: certificates only)")
     parser.add_argument("--client-certificate", action="append", default=[], metavar="PEM",
                         help="PEM file with the application's certificate (a private key beside it is ignored); "
                              "client assertions signed by its key are accepted (repeatable)")
@@ -48,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long the restart fault answers 503")
     parser.add_argument("--delta-generations", type=int, default=4,
                         help="newest delta/next links of one chain that stay valid (older: 410)")
-    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--log-level", dest="emulator_log_level", default="warning")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
 
-    logs.configure(args.log_level, "auto", stream=sys.stderr)
+    logs.configure(args.emulator_log_level, "auto", stream=sys.stderr)
     certificates = []
     for path in args.client_certificate:
         try:
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"exchange-listener graph-emulator: --client-certificate {path}: {exc}", file=sys.stderr)
             return 2
-    if args.client_secret is None and not certificates:
+    if args.app_secret is None and not certificates:
         print("exchange-listener graph-emulator: give --client-secret and/or --client-certificate", file=sys.stderr)
         return 2
     timeout = args.notification_timeout
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                     retry_window=args.retry_window_seconds, slow_window=args.slow_window_seconds,
                     slow_min_count=args.slow_min_count, slow_delay=args.slow_delay_seconds,
                     validation_timeout=args.validation_timeout)
-    options = Options(tenant=args.tenant, client_id=args.client_id, client_secret=args.client_secret,
+    options = Options(tenant=args.tenant, client_id=args.app_id, client_secret=args.app_secret,
                       certificates=certificates, mailboxes=args.mailbox, token_lifetime=args.token_lifetime,
                       timing=timing, max_subscriptions_per_mailbox=args.max_subscriptions_per_mailbox,
                       max_concurrent_per_mailbox=args.max_concurrent_per_mailbox, latency=args.latency_seconds,
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"token URL: {token_url} (CA certificate: {ca_file})", flush=True)
 
     try:
-        serve(options, args.host, args.port, args.token_port, args.ca_file, ready)
+        serve(options, args.host, args.port, args.token_port, args.ca_out, ready)
     except OSError as exc:
         print(f"exchange-listener graph-emulator: cannot listen on {args.host}:{args.port}/{args.token_port}: "
               f"{exc.strerror or exc}", file=sys.stderr)
