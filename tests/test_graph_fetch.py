@@ -1,0 +1,208 @@
+"""GraphFetcher against the Graph emulator over real HTTP: RFC 5322 mail delivered, read back
+as workers see it (one $batch per job, the MIME fallback for headers, outgoing mail, gone items)."""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import pytest
+
+from emulators.services import GraphEmulator
+from exchange_listener.core import config
+from exchange_listener.sources.base import FetchedMessage, ItemGone
+from exchange_listener.sources.graph.fetch import (
+    FetchError,
+    GraphFetcher,
+    GraphNotConfigured,
+    mime_headers,
+    needs_mime_headers,
+)
+from workers.context import Context
+
+MAILBOX = "sam@example.com"
+
+
+def reply(subject: str = "Re: our offer", *, parent: str = "<offer-1@sales.example>") -> tuple[bytes, str]:
+    message_id = f"<{uuid.uuid4()}@customer.example>"
+    raw = (f"From: Pat Prospect <pat@customer.example>\r\nSender: assistant@customer.example\r\n"
+           f"To: Sam <{MAILBOX}>, other@example.com\r\nCc: boss@customer.example\r\nSubject: {subject}\r\n"
+           f"Date: Tue, 02 Jan 2024 10:00:00 +0000\r\nMessage-ID: {message_id}\r\n"
+           f"In-Reply-To: {parent}\r\nReferences: <root@sales.example> {parent}\r\n"
+           f"Content-Type: text/plain; charset=utf-8\r\n\r\nYes, let's talk.\r\n").encode()
+    return raw, message_id
+
+
+@pytest.fixture(scope="module")
+def graph_process():
+    with GraphEmulator(mailboxes=[MAILBOX]) as emu:
+        yield emu
+
+
+@pytest.fixture
+def graph(graph_process):
+    if graph_process.proc.poll() is not None:
+        graph_process.start()
+    graph_process.reset()
+    graph_process.fault(kind="clear")
+    return graph_process
+
+
+@pytest.fixture
+def fetcher(graph):
+    settings = config.load(env=graph.settings_env(), overrides={"graph_poll_seconds": 60})
+    f = GraphFetcher(settings)
+    yield f
+    f.close()
+
+
+def test_fetch_reads_the_fields_workers_need(graph, fetcher):
+    raw, message_id = reply()
+    item = graph.deliver(MAILBOX, raw)
+    before = graph.stats()["batches"]
+    (got,) = fetcher.fetch(MAILBOX, [item["item_id"]])
+    assert isinstance(got, FetchedMessage)
+    assert got.item_id == item["item_id"] and got.mailbox == MAILBOX
+    assert got.internet_message_id == message_id
+    assert got.subject == "Re: our offer"
+    assert got.from_address == "pat@customer.example"
+    assert got.sender == "assistant@customer.example"
+    assert got.to == [MAILBOX, "other@example.com"] and got.cc == ["boss@customer.example"]
+    assert got.in_reply_to == "<offer-1@sales.example>"
+    assert got.references == "<root@sales.example> <offer-1@sales.example>"
+    assert ("Message-ID", message_id) in got.headers
+    assert got.received_at is not None and got.received_at.tzinfo is not None
+    assert abs((dt.datetime.now(dt.UTC) - got.received_at).total_seconds()) < 120
+    assert got.conversation_id
+    assert got.outgoing is False and got.mime is None  # no fallback was needed
+    assert graph.stats()["batches"] == before + 1  # messages and the own-folder ids in one $batch
+
+
+def test_one_batch_per_job_and_gone_items_in_place(graph, fetcher):
+    items = [graph.deliver(MAILBOX, reply(f"Re: {n}")[0])["item_id"] for n in range(4)]
+    graph.delete(items[1], purge=True)
+    fetcher.fetch(MAILBOX, [items[0]])  # the own-folder ids are now known
+    before = graph.stats()["batches"]
+    got = fetcher.fetch(MAILBOX, [*items, "not-an-id"])
+    assert [type(g) for g in got] == [FetchedMessage, ItemGone, FetchedMessage, FetchedMessage, ItemGone]
+    assert [g.item_id for g in got if isinstance(g, FetchedMessage)] == [items[0], items[2], items[3]]
+    assert graph.stats()["batches"] == before + 1
+
+
+def test_moved_and_hard_deleted_mail_is_still_found_by_its_immutable_id(graph, fetcher):
+    moved = graph.deliver(MAILBOX, reply()[0])["item_id"]
+    graph.move(moved, "Customers/Pat")
+    deleted = graph.deliver(MAILBOX, reply()[0])["item_id"]
+    graph.delete(deleted)  # to Recoverable Items\Deletions, as Exchange does
+    got = fetcher.fetch(MAILBOX, [moved, deleted])
+    assert all(isinstance(g, FetchedMessage) and not g.outgoing for g in got)
+    assert got[0].in_reply_to == "<offer-1@sales.example>"
+
+
+def test_missing_reply_headers_are_read_from_the_mime(graph, fetcher):
+    graph.fault(kind="strip_reply_headers", count=1)
+    raw, _ = reply(parent="<offer-7@sales.example>")
+    item_id = graph.deliver(MAILBOX, raw)["item_id"]
+    (got,) = fetcher.fetch(MAILBOX, [item_id])
+    assert isinstance(got, FetchedMessage)
+    assert got.in_reply_to == "<offer-7@sales.example>"
+    assert got.references == "<root@sales.example> <offer-7@sales.example>"
+    assert ("In-Reply-To", "<offer-7@sales.example>") in got.headers
+    assert got.mime is not None and b"Yes, let's talk." in got.mime
+    requests_before = graph.stats()["requests"]
+    assert fetcher.fetch_mime(MAILBOX, item_id) == got.mime  # kept from the fallback: no request
+    assert graph.stats()["requests"] == requests_before
+    assert b"Yes, let's talk." in fetcher.fetch_mime(MAILBOX, item_id)  # asked again: read from Graph
+    assert graph.stats()["requests"] > requests_before
+
+
+def test_new_thread_falls_back_once_and_finds_no_reply_headers(graph, fetcher):
+    raw = (f"From: pat@customer.example\r\nTo: {MAILBOX}\r\nSubject: hello\r\n"
+           f"Message-ID: <{uuid.uuid4()}@customer.example>\r\n\r\nhi\r\n").encode()
+    item_id = graph.deliver(MAILBOX, raw)["item_id"]
+    (got,) = fetcher.fetch(MAILBOX, [item_id])
+    assert isinstance(got, FetchedMessage)
+    assert got.in_reply_to is None and got.references is None and got.mime == raw
+
+
+def test_mail_in_sent_items_drafts_and_outbox_is_outgoing(graph, fetcher):
+    ids = {folder: graph.deliver(MAILBOX, reply()[0], folder=folder)["item_id"]
+           for folder in ("sentitems", "drafts", "inbox", "junkemail")}
+    got = dict(zip(ids, fetcher.fetch(MAILBOX, list(ids.values()))))
+    assert got["sentitems"].outgoing and got["drafts"].outgoing
+    assert not got["inbox"].outgoing and not got["junkemail"].outgoing
+    # Graph gives no internetMessageHeaders in Sent Items: the MIME's are used
+    assert got["sentitems"].in_reply_to == "<offer-1@sales.example>"
+    moved = ids["inbox"]
+    graph.move(moved, "sentitems")
+    (again,) = fetcher.fetch(MAILBOX, [moved])  # folder ids cached; the mail moved there since
+    assert again.outgoing
+
+
+def test_broken_mime_in_the_fallback_does_not_crash(graph, fetcher):
+    graph.fault(kind="strip_reply_headers", count=1)
+    raw = (b"From: \"unterminated <pat@customer.example\r\nTo: <<<@@@>>>, ,;\r\n"
+           b"Subject: =?utf-8?q?broken=ZZ?=\r\nX-Eight-Bit: caf\xe9 \xff\xfe\r\n"
+           b"In-Reply-To: <offer-9@sales.example>\r\n"
+           b"References: <offer-9@sales.example>\r\n"
+           b"Content-Type: multipart/mixed; boundary=\"nope\"\r\nX-Bad: \x00\x01\r\n\r\n--other\r\ngarbage\r\n")
+    item_id = graph.deliver(MAILBOX, raw)["item_id"]
+    (got,) = fetcher.fetch(MAILBOX, [item_id])
+    assert isinstance(got, FetchedMessage)
+    assert got.in_reply_to == "<offer-9@sales.example>"  # read from the MIME (Graph's copy lacks it)
+    assert (header := next(v for n, v in got.headers if n == "X-Eight-Bit")).startswith("caf")
+    assert "\ufffd" in header
+    for name, value in got.headers:
+        value.encode("utf-8")  # no lone surrogates: safe to log and store
+        name.encode("utf-8")
+
+
+def test_mime_headers_never_raise():
+    for raw in (b"", b"\x00\xff\xfe", b"no colon here\r\n\r\nbody", b"From: a@b\r\n continued\r\n\r\n",
+                b"To: \"x\r\nSubject: =?x-unknown?b?!!!?=\r\n\r\n", b":\r\n\r\n"):
+        headers = mime_headers(raw)
+        assert isinstance(headers, list)
+    assert mime_headers(b"In-Reply-To: <a@b>\r\nReferences:\r\n <a@b>\r\n <c@d>\r\n\r\nx") == [
+        ("In-Reply-To", "<a@b>"), ("References", "<a@b> <c@d>")]
+    assert needs_mime_headers([]) and needs_mime_headers([("Subject", "x")])
+    assert not needs_mime_headers([("references", "<a@b>")])
+
+
+def test_throttled_fetch_recovers(graph, fetcher):
+    item_id = graph.deliver(MAILBOX, reply()[0])["item_id"]
+    graph.fault(kind="throttle", count=3, retry_after=0.2)
+    (got,) = fetcher.fetch(MAILBOX, [item_id])
+    assert isinstance(got, FetchedMessage)
+    assert graph.stats()["throttled"] == 3
+
+
+def test_throttled_past_the_budget_is_a_fetch_error(graph):
+    settings = config.load(env=graph.settings_env(), overrides={"graph_poll_seconds": 60})
+    fetcher = GraphFetcher(settings)
+    fetcher.client.budget = 0.3
+    item_id = graph.deliver(MAILBOX, reply()[0])["item_id"]
+    graph.fault(kind="throttle", count=50, retry_after=2)
+    with pytest.raises(FetchError):
+        fetcher.fetch(MAILBOX, [item_id])
+
+
+def test_texts_from_unique_body(graph, fetcher):
+    item_id = graph.deliver(MAILBOX, reply()[0])["item_id"]
+    gone = graph.deliver(MAILBOX, reply()[0])["item_id"]
+    graph.delete(gone, purge=True)
+    texts = fetcher.fetch_texts(MAILBOX, [item_id, gone])
+    assert texts[0] == "Yes, let's talk." and isinstance(texts[1], ItemGone)
+    assert fetcher.fetch_text(MAILBOX, item_id) == "Yes, let's talk."
+    with pytest.raises(ItemGone):
+        fetcher.fetch_mime(MAILBOX, gone)
+
+
+def test_workers_build_the_graph_fetcher_without_graph_settings():
+    """warm_up builds every fetcher in every worker, also where only EWS is configured; only a
+    Graph job complains."""
+    ctx = Context(config.load(env={}))
+    ctx.warm_up()
+    fetcher = ctx.fetcher("graph")
+    assert isinstance(fetcher, GraphFetcher)
+    with pytest.raises(GraphNotConfigured, match="client_id"):
+        fetcher.fetch(MAILBOX, ["AAkAxyz"])
+    ctx.close()
