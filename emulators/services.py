@@ -551,10 +551,14 @@ class GraphEmulator(_EmulatorProcess):
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
 
-    def deliver(self, mailbox: str, raw: bytes, folder: str = "inbox") -> dict:
-        """Deliver RFC 5322 bytes; returns ``{"item_id" (immutable), "regular_id", "folder", ...}``."""
-        return self._call("POST", f"/emulator/mailboxes/{urllib.parse.quote(mailbox, safe='@')}/messages"
-                          f"?folder={urllib.parse.quote(folder)}", raw, "message/rfc822")
+    def deliver(self, mailbox: str, raw: bytes, folder: str = "inbox", received: str | None = None) -> dict:
+        """Deliver RFC 5322 bytes (``received``: an ISO 8601 receivedDateTime, default now); returns
+        ``{"item_id" (immutable), "regular_id", "folder", "folder_id", ...}``."""
+        query = f"?folder={urllib.parse.quote(folder)}"
+        if received:
+            query += f"&received={urllib.parse.quote(received)}"
+        return self._call("POST", f"/emulator/mailboxes/{urllib.parse.quote(mailbox, safe='@')}/messages{query}",
+                          raw, "message/rfc822")
 
     def move(self, item_id: str, folder: str) -> dict:
         return self._call("POST", f"/emulator/items/{urllib.parse.quote(item_id, safe='')}/move"

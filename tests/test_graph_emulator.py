@@ -365,7 +365,9 @@ def test_immutable_ids_survive_a_move_and_regular_ids_do_not(client):
 
 def test_value_is_the_mime(client):
     raw = mail(7)
-    delivered = client.emu.deliver(REP, raw)
+    delivered = client.emu.deliver(REP, raw, received="2024-03-04T10:00:05+00:00")
+    assert client.get(f"users/{REP}/messages/{delivered['item_id']}").json()["receivedDateTime"] == \
+        "2024-03-04T10:00:05Z"
     response = client.get(f"users/{REP}/mailFolders/inbox/messages/{delivered['item_id']}/$value")
     assert response.status_code == 200 and response.content == raw
     assert response.headers["Content-Type"].startswith("text/plain")

@@ -25,7 +25,7 @@ The token host (HTTPS, throwaway CA): ``GET /{tenant}/v2.0/.well-known/openid-co
 assertion signed by the key of a configured certificate), errors as Entra's JSON.
 
 Test hooks on the Graph port: ``POST /emulator/mailboxes/{addr}/messages?folder=NAME`` (body: RFC
-5322) -> 201 ``{"item_id", "folder", ...}``; ``POST /emulator/items/{id}/move?folder=NAME``;
+5322; ``&received=ISO`` backdates receivedDateTime) -> 201 ``{"item_id", "folder", ...}``; ``POST /emulator/items/{id}/move?folder=NAME``;
 ``DELETE /emulator/items/{id}`` (hard delete: to Recoverable Items\\Deletions as Exchange does,
 ``?purge=true``: gone); ``POST /emulator/folders?mailbox=&path=``;
 ``POST /emulator/faults`` (kinds in ``Emulator.fault``); ``POST /emulator/reset``;
@@ -64,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import datetime as dt
 import json
 import os
 import socket
@@ -224,10 +225,17 @@ class Emulator:
             folder = self.store.folder_path(mailbox, request.query.get("folder", "inbox"))
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
+        received = None
+        if request.query.get("received"):
+            try:
+                received = dt.datetime.fromisoformat(request.query["received"])
+            except ValueError:
+                return web.json_response({"error": "received must be an ISO 8601 time"}, status=400)
+            received = received.replace(tzinfo=dt.UTC) if received.tzinfo is None else received
         strip = self.strip_reply_headers > 0
         if strip:
             self.strip_reply_headers -= 1
-        message = self.store.deliver(mailbox, raw, folder, strip_reply_headers=strip)
+        message = self.store.deliver(mailbox, raw, folder, strip_reply_headers=strip, received=received)
         self.log.info("message delivered", mailbox=mailbox.address, folder=folder.path)
         return web.json_response(self._message_answer(message), status=201)
 

@@ -301,8 +301,10 @@ class Store:
         for listener in self.listeners:
             listener(event, message, folder)
 
-    def deliver(self, mailbox: Mailbox, raw: bytes, folder: Folder, strip_reply_headers: bool = False) -> Message:
-        message = Message(next(self._keys), mailbox, folder, raw, dt.datetime.now(dt.UTC), strip_reply_headers)
+    def deliver(self, mailbox: Mailbox, raw: bytes, folder: Folder, strip_reply_headers: bool = False,
+                received: dt.datetime | None = None) -> Message:
+        message = Message(next(self._keys), mailbox, folder, raw, received or dt.datetime.now(dt.UTC),
+                          strip_reply_headers)
         folder.messages[message.key] = message
         self.by_immutable[message.immutable_id] = message
         self.by_regular[message.regular_id] = message
