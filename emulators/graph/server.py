@@ -25,11 +25,11 @@ The token host (HTTPS, throwaway CA): ``GET /{tenant}/v2.0/.well-known/openid-co
 assertion signed by the key of a configured certificate), errors as Entra's JSON.
 
 Test hooks on the Graph port: ``POST /emulator/mailboxes/{addr}/messages?folder=NAME`` (body: RFC
-5322; ``&received=ISO`` backdates receivedDateTime) -> 201 ``{"item_id", "folder", ...}``; ``POST /emulator/items/{id}/move?folder=NAME``;
-``DELETE /emulator/items/{id}`` (hard delete: to Recoverable Items\\Deletions as Exchange does,
-``?purge=true``: gone); ``POST /emulator/folders?mailbox=&path=``;
-``POST /emulator/faults`` (kinds in ``Emulator.fault``); ``POST /emulator/reset``;
-``GET /emulator/stats``.
+5322; ``&received=ISO`` backdates receivedDateTime) -> 201 ``{"item_id", "folder", ...}``;
+``POST /emulator/items/{id}/move?folder=NAME``; ``DELETE /emulator/items/{id}`` (hard delete: to
+Recoverable Items\\Deletions as Exchange does, ``?purge=true``: gone);
+``POST /emulator/folders?mailbox=&path=``; ``POST /emulator/faults`` (kinds in ``Emulator.fault``);
+``POST /emulator/reset``; ``GET /emulator/stats``.
 
 Where it knowingly differs from Graph:
 - One tenant, one application, no permissions model: the app may read every mailbox (Graph needs
@@ -44,8 +44,8 @@ Where it knowingly differs from Graph:
   wrapped in minimal HTML); bodyPreview is the first 255 characters of the text; uniqueBody is the
   text above the first quote attribution or separator, without ``>`` lines (Exchange compares the
   conversation's messages); isRead is always false; conversationId groups by the first References
-  id (Exchange uses its thread index).
-  Messages reached through a folder they are not in are still returned.
+  id (Exchange uses its thread index). Messages reached through a folder they are not in are
+  still returned.
 - Changes are arrivals, moves and hard deletes only (no updates). A move out of a folder is
   ``@removed`` reason ``changed`` in delta, a hard delete ``deleted``; change notifications are
   ``created`` for arrivals and ``deleted`` for departures. A subscription past its expiry is
@@ -57,7 +57,12 @@ Where it knowingly differs from Graph:
   unsupported resource, bad batch payloads, the throttle and 503 faults' bodies) are the
   emulator's own wording with Graph's codes.
 - The ``throttle`` and ``http_503`` faults hit each request or batch sub-request, never a
-  ``$batch`` envelope; ``restart`` makes every Graph and token request 503 for a while.
+  ``$batch`` envelope; ``restart`` makes every Graph and token request 503 for a while (the test
+  hooks keep answering). Requests take no time unless ``latency`` (option or fault) says so, so
+  the four-concurrent limit bites only then or with truly parallel clients; the 10,000 requests
+  per 10 minutes limit is not enforced (requests are counted per mailbox in the stats).
+- Delta never repeats an item within a round; like Exchange's sync states, only the newest few
+  links of a chain stay valid (``delta_generations``), older ones answer 410.
 """
 from __future__ import annotations
 
