@@ -263,7 +263,7 @@ class GraphListener(BaseListener):
             except GraphError:
                 pass
             sub = None
-        if sub is not None and sub.expires_at <= time.time() + 5:
+        if sub is not None and sub.expires_at <= time.time() + 1:
             subscriber.store.forget(mailbox, sub.id)  # expired: Graph has dropped it
             sub = None
         if sub is not None and mailbox in self._reauthorize:
