@@ -69,3 +69,34 @@ def ledger_identity(message_id: str) -> str:
     from exchange_listener.sources.ledger import identity
 
     return identity(message_id, None)
+
+
+def test_each_mailbox_has_a_source_and_adding_with_another_moves_it(redis_server, redis_client):
+    assert mailboxes.add(redis_client, ["onprem@example.com"]) == ["onprem@example.com"]
+    assert mailboxes.add(redis_client, ["online@example.com"], source="graph") == ["online@example.com"]
+    assert mailboxes.list_all(redis_client, source="ews").keys() == {"onprem@example.com"}
+    assert mailboxes.list_all(redis_client, source="graph").keys() == {"online@example.com"}
+    v1 = mailboxes.version(redis_client)
+    assert mailboxes.add(redis_client, ["onprem@example.com"], source="graph") == ["onprem@example.com"]  # migrated
+    assert mailboxes.version(redis_client) > v1
+    assert mailboxes.list_all(redis_client, source="ews") == {}
+    with pytest.raises(ValueError):
+        mailboxes.add(redis_client, ["x@example.com"], source="imap")
+    done = cli(redis_server.url, "add", "--source", "ews", "online@example.com")
+    assert done.returncode == 0 and "moved to ews: online@example.com" in done.stdout
+    listed = cli(redis_server.url, "list").stdout.splitlines()
+    assert [line.split("\t")[::2] for line in listed] == [["online@example.com", "ews"],
+                                                         ["onprem@example.com", "graph"]]
+    mailboxes.remove(redis_client, ["onprem@example.com"])
+    assert mailboxes.sources(redis_client) == {}  # the source goes with the mailbox
+
+
+def test_fair_shares_are_counted_among_listeners_of_one_source(redis_client):
+    from exchange_listener.listener.leases import Leases
+
+    ews_a, ews_b = Leases(redis_client, "ews-a", 30), Leases(redis_client, "ews-b", 30)
+    graph = Leases(redis_client, "graph-a", 30, source="graph")
+    for leases in (ews_a, ews_b, graph):
+        leases.heartbeat({"mailboxes": 0})
+    assert sorted(ews_a.live_listeners()) == ["ews-a", "ews-b"]
+    assert graph.live_listeners() == ["graph-a"]  # alone among Graph listeners: it takes every Graph mailbox

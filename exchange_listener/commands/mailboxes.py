@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands.add_config_argument(parser)
     parser.add_argument("action", choices=("add", "remove", "list"))
     parser.add_argument("addresses", nargs="*", metavar="ADDRESS")
-    parser.add_argument("--source", choices=mailboxes.SOURCES, default=None,
+    parser.add_argument("--source", dest="mailbox_source", choices=mailboxes.SOURCES, default=None,
                         help="add: watch through EWS or Microsoft Graph (default: the setting `source`); "
                              "adding a watched address with another source moves it")
 
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     conn = redis_conn.connect(settings.redis_url)
     if args.action == "add":
-        source = args.source or settings.source
+        source = args.mailbox_source or settings.source
         before = mailboxes.list_all(conn)
         added = mailboxes.add(conn, addresses, source=source)
         for address in addresses:

@@ -58,7 +58,7 @@ def add(conn: redis.Redis, addresses: list[str], now: float | None = None,
         else:
             pipe.hset(SOURCES_KEY, address, source)
     replies = pipe.execute()
-    added = [a for a, new in zip(clean, replies[::2]) if new or before.get(a, source) != source]
+    added = [a for a, new in zip(clean, replies[::2]) if new or before.get(a, "ews") != source]
     if added:
         conn.incr(VERSION_KEY)
     return added
