@@ -261,6 +261,8 @@ class GraphClient:
                     instance_discovery=False if self.settings.token_url else None)
             except (requests.RequestException, OSError) as exc:
                 raise GraphUnavailable(0, type(exc).__name__, self._describe(exc)) from None
+            except msal.exceptions.MsalServiceError as exc:  # the token host answered discovery with an error
+                raise GraphUnavailable(0, "TokenHostError", self._describe(exc)) from None
             except ValueError as exc:  # msal: authority discovery refused (bad tenant, bad answer)
                 raise AuthenticationFailed(0, "InvalidAuthority", self._describe(exc)) from None
         return self._app
@@ -268,12 +270,16 @@ class GraphClient:
     def token(self, *, fresh: bool = False) -> str:
         """An app-only access token (msal's cache; ``fresh`` drops the cached one first)."""
         app = self._msal()
+        import msal  # (imported by _msal already; for its exception types)
+
         if fresh:
             app.remove_tokens_for_client()
         try:
             result = app.acquire_token_for_client(scopes=SCOPES)
         except (requests.RequestException, OSError) as exc:
             raise GraphUnavailable(0, type(exc).__name__, self._describe(exc)) from None
+        except msal.exceptions.MsalServiceError as exc:  # the token host answered 5xx
+            raise GraphUnavailable(0, "TokenHostError", self._describe(exc)) from None
         token = (result or {}).get("access_token")
         if token:
             self._token = token

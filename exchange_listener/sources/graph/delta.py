@@ -250,7 +250,7 @@ def _folder_exists(client: GraphClient, mailbox: str, folder_id: str) -> bool:
 
 
 def catch_up_folder(client: GraphClient, mailbox: str, folder_id: str, store: DeltaStore, ledger: Ledger,
-                    enqueue: Callable[[Sequence[NewMail]], None], *, since: float) -> int:
+                    enqueue: Callable[[Sequence[NewMail]], None], *, since: float, page_size: int = PAGE_SIZE) -> int:
     """Enqueue every mail new in ``folder_id`` since its stored link that is not processed yet and
     was received at or after ``since``. Returns how many were enqueued."""
     log = logs.get_logger(mailbox=mailbox, folder=folder_id)
@@ -260,7 +260,7 @@ def catch_up_folder(client: GraphClient, mailbox: str, folder_id: str, store: De
     seen: set[str] = set()
     while True:
         try:
-            data = client.get_json(url, headers={"Prefer": f"odata.maxpagesize={PAGE_SIZE}"})
+            data = client.get_json(url, headers={"Prefer": f"odata.maxpagesize={page_size}"})
         except SyncStateNotFound:
             resyncs += 1
             if resyncs > MAX_RESYNCS:
@@ -318,15 +318,17 @@ def catch_up_folder(client: GraphClient, mailbox: str, folder_id: str, store: De
 
 def catch_up_mailbox(client: GraphClient, mailbox: str, store: DeltaStore, ledger: Ledger,
                      enqueue: Callable[[Sequence[NewMail]], None], *, added_at: float | None = None,
-                     folders: Iterable[str] | None = None) -> int:
+                     folders: Iterable[str] | None = None, page_size: int = PAGE_SIZE) -> int:
     """Catch up ``folders`` (ids), or every folder that counts with the folder tree read first
     (then the mailbox is marked caught up). Returns how many mails were enqueued."""
     since = max(added_at or 0.0, ledger.horizon()) - SKEW_SECONDS
     if folders is not None:
-        return sum(catch_up_folder(client, mailbox, f, store, ledger, enqueue, since=since) for f in folders)
+        return sum(catch_up_folder(client, mailbox, f, store, ledger, enqueue, since=since, page_size=page_size)
+                   for f in folders)
     watched = watched_folders(client, mailbox, store, refresh=True)
     kinds = {fid: kind for fid, (_n, _p, kind) in store.folders(mailbox).items()}
     order = sorted(watched, key=lambda fid: (kinds.get(fid) not in FIRST, kinds.get(fid) != "inbox", fid))
-    total = sum(catch_up_folder(client, mailbox, fid, store, ledger, enqueue, since=since) for fid in order)
+    total = sum(catch_up_folder(client, mailbox, fid, store, ledger, enqueue, since=since, page_size=page_size)
+                for fid in order)
     store.mark_caught_up(mailbox)
     return total
