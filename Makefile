@@ -7,6 +7,9 @@ EL := $(BIN)/exchange-listener
 # Settings file for start/status/failed/...: copy deploy/exchange-listener.example.toml to it.
 CONFIG ?= deploy/exchange-listener.toml
 SIZE ?= small
+# Which mail source the demo and the chaos drill run against: ews (the EWS emulator) or graph
+# (the Microsoft Graph emulator, Exchange Online).
+SOURCE ?= ews
 QUICK ?=
 
 export EL_BIN := $(CURDIR)/$(BIN)
@@ -51,8 +54,8 @@ lint: $(VENV)/.installed ## ruff, mypy and lint-imports
 	$(BIN)/lint-imports || status=1; \
 	exit $$status
 
-demo: $(VENV)/.installed ## emulator + Redis + listener + workers under supervisord; play replies; print the table
-	$(BIN)/python tools/demo.py
+demo: $(VENV)/.installed ## emulator + Redis + listener + workers under supervisord; play replies; print the table (SOURCE=ews|graph)
+	$(BIN)/python tools/demo.py --source $(SOURCE)
 
 config-check: $(VENV)/.installed
 	@test -f "$(CONFIG)" || { echo "no settings file $(CONFIG): cp deploy/exchange-listener.example.toml $(CONFIG) and edit it (or make ... CONFIG=path)"; exit 2; }
@@ -91,5 +94,5 @@ tail: ## follow every process's log
 bench: $(VENV)/.installed ## benchmarks -> bench-results/*.json and a table (QUICK=1 for a short run)
 	$(BIN)/python bench/run_all.py $(if $(QUICK),--quick,)
 
-chaos: $(VENV)/.installed ## fault drill with ground-truth check (SIZE=small|large); JSON report as last line
-	$(BIN)/python bench/chaos.py --size $(SIZE)
+chaos: $(VENV)/.installed ## fault drill with ground-truth check (SIZE=small|large, SOURCE=ews|graph); JSON report as last line
+	$(BIN)/python bench/chaos.py --size $(SIZE) --source $(SOURCE)
