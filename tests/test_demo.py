@@ -1,6 +1,7 @@
 """``make demo`` is the README's first command: it must pass end to end and leave nothing running."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -31,17 +32,20 @@ def _pids_with_env(entry: str) -> list[int]:
     return found
 
 
-def test_demo_plays_every_scenario_and_tears_down(tmp_path):
+def _play_and_check(tmp_path: Path, *args: str) -> str:
+    """Run the demo; assert its seven outcomes, its Salesforce table and a full teardown; return its output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXCHANGE_LISTENER_")}
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "demo.py"), "--workdir", str(tmp_path)],
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "demo.py"), "--workdir", str(tmp_path), *args],
                           env=env, capture_output=True, text=True, timeout=180, check=False)
     out = done.stdout
     assert done.returncode == 0, out + done.stderr
-    rows = {}
+    rows, salesforce = {}, {}
     for line in out.splitlines():
         cells = re.split(r"\s{2,}", line.strip())
         if cells and cells[0].startswith("enr-"):
             rows[cells[0]] = cells
+        elif len(cells) == 5 and cells[3].startswith("enr-"):
+            salesforce[cells[3]] = cells
     assert set(rows) == {s.enrollment for s in demo_messages.SCENARIOS}
     for scenario in demo_messages.SCENARIOS:
         _, label, status, reason, latency, ok = rows[scenario.enrollment]
@@ -54,13 +58,49 @@ def test_demo_plays_every_scenario_and_tears_down(tmp_path):
         else:
             assert re.fullmatch(r"\d+ ms", latency), latency
     assert "all 7 outcomes as expected" in out
+    assert set(salesforce) == set(rows)
+    for scenario in demo_messages.SCENARIOS:
+        prospect, _record, activity, _, ok = salesforce[scenario.enrollment]
+        assert prospect == scenario.to[0] and ok == "yes"
+        assert (activity == "none") == (scenario.expect_status == "active"), activity
+    assert "salesforce: 5 activities as expected" in out
 
     # Torn down: supervisord and every child it started are gone.
     assert not (tmp_path / "run" / "supervisord.pid").exists()
-    logs = list((tmp_path / "log").glob("*.log"))
-    assert {p.name for p in logs} >= {"redis.log", "emulator.log", "listener.log", "worker-00.log", "worker-01.log"}
     leftovers = [pid for pid in _pids_with_env(f"EL_RUN_DIR={tmp_path / 'run'}")]
     assert not leftovers, leftovers
+    return out
+
+
+def _logs(tmp_path: Path) -> set[str]:
+    return {p.name for p in (tmp_path / "log").glob("*.log")}
+
+
+def test_demo_plays_every_scenario_and_tears_down(tmp_path):
+    out = _play_and_check(tmp_path)
+    assert "source: ews" in "".join(out.splitlines(keepends=True)[:2])
+    logs = _logs(tmp_path)
+    assert logs >= {"redis.log", "emulator.log", "listener.log", "worker-00.log", "worker-01.log"}
+    assert "graph-emulator.log" not in logs  # the Graph emulator is not started
+
+
+def test_graph_demo_plays_every_scenario_and_tears_down(tmp_path):
+    """``make demo SOURCE=graph``: the same seven outcomes through the Graph emulator, a Graph
+    listener (its receiver takes the emulator's notifications) and workers fetching by Graph."""
+    out = _play_and_check(tmp_path, "--source", "graph")
+    assert "source: graph" in "".join(out.splitlines(keepends=True)[:2])
+    assert "Graph subscription is made" in out
+    logs = _logs(tmp_path)
+    assert logs >= {"redis.log", "graph-emulator.log", "listener.log", "worker-00.log", "worker-01.log"}
+    assert "emulator.log" not in logs  # the EWS emulator is not started
+    assert 'source = "graph"' in (tmp_path / "settings.toml").read_text()
+    listener = [json.loads(line) for line in (tmp_path / "log" / "listener.log").read_text().splitlines()
+                if line.startswith("{")]
+    assert any(e.get("event") == "listener starting" and e.get("source") == "graph"
+               and e.get("mode") == "notifications" for e in listener), listener[:5]
+    assert any(e.get("event") == "subscribed" for e in listener)
+    delivered = (tmp_path / "log" / "graph-emulator.log").read_text().count('"message delivered"')
+    assert delivered == len(demo_messages.SCENARIOS)
 
 
 def test_ctrl_c_mid_demo_still_tears_everything_down(tmp_path):

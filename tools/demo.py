@@ -1,9 +1,11 @@
 """``make demo``: the whole product on one machine, under supervisord, in well under a minute.
 
-Starts Redis, the EWS emulator, a listener and two workers with the shipped supervisord
-configuration (deploy/demo/supervisord.conf), records one send per enrollment, delivers a
-reply of every kind to the rep's mailbox, and prints what happened to each enrollment and how
-long it took from delivery. The Salesforce emulator runs too, with a Contact or Lead per
+Starts Redis, the EWS emulator (``--source ews``, the default) or the Microsoft Graph emulator
+(``--source graph``: Exchange Online, its listener's notification receiver the emulator POSTs
+to), a listener and two workers with the shipped supervisord configuration
+(deploy/demo/supervisord.conf), records one send per enrollment, delivers a reply of every kind
+to the rep's mailbox, and prints what happened to each enrollment and how long it took from
+delivery. The Salesforce emulator runs too, with a Contact or Lead per
 prospect: the workers log each reply, bounce and out-of-office there as a Task, and a second
 table shows them. Exits 0 only if every outcome and activity is the expected one; always shuts
 supervisord and everything it started down, also on Ctrl-C or an error.
@@ -34,6 +36,7 @@ from rq.serializers import JSONSerializer
 from emulators.services import (
     free_port,
     redis_server_binary,
+    wait_for,
     wait_for_port,
 )
 from exchange_listener import health
@@ -44,6 +47,12 @@ CONF = ROOT / "deploy" / "demo" / "supervisord.conf"
 QUEUE = "exchange-listener"
 SALESFORCE_USER = "exchange-listener@northwind.example"
 SALESFORCE_CLIENT_ID = "3MVG9demo-consumer-key"
+# The Graph emulator's application (deploy/demo/supervisord.conf starts it with the same three)
+GRAPH_TENANT = "northwind-tenant"
+GRAPH_CLIENT_ID = "demo-graph-app"
+GRAPH_CLIENT_SECRET = "demo-graph-secret"
+SOURCES = {"ews": "the EWS emulator (Exchange on-premises, streaming notifications)",
+           "graph": "the Microsoft Graph emulator (Exchange Online, change notifications + delta)"}
 
 
 class Stop(Exception):
@@ -55,7 +64,10 @@ def say(message: str, started: float) -> None:
 
 
 class Demo:
-    def __init__(self, workdir: Path, timeout: float):
+    def __init__(self, workdir: Path, timeout: float, source: str = "ews"):
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, not {source!r}")
+        self.source = source
         self.workdir = workdir
         self.run_dir = workdir / "run"
         if len(str(self.run_dir / "supervisor.sock")) > 100:  # a Unix socket path must stay under ~107 bytes
@@ -69,6 +81,10 @@ class Demo:
         self.emulator_port = free_port()
         self.salesforce_port = free_port()
         self.api_port = free_port()  # deploy/programs.conf runs the HTTP API too
+        self.graph_port = free_port()  # Graph (http) and its token host (https, CA in graph_ca)
+        self.graph_token_port = free_port()
+        self.notification_port = free_port()  # the Graph listener's receiver the emulator POSTs to
+        self.graph_ca = workdir / "graph-ca.pem"
         self.salesforce_key = workdir / "salesforce.key"
         self.salesforce_cert = workdir / "salesforce.crt"
         self.env: dict[str, str] = {}
@@ -99,14 +115,16 @@ class Demo:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for old in self.log_dir.glob("*.log"):
             old.unlink()
+        self.graph_ca.unlink(missing_ok=True)  # the emulator writes it anew; its presence says it is up
         self.settings_path.write_text(
-            "# Written by tools/demo.py for one demo run.\n"
+            f"# Written by tools/demo.py for one demo run (source {self.source}).\n"
             f'redis_url = "redis://127.0.0.1:{self.redis_port}/0"\n'
             "# the demo's Redis keeps nothing on disk (deploy/demo/supervisord.conf): fine for a demo only\n"
             "allow_volatile_redis = true\n"
-            f'ews_url = "http://127.0.0.1:{self.emulator_port}/EWS/Exchange.asmx"\n'
-            'auth_type = "basic"\news_username = "svc"\news_password = "svc-password"\n'
-            "heartbeat_seconds = 5.0\nlease_seconds = 10.0\nworker_ttl = 15\n"
+            + (self._graph_settings() if self.source == "graph" else
+               f'ews_url = "http://127.0.0.1:{self.emulator_port}/EWS/Exchange.asmx"\n'
+               'auth_type = "basic"\news_username = "svc"\news_password = "svc-password"\n')
+            + "heartbeat_seconds = 5.0\nlease_seconds = 10.0\nworker_ttl = 15\n"
             'log_format = "json"\n'
             f'api_listen = "127.0.0.1:{self.api_port}"\n'
             f'salesforce_login_url = "http://127.0.0.1:{self.salesforce_port}"\n'
@@ -124,16 +142,46 @@ class Demo:
             "EL_EMULATOR_PORT": str(self.emulator_port),
             "EL_SALESFORCE_PORT": str(self.salesforce_port),
             "EL_SALESFORCE_CERT": str(self.salesforce_cert),
+            # supervisord expands every %(ENV_X)s of its file, also the programs it does not start
+            "EL_EMULATOR_AUTOSTART": "true" if self.source == "ews" else "false",
+            "EL_GRAPH_AUTOSTART": "true" if self.source == "graph" else "false",
+            "EL_GRAPH_PORT": str(self.graph_port),
+            "EL_GRAPH_TOKEN_PORT": str(self.graph_token_port),
+            "EL_GRAPH_CA_FILE": str(self.graph_ca),
+            "EL_DEMO_MAILBOX": demo.MAILBOX,
             "EXCHANGE_LISTENER_CONFIG": str(self.settings_path),
         }
         self.shutdown(quiet=True)  # a demo left running by a killed earlier run
 
+    def _graph_settings(self) -> str:
+        """The Graph listener's and workers' settings: the emulator's Graph and token host, the
+        app's credentials, and the listener's notification receiver."""
+        token_url = f"https://127.0.0.1:{self.graph_token_port}/{GRAPH_TENANT}/oauth2/v2.0/token"
+        return (
+            'source = "graph"\n'
+            f'graph_url = "http://127.0.0.1:{self.graph_port}/v1.0"\n'
+            f'token_url = "{token_url}"\n'
+            f'tenant_id = "{GRAPH_TENANT}"\nclient_id = "{GRAPH_CLIENT_ID}"\nclient_secret = "{GRAPH_CLIENT_SECRET}"\n'
+            "# the emulator's token host is HTTPS with a CA certificate it writes at start\n"
+            f'ca_file = "{self.graph_ca}"\n'
+            f'notification_url = "http://127.0.0.1:{self.notification_port}/graph/notify"\n'
+            f'notification_listen = "127.0.0.1:{self.notification_port}"\n'
+        )
+
     def start(self) -> None:
-        say(f"starting supervisord ({CONF.relative_to(ROOT)}): redis, emulator, salesforce emulator, listener, "
+        say(f"source: {self.source}, {SOURCES[self.source]}", self.started)
+        emulator = "graph emulator" if self.source == "graph" else "emulator"
+        say(f"starting supervisord ({CONF.relative_to(ROOT)}): redis, {emulator}, salesforce emulator, listener, "
             "2 workers", self.started)
         subprocess.run([self.command("supervisord"), "-c", str(CONF)], env=self.env, check=True, timeout=30)
         wait_for_port(self.redis_port, timeout=15)
-        wait_for_port(self.emulator_port, timeout=15)
+        if self.source == "graph":
+            wait_for_port(self.graph_port, timeout=15)
+            wait_for_port(self.graph_token_port, timeout=15)
+            # the listener and workers read it at their first token request (once the mailbox is added)
+            wait_for(self.graph_ca.exists, timeout=15, message=f"the graph emulator's CA certificate {self.graph_ca}")
+        else:
+            wait_for_port(self.emulator_port, timeout=15)
         wait_for_port(self.salesforce_port, timeout=15)
         self.salesforce("POST", "/emulator/records/User", {"Username": SALESFORCE_USER, "LastName": "Integration"})
         for index, s in enumerate(demo.SCENARIOS):  # every other prospect is a Lead, the rest Contacts
@@ -174,21 +222,35 @@ class Demo:
 
     # -- the scenario ------------------------------------------------------------------
     def wait_subscribed(self, conn) -> None:
+        """Until a listener holds the mailbox and is subscribed: EWS, its streaming connection is
+        open; Graph, its subscription is made (in Redis and in the listener's heartbeat) and the
+        first delta catch-up, which follows it, is done."""
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             holder = conn.get(keys.lease(demo.MAILBOX))
             if holder:
                 snap = health.snapshot(conn, QUEUE)
                 for listener in snap["listeners"]:
-                    if listener["id"] == holder.decode() and any(g["connected"] for g in listener["groups"]):
+                    if listener["id"] != holder.decode():
+                        continue
+                    if self.source == "ews" and any(g["connected"] for g in listener["groups"]):
                         say(f"listener {listener['id']} holds {demo.MAILBOX} and its stream is open", self.started)
+                        return
+                    graph = listener.get("graph") or {}
+                    if (self.source == "graph" and graph.get("mode") == "notifications"
+                            and (graph.get("subscriptions") or 0) >= 1
+                            and conn.hget(keys.graph_subscription(demo.MAILBOX), "id")
+                            and conn.hget(keys.graph_delta(demo.MAILBOX), "@caught_up") is not None):
+                        say(f"listener {listener['id']} holds {demo.MAILBOX}, its Graph subscription is made and "
+                            "its first delta catch-up done", self.started)
                         return
             time.sleep(0.2)
         raise RuntimeError(f"no listener subscribed {demo.MAILBOX} within {self.timeout:.0f}s (see {self.log_dir})")
 
     def deliver(self, raw: bytes) -> tuple[str, float]:
         req = urllib.request.Request(
-            f"http://127.0.0.1:{self.emulator_port}/emulator/mailboxes/{demo.MAILBOX}/messages?folder=inbox",
+            f"http://127.0.0.1:{self.graph_port if self.source == 'graph' else self.emulator_port}"
+            f"/emulator/mailboxes/{demo.MAILBOX}/messages?folder=inbox",
             data=raw, method="POST", headers={"Content-Type": "message/rfc822"})
         sent_at = time.time()  # the pipeline may finish before the emulator's answer is read
         with urllib.request.urlopen(req, timeout=10) as resp:
@@ -214,8 +276,8 @@ class Demo:
         from workers.state.enrollments import EnrollmentStore, enrollment_key
 
         conn = redis_conn.connect(f"redis://127.0.0.1:{self.redis_port}/0")
-        self.el("mailboxes", "add", demo.MAILBOX)
-        say(f"watching {demo.MAILBOX} (exchange-listener mailboxes add)", self.started)
+        self.el("mailboxes", "add", demo.MAILBOX, "--source", self.source)
+        say(f"watching {demo.MAILBOX} (exchange-listener mailboxes add --source {self.source})", self.started)
         self.wait_subscribed(conn)
 
         send_ids = {}
@@ -234,7 +296,8 @@ class Demo:
         delivered = {}
         for s in demo.SCENARIOS:
             delivered[s.enrollment] = self.deliver(s.build(s, send_ids[s.enrollment], now))
-        say(f"delivered {len(delivered)} messages to the emulator; waiting for the workers", self.started)
+        say(f"delivered {len(delivered)} messages to the {'graph ' if self.source == 'graph' else ''}emulator; "
+            "waiting for the workers", self.started)
 
         store = EnrollmentStore(conn)
         deadline = time.monotonic() + self.timeout
@@ -386,10 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=str(ROOT / "var" / "demo"), help="settings, sockets and logs (default: var/demo)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each stage")
+    parser.add_argument("--source", choices=sorted(SOURCES), default="ews",
+                        help="the mail source: ews (the EWS emulator, default) or graph (the Microsoft Graph emulator)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
-    run = Demo(Path(args.workdir).resolve(), args.timeout)
+    run = Demo(Path(args.workdir).resolve(), args.timeout, args.source)
     try:
         run.prepare()
         run.start()
