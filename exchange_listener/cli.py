@@ -49,7 +49,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = argv[0] if argv and argv[0] in COMMANDS else None
-    args = build_parser(chosen).parse_args(argv)
+    if chosen and getattr(_load(chosen), "INTERMIXED", False):
+        # options anywhere among the positionals (`mailboxes add --source graph ADDR`), which the
+        # subcommand form cannot do: argparse gives a `*` positional its words before the first option
+        alone = argparse.ArgumentParser(prog=f"exchange-listener {chosen}", description=COMMANDS[chosen][1])
+        _load(chosen).add_arguments(alone)
+        args = alone.parse_intermixed_args(argv[1:])
+        args.command = chosen
+    else:
+        args = build_parser(chosen).parse_args(argv)
     if not args.command:
         build_parser().print_help()
         return 2

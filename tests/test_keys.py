@@ -19,7 +19,13 @@ from pathlib import Path
 import mail_samples as mail
 import pytest
 
-from emulators.services import CliProcess, free_port, service_env, wait_for
+from emulators.services import (
+    CliProcess,
+    GraphEmulator,
+    free_port,
+    service_env,
+    wait_for,
+)
 from exchange_listener.core import keys
 from exchange_listener.core.lua import Script
 from exchange_listener.listener import mailboxes
@@ -33,6 +39,7 @@ PRODUCT = ("exchange_listener", "workers")
 SCRIPTS = ROOT / "exchange_listener" / "core" / "scripts"
 MAILBOX = "rep@ours.example"
 PROSPECT = "pat@prospect.example"
+ONLINE = "rep@online.example"  # a mailbox on Exchange Online, watched through Graph
 wait_for = functools.partial(wait_for, timeout=60.0, interval=0.1)
 
 
@@ -107,15 +114,30 @@ def snapshot(conn) -> dict[str, str]:
     return {k.decode(): conn.type(k).decode() for k in conn.scan_iter(count=1000)}
 
 
+@pytest.fixture(scope="module")
+def graph():
+    with GraphEmulator(mailboxes=[ONLINE]) as emu:
+        yield emu
+
+
 @pytest.mark.slow
-def test_a_realistic_run_leaves_only_declared_keys_of_the_declared_type(redis_server, redis_client, emulator,
+def test_a_realistic_run_leaves_only_declared_keys_of_the_declared_type(redis_server, redis_client, emulator, graph,
                                                                         tmp_path):
-    env = service_env(redis_server.url, emulator.ews_url, heartbeat_seconds=1, lease_seconds=3, listener_id="l1")
+    graph_settings = {k: v for k, v in graph.settings_env().items() if k != "EXCHANGE_LISTENER_SOURCE"}
+    env = {**service_env(redis_server.url, emulator.ews_url, heartbeat_seconds=1, lease_seconds=3, listener_id="l1"),
+           **graph_settings}  # the workers fetch both sources' mail
+    port = free_port()
+    graph_env = {**env, "EXCHANGE_LISTENER_SOURCE": "graph", "EXCHANGE_LISTENER_LISTENER_ID": "g1",
+                 "EXCHANGE_LISTENER_NOTIFICATION_URL": f"http://127.0.0.1:{port}/graph/notify",
+                 "EXCHANGE_LISTENER_NOTIFICATION_LISTEN": f"127.0.0.1:{port}",
+                 "EXCHANGE_LISTENER_CHECKPOINT_SECONDS": "1"}
     procs = [CliProcess(["listen"], env, tmp_path / "listener.log"),
              CliProcess(["api"], {**env, "EXCHANGE_LISTENER_API_LISTEN": f"127.0.0.1:{free_port()}"},
                         tmp_path / "api.log")]
     try:
         mailboxes.add(redis_client, [MAILBOX])
+        mailboxes.add(redis_client, [ONLINE], source="graph")
+        procs.append(CliProcess(["listen"], graph_env, tmp_path / "graph-listener.log"))
         worker = CliProcess(["work", "--name", "keys-worker"], env, tmp_path / "worker.log")
         procs.append(worker)
         wait_for(lambda: streaming(redis_client), message="the mailbox streaming")
@@ -134,6 +156,15 @@ def test_a_realistic_run_leaves_only_declared_keys_of_the_declared_type(redis_se
         # (workers/jobs.py says so); this test is about keys, not about that
         wait_for(lambda: [(store.get(e) or {}).get("status") for e in ("e-reply", "e-ooo")] == ["stopped", "paused"]
                  and redis_client.xlen(keys.OBSERVED) >= 1, message="the reply, the out-of-office, the soft bounce")
+        # the Graph side: a reply by notification, then a lifecycle event (its stream)
+        online = mail.new_id("ours.example")
+        sends.record([online], "e-online", "seq-1", ONLINE, to=[PROSPECT])
+        wait_for(lambda: redis_client.hget(keys.graph_delta(ONLINE), "@caught_up") is not None,
+                 message="the Graph mailbox subscribed and caught up")
+        graph.deliver(ONLINE, mail.reply(sender=PROSPECT, to=ONLINE, in_reply_to=online, references=online))
+        graph.fault(kind="reauthorization_required")
+        wait_for(lambda: (store.get("e-online") or {}).get("status") == "stopped"
+                 and redis_client.xlen(keys.GRAPH_LIFECYCLE) >= 1, message="the Graph reply and a lifecycle event")
         emulator.move(reply["item_id"], "Customers/Acme")  # the listener records the move
         wait_for(lambda: any(redis_client.scan_iter(keys.moved(MAILBOX, "*"))), message="the move recorded")
         wait_for(lambda: redis_client.zcard(keys.OUTBOX) == 0, message="the worker drained the outbox")

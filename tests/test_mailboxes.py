@@ -82,8 +82,11 @@ def test_each_mailbox_has_a_source_and_adding_with_another_moves_it(redis_server
     assert mailboxes.list_all(redis_client, source="ews") == {}
     with pytest.raises(ValueError):
         mailboxes.add(redis_client, ["x@example.com"], source="imap")
-    done = cli(redis_server.url, "add", "--source", "ews", "online@example.com")
-    assert done.returncode == 0 and "moved to ews: online@example.com" in done.stdout
+    done = cli(redis_server.url, "add", "--source", "ews", "online@example.com")  # the README's order
+    assert done.returncode == 0 and "moved to ews: online@example.com" in done.stdout, done.stderr
+    done = cli(redis_server.url, "add", "late@example.com", "--source", "graph")  # and the option last
+    assert done.returncode == 0 and "added: late@example.com" in done.stdout, done.stderr
+    assert cli(redis_server.url, "remove", "late@example.com").returncode == 0
     listed = cli(redis_server.url, "list").stdout.splitlines()
     assert [line.split("\t")[::2] for line in listed] == [["online@example.com", "ews"],
                                                          ["onprem@example.com", "graph"]]

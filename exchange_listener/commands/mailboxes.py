@@ -9,6 +9,8 @@ from exchange_listener import commands
 from exchange_listener.core import redis_conn
 from exchange_listener.listener import mailboxes
 
+INTERMIXED = True  # `add --source graph ADDR` and `add ADDR --source graph` both work (cli.main)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     commands.add_config_argument(parser)

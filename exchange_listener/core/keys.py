@@ -20,7 +20,7 @@ el:sync:{mailbox}                hash    sources.ews.catch_up -> sources.ews.fet
 el:folders:{mailbox}             hash    sources.ews.catch_up -> sources.ews.stream, .fetch; the same
 el:tree:{mailbox}                hash    sources.ews.catch_up -> sources.ews.stream, .fetch; the same
 el:graph:subscriptions           hash    sources.graph.subscriptions -> sources.graph.receiver; no TTL, removed
-                                         with the subscription (subscription id -> mailbox)
+                                         with the subscription (subscription id -> mailbox, clientState hash)
 el:graph:lifecycle               stream  sources.graph.receiver -> listener.graph; capped at ~10,000 entries
 el:graph:subscription:{mailbox}  hash    sources.graph.subscriptions -> health; no TTL (``mailboxes remove``)
 el:graph:delta:{mailbox}         hash    sources.graph.delta -> health; no TTL (``mailboxes remove``)
@@ -89,7 +89,7 @@ def tree(mailbox: str) -> str:
 
 
 # -- the Microsoft Graph source (exchange_listener.sources.graph) --------------------------------
-GRAPH_SUBSCRIPTIONS = "el:graph:subscriptions"  # subscription id -> mailbox
+GRAPH_SUBSCRIPTIONS = "el:graph:subscriptions"  # subscription id -> JSON {mailbox, client_state_sha256}
 GRAPH_LIFECYCLE = "el:graph:lifecycle"  # lifecycle notifications, for the listener holding the mailbox
 
 
