@@ -67,6 +67,12 @@ Children run with short timings so that the drill fits in CI: ``heartbeat_second
 
     python bench/chaos.py --size small     # CI: about 90 s on two cores
     python bench/chaos.py --size large     # >= 10,000 replies
+    python bench/chaos.py --size small --source graph   # the same drill against Microsoft Graph
+
+``--source graph`` (``bench/graph_chaos.py``) runs it with the Graph emulator, listeners with
+``source = graph`` behind one notification URL (a forwarding proxy in front of their receivers),
+one redis-server with AOF unless ``--redis sentinel``, and the Graph emulator's faults instead of
+the EWS ones; the report and its check are the same (plus a ``graph`` section).
 
 The helpers here (``Stack``, the message builders, ``Deliverer``, ``transition_times``) are also
 used by ``bench/run_all.py`` for the end-to-end benchmark.
@@ -344,11 +350,15 @@ class Stack:
         # (its logs under log_dir: kept with the drill's logs when it fails)
         self.sentinel = SentinelGroup(workdir=os.path.join(self.log_dir, "redis-sentinel")) if sentinel else None
         self.redis_server = None if sentinel else RedisServer(aof=aof)
-        self.emulator = Emulator(accounts=[":".join(SERVICE_ACCOUNT)], mailboxes=mailboxes,
-                                 heartbeat_seconds=heartbeat_seconds)
+        self.emulator = self._make_emulator()
         self.listeners: list[Proc] = []
         self.workers: list[Proc] = []
         self.redis: redis.Redis | None = None
+
+    def _make_emulator(self):
+        """The mail server the children talk to (``bench/graph_chaos.GraphStack``: the Graph one)."""
+        return Emulator(accounts=[":".join(SERVICE_ACCOUNT)], mailboxes=self.mailboxes,
+                        heartbeat_seconds=self.heartbeat_seconds)
 
     @property
     def queue_name(self) -> str:
@@ -764,6 +774,9 @@ def warm_up(stack: Stack, replies: list[Enrollment], timeout: float = 60.0) -> f
 # --- the drill --------------------------------------------------------------------------------
 
 class Drill:
+    source = "ews"
+    base_fault_kinds = FAULT_KINDS
+
     def __init__(self, size: str, seed: int, log_dir: str, plumbing: str = "ours", sentinel: bool | None = None,
                  phase: bool = True):
         self.cfg = SIZES[size]
@@ -772,12 +785,8 @@ class Drill:
         self.mailboxes = [f"rep{i:04d}@sales.example" for i in range(self.cfg["mailboxes"])]
         commands = baseline_commands(self.mailboxes, log_dir) if plumbing == "baseline" else {}
         self.sentinel = self.cfg["sentinel"] if sentinel is None else sentinel
-        self.fault_kinds = FAULT_KINDS + (SENTINEL_FAULTS if self.sentinel else ())
-        self.stack = Stack(self.mailboxes, listeners=2, workers=2, log_dir=log_dir, **commands, sentinel=self.sentinel,
-                           settings={
-            "queue_name": "drill", "lease_seconds": self.cfg["lease"], "worker_ttl": 10, "job_timeout": 30,
-            "job_retries": 8, "connection_timeout": 1,  # the server closes every stream each minute
-        })
+        self.fault_kinds = self.base_fault_kinds + (SENTINEL_FAULTS if self.sentinel else ())
+        self.stack = self.make_stack(log_dir, commands)
         self.enrollments, self.timeline = make_plan(self.mailboxes, self.cfg["deliveries"], self.rng)
         self.supervisor = Supervisor(self.stack)
         self.faults: list[dict] = []  # {kind, at, probes: [enrollment ids], job_id, recovery_s}
@@ -789,6 +798,13 @@ class Drill:
         self.lock = threading.Lock()
         self.delivered = 0
         self.errors: list[str] = []
+
+    def make_stack(self, log_dir: str, commands: dict) -> Stack:
+        return Stack(self.mailboxes, listeners=2, workers=2, log_dir=log_dir, **commands, sentinel=self.sentinel,
+                     settings={
+            "queue_name": "drill", "lease_seconds": self.cfg["lease"], "worker_ttl": 10, "job_timeout": 30,
+            "job_retries": 8, "connection_timeout": 1,  # the server closes every stream each minute
+        })
 
     # -- setup -------------------------------------------------------------------------------
     def probe_enrollments(self, count: int) -> list[Enrollment]:
@@ -955,7 +971,7 @@ class Drill:
 
     def kill_busy_worker(self) -> dict:
         """Slow EWS down so jobs take a while, wait until a worker is mid-job, kill -9 it, restart it."""
-        self.stack.emulator.fault(kind="latency", ms=400)
+        self.slow_down(True)
         try:
             deliverer = Deliverer(self.stack.emulator)
             deadline = time.monotonic() + 15
@@ -972,9 +988,13 @@ class Drill:
             self.supervisor.hold(victim)
             victim.kill()
         finally:
-            self.stack.emulator.fault(kind="latency", ms=0)
+            self.slow_down(False)
         threading.Timer(self.rng.uniform(1, 3), self.supervisor.release, args=(victim,)).start()
         return {"victim": victim.name, "job_id": job_id}
+
+    def slow_down(self, on: bool) -> None:
+        """Make the mail server's answers slow (so a worker is caught mid-job), or fast again."""
+        self.stack.emulator.fault(kind="latency", ms=400 if on else 0)
 
     def run_faults(self, schedule: list[tuple[float, str]], start: float, stop: threading.Event) -> None:
         for offset, kind in schedule:
@@ -1045,10 +1065,10 @@ class Drill:
 
     def wait_caught_up(self, since: float, timeout: float = 120.0) -> float | None:
         """Seconds until every mailbox finished a full catch-up after ``since`` (epoch), or None."""
-        store, t0 = SyncStore(self.stack.redis), time.monotonic()
+        t0 = time.monotonic()
 
         def behind() -> list[str]:
-            return [m for m in self.mailboxes if (store.caught_up_at(m) or 0) <= since]
+            return [m for m in self.mailboxes if (self.caught_up_at(m) or 0) <= since]
 
         try:
             wait_for(lambda: retrying(lambda: not behind()), timeout=timeout, interval=0.5,
@@ -1059,6 +1079,10 @@ class Drill:
                                f"{late[:5]}")
             return None
         return round(time.monotonic() - t0, 1)
+
+    def caught_up_at(self, mailbox: str) -> float | None:
+        """Epoch second of the mailbox's last full catch-up (the listeners' sync-state store)."""
+        return SyncStore(self.stack.redis).caught_up_at(mailbox)
 
     def set_running(self, procs: list[Proc], running: bool, *, kill: bool = False) -> float:
         """Stop ``procs`` (SIGTERM: warm shutdown, in parallel; or kill -9) and keep the supervisor
@@ -1413,13 +1437,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis", choices=["sentinel", "single"], default=None,
                         help="Redis as a Sentinel group (with the failover fault) or one server (default: by size)")
     parser.add_argument("--no-mailbox-phase", action="store_true", help="leave out the mailbox-behaviour phase")
+    parser.add_argument("--source", choices=["ews", "graph"], default="ews",
+                        help="the mail source: ews (the EWS emulator, streaming) or graph (the Microsoft Graph "
+                             "emulator, notifications and delta; bench/graph_chaos.py)")
     args = parser.parse_args(argv)
+    if args.source == "graph" and args.plumbing == "baseline":
+        parser.error("--plumbing baseline knows EWS only")
     seed = args.seed if args.seed is not None else int(time.time())
-    log_dir = tempfile.mkdtemp(prefix=f"el-chaos-{args.size}-")
+    suffix = "-graph" if args.source == "graph" else ""
+    log_dir = tempfile.mkdtemp(prefix=f"el-chaos-{args.size}{suffix}-")
     sentinel = None if args.redis is None else args.redis == "sentinel"
     if args.plumbing == "baseline":
         sentinel = False  # the baseline knows plain redis:// URLs only
-    drill = Drill(args.size, seed, log_dir, args.plumbing, sentinel=sentinel, phase=not args.no_mailbox_phase)
+    drill_class = Drill
+    if args.source == "graph":
+        # bench/ is on sys.path: this script's own directory
+        from graph_chaos import GraphDrill
+
+        drill_class = GraphDrill
+    drill = drill_class(args.size, seed, log_dir, args.plumbing, sentinel=sentinel, phase=not args.no_mailbox_phase)
     report: dict
     try:
         report = drill.run()
@@ -1435,10 +1471,11 @@ def main(argv: list[str] | None = None) -> int:
         drill.stack.stop()
     report["seed"] = seed
     report["plumbing"] = args.plumbing
+    report["source"] = args.source
     ok = "error" not in report and passed(report)
     report["passed"] = ok
     os.makedirs(os.path.join(ROOT, "bench-results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench-results", f"chaos-{args.size}{'-baseline' if args.plumbing == 'baseline' else ''}.json"), "w") as fh:
+    with open(os.path.join(ROOT, "bench-results", f"chaos-{args.size}{suffix}{'-baseline' if args.plumbing == 'baseline' else ''}.json"), "w") as fh:
         json.dump(report, fh, indent=2, default=str)
     summary = {k: report.get(k) for k in ("size", "redis", "replies", "injected", "lost", "duplicated", "false_stops",
                                           "wrong", "unexplained", "max_recovery_s", "failover_recovery_s", "total_s")}
