@@ -44,6 +44,7 @@ from typing import Any
 
 import redis
 from rq import SimpleWorker
+from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.queue import Queue
 from rq.scheduler import RQScheduler
@@ -98,11 +99,17 @@ class TakingQueue(Queue):
     """RQ's Queue, noting the job a dequeue just took, until the worker starts it."""
 
     taken: str | None = None  # one worker per process
+    closing = False  # MailWorker._shutdown closed the socket under this dequeue's read
 
     @classmethod
     def dequeue_any(cls, *args: Any, **kwargs: Any) -> tuple[Job, Queue] | None:
         TakingQueue.taken = None  # a job taken earlier and never started (an error in between) is not ours now
-        result = super().dequeue_any(*args, **kwargs)
+        try:
+            result = super().dequeue_any(*args, **kwargs)
+        except ValueError:  # redis-py's read, unwinding, touched the buffer the disconnect closed
+            if TakingQueue.closing:
+                raise StopRequested() from None  # the stop it is: RQ ends work() quietly
+            raise
         if result is not None:
             TakingQueue.taken = result[0].id
         return result
@@ -129,6 +136,7 @@ class MailWorker(SimpleWorker):
             with contextlib.suppress(Exception):
                 self.unsubscribe()
                 self.pubsub_thread = None  # RQ's teardown unsubscribes again: nothing left to do
+            TakingQueue.closing = True
             with contextlib.suppress(Exception):
                 self.connection.connection_pool.disconnect()
         super()._shutdown()
