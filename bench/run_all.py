@@ -30,7 +30,13 @@ one listener + N workers per system (run one after the other, never at the same 
 8. latency p99 at 80% of the highest replies/s of (2) (ours only), delivered on a schedule by a few
    threads, with the best worker count;
 9. listener start-up and footprint (``bench/listener_bench.py``): seconds until 5,000 mailboxes all
-   stream, RSS at 20,000 mailboxes (quick: at 200; the table row's ``mailboxes`` says the size).
+   stream, RSS at 20,000 mailboxes (quick: at 200; the table row's ``mailboxes`` says the size);
+10. the Microsoft Graph source (``bench/graph_bench.py``, ``graph_*`` rows, ``e2e.graph``): ours
+   with ``source = graph`` on the Graph emulator (its listener's notification receiver on a free
+   port), the same mailboxes and worker counts: delivery -> stop latency at the rate of (1),
+   replies/s as in (2) (fewer replies), worker/listener CPU and Graph requests per reply, and the
+   delta-only polling mode's latency (``graph_poll_seconds`` = 1, 10 replies/s). Each row carries
+   the EWS figure measured the same way (``ews``); no goal (issue 11 sets none for Graph).
 
 Goals are printed next to the figures, never asserted. A component bench that is missing or
 fails is recorded with its error; the rest still runs. The last line printed is the JSON object.
@@ -57,6 +63,7 @@ for path in (ROOT, BENCH):
         sys.path.insert(0, path)
 
 import chaos
+import graph_bench
 from rq import Worker
 from rq.serializers import JSONSerializer
 
@@ -214,10 +221,16 @@ class EndToEnd:
     def __init__(self, plumbing: str, sizes: Sizes, log_dir: str):
         self.plumbing, self.sizes = plumbing, sizes
         self.mailboxes = [f"rep{i:04d}@sales.example" for i in range(sizes.mailboxes)]
-        commands = chaos.baseline_commands(self.mailboxes, log_dir) if plumbing == "baseline" else {}
-        self.stack = chaos.Stack(self.mailboxes, listeners=1, workers=sizes.worker_counts[0], log_dir=log_dir,
-                                 settings={"queue_name": "bench"}, **commands)
+        self.stack: chaos.Stack
+        if plumbing == "graph":  # the Graph source: bench/graph_bench.py runs its phases
+            self.stack = graph_bench.GraphStack(self.mailboxes, workers=sizes.worker_counts[0], log_dir=log_dir,
+                                                settings={"queue_name": "bench"})
+        else:
+            commands = chaos.baseline_commands(self.mailboxes, log_dir) if plumbing == "baseline" else {}
+            self.stack = chaos.Stack(self.mailboxes, listeners=1, workers=sizes.worker_counts[0], log_dir=log_dir,
+                                     settings={"queue_name": "bench"}, **commands)
         self.counter = 0
+        self.delivered: dict[str, tuple[str, str | None, float]] = {}  # enrollment id -> (mailbox, item id, POST time)
 
     def enrollments(self, count: int) -> list[chaos.Enrollment]:
         """``count`` fresh enrollments with their sends recorded, spread over the mailboxes."""
@@ -253,7 +266,8 @@ class EndToEnd:
                     if delay > 0:
                         time.sleep(delay)
                 sent[e.id] = time.time()
-                deliverer.deliver(e.mailbox, raw)
+                answer = deliverer.deliver(e.mailbox, raw)
+                self.delivered[e.id] = (e.mailbox, answer.get("item_id"), sent[e.id])
 
         pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
         for thread in pool:
@@ -487,6 +501,8 @@ class EndToEnd:
                 "seconds_to_last_completed": round(max(done.values()) - t0, 2) if n else None}
 
     def run(self) -> dict:
+        if self.plumbing == "graph":
+            return graph_bench.run(self)
         out: dict = {"plumbing": self.plumbing}
         phases = out["phase_seconds"] = {}
         last = [time.monotonic()]
@@ -687,6 +703,7 @@ def summarize(results: dict) -> dict:
         **restart_rows(results["components"].get("restart_bench", {})),
         "sends_import_records_per_s": (((results["components"].get("sends_import_bench") or {}).get("result") or {})
                                        .get("records_per_s"), None, True),
+        **graph_rows(results["e2e"].get("graph") or {}, ours, best(ours), at),
     }
     table = {}
     for name, (a, b, higher, *extra) in rows.items():
@@ -700,6 +717,36 @@ def summarize(results: dict) -> dict:
                        **({"goal": goal[0], "goal_met": goal[1](a) if judged else None} if goal else {}),
                        **sized}
     return table
+
+
+def graph_rows(graph: dict, ews: dict, ews_best: dict, at) -> dict:
+    """The Graph source's rows (``graph_*``), each with the EWS figure measured the same way beside
+    it (``ews``; ours, on the EWS emulator). No goal: the issues set none for Graph."""
+    latency, poll = graph.get("latency") or {}, graph.get("poll_latency") or {}
+    runs = graph.get("throughput") or []
+    top = max(runs, key=lambda r: r["replies_per_s"], default={})
+    ews_latency = ews.get("latency") or {}
+    same_workers = at(ews, top.get("workers")) if top else {}
+    rows = {f"graph_latency_{p}_ms": (latency.get(f"{p}_ms"), None, None,
+                                      {"ews": ews_latency.get(f"{p}_ms"), "rate": latency.get("rate")})
+            for p in ("p50", "p95", "p99")}
+    rows["graph_replies_per_s"] = (top.get("replies_per_s"), None, None,
+                                   {"ews": ews_best.get("replies_per_s"), "workers": top.get("workers"),
+                                    "mailboxes": graph.get("mailboxes"),
+                                    "completed": f"{top.get('completed')}/{top.get('replies')}" if top else None})
+    rows["graph_worker_cpu_ms_per_reply"] = (top.get("worker_cpu_ms_per_reply"), None, None,
+                                             {"ews": same_workers.get("worker_cpu_ms_per_reply")})
+    rows["graph_listener_cpu_ms_per_reply"] = (top.get("listener_cpu_ms_per_reply"), None, None,
+                                               {"ews": same_workers.get("listener_cpu_ms_per_reply")})
+    rows["graph_requests_per_reply"] = (top.get("graph_requests_per_reply"), None, None,
+                                        {"batches": top.get("graph_batches_per_reply")})
+    for p in ("p50", "p99"):
+        rows[f"graph_poll_latency_{p}_ms"] = (poll.get(f"{p}_ms"), None, None,
+                                              {"graph_poll_seconds": poll.get("graph_poll_seconds"),
+                                               "rate": poll.get("rate")})
+    if graph.get("error"):
+        rows["graph_error"] = (graph["error"], None, None)
+    return rows
 
 
 def footprint_row(footprints: dict, mailboxes: int, key: str) -> tuple:
@@ -739,18 +786,26 @@ def print_table(table: dict, results: dict) -> None:
     machine = results["machine"]
     print(f"\nexchange-listener benchmarks ({'quick' if results['quick'] else 'full'}; {machine['cpus']} CPUs; "
           f"load average {machine['load_avg_at_start']:.1f} at start, {machine['load_avg_at_end']:.1f} at end)")
-    print(f"{'figure':28} {'ours':>12} {'baseline':>12} {'ratio':>8}  goal")
+    print(f"{'figure':32} {'ours':>12} {'baseline':>12} {'ratio':>8}  goal")
     for name, row in table.items():
         verdict = {True: "met", False: "NOT met", None: "not judged at quick size"}[row.get("goal_met")]
         goal = f"{row['goal']} ({verdict})" if "goal" in row else ""
         sized = ", ".join(f"{k} {_fmt(v)}" for k, v in row.items()
                           if k not in ("ours", "baseline", "ratio", "goal", "goal_met", "derived") and v is not None)
         note = f" [{sized}]" if sized else ""
-        print(f"{name:28} {_fmt(row['ours']):>12} {_fmt(row['baseline']):>12} {_fmt(row['ratio'], 'x'):>8}  {goal}{note}")
+        print(f"{name:32} {_fmt(row['ours']):>12} {_fmt(row['baseline']):>12} {_fmt(row['ratio'], 'x'):>8}  {(goal + note).strip()}")
     fp = results["listener_footprint"]["ours"]
     for n, entry in sorted(fp.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0):
         if isinstance(entry, dict) and "rss_mb" in entry:
             print(f"  listener @ {n} mailboxes: {_fmt(entry['rss_mb'])} MB RSS, {_fmt(entry['open_connections'])} connections")
+    graph = results["e2e"].get("graph") or {}
+    for what, run in (("notifications", graph.get("latency")), ("delta-only polling", graph.get("poll_latency"))):
+        st = (run or {}).get("stages") or {}
+        if st.get("matched_jobs"):
+            print(f"  graph {what} @ {_fmt(run.get('rate'))}/s, p50/p99 ms per stage: "
+                  + ", ".join(f"{k} {_fmt(st.get(f'{k}_p50_ms'))}/{_fmt(st.get(f'{k}_p99_ms'))}"
+                              for k in ("notified", "enqueued", "queued", "job", "total"))
+                  + f" ({st['matched_jobs']} of {st['replies']} replies' jobs)")
     for name, comp in results["components"].items():
         status = f"ok ({comp.get('seconds')} s, {comp.get('file', 'stdout')})" if comp["ok"] else f"ERROR: {comp['error']}"
         print(f"  {name}: {status}")
@@ -758,6 +813,7 @@ def print_table(table: dict, results: dict) -> None:
             shown = ", ".join(f"{k}={_fmt(v)}" for k, v in highlights(comp["result"]).items())
             print(f"      {shown}")
     print("ratio: how many times better ours is (latency, CPU, RSS, connections: baseline / ours; rates: ours / baseline)")
+    print("graph_*: ours with source = graph on the Graph emulator, in the ours column; [ews ...]: the same figure on EWS")
 
 
 def _fmt(value, suffix: str = "") -> str:
@@ -791,10 +847,12 @@ def main(argv: list[str] | None = None) -> int:
         futures = {name: pool.submit(run_component, name, args.quick, sizes.component_timeout)
                    for name in sorted(names, key=lambda n: n != "restart_bench")}
     results["components"] = {name: futures[name].result() for name in names}
-    for plumbing in ("ours", "baseline"):
+    for plumbing in ("ours", "baseline", "graph"):
         print(f"end to end: {plumbing} ...", file=sys.stderr, flush=True)
         os.makedirs(os.path.join(log_dir, plumbing), exist_ok=True)
-        results["e2e"][plumbing] = EndToEnd(plumbing, sizes, os.path.join(log_dir, plumbing)).run()
+        # graph: the Graph source (ours, source = graph), at sizes that keep its run short
+        plumbing_sizes = graph_bench.sizes_for(sizes, args.quick) if plumbing == "graph" else sizes
+        results["e2e"][plumbing] = EndToEnd(plumbing, plumbing_sizes, os.path.join(log_dir, plumbing)).run()
     ours_fp = listener_footprint(results["components"].get("listener_bench", {"ok": False, "error": "skipped"}))
     # the baseline at the largest size ours reports up to the cap (a thread and a connection per mailbox)
     counts = [int(n) for n in ours_fp if n.isdigit() and int(n) <= sizes.baseline_listener_mailboxes]
