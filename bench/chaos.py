@@ -1408,7 +1408,8 @@ class Drill:
             "process_exits": dict(collections.Counter(e["process"].rsplit("-", 1)[0] for e in self.supervisor.exits)),
             "process_exit_codes": sorted({e["exit_code"] for e in self.supervisor.exits}),
             "recovery_by_fault": [{"kind": f["kind"], "recovery_s": f.get("recovery_s"),
-                                   **{k: f[k] for k in ("flowing_s", "note") if f.get(k) is not None}}
+                                   **{k: f[k] for k in ("flowing_s", "note", "victim_mailboxes", "taken_over_s")
+                                      if f.get(k) is not None}}
                                   for f in self.faults],
             "failed_jobs": result["failed_jobs"],
             "details": result["details"],

@@ -42,6 +42,7 @@ for path in (ROOT, os.path.join(ROOT, "bench")):
 from chaos import PAUSE_DAYS, PROCESS_FAULTS, Drill, Proc, Stack
 
 from emulators.services import GraphEmulator, free_port, wait_for
+from exchange_listener.core import keys
 from exchange_listener.listener import mailboxes as mailbox_registry
 from exchange_listener.sources.graph.delta import DeltaStore
 
@@ -222,6 +223,8 @@ class GraphDrill(Drill):
         })
 
     def inject(self, kind: str) -> dict:
+        if kind == "kill_listener":
+            return self.kill_listener()
         if kind not in GRAPH_FAULTS:
             return super().inject(kind)
         fault = {"kind": kind, "at": time.time(), "probes": [], "job_id": None}
@@ -235,6 +238,46 @@ class GraphDrill(Drill):
         fault["note"] = f"affected {answer.get('affected')}" + (f" ({fault['note']})" if fault.get("note") else "")
         self.send_probes(fault)
         return fault
+
+    def kill_listener(self) -> dict:
+        """kill -9 of a listener, kept down until the other one took over every mailbox it held
+        (their leases ran out: ``lease_seconds``), then started again (bounded: lease + 10 s).
+        Meanwhile the proxy sends its mailboxes' notifications to the other receiver."""
+        stack = self.stack
+        fault = {"kind": "kill_listener", "at": time.time(), "probes": [], "job_id": None}
+        victim = self.rng.choice([p for p in stack.listeners if p.alive()] or stack.listeners)
+        survivors = [p for p in stack.listeners if p is not victim and p.alive()]
+        held = self.lease_holders()
+        mine = [m for m, holder in held.items() if holder.endswith(f"-{victim.pid}")]
+        self.supervisor.hold(victim)
+        victim.kill()
+        fault.update(at=time.time(), victim=victim.name, victim_mailboxes=len(mine))
+        self.send_probes(fault)
+
+        def take_over_then_restart() -> None:
+            t0, deadline = time.monotonic(), time.monotonic() + self.cfg["lease"] + 10
+            pids = tuple(f"-{p.pid}" for p in survivors)
+            try:
+                while time.monotonic() < deadline:
+                    now = self.lease_holders()
+                    if pids and all((now.get(m) or "").endswith(pids) for m in mine):
+                        fault["taken_over_s"] = round(time.monotonic() - t0, 2)
+                        break
+                    time.sleep(0.25)
+                else:
+                    fault["note"] = f"the other listener had not taken over {len(mine)} mailboxes in time"
+            except Exception as exc:  # noqa: BLE001 - recorded in the report, never fatal
+                fault["note"] = f"takeover not observed: {type(exc).__name__}"
+            finally:
+                self.supervisor.release(victim)
+
+        threading.Thread(target=take_over_then_restart, daemon=True).start()
+        return fault
+
+    def lease_holders(self) -> dict[str, str]:
+        """mailbox -> the id of the listener holding its lease (``host-pid``)."""
+        values = self.stack.redis.mget([keys.lease(m) for m in self.mailboxes])
+        return {m: v.decode() for m, v in zip(self.mailboxes, values) if v}
 
     def emulator_fault(self, **body) -> dict:
         """POST /emulator/faults; the emulator's answer (``affected``: subscriptions, tokens or requests)."""
