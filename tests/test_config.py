@@ -100,6 +100,23 @@ def test_variables_kubernetes_and_docker_set_for_a_service_named_exchange_listen
         config.load(env={"EXCHANGE_LISTENER_PORT": "9100"})
 
 
+@pytest.mark.parametrize("missing, message", [
+    ({"client_id": ""}, "client_id: required"),
+    ({"client_secret": ""}, "needs client_secret or client_certificate_file"),
+    ({"tenant_id": ""}, "tenant_id: required"),
+    ({"notification_url": ""}, "needs notification_url"),
+])
+def test_a_graph_listener_without_what_it_needs_is_refused_naming_it(missing, message):
+    whole = {"source": "graph", "client_id": "app", "client_secret": "s3cret", "tenant_id": "contoso",
+             "notification_url": "https://hooks.example.com/graph/notify"}
+    assert config.load(env={}, overrides=whole).source == "graph"
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(env={}, overrides={**whole, **missing})
+    # a certificate instead of the secret, a token URL instead of the tenant: both fine
+    config.load(env={}, overrides={**whole, "client_secret": "", "client_certificate_file": "/etc/el/app.pem",
+                                   "tenant_id": "", "token_url": "https://login.example/t/oauth2/v2.0/token"})
+
+
 def test_typo_in_environment_stops_a_command_before_it_touches_redis(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(config.ENV_PREFIX)}
     env["EXCHANGE_LISTENER_REDIS_ULR"] = "redis://127.0.0.1:1/0"

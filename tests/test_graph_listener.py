@@ -57,7 +57,8 @@ class System:
         base = {"redis_url": self.redis_url, "log_format": "json", "lease_seconds": 3, "listener_id": "g1",
                 "notification_url": f"http://127.0.0.1:{self.port}/graph/notify",
                 "notification_listen": f"127.0.0.1:{self.port}", "checkpoint_seconds": 2,
-                "graph_poll_seconds": 0}
+                # the sweep (every mailbox read by delta) off: each test proves its own path
+                "graph_poll_seconds": 3600}
         base.update(settings)
         env.update({f"EXCHANGE_LISTENER_{k.upper()}": str(v) for k, v in base.items()})
         env["PYTHONUNBUFFERED"] = "1"
@@ -120,9 +121,10 @@ def test_a_reply_is_noticed_by_notification_and_stops_the_sequence_once(system):
     s.reply_to(sent)
     wait_for(lambda: s.status("e1") == "stopped", message="the enrollment stopped")
     assert time.monotonic() - started < 10  # by notification, not by the sweep (it is off here)
-    # our own follow-up in Sent Items (it refers to the thread) never stops anything
-    s.graph.deliver(MAILBOX, mail.reply(sender=MAILBOX, to=PROSPECT, in_reply_to=own, references=own),
-                    folder="sentitems")
+    # our own follow-up in Sent Items (it refers to the thread) never stops anything, also when it
+    # went out from an alias (the sender check in the worker does not know it): the folder decides
+    s.graph.deliver(MAILBOX, mail.reply(sender="rep.alias@ours.example", to=PROSPECT, in_reply_to=own,
+                                        references=own), folder="sentitems")
     wait_for(lambda: sum(line.get("items", 0) for line in worker.lines() if line.get("event") == "job done") >= 2,
              message="the reply and our own mail processed")
     assert s.status("e-own") == "active"
@@ -272,3 +274,32 @@ def test_polling_mode_without_a_public_url(system):
     sent = s.send("e-poll")
     s.reply_to(sent, folder="Projects")
     wait_for(lambda: s.status("e-poll") == "stopped", message="the reply found by polling")
+
+
+def test_a_subscription_that_cannot_be_made_does_not_stop_delta(system):
+    """Notifications are a hint: with the public URL down (Graph's validation request finds
+    nobody), the mailbox is still read by delta, the failure is retried with backoff, not every
+    tick, and status names the mailbox."""
+    s = system
+    sent = s.send("e-no-hook")
+    s.reply_to(sent)
+    dead = free_port()
+    listener = s.start("listen", name="listener", notification_url=f"http://127.0.0.1:{dead}/graph/notify")
+    s.start("work", name="worker")
+    wait_for(lambda: s.status("e-no-hook") == "stopped", message="the reply found by delta without a subscription")
+    assert s.subscription() is None
+    wait_for(lambda: json.loads(s.redis.hget(keys.listener("g1"), "graph") or "{}").get("failing_count") == 1,
+             message="status naming the mailbox")
+    time.sleep(6)
+    failures = [line for line in listener.lines() if line.get("event") == "catch-up failed; will retry"]
+    assert 2 <= len(failures) <= 6, len(failures)  # backoff 1, 2, 4, ... s: not one a second
+
+
+def test_a_removed_mailbox_loses_its_subscription(system):
+    s = system
+    running(s)
+    assert s.subscription() is not None
+    mailboxes.remove(s.redis, [MAILBOX])
+    wait_for(lambda: s.subscription() is None and not s.redis.hlen(keys.GRAPH_SUBSCRIPTIONS),
+             message="the subscription deleted with the mailbox")
+    wait_for(lambda: s.graph.stats()["subscriptions_total"] == 0, message="Graph has no subscription left")

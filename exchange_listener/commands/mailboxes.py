@@ -42,15 +42,21 @@ def run(args: argparse.Namespace) -> int:
     elif args.action == "remove":
         removed = mailboxes.remove(conn, addresses)
         # sync_state imports exchangelib: only pay for it here
+        from exchange_listener.core import keys
         from exchange_listener.sources.ews.catch_up import SyncStore
         from exchange_listener.sources.graph.delta import DeltaStore
+        from exchange_listener.sources.graph.subscriptions import SubscriptionStore
         from exchange_listener.sources.ledger import Ledger
 
-        sync, delta, ledger = SyncStore(conn), DeltaStore(conn), Ledger(conn)
+        sync, delta, ledger, subs = SyncStore(conn), DeltaStore(conn), Ledger(conn), SubscriptionStore(conn)
         for address in removed:  # re-adding later starts from then, not from the old sync state
             sync.forget_mailbox(address)
-            delta.forget_mailbox(address)  # its Graph subscription is deleted by the listener that held it
+            delta.forget_mailbox(address)
             ledger.forget_mailbox(address)
+            if conn.get(keys.lease(address)) is None:
+                # no listener holds it to delete its Graph subscription: forgotten here, Graph ends
+                # it at its expiry and receivers refuse its notifications meanwhile
+                subs.forget(address)
         for address in addresses:
             print(f"{'removed' if address in removed else 'not watched'}: {address}")
     else:

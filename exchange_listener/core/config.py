@@ -127,7 +127,7 @@ FIELDS: tuple[Field, ...] = (
     Field("notification_url", str, "", "Public HTTPS URL Microsoft Graph POSTs change notifications to (a reverse proxy to notification_listen); empty: delta-only polling.", _url("http", "https")),
     Field("notification_listen", str, "127.0.0.1:8790", "host:port the Graph notification receiver binds (source = graph with notification_url).", _host_port),
     Field("graph_poll_seconds", float, 0.0, "Delta-only mode when > 0 and notification_url is empty: every mailbox's folders are read by delta this often.", _between(0, 86400)),
-    Field("graph_subscription_minutes", float, 4230.0, "Lifetime asked for each Graph subscription (Outlook allows at most 4230); renewed when a third of it is left.", _between(0.05, 4230)),
+    Field("graph_subscription_minutes", float, 4230.0, "Lifetime asked for each Graph subscription (Outlook allows at most 4230; at most 4225 is asked, in case our clock runs ahead); renewed when a third of it is left.", _between(0.05, 4230)),
     Field("queue_name", str, "exchange-listener", "RQ queue the listener fills and workers drain."),
     Field("group_size", int, 200, "Mailboxes per GetStreamingEvents connection (Exchange allows at most 200).", _between(1, 200)),
     Field("connection_timeout", int, 30, "GetStreamingEvents ConnectionTimeout in minutes (1-30).", _between(1, 30)),
@@ -321,6 +321,13 @@ def _check_combinations(settings: Settings) -> None:
     if settings.source == "graph" and not settings.notification_url and not settings.graph_poll_seconds:
         raise ConfigError("source = graph needs notification_url (change notifications) or graph_poll_seconds > 0 "
                           "(delta-only polling)")
+    if settings.source == "graph":
+        settings.require("client_id")
+        if not settings.client_secret and not settings.client_certificate_file:
+            raise ConfigError("source = graph needs client_secret or client_certificate_file (the app's credential; "
+                              f"set one in the config file or {env_name('client_secret')})")
+        if not settings.token_url:
+            settings.require("tenant_id")
     if settings.ews_url:
         if settings.auth_type in ("basic", "ntlm"):
             settings.require("ews_username", "ews_password")

@@ -143,10 +143,17 @@ class CatchUps(Generic[T]):
         return old[0], old[1] | set(folders)
 
     def request(self, mailboxes: Iterable[str], reason: str, folders: Folders = None) -> None:
+        now = time.monotonic()
         with self._lock:
             for mailbox in mailboxes:
+                waiting = self._retry.get(mailbox)
                 if mailbox in self._running:
                     self._again[mailbox] = self._merge(self._again.get(mailbox), reason, folders)
+                elif waiting is not None and waiting[0] > now:
+                    # its last run failed: this work joins the retry, which keeps its backoff (a
+                    # request every tick must not make a failing mailbox a call per second)
+                    self._retry[mailbox] = (waiting[0], waiting[1],
+                                            *self._merge((waiting[2], waiting[3]), reason, folders))
                 elif mailbox in self._queued:
                     self._queued[mailbox] = self._merge(self._queued[mailbox], reason, folders)
                 else:

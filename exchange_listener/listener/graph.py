@@ -108,10 +108,12 @@ class GraphListener(BaseListener):
     def _drop(self, mailboxes: list[str]) -> None:
         with self._lock:
             self._held.difference_update(mailboxes)
+            for mailbox in mailboxes:  # a run still in flight re-checks holds() under the lock before writing these
+                self._expires.pop(mailbox, None)
+                self._failing.pop(mailbox, None)
+                self._dead.discard(mailbox)
+                self._reauthorize.discard(mailbox)
         unwatched = [m for m in mailboxes if m not in self.watched]
-        for mailbox in mailboxes:
-            self._expires.pop(mailbox, None)
-            self._failing.pop(mailbox, None)
         if unwatched and self.notifying:  # no longer watched at all: its subscription goes too
             threading.Thread(target=self._delete_subscriptions, args=(unwatched,), daemon=True).start()
 
@@ -181,9 +183,13 @@ class GraphListener(BaseListener):
         return {"subscriptions_kept": len(self._expires)}
 
     # -- notifications and lifecycle ------------------------------------------------------------
-    def _on_notified(self, mailbox: str) -> None:
+    def _on_notified(self, mailbox: str) -> bool:
+        """A notification for ``mailbox`` reached our receiver: True when we hold it (its checkpoint
+        is scheduled); False tells the receiver to pass the word on to the holder through Redis."""
         if self.holds(mailbox):
             self._note_activity(mailbox, set())
+            return True
+        return False
 
     def _read_lifecycle(self) -> None:
         """Act on the lifecycle notifications (any receiver stored them) for mailboxes we hold."""
@@ -194,22 +200,28 @@ class GraphListener(BaseListener):
                        self.conn.xread({keys.GRAPH_LIFECYCLE: self._lifecycle_last}, count=500))
         for _stream, entries in replies or ():
             for entry_id, fields in entries:
-                self._lifecycle_last = redis_conn.text(entry_id)
                 data = {redis_conn.text(k): redis_conn.text(v) for k, v in fields.items()}
-                mailbox, event = data.get("mailbox", ""), data.get("event", "")
-                if not self.holds(mailbox):
-                    continue
-                current = self.subs.get(mailbox)
-                if current is not None and data.get("subscription_id") not in ("", current.id):
-                    continue  # about a subscription already replaced
-                if event == "subscriptionRemoved":
-                    self._dead.add(mailbox)
-                    self.catchups.request([mailbox], "subscription_removed")
-                elif event == "reauthorizationRequired":
-                    self._reauthorize.add(mailbox)
-                    self.catchups.request([mailbox], "reauthorize", SUBSCRIBE_ONLY)
-                else:  # missed: some notifications were not sent
-                    self.catchups.request([mailbox], "missed")
+                self._on_lifecycle(data)  # a Redis error here leaves the entry to be read again
+                self._lifecycle_last = redis_conn.text(entry_id)
+
+    def _on_lifecycle(self, data: dict[str, str]) -> None:
+        mailbox, event = data.get("mailbox", ""), data.get("event", "")
+        if not self.holds(mailbox):
+            return
+        if event == "notified":  # another listener's receiver had a notification for a mailbox we hold
+            self._note_activity(mailbox, set())
+            return
+        current = self.subs.get(mailbox)
+        if current is not None and data.get("subscription_id") not in ("", current.id):
+            return  # about a subscription already replaced
+        if event == "subscriptionRemoved":
+            self._dead.add(mailbox)
+            self.catchups.request([mailbox], "subscription_removed")
+        elif event == "reauthorizationRequired":
+            self._reauthorize.add(mailbox)
+            self.catchups.request([mailbox], "reauthorize", SUBSCRIBE_ONLY)
+        else:  # missed: some notifications were not sent
+            self.catchups.request([mailbox], "missed")
 
     def _verify(self) -> None:
         """Find held mailboxes whose subscription Graph no longer lists; make them anew and catch up."""
@@ -233,23 +245,38 @@ class GraphListener(BaseListener):
 
     # -- one catch-up run (on a catch-up thread, with its own client) ---------------------------
     def _catch_up(self, client: GraphClient, mailbox: str, reason: str, folders: Folders) -> None:
+        """Keep the subscription alive, then read delta. Notifications are only a hint: when the
+        subscription cannot be made or renewed (the public URL down, a permission missing), the
+        mailbox is still read by delta, every folder, and the run fails afterwards so that it is
+        retried with backoff and ``status`` names the mailbox."""
+        hint_error: Exception | None = None
         if self.notifying:
             try:
-                renewed_gap = self._ensure_subscription(client, mailbox)
-            except Exception as exc:
-                self._failing.setdefault(mailbox, (time.time(), ""))
-                self._failing[mailbox] = (self._failing[mailbox][0], scrub(f"{type(exc).__name__}: {exc}",
-                                                                           self.settings)[:300])
-                raise
+                if self._ensure_subscription(client, mailbox):
+                    folders = None  # a subscription made anew: whatever came meanwhile is found by delta
+            except Exception as exc:  # noqa: BLE001 - raised again below, once delta has run
+                hint_error, folders = exc, None
+        try:
+            if folders is None or folders:
+                total = catch_up_mailbox(client, mailbox, self.delta, self.ledger, self.sink.enqueue,
+                                         added_at=self.watched.get(mailbox),
+                                         folders=sorted(folders) if folders else None)
+                metrics.CATCHUPS.labels("full").inc()
+                logs.get_logger().debug("caught up", mailbox=mailbox, reason=reason, items=total)
+        except Exception as exc:
+            self._note_failing(mailbox, exc)
+            raise
+        if hint_error is not None:
+            self._note_failing(mailbox, hint_error)
+            raise hint_error
+        with self._lock:
             self._failing.pop(mailbox, None)
-            if renewed_gap:
-                folders = None  # a subscription made anew: whatever came meanwhile is found by delta
-        if folders is not None and not folders:
-            return
-        total = catch_up_mailbox(client, mailbox, self.delta, self.ledger, self.sink.enqueue,
-                                 added_at=self.watched.get(mailbox), folders=sorted(folders) if folders else None)
-        metrics.CATCHUPS.labels("full").inc()
-        logs.get_logger().debug("caught up", mailbox=mailbox, reason=reason, items=total)
+
+    def _note_failing(self, mailbox: str, exc: Exception) -> None:
+        error = scrub(f"{type(exc).__name__}: {exc}", self.settings)[:300]
+        with self._lock:
+            if mailbox in self._held:  # a mailbox dropped meanwhile is not ours to report
+                self._failing[mailbox] = (self._failing.get(mailbox, (time.time(), ""))[0], error)
 
     def _ensure_subscription(self, client: GraphClient, mailbox: str) -> bool:
         """Make sure ``mailbox`` has a live subscription; True when it had to be made anew (a gap)."""
@@ -257,20 +284,20 @@ class GraphListener(BaseListener):
         sub: Subscription | None = self.subs.get(mailbox)
         fresh = False
         if sub is not None and mailbox in self._dead:
-            self._dead.discard(mailbox)
             try:
                 subscriber.delete(mailbox, sub)  # a ghost must not keep notifying (it usually is gone already)
             except GraphError:
-                pass
+                self.subs.forget(mailbox, sub.id)  # its notifications are refused from now on
             sub = None
         if sub is not None and sub.expires_at <= time.time() + 1:
-            subscriber.store.forget(mailbox, sub.id)  # expired: Graph has dropped it
+            self.subs.forget(mailbox, sub.id)  # expired: Graph has dropped it
             sub = None
         if sub is not None and mailbox in self._reauthorize:
             try:
                 sub = subscriber.reauthorize(sub)
                 metrics.GRAPH_SUBSCRIPTIONS.labels("reauthorized").inc()
             except NotFound:
+                self.subs.forget(mailbox, sub.id)
                 sub = None
             self._reauthorize.discard(mailbox)
         elif sub is not None and subscriber.due(sub):
@@ -278,13 +305,18 @@ class GraphListener(BaseListener):
                 sub = subscriber.renew(sub)
                 metrics.GRAPH_SUBSCRIPTIONS.labels("renewed").inc()
             except NotFound:
-                subscriber.store.forget(mailbox, sub.id)
+                self.subs.forget(mailbox, sub.id)
                 sub = None
         if sub is None:
             sub = subscriber.create(mailbox)
             fresh = True
             metrics.GRAPH_SUBSCRIPTIONS.labels("created").inc()
             self.log.info("subscribed", mailbox=mailbox, subscription_id=sub.id)
-        if self.holds(mailbox):
-            self._expires[mailbox] = sub.expires_at
+        self._dead.discard(mailbox)  # only now: a failed delete or create leaves it to the retry
+        with self._lock:
+            held = mailbox in self._held
+            if held:
+                self._expires[mailbox] = sub.expires_at
+        if not held and mailbox not in self.watched:  # removed while we subscribed: the new one goes too
+            self._delete_subscriptions([mailbox])
         return fresh

@@ -32,9 +32,15 @@ import redis
 
 from exchange_listener.core import keys, redis_conn
 from exchange_listener.core.config import Settings
-from exchange_listener.sources.graph.client import GraphClient, NotFound, user_path
+from exchange_listener.sources.graph.client import (
+    GraphClient,
+    GraphError,
+    NotFound,
+    user_path,
+)
 
 RENEW_WHEN_LEFT = 1 / 3  # renew when this share of the asked lifetime is left
+LONGEST = (4230 - 5) * 60  # Outlook's hard limit is 4230 minutes from Graph's clock: ours may run ahead
 
 
 def lifecycle_url(notification_url: str) -> str:
@@ -114,7 +120,7 @@ class Subscriber:
         self.client = client
         self.store = store
         self.settings = settings
-        self.lifetime = settings.graph_subscription_minutes * 60
+        self.lifetime = min(settings.graph_subscription_minutes * 60, LONGEST)
 
     def due(self, sub: Subscription, now: float | None = None) -> bool:
         """Renewal is due: a third of the asked lifetime (or less) is left."""
@@ -134,7 +140,14 @@ class Subscriber:
         }
         data = self.client.request("POST", "subscriptions", json=body).json()
         sub = Subscription(data["id"], mailbox, parse_graph_time(data["expirationDateTime"]), now)
+        replaced = self.store.get(mailbox)
         self.store.put(sub, client_state)
+        if replaced is not None and replaced.id != sub.id:  # another listener's (a takeover) or a forgotten one
+            self.store.forget(mailbox, replaced.id)
+            try:
+                self.client.request("DELETE", f"subscriptions/{replaced.id}")
+            except GraphError:
+                pass  # it expires by itself; its notifications are refused meanwhile
         return sub
 
     def renew(self, sub: Subscription) -> Subscription:
