@@ -303,3 +303,15 @@ def test_a_removed_mailbox_loses_its_subscription(system):
     wait_for(lambda: s.subscription() is None and not s.redis.hlen(keys.GRAPH_SUBSCRIPTIONS),
              message="the subscription deleted with the mailbox")
     wait_for(lambda: s.graph.stats()["subscriptions_total"] == 0, message="Graph has no subscription left")
+
+
+def test_wrong_credentials_stop_the_listener_at_start_with_a_clear_line(system):
+    s = system
+    wrong = "wrong-secret-4f2a"
+    listener = s.start("listen", name="listener", client_secret=wrong)
+    wait_for(lambda: not listener.alive(), message="the listener exiting")
+    assert listener.proc.returncode == 2
+    refused = [line for line in listener.lines() if line.get("level") == "error"]
+    assert refused and "refused the app's credentials" in refused[0]["event"]
+    assert wrong not in listener.log_path.read_text()
+    assert s.subscription() is None

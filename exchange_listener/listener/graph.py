@@ -36,7 +36,12 @@ from exchange_listener.listener.base import (
     CatchUps,
     Folders,
 )
-from exchange_listener.sources.graph.client import GraphClient, GraphError, NotFound
+from exchange_listener.sources.graph.client import (
+    AuthenticationFailed,
+    GraphClient,
+    GraphError,
+    NotFound,
+)
 from exchange_listener.sources.graph.delta import DeltaStore, catch_up_mailbox
 from exchange_listener.sources.graph.receiver import Receiver
 from exchange_listener.sources.graph.subscriptions import (
@@ -95,6 +100,14 @@ class GraphListener(BaseListener):
                 "notification_url": self.settings.notification_url or None}
 
     def run(self) -> int:
+        try:  # a wrong secret, certificate or tenant is said once, at start, not per mailbox forever
+            self.client.token()
+        except AuthenticationFailed as exc:
+            self.log.error("Microsoft Graph refused the app's credentials; check tenant_id (or token_url), client_id "
+                           "and client_secret or client_certificate_file", error=scrub(str(exc), self.settings)[:300])
+            return 2
+        except GraphError as exc:  # the token host unreachable for now: each mailbox's run retries
+            self.log.warning("no Graph token at start; retrying", error=scrub(str(exc), self.settings)[:300])
         if self.receiver is not None:
             self.receiver.start()  # before any subscription: Graph validates the URL when one is made
             self.log.info("notification receiver listening", listen=self.settings.notification_listen)
