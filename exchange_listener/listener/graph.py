@@ -75,7 +75,8 @@ class GraphListener(BaseListener):
         self._verify_every = min(VERIFY_SECONDS, self._sweep_seconds())
         self._next_verify = time.monotonic() + self._verify_every
         self._verifying = False
-        self.client = GraphClient(settings)  # the main thread's: listing and deleting subscriptions
+        self.client = GraphClient(settings)  # listing and deleting subscriptions, on short-lived threads:
+        self._client_lock = threading.Lock()  # one at a time (a GraphClient is not thread-safe)
         self.receiver: Receiver | None = None
         if self.notifying:
             self.receiver = Receiver(settings.notification_listen, settings.notification_url, self.conn,
@@ -133,7 +134,8 @@ class GraphListener(BaseListener):
     def _delete_subscriptions(self, mailboxes: list[str]) -> None:
         for mailbox in mailboxes:
             try:
-                Subscriber(self.client, self.subs, self.settings).delete(mailbox, self.subs.get(mailbox))
+                with self._client_lock:
+                    Subscriber(self.client, self.subs, self.settings).delete(mailbox, self.subs.get(mailbox))
                 metrics.GRAPH_SUBSCRIPTIONS.labels("deleted").inc()
             except (GraphError, *REDIS_ERRORS) as exc:  # it expires on its own; the receiver drops its notifications
                 self.log.warning("could not delete the subscription of a mailbox no longer watched", mailbox=mailbox,
@@ -147,7 +149,9 @@ class GraphListener(BaseListener):
             self.log.debug("could not read lifecycle notifications", error=str(exc))
         if self.notifying:
             wall = time.time()
-            due = [m for m, at in list(self._expires.items())
+            with self._lock:
+                expiring = list(self._expires.items())
+            due = [m for m, at in expiring
                    if self.holds(m) and at - wall <= self.settings.graph_subscription_minutes * 60 / 3]
             if due:
                 self.catchups.request(due, "renew", SUBSCRIBE_ONLY)
@@ -174,18 +178,19 @@ class GraphListener(BaseListener):
     def _source_info(self) -> dict[str, Any]:
         now = time.time()
         receiver = self.receiver
+        with self._lock:  # catch-up threads write these
+            expires, failing = list(self._expires.values()), list(self._failing.items())
         return {
             "groups": [],
             "graph": {
                 "mode": "notifications" if self.notifying else "polling",
                 "receiver": self.settings.notification_listen if receiver is not None else None,
-                "subscriptions": len(self._expires),
-                "next_expiry_in_s": round(min(self._expires.values()) - now, 1) if self._expires else None,
+                "subscriptions": len(expires),
+                "next_expiry_in_s": round(min(expires) - now, 1) if expires else None,
                 "notifications": receiver.received if receiver is not None else 0,
                 "last_notification_at": receiver.last_notification_at if receiver is not None else None,
-                "failing": [{"mailbox": m, "since": since, "error": error}
-                            for m, (since, error) in list(self._failing.items())[:20]],
-                "failing_count": len(self._failing),
+                "failing": [{"mailbox": m, "since": since, "error": error} for m, (since, error) in failing[:20]],
+                "failing_count": len(failing),
             },
         }
 
@@ -240,7 +245,8 @@ class GraphListener(BaseListener):
         """Find held mailboxes whose subscription Graph no longer lists; make them anew and catch up."""
         try:
             started = time.time()
-            live = Subscriber(self.client, self.subs, self.settings).live_ids()
+            with self._client_lock:
+                live = Subscriber(self.client, self.subs, self.settings).live_ids()
             gone = []
             for mailbox in self.held():
                 sub = self.subs.get(mailbox)
