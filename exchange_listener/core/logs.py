@@ -42,7 +42,9 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            # a library's exc_info (rq's "unhandled exception") as traceback text, not a tuple's repr
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                        *([structlog.processors.format_exc_info] if as_json else []), renderer],
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
         )
     )
