@@ -3,6 +3,8 @@ as workers see it (one $batch per job, the MIME fallback for headers, outgoing m
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 import uuid
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from emulators.services import GraphEmulator
 from exchange_listener.core import config
 from exchange_listener.sources.base import FetchedMessage, ItemGone
+from exchange_listener.sources.graph.client import GraphClient
 from exchange_listener.sources.graph.fetch import (
     FetchError,
     GraphFetcher,
@@ -130,12 +133,73 @@ def test_mail_in_sent_items_drafts_and_outbox_is_outgoing(graph, fetcher):
     got = dict(zip(ids, fetcher.fetch(MAILBOX, list(ids.values()))))
     assert got["sentitems"].outgoing and got["drafts"].outgoing
     assert not got["inbox"].outgoing and not got["junkemail"].outgoing
-    # Graph gives no internetMessageHeaders in Sent Items: the MIME's are used
-    assert got["sentitems"].in_reply_to == "<offer-1@sales.example>"
     moved = ids["inbox"]
     graph.move(moved, "sentitems")
     (again,) = fetcher.fetch(MAILBOX, [moved])  # folder ids cached; the mail moved there since
     assert again.outgoing
+
+
+def test_mail_below_sent_items_drafts_and_outbox_is_outgoing(graph, fetcher):
+    """A reply-looking mail the rep filed in a subfolder (at any depth) of Sent Items, Drafts or
+    Outbox is the rep's own: outgoing. Subfolders of Inbox and the rep's own top folders are not."""
+    folders = ("sentitems/Sub", "sentitems/Sub/Deeper", "drafts/Later", "outbox/Stuck",
+               "Inbox/Replies", "Customers/Pat", "deleteditems/Old sent")
+    ids = {folder: graph.deliver(MAILBOX, reply()[0], folder=folder)["item_id"] for folder in folders}
+    got = dict(zip(ids, fetcher.fetch(MAILBOX, list(ids.values()))))
+    assert all(isinstance(g, FetchedMessage) for g in got.values())
+    assert {f for f, g in got.items() if g.outgoing} == {"sentitems/Sub", "sentitems/Sub/Deeper", "drafts/Later",
+                                                          "outbox/Stuck"}
+    assert got["Inbox/Replies"].in_reply_to == "<offer-1@sales.example>"
+    # the folders' places are cached: the same folders again cost the one $batch of the job
+    before = graph.stats()["batches"]
+    again = fetcher.fetch(MAILBOX, [graph.deliver(MAILBOX, reply()[0], folder=f)["item_id"] for f in folders])
+    assert [g.outgoing for g in again] == [True, True, True, True, False, False, False]
+    assert graph.stats()["batches"] == before + 1
+
+
+def test_no_mime_is_read_for_outgoing_mail(graph, fetcher):
+    """Graph gives Sent Items and Drafts no internetMessageHeaders; their mail is skipped as our
+    own, so its MIME is not read for the headers (nor for anything else)."""
+    fetcher.fetch(MAILBOX, [graph.deliver(MAILBOX, reply()[0])["item_id"]])  # the own-folder ids are known
+    ids = [graph.deliver(MAILBOX, reply()[0], folder=f)["item_id"] for f in ("sentitems", "drafts", "sentitems/Sub")]
+    fetcher.fetch(MAILBOX, ids[2:])  # Sub's place is known
+    before = graph.stats()
+    got = fetcher.fetch(MAILBOX, ids)
+    after = graph.stats()
+    assert all(isinstance(g, FetchedMessage) and g.outgoing and g.mime is None for g in got)
+    assert after["batches"] == before["batches"] + 1  # no second $batch of /$value
+    assert after["batch_requests"] == before["batch_requests"] + len(ids)
+
+
+def test_own_folder_ids_not_all_read_is_a_fetch_error_and_nothing_partial_is_kept(graph):
+    """Graph throttles a mailbox past 4 concurrent requests: here another request holds one slot,
+    so the job's $batch gets a 429 on one own-folder lookup (its Retry-After past the budget).
+    The job must not go on without knowing every own folder (mail in it would not be outgoing):
+    FetchError (the job is retried), and the next attempt reads the ids and marks it."""
+    settings = config.load(env=graph.settings_env(), overrides={"graph_poll_seconds": 60})
+    fetcher, other = GraphFetcher(settings), GraphClient(settings)
+    fetcher.client.budget = 0.3  # below the emulator's Retry-After of 1 s
+    other.token()
+    item_id = graph.deliver(MAILBOX, reply()[0], folder="outbox")["item_id"]
+    graph.fault(kind="latency", count=1, seconds=3)
+    before = graph.stats()["requests"]
+    slow = threading.Thread(target=other.get_json, args=(f"users/{MAILBOX}/mailFolders/inbox",))
+    slow.start()
+    try:
+        deadline = time.monotonic() + 5
+        while graph.stats()["requests"] == before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(FetchError):
+            fetcher.fetch(MAILBOX, [item_id])
+        assert graph.stats()["concurrency_throttled"] >= 1
+    finally:
+        slow.join()
+        other.close()
+    try:
+        (got,) = fetcher.fetch(MAILBOX, [item_id])
+        assert isinstance(got, FetchedMessage) and got.outgoing
+    finally:
+        fetcher.close()
 
 
 def test_broken_mime_in_the_fallback_does_not_crash(graph, fetcher):

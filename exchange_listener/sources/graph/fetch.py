@@ -10,8 +10,19 @@ incomplete), the MIME source (``/$value``) of every such item of the job is read
 ``$batch`` and its header block parsed instead; the MIME is kept for the job's ``fetch_mime``
 (a small per-process cache), so a mail whose body is read anyway costs no third request.
 
-``outgoing`` is set for mail in Sent Items, Drafts or Outbox: their folder ids are asked once
-per mailbox (in the job's first ``$batch``) and cached in-process.
+``outgoing`` is set for mail in Sent Items, Drafts or Outbox or any folder below them (the rep
+files a manual "Re:" in Sent Items\\Customers too; delta leaves the same subtrees out). The ids of
+those three folders, and of a few folders known not to be below them (msgfolderroot, Inbox, Junk
+Email, Deleted Items, Recoverable Items\\Deletions), are asked once per mailbox in the job's first
+``$batch`` and cached in-process; they must all be answered (200, or 404 for a folder the mailbox
+lacks), else the job fails with ``FetchError`` and is retried: a job never decides with part of
+them. Any other folder's place is found by walking its ``parentFolderId`` chain up (one ``$batch``
+per level for every folder of the job) to one of those; each folder's verdict is then cached for
+``FOLDER_TTL`` seconds (a rep may move a folder). Outgoing mail is skipped by the job, so its MIME
+is never read (Graph gives Sent Items and Drafts no ``internetMessageHeaders``).
+
+The listener's stored folder tree (``el:graph:folders:<mailbox>``) is not used: a worker's fetcher
+has no Redis, and that tree is only as fresh as the last full catch-up.
 
 ``fetch_texts`` reads ``uniqueBody`` as text (``Prefer: outlook.body-content-type="text"``), the
 part of a reply its sender wrote, in one ``$batch``: far smaller than the MIME.
@@ -25,6 +36,7 @@ import collections
 import datetime as dt
 import email.policy
 import re
+import time
 from collections.abc import Callable, Sequence
 from email.parser import BytesHeaderParser
 from typing import Any, TypeVar
@@ -44,8 +56,13 @@ from exchange_listener.sources.graph.client import (
 
 SELECT = ("internetMessageId,internetMessageHeaders,from,sender,toRecipients,ccRecipients,subject,"
           "receivedDateTime,parentFolderId,conversationId")
-OWN_FOLDERS = ("sentitems", "drafts", "outbox")  # well-known names of the folders our own mail sits in
-MAX_MAILBOXES = 2048  # mailboxes whose own-folder ids are cached per process
+OWN_FOLDERS = ("sentitems", "drafts", "outbox")  # well-known names of the folders our own mail sits in (and below)
+# well-known folders that are not below those: a walk up a folder's parents ends there (not our own)
+NOT_OWN_FOLDERS = ("msgfolderroot", "inbox", "junkemail", "deleteditems", "recoverableitemsdeletions")
+MAX_MAILBOXES = 2048  # mailboxes whose folder verdicts are cached per process
+MAX_FOLDERS = 1024  # folder verdicts cached per mailbox (the well-known ones above come on top)
+FOLDER_TTL = 600.0  # seconds a folder's learned place is trusted (a rep can move a folder)
+MAX_DEPTH = 64  # parent levels walked at most; deeper is taken as not our own
 MIME_CACHE_ITEMS = 32  # MIME sources kept from the fallback for the job's fetch_mime
 MIME_CACHE_BYTES = 32 * 1024 * 1024
 TEXT_LIMIT = 8192  # characters of uniqueBody the classifier gets: only the start of a reply matters
@@ -135,7 +152,7 @@ def mime_headers(raw: bytes) -> list[tuple[str, str]]:
     return out
 
 
-def _fetched(mailbox: str, item_id: str, body: dict[str, Any], own: frozenset[str]) -> FetchedMessage:
+def _fetched(mailbox: str, item_id: str, body: dict[str, Any]) -> FetchedMessage:
     headers = [(str(h.get("name") or ""), str(h.get("value") or ""))
                for h in body.get("internetMessageHeaders") or () if isinstance(h, dict)]
     return FetchedMessage(
@@ -153,7 +170,6 @@ def _fetched(mailbox: str, item_id: str, body: dict[str, Any], own: frozenset[st
         references=header(headers, "references"),
         headers=headers,
         item_class=MEETING_CLASSES.get(str(body.get("@odata.type") or "")),
-        outgoing=bool(body.get("parentFolderId")) and body.get("parentFolderId") in own,
     )
 
 
@@ -163,13 +179,41 @@ def _error_code(answer: dict[str, Any]) -> str:
     return str(error.get("code") or "") if isinstance(error, dict) else ""
 
 
+class _Folders:
+    """What one mailbox's folders are known to be: own (below Sent Items, Drafts, Outbox) or not.
+    The well-known ones for good; the others learned by walking up, each until ``FOLDER_TTL``."""
+
+    def __init__(self, fixed: dict[str, bool]):
+        self.fixed = fixed
+        self.learned: dict[str, tuple[bool, float]] = {}  # folder id -> (own, monotonic expiry)
+
+    def verdict(self, folder_id: str, now: float) -> bool | None:
+        if folder_id in self.fixed:
+            return self.fixed[folder_id]
+        known = self.learned.get(folder_id)
+        if known is None:
+            return None
+        if known[1] <= now:
+            del self.learned[folder_id]
+            return None
+        return known[0]
+
+    def learn(self, folder_ids: Sequence[str], own: bool, now: float) -> None:
+        for folder_id in folder_ids:
+            if folder_id not in self.fixed:
+                self.learned.pop(folder_id, None)
+                self.learned[folder_id] = (own, now + FOLDER_TTL)
+        while len(self.learned) > MAX_FOLDERS:
+            del self.learned[next(iter(self.learned))]  # the oldest learned
+
+
 class GraphFetcher:
     """``MailFetcher`` for Microsoft Graph. Cheap to create; the client is built on first use."""
 
     def __init__(self, settings: Settings, *, client: GraphClient | None = None):
         self.settings = settings
         self._client = client
-        self._own: collections.OrderedDict[str, frozenset[str]] = collections.OrderedDict()
+        self._folders: collections.OrderedDict[str, _Folders] = collections.OrderedDict()
         self._mime: collections.OrderedDict[tuple[str, str], bytes] = collections.OrderedDict()
 
     @property
@@ -203,25 +247,84 @@ class GraphFetcher:
         raise FetchError(f"{what} for {mailbox} item …{short} failed: {error}")
 
     # -- own folders -------------------------------------------------------------------------------
-    def _remember_own(self, mailbox: str, answers: Sequence[dict[str, Any]]) -> frozenset[str]:
-        ids = set()
-        complete = True
-        for answer in answers:
+    def _known_folders(self, mailbox: str, answers: Sequence[dict[str, Any]]) -> _Folders:
+        """The well-known folders' ids from the job's first ``$batch`` (``OWN_FOLDERS`` then
+        ``NOT_OWN_FOLDERS``). Cached only when all three own folders were found. ``FetchError``
+        (the job is retried rather than deciding with part of them, nothing is cached) when an
+        own folder's lookup failed otherwise than 404, or any lookup was throttled past the
+        budget or met a server error; a not-own folder refused for good (a 4xx) only makes walks
+        longer."""
+        fixed: dict[str, bool] = {}
+        found_own = 0
+        for name, answer in zip(OWN_FOLDERS + NOT_OWN_FOLDERS, answers):
             body = answer.get("body")
             if answer["status"] == 200 and isinstance(body, dict) and body.get("id"):
-                ids.add(str(body["id"]))
-            elif answer["status"] != 404:  # a 404: this mailbox has no such folder; anything else: ask again
-                complete = False
-        own = frozenset(ids)
-        if complete:
+                own = name in OWN_FOLDERS
+                fixed.setdefault(str(body["id"]), own)
+                found_own += own
+            elif answer["status"] != 404:  # a 404: this mailbox has no such folder
+                status = answer["status"]
+                error = self.client.error_of(status, answer.get("headers"), body)
+                if name in OWN_FOLDERS or status in (0, 429) or status >= 500:
+                    raise FetchError(f"own-mail folder ids of {mailbox} not all read ({name}: {error}); "
+                                     "the job is retried")
+                log.warning("well-known folder refused; walks go past it", mailbox=mailbox, folder=name,
+                            error=str(error))
+        folders = _Folders(fixed)
+        if found_own == len(OWN_FOLDERS):  # else the mailbox itself is missing (or new): ask again next time
             key = mailbox.lower()
-            self._own[key] = own
-            self._own.move_to_end(key)
-            while len(self._own) > MAX_MAILBOXES:
-                self._own.popitem(last=False)
-        else:
-            log.info("own-mail folder ids not all read; asking again with the next job", mailbox=mailbox)
-        return own
+            self._folders[key] = folders
+            self._folders.move_to_end(key)
+            while len(self._folders) > MAX_MAILBOXES:
+                self._folders.popitem(last=False)
+        return folders
+
+    def _own_of(self, mailbox: str, folders: _Folders, folder_ids: set[str]) -> dict[str, bool]:
+        """Folder id -> whether it is one of the own-mail folders or below one: each unknown
+        folder's parent chain walked up to a folder whose place is known, one ``$batch`` per
+        level for all of them. A folder Graph no longer has (404) ends its chain as not our own
+        (not cached: the mail has moved since; where it is now is what counts)."""
+        client = self.client
+        user = user_path(mailbox)
+        now = time.monotonic()
+        out: dict[str, bool] = {}
+        chains = {fid: [fid] for fid in folder_ids}
+        for _level in range(MAX_DEPTH + 1):
+            for start, chain in list(chains.items()):
+                known = folders.verdict(chain[-1], now)
+                if known is not None:
+                    out[start] = known
+                    folders.learn(chain[:-1], known, now)
+                    del chains[start]
+            if not chains:
+                return out
+            ask = sorted({chain[-1] for chain in chains.values()})
+            lookups = [{"url": f"{user}/mailFolders/{_quote_id(fid)}?$select=parentFolderId"} for fid in ask]
+            answers = self._call("$batch of folders", mailbox, lambda: client.batch(lookups))  # noqa: B023 - called at once
+            parents: dict[str, str | None] = {}
+            for fid, answer in zip(ask, answers):
+                body = answer.get("body")
+                if answer["status"] == 200 and isinstance(body, dict):
+                    parents[fid] = str(body.get("parentFolderId") or "")
+                elif answer["status"] == 404 or (answer["status"] == 400 and _error_code(answer) in GONE):
+                    parents[fid] = None
+                else:
+                    error = client.error_of(answer["status"], answer.get("headers"), body)
+                    raise FetchError(f"GET mailFolder for {mailbox} failed: {error}")
+            for start, chain in list(chains.items()):
+                parent = parents[chain[-1]]
+                if parent is None:  # gone: not cached
+                    out[start] = False
+                    del chains[start]
+                elif not parent or parent in chain:  # the top of the store (or a loop): not below our folders
+                    out[start] = False
+                    folders.learn(chain, False, now)
+                    del chains[start]
+                else:
+                    chain.append(parent)
+        log.warning("folder deeper than the walk allows; taken as not our own", mailbox=mailbox, folders=len(chains))
+        out.update({start: False for start in chains})
+        return out
 
     # -- MailFetcher --------------------------------------------------------------------------------
     def fetch(self, mailbox: str, item_ids: Sequence[str]) -> list[FetchedMessage | ItemGone]:
@@ -229,22 +332,28 @@ class GraphFetcher:
             return []
         client = self.client
         user = user_path(mailbox)
-        own = self._own.get(mailbox.lower())
+        folders = self._folders.get(mailbox.lower())
         requests_ = [{"url": f"{user}/messages/{_quote_id(i)}?$select={SELECT}"} for i in item_ids]
-        if own is None:
-            requests_ += [{"url": f"{user}/mailFolders/{name}?$select=id"} for name in OWN_FOLDERS]
+        if folders is None:
+            requests_ += [{"url": f"{user}/mailFolders/{name}?$select=id"} for name in OWN_FOLDERS + NOT_OWN_FOLDERS]
         answers = self._call("$batch of messages", mailbox, lambda: client.batch(requests_))
-        if own is None:
-            own = self._remember_own(mailbox, answers[len(item_ids):])
+        if folders is None:
+            folders = self._known_folders(mailbox, answers[len(item_ids):])
         results: list[FetchedMessage | ItemGone] = []
+        parent_of: dict[str, str] = {}
         for item_id, answer in zip(item_ids, answers):
             body = answer.get("body")
             if answer["status"] == 200 and isinstance(body, dict):
-                results.append(_fetched(mailbox, item_id, body, own))
+                results.append(_fetched(mailbox, item_id, body))
+                parent_of[item_id] = str(body.get("parentFolderId") or "")
             else:
                 results.append(self._gone(mailbox, item_id, answer, "GET message"))
-        incomplete = [r for r in results if isinstance(r, FetchedMessage) and needs_mime_headers(r.headers)]
-        if incomplete:
+        fetched = [r for r in results if isinstance(r, FetchedMessage)]
+        own = self._own_of(mailbox, folders, {p for p in parent_of.values() if p})
+        for item in fetched:
+            item.outgoing = own.get(parent_of[item.item_id], False)
+        incomplete = [m for m in fetched if not m.outgoing and needs_mime_headers(m.headers)]
+        if incomplete:  # our own mail is skipped by the job: its headers are never needed
             self._headers_from_mime(mailbox, incomplete, results)
         return results
 
