@@ -6,13 +6,19 @@ slow or failing receiver is retried for hours, and a receiver slow too often get
 notification delayed, then dropped. So the answer is: persist, then 202 —
 
 - a **change notification** (``POST <path>``) becomes one queued job per message, the same job a
-  delta catch-up makes for it (the worker fetches it by its immutable id); the listener is told
-  of the activity, so the mailbox is checkpointed by delta later;
+  delta catch-up makes for it (the worker fetches it by its immutable id); this process's
+  listener is told of the activity (``on_activity``), so the mailbox is checkpointed by delta
+  later. Behind a proxy the POST often reaches a listener that does not hold the mailbox
+  (``on_activity`` answers False): then a ``notified`` entry goes to ``el:graph:lifecycle`` for
+  the holder to checkpoint instead, at most once a second per mailbox from each receiver;
 - a **lifecycle notification** (``POST <path>/lifecycle``: ``missed``, ``subscriptionRemoved``,
   ``reauthorizationRequired``) is appended to ``el:graph:lifecycle``, which the listener holding
   that mailbox reads (it may be another process behind the same proxy);
 - each item's ``clientState`` must be the one made for its subscription (its SHA-256 is in
-  ``el:graph:subscriptions``); an item that is not ours is dropped and counted, never queued;
+  ``el:graph:subscriptions``, read with one HMGET per POST; found ones are kept in memory for
+  ``LOOKUP_TTL``, unknown ones are not, since Graph can notify before the subscription is
+  stored); an item that is not ours is dropped and counted, never queued;
+- a POST over ``MAX_BODY`` bytes or ``MAX_ITEMS`` items is refused (413) before any Redis work;
 - when Redis cannot take it within ``PERSIST_BUDGET`` seconds, the answer is 503 and Graph
   retries: nothing is acknowledged that was not stored;
 - ``?validationToken=`` (the handshake when a subscription is created) is answered with the
@@ -39,8 +45,20 @@ from exchange_listener.sources.graph.subscriptions import SubscriptionStore, sta
 
 PERSIST_BUDGET = 2.0  # seconds to store a POST's items; Graph allows 3 before it counts the answer slow
 LIFECYCLE_MAXLEN = 10_000
-LOOKUP_TTL = 60.0  # seconds a subscription looked up in Redis is trusted from memory
-MAX_BODY = 4 * 1024 * 1024
+LOOKUP_TTL = 60.0  # seconds a subscription found in Redis is trusted from memory (a miss is never cached:
+# Graph may notify between its 201 for a new subscription and our storing it)
+KNOWN_LIMIT = 100_000  # subscriptions kept in memory at most (then forgotten all at once)
+# Bounds on one POST, so a stranger cannot make one POST cost unbounded memory and Redis work.
+# Graph batches what is queued for a URL into one POST, a few hundred items at most in practice
+# (the emulator: 100), so MAX_ITEMS leaves Graph ample room; a basic message notification is under
+# 1 KB of JSON (~0.7 KB with ~150-character immutable ids; test_graph_receiver checks that
+# MAX_ITEMS of them fit in MAX_BODY). Anything larger is not Graph: 413, refused before any Redis
+# work (aiohttp stops reading at MAX_BODY). Each job is its own RQ enqueue (~1-3 ms on a busy
+# 2-core machine), so a POST of a few hundred is stored within PERSIST_BUDGET; a full thousand
+# may not be (503: Graph retries, and the jobs already queued are not doubled).
+MAX_ITEMS = 1000
+MAX_BODY = 1024 * 1024
+HINT_EVERY = 1.0  # seconds between two "notified" entries for one mailbox from this receiver
 EVENTS = ("missed", "subscriptionRemoved", "reauthorizationRequired")
 
 
@@ -48,17 +66,19 @@ class Receiver:
     """The notification endpoint, served on its own thread and event loop."""
 
     def __init__(self, listen: str, notification_url: str, conn: redis.Redis,
-                 enqueue: Callable[[Sequence[NewMail]], None], on_activity: Callable[[str], None]):
+                 enqueue: Callable[[Sequence[NewMail]], None], on_activity: Callable[[str], bool | None]):
         host, _, port = listen.rpartition(":")
         self.host, self.port = host.strip("[]"), int(port)
         self.path = urllib.parse.urlsplit(notification_url).path.rstrip("/") or ""
         self.conn = conn
         self.store = SubscriptionStore(conn)
         self.enqueue = enqueue
-        self.on_activity = on_activity
+        self.on_activity = on_activity  # True: this process's listener holds the mailbox and noted it
         self.log = logs.get_logger(component="receiver")
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="receiver")
-        self._known: dict[str, tuple[float, tuple[str, str] | None]] = {}
+        self._known: dict[str, tuple[float, tuple[str, str]]] = {}  # subscription id -> (until, found)
+        self._hinted: dict[str, float] = {}  # mailbox -> when its last "notified" entry was stored
+        self._hint_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._ready = threading.Event()
@@ -115,15 +135,26 @@ class Receiver:
         return web.Response(text=token, content_type="text/plain")  # the query is URL-decoded already
 
     async def _items(self, request: web.Request) -> list[dict[str, Any]] | web.Response:
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            return self._too_large(f"more than {MAX_BODY} bytes")
         try:
-            body = await request.json(loads=json.loads)
+            body = await request.json(loads=json.loads)  # aiohttp stops reading at client_max_size (413)
             items = body["value"]
             if not isinstance(items, list):
                 raise TypeError("value is not a list")
+        except web.HTTPRequestEntityTooLarge:
+            return self._too_large(f"more than {MAX_BODY} bytes")
         except (ValueError, KeyError, TypeError) as exc:
             metrics.GRAPH_NOTIFICATIONS.labels("malformed").inc()
             return web.json_response({"error": f"not a Graph notification: {exc}"}, status=400)
+        if len(items) > MAX_ITEMS:
+            return self._too_large(f"more than {MAX_ITEMS} items")
         return [i for i in items if isinstance(i, dict)]
+
+    def _too_large(self, what: str) -> web.Response:
+        metrics.GRAPH_NOTIFICATIONS.labels("oversize").inc()
+        self.log.warning("refused a notification POST that is not Graph's", reason=what)
+        return web.json_response({"error": f"refused: {what}"}, status=413)
 
     async def _persist(self, work: Callable[[], None]) -> bool:
         loop = asyncio.get_running_loop()
@@ -136,23 +167,54 @@ class Receiver:
             self.log.warning("could not store notifications (Redis); answering 503 so Graph retries", error=str(exc))
         return False
 
-    def _ours(self, item: dict[str, Any], now: float) -> str | None:
+    def _lookup(self, items: list[dict[str, Any]], now: float) -> dict[str, tuple[str, str]]:
+        """subscription id -> (mailbox, SHA-256 of its clientState) for the items' subscriptions
+        that we made: from memory, the rest with one HMGET. Unknown ids are left out and not
+        remembered (the next POST asks Redis again: it may have been stored meanwhile)."""
+        found: dict[str, tuple[str, str]] = {}
+        wanted: list[str] = []
+        for sub_id in dict.fromkeys(i.get("subscriptionId") for i in items):
+            if not isinstance(sub_id, str):
+                continue
+            cached = self._known.get(sub_id)
+            if cached is not None and cached[0] >= now:
+                found[sub_id] = cached[1]
+            else:
+                wanted.append(sub_id)
+        if not wanted:
+            return found
+        if len(self._known) + len(wanted) > KNOWN_LIMIT:
+            self._known.clear()
+        for sub_id, raw in zip(wanted, self.conn.hmget(keys.GRAPH_SUBSCRIPTIONS, wanted), strict=True):
+            if raw is None:
+                continue
+            try:
+                data = json.loads(raw)
+                entry = (str(data["mailbox"]), str(data["client_state_sha256"]))
+            except (ValueError, KeyError, TypeError):
+                self.log.warning("unreadable subscription entry", subscription_id=sub_id)
+                continue
+            found[sub_id] = entry
+            self._known[sub_id] = (now + LOOKUP_TTL, entry)
+        return found
+
+    @staticmethod
+    def _ours(item: dict[str, Any], found: dict[str, tuple[str, str]]) -> str | None:
         """The mailbox of ``item``'s subscription when its clientState is the one we made, else None."""
         sub_id = item.get("subscriptionId")
-        if not isinstance(sub_id, str):
-            return None
-        cached = self._known.get(sub_id)
-        if cached is None or cached[0] < now:
-            found = self.store.lookup(sub_id)
-            if len(self._known) > 100_000:
-                self._known.clear()
-            self._known[sub_id] = (now + LOOKUP_TTL, found)
-        else:
-            found = cached[1]
+        entry = found.get(sub_id) if isinstance(sub_id, str) else None
         state = item.get("clientState")
-        if found is None or not isinstance(state, str) or not hmac.compare_digest(state_hash(state), found[1]):
+        if entry is None or not isinstance(state, str) or not hmac.compare_digest(state_hash(state), entry[1]):
             return None
-        return found[0]
+        return entry[0]
+
+    def _hints_due(self, mailboxes: dict[str, str], now: float) -> dict[str, str]:
+        """Of ``mailboxes`` (mailbox -> subscription id), those whose last ``notified`` entry from
+        this receiver is ``HINT_EVERY`` seconds old or more (or never was)."""
+        with self._hint_lock:
+            if len(self._hinted) > 10_000:
+                self._hinted = {m: at for m, at in self._hinted.items() if now - at < HINT_EVERY}
+            return {m: sub_id for m, sub_id in mailboxes.items() if now - self._hinted.get(m, 0.0) >= HINT_EVERY}
 
     async def _notifications(self, request: web.Request) -> web.Response:
         answer = self._validation(request)
@@ -164,19 +226,35 @@ class Receiver:
         now = time.time()
         mails: list[NewMail] = []
         rejected = 0
+        hinted: dict[str, str] = {}
 
         def store() -> None:
             nonlocal rejected
+            found = self._lookup(items, now)
+            subscription_of: dict[str, str] = {}  # mailbox -> a subscription id it was notified by
             for item in items:
-                mailbox = self._ours(item, now)
+                mailbox = self._ours(item, found)
                 data = item.get("resourceData")
                 item_id = data.get("id") if isinstance(data, dict) else None
                 if mailbox is None or not isinstance(item_id, str) or not item_id:
                     rejected += 1
                     continue
                 mails.append(NewMail(mailbox=mailbox, item_id=item_id, seen_at=now, via="notification"))
+                subscription_of.setdefault(mailbox, str(item["subscriptionId"]))
             for mail in mails:  # one job per message: the job id a catch-up's single mail gets too
                 self.enqueue([mail])
+            # the jobs are stored: the holder of each mailbox is told, here or through the stream
+            elsewhere = {m: sub_id for m, sub_id in subscription_of.items() if not self.on_activity(m)}
+            due = self._hints_due(elsewhere, now)
+            if due:
+                pipe = self.conn.pipeline(transaction=False)
+                for mailbox, sub_id in due.items():
+                    pipe.xadd(keys.GRAPH_LIFECYCLE, {"mailbox": mailbox, "event": "notified", "subscription_id": sub_id},
+                              maxlen=LIFECYCLE_MAXLEN, approximate=True)
+                pipe.execute()
+                with self._hint_lock:
+                    self._hinted.update(dict.fromkeys(due, now))
+                hinted.update(due)
 
         if not await self._persist(store):
             return web.Response(status=503, headers={"Retry-After": "5"})
@@ -188,8 +266,8 @@ class Receiver:
         self.received += len(mails)
         if mails:
             self.last_notification_at = now
-        for mailbox in {m.mailbox for m in mails}:
-            self.on_activity(mailbox)
+        if hinted:
+            self.log.debug("notified mailboxes held elsewhere; told their holder", mailboxes=len(hinted))
         return web.Response(status=202)
 
     async def _lifecycle(self, request: web.Request) -> web.Response:
@@ -203,8 +281,9 @@ class Receiver:
         events: list[tuple[str, str, str]] = []
 
         def store() -> None:
+            found = self._lookup(items, now)
             for item in items:
-                mailbox = self._ours(item, now)
+                mailbox = self._ours(item, found)
                 event = item.get("lifecycleEvent")
                 if mailbox is None or event not in EVENTS:
                     metrics.GRAPH_NOTIFICATIONS.labels("rejected").inc()
