@@ -187,7 +187,8 @@ def _prepare(ctx: context.Context, fetcher: MailFetcher, mailbox: str,
     final (one pipeline), and read the text of the matched ones that look human and still
     need a decision (one ``fetch_texts``)."""
     mails = {id(f): m for m, f in pairs}
-    items = [f for _m, f in pairs if isinstance(f, FetchedMessage)]
+    # our own mail is skipped by ``_process`` first: no send lookup, first-received write or text for it
+    items = [f for _m, f in pairs if isinstance(f, FetchedMessage) and not f.outgoing]
     ahead: dict[str, _Ahead] = {}
     id_lists = []
     for item in items:
