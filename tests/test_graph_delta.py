@@ -3,6 +3,7 @@ RQ queue) and the Graph emulator over real HTTP."""
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import time
 import uuid
 
@@ -18,6 +19,7 @@ from exchange_listener.sources.graph.client import (
     GraphClient,
     GraphUnavailable,
     NotFound,
+    SyncStateNotFound,
 )
 from exchange_listener.sources.graph.delta import (
     DeltaStore,
@@ -328,3 +330,117 @@ def test_watched_of_excludes_everything_below_our_own_folders():
     }
     assert watched_of(folders) == {"root-child": "Inbox", "user": "Customers", "user-sub": "Pat",
                                    "loop-a": "A", "loop-b": "B"}
+
+
+# -- an incremental round takes every new entry; one bad folder does not block the others ----------
+def iso_days_ago(days: float) -> str:
+    return (dt.datetime.now(dt.UTC) - dt.timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_an_incremental_round_after_a_long_gap_takes_mail_received_early_in_the_gap(graph, client, store, ledger,
+                                                                                   queue):
+    """A listener down for 15 days (processed_days is 14): a reply that came on day one is new to
+    the folder's delta, so it is enqueued although received before the ledger's horizon."""
+    assert run(client, store, ledger, queue) == 0  # links stored before the gap
+    early = graph.deliver(MAILBOX, mail("early in the gap"), received=iso_days_ago(15))["item_id"]
+    late = graph.deliver(MAILBOX, mail("late in the gap"), received=iso_days_ago(0.5))["item_id"]
+    assert run(client, store, ledger, queue) == 2
+    assert sorted(queued(queue)) == sorted([early, late])
+    assert run(client, store, ledger, queue) == 0  # nothing is enqueued twice
+
+
+def test_a_full_round_after_a_long_gap_goes_back_to_the_last_complete_catch_up(graph, client, store, ledger,
+                                                                              queue, redis_client):
+    """Last caught up 16 days ago; meanwhile a rule filed a reply into a new folder and every sync
+    state was lost: both full rounds take what came after the last catch-up, nothing older."""
+    assert run(client, store, ledger, queue) == 0
+    redis_client.hset(keys.graph_delta(MAILBOX), "@caught_up", repr(time.time() - 16 * 86400))
+    before = graph.deliver(MAILBOX, mail("before the gap"), received=iso_days_ago(17))["item_id"]
+    graph.deliver(MAILBOX, mail("filed before"), folder="Customers", received=iso_days_ago(17))
+    inbox = graph.deliver(MAILBOX, mail("in the gap"), received=iso_days_ago(15))["item_id"]
+    filed = graph.deliver(MAILBOX, mail("filed"), folder="Customers", received=iso_days_ago(15))["item_id"]
+    graph.fault(kind="expire_delta_tokens")
+    assert run(client, store, ledger, queue) == 2
+    assert sorted(queued(queue)) == sorted([inbox, filed]) and before not in queued(queue)
+    assert store.caught_up_at(MAILBOX) > time.time() - 60
+
+
+def test_a_first_round_resumed_from_its_nextlink_still_skips_old_mail(graph, client, store, ledger, queue):
+    """The cut-off belongs to the whole first round, also when it resumes from a stored nextLink."""
+    new = [graph.deliver(MAILBOX, mail(f"n{n}"))["item_id"] for n in range(3)]
+    inbox_id = graph.deliver(MAILBOX, mail("old0"), received=iso_days_ago(30))["folder_id"]
+    graph.deliver(MAILBOX, mail("old1"), received=iso_days_ago(30))
+    plain = enqueuer(queue)
+    calls = []
+
+    def fail_second_time(mails):
+        calls.append(1)
+        if len(calls) == 2:
+            raise redis.exceptions.ConnectionError("down")
+        plain(mails)
+
+    since = time.time() - 60
+    with pytest.raises(redis.exceptions.ConnectionError):
+        catch_up_folder(client, MAILBOX, inbox_id, store, ledger, fail_second_time, since=since, page_size=2)
+    assert "skiptoken" in (store.get(MAILBOX, inbox_id) or "")
+    assert catch_up_folder(client, MAILBOX, inbox_id, store, ledger, plain, since=since, page_size=2) == 1
+    assert sorted(queued(queue)) == sorted(new)
+
+
+def test_a_404_on_the_link_of_a_folder_that_exists_means_a_resync(graph, client, store, ledger, queue):
+    assert run(client, store, ledger, queue) == 0
+    item = graph.deliver(MAILBOX, mail("after"))
+    inbox, archive = item["folder_id"], graph.create_folder(MAILBOX, "archive")["id"]
+    link = store.get(MAILBOX, inbox)
+    assert link and f"mailFolders('{inbox}')" in link
+    # a link Graph answers 404 ErrorItemNotFound for, while the folder itself is there
+    bad = link.replace(f"mailFolders('{inbox}')", f"mailFolders('{archive}')/childFolders('{inbox}')")
+    store.put(MAILBOX, inbox, bad)
+    with pytest.raises(NotFound):
+        client.get_json(store.get(MAILBOX, inbox) or "")
+    assert run(client, store, ledger, queue) == 1
+    assert queued(queue) == [item["item_id"]]
+    assert "childFolders" not in (store.get(MAILBOX, inbox) or "")
+    assert store.caught_up_at(MAILBOX) is not None
+    assert run(client, store, ledger, queue) == 0  # the new link works: nothing repeats
+
+
+def test_one_failing_folder_does_not_stop_the_others(graph, client, store, ledger, queue):
+    """The inbox (caught up first) loses its sync state after every page, past MAX_RESYNCS: the
+    other folders are still caught up, the error is raised at the end, the mailbox is not marked
+    caught up; the next run catches the inbox up."""
+    inbox_items = [graph.deliver(MAILBOX, mail(f"in{n}")) for n in range(4)]
+    inbox = inbox_items[0]["folder_id"]
+    others = [graph.deliver(MAILBOX, mail("junk"), folder="junkemail")["item_id"],
+              graph.deliver(MAILBOX, mail("filed"), folder="Customers")["item_id"]]
+    plain = enqueuer(queue)
+
+    def enqueue_losing_inbox_tokens(mails):
+        plain(mails)
+        if any(m.folder == inbox for m in mails):
+            graph.fault(kind="expire_delta_tokens")
+
+    with pytest.raises(SyncStateNotFound):
+        run(client, store, ledger, queue, enqueue=enqueue_losing_inbox_tokens, page_size=1)
+    assert set(others) <= set(queued(queue))
+    assert store.caught_up_at(MAILBOX) is None
+    assert all("deltatoken" in store.links(MAILBOX)[f] for f in store.watched(MAILBOX) if f != inbox)
+    run(client, store, ledger, queue)
+    assert store.caught_up_at(MAILBOX) is not None
+    assert {i["item_id"] for i in inbox_items} | set(others) == set(queued(queue))
+
+
+def test_a_mailbox_gone_during_a_folder_catch_up_raises_not_found(graph, client, store, ledger, queue):
+    gone = "nobody@example.com"
+    with pytest.raises(NotFound):
+        catch_up_mailbox(client, gone, store, ledger, enqueuer(queue), added_at=time.time(),
+                         folders=["inbox", "junkemail"])
+    assert queue.jobs == []
+
+
+def test_hidden_folders_are_watched(graph, client, store, ledger, queue):
+    assert run(client, store, ledger, queue) == 0
+    assert "Conversation Action Settings" in store.watched(MAILBOX).values()  # hidden (isHidden) in Graph
+    item_id = graph.deliver(MAILBOX, mail(), folder="Conversation Action Settings")["item_id"]
+    assert run(client, store, ledger, queue) == 1
+    assert queued(queue) == [item_id]

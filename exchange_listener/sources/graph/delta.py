@@ -5,32 +5,39 @@ can vanish): what arrived is known for sure only from message delta, which is pe
 per mailbox:
 
 - **the folders that count** are every mail folder (``mailFolders`` and their ``childFolders`` at
-  any depth, paged) plus Recoverable Items\\Deletions (where a hard-deleted mail goes; it is not
-  listed, only reachable by its well-known name), except Sent Items, Drafts, Outbox and anything
-  below them: mail there is our own;
-- **each such folder** is read by ``messages/delta`` from its stored link. The first round (no
-  link yet) lists the whole folder: mail received before the mailbox was added, or before the
-  ledger's horizon (less ``SKEW_SECONDS``), is skipped, as is mail the ledger says was processed.
-  The rest goes out in jobs of up to ``MAX_MAILS_PER_JOB`` mails. The link after a page (the
-  nextLink, then the round's deltaLink) is stored only *after* that page's mails are enqueued,
-  so a crash in between re-delivers (the same pages, so the same job ids dedupe) and never loses
-  mail; ``enqueue`` raises when it cannot enqueue (Redis down) and nothing advances.
+  any depth, paged, hidden ones included) plus Recoverable Items\\Deletions (where a hard-deleted
+  mail goes; it is not listed, only reachable by its well-known name), except Sent Items, Drafts,
+  Outbox and anything below them: mail there is our own;
+- **each such folder** is read by ``messages/delta`` from its stored link. A full round (no link
+  yet, or a resync) lists the whole folder: mail received before the cut-off is skipped (the
+  later of the mailbox's adding and the ledger's horizon, but no later than the last complete
+  catch-up; less ``SKEW_SECONDS``). An incremental round takes every entry, however long ago it
+  was received (a reply that came early in a long outage is new to delta all the same). Mail the
+  ledger says was processed is skipped in both. The rest goes out in jobs of up to
+  ``MAX_MAILS_PER_JOB`` mails. The link after a page (the nextLink, then the round's deltaLink) is
+  stored only *after* that page's mails are enqueued, so a crash in between re-delivers (the same
+  pages, so the same job ids dedupe) and never loses mail; ``enqueue`` raises when it cannot
+  enqueue (Redis down) and nothing advances.
 - ``changeType=created``: a mail moved into a folder is new *to that folder* (Exchange's
   incremental sync reports it as created there, as EWS SyncFolderItems reports a Create), so it
   comes through; updates (read, flagged, categorised) are left out, so a rep reading mail does not
-  re-list it. Graph still sends some of those (read-state changes, per its docs): the ledger and
-  the horizon filter them, and an entry with neither a receivedDateTime nor an
-  internetMessageId (a bare state change) is not taken for new mail.
+  re-list it. Graph still sends some of those (read-state changes, per its docs): the ledger
+  filters them (and, on a full round, the cut-off), and an entry with neither a receivedDateTime
+  nor an internetMessageId (a bare state change) is not taken for new mail.
 - ``@removed`` entries are ignored: ids are immutable, a moved mail keeps its id and a job for it
   still finds it.
-- a 410 (``SyncStateNotFound``, also in the middle of a round) drops the link and reads the
-  folder again from the start (the ledger and the horizon keep that from re-processing); a
+- a 410 (``SyncStateNotFound``, also in the middle of a round), or a 404 for a folder that still
+  exists, drops the link and reads the folder again from the start (the ledger and the cut-off
+  keep that from re-processing); more than ``MAX_RESYNCS`` times in one catch-up is an error. A
   folder that no longer exists (404) is forgotten.
+- a folder that fails does not hold up the others: they are caught up, then its error is raised
+  (the run is retried) and the mailbox is not marked caught up.
 
 Keys (named in ``exchange_listener.core.keys``):
 
-- ``el:graph:delta:<mailbox>`` — hash: folder id -> delta (or next) link; ``@caught_up`` -> epoch
-  seconds of the last complete catch-up of every folder.
+- ``el:graph:delta:<mailbox>`` — hash: folder id -> delta (or next) link, a full round's nextLink
+  prefixed ``full `` (the rest of that round keeps the cut-off); ``@caught_up`` -> epoch seconds of
+  the last complete catch-up of every folder.
 - ``el:graph:folders:<mailbox>`` — hash: folder id -> JSON ``[displayName, parentFolderId, kind]``,
   kind being the folder's well-known name (``inbox``, ``sentitems``...) or "" for the rep's own.
 """
@@ -50,7 +57,9 @@ from exchange_listener.mail.message_ids import (
 )
 from exchange_listener.sources.base import MAX_MAILS_PER_JOB, SKEW_SECONDS, NewMail
 from exchange_listener.sources.graph.client import (
+    AuthenticationFailed,
     GraphClient,
+    GraphError,
     GraphUnavailable,
     NotFound,
     SyncStateNotFound,
@@ -70,6 +79,7 @@ FIRST = ("inbox", "junkemail")  # caught up before the others: where new mail la
 MAX_RESYNCS = 2  # full re-reads of one folder per catch-up after 410s; past that the 410 is raised
 MAX_DEPTH = 64
 CAUGHT_UP = "@caught_up"
+FULL_MARK = "full "  # before a stored nextLink of a full round (a URL has no space)
 
 Folder = tuple[str, str, str]  # displayName, parentFolderId, kind
 
@@ -82,6 +92,14 @@ def _epoch(value: Any) -> float | None:
     except ValueError:
         return None
     return (moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def _unpack(value: str) -> tuple[str, bool]:
+    return (value[len(FULL_MARK):], True) if value.startswith(FULL_MARK) else (value, False)
+
+
+class MailboxNotFound(NotFound):
+    """404 for the mailbox itself: no folder of it can be caught up."""
 
 
 def watched_of(folders: dict[str, Folder]) -> dict[str, str]:
@@ -108,19 +126,24 @@ class DeltaStore:
         self.conn = conn
 
     def get(self, mailbox: str, folder_id: str) -> str | None:
-        link = self.conn.hget(keys.graph_delta(mailbox), folder_id)
-        return redis_conn.text(link) if link else None
+        return self.get_link(mailbox, folder_id)[0]
 
-    def put(self, mailbox: str, folder_id: str, link: str) -> None:
-        self.conn.hset(keys.graph_delta(mailbox), folder_id, link)
+    def get_link(self, mailbox: str, folder_id: str) -> tuple[str | None, bool]:
+        """The stored link and whether it continues a full round (a first round or a resync)."""
+        value = self.conn.hget(keys.graph_delta(mailbox), folder_id)
+        return _unpack(redis_conn.text(value)) if value else (None, False)
+
+    def put(self, mailbox: str, folder_id: str, link: str, full: bool = False) -> None:
+        """Store ``link``; ``full`` for the nextLink of a full round (the cut-off applies to its rest)."""
+        self.conn.hset(keys.graph_delta(mailbox), folder_id, FULL_MARK + link if full else link)
 
     def drop(self, mailbox: str, folder_id: str) -> None:
         self.conn.hdel(keys.graph_delta(mailbox), folder_id)
 
     def links(self, mailbox: str) -> dict[str, str]:
         """Folder id -> stored link (``@caught_up`` left out)."""
-        return {redis_conn.text(k): redis_conn.text(v) for k, v in self.conn.hgetall(keys.graph_delta(mailbox)).items()
-                if redis_conn.text(k) != CAUGHT_UP}
+        return {redis_conn.text(k): _unpack(redis_conn.text(v))[0] or ""
+                for k, v in self.conn.hgetall(keys.graph_delta(mailbox)).items() if redis_conn.text(k) != CAUGHT_UP}
 
     def mark_caught_up(self, mailbox: str) -> None:
         self.conn.hset(keys.graph_delta(mailbox), CAUGHT_UP, repr(time.time()))
@@ -192,8 +215,8 @@ def read_folders(client: GraphClient, mailbox: str) -> dict[str, Folder]:
                                         name)
         elif answer["status"] != 404:  # the mailbox lacks it (404) is fine; anything else is not
             raise client.error_of(answer["status"], answer.get("headers"), body)
-    level: list[dict[str, Any]] = list(_pages(client, f"{user}/mailFolders",
-                                              {"$select": FOLDER_SELECT, "$top": FOLDER_PAGE}))
+    level: list[dict[str, Any]] = list(_pages(client, f"{user}/mailFolders", {
+        "$select": FOLDER_SELECT, "$top": FOLDER_PAGE, "includeHiddenFolders": "true"}))
     seen: set[str] = set()
     for _depth in range(MAX_DEPTH):
         parents = []
@@ -208,7 +231,8 @@ def read_folders(client: GraphClient, mailbox: str) -> dict[str, Folder]:
         if not parents:
             break
         level = []
-        urls = [f"{user}/mailFolders/{fid}/childFolders?$select={FOLDER_SELECT}&$top={FOLDER_PAGE}" for fid in parents]
+        urls = [f"{user}/mailFolders/{fid}/childFolders?$select={FOLDER_SELECT}&$top={FOLDER_PAGE}"
+                "&includeHiddenFolders=true" for fid in parents]
         for answer in client.batch([{"url": u} for u in urls]):
             body = answer.get("body")
             if answer["status"] == 404:
@@ -240,41 +264,49 @@ def _first_link(client: GraphClient, mailbox: str, folder_id: str) -> str:
 
 
 def _folder_exists(client: GraphClient, mailbox: str, folder_id: str) -> bool:
-    """Whether ``folder_id`` is there; ``NotFound`` raised when the mailbox itself is not."""
+    """Whether ``folder_id`` is there; ``MailboxNotFound`` raised when the mailbox itself is not."""
     try:
         client.get_json(f"{user_path(mailbox)}/mailFolders/{folder_id}", params={"$select": "id"})
         return True
     except NotFound:
-        client.get_json(f"{user_path(mailbox)}/mailFolders/inbox", params={"$select": "id"})
+        try:
+            client.get_json(f"{user_path(mailbox)}/mailFolders/inbox", params={"$select": "id"})
+        except NotFound as exc:
+            raise MailboxNotFound(exc.status, exc.code, exc.message) from None
         return False
 
 
 def catch_up_folder(client: GraphClient, mailbox: str, folder_id: str, store: DeltaStore, ledger: Ledger,
                     enqueue: Callable[[Sequence[NewMail]], None], *, since: float, page_size: int = PAGE_SIZE) -> int:
-    """Enqueue every mail new in ``folder_id`` since its stored link that is not processed yet and
-    was received at or after ``since``. Returns how many were enqueued."""
+    """Enqueue every mail new in ``folder_id`` since its stored link that is not processed yet.
+    On a full round (no link yet, or a resync after a lost sync state) only mail received at or
+    after ``since`` counts; an incremental round takes every new entry, however old (mail that
+    came during a long gap). Returns how many were enqueued."""
     log = logs.get_logger(mailbox=mailbox, folder=folder_id)
-    link = store.get(mailbox, folder_id)
-    url = link or _first_link(client, mailbox, folder_id)
+    link, full = store.get_link(mailbox, folder_id)
+    url, full = (link, full) if link else (_first_link(client, mailbox, folder_id), True)
     total, resyncs, skipped_bare = 0, 0, 0
     seen: set[str] = set()
     while True:
         try:
             data = client.get_json(url, headers={"Prefer": f"odata.maxpagesize={page_size}"})
-        except SyncStateNotFound:
+        except (SyncStateNotFound, NotFound) as exc:
+            if isinstance(exc, NotFound) and not _folder_exists(client, mailbox, folder_id):
+                log.info("folder no longer exists; forgetting it")  # deleted: its mail went elsewhere
+                store.forget_folder(mailbox, folder_id)
+                return total
             resyncs += 1
             if resyncs > MAX_RESYNCS:
                 raise
-            log.warning("delta token no longer known to Graph; reading the folder again (processed mail is skipped)")
+            if isinstance(exc, NotFound):
+                log.warning("delta link not found although the folder exists; reading the folder again",
+                            error=exc.code)
+            else:
+                log.warning("delta token no longer known to Graph; reading the folder again "
+                            "(processed mail is skipped)")
             store.drop(mailbox, folder_id)
-            url = _first_link(client, mailbox, folder_id)
+            url, full = _first_link(client, mailbox, folder_id), True
             continue
-        except NotFound:
-            if _folder_exists(client, mailbox, folder_id):
-                raise
-            log.info("folder no longer exists; forgetting it")  # deleted: its mail went elsewhere
-            store.forget_folder(mailbox, folder_id)
-            return total
         now = time.time()
         candidates = []
         for entry in data.get("value") or ():
@@ -289,8 +321,8 @@ def catch_up_folder(client: GraphClient, mailbox: str, folder_id: str, store: De
             if received is None and not raw_id:
                 skipped_bare += 1
                 continue
-            if received is not None and received < since:
-                continue
+            if full and received is not None and received < since:
+                continue  # a full round lists the whole folder: mail from before the cut-off is not new
             message_id = normalize(str(raw_id or "")) or ""
             candidates.append((identity(message_id or None, item_id), item_id, message_id, received))
         done = ledger.processed(mailbox, [c[0] for c in candidates])
@@ -305,7 +337,8 @@ def catch_up_folder(client: GraphClient, mailbox: str, folder_id: str, store: De
         next_link, delta_link = data.get("@odata.nextLink"), data.get("@odata.deltaLink")
         new_link = str(next_link or delta_link or "")
         if new_link:
-            store.put(mailbox, folder_id, new_link)  # only now: everything before it is enqueued
+            # only now: everything before it is enqueued; the rest of a full round keeps its cut-off
+            store.put(mailbox, folder_id, new_link, full=full and bool(next_link))
         if not next_link:
             if not delta_link:
                 raise GraphUnavailable(200, "NoDeltaLink", "a delta page ended without nextLink or deltaLink")
@@ -320,15 +353,41 @@ def catch_up_mailbox(client: GraphClient, mailbox: str, store: DeltaStore, ledge
                      enqueue: Callable[[Sequence[NewMail]], None], *, added_at: float | None = None,
                      folders: Iterable[str] | None = None, page_size: int = PAGE_SIZE) -> int:
     """Catch up ``folders`` (ids), or every folder that counts with the folder tree read first
-    (then the mailbox is marked caught up). Returns how many mails were enqueued."""
+    (then the mailbox is marked caught up, if every folder was). Returns how many mails were
+    enqueued.
+
+    A folder Graph refuses (its sync state lost again and again, a 403, a 404 that persists) is
+    logged and the others are caught up all the same; then its error is raised, so the run is
+    retried. Errors that are not the folder's are raised at once: the mailbox is gone, our
+    credentials are refused, Graph is unavailable past the retry budget, Redis is down.
+
+    The cut-off of a full round (``since``) is the later of ``added_at`` and the ledger's horizon,
+    less ``SKEW_SECONDS``, but no later than the last complete catch-up (less the skew): a folder
+    made, or a sync state lost, during a long gap still yields the mail that came in the gap."""
     since = max(added_at or 0.0, ledger.horizon()) - SKEW_SECONDS
+    last = store.caught_up_at(mailbox)
+    if last is not None:
+        since = min(since, last - SKEW_SECONDS)
     if folders is not None:
-        return sum(catch_up_folder(client, mailbox, f, store, ledger, enqueue, since=since, page_size=page_size)
-                   for f in folders)
-    watched = watched_folders(client, mailbox, store, refresh=True)
-    kinds = {fid: kind for fid, (_n, _p, kind) in store.folders(mailbox).items()}
-    order = sorted(watched, key=lambda fid: (kinds.get(fid) not in FIRST, kinds.get(fid) != "inbox", fid))
-    total = sum(catch_up_folder(client, mailbox, fid, store, ledger, enqueue, since=since, page_size=page_size)
-                for fid in order)
-    store.mark_caught_up(mailbox)
+        order = list(folders)
+    else:
+        watched = watched_folders(client, mailbox, store, refresh=True)
+        kinds = {fid: kind for fid, (_n, _p, kind) in store.folders(mailbox).items()}
+        order = sorted(watched, key=lambda fid: (kinds.get(fid) not in FIRST, kinds.get(fid) != "inbox", fid))
+    total = 0
+    failed: list[GraphError] = []
+    for fid in order:
+        try:
+            total += catch_up_folder(client, mailbox, fid, store, ledger, enqueue, since=since, page_size=page_size)
+        except (MailboxNotFound, AuthenticationFailed, GraphUnavailable):
+            raise
+        except GraphError as exc:
+            logs.get_logger(mailbox=mailbox, folder=fid).warning(
+                "folder catch-up failed; carrying on with the others", status=exc.status, error=exc.code,
+                detail=exc.message[:200])
+            failed.append(exc)
+    if failed:
+        raise failed[0]
+    if folders is None:
+        store.mark_caught_up(mailbox)
     return total
