@@ -90,7 +90,8 @@ def tree(mailbox: str) -> str:
 
 # -- the Microsoft Graph source (exchange_listener.sources.graph) --------------------------------
 GRAPH_SUBSCRIPTIONS = "el:graph:subscriptions"  # subscription id -> JSON {mailbox, client_state_sha256}
-GRAPH_LIFECYCLE = "el:graph:lifecycle"  # lifecycle notifications, for the listener holding the mailbox
+GRAPH_LIFECYCLE = "el:graph:lifecycle"  # lifecycle notifications and "notified" hints (a receiver got a
+# notification for a mailbox its own listener does not hold), for the listener holding the mailbox
 
 
 def graph_subscription(mailbox: str) -> str:

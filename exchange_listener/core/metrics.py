@@ -16,8 +16,9 @@ CATCHUPS = Counter("el_catchups_total", "Catch-ups run: full (after a gap, tree 
 ITEMS_GONE = Counter("el_items_gone_total", "Items gone when a worker came to them: found again elsewhere "
                      "(relocated), found nowhere, or there but unreadable", ["outcome"])
 GRAPH_NOTIFICATIONS = Counter("el_graph_notifications_total", "Graph notifications received: queued (one per "
-                              "message), rejected (not our subscription or clientState), malformed, or a lifecycle "
-                              "event (missed, subscriptionRemoved, reauthorizationRequired)", ["outcome"])
+                              "message), rejected (not our subscription or clientState), malformed, oversize (a POST "
+                              "over the body or item cap, refused with 413), or a lifecycle event (missed, "
+                              "subscriptionRemoved, reauthorizationRequired)", ["outcome"])
 GRAPH_SUBSCRIPTIONS = Counter("el_graph_subscriptions_total", "Graph subscriptions created, renewed, reauthorized, "
                               "recreated (found gone) or deleted", ["action"])
 CLASSIFIED = Counter("el_classified_total", "Messages classified, by kind", ["kind"])
