@@ -405,6 +405,20 @@ def test_a_404_on_the_link_of_a_folder_that_exists_means_a_resync(graph, client,
     assert run(client, store, ledger, queue) == 0  # the new link works: nothing repeats
 
 
+def test_a_stored_link_on_another_host_means_a_resync(graph, client, store, ledger, queue):
+    """graph_url changed (another cloud, a proxy): the stored links point elsewhere and our client
+    refuses to send the token there; the folder is read again from graph_url, not failed forever."""
+    assert run(client, store, ledger, queue) == 0
+    item = graph.deliver(MAILBOX, mail("after the move"))
+    inbox = item["folder_id"]
+    link = store.get(MAILBOX, inbox) or ""
+    elsewhere = "https://graph.elsewhere.example" + link[link.index("/v1.0"):]
+    store.put(MAILBOX, inbox, elsewhere)
+    assert run(client, store, ledger, queue) == 1
+    assert queued(queue) == [item["item_id"]]
+    assert (store.get(MAILBOX, inbox) or "").startswith(graph.graph_url)
+
+
 def test_one_failing_folder_does_not_stop_the_others(graph, client, store, ledger, queue):
     """The inbox (caught up first) loses its sync state after every page, past MAX_RESYNCS: the
     other folders are still caught up, the error is raised at the end, the mailbox is not marked

@@ -290,7 +290,10 @@ def catch_up_folder(client: GraphClient, mailbox: str, folder_id: str, store: De
     while True:
         try:
             data = client.get_json(url, headers={"Prefer": f"odata.maxpagesize={page_size}"})
-        except (SyncStateNotFound, NotFound) as exc:
+        except GraphError as exc:
+            # a stored link on another host than graph_url (the setting changed) is as good as lost
+            if not isinstance(exc, (SyncStateNotFound, NotFound)) and exc.code != "ForeignLink":
+                raise
             if isinstance(exc, NotFound) and not _folder_exists(client, mailbox, folder_id):
                 log.info("folder no longer exists; forgetting it")  # deleted: its mail went elsewhere
                 store.forget_folder(mailbox, folder_id)
@@ -298,8 +301,8 @@ def catch_up_folder(client: GraphClient, mailbox: str, folder_id: str, store: De
             resyncs += 1
             if resyncs > MAX_RESYNCS:
                 raise
-            if isinstance(exc, NotFound):
-                log.warning("delta link not found although the folder exists; reading the folder again",
+            if isinstance(exc, NotFound) or exc.code == "ForeignLink":
+                log.warning("delta link not usable although the folder exists; reading the folder again",
                             error=exc.code)
             else:
                 log.warning("delta token no longer known to Graph; reading the folder again "
