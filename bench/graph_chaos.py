@@ -39,7 +39,7 @@ for path in (ROOT, os.path.join(ROOT, "bench")):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from chaos import PAUSE_DAYS, PROCESS_FAULTS, Drill, Proc, Stack
+from chaos import PAUSE_DAYS, PROCESS_FAULTS, Drill, Proc, Stack, retrying
 
 from emulators.services import GraphEmulator, free_port, wait_for
 from exchange_listener.core import keys
@@ -49,6 +49,7 @@ from exchange_listener.sources.graph.delta import DeltaStore
 GRAPH_FAULTS = ("drop_notifications", "duplicate_notifications", "delay_notifications", "remove_subscriptions",
                 "reauthorization_required", "throttle", "http_503", "expire_delta_tokens", "restart")
 SUBSCRIPTION_FAULTS = ("remove_subscriptions", "reauthorization_required", "restart")  # hit every mailbox's
+CHECKPOINT_SECONDS = {"small": 2, "large": 10}
 NOTIFY_PATH = "/graph/notify"  # the receivers serve it and ``/graph/notify/lifecycle``
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization",
               "proxy-authenticate", "host", "content-length"}
@@ -64,7 +65,9 @@ class NotificationProxy(http.server.ThreadingHTTPServer):
 
     def __init__(self, receivers, port: int | None = None):
         self.receivers = receivers  # callable: the receivers' ports, in order
-        self.counts = {"forwarded": 0, "refused": 0, "failed": 0, "unavailable": 0}
+        # forwarded; refused (a receiver down, the next one tried); failed (a receiver broke off);
+        # unavailable (none up); sender_gone (Graph had given up waiting, 3 s, before the answer)
+        self.counts = {"forwarded": 0, "refused": 0, "failed": 0, "unavailable": 0, "sender_gone": 0}
         self.lock = threading.Lock()
         self.next = 0
         super().__init__(("127.0.0.1", port or free_port()), _ProxyHandler)
@@ -132,12 +135,16 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         status, out_headers, data = self.server.forward("POST", self.path, headers, body)
-        self.send_response(status)
-        for name, value in out_headers:
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(status)
+            for name, value in out_headers:
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the sender timed out: Graph retries it
+            self.server.count("sender_gone")
+            self.close_connection = True
 
     def log_message(self, format: str, *args) -> None:
         pass
@@ -217,9 +224,11 @@ class GraphDrill(Drill):
         return GraphStack(self.mailboxes, listeners=2, workers=2, log_dir=log_dir, sentinel=self.sentinel, settings={
             "queue_name": "drill", "lease_seconds": self.cfg["lease"], "worker_ttl": 10, "job_timeout": 30,
             "job_retries": 8,
-            # a mailbox with notifications is read by delta 2 s later; every held mailbox is swept by
-            # delta every 6 s (3 x checkpoint), and the app's subscriptions are listed as often
-            "checkpoint_seconds": 2,
+            # a mailbox with notifications is read by delta this much later; every held mailbox is
+            # swept by delta every 3 x checkpoint, and the app's subscriptions are listed as often.
+            # Small: 2 s (sweeps every 6 s); large: 10 s, or the sweeps of 200 mailboxes' folders
+            # (hundreds of Graph requests a second) starve the workers on two cores
+            "checkpoint_seconds": CHECKPOINT_SECONDS.get(self.size, 2),
         })
 
     def inject(self, kind: str) -> dict:
@@ -276,7 +285,7 @@ class GraphDrill(Drill):
 
     def lease_holders(self) -> dict[str, str]:
         """mailbox -> the id of the listener holding its lease (``host-pid``)."""
-        values = self.stack.redis.mget([keys.lease(m) for m in self.mailboxes])
+        values = retrying(lambda: self.stack.redis.mget([keys.lease(m) for m in self.mailboxes]))
         return {m: v.decode() for m, v in zip(self.mailboxes, values) if v}
 
     def emulator_fault(self, **body) -> dict:
