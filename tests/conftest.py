@@ -16,6 +16,7 @@ import redis
 from emulators.services import (
     CliProcess,
     Emulator,
+    GraphEmulator,
     RedisServer,
     service_env,
 )
@@ -80,6 +81,24 @@ def emulator(emulator_process):
         emulator_process.start()
     emulator_process.reset()
     return emulator_process
+
+
+@pytest.fixture(scope="module")
+def graph_process(request):
+    """One Graph emulator per test module, with the module's ``MAILBOX``."""
+    with GraphEmulator(mailboxes=[request.module.MAILBOX]) as emu:
+        yield emu
+
+
+@pytest.fixture
+def graph(graph_process):
+    """The module's Graph emulator, reset (no mail, subscriptions, faults or counts from an
+    earlier test); started again if a test stopped it."""
+    if graph_process.proc.poll() is not None:
+        graph_process.start()
+    graph_process.reset()
+    graph_process.fault(kind="clear")
+    return graph_process
 
 
 @pytest.fixture

@@ -33,21 +33,6 @@ def mail(subject: str = "hello") -> bytes:
             f"Message-ID: <{uuid.uuid4()}@customer.example>\r\n\r\nhi\r\n").encode()
 
 
-@pytest.fixture(scope="module")
-def graph_process():
-    with GraphEmulator(mailboxes=[MAILBOX]) as emu:
-        yield emu
-
-
-@pytest.fixture
-def graph(graph_process):
-    if graph_process.proc.poll() is not None:
-        graph_process.start()
-    graph_process.reset()
-    graph_process.fault(kind="clear")
-    return graph_process
-
-
 def settings_for(emu: GraphEmulator, credential: str = "secret", **overrides):
     return config.load(env=emu.settings_env(credential), overrides={"graph_poll_seconds": 60, **overrides})
 

@@ -10,7 +10,7 @@ import uuid
 import pytest
 import redis
 
-from emulators.services import GraphEmulator, RedisServer
+from emulators.services import RedisServer
 from exchange_listener import queueing
 from exchange_listener.core import config, keys
 from exchange_listener.mail.message_ids import normalize
@@ -37,21 +37,6 @@ def mail(subject: str = "hello", message_id: str | None = None) -> bytes:
     message_id = message_id or f"<{uuid.uuid4()}@customer.example>"
     return (f"From: p@customer.example\r\nTo: {MAILBOX}\r\nSubject: {subject}\r\n"
             f"Message-ID: {message_id}\r\n\r\nhi\r\n").encode()
-
-
-@pytest.fixture(scope="module")
-def graph_process():
-    with GraphEmulator(mailboxes=[MAILBOX]) as emu:
-        yield emu
-
-
-@pytest.fixture
-def graph(graph_process):
-    if graph_process.proc.poll() is not None:
-        graph_process.start()
-    graph_process.reset()
-    graph_process.fault(kind="clear")
-    return graph_process
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import uuid
 
 import pytest
 
-from emulators.services import GraphEmulator
 from exchange_listener.core import config
 from exchange_listener.sources.base import FetchedMessage, ItemGone
 from exchange_listener.sources.graph.client import GraphClient
@@ -33,21 +32,6 @@ def reply(subject: str = "Re: our offer", *, parent: str = "<offer-1@sales.examp
            f"In-Reply-To: {parent}\r\nReferences: <root@sales.example> {parent}\r\n"
            f"Content-Type: text/plain; charset=utf-8\r\n\r\nYes, let's talk.\r\n").encode()
     return raw, message_id
-
-
-@pytest.fixture(scope="module")
-def graph_process():
-    with GraphEmulator(mailboxes=[MAILBOX]) as emu:
-        yield emu
-
-
-@pytest.fixture
-def graph(graph_process):
-    if graph_process.proc.poll() is not None:
-        graph_process.start()
-    graph_process.reset()
-    graph_process.fault(kind="clear")
-    return graph_process
 
 
 @pytest.fixture

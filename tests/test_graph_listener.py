@@ -14,7 +14,7 @@ import time
 import mail_samples as mail
 import pytest
 
-from emulators.services import CliProcess, GraphEmulator, free_port, wait_for
+from emulators.services import CliProcess, free_port, wait_for
 from exchange_listener.core import keys
 from exchange_listener.listener import mailboxes
 from workers.state.enrollments import EnrollmentStore
@@ -25,20 +25,6 @@ PROSPECT = "pat@prospect.example"
 SLOW = 60.0
 
 wait_for = functools.partial(wait_for, timeout=SLOW, interval=0.1)
-
-
-@pytest.fixture(scope="module")
-def graph_process():
-    with GraphEmulator(mailboxes=[MAILBOX]) as emu:
-        yield emu
-
-
-@pytest.fixture
-def graph(graph_process):
-    if graph_process.proc.poll() is not None:
-        graph_process.start()
-    graph_process.reset()
-    return graph_process
 
 
 class System:
