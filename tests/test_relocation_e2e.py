@@ -99,6 +99,9 @@ def test_replies_moved_deleted_or_hard_deleted_before_a_worker_runs_still_stop(s
     wait_for(lambda: any(line.get("event") == "mail exists nowhere" for line in worker.lines()),
              message="the purged reply reported as existing nowhere")
     assert (enrollments.get("e-purged") or {}).get("status", "active") == "active"
+    # the log line comes during the job; its result is stored when the job finishes
+    wait_for(lambda: any(i.get("gone") for r in finished_results(redis_client) for i in r["items"]),
+             message="the purged reply's job finished")
     results = finished_results(redis_client)
     items = [i for r in results for i in r["items"]]
     assert sum(1 for i in items if i.get("relocated")) == 4
