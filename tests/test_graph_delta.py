@@ -323,15 +323,37 @@ def iso_days_ago(days: float) -> str:
 
 
 def test_an_incremental_round_after_a_long_gap_takes_mail_received_early_in_the_gap(graph, client, store, ledger,
-                                                                                   queue):
-    """A listener down for 15 days (processed_days is 14): a reply that came on day one is new to
+                                                                                   queue, redis_client):
+    """A listener down for 16 days (processed_days is 14): a reply that came on day one is new to
     the folder's delta, so it is enqueued although received before the ledger's horizon."""
-    assert run(client, store, ledger, queue) == 0  # links stored before the gap
+    watched_since = time.time() - 60 * 86400
+    assert run(client, store, ledger, queue, added_at=watched_since) == 0  # links stored before the gap
+    redis_client.hset(keys.graph_delta(MAILBOX), "@caught_up", repr(time.time() - 16 * 86400))
     early = graph.deliver(MAILBOX, mail("early in the gap"), received=iso_days_ago(15))["item_id"]
     late = graph.deliver(MAILBOX, mail("late in the gap"), received=iso_days_ago(0.5))["item_id"]
-    assert run(client, store, ledger, queue) == 2
+    assert run(client, store, ledger, queue, added_at=watched_since) == 2
     assert sorted(queued(queue)) == sorted([early, late])
-    assert run(client, store, ledger, queue) == 0  # nothing is enqueued twice
+    assert run(client, store, ledger, queue, added_at=watched_since) == 0  # nothing is enqueued twice
+
+
+def test_old_mail_the_rep_moves_into_a_folder_is_not_new_mail(graph, client, store, ledger, queue):
+    """Caught up a minute ago: a 30-day-old mail filed into a watched folder now (delta lists it as
+    created there) is older than the ledger's horizon and is left alone, as EWS does."""
+    watched_since = time.time() - 60 * 86400
+    assert run(client, store, ledger, queue, added_at=watched_since) == 0
+    graph.deliver(MAILBOX, mail("archived long ago"), folder="Customers", received=iso_days_ago(30))
+    fresh = graph.deliver(MAILBOX, mail("today"), folder="Customers")["item_id"]
+    assert run(client, store, ledger, queue, added_at=watched_since) == 1
+    assert queued(queue) == [fresh]
+
+
+def test_mail_from_before_the_mailbox_was_added_never_counts_even_after_a_gap(graph, client, store, ledger, queue,
+                                                                             redis_client):
+    """A stale @caught_up (the mailbox removed and added again) never reaches before added_at."""
+    assert run(client, store, ledger, queue) == 0
+    redis_client.hset(keys.graph_delta(MAILBOX), "@caught_up", repr(time.time() - 16 * 86400))
+    graph.deliver(MAILBOX, mail("before it was watched"), received=iso_days_ago(10))
+    assert run(client, store, ledger, queue, added_at=time.time() - 3600) == 0
 
 
 def test_a_full_round_after_a_long_gap_goes_back_to_the_last_complete_catch_up(graph, client, store, ledger,
@@ -345,7 +367,7 @@ def test_a_full_round_after_a_long_gap_goes_back_to_the_last_complete_catch_up(g
     inbox = graph.deliver(MAILBOX, mail("in the gap"), received=iso_days_ago(15))["item_id"]
     filed = graph.deliver(MAILBOX, mail("filed"), folder="Customers", received=iso_days_ago(15))["item_id"]
     graph.fault(kind="expire_delta_tokens")
-    assert run(client, store, ledger, queue) == 2
+    assert run(client, store, ledger, queue, added_at=time.time() - 60 * 86400) == 2
     assert sorted(queued(queue)) == sorted([inbox, filed]) and before not in queued(queue)
     assert store.caught_up_at(MAILBOX) > time.time() - 60
 

@@ -8,12 +8,12 @@ per mailbox:
   any depth, paged, hidden ones included) plus Recoverable Items\\Deletions (where a hard-deleted
   mail goes; it is not listed, only reachable by its well-known name), except Sent Items, Drafts,
   Outbox and anything below them: mail there is our own;
-- **each such folder** is read by ``messages/delta`` from its stored link. A full round (no link
-  yet, or a resync) lists the whole folder: mail received before the cut-off is skipped (the
-  later of the mailbox's adding and the ledger's horizon, but no later than the last complete
-  catch-up; less ``SKEW_SECONDS``). An incremental round takes every entry, however long ago it
-  was received (a reply that came early in a long outage is new to delta all the same). Mail the
-  ledger says was processed is skipped in both. The rest goes out in jobs of up to
+- **each such folder** is read by ``messages/delta`` from its stored link (none yet, or a resync:
+  the whole folder). Mail received before the cut-off is skipped, as EWS does: the ledger's
+  horizon (``processed_days``), but reaching back to the last complete catch-up when that is
+  older (a reply that came early in a long outage is still new), and never before the mailbox
+  was added; less ``SKEW_SECONDS``. Old mail a rep moves into a folder is not new mail. Mail the
+  ledger says was processed is skipped. The rest goes out in jobs of up to
   ``MAX_MAILS_PER_JOB`` mails. The link after a page (the nextLink, then the round's deltaLink) is
   stored only *after* that page's mails are enqueued, so a crash in between re-delivers (the same
   pages, so the same job ids dedupe) and never loses mail; ``enqueue`` raises when it cannot
@@ -22,7 +22,7 @@ per mailbox:
   incremental sync reports it as created there, as EWS SyncFolderItems reports a Create), so it
   comes through; updates (read, flagged, categorised) are left out, so a rep reading mail does not
   re-list it. Graph still sends some of those (read-state changes, per its docs): the ledger
-  filters them (and, on a full round, the cut-off), and an entry with neither a receivedDateTime
+  and the cut-off filter them, and an entry with neither a receivedDateTime
   nor an internetMessageId (a bare state change) is not taken for new mail.
 - ``@removed`` entries are ignored: ids are immutable, a moved mail keeps its id and a job for it
   still finds it.
@@ -35,9 +35,8 @@ per mailbox:
 
 Keys (named in ``exchange_listener.core.keys``):
 
-- ``el:graph:delta:<mailbox>`` — hash: folder id -> delta (or next) link, a full round's nextLink
-  prefixed ``full `` (the rest of that round keeps the cut-off); ``@caught_up`` -> epoch seconds of
-  the last complete catch-up of every folder.
+- ``el:graph:delta:<mailbox>`` — hash: folder id -> delta (or next) link; ``@caught_up`` -> epoch
+  seconds of the last complete catch-up of every folder.
 - ``el:graph:folders:<mailbox>`` — hash: folder id -> JSON ``[displayName, parentFolderId, kind]``,
   kind being the folder's well-known name (``inbox``, ``sentitems``...) or "" for the rep's own.
 """
@@ -79,7 +78,6 @@ FIRST = ("inbox", "junkemail")  # caught up before the others: where new mail la
 MAX_RESYNCS = 2  # full re-reads of one folder per catch-up after 410s; past that the 410 is raised
 MAX_DEPTH = 64
 CAUGHT_UP = "@caught_up"
-FULL_MARK = "full "  # before a stored nextLink of a full round (a URL has no space)
 
 Folder = tuple[str, str, str]  # displayName, parentFolderId, kind
 
@@ -92,10 +90,6 @@ def _epoch(value: Any) -> float | None:
     except ValueError:
         return None
     return (moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)).timestamp()
-
-
-def _unpack(value: str) -> tuple[str, bool]:
-    return (value[len(FULL_MARK):], True) if value.startswith(FULL_MARK) else (value, False)
 
 
 class MailboxNotFound(NotFound):
@@ -126,23 +120,18 @@ class DeltaStore:
         self.conn = conn
 
     def get(self, mailbox: str, folder_id: str) -> str | None:
-        return self.get_link(mailbox, folder_id)[0]
-
-    def get_link(self, mailbox: str, folder_id: str) -> tuple[str | None, bool]:
-        """The stored link and whether it continues a full round (a first round or a resync)."""
         value = self.conn.hget(keys.graph_delta(mailbox), folder_id)
-        return _unpack(redis_conn.text(value)) if value else (None, False)
+        return redis_conn.text(value) if value else None
 
-    def put(self, mailbox: str, folder_id: str, link: str, full: bool = False) -> None:
-        """Store ``link``; ``full`` for the nextLink of a full round (the cut-off applies to its rest)."""
-        self.conn.hset(keys.graph_delta(mailbox), folder_id, FULL_MARK + link if full else link)
+    def put(self, mailbox: str, folder_id: str, link: str) -> None:
+        self.conn.hset(keys.graph_delta(mailbox), folder_id, link)
 
     def drop(self, mailbox: str, folder_id: str) -> None:
         self.conn.hdel(keys.graph_delta(mailbox), folder_id)
 
     def links(self, mailbox: str) -> dict[str, str]:
         """Folder id -> stored link (``@caught_up`` left out)."""
-        return {redis_conn.text(k): _unpack(redis_conn.text(v))[0] or ""
+        return {redis_conn.text(k): redis_conn.text(v)
                 for k, v in self.conn.hgetall(keys.graph_delta(mailbox)).items() if redis_conn.text(k) != CAUGHT_UP}
 
     def mark_caught_up(self, mailbox: str) -> None:
@@ -278,13 +267,10 @@ def _folder_exists(client: GraphClient, mailbox: str, folder_id: str) -> bool:
 
 def catch_up_folder(client: GraphClient, mailbox: str, folder_id: str, store: DeltaStore, ledger: Ledger,
                     enqueue: Callable[[Sequence[NewMail]], None], *, since: float, page_size: int = PAGE_SIZE) -> int:
-    """Enqueue every mail new in ``folder_id`` since its stored link that is not processed yet.
-    On a full round (no link yet, or a resync after a lost sync state) only mail received at or
-    after ``since`` counts; an incremental round takes every new entry, however old (mail that
-    came during a long gap). Returns how many were enqueued."""
+    """Enqueue every mail new in ``folder_id`` since its stored link (or in the whole folder, with
+    none), received at or after ``since`` and not processed yet. Returns how many were enqueued."""
     log = logs.get_logger(mailbox=mailbox, folder=folder_id)
-    link, full = store.get_link(mailbox, folder_id)
-    url, full = (link, full) if link else (_first_link(client, mailbox, folder_id), True)
+    url = store.get(mailbox, folder_id) or _first_link(client, mailbox, folder_id)
     total, resyncs, skipped_bare = 0, 0, 0
     seen: set[str] = set()
     while True:
@@ -308,7 +294,7 @@ def catch_up_folder(client: GraphClient, mailbox: str, folder_id: str, store: De
                 log.warning("delta token no longer known to Graph; reading the folder again "
                             "(processed mail is skipped)")
             store.drop(mailbox, folder_id)
-            url, full = _first_link(client, mailbox, folder_id), True
+            url = _first_link(client, mailbox, folder_id)
             continue
         now = time.time()
         candidates = []
@@ -324,8 +310,8 @@ def catch_up_folder(client: GraphClient, mailbox: str, folder_id: str, store: De
             if received is None and not raw_id:
                 skipped_bare += 1
                 continue
-            if full and received is not None and received < since:
-                continue  # a full round lists the whole folder: mail from before the cut-off is not new
+            if received is not None and received < since:
+                continue  # old mail: listed by a first round, or moved in by the rep; not new
             message_id = normalize(str(raw_id or "")) or ""
             candidates.append((identity(message_id or None, item_id), item_id, message_id, received))
         done = ledger.processed(mailbox, [c[0] for c in candidates])
@@ -340,8 +326,7 @@ def catch_up_folder(client: GraphClient, mailbox: str, folder_id: str, store: De
         next_link, delta_link = data.get("@odata.nextLink"), data.get("@odata.deltaLink")
         new_link = str(next_link or delta_link or "")
         if new_link:
-            # only now: everything before it is enqueued; the rest of a full round keeps its cut-off
-            store.put(mailbox, folder_id, new_link, full=full and bool(next_link))
+            store.put(mailbox, folder_id, new_link)  # only now: everything before it is enqueued
         if not next_link:
             if not delta_link:
                 raise GraphUnavailable(200, "NoDeltaLink", "a delta page ended without nextLink or deltaLink")
@@ -364,13 +349,12 @@ def catch_up_mailbox(client: GraphClient, mailbox: str, store: DeltaStore, ledge
     retried. Errors that are not the folder's are raised at once: the mailbox is gone, our
     credentials are refused, Graph is unavailable past the retry budget, Redis is down.
 
-    The cut-off of a full round (``since``) is the later of ``added_at`` and the ledger's horizon,
-    less ``SKEW_SECONDS``, but no later than the last complete catch-up (less the skew): a folder
-    made, or a sync state lost, during a long gap still yields the mail that came in the gap."""
-    since = max(added_at or 0.0, ledger.horizon()) - SKEW_SECONDS
+    The cut-off (``since``) is the ledger's horizon, or the last complete catch-up when that is
+    older (mail that came during a long gap is still new), but never before ``added_at``; less
+    ``SKEW_SECONDS``."""
+    horizon = ledger.horizon()
     last = store.caught_up_at(mailbox)
-    if last is not None:
-        since = min(since, last - SKEW_SECONDS)
+    since = max(added_at or 0.0, min(horizon, last) if last is not None else horizon) - SKEW_SECONDS
     if folders is not None:
         order = list(folders)
     else:
