@@ -301,3 +301,20 @@ def test_wrong_credentials_stop_the_listener_at_start_with_a_clear_line(system):
     assert refused and "refused the app's credentials" in refused[0]["event"]
     assert wrong not in listener.log_path.read_text()
     assert s.subscription() is None
+
+
+def test_the_subscription_of_a_mailbox_removed_while_its_holder_was_dead_is_deleted(system):
+    """The holder was killed, the mailbox removed meanwhile: no listener drops it, so the next one
+    finds the stored subscription of an unwatched mailbox and deletes it (not one made a moment ago)."""
+    s = system
+    listener, _worker = running(s, graph_poll_seconds=2)
+    listener.kill9()
+    mailboxes.remove(s.redis, [MAILBOX])
+    assert s.subscription() is not None and s.graph.stats()["subscriptions_total"] == 1
+    s.start("listen", name="listener2", graph_poll_seconds=2)
+    time.sleep(5)
+    assert s.subscription() is not None  # made a moment ago: it may be a mailbox just added
+    s.redis.hset(keys.graph_subscription(MAILBOX), "created_at", repr(time.time() - 3600))
+    wait_for(lambda: s.subscription() is None and not s.redis.hlen(keys.GRAPH_SUBSCRIPTIONS),
+             message="the orphaned subscription forgotten")
+    assert s.graph.stats()["subscriptions_total"] == 0

@@ -120,6 +120,10 @@ class MailWorker(SimpleWorker):
 
     queue_class = TakingQueue
 
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        TakingQueue.closing = False  # a worker made after an earlier one stopped in this process
+        return super().work(*args, **kwargs)
+
     def _shutdown(self) -> None:
         if self.get_state() != WorkerStatus.BUSY:
             if TakingQueue.taken is not None:

@@ -45,11 +45,15 @@ from exchange_listener.sources.graph.client import (
 from exchange_listener.sources.graph.delta import DeltaStore, catch_up_mailbox
 from exchange_listener.sources.graph.receiver import Receiver
 from exchange_listener.sources.graph.subscriptions import (
+    RENEW_WHEN_LEFT,
     Subscriber,
     Subscription,
     SubscriptionStore,
+    lifetime,
 )
 
+LIFECYCLE_READS = 10  # pages of 1000 lifecycle entries read per tick at most
+ORPHAN_AGE = 300.0  # a stored subscription of a mailbox no longer watched is deleted once this old
 VERIFY_SECONDS = 60.0  # the app's subscriptions are listed this often (or at each sweep, if sooner) to find
 # ones removed without a word
 SUBSCRIBE_ONLY: Folders = set()  # a catch-up request that only makes sure the subscription is alive
@@ -75,6 +79,7 @@ class GraphListener(BaseListener):
         self._verify_every = min(VERIFY_SECONDS, self._sweep_seconds())
         self._next_verify = time.monotonic() + self._verify_every
         self._verifying = False
+        self._lifetime = lifetime(settings)
         self.client = GraphClient(settings)  # listing and deleting subscriptions, on short-lived threads:
         self._client_lock = threading.Lock()  # one at a time (a GraphClient is not thread-safe)
         self.receiver: Receiver | None = None
@@ -152,7 +157,7 @@ class GraphListener(BaseListener):
             with self._lock:
                 expiring = list(self._expires.items())
             due = [m for m, at in expiring
-                   if self.holds(m) and at - wall <= self.settings.graph_subscription_minutes * 60 / 3]
+                   if self.holds(m) and at - wall <= self._lifetime * RENEW_WHEN_LEFT]
             if due:
                 self.catchups.request(due, "renew", SUBSCRIBE_ONLY)
             if now >= self._next_verify and not self._verifying:
@@ -197,8 +202,10 @@ class GraphListener(BaseListener):
     def _stop_source(self, deadline: float) -> dict[str, Any]:
         if self.receiver is not None:
             self.receiver.stop(max(0.1, min(2.0, deadline - time.monotonic() - 2)))
-        self.client.close()
-        return {"subscriptions_kept": len(self._expires)}
+        with self._client_lock:  # a listing or deleting thread may still be using it
+            self.client.close()
+        with self._lock:
+            return {"subscriptions_kept": len(self._expires)}
 
     # -- notifications and lifecycle ------------------------------------------------------------
     def _on_notified(self, mailbox: str) -> bool:
@@ -214,13 +221,18 @@ class GraphListener(BaseListener):
         if self._lifecycle_last == "$":  # from the newest entry on; a mailbox taken later is caught up anyway
             newest = cast(list[tuple[bytes, dict]], self.conn.xrevrange(keys.GRAPH_LIFECYCLE, count=1))
             self._lifecycle_last = redis_conn.text(newest[0][0]) if newest else "0-0"
-        replies = cast(list[tuple[bytes, list[tuple[bytes, dict]]]],
-                       self.conn.xread({keys.GRAPH_LIFECYCLE: self._lifecycle_last}, count=500))
-        for _stream, entries in replies or ():
-            for entry_id, fields in entries:
-                data = {redis_conn.text(k): redis_conn.text(v) for k, v in fields.items()}
-                self._on_lifecycle(data)  # a Redis error here leaves the entry to be read again
-                self._lifecycle_last = redis_conn.text(entry_id)
+        for _ in range(LIFECYCLE_READS):  # until read up: a burst of hints must not push events out unread
+            replies = cast(list[tuple[bytes, list[tuple[bytes, dict]]]],
+                           self.conn.xread({keys.GRAPH_LIFECYCLE: self._lifecycle_last}, count=1000))
+            read = 0
+            for _stream, entries in replies or ():
+                for entry_id, fields in entries:
+                    data = {redis_conn.text(k): redis_conn.text(v) for k, v in fields.items()}
+                    self._on_lifecycle(data)  # a Redis error here leaves the entry to be read again
+                    self._lifecycle_last = redis_conn.text(entry_id)
+                    read += 1
+            if read < 1000:
+                return
 
     def _on_lifecycle(self, data: dict[str, str]) -> None:
         mailbox, event = data.get("mailbox", ""), data.get("event", "")
@@ -257,10 +269,39 @@ class GraphListener(BaseListener):
                                  mailboxes=len(gone))
                 self._dead.update(gone)
                 self.catchups.request(gone, "subscription_gone")
+            self._delete_orphans(started)
         except (GraphError, *REDIS_ERRORS) as exc:
             self.log.warning("could not list subscriptions", error=scrub(str(exc), self.settings)[:300])
         finally:
             self._verifying = False
+
+    def _delete_orphans(self, now: float) -> None:
+        """Delete the stored subscriptions of mailboxes no longer watched through Graph that no
+        listener deleted (its holder was killed, or the mailbox moved to EWS meanwhile); only old
+        ones, so that a mailbox added a moment ago, which our watched set may not show yet, keeps
+        its new subscription."""
+        stored = {redis_conn.text(k): v for k, v in self.conn.hgetall(keys.GRAPH_SUBSCRIPTIONS).items()}
+        orphans = []
+        for sub_id in stored:
+            found = self.subs.lookup(sub_id)
+            mailbox = found[0] if found else ""
+            if not mailbox or mailbox in self.watched:
+                continue
+            current = self.subs.get(mailbox)
+            if current is None or current.id != sub_id or current.created_at < now - ORPHAN_AGE:
+                orphans.append((mailbox, current if current is not None and current.id == sub_id else None, sub_id))
+        for mailbox, sub, sub_id in orphans[:100]:
+            try:
+                with self._client_lock:
+                    if sub is not None:
+                        Subscriber(self.client, self.subs, self.settings).delete(mailbox, sub)
+                    else:  # only its lookup entry is left: Graph's subscription expires by itself
+                        self.subs.forget(mailbox, sub_id)
+                self.log.info("deleted the subscription of a mailbox no longer watched", mailbox=mailbox,
+                              subscription_id=sub_id)
+            except GraphError as exc:
+                self.log.warning("could not delete an orphaned subscription", mailbox=mailbox,
+                                 error=scrub(str(exc), self.settings)[:300])
 
     # -- one catch-up run (on a catch-up thread, with its own client) ---------------------------
     def _catch_up(self, client: GraphClient, mailbox: str, reason: str, folders: Folders) -> None:
@@ -302,7 +343,8 @@ class GraphListener(BaseListener):
         subscriber = Subscriber(client, self.subs, self.settings)
         sub: Subscription | None = self.subs.get(mailbox)
         fresh = False
-        if sub is not None and mailbox in self._dead:
+        was_dead = mailbox in self._dead
+        if sub is not None and was_dead:
             try:
                 subscriber.delete(mailbox, sub)  # a ghost must not keep notifying (it usually is gone already)
             except GraphError:
@@ -331,7 +373,8 @@ class GraphListener(BaseListener):
             fresh = True
             metrics.GRAPH_SUBSCRIPTIONS.labels("created").inc()
             self.log.info("subscribed", mailbox=mailbox, subscription_id=sub.id)
-        self._dead.discard(mailbox)  # only now: a failed delete or create leaves it to the retry
+        if was_dead:  # only now: a failed delete or create leaves it to the retry
+            self._dead.discard(mailbox)
         with self._lock:
             held = mailbox in self._held
             if held:

@@ -43,6 +43,11 @@ RENEW_WHEN_LEFT = 1 / 3  # renew when this share of the asked lifetime is left
 LONGEST = (4230 - 5) * 60  # Outlook's hard limit is 4230 minutes from Graph's clock: ours may run ahead
 
 
+def lifetime(settings: Settings) -> float:
+    """Seconds of life asked for each subscription."""
+    return min(settings.graph_subscription_minutes * 60, LONGEST)
+
+
 def lifecycle_url(notification_url: str) -> str:
     """Where lifecycle notifications go: the notification URL's path + ``/lifecycle``."""
     parts = urllib.parse.urlsplit(notification_url)
@@ -120,7 +125,7 @@ class Subscriber:
         self.client = client
         self.store = store
         self.settings = settings
-        self.lifetime = min(settings.graph_subscription_minutes * 60, LONGEST)
+        self.lifetime = lifetime(settings)
 
     def due(self, sub: Subscription, now: float | None = None) -> bool:
         """Renewal is due: a third of the asked lifetime (or less) is left."""
