@@ -1,7 +1,6 @@
 """``make demo`` is the README's first command: it must pass end to end and leave nothing running."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -82,25 +81,6 @@ def test_demo_plays_every_scenario_and_tears_down(tmp_path):
     logs = _logs(tmp_path)
     assert logs >= {"redis.log", "emulator.log", "listener.log", "worker-00.log", "worker-01.log"}
     assert "graph-emulator.log" not in logs  # the Graph emulator is not started
-
-
-def test_graph_demo_plays_every_scenario_and_tears_down(tmp_path):
-    """``make demo SOURCE=graph``: the same seven outcomes through the Graph emulator, a Graph
-    listener (its receiver takes the emulator's notifications) and workers fetching by Graph."""
-    out = _play_and_check(tmp_path, "--source", "graph")
-    assert "source: graph" in "".join(out.splitlines(keepends=True)[:2])
-    assert "Graph subscription is made" in out
-    logs = _logs(tmp_path)
-    assert logs >= {"redis.log", "graph-emulator.log", "listener.log", "worker-00.log", "worker-01.log"}
-    assert "emulator.log" not in logs  # the EWS emulator is not started
-    assert 'source = "graph"' in (tmp_path / "settings.toml").read_text()
-    listener = [json.loads(line) for line in (tmp_path / "log" / "listener.log").read_text().splitlines()
-                if line.startswith("{")]
-    assert any(e.get("event") == "listener starting" and e.get("source") == "graph"
-               and e.get("mode") == "notifications" for e in listener), listener[:5]
-    assert any(e.get("event") == "subscribed" for e in listener)
-    delivered = (tmp_path / "log" / "graph-emulator.log").read_text().count('"message delivered"')
-    assert delivered == len(demo_messages.SCENARIOS)
 
 
 def test_ctrl_c_mid_demo_still_tears_everything_down(tmp_path):
