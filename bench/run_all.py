@@ -114,7 +114,7 @@ FULL = Sizes(mailboxes=50, latency_rate=50.0, latency_seconds=20.0, throughput_r
              baseline_listener_mailboxes=1000, component_timeout=1500.0)
 QUICK = Sizes(mailboxes=6, latency_rate=50.0, latency_seconds=1.2, throughput_replies=150, worker_counts=(2,),
               catchup_mails=400, mixed_mails=500, latency80_seconds=1.2, drain_bound=3.0, throughput_bound=5.0,
-              baseline_listener_mailboxes=200, component_timeout=25.0)
+              baseline_listener_mailboxes=200, component_timeout=35.0)
 
 
 # --- component benches ------------------------------------------------------------------------
