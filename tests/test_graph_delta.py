@@ -459,9 +459,9 @@ def test_a_mailbox_gone_during_a_folder_catch_up_raises_not_found(graph, client,
     assert queue.jobs == []
 
 
-def test_hidden_folders_are_watched(graph, client, store, ledger, queue):
+def test_hidden_folders_are_not_watched(graph, client, store, ledger, queue):
+    """Hidden folders are the system's (Teams and Yammer data, conversation settings): no reply
+    lands there, and some refuse delta, which would fail the mailbox's every catch-up."""
     assert run(client, store, ledger, queue) == 0
-    assert "Conversation Action Settings" in store.watched(MAILBOX).values()  # hidden (isHidden) in Graph
-    item_id = graph.deliver(MAILBOX, mail(), folder="Conversation Action Settings")["item_id"]
-    assert run(client, store, ledger, queue) == 1
-    assert queued(queue) == [item_id]
+    assert "Conversation Action Settings" not in store.watched(MAILBOX).values()  # hidden (isHidden) in Graph
+    assert "Inbox" in store.watched(MAILBOX).values()

@@ -5,7 +5,8 @@ can vanish): what arrived is known for sure only from message delta, which is pe
 per mailbox:
 
 - **the folders that count** are every mail folder (``mailFolders`` and their ``childFolders`` at
-  any depth, paged, hidden ones included) plus Recoverable Items\\Deletions (where a hard-deleted
+  any depth, paged; hidden ones left out: system folders (Teams and Yammer data, conversation
+  settings) hold no replies, and some of them refuse delta, which would fail the mailbox for good) plus Recoverable Items\\Deletions (where a hard-deleted
   mail goes; it is not listed, only reachable by its well-known name), except Sent Items, Drafts,
   Outbox and anything below them: mail there is our own;
 - **each such folder** is read by ``messages/delta`` from its stored link (none yet, or a resync:
@@ -205,7 +206,7 @@ def read_folders(client: GraphClient, mailbox: str) -> dict[str, Folder]:
         elif answer["status"] != 404:  # the mailbox lacks it (404) is fine; anything else is not
             raise client.error_of(answer["status"], answer.get("headers"), body)
     level: list[dict[str, Any]] = list(_pages(client, f"{user}/mailFolders", {
-        "$select": FOLDER_SELECT, "$top": FOLDER_PAGE, "includeHiddenFolders": "true"}))
+        "$select": FOLDER_SELECT, "$top": FOLDER_PAGE}))
     seen: set[str] = set()
     for _depth in range(MAX_DEPTH):
         parents = []
@@ -221,7 +222,7 @@ def read_folders(client: GraphClient, mailbox: str) -> dict[str, Folder]:
             break
         level = []
         urls = [f"{user}/mailFolders/{fid}/childFolders?$select={FOLDER_SELECT}&$top={FOLDER_PAGE}"
-                "&includeHiddenFolders=true" for fid in parents]
+                for fid in parents]
         for answer in client.batch([{"url": u} for u in urls]):
             body = answer.get("body")
             if answer["status"] == 404:
