@@ -318,3 +318,28 @@ def test_the_subscription_of_a_mailbox_removed_while_its_holder_was_dead_is_dele
     wait_for(lambda: s.subscription() is None and not s.redis.hlen(keys.GRAPH_SUBSCRIPTIONS),
              message="the orphaned subscription forgotten")
     assert s.graph.stats()["subscriptions_total"] == 0
+
+
+def test_a_subscription_to_our_url_that_was_never_stored_is_deleted(system):
+    """A create retried after a timeout can leave Graph a second subscription we never stored
+    (its notifications are refused, but it counts toward Graph's limit): the periodic check
+    deletes it once two checks in a row have listed it."""
+    from exchange_listener.core import config
+    from exchange_listener.sources.graph.client import GraphClient
+
+    s = system
+    running(s, graph_poll_seconds=2)
+    ours = s.subscription()
+    settings = config.load(env={k: v for k, v in s.env(graph_poll_seconds=2).items()
+                                if k.startswith("EXCHANGE_LISTENER_")})
+    client = GraphClient(settings)
+    try:
+        ghost = client.request("POST", "subscriptions", json={
+            "changeType": "created", "notificationUrl": settings.notification_url,
+            "resource": f"users/{MAILBOX}/messages", "clientState": "not-stored",
+            "expirationDateTime": (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600)))}).json()["id"]
+    finally:
+        client.close()
+    assert s.graph.stats()["subscriptions_total"] == 2
+    wait_for(lambda: s.graph.stats()["subscriptions_total"] == 1, message="the ghost deleted")
+    assert s.subscription() == ours != ghost  # ours is kept

@@ -79,6 +79,7 @@ class GraphListener(BaseListener):
         self._verify_every = min(VERIFY_SECONDS, self._sweep_seconds())
         self._next_verify = time.monotonic() + self._verify_every
         self._verifying = False
+        self._ghosts: set[str] = set()  # subscriptions to our URL that we never stored, at the last check
         self._lifetime = lifetime(settings)
         self.client = GraphClient(settings)  # listing and deleting subscriptions, on short-lived threads:
         self._client_lock = threading.Lock()  # one at a time (a GraphClient is not thread-safe)
@@ -258,7 +259,8 @@ class GraphListener(BaseListener):
         try:
             started = time.time()
             with self._client_lock:
-                live = Subscriber(self.client, self.subs, self.settings).live_ids()
+                listed = Subscriber(self.client, self.subs, self.settings).live()
+            live = {str(item.get("id")) for item in listed}
             gone = []
             for mailbox in self.held():
                 sub = self.subs.get(mailbox)
@@ -270,6 +272,7 @@ class GraphListener(BaseListener):
                 self._dead.update(gone)
                 self.catchups.request(gone, "subscription_gone")
             self._delete_orphans(started)
+            self._delete_ghosts(listed)
         except (GraphError, *REDIS_ERRORS) as exc:
             self.log.warning("could not list subscriptions", error=scrub(str(exc), self.settings)[:300])
         finally:
@@ -302,6 +305,25 @@ class GraphListener(BaseListener):
             except GraphError as exc:
                 self.log.warning("could not delete an orphaned subscription", mailbox=mailbox,
                                  error=scrub(str(exc), self.settings)[:300])
+
+    def _delete_ghosts(self, listed: list[dict[str, Any]]) -> None:
+        """Delete subscriptions Graph has to our notification URL that we never stored (a create
+        retried after a timeout made two): listed by two checks in a row, so that one made a moment
+        ago, not stored yet, is left to its maker."""
+        ours = [str(item.get("id")) for item in listed if item.get("notificationUrl") == self.settings.notification_url]
+        known = self.conn.hmget(keys.GRAPH_SUBSCRIPTIONS, ours) if ours else []
+        unknown = {sub_id for sub_id, found in zip(ours, known) if found is None}
+        for sub_id in sorted(unknown & self._ghosts)[:100]:
+            try:
+                with self._client_lock:
+                    self.client.request("DELETE", f"subscriptions/{sub_id}")
+                self.log.info("deleted a subscription to our URL that was never stored", subscription_id=sub_id)
+            except NotFound:
+                pass
+            except GraphError as exc:
+                self.log.warning("could not delete an unknown subscription", subscription_id=sub_id,
+                                 error=scrub(str(exc), self.settings)[:300])
+        self._ghosts = unknown - self._ghosts
 
     # -- one catch-up run (on a catch-up thread, with its own client) ---------------------------
     def _catch_up(self, client: GraphClient, mailbox: str, reason: str, folders: Folders) -> None:

@@ -178,7 +178,11 @@ class Subscriber:
 
     def live_ids(self) -> set[str]:
         """Ids of every subscription Graph has for this app (``GET /subscriptions``, every page)."""
-        return {item["id"] for item in self._pages("subscriptions")}
+        return {item["id"] for item in self.live()}
+
+    def live(self) -> list[dict[str, Any]]:
+        """Every subscription Graph has for this app (``GET /subscriptions``, every page)."""
+        return list(self._pages("subscriptions"))
 
     def _pages(self, url: str) -> Iterator[dict[str, Any]]:
         next_url: str | None = url
