@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from exchange_listener.core import keys
 from exchange_listener.listener import mailboxes
 
 
@@ -82,8 +83,13 @@ def test_each_mailbox_has_a_source_and_adding_with_another_moves_it(redis_server
     assert mailboxes.list_all(redis_client, source="ews") == {}
     with pytest.raises(ValueError):
         mailboxes.add(redis_client, ["x@example.com"], source="imap")
+    # the Graph state of a mailbox moving to EWS goes: a move back much later starts afresh, not from
+    # links that would list everything EWS handled meanwhile as new
+    redis_client.hset(keys.graph_delta("online@example.com"), mapping={"inbox-id": "https://graph/link",
+                                                                        "@caught_up": "1700000000.0"})
     done = cli(redis_server.url, "add", "--source", "ews", "online@example.com")  # the README's order
     assert done.returncode == 0 and "moved to ews: online@example.com" in done.stdout, done.stderr
+    assert not redis_client.exists(keys.graph_delta("online@example.com"))
     done = cli(redis_server.url, "add", "late@example.com", "--source", "graph")  # and the option last
     assert done.returncode == 0 and "added: late@example.com" in done.stdout, done.stderr
     assert cli(redis_server.url, "remove", "late@example.com").returncode == 0

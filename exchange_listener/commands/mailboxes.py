@@ -5,6 +5,8 @@ import argparse
 import datetime
 import sys
 
+import redis
+
 from exchange_listener import commands
 from exchange_listener.core import redis_conn
 from exchange_listener.listener import mailboxes
@@ -34,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     conn = redis_conn.connect(settings.redis_url)
     if args.action == "add":
         source = args.mailbox_source or settings.source
-        before = mailboxes.list_all(conn)
+        before, before_sources = mailboxes.list_all(conn), mailboxes.sources(conn)
         added = mailboxes.add(conn, addresses, source=source)
+        _forget_left_sources(conn, [(a, before_sources.get(a, "ews")) for a in added if a in before])
         for address in addresses:
             word = ("moved to " + source if address in before else "added") if address in added else "already watched"
             print(f"{word}: {address}")
@@ -65,3 +68,20 @@ def run(args: argparse.Namespace) -> int:
             when = datetime.datetime.fromtimestamp(added_at, datetime.UTC).isoformat(timespec="seconds")
             print(f"{address}\tadded {when}\t{of.get(address, 'ews')}")
     return 0
+
+
+def _forget_left_sources(conn: redis.Redis, moved: list[tuple[str, str]]) -> None:
+    """A mailbox moved to another source starts there afresh: the sync state of the source it left
+    goes (kept, it would mark where a move back much later resumes, and mail the other source
+    handled meanwhile would look new). Its Graph subscription is deleted by the listener that held it."""
+    if not moved:
+        return
+    # (SyncStore imports exchangelib: only here)
+    from exchange_listener.sources.ews.catch_up import SyncStore
+    from exchange_listener.sources.graph.delta import DeltaStore
+
+    for address, left in moved:
+        if left == "graph":
+            DeltaStore(conn).forget_mailbox(address)
+        elif left == "ews":
+            SyncStore(conn).forget_mailbox(address)

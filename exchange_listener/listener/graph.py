@@ -24,12 +24,14 @@ listener that held the mailbox does, when it drops it).
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any, cast
 
 from exchange_listener.core import keys, logs, metrics, redis_conn
 from exchange_listener.core.config import Settings, scrub
+from exchange_listener.listener import mailboxes as mailboxes_mod
 from exchange_listener.listener.base import (
     REDIS_ERRORS,
     BaseListener,
@@ -264,8 +266,8 @@ class GraphListener(BaseListener):
             gone = []
             for mailbox in self.held():
                 sub = self.subs.get(mailbox)
-                if sub is not None and sub.created_at < started - 1 and sub.id not in live:
-                    gone.append(mailbox)
+                if sub is None or (sub.created_at < started - 1 and sub.id not in live):
+                    gone.append(mailbox)  # none stored (forgotten) counts too: it must be made again
             if gone:
                 self.log.warning("subscriptions removed without notice; making them anew and catching up",
                                  mailboxes=len(gone))
@@ -283,14 +285,21 @@ class GraphListener(BaseListener):
         listener deleted (its holder was killed, or the mailbox moved to EWS meanwhile); only old
         ones, so that a mailbox added a moment ago, which our watched set may not show yet, keeps
         its new subscription."""
-        stored = {redis_conn.text(k): v for k, v in self.conn.hgetall(keys.GRAPH_SUBSCRIPTIONS).items()}
+        if self._version_seen is None or self._set_missing:
+            return  # the watched set not loaded (or lost): everything would look orphaned
+        if mailboxes_mod.version(self.conn) is None:
+            return  # the set is gone from Redis (data loss?): nothing can be judged orphaned
+        watched = mailboxes_mod.list_all(self.conn, source=self.source)  # fresh: ours may be a tick old
         orphans = []
-        for sub_id in stored:
-            found = self.subs.lookup(sub_id)
-            mailbox = found[0] if found else ""
-            if not mailbox or mailbox in self.watched:
+        for raw_id, raw in self.conn.hgetall(keys.GRAPH_SUBSCRIPTIONS).items():
+            sub_id = redis_conn.text(raw_id)
+            try:
+                mailbox = str(json.loads(raw)["mailbox"])
+                current = self.subs.get(mailbox)
+            except (ValueError, KeyError, TypeError):
+                continue  # an unreadable entry is not ours to judge
+            if mailbox in watched:
                 continue
-            current = self.subs.get(mailbox)
             if current is None or current.id != sub_id or current.created_at < now - ORPHAN_AGE:
                 orphans.append((mailbox, current if current is not None and current.id == sub_id else None, sub_id))
         for mailbox, sub, sub_id in orphans[:100]:

@@ -135,8 +135,9 @@ class DeltaStore:
         return {redis_conn.text(k): redis_conn.text(v)
                 for k, v in self.conn.hgetall(keys.graph_delta(mailbox)).items() if redis_conn.text(k) != CAUGHT_UP}
 
-    def mark_caught_up(self, mailbox: str) -> None:
-        self.conn.hset(keys.graph_delta(mailbox), CAUGHT_UP, repr(time.time()))
+    def mark_caught_up(self, mailbox: str, at: float | None = None) -> None:
+        """``at``: when the complete round began (mail after it is surely new to a later round)."""
+        self.conn.hset(keys.graph_delta(mailbox), CAUGHT_UP, repr(time.time() if at is None else at))
 
     def caught_up_at(self, mailbox: str) -> float | None:
         value = self.conn.hget(keys.graph_delta(mailbox), CAUGHT_UP)
@@ -353,6 +354,7 @@ def catch_up_mailbox(client: GraphClient, mailbox: str, store: DeltaStore, ledge
     The cut-off (``since``) is the ledger's horizon, or the last complete catch-up when that is
     older (mail that came during a long gap is still new), but never before ``added_at``; less
     ``SKEW_SECONDS``."""
+    began = time.time()
     horizon = ledger.horizon()
     last = store.caught_up_at(mailbox)
     since = max(added_at or 0.0, min(horizon, last) if last is not None else horizon) - SKEW_SECONDS
@@ -377,5 +379,5 @@ def catch_up_mailbox(client: GraphClient, mailbox: str, store: DeltaStore, ledge
     if failed:
         raise failed[0]
     if folders is None:
-        store.mark_caught_up(mailbox)
+        store.mark_caught_up(mailbox, began)
     return total

@@ -308,9 +308,9 @@ class GraphFetcher:
                     parents[fid] = str(body.get("parentFolderId") or "")
                 elif answer["status"] == 404 or (answer["status"] == 400 and _error_code(answer) in GONE):
                     parents[fid] = None
-                elif 400 <= answer["status"] < 500 and answer["status"] != 429:
-                    # refused for good (a 403 on one folder): retrying would fail the whole job every
-                    # time, the other mails with it; taken as not our own, as a gone folder is
+                elif answer["status"] == 403:
+                    # refused for good: retrying would fail the whole job every time, the other mails
+                    # with it; taken as not our own, as a gone folder is (other 4xx are retried)
                     log.warning("folder lookup refused; taken as not our own", mailbox=mailbox, folder=fid,
                                 status=answer["status"], error=_error_code(answer))
                     parents[fid] = None
