@@ -135,6 +135,10 @@ class Receiver:
         return web.Response(text=token, content_type="text/plain")  # the query is URL-decoded already
 
     async def _items(self, request: web.Request) -> list[dict[str, Any]] | web.Response:
+        """The POST's notifications, or the answer to give instead (the validation handshake, 400, 413)."""
+        answer = self._validation(request)
+        if answer is not None:
+            return answer
         if request.content_length is not None and request.content_length > MAX_BODY:
             return self._too_large(f"more than {MAX_BODY} bytes")
         try:
@@ -217,9 +221,6 @@ class Receiver:
             return {m: sub_id for m, sub_id in mailboxes.items() if now - self._hinted.get(m, 0.0) >= HINT_EVERY}
 
     async def _notifications(self, request: web.Request) -> web.Response:
-        answer = self._validation(request)
-        if answer is not None:
-            return answer
         items = await self._items(request)
         if isinstance(items, web.Response):
             return items
@@ -271,9 +272,6 @@ class Receiver:
         return web.Response(status=202)
 
     async def _lifecycle(self, request: web.Request) -> web.Response:
-        answer = self._validation(request)
-        if answer is not None:
-            return answer
         items = await self._items(request)
         if isinstance(items, web.Response):
             return items
