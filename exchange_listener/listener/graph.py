@@ -24,7 +24,6 @@ listener that held the mailbox does, when it drops it).
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 from typing import Any, cast
@@ -85,6 +84,7 @@ class GraphListener(BaseListener):
         self._lifetime = lifetime(settings)
         self.client = GraphClient(settings)  # listing and deleting subscriptions, on short-lived threads:
         self._client_lock = threading.Lock()  # one at a time (a GraphClient is not thread-safe)
+        self.subscriber = Subscriber(self.client, self.subs, settings)
         self.receiver: Receiver | None = None
         if self.notifying:
             self.receiver = Receiver(settings.notification_listen, settings.notification_url, self.conn,
@@ -143,7 +143,7 @@ class GraphListener(BaseListener):
         for mailbox in mailboxes:
             try:
                 with self._client_lock:
-                    Subscriber(self.client, self.subs, self.settings).delete(mailbox, self.subs.get(mailbox))
+                    self.subscriber.delete(mailbox, self.subs.get(mailbox))
                 metrics.GRAPH_SUBSCRIPTIONS.labels("deleted").inc()
             except (GraphError, *REDIS_ERRORS) as exc:  # it expires on its own; the receiver drops its notifications
                 self.log.warning("could not delete the subscription of a mailbox no longer watched", mailbox=mailbox,
@@ -261,7 +261,7 @@ class GraphListener(BaseListener):
         try:
             started = time.time()
             with self._client_lock:
-                listed = Subscriber(self.client, self.subs, self.settings).live()
+                listed = self.subscriber.live()
             live = {str(item.get("id")) for item in listed}
             gone = []
             for mailbox in self.held():
@@ -291,14 +291,13 @@ class GraphListener(BaseListener):
             return  # the set is gone from Redis (data loss?): nothing can be judged orphaned
         watched = mailboxes_mod.list_all(self.conn, source=self.source)  # fresh: ours may be a tick old
         orphans = []
-        for raw_id, raw in self.conn.hgetall(keys.GRAPH_SUBSCRIPTIONS).items():
-            sub_id = redis_conn.text(raw_id)
+        for sub_id, entry in self.subs.entries().items():
+            if entry is None or entry[0] in watched:
+                continue  # watched, or an unreadable entry, not ours to judge
+            mailbox = entry[0]
             try:
-                mailbox = str(json.loads(raw)["mailbox"])
                 current = self.subs.get(mailbox)
-            except (ValueError, KeyError, TypeError):
-                continue  # an unreadable entry is not ours to judge
-            if mailbox in watched:
+            except ValueError:
                 continue
             if current is None or current.id != sub_id or current.created_at < now - ORPHAN_AGE:
                 orphans.append((mailbox, current if current is not None and current.id == sub_id else None, sub_id))
@@ -306,7 +305,7 @@ class GraphListener(BaseListener):
             try:
                 with self._client_lock:
                     if sub is not None:
-                        Subscriber(self.client, self.subs, self.settings).delete(mailbox, sub)
+                        self.subscriber.delete(mailbox, sub)
                     else:  # only its lookup entry is left: Graph's subscription expires by itself
                         self.subs.forget(mailbox, sub_id)
                 self.log.info("deleted the subscription of a mailbox no longer watched", mailbox=mailbox,

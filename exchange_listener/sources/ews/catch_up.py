@@ -54,18 +54,11 @@ from exchange_listener.core import keys, logs, metrics, redis_conn
 from exchange_listener.mail.message_ids import (
     normalize,  # the same canonical id the workers record in the ledger
 )
-from exchange_listener.sources.base import NewMail
+from exchange_listener.sources.base import MAX_MAILS_PER_JOB, SKEW_SECONDS, NewMail
 from exchange_listener.sources.ews.wire import WholeBody
 from exchange_listener.sources.ledger import Ledger, identity
 
-# Mails of one mailbox the listener puts in one job at most (catch-up and stream): RQ's own work,
-# ~2 ms CPU per job, is then shared by many mails, and a job stays far inside job_timeout.
-MAX_MAILS_PER_JOB = 50
-
 MAX_CHANGES = 512
-# Mail received up to this long before the mailbox was added (or the ledger's horizon) is still
-# taken, to cover clock skew between us and the server.
-SKEW_SECONDS = 300
 # Folders mail can land in, always watched when the server has them.
 WATCHED = ("inbox", "junkemail", "deleteditems", "recoverableitemsdeletions")
 # Never watched, nor anything below them: mail there is our own.

@@ -189,13 +189,8 @@ class Receiver:
             return found
         if len(self._known) + len(wanted) > KNOWN_LIMIT:
             self._known.clear()
-        for sub_id, raw in zip(wanted, self.conn.hmget(keys.GRAPH_SUBSCRIPTIONS, wanted), strict=True):
-            if raw is None:
-                continue
-            try:
-                data = json.loads(raw)
-                entry = (str(data["mailbox"]), str(data["client_state_sha256"]))
-            except (ValueError, KeyError, TypeError):
+        for sub_id, entry in self.store.lookup_many(wanted).items():
+            if entry is None:
                 self.log.warning("unreadable subscription entry", subscription_id=sub_id)
                 continue
             found[sub_id] = entry

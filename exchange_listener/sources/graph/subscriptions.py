@@ -109,13 +109,26 @@ class SubscriptionStore:
             pipe.delete(keys.graph_subscription(mailbox))
         pipe.execute()
 
-    def lookup(self, subscription_id: str) -> tuple[str, str] | None:
-        """(mailbox, SHA-256 of its clientState) of a subscription we made, or None."""
-        raw = self.conn.hget(keys.GRAPH_SUBSCRIPTIONS, subscription_id)
-        if raw is None:
-            return None
-        data = json.loads(raw)
-        return data["mailbox"], data["client_state_sha256"]
+    def lookup_many(self, subscription_ids: list[str]) -> dict[str, tuple[str, str] | None]:
+        """Subscription id -> (mailbox, SHA-256 of its clientState) of those we made, in one HMGET;
+        an unreadable entry maps to None, an unknown id is left out."""
+        out: dict[str, tuple[str, str] | None] = {}
+        if not subscription_ids:
+            return out
+        for sub_id, raw in zip(subscription_ids, self.conn.hmget(keys.GRAPH_SUBSCRIPTIONS, subscription_ids),
+                               strict=True):
+            if raw is None:
+                continue
+            try:
+                data = json.loads(raw)
+                out[sub_id] = (str(data["mailbox"]), str(data["client_state_sha256"]))
+            except (ValueError, KeyError, TypeError):
+                out[sub_id] = None
+        return out
+
+    def entries(self) -> dict[str, tuple[str, str] | None]:
+        """Every stored subscription id -> (mailbox, clientState hash), None when unreadable."""
+        return self.lookup_many([redis_conn.text(k) for k in self.conn.hkeys(keys.GRAPH_SUBSCRIPTIONS)])
 
 
 class Subscriber:
@@ -175,10 +188,6 @@ class Subscriber:
             except NotFound:
                 pass
         self.store.forget(mailbox, sub.id if sub is not None else None)
-
-    def live_ids(self) -> set[str]:
-        """Ids of every subscription Graph has for this app (``GET /subscriptions``, every page)."""
-        return {item["id"] for item in self.live()}
 
     def live(self) -> list[dict[str, Any]]:
         """Every subscription Graph has for this app (``GET /subscriptions``, every page)."""
