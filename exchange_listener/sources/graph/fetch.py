@@ -34,16 +34,14 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
-import email.policy
-import re
 import time
 from collections.abc import Callable, Sequence
-from email.parser import BytesHeaderParser
 from typing import Any, TypeVar
 from urllib.parse import quote
 
 from exchange_listener.core import logs
 from exchange_listener.core.config import ConfigError, Settings
+from exchange_listener.mail.headers import header, mime_headers
 from exchange_listener.mail.text import html_to_text
 from exchange_listener.sources.base import FetchedMessage, ItemGone, ItemUnreadable
 from exchange_listener.sources.graph.client import (
@@ -115,41 +113,9 @@ def _received_at(value: Any) -> dt.datetime | None:
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
-def header(headers: Sequence[tuple[str, str]], name: str) -> str | None:
-    name = name.lower()
-    return next((v for k, v in headers if k.lower() == name), None)
-
-
 def needs_mime_headers(headers: Sequence[tuple[str, str]]) -> bool:
     """Graph's header copy cannot tell whether this is a reply: read them from the MIME."""
     return not headers or (header(headers, "in-reply-to") is None and header(headers, "references") is None)
-
-
-_FOLD = re.compile(r"\r?\n[ \t]+")
-
-
-def _clean(text: str) -> str:
-    """Unfolded, stripped, and valid UTF-8 (undecodable bytes become U+FFFD, never surrogates)."""
-    text = _FOLD.sub(" ", text).replace("\r", "").replace("\n", " ").strip()
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def mime_headers(raw: bytes) -> list[tuple[str, str]]:
-    """The header block of a MIME source as (name, value) pairs, in order. Never raises: a header
-    ``email`` cannot parse keeps its raw (unfolded) text; an unparseable source gives []."""
-    try:
-        msg = BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
-        items = msg.raw_items()
-    except Exception:  # noqa: BLE001 - broken MIME must not crash the job; the JSON headers stay
-        return []
-    out = []
-    for name, value in items:
-        try:
-            text = str(email.policy.default.header_fetch_parse(name, value))
-        except Exception:  # noqa: BLE001 - e.g. an address header email's parser chokes on
-            text = str(value)
-        out.append((_clean(str(name)), _clean(text)))
-    return out
 
 
 def _fetched(mailbox: str, item_id: str, body: dict[str, Any]) -> FetchedMessage:
