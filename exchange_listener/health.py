@@ -80,6 +80,10 @@ def _listeners(conn: redis.Redis, now: float) -> list[dict]:
             graph = json.loads(info.get("graph") or "null")
         except ValueError:
             graph = None
+        try:
+            imap = json.loads(info.get("imap") or "null")
+        except ValueError:
+            imap = None
         found.append({
             "id": listener_id,
             "source": info.get("source") or "ews",
@@ -101,8 +105,22 @@ def _listeners(conn: redis.Redis, now: float) -> list[dict]:
                             for f in g.get("failing") or () if isinstance(f, dict)],
             } for g in groups if isinstance(g, dict)],
             **({"graph": _graph(graph, now)} if isinstance(graph, dict) else {}),
+            **({"imap": _imap(imap, now)} if isinstance(imap, dict) else {}),
         })
     return found
+
+
+def _imap(info: dict, now: float) -> dict:
+    """An IMAP listener's IDLE connections (one per watched folder), as ``status`` shows them."""
+    return {
+        "folders": int(info.get("folders") or 0),
+        "connected": int(info.get("connected") or 0),
+        "last_activity_age_s": _age(now, _number(info.get("last_activity_at"))),
+        "failing_count": int(info.get("failing_count") or 0),
+        "failing": [{"mailbox": f.get("mailbox"), "folder": f.get("folder"), "error": f.get("error"),
+                     "failing_for_s": _age(now, f.get("since"))}
+                    for f in info.get("failing") or () if isinstance(f, dict)],
+    }
 
 
 def _graph(info: dict, now: float) -> dict:
@@ -253,6 +271,10 @@ def problems(snap: dict, limits: Limits = Limits()) -> list[str]:
             if (failing["failing_for_s"] or 0) > limits.mailbox_failure_grace:
                 found.append(f"mailbox {failing['mailbox']} cannot be subscribed through Graph for "
                              f"{failing['failing_for_s']:.0f} s (listener {listener['id']}): {failing['error']}")
+        for failing in listener.get("imap", {}).get("failing", ()):
+            if (failing["failing_for_s"] or 0) > limits.mailbox_failure_grace:
+                found.append(f"mailbox {failing['mailbox']} folder {failing['folder']} cannot be watched through IMAP "
+                             f"for {failing['failing_for_s']:.0f} s (listener {listener['id']}): {failing['error']}")
     for process in snap.get("api", ()):
         age = process["last_heartbeat_age_s"]
         if age is None or age > limits.stale_api:

@@ -82,7 +82,7 @@ def test_each_mailbox_has_a_source_and_adding_with_another_moves_it(redis_server
     assert mailboxes.version(redis_client) > v1
     assert mailboxes.list_all(redis_client, source="ews") == {}
     with pytest.raises(ValueError):
-        mailboxes.add(redis_client, ["x@example.com"], source="imap")
+        mailboxes.add(redis_client, ["x@example.com"], source="pop3")
     # the Graph state of a mailbox moving to EWS goes: a move back much later starts afresh, not from
     # links that would list everything EWS handled meanwhile as new
     redis_client.hset(keys.graph_delta("online@example.com"), mapping={"inbox-id": "https://graph/link",

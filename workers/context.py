@@ -26,7 +26,8 @@ if TYPE_CHECKING:  # for the annotations only: at run time each is imported on f
 
 # source name (the job payload's "source") -> "module:Class" of its MailFetcher
 FETCHERS = {"ews": "exchange_listener.sources.ews.fetch:EwsFetcher",
-            "graph": "exchange_listener.sources.graph.fetch:GraphFetcher"}
+            "graph": "exchange_listener.sources.graph.fetch:GraphFetcher",
+            "imap": "exchange_listener.sources.imap.fetch:ImapFetcher"}
 
 
 class Context:

@@ -1,5 +1,5 @@
-"""``exchange-listener listen``: watch the mailboxes of the configured source (EWS or Microsoft
-Graph) and enqueue every new mail."""
+"""``exchange-listener listen``: watch the mailboxes of the configured source (EWS, Microsoft
+Graph or IMAP) and enqueue every new mail."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = commands.load_settings(args)
-    settings.require(*(("graph_url", "client_id") if settings.source == "graph" else ("ews_url",)))
+    needs = {"graph": ("graph_url", "client_id"), "imap": ("imap_host",)}
+    settings.require(*needs.get(settings.source, ("ews_url",)))
     from exchange_listener.listener import runner as listener
 
     return listener.run(settings)

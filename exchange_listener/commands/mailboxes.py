@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=("add", "remove", "list"))
     parser.add_argument("addresses", nargs="*", metavar="ADDRESS")
     parser.add_argument("--source", dest="mailbox_source", choices=mailboxes.SOURCES, default=None,
-                        help="add: watch through EWS or Microsoft Graph (default: the setting `source`); "
+                        help="add: watch through EWS, Microsoft Graph or IMAP (default: the setting `source`); "
                              "adding a watched address with another source moves it")
 
 
@@ -49,12 +49,15 @@ def run(args: argparse.Namespace) -> int:
         from exchange_listener.sources.ews.catch_up import SyncStore
         from exchange_listener.sources.graph.delta import DeltaStore
         from exchange_listener.sources.graph.subscriptions import SubscriptionStore
+        from exchange_listener.sources.imap.cursor import CursorStore
         from exchange_listener.sources.ledger import Ledger
 
         sync, delta, ledger, subs = SyncStore(conn), DeltaStore(conn), Ledger(conn), SubscriptionStore(conn)
+        cursors = CursorStore(conn)
         for address in removed:  # re-adding later starts from then, not from the old sync state
             sync.forget_mailbox(address)
             delta.forget_mailbox(address)
+            cursors.forget_mailbox(address)
             ledger.forget_mailbox(address)
             if conn.get(keys.lease(address)) is None:
                 # no listener holds it to delete its Graph subscription: forgotten here, Graph ends
@@ -79,9 +82,12 @@ def _forget_left_sources(conn: redis.Redis, moved: list[tuple[str, str]]) -> Non
     # (SyncStore imports exchangelib: only here)
     from exchange_listener.sources.ews.catch_up import SyncStore
     from exchange_listener.sources.graph.delta import DeltaStore
+    from exchange_listener.sources.imap.cursor import CursorStore
 
     for address, left in moved:
         if left == "graph":
             DeltaStore(conn).forget_mailbox(address)
+        elif left == "imap":
+            CursorStore(conn).forget_mailbox(address)
         elif left == "ews":
             SyncStore(conn).forget_mailbox(address)

@@ -40,7 +40,7 @@ OTHER_ENV = {
     "EXCHANGE_LISTENER_EMULATOR_SCHEMA_LOG": "test suite: file the EWS emulator appends schema violations to "
                                              "(emulators/ews/validation.py)",
 }
-SECRET_KEYS = frozenset({"ews_password", "client_secret", "webhook_secret"})
+SECRET_KEYS = frozenset({"ews_password", "client_secret", "webhook_secret", "imap_password"})
 
 
 def _choice(*allowed: str) -> Callable[[str, Any], None]:
@@ -120,7 +120,7 @@ FIELDS: tuple[Field, ...] = (
     Field("token_url", str, "", "OAuth2 token endpoint; empty means Microsoft's login host for tenant_id.", _url("http", "https")),
     Field("access_type", str, "impersonation", "impersonation | delegate.", _choice("impersonation", "delegate")),
     Field("verify_tls", bool, True, "Verify the EWS server's TLS certificate."),
-    Field("source", str, "ews", "ews | graph: what this listener watches (Exchange Server by EWS, Exchange Online by Microsoft Graph); workers serve both.", _choice("ews", "graph")),
+    Field("source", str, "ews", "ews | graph | imap: what this listener watches (Exchange Server by EWS, Exchange Online by Microsoft Graph, Gmail and any other server by IMAP IDLE); workers serve all.", _choice("ews", "graph", "imap")),
     Field("graph_url", str, "https://graph.microsoft.com/v1.0", "Microsoft Graph base URL (source = graph; workers fetch graph jobs through it).", _url("http", "https")),
     Field("client_certificate_file", str, "", "PEM file with the app's certificate and private key, instead of client_secret (Graph; its content is a secret; never logged)."),
     Field("ca_file", str, "", "PEM file of CA certificates to trust for Graph and its token host (a private CA, the emulator); empty: the system's."),
@@ -128,6 +128,16 @@ FIELDS: tuple[Field, ...] = (
     Field("notification_listen", str, "127.0.0.1:8790", "host:port the Graph notification receiver binds (source = graph with notification_url).", _host_port),
     Field("graph_poll_seconds", float, 0.0, "Delta-only mode when > 0 and notification_url is empty: every mailbox's folders are read by delta this often.", _between(0, 86400)),
     Field("graph_subscription_minutes", float, 4230.0, "Lifetime asked for each Graph subscription (Outlook allows at most 4230; at most 4225 is asked, in case our clock runs ahead); renewed when a third of it is left.", _between(0.05, 4230)),
+    Field("imap_host", str, "", "IMAP server (source = imap; workers fetch imap jobs through it), e.g. imap.gmail.com."),
+    Field("imap_port", int, 993, "IMAP port (993 for tls, 143 for starttls or none).", _between(1, 65535)),
+    Field("imap_security", str, "tls", "tls | starttls | none: how the IMAP connection is protected (none only on loopback or for tests).", _choice("tls", "starttls", "none")),
+    Field("imap_auth", str, "master", "master | plain | xoauth2-google: master logs in as 'rep*imap_username' (Dovecot master user); plain is SASL PLAIN with the rep as authorization id; xoauth2-google mints a token per rep from google_service_account_file (domain-wide delegation).", _choice("master", "plain", "xoauth2-google")),
+    Field("imap_username", str, "", "The master or authorizing IMAP account (imap_auth master or plain)."),
+    Field("imap_password", str, "", "Its password (secret; never logged)."),
+    Field("imap_folders", str, "INBOX,\\Junk", "Folders watched per mailbox, comma-separated: names, or special-use flags such as \\Junk (found by LIST); one IDLE connection each."),
+    Field("google_service_account_file", str, "", "Google service account JSON key with domain-wide delegation for https://mail.google.com/ (imap_auth = xoauth2-google; its content is a secret; never logged)."),
+    Field("imap_max_connections_per_account", int, 10, "IMAP connections one process opens per mailbox at most (Gmail allows 15 per account, shared by every client of the rep).", _between(1, 100)),
+    Field("imap_idle_seconds", float, 300.0, "An IDLE is ended and re-issued this often (RFC 2177 allows 29 minutes; NATs and servers drop quiet connections sooner).", _between(1, 1740)),
     Field("queue_name", str, "exchange-listener", "RQ queue the listener fills and workers drain."),
     Field("group_size", int, 200, "Mailboxes per GetStreamingEvents connection (Exchange allows at most 200).", _between(1, 200)),
     Field("connection_timeout", int, 30, "GetStreamingEvents ConnectionTimeout in minutes (1-30).", _between(1, 30)),
@@ -317,6 +327,20 @@ def scrub(text: str, settings: Settings) -> str:
     return text
 
 
+def folder_list(value: str) -> list[str]:
+    """``imap_folders`` as a list: names or special-use flags, in order, without repeats."""
+    out: list[str] = []
+    for part in str(value).split(","):
+        name = part.strip()
+        if name and name not in out:
+            out.append(name)
+    return out
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def _check_combinations(settings: Settings) -> None:
     if settings.source == "graph" and not settings.notification_url and not settings.graph_poll_seconds:
         raise ConfigError("source = graph needs notification_url (change notifications) or graph_poll_seconds > 0 "
@@ -328,6 +352,21 @@ def _check_combinations(settings: Settings) -> None:
                               f"set one in the config file or {env_name('client_secret')})")
         if not settings.token_url:
             settings.require("tenant_id")
+    if settings.source == "imap":
+        settings.require("imap_host")
+        if settings.imap_auth == "xoauth2-google":
+            settings.require("google_service_account_file")
+        else:
+            settings.require("imap_username", "imap_password")
+        if settings.imap_security == "none" and not _loopback(settings.imap_host):
+            raise ConfigError("imap_security = none sends the IMAP password in clear text; use tls or starttls "
+                              f"(none is only for a server on this host; imap_host is {settings.imap_host!r})")
+        if not folder_list(settings.imap_folders):
+            raise ConfigError("imap_folders: name at least one folder, e.g. INBOX,\\Junk")
+        if settings.imap_max_connections_per_account < len(folder_list(settings.imap_folders)):
+            raise ConfigError(f"imap_max_connections_per_account ({settings.imap_max_connections_per_account}) is "
+                              f"below the {len(folder_list(settings.imap_folders))} folders of imap_folders, "
+                              "each of which needs its own IDLE connection")
     if settings.ews_url:
         if settings.auth_type in ("basic", "ntlm"):
             settings.require("ews_username", "ews_password")

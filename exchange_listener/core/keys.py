@@ -106,6 +106,11 @@ def graph_folders(mailbox: str) -> str:
     return f"el:graph:folders:{mailbox}"
 
 
+def imap_cursor(mailbox: str) -> str:
+    """Hash: folder name -> "UIDVALIDITY:last UID" (``sources.imap.cursor``)."""
+    return f"el:imap:cursor:{mailbox.lower()}"
+
+
 # -- the ledger (exchange_listener.sources.ledger) ---------------------------------------------
 def done(mailbox: str) -> str:
     return f"el:done:{mailbox.lower()}"

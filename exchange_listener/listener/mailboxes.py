@@ -5,7 +5,7 @@ Keys (named in ``exchange_listener.core.keys``):
 - ``el:mailboxes`` — hash, lower-cased address -> epoch seconds it was added. The time lets a
   listener's first catch-up of a new mailbox enqueue mail that arrived after ``add`` but before
   any listener subscribed, and nothing older.
-- ``el:mailboxes:source`` — hash, address -> the source that watches it (``graph``), for the
+- ``el:mailboxes:source`` — hash, address -> the source that watches it (``graph``, ``imap``), for the
   mailboxes not on EWS (an absent field means ``ews``, so sets written before sources existed
   read unchanged). A tenant mid-migration watches some mailboxes by EWS, some by Graph; adding
   a watched address again with another source moves it.
@@ -25,7 +25,7 @@ from exchange_listener.core import keys, redis_conn
 MAILBOXES_KEY = keys.MAILBOXES
 VERSION_KEY = keys.MAILBOXES_VERSION
 SOURCES_KEY = keys.MAILBOX_SOURCES
-SOURCES = ("ews", "graph")
+SOURCES = ("ews", "graph", "imap")
 
 _ADDRESS = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 

@@ -1,0 +1,315 @@
+"""The IMAP listener (Gmail and any other IMAP server): one IDLE connection per watched folder.
+
+For each mailbox whose lease it holds (same leases and fair shares as EWS, among the live IMAP
+listeners), the listener runs one ``FolderWatch`` thread per folder of ``imap_folders`` (names,
+or special-use flags such as ``\\Junk`` found by LIST). A watch:
+
+- logs in as the rep (``sources.imap.session``), EXAMINEs its folder and reads everything after
+  the folder's cursor (``sources.imap.scan``): on every (re)connect, so a restart, a takeover, a
+  cut connection or a server restart never loses mail, whatever its length;
+- then IDLEs; an EXISTS ends the IDLE, the new UIDs are read and enqueued, and IDLE starts again;
+- ends and re-issues IDLE every ``imap_idle_seconds`` (RFC 2177 allows 29 minutes; NATs drop
+  quiet connections far sooner) and reads from the cursor then too;
+- watches the connection's liveness itself: a BYE, an EOF (imapclient's ``idle_check`` returns
+  nothing rather than raising on one) or ``WATCHDOG_SECONDS`` without a byte (Dovecot says
+  "Still here" every 2 minutes) ends the IDLE, and DONE must then be answered within the
+  command timeout, or the connection is dropped and made anew;
+- backs off on its own when the server refuses the rep's login, is unreachable, or the folder is
+  missing, and reports it in ``status``; other mailboxes are not disturbed.
+
+Catch-up requests from the base loop (Redis changed under us, a checkpoint) make each watch of
+the mailbox read from its cursor at its next tick. While Redis is away nothing is read: the
+cursor lives in Redis and the mail stays on the server until it is back.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import imapclient
+from imapclient.exceptions import IMAPClientError
+
+from exchange_listener.core import logs, metrics
+from exchange_listener.core.backoff import Backoff
+from exchange_listener.core.config import Settings, folder_list
+from exchange_listener.listener.base import (
+    REDIS_ERRORS,
+    BaseListener,
+    CatchUps,
+    Folders,
+)
+from exchange_listener.sources.base import SKEW_SECONDS
+from exchange_listener.sources.imap import session
+from exchange_listener.sources.imap.cursor import CursorStore
+from exchange_listener.sources.imap.scan import Selected, examine, scan
+from exchange_listener.sources.imap.session import (
+    Budget,
+    GoogleTokens,
+    ImapError,
+    LimitReached,
+    LoginRefused,
+)
+
+IDLE_TICK = 1.0  # seconds per idle_check, so a stop, a drop or a catch-up request is seen within a second
+WATCHDOG_SECONDS = 150.0  # nothing heard this long: prove the connection alive (DONE must be answered)
+EOF_SUSPECT = 0.2  # idle_check came back empty this far before its timeout: the socket hit EOF
+RETRY_CAP = 300.0  # seconds between attempts at most, for a refused login or a missing folder
+REDIS_RETRY = 2.0  # seconds before a read that Redis refused is tried again
+STACK_SIZE = 512 * 1024  # per watch thread; thousands of them must stay cheap
+
+
+class FolderMissing(ImapError):
+    """The folder to watch does not exist (or no folder has that special-use flag)."""
+
+
+class FolderWatch(threading.Thread):
+    """One folder of one mailbox: connect, read from the cursor, IDLE; again after any failure."""
+
+    def __init__(self, listener: ImapListener, mailbox: str, folder: str):
+        super().__init__(name=f"imap-{mailbox}-{folder}", daemon=True)
+        self.listener = listener
+        self.settings = listener.settings
+        self.mailbox = mailbox
+        self.wanted = folder  # as configured: a name or a special-use flag
+        self.folder: str | None = None  # the name on the server
+        self.stopping = threading.Event()
+        self.connected = False
+        self.error: tuple[float, str] | None = None  # (failing since, what)
+        self.last_activity = 0.0
+        self._rescan = threading.Event()
+        self._client: imapclient.IMAPClient | None = None
+        self._client_lock = threading.Lock()
+        self.log = logs.get_logger(mailbox=mailbox, folder=folder, source="imap")
+
+    # -- control from the listener ----------------------------------------------------------
+    def request_scan(self) -> None:
+        self._rescan.set()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self._client_lock:
+            if self._client is not None:
+                session.interrupt(self._client)
+
+    # -- the thread ---------------------------------------------------------------------------
+    def run(self) -> None:
+        backoff = Backoff(base=1.0, cap=RETRY_CAP)
+        while not self.stopping.is_set():
+            try:
+                self._session(backoff)
+            except (LoginRefused, LimitReached, FolderMissing) as exc:
+                self._failed(str(exc), backoff, level="error")
+            except (ImapError, IMAPClientError, OSError) as exc:
+                if not self.stopping.is_set():
+                    self._failed(session.describe(exc, self.settings), backoff, level="warning")
+            except REDIS_ERRORS as exc:  # the cursor could not be read: the mail waits on the server
+                if not self.stopping.is_set():
+                    self._failed(f"Redis: {exc}", backoff, level="warning")
+            finally:
+                self._close()
+
+    def _failed(self, error: str, backoff: Backoff, level: str) -> None:
+        wait = backoff.next()
+        first = self.error is None or self.error[1] != error
+        self.error = (self.error[0] if self.error else time.time(), error)
+        if first:
+            getattr(self.log, level)("IMAP folder cannot be watched; retrying", error=error, retry_in=round(wait, 1))
+        metrics.RECONNECTS.labels("imap_error").inc()
+        self.stopping.wait(wait)
+
+    def _close(self) -> None:
+        self.connected = False
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            session.close(client)
+            self.listener.budget.give_back(self.mailbox)
+
+    def _session(self, backoff: Backoff) -> None:
+        self.listener.budget.take(self.mailbox)
+        try:
+            client = session.connect(self.settings, self.mailbox, self.listener.tokens)
+        except BaseException:
+            self.listener.budget.give_back(self.mailbox)
+            raise
+        with self._client_lock:
+            self._client = client
+            if self.stopping.is_set():
+                return
+        client.normalise_times = False  # INTERNALDATE with its zone, not as local time
+        self.folder = session.special_folder(client, self.wanted)
+        if self.folder is None:
+            raise FolderMissing(f"{self.mailbox}: no folder has the special-use flag {self.wanted}")
+        try:
+            selected = examine(client, self.folder)
+        except IMAPClientError as exc:
+            if "NO" in str(exc)[:20] or "doesn't exist" in str(exc).lower() or "nonexistent" in str(exc).lower():
+                raise FolderMissing(f"{self.mailbox}: folder {self.folder!r} cannot be opened: "
+                                    f"{session.describe(exc, self.settings)}") from None
+            raise
+        self.connected = True
+        self._read(client, selected, "catchup")  # every (re)connect: whatever came while we were away
+        if self.error is not None:
+            self.log.info("IMAP folder watched again", failing_for=round(time.time() - self.error[0], 1))
+        self.error = None
+        backoff.reset()
+        idle = b"IDLE" in client.capabilities()
+        while not self.stopping.is_set():
+            new = self._idle(client) if idle else self._poll(client)
+            if self.stopping.is_set():
+                return
+            self._read(client, selected, "stream" if new else "catchup")
+
+    def _idle(self, client: imapclient.IMAPClient) -> bool:
+        """IDLE until new mail, a renewal, a liveness check or a request; True when mail came."""
+        client.idle()
+        started = heard = time.monotonic()
+        new = False
+        try:
+            while not self.stopping.is_set() and not self._rescan.is_set():
+                now = time.monotonic()
+                if now - started >= self.settings.imap_idle_seconds or now - heard >= WATCHDOG_SECONDS:
+                    break
+                asked = time.monotonic()
+                responses = client.idle_check(timeout=IDLE_TICK)
+                if responses:
+                    heard = time.monotonic()
+                    self.last_activity = time.time()
+                    if _bye(responses):
+                        raise ImapError(f"server closed the connection: {_bye(responses)}")
+                    if any(_is_new(r) for r in responses):
+                        new = True
+                        break
+                elif time.monotonic() - asked < IDLE_TICK * EOF_SUSPECT:
+                    break  # an empty answer before the timeout: EOF; DONE below proves it
+        finally:
+            if not self.stopping.is_set():
+                _text, responses = client.idle_done()  # raises when the connection is dead
+                if _bye(responses):
+                    raise ImapError(f"server closed the connection: {_bye(responses)}")
+                new = new or any(_is_new(r) for r in responses)
+        return new
+
+    def _poll(self, client: imapclient.IMAPClient) -> bool:
+        """A server without IDLE: NOOP every tick until a renewal is due or mail came."""
+        started = time.monotonic()
+        while not self.stopping.is_set() and not self._rescan.is_set():
+            if time.monotonic() - started >= self.settings.imap_idle_seconds:
+                return False
+            responses = client.noop()[1]
+            if any(_is_new(r) for r in responses):
+                return True
+            self.stopping.wait(IDLE_TICK)
+        return False
+
+    def _read(self, client: imapclient.IMAPClient, selected: Selected, via: str) -> None:
+        """Enqueue what is after the cursor; while Redis refuses, try again every few seconds."""
+        self._rescan.clear()
+        while not self.stopping.is_set():
+            try:
+                count = scan(client, self.mailbox, selected, self.listener.cursors, self.listener.ledger,
+                             self.listener.sink.enqueue, since=self.listener.since(self.mailbox), via=via)
+            except REDIS_ERRORS as exc:
+                self.log.warning("Redis unreachable; new mail stays on the IMAP server until it is back",
+                                 error=str(exc))
+                if self.stopping.wait(REDIS_RETRY):
+                    return
+                client.noop()  # keep the connection; a dead one raises and reconnects
+                continue
+            if count:
+                self.last_activity = time.time()
+                self.log.debug("enqueued new IMAP mail", items=count, via=via)
+            return
+
+
+def _is_new(response: Any) -> bool:
+    return isinstance(response, tuple) and len(response) >= 2 and response[1] in (b"EXISTS", b"RECENT")
+
+
+def _bye(responses: list[Any]) -> str | None:
+    for response in responses:
+        if isinstance(response, tuple) and response and response[0] == b"BYE":
+            return " ".join(str(p) for p in response[1:])[:200] or "BYE"
+    return None
+
+
+class ImapListener(BaseListener):
+    source = "imap"
+
+    def __init__(self, settings: Settings):
+        settings.require("redis_url", "imap_host")
+        super().__init__(settings)
+        self.cursors = CursorStore(self.conn)
+        self.tokens = GoogleTokens(settings) if settings.imap_auth == "xoauth2-google" else None
+        self.budget = Budget(settings.imap_max_connections_per_account)
+        self.folders = folder_list(settings.imap_folders)
+        self._watches: dict[str, list[FolderWatch]] = {}
+        self._lock = threading.Lock()
+        self.catchups: CatchUps[None] = CatchUps(self.holds, self._catch_up, lambda _i: None, settings, threads=1)
+        threading.stack_size(STACK_SIZE)
+
+    def since(self, mailbox: str) -> float:
+        """Mail received before this is not new in ``mailbox`` (before it was added, or older than
+        the ledger remembers), less the clock skew allowance."""
+        return max(self.watched.get(mailbox, 0.0), self.ledger.horizon()) - SKEW_SECONDS
+
+    # -- BaseListener --------------------------------------------------------------------------
+    def held(self) -> list[str]:
+        with self._lock:
+            return list(self._watches)
+
+    def holds(self, mailbox: str) -> bool:
+        return mailbox in self._watches
+
+    def _banner(self) -> dict[str, Any]:
+        return {"imap_host": f"{self.settings.imap_host}:{self.settings.imap_port}",
+                "security": self.settings.imap_security, "auth": self.settings.imap_auth, "folders": self.folders}
+
+    def _take(self, mailboxes: list[str]) -> None:
+        for mailbox in mailboxes:
+            watches = [FolderWatch(self, mailbox, folder) for folder in self.folders]
+            with self._lock:
+                if mailbox in self._watches:
+                    continue
+                self._watches[mailbox] = watches
+            for watch in watches:
+                watch.start()
+
+    def _drop(self, mailboxes: list[str]) -> None:
+        for mailbox in mailboxes:
+            with self._lock:
+                watches = self._watches.pop(mailbox, [])
+            for watch in watches:
+                watch.stop()
+
+    def _catch_up(self, _state: None, mailbox: str, reason: str, folders: Folders) -> None:
+        with self._lock:
+            watches = list(self._watches.get(mailbox, ()))
+        for watch in watches:
+            watch.request_scan()
+
+    def _source_info(self) -> dict[str, Any]:
+        with self._lock:
+            watches = [w for ws in self._watches.values() for w in ws]
+        failing = [(w, w.error) for w in watches if w.error is not None]
+        return {
+            "groups": [],
+            "imap": {
+                "folders": len(watches),
+                "connected": sum(1 for w in watches if w.connected),
+                "last_activity_at": max((w.last_activity for w in watches), default=0.0) or None,
+                "failing": [{"mailbox": w.mailbox, "folder": w.wanted, "since": e[0], "error": e[1]}
+                            for w, e in failing[:20] if e is not None],
+                "failing_count": len(failing),
+            },
+        }
+
+    def _stop_source(self, deadline: float) -> dict[str, Any]:
+        with self._lock:
+            watches = [w for ws in self._watches.values() for w in ws]
+        for watch in watches:
+            watch.stop()
+        for watch in watches:
+            watch.join(timeout=max(0.0, deadline - time.monotonic() - 1.0))
+        return {"folders": len(watches), "still_running": sum(1 for w in watches if w.is_alive())}

@@ -1,0 +1,251 @@
+"""Workers read IMAP mail: the headers of a job's mails in one ``UID FETCH`` per folder.
+
+A worker keeps one logged-in connection per mailbox it recently served (at most
+``CACHED_MAILBOXES``; the least recently used is logged out), so a job costs a SELECT and a
+FETCH, not a login. Everything is read with EXAMINE and ``BODY.PEEK``: a worker never marks a
+rep's mail as read.
+
+An item whose UID is gone (moved, deleted, the folder's UIDVALIDITY changed) is looked for by
+its Message-ID in every selectable folder (``relocate``), so a reply the rep filed or deleted
+before a worker got to it still counts; only mail that exists nowhere is ``ItemGone``.
+"""
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import imapclient
+from imapclient.exceptions import IMAPClientError
+
+from exchange_listener.core.config import Settings
+from exchange_listener.mail.headers import addresses, header, mime_headers
+from exchange_listener.sources.base import FetchedMessage, ItemGone, NewMail
+from exchange_listener.sources.imap import session
+from exchange_listener.sources.imap.scan import (
+    examine,
+    item_id,
+    parse_item_id,
+    received_at,
+)
+from exchange_listener.sources.imap.session import Budget, GoogleTokens, ImapError
+
+CACHED_MAILBOXES = 16  # logged-in connections a worker keeps (one per mailbox)
+HEADER_ITEMS = ["UID", "INTERNALDATE", "BODY.PEEK[HEADER]"]
+OWN_FLAGS = (b"\\Sent", b"\\Drafts")  # special-use folders our own mail sits in: never a reply
+
+
+class FetchError(Exception):
+    """The IMAP server could not be asked (unreachable, refused, limit reached); the job retries."""
+
+
+class ImapNotConfigured(FetchError):
+    """An IMAP job ran in a worker whose settings do not configure IMAP."""
+
+
+class _Connection:
+    def __init__(self, client: imapclient.IMAPClient):
+        self.client = client
+        self.selected: tuple[str, int] | None = None  # (folder, UIDVALIDITY)
+        self.own_folders: set[str] | None = None
+        self.lock = threading.Lock()
+
+
+def _fetched(mailbox: str, the_id: str, folder: str, entry: dict[bytes, Any], outgoing: bool) -> FetchedMessage:
+    raw = entry.get(b"BODY[HEADER]") or b""
+    headers = mime_headers(bytes(raw))
+    received = received_at(entry.get(b"INTERNALDATE"))
+    senders = addresses(headers, "sender")
+    froms = addresses(headers, "from")
+    return FetchedMessage(
+        mailbox=mailbox, item_id=the_id, internet_message_id=header(headers, "message-id"),
+        subject=header(headers, "subject") or "", sender=next(iter(senders or froms), None),
+        from_address=next(iter(froms), None), to=addresses(headers, "to"), cc=addresses(headers, "cc"),
+        received_at=dt.datetime.fromtimestamp(received, dt.UTC) if received else None,
+        conversation_id=None, in_reply_to=header(headers, "in-reply-to"), references=header(headers, "references"),
+        headers=headers, outgoing=outgoing)
+
+
+class ImapFetcher:
+    """``MailFetcher`` for IMAP jobs."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._connections: collections.OrderedDict[str, _Connection] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._budget = Budget(settings.imap_max_connections_per_account)
+        self._tokens = GoogleTokens(settings) if settings.imap_auth == "xoauth2-google" else None
+
+    # -- connections ----------------------------------------------------------------------------
+    def _connection(self, mailbox: str) -> _Connection:
+        if not self.settings.imap_host:
+            raise ImapNotConfigured("an IMAP job reached a worker without imap_host (and its credentials) set")
+        with self._lock:
+            conn = self._connections.get(mailbox)
+            if conn is not None:
+                self._connections.move_to_end(mailbox)
+                return conn
+        self._budget.take(mailbox)
+        try:
+            client = session.connect(self.settings, mailbox, self._tokens)
+        except BaseException:
+            self._budget.give_back(mailbox)
+            raise
+        client.normalise_times = False
+        conn = _Connection(client)
+        evicted = []
+        with self._lock:
+            self._connections[mailbox] = conn
+            while len(self._connections) > CACHED_MAILBOXES:
+                evicted.append(self._connections.popitem(last=False))
+        for old_mailbox, old in evicted:
+            self._discard(old_mailbox, old)
+        return conn
+
+    def _discard(self, mailbox: str, conn: _Connection) -> None:
+        with self._lock:
+            if self._connections.get(mailbox) is conn:
+                del self._connections[mailbox]
+        session.close(conn.client)
+        self._budget.give_back(mailbox)
+
+    def _call(self, mailbox: str, work: Any) -> Any:
+        """``work(conn)`` on the mailbox's connection; a broken connection is made anew once."""
+        for attempt in (1, 2):
+            try:
+                conn = self._connection(mailbox)
+            except ImapError as exc:
+                raise FetchError(str(exc)) from None
+            try:
+                with conn.lock:
+                    return work(conn)
+            except (IMAPClientError, OSError) as exc:
+                self._discard(mailbox, conn)
+                if attempt == 2 or isinstance(exc, IMAPClientError) and not _connection_lost(exc):
+                    raise FetchError(f"IMAP for {mailbox} failed: {session.describe(exc, self.settings)}") from None
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _select(conn: _Connection, folder: str) -> int:
+        """EXAMINE ``folder`` (again, when it is the one selected: only that tells this session
+        of mail another session expunged or moved away since); its UIDVALIDITY."""
+        conn.selected = None
+        selected = examine(conn.client, folder)
+        conn.selected = (folder, selected.uidvalidity)
+        return selected.uidvalidity
+
+    def _own(self, conn: _Connection) -> set[str]:
+        if conn.own_folders is None:
+            conn.own_folders = {str(name) for flags, _d, name in conn.client.list_folders()
+                                if any(f in flags for f in OWN_FLAGS)}
+        return conn.own_folders
+
+    # -- MailFetcher ----------------------------------------------------------------------------
+    def fetch(self, mailbox: str, item_ids: Sequence[str]) -> list[FetchedMessage | ItemGone]:
+        by_folder: dict[str, list[tuple[int, int, int]]] = collections.defaultdict(list)  # folder -> (index, validity, uid)
+        out: list[FetchedMessage | ItemGone | None] = [None] * len(item_ids)
+        for index, the_id in enumerate(item_ids):
+            try:
+                folder, validity, uid = parse_item_id(the_id)
+            except ValueError as exc:
+                out[index] = ItemGone(str(exc))
+                continue
+            by_folder[folder].append((index, validity, uid))
+
+        def work(conn: _Connection) -> None:
+            own = self._own(conn)
+            for folder, wanted in by_folder.items():
+                try:
+                    validity = self._select(conn, folder)
+                except IMAPClientError as exc:
+                    if _connection_lost(exc):
+                        raise
+                    for index, _v, _u in wanted:  # the folder is gone (deleted, renamed)
+                        out[index] = ItemGone(f"{mailbox}: folder {folder!r} cannot be opened: {str(exc)[:120]}")
+                    continue
+                current = [(i, u) for i, v, u in wanted if v == validity]
+                for index, v, _u in wanted:
+                    if v != validity:
+                        out[index] = ItemGone(f"{mailbox}: folder {folder!r} was recreated (UIDVALIDITY {v} -> {validity})")
+                data = conn.client.fetch([u for _i, u in current], HEADER_ITEMS) if current else {}
+                for index, uid in current:
+                    entry = data.get(uid)
+                    if entry is None or not entry.get(b"BODY[HEADER]"):
+                        out[index] = ItemGone(f"{mailbox}: UID {uid} no longer in {folder!r} (moved or deleted)")
+                    else:
+                        out[index] = _fetched(mailbox, item_ids[index], folder, entry, folder in own)
+
+        if by_folder:
+            self._call(mailbox, work)
+        return [o if o is not None else ItemGone("not fetched") for o in out]
+
+    def fetch_mime(self, mailbox: str, the_id: str) -> bytes:
+        try:
+            folder, validity, uid = parse_item_id(the_id)
+        except ValueError as exc:
+            raise ItemGone(str(exc)) from None
+
+        def work(conn: _Connection) -> bytes:
+            try:
+                current = self._select(conn, folder)
+            except IMAPClientError as exc:
+                if _connection_lost(exc):
+                    raise
+                raise ItemGone(f"{mailbox}: folder {folder!r} cannot be opened") from None
+            if current != validity:
+                raise ItemGone(f"{mailbox}: folder {folder!r} was recreated")
+            entry = conn.client.fetch([uid], ["BODY.PEEK[]"]).get(uid)
+            if entry is None or entry.get(b"BODY[]") is None:
+                raise ItemGone(f"{mailbox}: UID {uid} no longer in {folder!r}")
+            return bytes(entry[b"BODY[]"])
+
+        result: bytes = self._call(mailbox, work)
+        return result
+
+    def fetch_texts(self, mailbox: str, item_ids: Sequence[str]) -> list[str | None | ItemGone]:
+        return [None for _ in item_ids]  # IMAP has no "text this message added": the caller reads MIME
+
+    def relocate(self, mailbox: str, mail: NewMail) -> FetchedMessage | ItemGone:
+        """The gone ``mail`` wherever it is now (found by Message-ID in every selectable folder)."""
+        if not mail.message_id:
+            return ItemGone(f"{mailbox}: item {mail.item_id[:80]} is gone and has no Message-ID to look for")
+
+        def work(conn: _Connection) -> str | None:
+            folders = [str(name) for flags, _d, name in conn.client.list_folders() if b"\\Noselect" not in flags]
+            try:
+                start = folders.index(mail.folder)  # where it was first (a recreated folder), then the rest
+                folders.insert(0, folders.pop(start))
+            except ValueError:
+                pass
+            for folder in folders:
+                try:
+                    validity = self._select(conn, folder)
+                except IMAPClientError as exc:
+                    if _connection_lost(exc):
+                        raise
+                    continue
+                uids = conn.client.search(["HEADER", "Message-ID", mail.message_id])
+                if uids:
+                    return item_id(folder, validity, max(int(u) for u in uids))
+            return None
+
+        found = self._call(mailbox, work)
+        if found is None:
+            return ItemGone(f"{mailbox}: {mail.message_id} exists in no folder")
+        (fetched,) = self.fetch(mailbox, [found])
+        return fetched
+
+    def close(self) -> None:
+        with self._lock:
+            connections = list(self._connections.items())
+            self._connections.clear()
+        for mailbox, conn in connections:
+            session.close(conn.client)
+            self._budget.give_back(mailbox)
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """imaplib's abort (EOF, BYE, a socket error) rather than a NO/BAD about one command."""
+    return isinstance(exc, imapclient.IMAPClient.AbortError)

@@ -1,0 +1,120 @@
+"""Reading one folder's new mail from its cursor, without touching a flag.
+
+The folder is opened with EXAMINE (read-only: no ``\\Recent`` or ``\\Seen`` changes) and read
+with ``BODY.PEEK``. New mail is every UID after the cursor's (``UID SEARCH UID last+1:*``); its
+Message-ID and INTERNALDATE come in one ``UID FETCH`` per batch of UIDs. Mail the ledger says
+was processed is skipped; mail received before ``since`` (old mail a rep moved in) is not new.
+The rest goes out in jobs of up to ``MAX_MAILS_PER_JOB``; the cursor is stored after each batch
+is enqueued, never before (``cursor``'s docstring says why).
+
+Without a cursor (a folder read for the first time) or with another UIDVALIDITY (the folder was
+recreated), every UID received since ``since`` is read; the ledger keeps that from processing
+anything twice.
+
+An item id is ``UIDVALIDITY/UID/folder``: what a worker needs to fetch the mail, and stale (so
+the worker looks for the mail elsewhere) as soon as the folder's UIDs start over.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import imapclient
+
+from exchange_listener.mail.headers import header, mime_headers
+from exchange_listener.mail.message_ids import normalize
+from exchange_listener.sources.base import MAX_MAILS_PER_JOB, NewMail
+from exchange_listener.sources.imap.cursor import Cursor, CursorStore
+from exchange_listener.sources.ledger import Ledger, identity
+
+FETCH_BATCH = 500  # UIDs per UID FETCH: one round trip each, bounded memory
+MESSAGE_ID_ITEM = b"BODY[HEADER.FIELDS (MESSAGE-ID)]"
+SCAN_ITEMS = ["UID", "INTERNALDATE", "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"]
+
+
+def item_id(folder: str, uidvalidity: int, uid: int) -> str:
+    return f"{uidvalidity}/{uid}/{folder}"
+
+
+def parse_item_id(value: str) -> tuple[str, int, int]:
+    """(folder, UIDVALIDITY, UID) of an item id; ``ValueError`` for anything else."""
+    validity, uid, folder = value.split("/", 2)
+    if not validity.isdigit() or not uid.isdigit() or not folder:
+        raise ValueError(f"not an IMAP item id: {value[:80]!r}")
+    return folder, int(validity), int(uid)
+
+
+@dataclasses.dataclass(frozen=True)
+class Selected:
+    folder: str
+    uidvalidity: int
+    uidnext: int
+    exists: int
+
+
+def examine(client: imapclient.IMAPClient, folder: str) -> Selected:
+    """Open ``folder`` read-only (nothing we do then changes a flag)."""
+    info = client.select_folder(folder, readonly=True)
+    return Selected(folder, int(info.get(b"UIDVALIDITY", 0)), int(info.get(b"UIDNEXT", 0) or 0),
+                    int(info.get(b"EXISTS", 0) or 0))
+
+
+def received_at(value: Any) -> float:
+    """INTERNALDATE as epoch seconds (0.0 when absent)."""
+    if not isinstance(value, dt.datetime):
+        return 0.0
+    return (value if value.tzinfo else value.astimezone()).timestamp()
+
+
+def _message_id(raw: Any) -> str:
+    if not isinstance(raw, bytes | bytearray):
+        return ""
+    return normalize(header(mime_headers(bytes(raw)), "message-id")) or ""
+
+
+def scan(client: imapclient.IMAPClient, mailbox: str, selected: Selected, store: CursorStore, ledger: Ledger,
+         enqueue: Callable[[Sequence[NewMail]], None], *, since: float, via: str) -> int:
+    """Enqueue ``selected`` folder's new mail and advance its cursor; returns how many mails were
+    enqueued. ``enqueue`` raises when it cannot (Redis away): the cursor then stays put."""
+    folder = selected.folder
+    cursor = store.get(mailbox, folder)
+    fresh = cursor is None or cursor.uidvalidity != selected.uidvalidity
+    if fresh:
+        day = dt.datetime.fromtimestamp(max(since, 0.0), dt.UTC).date() - dt.timedelta(days=1)
+        uids = sorted(int(u) for u in client.search(["SINCE", day]))
+        last = 0
+    else:
+        assert cursor is not None
+        last = cursor.last_uid
+        uids = sorted(u for u in (int(x) for x in client.search(["UID", f"{last + 1}:*"])) if u > last)
+    enqueued = 0
+    for start in range(0, len(uids), FETCH_BATCH):
+        batch = uids[start:start + FETCH_BATCH]
+        data = client.fetch(batch, SCAN_ITEMS)
+        seen_at = time.time()
+        candidates = []
+        for uid in batch:
+            entry = data.get(uid)
+            if entry is None:
+                continue  # expunged between SEARCH and FETCH
+            message_id = _message_id(entry.get(MESSAGE_ID_ITEM))
+            received = received_at(entry.get(b"INTERNALDATE"))
+            if received and received < since:
+                continue
+            the_id = item_id(folder, selected.uidvalidity, uid)
+            candidates.append((identity(message_id, the_id), NewMail(
+                mailbox=mailbox, item_id=the_id, folder=folder, seen_at=seen_at, via=via,
+                message_id=message_id, received_at=received)))
+        done = ledger.processed(mailbox, [c[0] for c in candidates])
+        mails = [m for key, m in candidates if key not in done]
+        for first in range(0, len(mails), MAX_MAILS_PER_JOB):
+            enqueue(mails[first:first + MAX_MAILS_PER_JOB])
+        enqueued += len(mails)
+        last = max(last, batch[-1])
+        store.put(mailbox, folder, Cursor(selected.uidvalidity, last))  # only now: all up to it is enqueued
+    if fresh:  # mail below UIDNEXT that was not taken is older than ``since``: never read again
+        store.put(mailbox, folder, Cursor(selected.uidvalidity, max(last, selected.uidnext - 1, 0)))
+    return enqueued

@@ -1,0 +1,195 @@
+"""One IMAP connection logged in as a rep's mailbox, however the installation grants access.
+
+No password per rep: the service logs in *as* each rep with one credential —
+
+- ``master``: Dovecot's master user, ``LOGIN "rep@x*master" <master password>``;
+- ``plain``: SASL PLAIN with the rep as authorization id and the service account as
+  authentication id (Dovecot master users, Cyrus and Zimbra admins);
+- ``xoauth2-google``: XOAUTH2 with a token minted per rep from a Google service account with
+  domain-wide delegation (scope ``https://mail.google.com/``), cached until shortly before it
+  expires.
+
+Every connection a process opens counts against ``imap_max_connections_per_account`` for its
+mailbox (``Budget``): Gmail allows 15 per account, shared with the rep's own clients, and
+answers more with an error that names no limit; we refuse locally first, with a clear message.
+"""
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+import time
+from typing import Any
+
+import imapclient
+from imapclient.exceptions import IMAPClientError, LoginError
+
+from exchange_listener.core.config import Settings, scrub
+
+GOOGLE_SCOPE = "https://mail.google.com/"
+MASTER_SEPARATOR = "*"  # Dovecot's auth_master_user_separator as documented; the common choice
+TOKEN_MARGIN = 300.0  # a cached token is renewed this many seconds before it expires
+TIMEOUT = 30.0  # seconds for connect and for any one command's answer
+# what servers say when an account has too many connections (Gmail; Dovecot's mail_max_userip_connections)
+_LIMIT_WORDS = ("too many simultaneous connections", "maximum number of connections", "[limit]")
+
+
+class ImapError(Exception):
+    """The server could not be reached or answered in a way we cannot use; retry later."""
+
+
+class LoginRefused(ImapError):
+    """The server refused to log in as the rep (wrong credential, no such user, login disabled)."""
+
+
+class LimitReached(ImapError):
+    """The account has as many connections as it may have (ours or the server's limit)."""
+
+
+class Budget:
+    """Connections open per mailbox in this process, never more than ``limit``."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+
+    def take(self, mailbox: str) -> None:
+        with self._lock:
+            used = self._open.get(mailbox, 0)
+            if used >= self.limit:
+                raise LimitReached(f"{mailbox}: already {used} IMAP connections from this process "
+                                   f"(imap_max_connections_per_account = {self.limit})")
+            self._open[mailbox] = used + 1
+
+    def give_back(self, mailbox: str) -> None:
+        with self._lock:
+            left = self._open.get(mailbox, 0) - 1
+            if left > 0:
+                self._open[mailbox] = left
+            else:
+                self._open.pop(mailbox, None)
+
+    def used(self, mailbox: str) -> int:
+        with self._lock:
+            return self._open.get(mailbox, 0)
+
+
+class GoogleTokens:
+    """Access tokens per rep from a Google service account (domain-wide delegation), cached."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._credentials: dict[str, Any] = {}
+
+    def token(self, mailbox: str) -> str:
+        import google.auth.exceptions
+        import google.auth.transport.requests
+        from google.oauth2 import service_account
+
+        with self._lock:
+            creds = self._credentials.get(mailbox)
+            if creds is None:
+                try:
+                    creds = service_account.Credentials.from_service_account_file(
+                        self.settings.google_service_account_file, scopes=[GOOGLE_SCOPE], subject=mailbox)
+                except (OSError, ValueError, KeyError) as exc:
+                    raise LoginRefused(f"google_service_account_file cannot be used: {type(exc).__name__}: "
+                                       f"{_safe(str(exc), self.settings)}") from None
+                self._credentials[mailbox] = creds
+        expiry = creds.expiry.timestamp() if creds.expiry else 0.0  # naive UTC in google-auth
+        if creds.token and expiry and expiry - time.time() > TOKEN_MARGIN:
+            return str(creds.token)
+        try:
+            creds.refresh(google.auth.transport.requests.Request())
+        except google.auth.exceptions.RefreshError as exc:
+            raise LoginRefused(f"Google refused a token for {mailbox} (is the service account delegated "
+                               f"{GOOGLE_SCOPE} for this domain?): {_safe(str(exc), self.settings)}") from None
+        except google.auth.exceptions.TransportError as exc:
+            raise ImapError(f"Google's token endpoint unreachable: {_safe(str(exc), self.settings)}") from None
+        return str(creds.token)
+
+
+def _safe(text: str, settings: Settings) -> str:
+    return scrub(text, settings)[:300]
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=settings.ca_file or None)
+
+
+def describe(exc: BaseException, settings: Settings) -> str:
+    """One line for logs and job errors, secrets scrubbed."""
+    return _safe(f"{type(exc).__name__}: {exc}", settings)
+
+
+def connect(settings: Settings, mailbox: str, tokens: GoogleTokens | None = None,
+            timeout: float = TIMEOUT) -> imapclient.IMAPClient:
+    """A connection logged in as ``mailbox``. Raises ``LoginRefused``, ``LimitReached`` or
+    ``ImapError``; the caller owns the connection (``close`` it)."""
+    tls = settings.imap_security == "tls"
+    try:
+        client = imapclient.IMAPClient(settings.imap_host, port=settings.imap_port, ssl=tls,
+                                       ssl_context=ssl_context(settings) if tls else None, timeout=timeout)
+    except (OSError, IMAPClientError) as exc:
+        raise ImapError(f"cannot reach IMAP server {settings.imap_host}:{settings.imap_port}: "
+                        f"{describe(exc, settings)}") from None
+    try:
+        if settings.imap_security == "starttls":
+            client.starttls(ssl_context(settings))
+        _login(client, settings, mailbox, tokens)
+    except BaseException:
+        close(client)
+        raise
+    return client
+
+
+def _login(client: imapclient.IMAPClient, settings: Settings, mailbox: str, tokens: GoogleTokens | None) -> None:
+    how = settings.imap_auth
+    try:
+        if how == "master":
+            client.login(f"{mailbox}{MASTER_SEPARATOR}{settings.imap_username}", settings.imap_password)
+        elif how == "plain":
+            client.plain_login(settings.imap_username, settings.imap_password, authorization_identity=mailbox)
+        else:
+            token = (tokens or GoogleTokens(settings)).token(mailbox)
+            client.oauth2_login(mailbox, token)
+    except LoginError as exc:
+        text = str(exc)
+        if any(word in text.lower() for word in _LIMIT_WORDS):
+            raise LimitReached(f"{mailbox}: the IMAP server refuses more connections for this account: "
+                               f"{_safe(text, settings)}") from None
+        raise LoginRefused(f"the IMAP server refused to log in as {mailbox} ({how}): {_safe(text, settings)}") from None
+    except (OSError, IMAPClientError) as exc:
+        text = str(exc)
+        if any(word in text.lower() for word in _LIMIT_WORDS):
+            raise LimitReached(f"{mailbox}: the IMAP server refuses more connections for this account: "
+                               f"{_safe(text, settings)}") from None
+        raise ImapError(f"IMAP login as {mailbox} failed: {describe(exc, settings)}") from None
+
+
+def close(client: imapclient.IMAPClient) -> None:
+    """Log out if the server still listens; always release the socket. Never raises."""
+    with contextlib.suppress(Exception):
+        sock = client.socket()
+        sock.settimeout(2.0)
+        client.logout()
+    with contextlib.suppress(Exception):
+        client.shutdown()
+
+
+def interrupt(client: imapclient.IMAPClient) -> None:
+    """Break a thread blocked on ``client`` (in IDLE or a read) from another thread."""
+    with contextlib.suppress(Exception):
+        client.socket().shutdown(socket.SHUT_RDWR)
+
+
+def special_folder(client: imapclient.IMAPClient, name: str) -> str | None:
+    """The folder for ``name``: a special-use flag (``\\Junk``, ``\\Sent``; RFC 6154, also Gmail's
+    ``[Gmail]/Spam``) found by LIST, or a folder name as given."""
+    if not name.startswith("\\"):
+        return name
+    found = client.find_special_folder(name.encode("ascii"))
+    return str(found) if found else None
