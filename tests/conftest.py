@@ -13,6 +13,8 @@ import ews_schema  # tests/ews_schema.py (conftest.py's directory is on sys.path
 import pytest
 import redis
 
+from emulators.dovecot import Dovecot, find_dovecot
+from emulators.google_oauth import GoogleOAuth
 from emulators.services import (
     CliProcess,
     Emulator,
@@ -117,3 +119,51 @@ def listeners(redis_server, tmp_path):
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def google_oauth_process():
+    """One Google OAuth emulator (service-account token endpoint and introspection) per session."""
+    with GoogleOAuth() as server:
+        yield server
+
+
+@pytest.fixture
+def google_oauth(google_oauth_process):
+    """The session's Google OAuth emulator with no live tokens; started again if a test stopped it."""
+    if google_oauth_process.proc.poll() is not None:
+        google_oauth_process.start()
+    google_oauth_process.revoke()
+    return google_oauth_process
+
+
+def _new_dovecot(root, introspection_url: str) -> Dovecot:
+    if find_dovecot() is None:
+        pytest.fail("dovecot is not installed: the IMAP tests run a real Dovecot "
+                    "(Debian/Ubuntu: apt-get install dovecot-imapd; .ci/run installs it)", pytrace=False)
+    return Dovecot(root, oauth2_introspection_url=introspection_url)
+
+
+@pytest.fixture(scope="module")
+def dovecot_process(tmp_path_factory, google_oauth_process):
+    """One real Dovecot per test module, its XOAUTH2 tokens checked by the session's Google OAuth
+    emulator. Tests add their own users (``dovecot.add_user``)."""
+    server = _new_dovecot(tmp_path_factory.mktemp("dovecot"), google_oauth_process.introspection_url)
+    with server:
+        yield server
+
+
+@pytest.fixture
+def dovecot(dovecot_process):
+    """The module's Dovecot, started again if a test stopped or killed it."""
+    if not dovecot_process.alive():
+        dovecot_process.start()
+    return dovecot_process
+
+
+@pytest.fixture
+def fresh_dovecot(tmp_path, google_oauth_process):
+    """A Dovecot of the test's own (for tests that crash it or need an empty server)."""
+    server = _new_dovecot(tmp_path / "dovecot", google_oauth_process.introspection_url)
+    with server:
+        yield server
