@@ -137,6 +137,7 @@ FIELDS: tuple[Field, ...] = (
     Field("imap_folders", str, "INBOX,\\Junk", "Folders watched per mailbox, comma-separated: names, or special-use flags such as \\Junk (found by LIST); one IDLE connection each."),
     Field("google_service_account_file", str, "", "Google service account JSON key with domain-wide delegation for https://mail.google.com/ (imap_auth = xoauth2-google; its content is a secret; never logged)."),
     Field("imap_max_connections_per_account", int, 10, "IMAP connections one process opens per mailbox at most (Gmail allows 15 per account, shared by every client of the rep).", _between(1, 100)),
+    Field("imap_timeout_seconds", float, 30.0, "Seconds an IMAP connect, login or command (the answer to DONE included) may take; a connection that stays silent longer is dropped and made anew.", _between(0.5, 600)),
     Field("imap_idle_seconds", float, 300.0, "An IDLE is ended and re-issued this often (RFC 2177 allows 29 minutes; NATs and servers drop quiet connections sooner).", _between(1, 1740)),
     Field("queue_name", str, "exchange-listener", "RQ queue the listener fills and workers drain."),
     Field("group_size", int, 200, "Mailboxes per GetStreamingEvents connection (Exchange allows at most 200).", _between(1, 200)),

@@ -78,6 +78,7 @@ class FolderWatch(threading.Thread):
         self.error: tuple[float, str] | None = None  # (failing since, what)
         self.last_activity = 0.0
         self._rescan = threading.Event()
+        self._watchdog = min(WATCHDOG_SECONDS, self.settings.imap_idle_seconds)
         self._client: imapclient.IMAPClient | None = None
         self._client_lock = threading.Lock()
         self.log = logs.get_logger(mailbox=mailbox, folder=folder, source="imap")
@@ -169,7 +170,7 @@ class FolderWatch(threading.Thread):
         try:
             while not self.stopping.is_set() and not self._rescan.is_set():
                 now = time.monotonic()
-                if now - started >= self.settings.imap_idle_seconds or now - heard >= WATCHDOG_SECONDS:
+                if now - started >= self.settings.imap_idle_seconds or now - heard >= self._watchdog:
                     break
                 asked = time.monotonic()
                 responses = client.idle_check(timeout=IDLE_TICK)

@@ -30,7 +30,6 @@ from exchange_listener.core.config import Settings, scrub
 GOOGLE_SCOPE = "https://mail.google.com/"
 MASTER_SEPARATOR = "*"  # Dovecot's auth_master_user_separator as documented; the common choice
 TOKEN_MARGIN = 300.0  # a cached token is renewed this many seconds before it expires
-TIMEOUT = 30.0  # seconds for connect and for any one command's answer
 # what servers say when an account has too many connections (Gmail; Dovecot's mail_max_userip_connections)
 _LIMIT_WORDS = ("too many simultaneous connections", "maximum number of connections", "[limit]")
 
@@ -125,14 +124,14 @@ def describe(exc: BaseException, settings: Settings) -> str:
     return _safe(f"{type(exc).__name__}: {exc}", settings)
 
 
-def connect(settings: Settings, mailbox: str, tokens: GoogleTokens | None = None,
-            timeout: float = TIMEOUT) -> imapclient.IMAPClient:
+def connect(settings: Settings, mailbox: str, tokens: GoogleTokens | None = None) -> imapclient.IMAPClient:
     """A connection logged in as ``mailbox``. Raises ``LoginRefused``, ``LimitReached`` or
     ``ImapError``; the caller owns the connection (``close`` it)."""
     tls = settings.imap_security == "tls"
     try:
         client = imapclient.IMAPClient(settings.imap_host, port=settings.imap_port, ssl=tls,
-                                       ssl_context=ssl_context(settings) if tls else None, timeout=timeout)
+                                       ssl_context=ssl_context(settings) if tls else None,
+                                       timeout=settings.imap_timeout_seconds)
     except (OSError, IMAPClientError) as exc:
         raise ImapError(f"cannot reach IMAP server {settings.imap_host}:{settings.imap_port}: "
                         f"{describe(exc, settings)}") from None
