@@ -31,7 +31,8 @@ GOOGLE_SCOPE = "https://mail.google.com/"
 MASTER_SEPARATOR = "*"  # Dovecot's auth_master_user_separator as documented; the common choice
 TOKEN_MARGIN = 300.0  # a cached token is renewed this many seconds before it expires
 # what servers say when an account has too many connections (Gmail; Dovecot's mail_max_userip_connections)
-_LIMIT_WORDS = ("too many simultaneous connections", "maximum number of connections", "[limit]")
+_LIMIT_WORDS = ("too many simultaneous connections", "maximum number of connections", "[limit]",
+                "exceeded command or bandwidth limits")  # Gmail's daily bandwidth limit
 
 
 class ImapError(Exception):
