@@ -13,6 +13,8 @@ import functools
 import imaplib
 import json
 import os
+import subprocess
+import sys
 
 import mail_samples as mail
 import pytest
@@ -206,6 +208,11 @@ def test_a_mailbox_that_refuses_login_is_reported_and_disturbs_no_other(system):
     assert {f["mailbox"] for f in failing} == {OTHER}
     assert all("refused" in f["error"] for f in failing), failing
     assert all(system.dovecot.master_password not in f["error"] for f in failing)
+
+    shown = subprocess.run([sys.executable, "-m", "exchange_listener.cli", "status"], env=system.env(),
+                           capture_output=True, text=True, timeout=30, check=False).stdout
+    assert "IMAP: 2/4 folders in IDLE" in shown, shown
+    assert f"{OTHER} INBOX: the IMAP server refused to log in as {OTHER}" in shown, shown
 
     system.reply("e-rep")
     system.reply("e-other", mailbox=OTHER)  # waits on the server until OTHER can log in again

@@ -65,8 +65,11 @@ def render(snap: dict, found: list[str]) -> str:
         rows = [["LISTENER", "SOURCE", "MAILBOXES", "HEARTBEAT",
                  "GROUPS (mailboxes, connected, last activity) / GRAPH (mode, subscriptions, last notification)"]]
         for item in listeners:
-            graph = item.get("graph")
-            if graph is not None:
+            graph, imap = item.get("graph"), item.get("imap")
+            if imap is not None:
+                detail = (f"IMAP: {imap['connected']}/{imap['folders']} folders in IDLE, "
+                          f"last new mail {_age(imap['last_activity_age_s'])}")
+            elif graph is not None:
                 detail = (f"{graph['mode']}, {graph['subscriptions']} subscriptions, "
                           f"last notification {_age(graph['last_notification_age_s'])}")
             else:
@@ -90,8 +93,11 @@ def render(snap: dict, found: list[str]) -> str:
     mb = snap["mailboxes"]
     failing = [(item["id"], f) for item in listeners for g in item["groups"] for f in g["failing"]]
     failing += [(item["id"], f) for item in listeners for f in item.get("graph", {}).get("failing", ())]
+    failing += [(item["id"], {**f, "mailbox": f"{f['mailbox']} {f['folder']}"})
+                for item in listeners for f in item.get("imap", {}).get("failing", ())]
     failing_total = (sum(g["failing_count"] for item in listeners for g in item["groups"])
-                     + sum(item.get("graph", {}).get("failing_count", 0) for item in listeners))
+                     + sum(item.get("graph", {}).get("failing_count", 0) for item in listeners)
+                     + sum(item.get("imap", {}).get("failing_count", 0) for item in listeners))
     lines.append("")
     lines.append(f"Mailboxes: {mb['watched']} watched, {mb['held']} held, {len(mb['unowned'])} unowned, "
                  f"{failing_total} failing to subscribe")
