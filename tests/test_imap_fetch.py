@@ -15,6 +15,7 @@ from exchange_listener.sources.imap import session
 from exchange_listener.sources.imap.cursor import Cursor, CursorStore
 from exchange_listener.sources.imap.fetch import ImapFetcher
 from exchange_listener.sources.imap.scan import examine, item_id, parse_item_id, scan
+from exchange_listener.sources.imap.session import Budget
 from exchange_listener.sources.ledger import Ledger
 
 REP = "reader@ours.example"
@@ -123,3 +124,24 @@ def test_the_fetcher_reads_headers_follows_moves_and_knows_the_reps_own_mail(dov
         assert isinstance(nowhere, ItemGone)
     finally:
         fetcher.close()
+
+
+def test_the_connection_budget_holds_across_processes_and_frees_a_crashed_holders_slots(redis_client):
+    """Two processes' budgets over one Redis (a listener and a worker): never more than the limit
+    together; a slot given back is free at once; one whose holder died lapses after its TTL."""
+    listener, worker = Budget(3, redis_client, ttl=1.0), Budget(3, redis_client, ttl=1.0)
+    slots = [listener.take(REP), listener.take(REP), worker.take(REP)]
+    with pytest.raises(session.LimitReached, match="every listener and worker together"):
+        worker.take(REP)
+    worker.give_back(REP, slots.pop())
+    slots.append(worker.take(REP))
+    assert listener.renew(REP, slots[0])
+    alone = Budget(1)  # without Redis: this process's own count still holds
+    alone.take(REP)
+    with pytest.raises(session.LimitReached, match="from this process"):
+        alone.take(REP)
+    time.sleep(1.2)  # nobody renewed: every slot lapsed (as when the holders were killed)
+    fresh = Budget(3, redis_client, ttl=1.0)
+    assert len({fresh.take(REP) for _ in range(3)}) == 3
+    assert not listener.renew(REP, slots[0])  # a lapsed slot whose room was taken is not given back
+

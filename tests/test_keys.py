@@ -40,6 +40,7 @@ SCRIPTS = ROOT / "exchange_listener" / "core" / "scripts"
 MAILBOX = "rep@ours.example"
 PROSPECT = "pat@prospect.example"
 ONLINE = "rep@online.example"  # a mailbox on Exchange Online, watched through Graph
+IMAP_MAILBOX = "rep@imap.example"  # a mailbox on an IMAP server (a real Dovecot)
 wait_for = functools.partial(wait_for, timeout=60.0, interval=0.1)
 
 
@@ -122,10 +123,14 @@ def graph():
 
 @pytest.mark.slow
 def test_a_realistic_run_leaves_only_declared_keys_of_the_declared_type(redis_server, redis_client, emulator, graph,
-                                                                        tmp_path):
+                                                                        dovecot, tmp_path):
     graph_settings = {k: v for k, v in graph.settings_env().items() if k != "EXCHANGE_LISTENER_SOURCE"}
+    imap_settings = {"EXCHANGE_LISTENER_IMAP_HOST": dovecot.host, "EXCHANGE_LISTENER_IMAP_PORT": str(dovecot.port),
+                     "EXCHANGE_LISTENER_IMAP_SECURITY": "none", "EXCHANGE_LISTENER_IMAP_USERNAME": dovecot.master_user,
+                     "EXCHANGE_LISTENER_IMAP_PASSWORD": dovecot.master_password}
+    dovecot.add_user(IMAP_MAILBOX)
     env = {**service_env(redis_server.url, emulator.ews_url, heartbeat_seconds=1, lease_seconds=3, listener_id="l1"),
-           **graph_settings}  # the workers fetch both sources' mail
+           **graph_settings, **imap_settings}  # the workers fetch every source's mail
     port = free_port()
     graph_env = {**env, "EXCHANGE_LISTENER_SOURCE": "graph", "EXCHANGE_LISTENER_LISTENER_ID": "g1",
                  "EXCHANGE_LISTENER_NOTIFICATION_URL": f"http://127.0.0.1:{port}/graph/notify",
@@ -138,6 +143,9 @@ def test_a_realistic_run_leaves_only_declared_keys_of_the_declared_type(redis_se
         mailboxes.add(redis_client, [MAILBOX])
         mailboxes.add(redis_client, [ONLINE], source="graph")
         procs.append(CliProcess(["listen"], graph_env, tmp_path / "graph-listener.log"))
+        mailboxes.add(redis_client, [IMAP_MAILBOX], source="imap")
+        procs.append(CliProcess(["listen"], {**env, "EXCHANGE_LISTENER_SOURCE": "imap",
+                                             "EXCHANGE_LISTENER_LISTENER_ID": "i1"}, tmp_path / "imap-listener.log"))
         worker = CliProcess(["work", "--name", "keys-worker"], env, tmp_path / "worker.log")
         procs.append(worker)
         wait_for(lambda: streaming(redis_client), message="the mailbox streaming")
@@ -165,6 +173,12 @@ def test_a_realistic_run_leaves_only_declared_keys_of_the_declared_type(redis_se
         graph.fault(kind="reauthorization_required")
         wait_for(lambda: (store.get("e-online") or {}).get("status") == "stopped"
                  and redis_client.xlen(keys.GRAPH_LIFECYCLE) >= 1, message="the Graph reply and a lifecycle event")
+        # the IMAP side: a reply read from the folder's cursor, its connections holding slots
+        by_imap = mail.new_id("ours.example")
+        sends.record([by_imap], "e-imap", "seq-1", IMAP_MAILBOX, to=[PROSPECT])
+        dovecot.append(IMAP_MAILBOX, mail.reply(sender=PROSPECT, to=IMAP_MAILBOX, in_reply_to=by_imap,
+                                                references=by_imap))
+        wait_for(lambda: (store.get("e-imap") or {}).get("status") == "stopped", message="the IMAP reply")
         emulator.move(reply["item_id"], "Customers/Acme")  # the listener records the move
         wait_for(lambda: any(redis_client.scan_iter(keys.moved(MAILBOX, "*"))), message="the move recorded")
         wait_for(lambda: redis_client.zcard(keys.OUTBOX) == 0, message="the worker drained the outbox")

@@ -25,6 +25,9 @@ el:graph:lifecycle               stream  sources.graph.receiver -> listener.grap
 el:graph:subscription:{mailbox}  hash    sources.graph.subscriptions -> health; no TTL (``mailboxes remove``)
 el:graph:delta:{mailbox}         hash    sources.graph.delta -> health; no TTL (``mailboxes remove``)
 el:graph:folders:{mailbox}       hash    sources.graph.delta; no TTL (``mailboxes remove``)
+el:imap:cursor:{mailbox}         hash    sources.imap.cursor -> operators; no TTL (``mailboxes remove``)
+el:imap:slots:{mailbox}          zset    sources.imap.session (listeners and workers); the slot TTL, renewed
+                                         while a connection is open (members: one per open IMAP connection)
 el:done:{mailbox}                zset    sources.ledger (in workers) -> sources.ews.catch_up; processed_days
 el:moved:{mailbox}:{item hash}   string  sources.ledger (in the listener) -> sources.ews.fetch; processed_days
 el:first_received:{mail hash}    string  workers.jobs; retention_days if the mail matched, else a day; only extended
@@ -109,6 +112,11 @@ def graph_folders(mailbox: str) -> str:
 def imap_cursor(mailbox: str) -> str:
     """Hash: folder name -> "UIDVALIDITY:last UID" (``sources.imap.cursor``)."""
     return f"el:imap:cursor:{mailbox.lower()}"
+
+
+def imap_slots(mailbox: str) -> str:
+    """Zset: one member per open IMAP connection to the mailbox, scored by when its slot lapses."""
+    return f"el:imap:slots:{mailbox.lower()}"
 
 
 # -- the ledger (exchange_listener.sources.ledger) ---------------------------------------------
@@ -205,6 +213,8 @@ KEYSPACE: tuple[Key, ...] = (
     Key(GRAPH_LIFECYCLE, "stream", "exchange_listener.sources.graph.receiver"),
     Key(graph_delta("*"), "hash", "exchange_listener.sources.graph.delta"),
     Key(graph_folders("*"), "hash", "exchange_listener.sources.graph.delta"),
+    Key(imap_cursor("*"), "hash", "exchange_listener.sources.imap.cursor"),
+    Key(imap_slots("*"), "zset", "exchange_listener.sources.imap.session"),
     Key(done("*"), "zset", "exchange_listener.sources.ledger"),
     Key(moved("*", "*"), "string", "exchange_listener.sources.ledger"),
     Key(first_received("*"), "string", "workers.jobs"),

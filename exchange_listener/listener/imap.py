@@ -44,6 +44,7 @@ from exchange_listener.sources.imap import session
 from exchange_listener.sources.imap.cursor import CursorStore
 from exchange_listener.sources.imap.scan import Selected, examine, scan
 from exchange_listener.sources.imap.session import (
+    SLOT_TTL,
     Budget,
     GoogleTokens,
     ImapError,
@@ -81,6 +82,8 @@ class FolderWatch(threading.Thread):
         self._watchdog = min(WATCHDOG_SECONDS, self.settings.imap_idle_seconds)
         self._client: imapclient.IMAPClient | None = None
         self._client_lock = threading.Lock()
+        self._slot: str | None = None  # our connection's slot in the mailbox's budget
+        self._slot_renewed = 0.0
         self.log = logs.get_logger(mailbox=mailbox, folder=folder, source="imap")
 
     # -- control from the listener ----------------------------------------------------------
@@ -125,15 +128,28 @@ class FolderWatch(threading.Thread):
             client, self._client = self._client, None
         if client is not None:
             session.close(client)
-            self.listener.budget.give_back(self.mailbox)
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            self.listener.budget.give_back(self.mailbox, slot)
+
+    def _keep_slot(self) -> None:
+        """Renew our connection slot every third of its life; a lapsed slot someone else took
+        ends the connection (the budget is full: we wait for room like any new connection)."""
+        if self._slot is None or time.monotonic() - self._slot_renewed < SLOT_TTL / 3:
+            return
+        try:
+            kept = self.listener.budget.renew(self.mailbox, self._slot)
+        except REDIS_ERRORS:
+            return  # Redis away: nothing else can take the slot meanwhile either
+        self._slot_renewed = time.monotonic()
+        if not kept:
+            raise LimitReached(f"{self.mailbox}: our connection slot lapsed and every slot is taken "
+                               "(imap_max_connections_per_account)")
 
     def _session(self, backoff: Backoff) -> None:
-        self.listener.budget.take(self.mailbox)
-        try:
-            client = session.connect(self.settings, self.mailbox, self.listener.tokens)
-        except BaseException:
-            self.listener.budget.give_back(self.mailbox)
-            raise
+        self._slot = self.listener.budget.take(self.mailbox)
+        self._slot_renewed = time.monotonic()
+        client = session.connect(self.settings, self.mailbox, self.listener.tokens)
         with self._client_lock:
             self._client = client
             if self.stopping.is_set():
@@ -172,6 +188,7 @@ class FolderWatch(threading.Thread):
                 now = time.monotonic()
                 if now - started >= self.settings.imap_idle_seconds or now - heard >= self._watchdog:
                     break
+                self._keep_slot()
                 asked = time.monotonic()
                 responses = client.idle_check(timeout=IDLE_TICK)
                 if responses:
@@ -201,6 +218,7 @@ class FolderWatch(threading.Thread):
             responses = client.noop()[1]
             if any(_is_new(r) for r in responses):
                 return True
+            self._keep_slot()
             self.stopping.wait(IDLE_TICK)
         return False
 
@@ -243,7 +261,7 @@ class ImapListener(BaseListener):
         super().__init__(settings)
         self.cursors = CursorStore(self.conn)
         self.tokens = GoogleTokens(settings) if settings.imap_auth == "xoauth2-google" else None
-        self.budget = Budget(settings.imap_max_connections_per_account)
+        self.budget = Budget(settings.imap_max_connections_per_account, self.conn)
         self.folders = folder_list(settings.imap_folders)
         self._watches: dict[str, list[FolderWatch]] = {}
         self._lock = threading.Lock()

@@ -1,8 +1,9 @@
 """Workers read IMAP mail: the headers of a job's mails in one ``UID FETCH`` per folder.
 
 A worker keeps one logged-in connection per mailbox it recently served (at most
-``CACHED_MAILBOXES``; the least recently used is logged out), so a job costs a SELECT and a
-FETCH, not a login. Everything is read with EXAMINE and ``BODY.PEEK``: a worker never marks a
+``CACHED_MAILBOXES``; the least recently used is logged out, and one unused for half a slot's
+life), so a job costs an EXAMINE and a FETCH, not a login. Each counts in the mailbox's
+connection budget shared with the listeners (``session.Budget``). Everything is read with EXAMINE and ``BODY.PEEK``: a worker never marks a
 rep's mail as read.
 
 An item whose UID is gone (moved, deleted, the folder's UIDVALIDITY changed) is looked for by
@@ -14,12 +15,14 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import imapclient
 from imapclient.exceptions import IMAPClientError
 
+from exchange_listener.core import redis_conn
 from exchange_listener.core.config import Settings
 from exchange_listener.mail.headers import addresses, header, mime_headers
 from exchange_listener.sources.base import FetchedMessage, ItemGone, NewMail
@@ -30,7 +33,13 @@ from exchange_listener.sources.imap.scan import (
     parse_item_id,
     received_at,
 )
-from exchange_listener.sources.imap.session import Budget, GoogleTokens, ImapError
+from exchange_listener.sources.imap.session import (
+    REDIS_ERRORS,
+    SLOT_TTL,
+    Budget,
+    GoogleTokens,
+    ImapError,
+)
 
 CACHED_MAILBOXES = 16  # logged-in connections a worker keeps (one per mailbox)
 HEADER_ITEMS = ["UID", "INTERNALDATE", "BODY.PEEK[HEADER]"]
@@ -46,8 +55,10 @@ class ImapNotConfigured(FetchError):
 
 
 class _Connection:
-    def __init__(self, client: imapclient.IMAPClient):
+    def __init__(self, client: imapclient.IMAPClient, slot: str):
         self.client = client
+        self.slot = slot  # its place in the mailbox's connection budget
+        self.renewed = self.used = time.monotonic()
         self.selected: tuple[str, int] | None = None  # (folder, UIDVALIDITY)
         self.own_folders: set[str] | None = None
         self.lock = threading.Lock()
@@ -75,26 +86,41 @@ class ImapFetcher:
         self.settings = settings
         self._connections: collections.OrderedDict[str, _Connection] = collections.OrderedDict()
         self._lock = threading.Lock()
-        self._budget = Budget(settings.imap_max_connections_per_account)
+        self._budget: Budget | None = None  # made with its Redis connection on first use
         self._tokens = GoogleTokens(settings) if settings.imap_auth == "xoauth2-google" else None
+
+    def _slots(self) -> Budget:
+        if self._budget is None:
+            self._budget = Budget(self.settings.imap_max_connections_per_account,
+                                  redis_conn.connect(self.settings.redis_url))
+        return self._budget
 
     # -- connections ----------------------------------------------------------------------------
     def _connection(self, mailbox: str) -> _Connection:
         if not self.settings.imap_host:
             raise ImapNotConfigured("an IMAP job reached a worker without imap_host (and its credentials) set")
+        now = time.monotonic()
         with self._lock:
+            # idle ones would soon hold a lapsed slot: another process may have the room by then
+            stale = [(m, c) for m, c in self._connections.items() if now - c.used > SLOT_TTL / 2]
             conn = self._connections.get(mailbox)
-            if conn is not None:
-                self._connections.move_to_end(mailbox)
+        for old_mailbox, old in stale:
+            self._discard(old_mailbox, old)
+        if conn is not None and now - conn.used <= SLOT_TTL / 2:
+            if now - conn.renewed < SLOT_TTL / 3 or self._slots().renew(mailbox, conn.slot):
+                conn.renewed = conn.used = now
+                with self._lock:
+                    self._connections.move_to_end(mailbox)
                 return conn
-        self._budget.take(mailbox)
+            self._discard(mailbox, conn)  # its slot lapsed and was taken: queue up like anyone
+        slot = self._slots().take(mailbox)
         try:
             client = session.connect(self.settings, mailbox, self._tokens)
         except BaseException:
-            self._budget.give_back(mailbox)
+            self._slots().give_back(mailbox, slot)
             raise
         client.normalise_times = False
-        conn = _Connection(client)
+        conn = _Connection(client, slot)
         evicted = []
         with self._lock:
             self._connections[mailbox] = conn
@@ -109,7 +135,7 @@ class ImapFetcher:
             if self._connections.get(mailbox) is conn:
                 del self._connections[mailbox]
         session.close(conn.client)
-        self._budget.give_back(mailbox)
+        self._slots().give_back(mailbox, conn.slot)
 
     def _call(self, mailbox: str, work: Any) -> Any:
         """``work(conn)`` on the mailbox's connection; a broken connection is made anew once."""
@@ -118,6 +144,8 @@ class ImapFetcher:
                 conn = self._connection(mailbox)
             except ImapError as exc:
                 raise FetchError(str(exc)) from None
+            except REDIS_ERRORS as exc:  # the connection budget lives in Redis
+                raise FetchError(f"Redis unreachable for the IMAP connection budget: {exc}") from None
             try:
                 with conn.lock:
                     return work(conn)
@@ -243,7 +271,8 @@ class ImapFetcher:
             self._connections.clear()
         for mailbox, conn in connections:
             session.close(conn.client)
-            self._budget.give_back(mailbox)
+            if self._budget is not None:
+                self._budget.give_back(mailbox, conn.slot)
 
 
 def _connection_lost(exc: BaseException) -> bool:

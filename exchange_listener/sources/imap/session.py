@@ -9,13 +9,16 @@ No password per rep: the service logs in *as* each rep with one credential —
   domain-wide delegation (scope ``https://mail.google.com/``), cached until shortly before it
   expires.
 
-Every connection a process opens counts against ``imap_max_connections_per_account`` for its
-mailbox (``Budget``): Gmail allows 15 per account, shared with the rep's own clients, and
-answers more with an error that names no limit; we refuse locally first, with a clear message.
+Every connection a listener or worker opens counts against ``imap_max_connections_per_account``
+for its mailbox, across all processes (``Budget``, slots in Redis): Gmail allows 15 per account,
+shared with the rep's own clients, and answers more with a terse error; we refuse first, with a
+clear message.
 """
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
 import socket
 import ssl
 import threading
@@ -23,13 +26,19 @@ import time
 from typing import Any
 
 import imapclient
+import redis
 from imapclient.exceptions import IMAPClientError, LoginError
 
+from exchange_listener.core import keys
 from exchange_listener.core.config import Settings, scrub
+from exchange_listener.core.lua import Script
 
 GOOGLE_SCOPE = "https://mail.google.com/"
 MASTER_SEPARATOR = "*"  # Dovecot's auth_master_user_separator as documented; the common choice
 TOKEN_MARGIN = 300.0  # a cached token is renewed this many seconds before it expires
+SLOT_TTL = 60.0  # seconds a connection slot lives unless renewed; holders renew it every third of that
+REDIS_ERRORS = (redis.exceptions.RedisError, OSError)
+_SLOT = Script("imap_slot")
 # what servers say when an account has too many connections (Gmail; Dovecot's mail_max_userip_connections)
 _LIMIT_WORDS = ("too many simultaneous connections", "maximum number of connections", "[limit]",
                 "exceeded command or bandwidth limits")  # Gmail's daily bandwidth limit
@@ -48,22 +57,50 @@ class LimitReached(ImapError):
 
 
 class Budget:
-    """Connections open per mailbox in this process, never more than ``limit``."""
+    """Connections open per mailbox, never more than ``limit``: counted in this process, and, with
+    Redis, across every process (listeners and workers alike) by a slot per connection in
+    ``el:imap:slots:<mailbox>`` that lapses ``SLOT_TTL`` seconds after its holder last renewed it
+    (a crashed process's slots free themselves)."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, conn: redis.Redis | None = None, ttl: float = SLOT_TTL):
         self.limit = limit
+        self.conn = conn
+        self.ttl = ttl
         self._lock = threading.Lock()
         self._open: dict[str, int] = {}
 
-    def take(self, mailbox: str) -> None:
+    def take(self, mailbox: str) -> str:
+        """A token for one more connection to ``mailbox``; ``LimitReached`` when there is no room."""
         with self._lock:
             used = self._open.get(mailbox, 0)
             if used >= self.limit:
                 raise LimitReached(f"{mailbox}: already {used} IMAP connections from this process "
                                    f"(imap_max_connections_per_account = {self.limit})")
             self._open[mailbox] = used + 1
+        token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(6)}"
+        try:
+            if not self.renew(mailbox, token):
+                raise LimitReached(f"{mailbox}: {self.limit} IMAP connections are open already, from every "
+                                   "listener and worker together (imap_max_connections_per_account)")
+        except BaseException:
+            self._count_down(mailbox)
+            raise
+        return token
 
-    def give_back(self, mailbox: str) -> None:
+    def renew(self, mailbox: str, token: str) -> bool:
+        """Keep ``token``'s slot another ``ttl``; False when it lapsed and every slot is taken."""
+        if self.conn is None:
+            return True
+        return bool(_SLOT(self.conn, slots=keys.imap_slots(mailbox), token=token, ttl_ms=int(self.ttl * 1000),
+                          limit=self.limit))
+
+    def give_back(self, mailbox: str, token: str) -> None:
+        self._count_down(mailbox)
+        if self.conn is not None:
+            with contextlib.suppress(*REDIS_ERRORS):  # the slot lapses on its own
+                self.conn.zrem(keys.imap_slots(mailbox), token)
+
+    def _count_down(self, mailbox: str) -> None:
         with self._lock:
             left = self._open.get(mailbox, 0) - 1
             if left > 0:
