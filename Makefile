@@ -54,7 +54,7 @@ lint: $(VENV)/.installed ## ruff, mypy and lint-imports
 	$(BIN)/lint-imports || status=1; \
 	exit $$status
 
-demo: $(VENV)/.installed ## emulator + Redis + listener + workers under supervisord; play replies; print the table (SOURCE=ews|graph)
+demo: $(VENV)/.installed ## emulator + Redis + listener + workers under supervisord; play replies; print the table (SOURCE=ews|graph|imap)
 	$(BIN)/python tools/demo.py --source $(SOURCE)
 
 config-check: $(VENV)/.installed

@@ -1,8 +1,10 @@
 """``make demo``: the whole product on one machine, under supervisord, in well under a minute.
 
-Starts Redis, the EWS emulator (``--source ews``, the default) or the Microsoft Graph emulator
+Starts Redis, the EWS emulator (``--source ews``, the default), the Microsoft Graph emulator
 (``--source graph``: Exchange Online, its listener's notification receiver the emulator POSTs
-to), a listener and two workers with the shipped supervisord configuration
+to) or a real Dovecot (``--source imap``: the IMAP source's IDLE connections; the demo runs the
+mail server itself, as the world would, not under supervisord), a listener and two workers with
+the shipped supervisord configuration
 (deploy/demo/supervisord.conf), records one send per enrollment, delivers a reply of every kind
 to the rep's mailbox, and prints what happened to each enrollment and how long it took from
 delivery. The Salesforce emulator runs too, with a Contact or Lead per
@@ -16,6 +18,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +27,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
@@ -33,6 +38,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
+from emulators.dovecot import Dovecot, find_dovecot
 from emulators.services import (
     free_port,
     redis_server_binary,
@@ -42,6 +48,12 @@ from emulators.services import (
 from exchange_listener import health
 from exchange_listener.core import keys, redis_conn
 from exchange_listener.queueing import make_queue
+from exchange_listener.sources.imap.scan import item_id as imap_item_id
+
+if TYPE_CHECKING:
+    import redis
+
+    from workers.state.enrollments import EnrollmentStore
 
 CONF = ROOT / "deploy" / "demo" / "supervisord.conf"
 QUEUE = "exchange-listener"
@@ -52,7 +64,14 @@ GRAPH_TENANT = "northwind-tenant"
 GRAPH_CLIENT_ID = "demo-graph-app"
 GRAPH_CLIENT_SECRET = "demo-graph-secret"
 SOURCES = {"ews": "the EWS emulator (Exchange on-premises, streaming notifications)",
-           "graph": "the Microsoft Graph emulator (Exchange Online, change notifications + delta)"}
+           "graph": "the Microsoft Graph emulator (Exchange Online, change notifications + delta)",
+           "imap": "a real Dovecot (IMAP IDLE on INBOX and the \\Junk folder, master-user login)"}
+# Dovecot's master user the IMAP listener and workers log in as (``rep*master``): the demo's only
+IMAP_MASTER_USER = "master"
+IMAP_MASTER_PASSWORD = "demo-master-secret"
+DOVECOT_MISSING = ("--source imap runs a real Dovecot 2.3, which is not installed: "
+                   "apt-get install dovecot-imapd (Debian/Ubuntu; the demo starts its own server, "
+                   "no system one is needed)")
 
 
 class Stop(Exception):
@@ -84,6 +103,10 @@ class Demo:
         self.graph_port = free_port()  # Graph (http) and its token host (https, CA in graph_ca)
         self.graph_token_port = free_port()
         self.notification_port = free_port()  # the Graph listener's receiver the emulator POSTs to
+        self.imap_port = free_port()
+        self.dovecot: Dovecot | None = None  # --source imap: started and stopped by the demo itself
+        self.dovecot_pid_file = workdir / "dovecot.pid"
+        self.inbox_uidvalidity = 0  # the item ids of what the demo APPENDs name it
         self.graph_ca = workdir / "graph-ca.pem"
         self.salesforce_key = workdir / "salesforce.key"
         self.salesforce_cert = workdir / "salesforce.crt"
@@ -122,6 +145,7 @@ class Demo:
             "# the demo's Redis keeps nothing on disk (deploy/demo/supervisord.conf): fine for a demo only\n"
             "allow_volatile_redis = true\n"
             + (self._graph_settings() if self.source == "graph" else
+               self._imap_settings() if self.source == "imap" else
                f'ews_url = "http://127.0.0.1:{self.emulator_port}/EWS/Exchange.asmx"\n'
                'auth_type = "basic"\news_username = "svc"\news_password = "svc-password"\n')
             + "heartbeat_seconds = 5.0\nlease_seconds = 10.0\nworker_ttl = 15\n"
@@ -144,7 +168,7 @@ class Demo:
             "EL_SALESFORCE_CERT": str(self.salesforce_cert),
             # supervisord expands every %(ENV_X)s of its file, also the programs it does not start
             "EL_EMULATOR_AUTOSTART": "true" if self.source == "ews" else "false",
-            "EL_GRAPH_AUTOSTART": "true" if self.source == "graph" else "false",
+            "EL_GRAPH_AUTOSTART": "true" if self.source == "graph" else "false",  # imap: neither
             "EL_GRAPH_PORT": str(self.graph_port),
             "EL_GRAPH_TOKEN_PORT": str(self.graph_token_port),
             "EL_GRAPH_CA_FILE": str(self.graph_ca),
@@ -152,6 +176,51 @@ class Demo:
             "EXCHANGE_LISTENER_CONFIG": str(self.settings_path),
         }
         self.shutdown(quiet=True)  # a demo left running by a killed earlier run
+
+    def _imap_settings(self) -> str:
+        """The IMAP listener's and workers' settings: the demo's Dovecot on loopback (no TLS), its
+        master user, the default folders (INBOX and the \\Junk special-use folder)."""
+        return (
+            'source = "imap"\n'
+            f'imap_host = "{Dovecot.host}"\nimap_port = {self.imap_port}\n'
+            "# loopback only: no TLS for the demo's Dovecot\n"
+            'imap_security = "none"\nimap_auth = "master"\n'
+            f'imap_username = "{IMAP_MASTER_USER}"\nimap_password = "{IMAP_MASTER_PASSWORD}"\n'
+        )
+
+    def start_dovecot(self) -> None:
+        """A real Dovecot under the workdir with the rep's mailbox as a user (its pid kept in the
+        workdir, so a later run takes down one a killed run left behind)."""
+        self.dovecot = Dovecot(self.workdir / "dovecot", port=self.imap_port, master_user=IMAP_MASTER_USER,
+                               master_password=IMAP_MASTER_PASSWORD)
+        self.dovecot.add_user(demo.MAILBOX)
+        self.dovecot.start()
+        if self.dovecot.proc is not None:
+            self.dovecot_pid_file.write_text(f"{self.dovecot.proc.pid}\n")
+        say(f"dovecot {self.dovecot.version.split()[0]} on {self.dovecot.host}:{self.dovecot.port} "
+            f"with the mailbox {demo.MAILBOX} (INBOX, Junk)", self.started)
+
+    def stop_dovecot(self, quiet: bool = False) -> None:
+        """Stop the demo's Dovecot and every process of its group; drop its runtime dir."""
+        if self.dovecot is not None:
+            if not quiet and self.dovecot.alive():
+                say("stopping dovecot", self.started)
+            self.dovecot.stop()
+            shutil.rmtree(self.dovecot.run_dir, ignore_errors=True)  # sockets and mail homes (under /tmp)
+            self.dovecot = None
+        elif self.dovecot_pid_file.exists():  # one a killed earlier run left: its own process group
+            text = self.dovecot_pid_file.read_text().strip()
+            if text.isdigit() and _is_dovecot(int(text)):
+                try:
+                    os.killpg(int(text), signal.SIGKILL)
+                except OSError:
+                    pass
+            # and its runtime dir (mail homes, sockets): the base_dir its config names, under /tmp
+            conf = self.workdir / "dovecot" / "dovecot.conf"
+            found = re.search(r"^base_dir = (.+)/base$", conf.read_text(), re.MULTILINE) if conf.exists() else None
+            if found and Path(found.group(1)).name.startswith("el-dc-"):
+                shutil.rmtree(found.group(1), ignore_errors=True)
+        self.dovecot_pid_file.unlink(missing_ok=True)
 
     def _graph_settings(self) -> str:
         """The Graph listener's and workers' settings: the emulator's Graph and token host, the
@@ -170,8 +239,10 @@ class Demo:
 
     def start(self) -> None:
         say(f"source: {self.source}, {SOURCES[self.source]}", self.started)
-        emulator = "graph emulator" if self.source == "graph" else "emulator"
-        say(f"starting supervisord ({CONF.relative_to(ROOT)}): redis, {emulator}, salesforce emulator, listener, "
+        if self.source == "imap":
+            self.start_dovecot()  # before the listener: it connects at once
+        emulator = {"graph": "graph emulator, ", "imap": ""}.get(self.source, "emulator, ")
+        say(f"starting supervisord ({CONF.relative_to(ROOT)}): redis, {emulator}salesforce emulator, listener, "
             "2 workers", self.started)
         subprocess.run([self.command("supervisord"), "-c", str(CONF)], env=self.env, check=True, timeout=30)
         wait_for_port(self.redis_port, timeout=15)
@@ -180,7 +251,7 @@ class Demo:
             wait_for_port(self.graph_token_port, timeout=15)
             # the listener and workers read it at their first token request (once the mailbox is added)
             wait_for(self.graph_ca.exists, timeout=15, message=f"the graph emulator's CA certificate {self.graph_ca}")
-        else:
+        elif self.source == "ews":
             wait_for_port(self.emulator_port, timeout=15)
         wait_for_port(self.salesforce_port, timeout=15)
         self.salesforce("POST", "/emulator/records/User", {"Username": SALESFORCE_USER, "LastName": "Integration"})
@@ -200,7 +271,14 @@ class Demo:
             return json.loads(resp.read())
 
     def shutdown(self, quiet: bool = False) -> None:
-        """Stop supervisord and everything under it; wait until its pid is gone."""
+        """Stop supervisord and everything under it (the listener logs out of Dovecot), then the
+        demo's Dovecot; wait until every pid is gone."""
+        try:
+            self._shutdown_supervisord(quiet)
+        finally:
+            self.stop_dovecot(quiet)
+
+    def _shutdown_supervisord(self, quiet: bool) -> None:
         pid_file = self.run_dir / "supervisord.pid"
         pid = int(pid_file.read_text().strip()) if pid_file.exists() and pid_file.read_text().strip().isdigit() else None
         if pid is None or not _alive(pid):
@@ -221,20 +299,28 @@ class Demo:
                 pass
 
     # -- the scenario ------------------------------------------------------------------
-    def wait_subscribed(self, conn) -> None:
+    def wait_subscribed(self, conn: redis.Redis) -> None:
         """Until a listener holds the mailbox and is subscribed: EWS, its streaming connection is
         open; Graph, its subscription is made (in Redis and in the listener's heartbeat) and the
-        first delta catch-up, which follows it, is done."""
+        first delta catch-up, which follows it, is done; IMAP, the heartbeat's ``imap`` shows an
+        IDLE connection up for every watched folder."""
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
-            holder = conn.get(keys.lease(demo.MAILBOX))
+            raw = conn.get(keys.lease(demo.MAILBOX))
+            holder = raw.decode() if isinstance(raw, bytes) else raw
             if holder:
                 snap = health.snapshot(conn, QUEUE)
                 for listener in snap["listeners"]:
-                    if listener["id"] != holder.decode():
+                    if listener["id"] != holder:
                         continue
                     if self.source == "ews" and any(g["connected"] for g in listener["groups"]):
                         say(f"listener {listener['id']} holds {demo.MAILBOX} and its stream is open", self.started)
+                        return
+                    imap = listener.get("imap") or {}
+                    if (self.source == "imap" and imap.get("folders", 0) >= 1
+                            and imap.get("connected") == imap.get("folders")):
+                        say(f"listener {listener['id']} holds {demo.MAILBOX} and IDLEs on its "
+                            f"{imap['folders']} folders", self.started)
                         return
                     graph = listener.get("graph") or {}
                     if (self.source == "graph" and graph.get("mode") == "notifications"
@@ -248,6 +334,11 @@ class Demo:
         raise RuntimeError(f"no listener subscribed {demo.MAILBOX} within {self.timeout:.0f}s (see {self.log_dir})")
 
     def deliver(self, raw: bytes) -> tuple[str, float]:
+        """Deliver one message to the rep's inbox; (the item id the listener will give it, when)."""
+        if self.dovecot is not None:
+            sent_at = time.time()
+            uid = self.dovecot.append(demo.MAILBOX, raw, folder="INBOX")
+            return imap_item_id("INBOX", self.inbox_uidvalidity, uid), sent_at
         req = urllib.request.Request(
             f"http://127.0.0.1:{self.graph_port if self.source == 'graph' else self.emulator_port}"
             f"/emulator/mailboxes/{demo.MAILBOX}/messages?folder=inbox",
@@ -257,10 +348,11 @@ class Demo:
             item_id = json.loads(resp.read())["item_id"]
         return item_id, sent_at
 
-    def processed_items(self, conn) -> tuple[set[str], list[str]]:
+    def processed_items(self, conn: redis.Redis) -> tuple[set[str], list[str]]:
         """Item ids of every finished job, and the errors of failed ones."""
         queue = make_queue(conn, QUEUE)
-        done, errors = set(), []
+        done: set[str] = set()
+        errors: list[str] = []
         for registry, failed in ((FinishedJobRegistry(queue=queue), False), (FailedJobRegistry(queue=queue), True)):
             for job in Job.fetch_many(registry.get_job_ids(), connection=conn, serializer=JSONSerializer):
                 if job is None or not job.args or not isinstance(job.args[0], dict):
@@ -292,12 +384,14 @@ class Demo:
             self.el(*args)
         say(f"recorded {len(send_ids)} sends (exchange-listener sends record)", self.started)
 
+        if self.dovecot is not None:
+            self.inbox_uidvalidity = self.dovecot.uidvalidity(demo.MAILBOX, "INBOX")
         now = dt.datetime.now(dt.UTC)
         delivered = {}
         for s in demo.SCENARIOS:
             delivered[s.enrollment] = self.deliver(s.build(s, send_ids[s.enrollment], now))
-        say(f"delivered {len(delivered)} messages to the {'graph ' if self.source == 'graph' else ''}emulator; "
-            "waiting for the workers", self.started)
+        target = {"graph": "the graph emulator", "imap": "dovecot (IMAP APPEND)"}.get(self.source, "the emulator")
+        say(f"delivered {len(delivered)} messages to {target}; waiting for the workers", self.started)
 
         store = EnrollmentStore(conn)
         deadline = time.monotonic() + self.timeout
@@ -321,7 +415,7 @@ class Demo:
         """A reply, bounce or out-of-office is logged in Salesforce; a read receipt or unrelated mail is not."""
         return s.expect_status in ("stopped", "paused")
 
-    def wait_activities(self, store, deadline: float) -> dict[str, list[dict]]:
+    def wait_activities(self, store: EnrollmentStore, deadline: float) -> dict[str, list[dict]]:
         """Enrollment -> the Tasks Salesforce holds for its transitions, once every expected one is
         there (or the deadline passed); a little longer, so an unexpected one would show too."""
         while True:
@@ -369,7 +463,8 @@ class Demo:
             "others", self.started)
         return 0
 
-    def report(self, states, delivered, changed_ms, done, errors, now) -> int:
+    def report(self, states: dict[str, dict | None], delivered: dict[str, tuple[str, float]],
+               changed_ms: dict[str, Any], done: set[str], errors: list[str], now: dt.datetime) -> int:
         rows = [("ENROLLMENT", "SCENARIO", "STATUS", "REASON", "DELIVERY->CHANGE", "AS EXPECTED")]
         failures = []
         for s in demo.SCENARIOS:
@@ -431,6 +526,14 @@ def _key_and_certificate(key_path: Path, cert_path: Path) -> None:
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
+def _is_dovecot(pid: int) -> bool:
+    """Whether ``pid`` is a live Dovecot master (a pid file may outlive its process)."""
+    try:
+        return b"dovecot" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -441,7 +544,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _on_sigterm(_signum, _frame):
+def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
     raise Stop()
 
 
@@ -450,8 +553,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=str(ROOT / "var" / "demo"), help="settings, sockets and logs (default: var/demo)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each stage")
     parser.add_argument("--source", choices=sorted(SOURCES), default="ews",
-                        help="the mail source: ews (the EWS emulator, default) or graph (the Microsoft Graph emulator)")
+                        help="the mail source: ews (the EWS emulator, default), graph (the Microsoft Graph "
+                             "emulator) or imap (a real Dovecot: apt-get install dovecot-imapd)")
     args = parser.parse_args(argv)
+    if args.source == "imap" and find_dovecot() is None:
+        print(f"demo cannot start: {DOVECOT_MISSING}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
     run = Demo(Path(args.workdir).resolve(), args.timeout, args.source)
