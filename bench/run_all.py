@@ -37,6 +37,11 @@ one listener + N workers per system (run one after the other, never at the same 
    replies/s as in (2) (fewer replies), worker/listener CPU and Graph requests per reply, and the
    delta-only polling mode's latency (``graph_poll_seconds`` = 1, 10 replies/s). Each row carries
    the EWS figure measured the same way (``ews``); no goal (issue 11 sets none for Graph).
+11. the IMAP source (``bench/imap_bench.py``, ``imap_*`` rows, ``e2e.imap``): ours with
+   ``source = imap`` on a real Dovecot (an IDLE connection per folder, INBOX and \\Junk), 2 workers:
+   delivery (APPEND) -> stop latency at 20 replies/s, replies/s APPENDed as fast as 4 threads go,
+   and one listener's RSS and seconds until every folder is connected at 1,000 watched mailboxes
+   (2,000 IDLE connections; quick: 50 mailboxes, named in the row). No goal (issue 12 sets none).
 
 Goals are printed next to the figures, never asserted. A component bench that is missing or
 fails is recorded with its error; the rest still runs. The last line printed is the JSON object.
@@ -64,6 +69,7 @@ for path in (ROOT, BENCH):
 
 import chaos
 import graph_bench
+import imap_bench
 from rq import Worker
 from rq.serializers import JSONSerializer
 
@@ -704,6 +710,7 @@ def summarize(results: dict) -> dict:
         "sends_import_records_per_s": (((results["components"].get("sends_import_bench") or {}).get("result") or {})
                                        .get("records_per_s"), None, True),
         **graph_rows(results["e2e"].get("graph") or {}, ours, best(ours), at),
+        **imap_rows(results["e2e"].get("imap") or {}, ours, best(ours)),
     }
     table = {}
     for name, (a, b, higher, *extra) in rows.items():
@@ -746,6 +753,31 @@ def graph_rows(graph: dict, ews: dict, ews_best: dict, at) -> dict:
                                                "rate": poll.get("rate")})
     if graph.get("error"):
         rows["graph_error"] = (graph["error"], None, None)
+    return rows
+
+
+def imap_rows(imap: dict, ews: dict, ews_best: dict) -> dict:
+    """The IMAP source's rows (``imap_*``), the EWS figure beside the latency and replies/s
+    (``ews``). The footprint rows name the size measured (``mailboxes``: 1,000, quick 50). No goal."""
+    latency, burst, fp = imap.get("latency") or {}, imap.get("burst") or {}, imap.get("footprint") or {}
+    ews_latency = ews.get("latency") or {}
+    rows = {f"imap_latency_{p}_ms": (latency.get(f"{p}_ms"), None, None,
+                                     {"ews": ews_latency.get(f"{p}_ms"), "rate": latency.get("rate"),
+                                      "completed": f"{latency.get('completed')}/{latency.get('replies')}"
+                                      if latency else None})
+            for p in ("p50", "p95", "p99")}
+    rows["imap_replies_per_s"] = (burst.get("replies_per_s"), None, None,
+                                  {"ews": ews_best.get("replies_per_s"), "workers": imap.get("workers"),
+                                   "mailboxes": imap.get("mailboxes"),
+                                   "completed": f"{burst.get('completed')}/{burst.get('replies')}" if burst else None,
+                                   "at_steady_rate": latency.get("replies_per_s")})
+    rows["imap_listener_rss_mb_1000"] = (fp.get("rss_mb"), None, None,
+                                         {"mailboxes": fp.get("mailboxes"), "connections": fp.get("tcp_connections"),
+                                          "threads": fp.get("threads")})
+    rows["imap_listener_connected_s_1000"] = (fp.get("connected_s"), None, None, {"mailboxes": fp.get("mailboxes")})
+    errors = [f"{what}: {e}" for what, e in (("", imap.get("error")), ("footprint", fp.get("error"))) if e]
+    if errors:
+        rows["imap_error"] = ("; ".join(e.lstrip(": ") for e in errors), None, None)
     return rows
 
 
@@ -814,6 +846,7 @@ def print_table(table: dict, results: dict) -> None:
             print(f"      {shown}")
     print("ratio: how many times better ours is (latency, CPU, RSS, connections: baseline / ours; rates: ours / baseline)")
     print("graph_*: ours with source = graph on the Graph emulator, in the ours column; [ews ...]: the same figure on EWS")
+    print("imap_*: ours with source = imap on a real Dovecot (replies APPENDed; an IDLE connection per folder)")
 
 
 def _fmt(value, suffix: str = "") -> str:
@@ -853,6 +886,12 @@ def main(argv: list[str] | None = None) -> int:
         # graph: the Graph source (ours, source = graph), at sizes that keep its run short
         plumbing_sizes = graph_bench.sizes_for(sizes, args.quick) if plumbing == "graph" else sizes
         results["e2e"][plumbing] = EndToEnd(plumbing, plumbing_sizes, os.path.join(log_dir, plumbing)).run()
+    print("end to end: imap ...", file=sys.stderr, flush=True)
+    os.makedirs(os.path.join(log_dir, "imap"), exist_ok=True)
+    try:  # a real Dovecot: where it is not installed, the rows say why
+        results["e2e"]["imap"] = imap_bench.run(args.quick, os.path.join(log_dir, "imap"))
+    except Exception as exc:  # noqa: BLE001 - recorded in the report, never fatal
+        results["e2e"]["imap"] = {"error": f"{type(exc).__name__}: {exc}"}
     ours_fp = listener_footprint(results["components"].get("listener_bench", {"ok": False, "error": "skipped"}))
     # the baseline at the largest size ours reports up to the cap (a thread and a connection per mailbox)
     counts = [int(n) for n in ours_fp if n.isdigit() and int(n) <= sizes.baseline_listener_mailboxes]

@@ -27,6 +27,7 @@ from typing import Self
 from emulators.services import free_port, wait_for_port
 
 HARNESS_MASTER = "el-harness"
+PER_IMAP_PROCESS = 50  # clients one imap process serves when sized with ``scale_connections``
 SPECIAL_FOLDERS = {"Junk": "\\Junk", "Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash"}
 
 
@@ -57,7 +58,7 @@ class Dovecot:
 
     def __init__(self, root: pathlib.Path | str | None = None, *, port: int | None = None,
                  master_user: str = "master", master_password: str = "master-secret",
-                 oauth2_introspection_url: str | None = None):
+                 oauth2_introspection_url: str | None = None, scale_connections: int | None = None):
         binary = find_dovecot()
         if binary is None:
             raise RuntimeError("dovecot not found: install it (Debian/Ubuntu: apt-get install dovecot-imapd; "
@@ -80,6 +81,9 @@ class Dovecot:
         self.port = port or free_port()
         self.master_user, self.master_password = master_user, master_password
         self.oauth2_introspection_url = oauth2_introspection_url
+        # sized for this many concurrent IMAP connections (None: Dovecot's defaults, one imap
+        # process per connection); see ``_scale_config``
+        self.scale_connections = scale_connections
         if os.geteuid() == 0:
             self.system_user, self.uid, self.gid = "nobody", 65534, 65534
             try:
@@ -208,7 +212,44 @@ service anvil {{
 service imap {{
   process_limit = 4096
 }}
-""")
+{self._scale_config()}""")
+
+    def _scale_config(self) -> str:
+        """Settings for ``scale_connections`` concurrent connections (a benchmark's thousands of
+        IDLEs), or "" when not asked for. By default Dovecot runs one imap process per connection
+        (~3-5 MB each, and one inotify instance each, of the 128 a user gets by default); here an
+        imap process serves up to ``PER_IMAP_PROCESS`` clients and the login processes run in
+        high-performance mode (each proxies many clients), so thousands of connections cost a few
+        dozen processes. Later blocks of the same service override the earlier ones."""
+        if not self.scale_connections:
+            return ""
+        n = self.scale_connections
+        per_imap = PER_IMAP_PROCESS
+        imap_processes = n // per_imap + 16
+        logins = max(1, min(4, os.cpu_count() or 1))
+        return f"""# sized for {n} concurrent connections (scale_connections)
+default_client_limit = {2 * n + 1000}
+default_process_limit = {imap_processes + 100}
+mail_max_userip_connections = {n + 100}
+service imap-login {{
+  service_count = 0
+  process_min_avail = {logins}
+  client_limit = {n + 1000}
+  vsz_limit = 1G
+}}
+service imap {{
+  service_count = 0
+  client_limit = {per_imap}
+  process_limit = {imap_processes}
+  vsz_limit = 1G
+}}
+service auth {{
+  client_limit = {2 * n + 1000}
+}}
+service anvil {{
+  client_limit = {2 * n + 1000}
+}}
+"""
 
     def start(self) -> Self:
         """``dovecot -F -c FILE`` in its own process group; returns once it accepts connections."""
