@@ -75,6 +75,37 @@ class ParentBoundScheduler(RQScheduler):
             return
         super().heartbeat()
 
+    def work(self) -> None:
+        """RQ's loop, surviving Redis going away (a failover, a restart). RQ's own lets the error
+        end the process; its lock then lives on for ``interval + 60`` s, and every retry that
+        falls due meanwhile waits for it: about a minute after each failover. This one keeps
+        trying, and on the server that comes back its lock is still its own (replicated or
+        persisted), so it simply refreshes it."""
+        self._install_signal_handlers()
+        attempt = 0
+        born = False
+        while True:
+            if self._stop_requested:
+                with contextlib.suppress(redis.exceptions.RedisError, OSError):  # the lock lapses on its own
+                    self.stop()
+                break
+            try:
+                if not born:
+                    self.register_birth()
+                    born = True
+                if self.should_reacquire_locks:
+                    self.acquire_locks()
+                self.heartbeat()
+                self.enqueue_scheduled_jobs()
+                attempt = 0
+                wait = float(self.interval)
+            except (redis.exceptions.RedisError, OSError) as exc:
+                wait = backoff_delay(attempt, base=0.5, cap=5.0)
+                attempt += 1
+                if attempt == 1:
+                    self.log.warning("Scheduler: Redis unavailable (%s); retrying", exc)
+            time.sleep(wait)
+
 
 class _JobHeartbeat(threading.Thread):
     """Renews the worker's and the running job's liveness while the job runs in the main thread."""
