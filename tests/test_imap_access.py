@@ -12,7 +12,10 @@ import pytest
 from tcp_proxy import TcpProxy
 from test_imap_listener import REP, System, wait_for
 
+from exchange_listener.core import config
+from exchange_listener.core.config import Settings
 from exchange_listener.listener import mailboxes
+from exchange_listener.sources.imap.session import GoogleTokens
 
 
 @pytest.fixture
@@ -85,3 +88,36 @@ def test_fewer_connections_allowed_than_folders_to_watch_is_refused_at_start(sys
     assert proc.proc.wait(timeout=20) == 2
     text = proc.log_path.read_text()
     assert "imap_max_connections_per_account (1)" in text and "IDLE connection" in text
+
+
+def test_an_address_login_cannot_carry_is_reported_and_the_watch_stays_alive(system):
+    """imaplib sends LOGIN as ASCII: a mailbox whose address is not is a clear, reported refusal
+    (status names it), never a watch thread that died without a word."""
+    mailboxes.add(system.redis, [REP, "rené@ours.example"], source="imap")
+    system.start("listen", name="listener")
+    wait_for(lambda: system.imap_info().get("connected") == 2 and system.imap_info().get("failing_count") == 2,
+             message="the good mailbox watched, the other reported")
+    assert {f["mailbox"] for f in system.imap_info()["failing"]} == {"rené@ours.example"}
+    errors = {f["error"] for f in system.imap_info()["failing"]}
+    assert all("characters IMAP LOGIN cannot carry" in e for e in errors), errors
+
+
+def test_google_tokens_are_reused_until_they_expire_whatever_the_local_time_zone(google_oauth, tmp_path,
+                                                                                  monkeypatch):
+    """google-auth keeps expiry as naive UTC; read as local time east of UTC every token would
+    look expired (a new grant per connection), west of it an expired one would look fresh."""
+    key_file = google_oauth.write_service_account_file(tmp_path / "service-account.json")
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        settings = Settings({**{f.key: f.default for f in config.FIELDS}, "google_service_account_file": key_file,
+                             "imap_auth": "xoauth2-google"})
+        tokens = GoogleTokens(settings)
+        before = google_oauth.stats()["grants"]
+        first, second = tokens.token(REP), tokens.token(REP)
+        assert first == second and google_oauth.stats()["grants"] == before + 1
+        tokens.forget(REP)  # a refused login drops it: the next connection asks for a new one
+        assert tokens.token(REP) != first and google_oauth.stats()["grants"] == before + 2
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()

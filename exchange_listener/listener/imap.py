@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 import imapclient
+import redis
 from imapclient.exceptions import IMAPClientError
 
 from exchange_listener.core import logs, metrics
@@ -57,6 +58,9 @@ WATCHDOG_SECONDS = 150.0  # nothing heard this long: prove the connection alive 
 EOF_SUSPECT = 0.2  # idle_check came back empty this far before its timeout: the socket hit EOF
 RETRY_CAP = 300.0  # seconds between attempts at most, for a refused login or a missing folder
 REDIS_RETRY = 2.0  # seconds before a read that Redis refused is tried again
+STABLE_SECONDS = 60.0  # a connection up this long resets the retry schedule (a server that drops us
+# right after every login must not be hammered once a second)
+ANNOUNCED_ROUNDS = 5  # scans in a row while the server keeps announcing mail during them
 STACK_SIZE = 512 * 1024  # per watch thread; thousands of them must stay cheap
 
 
@@ -84,6 +88,9 @@ class FolderWatch(threading.Thread):
         self._client_lock = threading.Lock()
         self._slot: str | None = None  # our connection's slot in the mailbox's budget
         self._slot_renewed = 0.0
+        self._up_since: float | None = None
+        # the first folder's watch also sweeps the mailbox's other folders
+        self.sweeper = folder == listener.folders[0]
         self.log = logs.get_logger(mailbox=mailbox, folder=folder, source="imap")
 
     # -- control from the listener ----------------------------------------------------------
@@ -100,20 +107,29 @@ class FolderWatch(threading.Thread):
     def run(self) -> None:
         backoff = Backoff(base=1.0, cap=RETRY_CAP)
         while not self.stopping.is_set():
+            self._up_since = None
             try:
-                self._session(backoff)
-            except (LoginRefused, LimitReached, FolderMissing) as exc:
+                self._session()
+            except (LoginRefused, FolderMissing) as exc:
                 self._failed(str(exc), backoff, level="error")
+            except LimitReached as exc:  # busy workers can fill the budget for a while: not an error yet
+                self._failed(str(exc), backoff, level="warning")
             except (ImapError, IMAPClientError, OSError) as exc:
                 if not self.stopping.is_set():
-                    self._failed(session.describe(exc, self.settings), backoff, level="warning")
+                    self._failed(session.describe(exc, self.settings), backoff, level="warning", up=self._up_since)
             except REDIS_ERRORS as exc:  # the cursor could not be read: the mail waits on the server
                 if not self.stopping.is_set():
                     self._failed(f"Redis: {exc}", backoff, level="warning")
+            except Exception as exc:  # a watch never dies: it reports and tries again
+                if not self.stopping.is_set():
+                    self.log.exception("IMAP folder watch failed unexpectedly")
+                    self._failed(session.describe(exc, self.settings), backoff, level="error")
             finally:
                 self._close()
 
-    def _failed(self, error: str, backoff: Backoff, level: str) -> None:
+    def _failed(self, error: str, backoff: Backoff, level: str, up: float | None = None) -> None:
+        if up is not None and time.monotonic() - up >= STABLE_SECONDS:
+            backoff.reset()  # it worked for a while: a fresh failure starts the schedule again
         wait = backoff.next()
         first = self.error is None or self.error[1] != error
         self.error = (self.error[0] if self.error else time.time(), error)
@@ -146,7 +162,7 @@ class FolderWatch(threading.Thread):
             raise LimitReached(f"{self.mailbox}: our connection slot lapsed and every slot is taken "
                                "(imap_max_connections_per_account)")
 
-    def _session(self, backoff: Backoff) -> None:
+    def _session(self) -> None:
         self._slot = self.listener.budget.take(self.mailbox)
         self._slot_renewed = time.monotonic()
         client = session.connect(self.settings, self.mailbox, self.listener.tokens)
@@ -166,25 +182,26 @@ class FolderWatch(threading.Thread):
                                     f"{session.describe(exc, self.settings)}") from None
             raise
         self.connected = True
-        self._read(client, selected, "catchup")  # every (re)connect: whatever came while we were away
+        # every (re)connect: whatever came while we were away, here and (the sweeper) filed elsewhere
+        selected = self._read(client, selected, "catchup", sweep=self.sweeper)
         if self.error is not None:
             self.log.info("IMAP folder watched again", failing_for=round(time.time() - self.error[0], 1))
         self.error = None
-        backoff.reset()
+        self._up_since = time.monotonic()
         idle = b"IDLE" in client.capabilities()
         while not self.stopping.is_set():
             new = self._idle(client) if idle else self._poll(client)
             if self.stopping.is_set():
                 return
-            self._read(client, selected, "stream" if new else "catchup")
+            selected = self._read(client, selected, "stream" if new else "catchup", sweep=self.sweeper and not new)
 
     def _idle(self, client: imapclient.IMAPClient) -> bool:
         """IDLE until new mail, a renewal, a liveness check or a request; True when mail came."""
         client.idle()
         started = heard = time.monotonic()
-        new = False
+        new = _announced(client)  # mail announced after the last scan, before IDLE began
         try:
-            while not self.stopping.is_set() and not self._rescan.is_set():
+            while not new and not self.stopping.is_set() and not self._rescan.is_set():
                 now = time.monotonic()
                 if now - started >= self.settings.imap_idle_seconds or now - heard >= self._watchdog:
                     break
@@ -193,7 +210,6 @@ class FolderWatch(threading.Thread):
                 responses = client.idle_check(timeout=IDLE_TICK)
                 if responses:
                     heard = time.monotonic()
-                    self.last_activity = time.time()
                     if _bye(responses):
                         raise ImapError(f"server closed the connection: {_bye(responses)}")
                     if any(_is_new(r) for r in responses):
@@ -222,24 +238,79 @@ class FolderWatch(threading.Thread):
             self.stopping.wait(IDLE_TICK)
         return False
 
-    def _read(self, client: imapclient.IMAPClient, selected: Selected, via: str) -> None:
-        """Enqueue what is after the cursor; while Redis refuses, try again every few seconds."""
+    def _read(self, client: imapclient.IMAPClient, selected: Selected, via: str, sweep: bool = False) -> Selected:
+        """Enqueue what is after the cursor (and, with ``sweep``, what was filed in the mailbox's
+        other folders); while Redis refuses, try again every few seconds. Returns the folder as
+        selected again (a sweep opens others)."""
+        sweep = sweep or self._rescan.is_set() and self.sweeper
         self._rescan.clear()
         while not self.stopping.is_set():
+            self._keep_slot()
             try:
-                count = scan(client, self.mailbox, selected, self.listener.cursors, self.listener.ledger,
-                             self.listener.sink.enqueue, since=self.listener.since(self.mailbox), via=via)
-            except REDIS_ERRORS as exc:
+                if sweep:
+                    self._sweep(client)
+                    selected = examine(client, selected.folder)
+                    sweep = False
+                for _ in range(ANNOUNCED_ROUNDS):
+                    _announced(client)  # what this session was told so far is read by the scan below
+                    count = scan(client, self.mailbox, selected, self.listener.cursors, self.listener.ledger,
+                                 self.listener.sink.enqueue, since=self.listener.since(self.mailbox), via=via)
+                    if count:
+                        self.last_activity = time.time()
+                        self.log.debug("enqueued new IMAP mail", items=count, via=via)
+                    if not _announced(client):  # mail announced during the scan (not in its answer)
+                        break
+            except redis.exceptions.RedisError as exc:
                 self.log.warning("Redis unreachable; new mail stays on the IMAP server until it is back",
                                  error=str(exc))
                 if self.stopping.wait(REDIS_RETRY):
-                    return
+                    return selected
                 client.noop()  # keep the connection; a dead one raises and reconnects
                 continue
+            return selected
+        return selected
+
+    def _sweep(self, client: imapclient.IMAPClient) -> None:
+        """The mailbox's other folders, by STATUS against their cursors: a reply a rule, a filter or
+        the rep filed away (also while no listener ran) still counts. Own-mail folders (Sent,
+        Drafts) are left out; on Gmail, where All Mail holds every label, only All Mail and Trash."""
+        for name in sweep_folders(client.list_folders(), self.listener.folders):
+            status = client.folder_status(name, [b"UIDVALIDITY", b"UIDNEXT"])
+            validity, uidnext = int(status.get(b"UIDVALIDITY", 0)), int(status.get(b"UIDNEXT", 0) or 0)
+            cursor = self.listener.cursors.get(self.mailbox, name)
+            if cursor is not None and cursor.uidvalidity == validity and uidnext - 1 <= cursor.last_uid:
+                continue
+            count = scan(client, self.mailbox, examine(client, name), self.listener.cursors, self.listener.ledger,
+                         self.listener.sink.enqueue, since=self.listener.since(self.mailbox), via="catchup")
             if count:
                 self.last_activity = time.time()
-                self.log.debug("enqueued new IMAP mail", items=count, via=via)
-            return
+                self.log.info("enqueued mail filed in another folder", folder=name, items=count)
+            self._keep_slot()
+
+
+def _announced(client: imapclient.IMAPClient) -> bool:
+    """Take the EXISTS/RECENT a server sent inside another command's answer (imaplib keeps them
+    aside, and the next IDLE would not hear of that mail again); True when there were any."""
+    pending = client._imap.untagged_responses
+    return bool(pending.pop("EXISTS", None)) | bool(pending.pop("RECENT", None))
+
+
+def sweep_folders(listing: list[tuple[tuple[bytes, ...], Any, str]], watched: list[str]) -> list[str]:
+    """The folders a sweep reads: selectable, not an own-mail folder, not one a watch IDLEs on;
+    on Gmail (a folder flagged \\All) only All Mail and Trash, since every label is in All Mail."""
+    skip_flags = {b"\\Noselect", b"\\NonExistent", b"\\Sent", b"\\Drafts"}
+    named = {w.lower() for w in watched if not w.startswith("\\")}
+    flagged = {w.encode().lower() for w in watched if w.startswith("\\")}
+    gmail = any(b"\\all" in {f.lower() for f in flags} for flags, _d, _n in listing)
+    out = []
+    for flags, _delimiter, name in listing:
+        lowered = {f.lower() for f in flags}
+        if lowered & {f.lower() for f in skip_flags} or str(name).lower() in named or lowered & flagged:
+            continue
+        if gmail and not lowered & {b"\\all", b"\\trash"}:
+            continue
+        out.append(str(name))
+    return out
 
 
 def _is_new(response: Any) -> bool:

@@ -13,6 +13,7 @@ before a worker got to it still counts; only mail that exists nowhere is ``ItemG
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import threading
 import time
@@ -25,9 +26,11 @@ from imapclient.exceptions import IMAPClientError
 from exchange_listener.core import redis_conn
 from exchange_listener.core.config import Settings
 from exchange_listener.mail.headers import addresses, header, mime_headers
+from exchange_listener.mail.message_ids import normalize
 from exchange_listener.sources.base import FetchedMessage, ItemGone, NewMail
 from exchange_listener.sources.imap import session
 from exchange_listener.sources.imap.scan import (
+    MESSAGE_ID_ITEM,
     examine,
     item_id,
     parse_item_id,
@@ -44,6 +47,8 @@ from exchange_listener.sources.imap.session import (
 CACHED_MAILBOXES = 16  # logged-in connections a worker keeps (one per mailbox)
 HEADER_ITEMS = ["UID", "INTERNALDATE", "BODY.PEEK[HEADER]"]
 OWN_FLAGS = (b"\\Sent", b"\\Drafts")  # special-use folders our own mail sits in: never a reply
+MESSAGE_ID_FIELD = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"
+REAP_EVERY = 5.0  # seconds between looks for connections unused for half a slot's life
 
 
 class FetchError(Exception):
@@ -62,6 +67,7 @@ class _Connection:
         self.selected: tuple[str, int] | None = None  # (folder, UIDVALIDITY)
         self.own_folders: set[str] | None = None
         self.lock = threading.Lock()
+        self.closed = False
 
 
 def _fetched(mailbox: str, the_id: str, folder: str, entry: dict[bytes, Any], outgoing: bool) -> FetchedMessage:
@@ -88,6 +94,23 @@ class ImapFetcher:
         self._lock = threading.Lock()
         self._budget: Budget | None = None  # made with its Redis connection on first use
         self._tokens = GoogleTokens(settings) if settings.imap_auth == "xoauth2-google" else None
+        self._reaper: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    def _reap(self) -> None:
+        """Log out of connections unused for half a slot's life, jobs or no jobs: an idle worker
+        must not sit on connections its lapsed slots no longer count (Gmail's 15 are shared with
+        the rep's own clients)."""
+        while not self._closed.wait(REAP_EVERY):
+            now = time.monotonic()
+            with self._lock:
+                stale = [(m, c) for m, c in self._connections.items() if now - c.used > SLOT_TTL / 2]
+            for mailbox, conn in stale:
+                if conn.lock.acquire(blocking=False):  # not in use by a job right now
+                    try:
+                        self._discard(mailbox, conn)
+                    finally:
+                        conn.lock.release()
 
     def _slots(self) -> Budget:
         if self._budget is None:
@@ -121,6 +144,9 @@ class ImapFetcher:
             raise
         client.normalise_times = False
         conn = _Connection(client, slot)
+        if self._reaper is None:
+            self._reaper = threading.Thread(target=self._reap, name="imap-reaper", daemon=True)
+            self._reaper.start()
         evicted = []
         with self._lock:
             self._connections[mailbox] = conn
@@ -134,6 +160,9 @@ class ImapFetcher:
         with self._lock:
             if self._connections.get(mailbox) is conn:
                 del self._connections[mailbox]
+            if conn.closed:  # the reaper and a failing job may both get here: give the slot back once
+                return
+            conn.closed = True
         session.close(conn.client)
         self._slots().give_back(mailbox, conn.slot)
 
@@ -247,6 +276,7 @@ class ImapFetcher:
                 folders.insert(0, folders.pop(start))
             except ValueError:
                 pass
+            wanted = normalize(mail.message_id)
             for folder in folders:
                 try:
                     validity = self._select(conn, folder)
@@ -254,9 +284,15 @@ class ImapFetcher:
                     if _connection_lost(exc):
                         raise
                     continue
-                uids = conn.client.search(["HEADER", "Message-ID", mail.message_id])
-                if uids:
-                    return item_id(folder, validity, max(int(u) for u in uids))
+                # SEARCH HEADER matches a substring: confirm the whole Message-ID before taking it
+                uids = sorted((int(u) for u in conn.client.search(["HEADER", "Message-ID", mail.message_id])),
+                              reverse=True)
+                if not uids:
+                    continue
+                for uid, entry in conn.client.fetch(uids[:20], [MESSAGE_ID_FIELD]).items():
+                    raw = entry.get(MESSAGE_ID_ITEM)
+                    if isinstance(raw, bytes) and normalize(header(mime_headers(raw), "message-id")) == wanted:
+                        return item_id(folder, validity, int(uid))
             return None
 
         found = self._call(mailbox, work)
@@ -266,13 +302,12 @@ class ImapFetcher:
         return fetched
 
     def close(self) -> None:
+        self._closed.set()
         with self._lock:
             connections = list(self._connections.items())
-            self._connections.clear()
         for mailbox, conn in connections:
-            session.close(conn.client)
-            if self._budget is not None:
-                self._budget.give_back(mailbox, conn.slot)
+            with contextlib.suppress(*REDIS_ERRORS):  # the slots lapse on their own
+                self._discard(mailbox, conn)
 
 
 def _connection_lost(exc: BaseException) -> bool:

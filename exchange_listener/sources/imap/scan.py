@@ -24,6 +24,7 @@ from typing import Any
 
 import imapclient
 
+from exchange_listener.core import logs
 from exchange_listener.mail.headers import header, mime_headers
 from exchange_listener.mail.message_ids import normalize
 from exchange_listener.sources.base import MAX_MAILS_PER_JOB, NewMail
@@ -90,7 +91,7 @@ def scan(client: imapclient.IMAPClient, mailbox: str, selected: Selected, store:
         assert cursor is not None
         last = cursor.last_uid
         uids = sorted(u for u in (int(x) for x in client.search(["UID", f"{last + 1}:*"])) if u > last)
-    enqueued = 0
+    enqueued = old = 0
     for start in range(0, len(uids), FETCH_BATCH):
         batch = uids[start:start + FETCH_BATCH]
         data = client.fetch(batch, SCAN_ITEMS)
@@ -103,6 +104,7 @@ def scan(client: imapclient.IMAPClient, mailbox: str, selected: Selected, store:
             message_id = _message_id(entry.get(MESSAGE_ID_ITEM))
             received = received_at(entry.get(b"INTERNALDATE"))
             if received and received < since:
+                old += 1
                 continue
             the_id = item_id(folder, selected.uidvalidity, uid)
             candidates.append((identity(message_id, the_id), NewMail(
@@ -115,6 +117,9 @@ def scan(client: imapclient.IMAPClient, mailbox: str, selected: Selected, store:
         enqueued += len(mails)
         last = max(last, batch[-1])
         store.put(mailbox, folder, Cursor(selected.uidvalidity, last))  # only now: all up to it is enqueued
+    if old and not fresh:  # e.g. an old mail the rep dragged in: said, so it is never silent
+        logs.get_logger().info("new UIDs received before the cut-off were not taken", mailbox=mailbox,
+                               folder=folder, items=old, cut_off=round(since))
     if fresh:  # mail below UIDNEXT that was not taken is older than ``since``: never read again
         store.put(mailbox, folder, Cursor(selected.uidvalidity, max(last, selected.uidnext - 1, 0)))
     return enqueued

@@ -17,6 +17,7 @@ clear message.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import secrets
 import socket
@@ -136,7 +137,8 @@ class GoogleTokens:
                     raise LoginRefused(f"google_service_account_file cannot be used: {type(exc).__name__}: "
                                        f"{_safe(str(exc), self.settings)}") from None
                 self._credentials[mailbox] = creds
-        expiry = creds.expiry.timestamp() if creds.expiry else 0.0  # naive UTC in google-auth
+        # google-auth keeps expiry as a naive datetime in UTC: read as local time it would be hours off
+        expiry = creds.expiry.replace(tzinfo=dt.UTC).timestamp() if creds.expiry else 0.0
         if creds.token and expiry and expiry - time.time() > TOKEN_MARGIN:
             return str(creds.token)
         try:
@@ -147,6 +149,11 @@ class GoogleTokens:
         except google.auth.exceptions.TransportError as exc:
             raise ImapError(f"Google's token endpoint unreachable: {_safe(str(exc), self.settings)}") from None
         return str(creds.token)
+
+    def forget(self, mailbox: str) -> None:
+        """Drop the rep's cached token (the server refused it: revoked, or delegation changed)."""
+        with self._lock:
+            self._credentials.pop(mailbox, None)
 
 
 def _safe(text: str, settings: Settings) -> str:
@@ -193,7 +200,12 @@ def _login(client: imapclient.IMAPClient, settings: Settings, mailbox: str, toke
         else:
             token = (tokens or GoogleTokens(settings)).token(mailbox)
             client.oauth2_login(mailbox, token)
+    except UnicodeEncodeError:  # imaplib sends LOGIN's arguments as ASCII
+        raise LoginRefused(f"cannot log in as {mailbox!r} ({how}): the address or the credential has "
+                           "characters IMAP LOGIN cannot carry (use imap_auth = plain, which sends UTF-8)") from None
     except LoginError as exc:
+        if tokens is not None:
+            tokens.forget(mailbox)
         text = str(exc)
         if any(word in text.lower() for word in _LIMIT_WORDS):
             raise LimitReached(f"{mailbox}: the IMAP server refuses more connections for this account: "
