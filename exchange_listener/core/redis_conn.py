@@ -36,17 +36,29 @@ from exchange_listener.core.redis_url import parse_sentinel_url as parse_sentine
 from exchange_listener.core.redis_url import redact as redact  # noqa: PLC0414
 
 SENTINEL_TIMEOUT = 2.0  # per Sentinel question; a dead Sentinel costs at most this before the next is asked
+POOL_CAP = 256  # connections one client opens at most for many threads (the IMAP listener's)
+POOL_WAIT = 20.0  # seconds a thread waits for one of them
 
 
-def connect(url: str, *, socket_timeout: float | None = 10.0) -> redis.Redis:
+def connect(url: str, *, socket_timeout: float | None = 10.0, shared_by: int = 0) -> redis.Redis:
     """A client for ``url``; for ``redis+sentinel://`` one bound to the current primary.
 
     A Sentinel-backed client asks the Sentinels for the primary whenever it opens a connection,
     so after a failover the next command (once the failed one raised ``ConnectionError``)
     reaches the promoted replica; a primary demoted to replica is left too (READONLY is
-    turned into a reconnect by redis-py)."""
+    turned into a reconnect by redis-py).
+
+    ``shared_by``: how many threads may use the client at once, when that is more than
+    redis-py's pool allows by default (100; one more raises "Too many connections"). The
+    pool then holds up to ``POOL_CAP`` connections and a thread beyond it waits its turn
+    (up to ``POOL_WAIT`` s) rather than failing; via Sentinel the pool is only made larger."""
     options: dict[str, Any] = {"socket_connect_timeout": 5.0, "socket_timeout": socket_timeout, "health_check_interval": 15}
+    if shared_by > 100:
+        options["max_connections"] = min(shared_by, POOL_CAP)
     if not str(url).startswith(SENTINEL_SCHEME + ":"):
+        if shared_by > 100:
+            pool = redis.BlockingConnectionPool.from_url(url, timeout=POOL_WAIT, **options)
+            return redis.Redis(connection_pool=pool)
         return redis.Redis.from_url(url, **options)
     target = parse_sentinel_url(url)
     sentinel_options: dict[str, Any] = {"socket_connect_timeout": SENTINEL_TIMEOUT, "socket_timeout": SENTINEL_TIMEOUT}

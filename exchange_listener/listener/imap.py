@@ -339,6 +339,9 @@ class ImapListener(BaseListener):
         self.catchups: CatchUps[None] = CatchUps(self.holds, self._catch_up, lambda _i: None, settings, threads=1)
         threading.stack_size(STACK_SIZE)
 
+    def _redis_users(self, settings: Settings) -> int:
+        return 1000  # a thread per watched folder: thousands, each reading and writing its cursor
+
     def since(self, mailbox: str) -> float:
         """Mail received before this is not new in ``mailbox`` (before it was added, or older than
         the ledger remembers), less the clock skew allowance."""
