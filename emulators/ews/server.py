@@ -67,6 +67,13 @@ class Options:
     minute_seconds: float = 60.0  # length of one ConnectionTimeout minute (shorter only for tests)
     token_lifetime: int = 3599
     max_queued_events: int = 10_000  # per subscription; beyond it: ErrorMissedNotificationEvents
+    # on-premises Exchange as it runs (issue 15)
+    auth: tuple[str, ...] = ("basic", "ntlm", "oauth2")  # schemes offered (WWW-Authenticate) and accepted
+    tls_cert: str = ""  # PEM certificate (chain): serve HTTPS
+    tls_key: str = ""
+    throttling: str = "off"  # off | default (Exchange's default throttling policy per account)
+    server_version: str = "2016"  # 2016 | 2019 | SE
+    autodiscover_redirect: str = ""  # POX autodiscover answers with a redirect to this URL
 
 
 @dataclass

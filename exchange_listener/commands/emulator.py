@@ -38,6 +38,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long one ConnectionTimeout minute lasts (tests shorten it; default 60)")
     parser.add_argument("--max-queued-events", type=int, default=10_000,
                         help="events a subscription may queue before it fails with ErrorMissedNotificationEvents")
+    # on-premises Exchange as it runs (issue 15)
+    parser.add_argument("--auth", default="basic,ntlm,oauth2",
+                        help="authentication schemes offered, comma-separated: basic, ntlm (also Negotiate-wrapped "
+                             "NTLM), oauth2 (default: all)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this PEM certificate (chain)")
+    parser.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
+    parser.add_argument("--throttling", choices=("off", "default"), default="off",
+                        help="enforce Exchange's default throttling policy on each account (default off)")
+    parser.add_argument("--server-version", choices=("2016", "2019", "SE"), default="2016",
+                        help="the Exchange Server version to answer as (ServerVersionInfo; default 2016)")
+    parser.add_argument("--autodiscover-redirect", metavar="URL", default="",
+                        help="answer POX autodiscover with a redirect to this autodiscover URL")
     parser.add_argument("--log-level", default="warning")
 
 
@@ -70,6 +82,9 @@ def run(args: argparse.Namespace) -> int:
         max_streams_per_account=args.max_streams_per_account,
         max_subscriptions_per_mailbox=args.max_subscriptions_per_mailbox,
         minute_seconds=args.connection_timeout_minute_seconds, max_queued_events=args.max_queued_events,
+        auth=tuple(a.strip() for a in args.auth.split(",") if a.strip()), tls_cert=args.tls_cert or "",
+        tls_key=args.tls_key or "", throttling=args.throttling, server_version=args.server_version,
+        autodiscover_redirect=args.autodiscover_redirect,
     )
 
     def ready(url: str) -> None:
