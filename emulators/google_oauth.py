@@ -33,14 +33,14 @@ import json
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 import urllib.request
 from typing import TYPE_CHECKING, Any, Self
+
+from emulators.services import _EmulatorProcess
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.run(serve())
 
 
-class GoogleOAuth:
+class GoogleOAuth(_EmulatorProcess):
     """The emulator as a child process on a free port, with a fresh service-account key pair."""
 
     name = "google oauth emulator"
@@ -201,9 +201,7 @@ class GoogleOAuth:
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import rsa
 
-        from emulators.services import free_port
-
-        self.port = port or free_port()
+        super().__init__(port)
         self.client_email, self.project_id = client_email, project_id
         self.client_id = str(100000000000000000000 + secrets.randbelow(10**20))
         self.delegated_domains = list(delegated_domains)
@@ -217,8 +215,6 @@ class GoogleOAuth:
         with open(self.public_key_file, "wb") as fh:
             fh.write(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                    serialization.PublicFormat.SubjectPublicKeyInfo))
-        self.proc: subprocess.Popen | None = None
-        self.output: collections.deque[str] = collections.deque(maxlen=200)
 
     @property
     def base_url(self) -> str:
@@ -253,28 +249,8 @@ class GoogleOAuth:
                 "--key-id", self.private_key_id]
         for domain in self.delegated_domains:
             args += ["--domain", domain]
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if "Google OAuth emulator serving" not in line:
-            rest = self.proc.stdout.read() if self.proc.poll() is not None else ""
-            raise RuntimeError(f"{self.name} did not start: {line}{rest}")
-        threading.Thread(target=self._drain, args=(self.proc,), daemon=True).start()
+        self._launch(args, "Google OAuth emulator serving")
         return self
-
-    def _drain(self, proc: subprocess.Popen) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            self.output.append(line.rstrip("\n"))
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
 
     def _call(self, method: str, path: str) -> dict:
         req = urllib.request.Request(f"{self.base_url}{path}", data=b"" if method == "POST" else None,
