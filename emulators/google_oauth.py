@@ -62,7 +62,7 @@ class TokenServer:
         self.key_id = key_id
         self.domains = [d.lower() for d in domains]  # empty: every domain is delegated
         self.tokens: dict[str, dict[str, Any]] = {}
-        self.stats: collections.Counter[str] = collections.Counter()
+        self.stats: collections.Counter[str] = collections.Counter(grants=0, refusals=0, introspections=0)
 
     def _refuse(self, error: str, description: str, status: int = 400) -> web.Response:
         from aiohttp import web

@@ -34,10 +34,7 @@ def test_a_reply_is_acted_on_with_each_way_in(system, google_oauth, tmp_path, au
         key_file = google_oauth.write_service_account_file(tmp_path / "service-account.json")
         settings = {"imap_auth": auth, "google_service_account_file": key_file, "imap_username": "",
                     "imap_password": ""}
-    mailboxes.add(system.redis, [REP], source="imap")
-    system.start("listen", name="listener", **settings)
-    system.start("work", "--name", "imap-worker", name="worker", **settings)
-    wait_for(lambda: system.watching(2), message=f"watching with {auth}")
+    system.run(**settings)
     system.reply(f"e-{auth}")
     wait_for(lambda: system.stopped(f"e-{auth}"), message="reply stopped its enrollment")
     assert system.once(f"e-{auth}")

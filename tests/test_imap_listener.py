@@ -54,6 +54,16 @@ class System:
         self.procs.append(proc)
         return proc
 
+    def run(self, *, worker: bool = True, **settings) -> CliProcess:
+        """Watch REP through a listener (and a worker), both with ``settings``; returns the listener
+        once both of REP's folders are in IDLE."""
+        mailboxes.add(self.redis, [REP], source="imap")
+        listener = self.start("listen", name="listener", **settings)
+        if worker:
+            self.start("work", "--name", "imap-worker", name="worker", **settings)
+        wait_for(lambda: self.watching(2), message="INBOX and Junk watched")
+        return listener
+
     def imap_info(self, listener_id: str = "i1") -> dict:
         raw = self.redis.hget(keys.listener(listener_id), "imap")
         return json.loads(raw) if raw else {}
@@ -103,10 +113,7 @@ def flags(dovecot, address: str, folder: str) -> list[bytes]:
 
 
 def test_replies_in_the_inbox_and_junk_stop_their_enrollments_once_and_leave_flags_untouched(system):
-    mailboxes.add(system.redis, [REP], source="imap")
-    system.start("listen", name="listener")
-    system.start("work", "--name", "imap-worker", name="worker")
-    wait_for(lambda: system.watching(2), message="INBOX and Junk watched")
+    system.run()
 
     system.reply("e-inbox")
     system.reply("e-junk", folder="Junk")  # the folder with the \Junk special-use flag
@@ -118,10 +125,7 @@ def test_replies_in_the_inbox_and_junk_stop_their_enrollments_once_and_leave_fla
 
 
 def test_mail_that_came_while_no_listener_ran_is_read_from_the_cursor(system):
-    mailboxes.add(system.redis, [REP], source="imap")
-    listener = system.start("listen", name="listener")
-    system.start("work", "--name", "imap-worker", name="worker")
-    wait_for(lambda: system.watching(2), message="watching")
+    listener = system.run()
     system.reply("e-before")
     wait_for(lambda: system.stopped("e-before"), message="first reply stopped")
     assert listener.terminate() == 0
@@ -140,10 +144,7 @@ def test_mail_that_came_while_no_listener_ran_is_read_from_the_cursor(system):
 def test_replies_a_rule_files_elsewhere_or_a_burst_all_stop_without_waiting_for_a_renewal(system):
     """Rule-filed mail is found by the sweep at the next renewal (2 s here); a burst into the
     inbox, some of it announced while the listener was reading the rest, needs no renewal at all."""
-    mailboxes.add(system.redis, [REP], source="imap")
-    system.start("listen", name="listener", imap_idle_seconds=2)
-    system.start("work", "--name", "imap-worker", name="worker")
-    wait_for(lambda: system.watching(2), message="watching")
+    system.run(imap_idle_seconds=2)
     system.reply("e-filed", folder="Customers/Filed by rule")
     wait_for(lambda: system.stopped("e-filed"), message="the rule-filed reply stopped")
 
@@ -158,9 +159,7 @@ def test_replies_a_rule_files_elsewhere_or_a_burst_all_stop_without_waiting_for_
 
 
 def test_a_reply_moved_before_a_worker_ran_is_found_where_it_went(system):
-    mailboxes.add(system.redis, [REP], source="imap")
-    system.start("listen", name="listener")
-    wait_for(lambda: system.watching(2), message="watching")
+    system.run(worker=False)
     moved, trashed = system.reply("e-moved"), system.reply("e-trashed")
     wait_for(lambda: system.redis.llen("rq:queue:exchange-listener") >= 1, message="enqueued")
     wait_for(lambda: system.redis.hget(keys.imap_cursor(REP), "INBOX") is not None
@@ -174,10 +173,7 @@ def test_a_reply_moved_before_a_worker_ran_is_found_where_it_went(system):
 
 
 def test_dovecot_killed_and_restarted_and_connections_cut_mid_idle_lose_nothing(system):
-    mailboxes.add(system.redis, [REP], source="imap")
-    system.start("listen", name="listener")
-    system.start("work", "--name", "imap-worker", name="worker")
-    wait_for(lambda: system.watching(2), message="watching")
+    system.run()
 
     # the rep's connections cut mid-IDLE (doveadm kick: BYE and close); mail right after it
     assert system.dovecot.kick(REP) >= 2
@@ -197,10 +193,7 @@ def test_dovecot_killed_and_restarted_and_connections_cut_mid_idle_lose_nothing(
 
 
 def test_a_recreated_inbox_new_uidvalidity_reads_it_again_without_acting_twice(system):
-    mailboxes.add(system.redis, [REP], source="imap")
-    listener = system.start("listen", name="listener")
-    system.start("work", "--name", "imap-worker", name="worker")
-    wait_for(lambda: system.watching(2), message="watching")
+    listener = system.run()
     system.reply("e-old")
     wait_for(lambda: system.stopped("e-old"), message="first reply stopped")
     before = system.dovecot.uidvalidity(REP)
