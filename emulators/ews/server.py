@@ -173,9 +173,13 @@ class Emulator:
 
     # -- app --------------------------------------------------------------------------------
     def app(self) -> web.Application:
+        from emulators.ews import autodiscover  # POX autodiscover (issue 15)
+
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/EWS/Exchange.asmx", self.ews)
         app.router.add_post("/EWS/exchange.asmx", self.ews)
+        app.router.add_post(autodiscover.PATH, lambda request: autodiscover.handle(self, request))
+        app.router.add_post("/Autodiscover/Autodiscover.xml", lambda request: autodiscover.handle(self, request))
         app.router.add_post("/oauth2/v2.0/token", self.token)
         app.router.add_post("/{tenant}/oauth2/v2.0/token", self.token)
         app.router.add_post("/emulator/mailboxes/{address}/messages", self.deliver)
@@ -799,10 +803,16 @@ async def serve(options: Options, host: str, port: int, ready=None) -> None:
     runner = web.AppRunner(emulator.app(), access_log=None, shutdown_timeout=2.0, handle_signals=False,
                            handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True)
+    import ssl
+
+    tls = None
+    if options.tls_cert:  # HTTPS as on-premises Exchange serves it (a certificate from the site's CA)
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(options.tls_cert, options.tls_key or None)
+    site = web.TCPSite(runner, host, port, backlog=4096, reuse_address=True, ssl_context=tls)
     await site.start()
     if ready:
-        ready(f"http://{host}:{port}/EWS/Exchange.asmx")
+        ready(f"{'https' if tls else 'http'}://{host}:{port}/EWS/Exchange.asmx")
     try:
         await asyncio.Event().wait()
     finally:

@@ -109,7 +109,9 @@ class Field:
 FIELDS: tuple[Field, ...] = (
     Field("redis_url", str, "redis://127.0.0.1:6379/0", "Redis holding queues, leases, sync states, sends and enrollments.", _redis_url),
     Field("allow_volatile_redis", bool, False, "Accept a Redis that persists nothing or may evict our keys (demo/tests only); otherwise status is unhealthy."),
-    Field("ews_url", str, "", "EWS endpoint, e.g. https://mail.example.com/EWS/Exchange.asmx.", _url("http", "https")),
+    Field("ews_url", str, "", "EWS endpoint, e.g. https://mail.example.com/EWS/Exchange.asmx; empty: found by autodiscover for autodiscover_email.", _url("http", "https")),
+    Field("autodiscover_email", str, "", "With ews_url empty: a mailbox address whose EWS URL POX autodiscover finds (cached in Redis, shared by listeners and workers; asked again when the endpoint moves)."),
+    Field("autodiscover_url", str, "", "The autodiscover endpoint to ask, e.g. https://mail.example.com/autodiscover/autodiscover.xml; empty: found from autodiscover_email's domain (https://DOMAIN, https://autodiscover.DOMAIN, then DNS SRV).", _url("http", "https")),
     Field("ews_version", str, "15.1.2507.6", "Exchange build to assume (skips exchangelib's version probe)."),
     Field("auth_type", str, "basic", "basic | ntlm | oauth2.", _choice("basic", "ntlm", "oauth2")),
     Field("ews_username", str, "", "Service account (basic/ntlm)."),
@@ -123,7 +125,7 @@ FIELDS: tuple[Field, ...] = (
     Field("source", str, "ews", "ews | graph | imap: what this listener watches (Exchange Server by EWS, Exchange Online by Microsoft Graph, Gmail and any other server by IMAP IDLE); workers serve all.", _choice("ews", "graph", "imap")),
     Field("graph_url", str, "https://graph.microsoft.com/v1.0", "Microsoft Graph base URL (source = graph; workers fetch graph jobs through it).", _url("http", "https")),
     Field("client_certificate_file", str, "", "PEM file with the app's certificate and private key, instead of client_secret (Graph; its content is a secret; never logged)."),
-    Field("ca_file", str, "", "PEM file of CA certificates to trust for Graph and its token host (a private CA, the emulator); empty: the system's."),
+    Field("ca_file", str, "", "PEM file of CA certificates to trust for EWS (listener and workers, autodiscover included), Graph and its token host, and IMAP (a private CA, the emulator); empty: the system's. verify_tls = false still turns EWS verification off."),
     Field("notification_url", str, "", "Public HTTPS URL Microsoft Graph POSTs change notifications to (a reverse proxy to notification_listen); empty: delta-only polling.", _url("http", "https")),
     Field("notification_listen", str, "127.0.0.1:8790", "host:port the Graph notification receiver binds (source = graph with notification_url).", _host_port),
     Field("graph_poll_seconds", float, 0.0, "Delta-only mode when > 0 and notification_url is empty: every mailbox's folders are read by delta this often.", _between(0, 86400)),
@@ -368,7 +370,11 @@ def _check_combinations(settings: Settings) -> None:
             raise ConfigError(f"imap_max_connections_per_account ({settings.imap_max_connections_per_account}) is "
                               f"below the {len(folder_list(settings.imap_folders))} folders of imap_folders, "
                               "each of which needs its own IDLE connection")
-    if settings.ews_url:
+    if settings.autodiscover_url:
+        settings.require("autodiscover_email")
+    if settings.autodiscover_email and "@" not in settings.autodiscover_email:
+        raise ConfigError(f"autodiscover_email: must be a mailbox address, user@domain (got {settings.autodiscover_email!r})")
+    if settings.ews_url or settings.autodiscover_email:
         if settings.auth_type in ("basic", "ntlm"):
             settings.require("ews_username", "ews_password")
         else:

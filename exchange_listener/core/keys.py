@@ -19,6 +19,8 @@ el:api:processes                 hash    api.presence -> health, status; no TTL,
 el:sync:{mailbox}                hash    sources.ews.catch_up -> sources.ews.fetch; no TTL (``mailboxes remove``)
 el:folders:{mailbox}             hash    sources.ews.catch_up -> sources.ews.stream, .fetch; the same
 el:tree:{mailbox}                hash    sources.ews.catch_up -> sources.ews.stream, .fetch; the same
+el:ews:autodiscover              hash    sources.ews.discovery (listeners, workers); no TTL, a field replaced when
+                                         autodiscover runs again (autodiscover_email -> JSON ews_url, found_at)
 el:graph:subscriptions           hash    sources.graph.subscriptions -> sources.graph.receiver; no TTL, removed
                                          with the subscription (subscription id -> mailbox, clientState hash)
 el:graph:lifecycle               stream  sources.graph.receiver -> listener.graph; capped at ~10,000 entries
@@ -89,6 +91,10 @@ def folders(mailbox: str) -> str:
 
 def tree(mailbox: str) -> str:
     return f"el:tree:{mailbox}"
+
+
+# -- where EWS is (exchange_listener.sources.ews.discovery) -------------------------------------
+EWS_AUTODISCOVER = "el:ews:autodiscover"  # address (lower case) -> JSON {ews_url, autodiscover_url, found_at}
 
 
 # -- the Microsoft Graph source (exchange_listener.sources.graph) --------------------------------
@@ -208,6 +214,7 @@ KEYSPACE: tuple[Key, ...] = (
     Key(sync("*"), "hash", "exchange_listener.sources.ews.catch_up"),
     Key(folders("*"), "hash", "exchange_listener.sources.ews.catch_up"),
     Key(tree("*"), "hash", "exchange_listener.sources.ews.catch_up"),
+    Key(EWS_AUTODISCOVER, "hash", "exchange_listener.sources.ews.discovery"),
     Key(GRAPH_SUBSCRIPTIONS, "hash", "exchange_listener.sources.graph.subscriptions"),
     Key(graph_subscription("*"), "hash", "exchange_listener.sources.graph.subscriptions"),
     Key(GRAPH_LIFECYCLE, "stream", "exchange_listener.sources.graph.receiver"),

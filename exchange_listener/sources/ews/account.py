@@ -5,10 +5,15 @@ credentials. A stream holds its session for up to 30 minutes and affinity cookie
 through a shared jar, so callers ask for a *pool* by name (one per subscription group, one
 per worker process): each pool gets credentials that differ only in their pool tag, hence its
 own Protocol, sessions and cookies.
+
+TLS: exchangelib makes every HTTP adapter from one class attribute (``BaseProtocol.HTTP_ADAPTER_CLS``),
+so trust is process-wide: ``verify_tls = false`` turns verification off, else ``ca_file`` (a
+private CA's PEM) is what an adapter verifies against, else the system's CAs
+(``discovery.adapter_class``). The endpoint is ``ews_url`` or, when that is empty, the one
+autodiscover found (``sources.ews.discovery``).
 """
 from __future__ import annotations
 
-import requests.adapters
 from exchangelib import (
     DELEGATE,
     IMPERSONATION,
@@ -19,12 +24,12 @@ from exchangelib import (
     Version,
 )
 from exchangelib.credentials import OAuth2Credentials
-from exchangelib.protocol import BaseProtocol, NoVerifyHTTPAdapter
-from exchangelib.transport import BASIC, NTLM, OAUTH2
+from exchangelib.protocol import BaseProtocol
 
 from exchange_listener.core.config import Settings
+from exchange_listener.sources.ews import discovery
 
-_AUTH = {"basic": BASIC, "ntlm": NTLM, "oauth2": OAUTH2}
+AUTH = discovery.AUTH
 
 
 class _PooledPassword(Credentials):
@@ -64,13 +69,13 @@ def _version(settings: Settings) -> Version:
 
 
 def make_configuration(settings: Settings, *, pool: str = "default", max_connections: int = 4) -> Configuration:
-    """A Configuration whose Protocol is private to ``pool``; no request is sent here."""
-    settings.require("ews_url")
-    BaseProtocol.HTTP_ADAPTER_CLS = requests.adapters.HTTPAdapter if settings.verify_tls else NoVerifyHTTPAdapter
+    """A Configuration whose Protocol is private to ``pool``; sends no EWS request (autodiscover
+    runs here only when ``ews_url`` is empty and nothing is cached in Redis yet)."""
+    BaseProtocol.HTTP_ADAPTER_CLS = discovery.adapter_class(settings)
     return Configuration(
-        service_endpoint=settings.ews_url,
+        service_endpoint=discovery.ews_url(settings, lambda: make_credentials(settings, "autodiscover")),
         credentials=make_credentials(settings, pool),
-        auth_type=_AUTH[settings.auth_type],
+        auth_type=AUTH[settings.auth_type],
         version=_version(settings),
         max_connections=max_connections,
     )
@@ -80,3 +85,10 @@ def make_account(settings: Settings, mailbox: str, configuration: Configuration)
     """An Account for ``mailbox`` (impersonated or delegated); sends no request."""
     access = IMPERSONATION if settings.access_type == "impersonation" else DELEGATE
     return Account(mailbox, config=configuration, autodiscover=False, access_type=access)
+
+
+def check_at_start(settings: Settings) -> Settings:
+    """``discovery.check_at_start`` with this module's credentials: for a process about to use
+    EWS, ``settings`` with ``ews_url`` filled in (autodiscover) after its certificate was checked;
+    a certificate that is not trusted or names another host is a one-line ``ConfigError``."""
+    return discovery.check_at_start(settings, lambda: make_credentials(settings, "autodiscover"))
