@@ -58,6 +58,7 @@ def streaming(conn, name: str) -> bool:
     return bool(raw) and sum(g["mailboxes"] for g in json.loads(raw) if g["connected"]) == 1
 
 
+@pytest.mark.slow  # a listener, a worker, a restarted listener: ~6 s
 def test_url_found_by_autodiscover_cached_and_shared(ews_server, redis_server, redis_client, tmp_path):
     ews_server.reset()
     env = service_env(redis_server.url, "", autodiscover_email=MAILBOX, autodiscover_url=ews_server.base_url + PATH,
