@@ -84,6 +84,10 @@ def _listeners(conn: redis.Redis, now: float) -> list[dict]:
             imap = json.loads(info.get("imap") or "null")
         except ValueError:
             imap = None
+        try:
+            throttling = json.loads(info.get("throttling") or "null")
+        except ValueError:
+            throttling = None
         found.append({
             "id": listener_id,
             "source": info.get("source") or "ews",
@@ -106,8 +110,19 @@ def _listeners(conn: redis.Redis, now: float) -> list[dict]:
             } for g in groups if isinstance(g, dict)],
             **({"graph": _graph(graph, now)} if isinstance(graph, dict) else {}),
             **({"imap": _imap(imap, now)} if isinstance(imap, dict) else {}),
+            **({"throttling": _throttling(throttling)} if isinstance(throttling, dict) else {}),
         })
     return found
+
+
+def _throttling(info: dict) -> dict:
+    """An EWS listener's distance from Exchange's default throttling policy: streaming
+    connections per budget (the impersonated mailbox), subscriptions per mailbox, group size,
+    each used / allowed."""
+    fields = ("streaming_connections", "connections_per_budget_max", "connections_per_budget_allowed",
+              "subscriptions", "subscriptions_per_mailbox_max", "subscriptions_per_mailbox_allowed",
+              "group_size_max", "group_size_allowed")
+    return {name: int(_number(info.get(name)) or 0) for name in fields}
 
 
 def _imap(info: dict, now: float) -> dict:

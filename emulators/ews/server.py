@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from emulators.ews import soap
+from emulators.ews import soap, throttling
 from emulators.ews.soap import NS, BadRequest
 from emulators.ews.store import (
     DELETIONS,
@@ -286,6 +286,18 @@ class Emulator:
         principal = self._principal(request)
         if principal is None:
             return self._unauthorized()
+        throttle = throttling.of(self)  # --throttling default: EWSMaxConcurrency and the time budget
+        operation, impersonated = throttling.peek(data) if throttle is not None else ("", None)
+        if throttle is not None and operation != "GetStreamingEvents":  # streams: HangingConnectionLimit
+            try:
+                with throttle.request(throttling.charged_to(principal.name, impersonated)):
+                    return await self._answer(request, principal, data)
+            except throttling.Refused as exc:
+                return self._fault(exc.code, exc.text, exc.back_off_ms)
+        return await self._answer(request, principal, data)
+
+    async def _answer(self, request: web.Request, principal: Principal, data: bytes) -> web.StreamResponse:
+        """Faults, then the operation (``_ews`` has authenticated the caller)."""
         if self.faults.latency_ms:
             await asyncio.sleep(self.faults.latency_ms / 1000)
         if self.faults.http_503 > 0:
@@ -480,8 +492,12 @@ class Emulator:
                 if not refs:
                     raise StoreError("ErrorInvalidSubscriptionRequest", "No folders to subscribe to.")
                 folder_ids = [self._folder(mailbox, ref).id for ref in refs]
+            throttle = throttling.of(self)
+            if throttle is not None:  # EWSMaxSubscriptions, charged to the target mailbox when impersonating
+                throttle.check_subscriptions(throttling.subscriptions_charged(
+                    self.store, principal.name, mailbox, req.impersonated))
             sub = self.store.subscribe(principal.name, mailbox, folder_ids, event_types)
-        except StoreError as exc:
+        except (StoreError, throttling.Refused) as exc:
             return self._xml(soap.response("Subscribe", [soap.error("Subscribe", exc.code, exc.text)]))
         headers = {}
         if request.headers.get("X-PreferServerAffinity", "").lower() == "true":
@@ -544,6 +560,13 @@ class Emulator:
         if limit and sum(1 for s in self.streams if s.principal.name == principal.name) >= limit:
             return self._stream_error("ErrorExceededConnectionCount",
                                       "You have exceeded the available concurrent connections for your account.")
+        throttle = throttling.of(self)  # HangingConnectionLimit, charged to the impersonated mailbox's copy
+        charged = throttling.charged_to(principal.name, req.impersonated.lower() if req.impersonated else None)
+        if throttle is not None:
+            try:
+                throttle.open_stream(charged)
+            except throttling.Refused as exc:
+                return self._stream_error(exc.code, exc.text)
         stream = Stream(principal, subs, request.transport)
         for sub in subs:
             if sub.stream is not None and sub.stream is not stream:
@@ -562,6 +585,8 @@ class Emulator:
         except (ConnectionError, RuntimeError):  # client went away mid-write
             stream.dead = True
         finally:  # also on cancellation: aiohttp cancels the handler when the client disconnects
+            if throttle is not None:
+                throttle.close_stream(charged)
             self.streams.discard(stream)
             now = time.monotonic()
             for sub in stream.subs:

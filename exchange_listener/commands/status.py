@@ -76,6 +76,13 @@ def render(snap: dict, found: list[str]) -> str:
                 detail = "; ".join(
                     f"{g['group']} ({g['mailboxes']}, {'up' if g['connected'] else 'DOWN'}, {_age(g['last_activity_age_s'])})"
                     for g in item["groups"]) or "-"
+                limits = item.get("throttling")
+                if limits:  # how close to Exchange's default throttling policy (per budget, used/allowed)
+                    detail += (f" | throttling: streams {limits['connections_per_budget_max']}/"
+                               f"{limits['connections_per_budget_allowed']} per mailbox budget "
+                               f"({limits['streaming_connections']} open), subscriptions "
+                               f"{limits['subscriptions_per_mailbox_max']}/{limits['subscriptions_per_mailbox_allowed']}"
+                               f" per mailbox, group size {limits['group_size_max']}/{limits['group_size_allowed']}")
             rows.append([item["id"], item.get("source", "ews"), str(item["mailboxes"]),
                          _age(item["last_heartbeat_age_s"]), detail])
         lines += _table(rows)

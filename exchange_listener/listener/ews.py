@@ -40,7 +40,11 @@ from exchange_listener.listener.base import (
 from exchange_listener.sources.base import NewMail
 from exchange_listener.sources.ews import account as ews_account
 from exchange_listener.sources.ews.catch_up import SyncStore, catch_up_mailbox
-from exchange_listener.sources.ews.stream import StreamGroup
+from exchange_listener.sources.ews.stream import (
+    EWS_MAX_SUBSCRIPTIONS,
+    HANGING_CONNECTION_LIMIT,
+    StreamGroup,
+)
 
 if TYPE_CHECKING:  # exchangelib's (untyped); account makes them
     from exchangelib import Configuration
@@ -184,7 +188,25 @@ class EwsListener(BaseListener):
             group.remove(members)
 
     def _source_info(self) -> dict[str, Any]:
-        return {"groups": [g.status() for g in self.groups]}
+        groups = [g.status() for g in self.groups]
+        return {"groups": groups, "throttling": self._throttling(groups)}
+
+    @staticmethod
+    def _throttling(groups: list[dict[str, Any]]) -> dict[str, Any]:
+        """How close this listener is to Exchange's default throttling policy (``status`` shows it).
+
+        A streaming connection is charged to the mailbox its GetStreamingEvents impersonates
+        (``stream_as``), a subscription to its target mailbox: the figures are the most any one
+        budget carries, against what the default policy allows (emulators/ews/throttling.py)."""
+        per_budget = collections.Counter(g["stream_as"] for g in groups if g["connected"] and g.get("stream_as"))
+        return {"streaming_connections": sum(per_budget.values()),
+                "connections_per_budget_max": max(per_budget.values(), default=0),
+                "connections_per_budget_allowed": HANGING_CONNECTION_LIMIT,
+                "subscriptions": sum(g["subscribed"] for g in groups),
+                "subscriptions_per_mailbox_max": 1 if any(g["subscribed"] for g in groups) else 0,
+                "subscriptions_per_mailbox_allowed": EWS_MAX_SUBSCRIPTIONS,
+                "group_size_max": max((g["mailboxes"] for g in groups), default=0),
+                "group_size_allowed": MAX_GROUP_SIZE}
 
     def _stop_source(self, deadline: float) -> dict[str, Any]:
         for group in self.groups:

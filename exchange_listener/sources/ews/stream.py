@@ -21,6 +21,17 @@ removed, mailbox gone, a move in progress) is retried on its own backoff and rep
 refuses another connection, the listener is asked to re-form groups (``on_limit``); when the
 group's anchor stays busy, the group picks another anchor mailbox and subscribes again.
 
+Throttling (Exchange Server's default policy; see emulators/ews/throttling.py for Microsoft's
+pages): the server allows 3 open GetStreamingEvents connections (``HangingConnectionLimit``)
+per budget, and a connection made while impersonating a mailbox is charged to a copy of *that
+mailbox's* budget, not the service account's. So each group's GetStreamingEvents impersonates
+one of its own members (``stream_as``: the anchor while it is a member); members are disjoint
+across groups, hence every connection is charged to a different mailbox and none nears the
+limit, whatever the number of groups. Should the server still refuse (another application
+holds that mailbox's connections), the group streams as its next member before falling back to
+the listener's re-forming of groups. Subscriptions (``EWSMaxSubscriptions``, 5000) are charged
+to each target mailbox, which holds one.
+
 The stream's read timeout is two heartbeat intervals (plus a second), so a silent connection
 is noticed promptly instead of after exchangelib's ``connection_timeout * 60 + 60`` seconds.
 Membership changes interrupt the stream by shutting its socket down.
@@ -65,6 +76,10 @@ from exchange_listener.sources.ews.wire import Service, WholeBody, envelopes
 NEW_ITEM_EVENTS = ("CreatedEvent", "NewMailEvent")
 EVENT_TYPES = (*NEW_ITEM_EVENTS, "MovedEvent")
 BUSY_STREAK_TO_REANCHOR = 3  # consecutive ErrorServerBusy answers before the group moves to another anchor
+MAX_STREAM_AS_MOVES = 2  # connection refusals answered by impersonating another member, before backing off
+# Exchange Server 2013-SE defaults (emulators/ews/throttling.py cites Microsoft's pages), for status
+HANGING_CONNECTION_LIMIT = 3  # open GetStreamingEvents connections per budget (impersonated mailbox)
+EWS_MAX_SUBSCRIPTIONS = 5000  # subscriptions per target mailbox
 MAX_FAILING_SHOWN = 50  # failing mailboxes listed per group in status
 REQUEST_TIMEOUT = 30.0  # seconds for a non-streaming EWS call
 CONNECT_TIMEOUT = 5.0
@@ -234,7 +249,9 @@ class GroupStreamingEvents(_GroupAffinity, GetStreamingEvents):
         self.group.last_activity = time.time()
         self.group.backoff.reset()  # a whole envelope arrived: the connection works again
         self.group.busy_streak = 0
-        return super()._get_element_container(message, name=name)
+        container = super()._get_element_container(message, name=name)
+        self.group._stream_as_moves = 0  # an envelope without error: the server holds this connection
+        return container
 
 
 class _Unknown(enum.Enum):
@@ -296,6 +313,8 @@ class StreamGroup:
         self.config = ews_account.make_configuration(settings, pool=f"{listener_id}/{group_id}", max_connections=2)
         self.anchor: str | None = None
         self.cookie: str | None = None
+        self.stream_as: str | None = None  # the member GetStreamingEvents impersonates (whose budget pays)
+        self._stream_as_moves = 0  # refusals answered by streaming as another member since the last stream
         self.assigned: set[str] = set()  # what the listener gave us; only its thread touches this
         self.members: dict[str, Member] = {}  # only the group's thread touches this
         self.by_subscription: dict[str, Member] = {}
@@ -378,7 +397,7 @@ class StreamGroup:
         failing = sorted(((m.failing_since, m) for m in list(self.members.values()) if m.failing_since is not None),
                          key=lambda pair: pair[0])
         return {"group": self.id, "anchor": self.anchor, "mailboxes": len(self.members),
-                "subscribed": len(self.by_subscription), "connected": self.connected,
+                "subscribed": len(self.by_subscription), "connected": self.connected, "stream_as": self.stream_as,
                 "last_activity": round(self.last_activity, 3), "failing_count": len(failing),
                 "failing": [{"mailbox": m.mailbox, "since": round(since, 3), "error": m.last_error,
                              "retry_at": round(m.retry_at, 3)} for since, m in failing[:MAX_FAILING_SHOWN]]}
@@ -409,8 +428,14 @@ class StreamGroup:
             except SUBSCRIPTION_ERRORS as exc:
                 self._resubscribe_failed(exc)
             except (ews_errors.ErrorExceededConnectionCount, ews_errors.ErrorExceededSubscriptionCount) as exc:
+                refused = isinstance(exc, ews_errors.ErrorExceededConnectionCount)
+                moved_from = self.stream_as
+                if refused and self._stream_as_moves < MAX_STREAM_AS_MOVES and self._move_stream_as():
+                    self._lost("limit", f"server refused another streaming connection on {moved_from}'s budget "
+                               f"({type(exc).__name__}); streaming as {self.stream_as} instead", 0.5 * random.random())
+                    continue
                 delay = backoff.next(floor=15.0)
-                if isinstance(exc, ews_errors.ErrorExceededConnectionCount) and self.on_limit is not None:
+                if refused and self.on_limit is not None:
                     self.on_limit(self)  # the listener folds this group into others with room, if any
                 self._lost("limit", f"server connection/subscription limit reached ({type(exc).__name__}); "
                            f"backing off {delay:.0f}s before trying again", delay)
@@ -593,9 +618,32 @@ class StreamGroup:
         # No group-wide catch-up: the resubscribed mailboxes get theirs when subscribed, and the
         # others lost nothing (a failed GetStreamingEvents leaves their events on the server).
 
+    def _move_stream_as(self) -> bool:
+        """Impersonate the next member on GetStreamingEvents (its budget's connections are free)."""
+        others = sorted(m.mailbox for m in self.by_subscription.values() if m.mailbox != self.stream_as)
+        if not others:
+            return False
+        current = self.stream_as or ""
+        self.stream_as = next((m for m in others if m > current), others[0])
+        self._stream_as_moves += 1
+        return True
+
+    def _stream_member(self, live: dict[str, Member]) -> Member:
+        """The member whose budget pays for the connection: ``stream_as`` while it is subscribed
+        here, else the anchor, else the first member (a member of this group only, so no two
+        groups' connections are charged to the same mailbox)."""
+        subscribed = {m.mailbox: m for m in live.values()}
+        for candidate in (self.stream_as, self.anchor):
+            if candidate in subscribed:
+                member = subscribed[candidate]
+                break
+        else:
+            member = subscribed[min(subscribed)]
+        self.stream_as = member.mailbox
+        return member
+
     def _stream(self, live: dict[str, Member]) -> None:
-        svc = GroupStreamingEvents(account=live[next(iter(live))].account if self.anchor not in self.members
-                                   else self.members[self.anchor].account)
+        svc = GroupStreamingEvents(account=self._stream_member(live).account)
         svc.group = self
         svc.read_timeout = 2 * self.settings.heartbeat_seconds + 1.0
         self._svc = svc
