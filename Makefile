@@ -94,5 +94,5 @@ tail: ## follow every process's log
 bench: $(VENV)/.installed ## benchmarks -> bench-results/*.json and a table (QUICK=1 for a short run)
 	$(BIN)/python bench/run_all.py $(if $(QUICK),--quick,)
 
-chaos: $(VENV)/.installed ## fault drill with ground-truth check (SIZE=small|large, SOURCE=ews|graph); JSON report as last line
+chaos: $(VENV)/.installed ## fault drill with ground-truth check (SIZE=small|large, SOURCE=ews|graph|imap); JSON report as last line
 	$(BIN)/python bench/chaos.py --size $(SIZE) --source $(SOURCE)

@@ -68,11 +68,15 @@ Children run with short timings so that the drill fits in CI: ``heartbeat_second
     python bench/chaos.py --size small     # CI: about 90 s on two cores
     python bench/chaos.py --size large     # >= 10,000 replies
     python bench/chaos.py --size small --source graph   # the same drill against Microsoft Graph
+    python bench/chaos.py --size small --source imap    # the same drill against a real Dovecot
 
 ``--source graph`` (``bench/graph_chaos.py``) runs it with the Graph emulator, listeners with
 ``source = graph`` behind one notification URL (a forwarding proxy in front of their receivers),
 one redis-server with AOF unless ``--redis sentinel``, and the Graph emulator's faults instead of
-the EWS ones; the report and its check are the same (plus a ``graph`` section).
+the EWS ones; the report and its check are the same (plus a ``graph`` section). ``--source imap``
+(``bench/imap_chaos.py``) runs it against a real Dovecot: Dovecot killed and stopped and restarted,
+connections cut mid-IDLE, a recreated INBOX (new UIDVALIDITY), besides the listener, worker and
+Redis faults (plus an ``imap`` section).
 
 The helpers here (``Stack``, the message builders, ``Deliverer``, ``transition_times``) are also
 used by ``bench/run_all.py`` for the end-to-end benchmark.
@@ -1438,14 +1442,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis", choices=["sentinel", "single"], default=None,
                         help="Redis as a Sentinel group (with the failover fault) or one server (default: by size)")
     parser.add_argument("--no-mailbox-phase", action="store_true", help="leave out the mailbox-behaviour phase")
-    parser.add_argument("--source", choices=["ews", "graph"], default="ews",
-                        help="the mail source: ews (the EWS emulator, streaming) or graph (the Microsoft Graph "
-                             "emulator, notifications and delta; bench/graph_chaos.py)")
+    parser.add_argument("--source", choices=["ews", "graph", "imap"], default="ews",
+                        help="the mail source: ews (the EWS emulator, streaming), graph (the Microsoft Graph "
+                             "emulator, notifications and delta; bench/graph_chaos.py) or imap (a real Dovecot, "
+                             "IDLE per folder; bench/imap_chaos.py)")
     args = parser.parse_args(argv)
-    if args.source == "graph" and args.plumbing == "baseline":
+    if args.source in ("graph", "imap") and args.plumbing == "baseline":
         parser.error("--plumbing baseline knows EWS only")
     seed = args.seed if args.seed is not None else int(time.time())
-    suffix = "-graph" if args.source == "graph" else ""
+    suffix = {"graph": "-graph", "imap": "-imap"}.get(args.source, "")
     log_dir = tempfile.mkdtemp(prefix=f"el-chaos-{args.size}{suffix}-")
     sentinel = None if args.redis is None else args.redis == "sentinel"
     if args.plumbing == "baseline":
@@ -1456,6 +1461,10 @@ def main(argv: list[str] | None = None) -> int:
         from graph_chaos import GraphDrill
 
         drill_class = GraphDrill
+    if args.source == "imap":
+        from imap_chaos import ImapDrill
+
+        drill_class = ImapDrill
     drill = drill_class(args.size, seed, log_dir, args.plumbing, sentinel=sentinel, phase=not args.no_mailbox_phase)
     report: dict
     try:
