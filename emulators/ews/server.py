@@ -137,6 +137,7 @@ class Faults:
 class Emulator:
     def __init__(self, options: Options):
         self.options = options
+        soap.set_server_version(options.server_version)  # the ServerVersionInfo header of every answer
         self.store = self._new_store()
         self.streams: set[Stream] = set()
         self.inflight: set[asyncio.Task] = set()  # EWS requests being answered (reset cancels them)
@@ -312,6 +313,7 @@ class Emulator:
                                busy_back_off)
         try:
             req = soap.parse_request(data)
+            soap.check_requested_version(req)  # exchangelib's version probe walks down on ErrorInvalidServerVersion
             self.operations[req.operation] += 1
             mailbox = self._mailbox(principal, req, request)
             handler = getattr(self, f"op_{req.operation}", None)
@@ -475,6 +477,10 @@ class Emulator:
                  "<m:IncludesLastFolderInRange>true</m:IncludesLastFolderInRange>"
                  f"<m:Changes>{''.join(parts)}</m:Changes>")
         return self._xml(soap.response("SyncFolderHierarchy", [soap.ok("SyncFolderHierarchy", inner)]))
+
+    def op_ConvertId(self, request, principal, mailbox, req) -> web.Response:
+        """What exchangelib sends to learn the server's version when none is configured."""
+        return self._xml(soap.response("ConvertId", soap.convert_id_messages(req.body)))
 
     def op_Subscribe(self, request, principal, mailbox, req) -> web.Response:
         streaming = req.body.find("m:StreamingSubscriptionRequest", NS)

@@ -23,8 +23,43 @@ T = "http://schemas.microsoft.com/exchange/services/2006/types"
 E = "http://schemas.microsoft.com/exchange/services/2006/errors"
 NS = {"s": S, "m": M, "t": T}
 
-SERVER_VERSION = ('<h:ServerVersionInfo MajorVersion="15" MinorVersion="1" MajorBuildNumber="2507" '
-                  f'MinorBuildNumber="6" Version="Exchange2016" xmlns:h="{T}"/>')
+# The product the emulator answers as (``--server-version``): build numbers from Microsoft's
+# "Exchange Server build numbers and release dates"
+# (https://learn.microsoft.com/exchange/new-features/build-numbers-and-release-dates):
+# Exchange Server 2016 CU23 15.1.2507.6, Exchange Server 2019 CU15 15.2.1748.10,
+# Exchange Server SE RTM 15.2.2562.17. On-premises servers of these lines write the schema
+# version "V2017_07_11" in the Version attribute (seen in 2016 CU23 and SE responses); it is
+# not a RequestServerVersion value, so clients keep the version they asked with (exchangelib
+# does: Version._is_invalid_version_string).
+SERVER_BUILDS = {"2016": (15, 1, 2507, 6), "2019": (15, 2, 1748, 10), "SE": (15, 2, 2562, 17)}
+SERVER_SCHEMA_VERSION = "V2017_07_11"
+# RequestServerVersion values these servers accept: the ExchangeVersionType enumeration of
+# their types.xsd (schema/types.xsd). Anything else: an ErrorInvalidServerVersion SOAP fault.
+REQUEST_VERSIONS = frozenset({
+    "Exchange2007", "Exchange2007_SP1", "Exchange2009", "Exchange2010", "Exchange2010_SP1", "Exchange2010_SP2",
+    "Exchange2012", "Exchange2013", "Exchange2013_SP1", "Exchange2015", "Exchange2016", "V2015_10_05",
+    "V2016_01_06", "V2016_04_13", "V2016_07_13", "V2016_10_10"})
+
+
+def server_version_info(product: str) -> str:
+    """The ``t:ServerVersionInfo`` SOAP header Exchange writes for ``product`` (2016, 2019, SE)."""
+    major, minor, build, revision = SERVER_BUILDS[product]
+    return (f'<h:ServerVersionInfo MajorVersion="{major}" MinorVersion="{minor}" MajorBuildNumber="{build}" '
+            f'MinorBuildNumber="{revision}" Version="{SERVER_SCHEMA_VERSION}" xmlns:h="{T}"/>')
+
+
+SERVER_VERSION = server_version_info("2016")
+
+
+def set_server_version(product: str) -> None:
+    """Answer as ``product`` from now on. One emulator per process, so a module setting: every
+    envelope built here carries it without threading it through each caller."""
+    global SERVER_VERSION
+    if product not in SERVER_BUILDS:
+        raise ValueError(f"server version must be one of {sorted(SERVER_BUILDS)}")
+    SERVER_VERSION = server_version_info(product)
+
+
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
 
 
@@ -55,6 +90,7 @@ class Request:
     operation: str
     body: etree._Element  # the operation element, e.g. m:GetItem
     impersonated: str | None  # PrimarySmtpAddress/SmtpAddress from ExchangeImpersonation
+    requested_version: str | None = None  # RequestServerVersion's Version, if the header is there
 
 
 def parse_request(data: bytes) -> Request:
@@ -68,9 +104,12 @@ def parse_request(data: bytes) -> Request:
     op = body[0]
     if etree.QName(op).namespace != M:
         raise BadRequest("ErrorSchemaValidation", "The request body is not in the EWS messages namespace.")
-    impersonated = None
+    impersonated = requested = None
     header = root.find(f"{{{S}}}Header")
     if header is not None:
+        version = header.find(f"{{{T}}}RequestServerVersion")
+        if version is not None:
+            requested = version.get("Version", "")
         imp = header.find(f"{{{T}}}ExchangeImpersonation")
         if imp is not None:
             for tag in ("PrimarySmtpAddress", "SmtpAddress", "PrincipalName"):
@@ -80,7 +119,15 @@ def parse_request(data: bytes) -> Request:
                     break
             if impersonated is None:
                 raise BadRequest("ErrorImpersonateUserDenied", "The impersonation header names no user.")
-    return Request(etree.QName(op).localname, op, impersonated)
+    return Request(etree.QName(op).localname, op, impersonated, requested)
+
+
+def check_requested_version(req: Request) -> None:
+    """Exchange refuses a RequestServerVersion it does not know with a SOAP fault (HTTP 500)
+    ``ErrorInvalidServerVersion`` "The specified server version is invalid."; exchangelib's
+    version probe reads that and tries its next version. A request without the header is served."""
+    if req.requested_version is not None and req.requested_version not in REQUEST_VERSIONS:
+        raise BadRequest("ErrorInvalidServerVersion", "The specified server version is invalid.")
 
 
 def mailbox_hint(op: etree._Element) -> str | None:
@@ -115,6 +162,8 @@ def shape(op: etree._Element, tag: str) -> tuple[str, list[str]]:
         return "IdOnly", []
     base = text_of(elem, "t:BaseShape") or "IdOnly"
     fields = [f.get("FieldURI") for f in elem.findall("t:AdditionalProperties/t:FieldURI", NS)]
+    if (text_of(elem, "t:IncludeMimeContent") or "").lower() in ("true", "1"):
+        fields.append("item:MimeContent")  # the shape's own way to ask for MIME (Microsoft's GetItem example)
     return base, [f for f in fields if f]
 
 
@@ -126,8 +175,9 @@ def envelope(body: str, *, header: bool = True) -> bytes:
 
 
 def stream_envelope(body: str) -> bytes:
-    """One streamed document: ``<s:Envelope `` then a space, as exchangelib's splitter needs."""
-    return f'<s:Envelope xmlns:s="{S}"><s:Body>{body}</s:Body></s:Envelope>'.encode()
+    """One streamed document: ``<s:Envelope `` then a space, as exchangelib's splitter needs.
+    Each carries the ServerVersionInfo header, as in Microsoft's GetStreamingEvents example."""
+    return f'<s:Envelope xmlns:s="{S}"><s:Header>{SERVER_VERSION}</s:Header><s:Body>{body}</s:Body></s:Envelope>'.encode()
 
 
 def response(operation: str, messages: list[str]) -> str:
@@ -157,6 +207,26 @@ def fault(code: str, text: str, back_off_ms: int | None = None) -> bytes:
             f'<e:ResponseCode xmlns:e="{E}">{esc(code)}</e:ResponseCode>'
             f'<e:Message xmlns:e="{E}">{esc(text)}</e:Message>{xml}</detail></s:Fault>')
     return envelope(body, header=False)
+
+
+# -- ConvertId (exchangelib's version probe) ------------------------------------------------
+def convert_id_messages(op: etree._Element) -> list[str]:
+    """One ConvertIdResponseMessage per m:SourceIds child. The emulator's ids exist in one
+    format only: an id asked for in its own format comes back as it is; any other conversion
+    (exchangelib's probe converts the EwsId "DUMMY" to an EntryId) is ErrorInvalidIdMalformed,
+    as Exchange answers for an id it cannot decode."""
+    destination = op.get("DestinationFormat", "")
+    messages = []
+    for source in op.findall("m:SourceIds/*", NS):
+        if source.get("Format") == destination and source.get("Id"):
+            tag = etree.QName(source).localname
+            attrs = "".join(f" {name}={quoteattr(source.get(name))}" for name in ("Format", "Id", "Mailbox")
+                            if source.get(name) is not None)
+            messages.append(ok("ConvertId", f'<m:AlternateId xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
+                                            f'xsi:type="t:{tag}Type"{attrs}/>'))
+        else:
+            messages.append(error("ConvertId", "ErrorInvalidIdMalformed", "Id is malformed."))
+    return messages
 
 
 # -- folders ----------------------------------------------------------------------------------
@@ -191,8 +261,9 @@ def folder_xml(store: Store, folder: Folder) -> str:
 
 
 # -- items ------------------------------------------------------------------------------------
-DEFAULT_FIELDS = ("item:ParentFolderId", "item:ItemClass", "item:Subject", "item:DateTimeReceived", "item:Size",
-                  "item:InReplyTo", "item:DateTimeSent", "item:DateTimeCreated", "item:HasAttachments",
+# Default/AllProperties: Exchange's Default includes the Body (Microsoft's GetItem example).
+DEFAULT_FIELDS = ("item:ParentFolderId", "item:ItemClass", "item:Subject", "item:Body", "item:DateTimeReceived",
+                  "item:Size", "item:InReplyTo", "item:DateTimeSent", "item:DateTimeCreated", "item:HasAttachments",
                   "item:ConversationId", "message:Sender", "message:ToRecipients", "message:CcRecipients",
                   "message:From", "message:InternetMessageId", "message:IsRead", "message:References",
                   "message:ReplyTo")
@@ -321,8 +392,10 @@ def event_xml(event: Event, store: Store) -> str:
         return f"<t:{tag} Id={quoteattr(folder_id_)}{key}/>"
 
     parts = [f"<t:Watermark>{esc(event.watermark)}</t:Watermark>", f"<t:TimeStamp>{ts(event.timestamp)}</t:TimeStamp>"]
-    if event.item_id:
-        parts.append(f"<t:ItemId Id={quoteattr(event.item_id)}/>")
+    if event.item_id:  # with its ChangeKey while the item exists (Microsoft's GetStreamingEvents example)
+        item = store.items.get(event.item_id)
+        key = f" ChangeKey={quoteattr(item.change_key)}" if item is not None else ""
+        parts.append(f"<t:ItemId Id={quoteattr(event.item_id)}{key}/>")
     else:
         parts.append(fid(event.folder_id, "FolderId"))
     parts.append(fid(event.parent_folder_id, "ParentFolderId"))

@@ -63,8 +63,12 @@ def make_credentials(settings: Settings, pool: str = "default") -> Credentials |
     return _PooledPassword(settings.ews_username, settings.ews_password, pool)
 
 
-def _version(settings: Settings) -> Version:
-    parts = [int(p) for p in settings.ews_version.split(".")]
+def _version(settings: Settings) -> Version | None:
+    """The configured build, or None (empty ``ews_version``): exchangelib then asks the server
+    once per Protocol (a ConvertId probe; the answer's ServerVersionInfo header gives the build)."""
+    if not settings.ews_version.strip():
+        return None
+    parts = [int(p) for p in settings.ews_version.strip().split(".")]
     return Version(build=Build(*parts[:4]))
 
 
