@@ -202,6 +202,13 @@ def _candidates(settings: Settings, address: str) -> list[str]:
     return found
 
 
+def _no_downgrade(current: str, target: str) -> bool:
+    """A redirect may go to https, or to http only from http (a test endpoint): never send the
+    credentials in clear text because an answer said so."""
+    scheme = urlsplit(target).scheme
+    return scheme == "https" or (scheme == "http" and urlsplit(current).scheme == "http")
+
+
 def discover(settings: Settings, credentials: Credentials) -> tuple[str, str]:
     """``(EWS URL, autodiscover URL that answered)`` for ``autodiscover_email``; raises ``AutodiscoverFailed``."""
     address = settings.autodiscover_email
@@ -221,7 +228,10 @@ def discover(settings: Settings, credentials: Credentials) -> tuple[str, str]:
             finally:
                 session.close()
             if answer.status_code in (301, 302, 307, 308) and answer.headers.get("Location"):
-                url = urljoin(url, answer.headers["Location"])  # [MS-OXDSCLI] 3.2.5: POST again there
+                target = urljoin(url, answer.headers["Location"])  # [MS-OXDSCLI] 3.2.5: POST again there
+                if not _no_downgrade(url, target):
+                    break
+                url = target
                 continue
             if answer.status_code == 401:
                 raise AutodiscoverFailed(f"autodiscover at {url} refused the credentials ({settings.auth_type}) "
@@ -233,7 +243,7 @@ def discover(settings: Settings, credentials: Credentials) -> tuple[str, str]:
             if action == "settings":
                 log.info("EWS URL found by autodiscover", address=address, ews_url=value, autodiscover_url=url)
                 return value, url
-            if action == "redirectUrl" and value.startswith(("https://", "http://")):
+            if action == "redirectUrl" and _no_downgrade(url, value):
                 url = value
             elif action == "redirectAddr" and "@" in value and value.lower() not in seen:
                 seen.add(value.lower())
