@@ -17,9 +17,9 @@ SIGSTOP meanwhile, so a worker is caught waiting on it) and Redis restarted.
 The mailbox-behaviour phase keeps what IMAP can tell: queued replies are moved (to an existing
 nested folder, a new one, Trash, Junk, twice) or expunged before the workers run (batch A with the
 listeners running, batch B with both down); an expunged reply exists nowhere, so its enrollment
-stays active. Batch C arrives while both listeners are down, half in INBOX and half filed into
-Junk (a spam rule): the listeners read it from their cursors when they start. (Mail a rule files
-into a folder nobody watches is never seen by IMAP: not drilled.)
+stays active. Batch C arrives while both listeners are down, a third each in INBOX, filed into
+Junk (a spam rule) and filed by a rule into a folder no watch IDLEs on: the listeners read the first
+two from their cursors when they start, and find the third by sweeping the mailbox's other folders.
 
 A mailbox is "caught up" when every listener's watches are connected and the cursor of its INBOX
 and Junk (``el:imap:cursor:<mailbox>``) is at the last UID the drill appended there, on the
@@ -91,6 +91,8 @@ IMAP_FAULTS = ("kill_dovecot", "stop_dovecot", "kick", "uidvalidity")
 WATCHED = ("INBOX", "Junk")  # imap_folders INBOX,\Junk: Junk is the folder with the \Junk flag
 NESTED_FOLDER = "Clients/Key Accounts"  # made before the listeners start
 # what the rep does to a queued reply while no worker runs; expunged: gone, its enrollment stays active
+C_FOLDERS = {"inbox_while_down": "INBOX", "junk_while_down": "Junk", "rule_filed_while_down": "Customers/Filed by rule"}
+C_FATES = tuple(C_FOLDERS)
 IMAP_FATES = ("moved_nested", "moved_new", "deleted", "moved_junk", "moved_twice", "purged", "kept")
 FATE_FOLDER = {"moved_nested": NESTED_FOLDER, "deleted": "Trash", "moved_junk": "Junk"}
 IMAP_ERRORS = (OSError, imaplib.IMAP4.error, RuntimeError)
@@ -290,13 +292,13 @@ class ImapDrill(Drill):
     # -- setup -------------------------------------------------------------------------------
     def phase_enrollments(self) -> dict[str, list[Enrollment]]:
         """Batches A and B (moved or expunged while queued: ``IMAP_FATES``) and C (arrives while
-        both listeners are down: in INBOX, or filed into Junk)."""
+        both listeners are down: in INBOX, filed into Junk, or filed into a folder nobody IDLEs on)."""
         count = int(self.cfg["phase"])
         batches, n = {}, 0
         for name, size in (("A", count), ("B", count), ("C", max(2, count // 2))):
             batch = []
             for i in range(size):
-                fate = ("junk_while_down" if i % 2 else "inbox_while_down") if name == "C" else IMAP_FATES[i % len(IMAP_FATES)]
+                fate = C_FATES[i % len(C_FATES)] if name == "C" else IMAP_FATES[i % len(IMAP_FATES)]
                 batch.append(Enrollment(id=f"mbx-{name}-{i:04d}", mailbox=self.mailboxes[n % len(self.mailboxes)],
                                         prospect=f"m{n}@mbx{n}.example", colleague=f"c{n}@mbx{n}.example",
                                         cc=f"cc{n}@mbxcc.example", send_ids=[_message_id("sales.example")],
@@ -617,7 +619,7 @@ class ImapDrill(Drill):
         self.set_running(listeners[1:], False, kill=True)
         listeners_down = time.monotonic()
         self.apply_fates(batch_b, items_b)
-        items_c = self.deliver_batch(batch_c, folder=lambda e, i: "Junk" if e.fate == "junk_while_down" else "INBOX")
+        items_c = self.deliver_batch(batch_c, folder=lambda e, i: C_FOLDERS[e.fate])
         info["listeners_down_s"] = round(time.monotonic() - listeners_down, 1)
         restarted_at = time.time()
         queued_before_restart = self.pending_items()
