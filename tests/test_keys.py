@@ -136,7 +136,10 @@ def test_a_realistic_run_leaves_only_declared_keys_of_the_declared_type(redis_se
                  "EXCHANGE_LISTENER_NOTIFICATION_URL": f"http://127.0.0.1:{port}/graph/notify",
                  "EXCHANGE_LISTENER_NOTIFICATION_LISTEN": f"127.0.0.1:{port}",
                  "EXCHANGE_LISTENER_CHECKPOINT_SECONDS": "1"}
-    procs = [CliProcess(["listen"], env, tmp_path / "listener.log"),
+    # the EWS listener finds its URL by autodiscover (el:ews:autodiscover), the workers read it there
+    ews_env = {**env, "EXCHANGE_LISTENER_EWS_URL": "", "EXCHANGE_LISTENER_AUTODISCOVER_EMAIL": MAILBOX,
+               "EXCHANGE_LISTENER_AUTODISCOVER_URL": emulator.base_url + "/autodiscover/autodiscover.xml"}
+    procs = [CliProcess(["listen"], ews_env, tmp_path / "listener.log"),
              CliProcess(["api"], {**env, "EXCHANGE_LISTENER_API_LISTEN": f"127.0.0.1:{free_port()}"},
                         tmp_path / "api.log")]
     try:

@@ -15,6 +15,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     # imported here: only this command pays for rq and exchangelib
+    from exchange_listener.sources.ews.account import check_at_start
     from workers import worker
+
+    # EWS jobs: autodiscover once at start, and a certificate that is not trusted or names another
+    # host is one line and a non-zero exit here, not a failure of every job retried by RQ
+    settings = check_at_start(settings)
 
     return worker.run(settings, burst=args.burst, name=args.name)

@@ -112,7 +112,7 @@ FIELDS: tuple[Field, ...] = (
     Field("ews_url", str, "", "EWS endpoint, e.g. https://mail.example.com/EWS/Exchange.asmx; empty: found by autodiscover for autodiscover_email.", _url("http", "https")),
     Field("autodiscover_email", str, "", "With ews_url empty: a mailbox address whose EWS URL POX autodiscover finds (cached in Redis, shared by listeners and workers; asked again when the endpoint moves)."),
     Field("autodiscover_url", str, "", "The autodiscover endpoint to ask, e.g. https://mail.example.com/autodiscover/autodiscover.xml; empty: found from autodiscover_email's domain (https://DOMAIN, https://autodiscover.DOMAIN, then DNS SRV).", _url("http", "https")),
-    Field("ews_version", str, "15.1.2507.6", "Exchange build to assume (skips exchangelib's version probe)."),
+    Field("ews_version", str, "15.1.2507.6", "Exchange build to assume, e.g. 15.1.2507.6 (skips exchangelib's version probe); empty: exchangelib asks the server once per connection pool (one ConvertId request)."),
     Field("auth_type", str, "basic", "basic | ntlm | oauth2.", _choice("basic", "ntlm", "oauth2")),
     Field("ews_username", str, "", "Service account (basic/ntlm)."),
     Field("ews_password", str, "", "Service account password (secret; never logged)."),
