@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import functools
 import hashlib
 import os
 import secrets
@@ -20,8 +21,10 @@ import time
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from emulators.ews import soap, throttling
+from emulators.ews.ntlm import NtlmAcceptor
 from emulators.ews.soap import NS, BadRequest
 from emulators.ews.store import (
     DELETIONS,
@@ -217,28 +220,72 @@ class Emulator:
             sub.stream.kick()
 
     # -- auth -------------------------------------------------------------------------------
-    def _principal(self, request: web.Request) -> Principal | None:
+    @functools.cached_property
+    def ntlm(self) -> NtlmAcceptor:
+        """The NTLM/Negotiate acceptor (emulators/ews/ntlm.py), made on first use."""
+        return NtlmAcceptor(self.options.accounts, self.options.plain_accounts)
+
+    def _principal(self, request: web.Request) -> Principal | web.Response:
+        """Who sent ``request``, or the 401 to answer with (an offer, an NTLM challenge, a refusal).
+        Only the schemes in ``--auth`` are accepted; an NTLM-authenticated connection stays so
+        for its later requests, as on IIS."""
+        offered = self.options.auth
         header = request.headers.get("Authorization", "")
         scheme, _, value = header.partition(" ")
-        if scheme.lower() == "basic":
+        scheme = scheme.lower()
+        if scheme == "basic" and "basic" in offered:
             try:
                 user, _, password = base64.b64decode(value).decode().partition(":")
             except ValueError:  # bad base64 or not UTF-8
-                return None
+                return self._unauthorized()
             for table, may in ((self.options.accounts, True), (self.options.plain_accounts, False)):
                 expected = table.get(user)
                 if expected is not None and secrets.compare_digest(expected, password):
                     return Principal(f"basic:{user}", user, may)
-            return None
-        if scheme.lower() == "bearer":
+            return self._unauthorized()
+        if scheme == "bearer" and "oauth2" in offered:
             found = self.tokens.get(value.strip())
             if found and found[1] > time.monotonic():
                 return Principal(f"oauth:{found[0]}", found[0], True)
-        return None
+            return self._unauthorized()
+        if "ntlm" not in offered:
+            return self._unauthorized()
+        if scheme in ("ntlm", "negotiate"):
+            return self._ntlm_step(request, scheme, value)
+        account = self.ntlm.connection_account(request.transport) if not header else None
+        if account is not None:
+            return Principal(f"ntlm:{account.name}", account.name, account.may_impersonate)
+        return self._unauthorized()
+
+    def _ntlm_step(self, request: web.Request, scheme: str, value: str) -> Principal | web.Response:
+        if self.faults is not self._ntlm_reset_faults:  # /emulator/reset or a restart fault cleared the faults
+            self._ntlm_reset_faults, self._ntlm_resets = self.faults, 0
+        outcome = self.ntlm.step(request.transport, scheme, value)
+        if outcome.type_1 and self._ntlm_resets > 0:
+            self._ntlm_resets -= 1  # fault ntlm_reset: the connection dies between type-1 and the challenge
+            self.ntlm.reset(request.transport)
+            return web.Response(status=401)  # never sent: the connection is gone
+        if outcome.challenge:
+            return web.Response(status=401, text="401 Unauthorized", headers={"WWW-Authenticate": outcome.challenge})
+        if outcome.account is None:
+            self.log.warning("NTLM authentication refused", user=outcome.user or None, reason=outcome.refused)
+            return self._unauthorized()
+        return Principal(f"ntlm:{outcome.account.name}", outcome.account.name, outcome.account.may_impersonate)
+
+    _ntlm_reset_faults: Faults | None = None
+    _ntlm_resets = 0  # connections left to reset mid-handshake (fault ntlm_reset)
 
     def _unauthorized(self) -> web.Response:
-        return web.Response(status=401, text="401 Unauthorized",
-                            headers={"WWW-Authenticate": 'Basic realm="emulator"'})
+        """401 offering the schemes of ``--auth``, one WWW-Authenticate header each, as IIS does
+        (IIS lists Negotiate and NTLM first; clients pick by name, so Basic keeps its old place)."""
+        headers = []
+        if "basic" in self.options.auth:
+            headers.append(("WWW-Authenticate", 'Basic realm="emulator"'))
+        if "ntlm" in self.options.auth:
+            headers += [("WWW-Authenticate", "Negotiate"), ("WWW-Authenticate", "NTLM")]
+        if "oauth2" in self.options.auth:
+            headers.append(("WWW-Authenticate", 'Bearer realm="emulator"'))
+        return web.Response(status=401, text="401 Unauthorized", headers=CIMultiDict(headers))
 
     async def token(self, request: web.Request) -> web.Response:
         """OAuth2 client-credentials token endpoint (the Microsoft identity platform's shape)."""
@@ -285,8 +332,8 @@ class Emulator:
     async def _ews(self, request: web.Request) -> web.StreamResponse:
         data = await request.read()  # read first: an unread body would make aiohttp answer "Connection: close"
         principal = self._principal(request)
-        if principal is None:
-            return self._unauthorized()
+        if not isinstance(principal, Principal):
+            return principal  # 401: an offer, the NTLM challenge, or a refusal
         throttle = throttling.of(self)  # --throttling default: EWSMaxConcurrency and the time budget
         operation, impersonated = throttling.peek(data) if throttle is not None else ("", None)
         if throttle is not None and operation != "GetStreamingEvents":  # streams: HangingConnectionLimit
@@ -765,7 +812,8 @@ class Emulator:
         whose X-AnchorMailbox is that address, N times (count < 0: until count 0 clears it);
         http_503 {count}; truncated_xml {count} (the next N answers other than streams stop halfway,
         still HTTP 200); latency {ms}; restart; mailbox_error {mailbox, code, operations};
-        clear_mailbox_error {mailbox}."""
+        clear_mailbox_error {mailbox}; ntlm_reset {count} (the next N NTLM handshakes: the
+        connection is reset right after the client's type-1 message)."""
         try:
             body = await request.json()
             kind = body["kind"]
@@ -812,6 +860,9 @@ class Emulator:
                 self.faults.truncated = count = int(body.get("count", 1))
             elif kind == "latency":
                 self.faults.latency_ms = count = max(0, int(body.get("ms", 0)))
+            elif kind == "ntlm_reset":  # the next N NTLM/Negotiate handshakes: TCP reset right after the type-1
+                self._ntlm_reset_faults, self._ntlm_resets = self.faults, int(body.get("count", 1))
+                count = self._ntlm_resets
             elif kind == "restart":
                 count = len(self.streams)
                 for stream in list(self.streams):
