@@ -64,12 +64,7 @@ ALLOWED: dict[str, set[str]] = {
                              "t:IsDeliveryReceiptRequested")),
         "+ t:ToRecipients/" + MAILBOX_TYPE, "+ t:From/" + MAILBOX_TYPE,
     },
-    "FindItem": HEADER_VERSION | {
-        # REAL DIFFERENCE, not fixed here (server.py op_FindItem is outside this change): the
-        # emulator writes IndexedPagingOffset even when the request has no IndexedPageItemView;
-        # Exchange writes it only for indexed paging. exchangelib always pages, so harmless.
-        f"+ {ROOT_FOLDER}@IndexedPagingOffset",
-    },
+    "FindItem": HEADER_VERSION,
     "SyncFolderItems": HEADER_VERSION | {
         # Microsoft's example syncs a MeetingRequest; our sent item is a t:Message (the same
         # ItemType base; the product syncs IdOnly).

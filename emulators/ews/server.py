@@ -47,6 +47,7 @@ MAILBOX_ERROR_CODES = {
 }
 # what a response message of these operations must carry even on error (exchangelib reads it)
 ERROR_INNER = {
+    "GetFolder": "<m:Folders/>",  # as in Microsoft's GetFolder error example
     "GetItem": "<m:Items/>",
     "SyncFolderItems": "<m:SyncState/><m:IncludesLastItemInRange>true</m:IncludesLastItemInRange>",
     "SyncFolderHierarchy": "<m:SyncState/><m:IncludesLastFolderInRange>true</m:IncludesLastFolderInRange>",
@@ -419,7 +420,7 @@ class Emulator:
                 folder = self._folder(mailbox, ref)
                 messages.append(soap.ok("GetFolder", f"<m:Folders>{soap.folder_xml(self.store, folder)}</m:Folders>"))
             except StoreError as exc:
-                messages.append(soap.error("GetFolder", exc.code, exc.text))
+                messages.append(soap.error("GetFolder", exc.code, exc.text, ERROR_INNER["GetFolder"]))
         return self._xml(soap.response("GetFolder", messages))
 
     def op_GetItem(self, request, principal, mailbox, req) -> web.Response:
@@ -467,8 +468,9 @@ class Emulator:
             last = offset + len(page) >= len(found)
             items = "".join(soap.item_xml(self.store, i, base, fields) for i in page)
             next_offset = offset + len(page)
+            paging = f'IndexedPagingOffset="{next_offset}" ' if view is not None else ""  # only for indexed paging
             messages.append(soap.ok("FindItem", (
-                f'<m:RootFolder IndexedPagingOffset="{next_offset}" TotalItemsInView="{len(found)}" '
+                f'<m:RootFolder {paging}TotalItemsInView="{len(found)}" '
                 f'IncludesLastItemInRange="{str(last).lower()}"><t:Items>{items}</t:Items></m:RootFolder>')))
         return self._xml(soap.response("FindItem", messages))
 
