@@ -195,7 +195,7 @@ def test_gone_items_are_skipped_and_the_others_processed(ctx):
     ({"mailbox": MAILBOX, "mails": []}, "non-empty list"),
     ({"mailbox": MAILBOX, "mails": [{"item_id": ""}]}, "item_id"),
     ({"mailbox": MAILBOX, "mails": [{"item_id": "x", "mailbox": "other@ours.example"}]}, "another mailbox"),
-    ({"mailbox": MAILBOX, "source": "imap", "mails": [{"item_id": "x"}]}, "unknown mail source"),
+    ({"mailbox": MAILBOX, "source": "pop3", "mails": [{"item_id": "x"}]}, "unknown mail source"),
 ])
 def test_a_bad_payload_fails_with_a_clear_error(ctx, payload, message):
     with pytest.raises(ValueError, match=message):
