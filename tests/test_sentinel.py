@@ -190,9 +190,9 @@ def test_failover_during_a_reply_stream_loses_nothing_and_duplicates_nothing(gro
             # Usually all are stopped within seconds of the failover. A job RQ had just moved to its
             # intermediate list when the primary died is run again by RQ's own cleanup, which waits
             # a fixed minute plus up to two maintenance intervals (worker_ttl): hence the bound.
-            # The same minute is paid by a job that failed at the failover and waits for its retry:
-            # RQ's scheduler process dies of the ConnectionError and its lock (61 s) keeps the
-            # worker from starting another until it expires (seen: ~63 s, a third of runs here).
+            # (A job that failed at the failover no longer waits a minute for its retry: our
+            # scheduler process keeps its loop and its lock through the failover; see
+            # tests/test_rq_contract.py::test_the_scheduler_outlives_a_redis_restart_...)
             wait_for(all_stopped, timeout=100, interval=0.2, message=f"all {count} enrollments stopped")
         except AssertionError:
             states = dict(zip(message_ids, store.get_many(list(message_ids))))
