@@ -32,6 +32,14 @@ holds that mailbox's connections), the group streams as its next member before f
 the listener's re-forming of groups. Subscriptions (``EWSMaxSubscriptions``, 5000) are charged
 to each target mailbox, which holds one.
 
+Streaming as a member ties the whole connection to that one mailbox: deleted, stripped of the
+service account's impersonation right or mid-move, it makes GetStreamingEvents fail as a whole
+with a mailbox-level error that names no subscription (``STREAM_AS_ERRORS``). That is that
+member's fault, not the group's: it is marked failing (in ``status()``, resubscribed on its own
+backoff), the group streams as another live member at once, and the reconnect's catch-up runs
+as after any gap. Only when ``STREAM_AS_BROKEN_IN_A_ROW`` members in a row are refused with no
+envelope in between does the group also back off and point at the service account's rights.
+
 The stream's read timeout is two heartbeat intervals (plus a second), so a silent connection
 is noticed promptly instead of after exchangelib's ``connection_timeout * 60 + 60`` seconds.
 Membership changes interrupt the stream by shutting its socket down.
@@ -77,6 +85,7 @@ NEW_ITEM_EVENTS = ("CreatedEvent", "NewMailEvent")
 EVENT_TYPES = (*NEW_ITEM_EVENTS, "MovedEvent")
 BUSY_STREAK_TO_REANCHOR = 3  # consecutive ErrorServerBusy answers before the group moves to another anchor
 MAX_STREAM_AS_MOVES = 2  # connection refusals answered by impersonating another member, before backing off
+STREAM_AS_BROKEN_IN_A_ROW = 3  # stream_as members refused in a row before suspecting the service account
 # Exchange Server 2013-SE defaults (emulators/ews/throttling.py cites Microsoft's pages), for status
 HANGING_CONNECTION_LIMIT = 3  # open GetStreamingEvents connections per budget (impersonated mailbox)
 EWS_MAX_SUBSCRIPTIONS = 5000  # subscriptions per target mailbox
@@ -102,6 +111,10 @@ CONNECTION_ERRORS = (
 )
 AUTH_ERRORS = (ews_errors.UnauthorizedError, ews_errors.ErrorImpersonateUserDenied,
                ews_errors.ErrorAccessDenied, ews_errors.ErrorNonExistentMailbox)
+# a whole GetStreamingEvents refused for the impersonated mailbox itself (it names no subscription)
+STREAM_AS_ERRORS = (ews_errors.ErrorNonExistentMailbox, ews_errors.ErrorImpersonateUserDenied,
+                    ews_errors.ErrorAccessDenied, ews_errors.ErrorMailboxMoveInProgress,
+                    ews_errors.ErrorMailboxStoreUnavailable, ews_errors.ErrorImpersonationFailed)
 _IDS_IN_MESSAGE = re.compile(r"subscription IDs: \[(.*)\]")
 
 
@@ -251,6 +264,7 @@ class GroupStreamingEvents(_GroupAffinity, GetStreamingEvents):
         self.group.busy_streak = 0
         container = super()._get_element_container(message, name=name)
         self.group._stream_as_moves = 0  # an envelope without error: the server holds this connection
+        self.group._stream_as_broken = 0
         return container
 
 
@@ -315,6 +329,7 @@ class StreamGroup:
         self.cookie: str | None = None
         self.stream_as: str | None = None  # the member GetStreamingEvents impersonates (whose budget pays)
         self._stream_as_moves = 0  # refusals answered by streaming as another member since the last stream
+        self._stream_as_broken = 0  # stream_as members refused with a mailbox-level error since the last envelope
         self.assigned: set[str] = set()  # what the listener gave us; only its thread touches this
         self.members: dict[str, Member] = {}  # only the group's thread touches this
         self.by_subscription: dict[str, Member] = {}
@@ -439,9 +454,12 @@ class StreamGroup:
                     self.on_limit(self)  # the listener folds this group into others with room, if any
                 self._lost("limit", f"server connection/subscription limit reached ({type(exc).__name__}); "
                            f"backing off {delay:.0f}s before trying again", delay)
-            except AUTH_ERRORS as exc:
+            except AUTH_ERRORS + STREAM_AS_ERRORS as exc:
                 if failed_subscription_ids(exc):
                     self._resubscribe_failed(exc)  # one mailbox's rights or existence, not the group's
+                    continue
+                if isinstance(exc, STREAM_AS_ERRORS):
+                    self._stream_as_broken_by(exc)
                     continue
                 delay = backoff.next(floor=5.0)
                 self._lost("auth", f"authentication/authorization failed for the stream ({type(exc).__name__}: "
@@ -618,15 +636,54 @@ class StreamGroup:
         # No group-wide catch-up: the resubscribed mailboxes get theirs when subscribed, and the
         # others lost nothing (a failed GetStreamingEvents leaves their events on the server).
 
-    def _move_stream_as(self) -> bool:
-        """Impersonate the next member on GetStreamingEvents (its budget's connections are free)."""
+    def _next_stream_as(self) -> str | None:
+        """The subscribed member after ``stream_as`` (in address order, wrapping), None if there is none."""
         others = sorted(m.mailbox for m in self.by_subscription.values() if m.mailbox != self.stream_as)
         if not others:
-            return False
+            return None
         current = self.stream_as or ""
-        self.stream_as = next((m for m in others if m > current), others[0])
+        return next((m for m in others if m > current), others[0])
+
+    def _move_stream_as(self) -> bool:
+        """Impersonate the next member on GetStreamingEvents (its budget's connections are free)."""
+        following = self._next_stream_as()
+        if following is None:
+            return False
+        self.stream_as = following
         self._stream_as_moves += 1
         return True
+
+    def _stream_as_broken_by(self, exc: Exception) -> None:
+        """GetStreamingEvents failed as a whole for the mailbox it impersonated (gone, no
+        impersonation right, being moved): mark that member failing, to be resubscribed on its
+        own backoff like any member that cannot subscribe, and stream the rest as another member.
+
+        Its subscription is dropped here, not unsubscribed (that would impersonate the broken
+        mailbox again); the server expires it, and the resubscribe's catch-up covers the gap. The
+        other members lose nothing: a refused request leaves their events on the server, and the
+        reconnect's catch-up (reason ``stream_as``) runs as after any gap."""
+        broken = self.members.get(self.stream_as or "")
+        following = self._next_stream_as()
+        self._stream_as_broken += 1
+        if broken is not None:
+            delay = backoff_delay(broken.failures, base=4.0, cap=300.0, jitter=SPREAD)
+            self._failed(broken, exc, delay)
+            if broken.subscription_id is not None:
+                self.by_subscription.pop(broken.subscription_id, None)
+            broken.subscription_id = None
+        metrics.RESUBSCRIBES.labels(type(exc).__name__).inc()
+        old, self.stream_as = self.stream_as, following
+        if self._stream_as_broken < STREAM_AS_BROKEN_IN_A_ROW:
+            delay = 0.2 * random.random()
+            self._lost("stream_as", f"the mailbox this group streams as was refused ({type(exc).__name__}); "
+                       "it is retried on its own backoff, the group streams as another member",
+                       delay, mailbox=old, stream_as=following, error=broken.last_error if broken else None)
+            return
+        delay = self.backoff.next(floor=5.0)
+        self._lost("stream_as", f"{self._stream_as_broken} mailboxes in a row refused as the one this group streams as "
+                   f"({type(exc).__name__}): check the service account's impersonation rights; each is retried on "
+                   f"its own backoff; streaming as another member in {delay:.0f}s", delay, mailbox=old,
+                   stream_as=following)
 
     def _stream_member(self, live: dict[str, Member]) -> Member:
         """The member whose budget pays for the connection: ``stream_as`` while it is subscribed
