@@ -1,9 +1,13 @@
 """EWS over HTTPS with a private CA (issue 15): the emulator serves a certificate from a test CA
 made here (trustme, on cryptography; no key is committed); ``ca_file`` makes the listener and the
 worker trust it; a certificate from another CA, or for another host name, stops ``listen`` at
-start with one line that says which and what to set."""
+start with one line that says which and what to set (``work`` logs it and serves the other
+sources' jobs). With ``ca_file`` empty the check trusts what requests trusts (REQUESTS_CA_BUNDLE).
+A guessed autodiscover host's certificate or 401 does not stop the search; https never
+redirects to http."""
 from __future__ import annotations
 
+import datetime
 import json
 import ssl
 import urllib.request
@@ -12,11 +16,12 @@ import mail_samples as mail
 import pytest
 import trustme
 from conftest import SERVICE_ACCOUNT
+from test_ews_autodiscover import PATH, Scripted, redirect_url_answer
 
 from emulators.services import CliProcess, Emulator, service_env, wait_for
 from exchange_listener.core import config
 from exchange_listener.listener import mailboxes
-from exchange_listener.sources.ews import account
+from exchange_listener.sources.ews import account, discovery
 from workers.state.enrollments import EnrollmentStore
 from workers.state.sends import SendRegistry
 
@@ -48,11 +53,13 @@ def pki(tmp_path_factory):
     root = tmp_path_factory.mktemp("pki")
     ca, stranger = trustme.CA(), trustme.CA()
     files = {"ca": root / "ca.pem", "other_ca": root / "other-ca.pem", "server": root / "server.pem",
-             "wrong_host": root / "wrong-host.pem"}
+             "wrong_host": root / "wrong-host.pem", "expired": root / "expired.pem"}
     ca.cert_pem.write_to_path(str(files["ca"]))
     stranger.cert_pem.write_to_path(str(files["other_ca"]))
     ca.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(str(files["server"]))
     ca.issue_cert("mail.elsewhere.example").private_key_and_cert_chain_pem.write_to_path(str(files["wrong_host"]))
+    ca.issue_cert("127.0.0.1", not_before=datetime.datetime(2000, 1, 1), not_after=datetime.datetime(2001, 1, 1)) \
+        .private_key_and_cert_chain_pem.write_to_path(str(files["expired"]))
     return {k: str(v) for k, v in files.items()}
 
 
@@ -129,3 +136,68 @@ def test_verify_tls_false_still_turns_checking_off(wrong_host_emulator, pki, red
     assert acct.inbox.name == "Inbox"  # a real GetFolder over HTTPS with an unverifiable certificate
     with pytest.raises(config.ConfigError, match="name mismatch"):
         account.check_at_start(settings.replace(verify_tls=True, ca_file=pki["ca"]))
+
+
+def test_work_logs_an_ews_tls_problem_and_keeps_serving(https_emulator, pki, redis_server, tmp_path):
+    """A worker serves Graph and IMAP jobs too: an EWS certificate problem is one error line, not a refusal."""
+    env = service_env(redis_server.url, https_emulator.ews_url, ca_file=pki["other_ca"])
+    proc = CliProcess(["work", "--burst", "--name", "tls-burst"], env, tmp_path / "worker.log")
+    try:
+        assert proc.proc.wait(20) == 0
+    finally:
+        proc.stop()
+    errors = [line for line in proc.lines() if line.get("level") == "error"]
+    assert len(errors) == 1 and "untrusted CA" in errors[0]["error"], proc.lines()
+    assert any(line.get("event") == "worker starting" for line in proc.lines())
+
+
+def _settings(redis_server, **overrides) -> config.Settings:
+    return config.load(env={}, overrides={
+        "redis_url": redis_server.url, "ews_url": "", "autodiscover_email": MAILBOX, "autodiscover_url": "",
+        "ews_username": SERVICE_ACCOUNT[0], "ews_password": SERVICE_ACCOUNT[1], **overrides})
+
+
+def test_guessed_candidates_problems_are_noted_and_the_next_tried(https_emulator, wrong_host_emulator, pki,
+                                                                    redis_server):
+    settings = _settings(redis_server, ca_file=pki["ca"])
+
+    def creds():
+        return account.make_credentials(settings)
+
+    with Scripted(401, {"WWW-Authenticate": 'Basic realm="x"'}) as refusing:
+        guesses = [refusing.url(), wrong_host_emulator.base_url + PATH, https_emulator.base_url + PATH]
+        assert discovery.discover(settings, creds, guesses=guesses)[0] == https_emulator.ews_url
+        with pytest.raises(discovery.AutodiscoverFailed) as failed:
+            discovery.discover(settings, creds, guesses=guesses[:2])
+    assert "refused the credentials" in str(failed.value) and "name mismatch" in str(failed.value)
+    assert "set autodiscover_url" in str(failed.value)
+    # the operator's own autodiscover_url: its certificate problem is the answer
+    explicit = settings.replace(autodiscover_url=wrong_host_emulator.base_url + PATH)
+    with pytest.raises(config.ConfigError, match="name mismatch"):
+        discovery.discover(explicit, creds, guesses=guesses)
+
+
+def test_https_autodiscover_never_redirects_to_http(pki, redis_server):
+    """redirectUrl or HTTP 302 from https to http: not followed, nothing POSTed in clear text."""
+    settings = _settings(redis_server, ca_file=pki["ca"])
+    with Scripted(200) as clear_text:
+        target = clear_text.url()
+        with Scripted(200, {"Content-Type": "text/xml"}, redirect_url_answer(target), tls_cert=pki["server"]) as by_answer, \
+                Scripted(302, {"Location": target}, tls_cert=pki["server"]) as by_302:
+            for server in (by_answer, by_302):
+                explicit = settings.replace(autodiscover_url=server.url())
+                with pytest.raises(discovery.AutodiscoverFailed, match="from https to http"):
+                    discovery.discover(explicit, lambda s=explicit: account.make_credentials(s))
+                assert server.asked == [("POST", PATH)]
+        assert clear_text.asked == []
+
+
+def test_check_trusts_what_requests_trusts_and_names_an_expired_certificate(https_emulator, pki, monkeypatch):
+    settings = config.load(env={}, overrides={"ews_url": https_emulator.ews_url, "ews_username": "svc",
+                                              "ews_password": "x"})  # ca_file empty
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki["ca"])  # what requests (and so exchangelib) would trust
+    discovery.check_tls(settings, https_emulator.ews_url)
+    with Scripted(200, tls_cert=pki["expired"]) as expired, \
+            pytest.raises(config.ConfigError, match="certificate expired") as failed:
+        discovery.check_tls(settings, expired.url())
+    assert "untrusted CA" not in str(failed.value)

@@ -4,6 +4,10 @@ from __future__ import annotations
 import argparse
 
 from exchange_listener.commands import add_config_argument, load_settings
+from exchange_listener.core import logs
+from exchange_listener.core.config import ConfigError
+
+log = logs.get_logger(component="work")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,8 +22,12 @@ def run(args: argparse.Namespace) -> int:
     from exchange_listener.sources.ews.account import check_at_start
     from workers import worker
 
-    # EWS jobs: autodiscover once at start, and a certificate that is not trusted or names another
-    # host is one line and a non-zero exit here, not a failure of every job retried by RQ
-    settings = check_at_start(settings)
+    # EWS jobs: autodiscover once at start and check the certificate. A worker also serves Graph and
+    # IMAP jobs, so an EWS problem is one clear error line here, not a refusal to start: the EWS
+    # jobs fail with the same message (and are retried) until it is fixed
+    try:
+        settings = check_at_start(settings)
+    except ConfigError as exc:
+        log.error("EWS unusable; serving the other sources' jobs, EWS jobs will fail until fixed", error=str(exc))
 
     return worker.run(settings, burst=args.burst, name=args.name)
