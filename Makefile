@@ -10,6 +10,8 @@ SIZE ?= small
 # Which mail source the demo and the chaos drill run against: ews (the EWS emulator) or graph
 # (the Microsoft Graph emulator, Exchange Online).
 SOURCE ?= ews
+# The EWS chaos drill's server profile: empty (the emulator's defaults) or onprem (NTLM, default throttling policy, Exchange 2019)
+PROFILE ?=
 QUICK ?=
 
 export EL_BIN := $(CURDIR)/$(BIN)
@@ -94,5 +96,5 @@ tail: ## follow every process's log
 bench: $(VENV)/.installed ## benchmarks -> bench-results/*.json and a table (QUICK=1 for a short run)
 	$(BIN)/python bench/run_all.py $(if $(QUICK),--quick,)
 
-chaos: $(VENV)/.installed ## fault drill with ground-truth check (SIZE=small|large, SOURCE=ews|graph|imap); JSON report as last line
-	$(BIN)/python bench/chaos.py --size $(SIZE) --source $(SOURCE)
+chaos: $(VENV)/.installed ## fault drill with ground-truth check (SIZE=small|large, SOURCE=ews|graph|imap, PROFILE=onprem for EWS); JSON report as last line
+	$(BIN)/python bench/chaos.py --size $(SIZE) --source $(SOURCE) $(if $(PROFILE),--profile $(PROFILE),)

@@ -69,6 +69,16 @@ Children run with short timings so that the drill fits in CI: ``heartbeat_second
     python bench/chaos.py --size large     # >= 10,000 replies
     python bench/chaos.py --size small --source graph   # the same drill against Microsoft Graph
     python bench/chaos.py --size small --source imap    # the same drill against a real Dovecot
+    python bench/chaos.py --size small --profile onprem # NTLM, HTTPS, default throttling, Exchange 2019
+
+``--profile onprem`` (EWS only, ``OnpremDrill``) runs the same drill against Exchange Server as it
+runs on premises: the emulator with ``--auth ntlm --throttling default --server-version 2019`` over
+HTTPS with a test CA made at run time, the children with ``auth_type = "ntlm"`` as ``DOMAIN\\user``,
+``ca_file`` and an empty ``ews_version`` (exchangelib's version probe); every EWS fault is still
+injected. The report adds ``profile``, ``server`` and ``throttling`` (what the listeners' status
+showed of the policy at worst, and how many log lines of the children named ErrorServerBusy,
+ErrorExceededConnectionCount, ErrorExceededSubscriptionCount); it fails on any
+ErrorExceededConnectionCount.
 
 ``--source graph`` (``bench/graph_chaos.py``) runs it with the Graph emulator, listeners with
 ``source = graph`` behind one notification URL (a forwarding proxy in front of their receivers),
@@ -92,14 +102,17 @@ import json
 import os
 import random
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.parse
+import urllib.request
 import uuid
 from email.utils import format_datetime
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -332,6 +345,34 @@ def baseline_commands(mailboxes: list[str], log_dir: str) -> dict:
             "worker_cmd": [sys.executable, script, "work"]}
 
 
+class TlsEmulator(Emulator):
+    """The EWS emulator serving HTTPS (``--tls-cert``); the drill's own calls trust ``ca_file``:
+    ``Emulator``'s hooks call ``urlopen`` without a context, so the drill process installs an
+    opener that trusts the test CA (it talks to no other HTTPS server)."""
+
+    def __init__(self, ca_file: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.context = ssl.create_default_context(cafile=ca_file)
+        urllib.request.install_opener(urllib.request.build_opener(urllib.request.HTTPSHandler(context=self.context)))
+
+    @property
+    def base_url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+
+def make_test_pki(directory: str) -> dict:
+    """A test CA made now (trustme, on cryptography; no key is kept anywhere else) and a server
+    certificate for 127.0.0.1 from it: {"ca": CA PEM, "cert": chain + key PEM}."""
+    import trustme
+
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    ca = trustme.CA(organization_name="exchange-listener chaos drill test CA")
+    files = {"ca": os.path.join(directory, "ca.pem"), "cert": os.path.join(directory, "server.pem")}
+    ca.cert_pem.write_to_path(files["ca"])
+    ca.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(files["cert"])
+    return files
+
+
 class Stack:
     """Emulator + redis-server (AOF) + listener and worker processes, all on free ports.
 
@@ -342,8 +383,14 @@ class Stack:
     def __init__(self, mailboxes: list[str], *, listeners: int = 2, workers: int = 2, settings: dict | None = None,
                  listener_cmd: list[str] | None = None, worker_cmd: list[str] | None = None,
                  heartbeat_seconds: float = 1.0, log_dir: str | None = None, aof: bool = True,
-                 sentinel: bool = False):
+                 sentinel: bool = False, account: tuple[str, str] = SERVICE_ACCOUNT, login: str | None = None,
+                 emulator_args: tuple[str, ...] = (), tls: dict | None = None):
         self.mailboxes = mailboxes
+        # the emulator's account, the user name the children log in with (``DOMAIN\\user`` under
+        # NTLM; default: the account's own name) and extra emulator flags (the onprem profile);
+        # tls: {"cert": PEM chain + key, "ca": the CA's PEM}: HTTPS, the children trust it by ca_file
+        self.account, self.login, self.emulator_args = account, login or account[0], list(emulator_args)
+        self.tls = tls
         self.n_listeners, self.n_workers = listeners, workers
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="el-stack-")
         self.heartbeat_seconds = heartbeat_seconds
@@ -361,8 +408,12 @@ class Stack:
 
     def _make_emulator(self):
         """The mail server the children talk to (``bench/graph_chaos.GraphStack``: the Graph one)."""
-        return Emulator(accounts=[":".join(SERVICE_ACCOUNT)], mailboxes=self.mailboxes,
-                        heartbeat_seconds=self.heartbeat_seconds)
+        if self.tls:
+            return TlsEmulator(self.tls["ca"], accounts=[":".join(self.account)], mailboxes=self.mailboxes,
+                               heartbeat_seconds=self.heartbeat_seconds,
+                               extra_args=[*self.emulator_args, "--tls-cert", self.tls["cert"]])
+        return Emulator(accounts=[":".join(self.account)], mailboxes=self.mailboxes,
+                        heartbeat_seconds=self.heartbeat_seconds, extra_args=self.emulator_args)
 
     @property
     def queue_name(self) -> str:
@@ -374,9 +425,9 @@ class Stack:
 
     def env(self) -> dict[str, str]:
         settings = {"heartbeat_seconds": self.heartbeat_seconds, "log_level": os.environ.get("CHAOS_LOG_LEVEL", "warning"), "pause_days": PAUSE_DAYS,
-                    **self.extra}
-        env = service_env(self.redis_url, self.emulator.ews_url, username=SERVICE_ACCOUNT[0],
-                          password=SERVICE_ACCOUNT[1], **settings)
+                    **({"ca_file": self.tls["ca"]} if self.tls else {}), **self.extra}
+        env = service_env(self.redis_url, self.emulator.ews_url, username=self.login,
+                          password=self.account[1], **settings)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.path.join(ROOT, "bench"), env.get("PYTHONPATH")) if p)
         return env
 
@@ -563,13 +614,16 @@ class Deliverer:
 
     def __init__(self, emulator: Emulator):
         self.host, self.port = "127.0.0.1", emulator.port
+        self.context: ssl.SSLContext | None = getattr(emulator, "context", None)  # TlsEmulator: HTTPS
         self.local = threading.local()
 
     def deliver(self, mailbox: str, raw: bytes, folder: str = "inbox") -> dict:
         for attempt in range(3):
             conn = getattr(self.local, "conn", None)
             if conn is None:
-                conn = self.local.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+                conn = self.local.conn = (
+                    http.client.HTTPSConnection(self.host, self.port, timeout=30, context=self.context)
+                    if self.context else http.client.HTTPConnection(self.host, self.port, timeout=30))
             try:
                 query = urllib.parse.urlencode({"folder": folder})
                 conn.request("POST", f"/emulator/mailboxes/{mailbox}/messages?{query}", body=raw,
@@ -808,7 +862,16 @@ class Drill:
                      settings={
             "queue_name": "drill", "lease_seconds": self.cfg["lease"], "worker_ttl": 10, "job_timeout": 30,
             "job_retries": 8, "connection_timeout": 1,  # the server closes every stream each minute
-        })
+            **self.profile_settings(),
+        }, **self.profile_stack())
+
+    def profile_settings(self) -> dict:
+        """Extra settings of the children under a ``--profile`` (``OnpremDrill``)."""
+        return {}
+
+    def profile_stack(self) -> dict:
+        """Extra ``Stack`` arguments under a ``--profile``: account, login, emulator flags."""
+        return {}
 
     # -- setup -------------------------------------------------------------------------------
     def probe_enrollments(self, count: int) -> list[Enrollment]:
@@ -1423,13 +1486,95 @@ class Drill:
         return report
 
 
+ONPREM_ACCOUNT = ("svc@sales.example", "svc-password")  # NTLM answers to SALES\\svc (the AD NetBIOS name)
+ONPREM_LOGIN = "SALES\\svc"
+THROTTLING_CODES = ("ErrorServerBusy", "ErrorExceededConnectionCount", "ErrorExceededSubscriptionCount")
+
+
+class OnpremDrill(Drill):
+    """The EWS drill against Exchange Server as it runs on premises (``--profile onprem``): the
+    emulator accepts NTLM only (``--auth ntlm``), enforces Exchange's default throttling policy
+    (``--throttling default``), answers as Exchange 2019 and serves HTTPS with a certificate from a
+    test CA made at run time; the children log in with ``auth_type = "ntlm"`` as ``DOMAIN\\user``,
+    trust the CA by ``ca_file`` and leave ``ews_version`` empty (exchangelib's probe).
+    Every EWS fault is still injected. The report adds what the policy did: the listeners'
+    reported distance from it (sampled from their status) and the refusals the children saw."""
+
+    profile = "onprem"
+
+    def profile_settings(self) -> dict:
+        return {"auth_type": "ntlm", "ews_version": ""}
+
+    def make_stack(self, log_dir: str, commands: dict) -> Stack:
+        self.pki = make_test_pki(os.path.join(log_dir, "pki"))  # removed with the logs
+        return super().make_stack(log_dir, commands)
+
+    def profile_stack(self) -> dict:
+        return {"account": ONPREM_ACCOUNT, "login": ONPREM_LOGIN, "tls": self.pki,
+                "emulator_args": ("--auth", "ntlm", "--throttling", "default", "--server-version", "2019")}
+
+    def sample_throttling(self, stop: threading.Event, seen: dict) -> None:
+        """The worst of each listener's throttling fields (``status``) while the drill runs."""
+        from exchange_listener.health import snapshot
+
+        while not stop.wait(2.0):
+            if self.stack.redis is None:  # the services are still starting
+                continue
+            try:
+                listeners = snapshot(self.stack.redis, self.stack.queue_name)["listeners"]
+            except (redis.exceptions.RedisError, OSError):  # Redis is restarted on purpose; sample again
+                continue
+            for listener in listeners:
+                for name, value in (listener.get("throttling") or {}).items():
+                    seen[name] = max(seen.get(name, 0), value)
+
+    def refusals_in_logs(self) -> dict:
+        """How many log lines of the listeners and workers name each throttling error code (an
+        ErrorServerBusy may also be the drill's own ``server_busy`` fault)."""
+        counts = dict.fromkeys(THROTTLING_CODES, 0)
+        for name in os.listdir(self.stack.log_dir):
+            if name.startswith(("listener-", "worker-")) and name.endswith(".log"):
+                with open(os.path.join(self.stack.log_dir, name), errors="replace") as fh:
+                    for line in fh:
+                        for code in THROTTLING_CODES:
+                            counts[code] += code in line
+        return counts
+
+    def run(self) -> dict:
+        seen: dict = {}
+        stop = threading.Event()
+        sampler = threading.Thread(target=self.sample_throttling, args=(stop, seen), daemon=True)
+        sampler.start()
+        try:
+            report = super().run()
+        finally:
+            stop.set()
+        try:
+            emulator_stats = self.stack.emulator.stats()
+        except OSError as exc:
+            emulator_stats = {"error": str(exc)}
+        report["profile"] = self.profile
+        report["server"] = {"auth": "ntlm", "login": ONPREM_LOGIN, "version": "2019", "tls": "test CA (ca_file)",
+                            "throttling": "default", "ews_version": "probed"}
+        report["throttling"] = {
+            # the emulator's own refusal counters, when its /emulator/stats carries them
+            "emulator": emulator_stats.get("throttling"),
+            "emulator_operations": emulator_stats.get("operations"),
+            "listener_status_max": seen,
+            "log_lines_naming": self.refusals_in_logs(),
+        }
+        return report
+
+
 def passed(report: dict) -> bool:
     phase = report.get("mailbox_phase")
     return (report["lost"] == 0 and report["duplicated"] == 0 and report["false_stops"] == 0 and report["wrong"] == 0
             and report["unexplained"] == 0 and all(n > 0 for n in report["faults"].values()) and not report["errors"]
             and (report["redis"] != "sentinel" or report["failover_recovery_s"] is not None)
             and (phase is None or (phase.get("resume_to_last_stop_s") is not None
-                                   and phase.get("replayed_after_restart") == 0)))
+                                   and phase.get("replayed_after_restart") == 0))
+            # the onprem profile: the listeners stay within the default throttling policy's streaming connections
+            and ((report.get("throttling") or {}).get("log_lines_naming") or {}).get("ErrorExceededConnectionCount", 0) == 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1442,6 +1587,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis", choices=["sentinel", "single"], default=None,
                         help="Redis as a Sentinel group (with the failover fault) or one server (default: by size)")
     parser.add_argument("--no-mailbox-phase", action="store_true", help="leave out the mailbox-behaviour phase")
+    parser.add_argument("--profile", choices=["onprem"], default=None,
+                        help="onprem: Exchange Server as it runs on premises (EWS only): NTLM only, the default "
+                             "throttling policy, Exchange 2019, exchangelib's version probe (OnpremDrill)")
     parser.add_argument("--source", choices=["ews", "graph", "imap"], default="ews",
                         help="the mail source: ews (the EWS emulator, streaming), graph (the Microsoft Graph "
                              "emulator, notifications and delta; bench/graph_chaos.py) or imap (a real Dovecot, "
@@ -1449,8 +1597,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.source in ("graph", "imap") and args.plumbing == "baseline":
         parser.error("--plumbing baseline knows EWS only")
+    if args.profile and (args.source != "ews" or args.plumbing == "baseline"):
+        parser.error("--profile onprem is the EWS drill of our plumbing")
     seed = args.seed if args.seed is not None else int(time.time())
-    suffix = {"graph": "-graph", "imap": "-imap"}.get(args.source, "")
+    suffix = {"graph": "-graph", "imap": "-imap"}.get(args.source, "") + (f"-{args.profile}" if args.profile else "")
     log_dir = tempfile.mkdtemp(prefix=f"el-chaos-{args.size}{suffix}-")
     sentinel = None if args.redis is None else args.redis == "sentinel"
     if args.plumbing == "baseline":
@@ -1465,6 +1615,8 @@ def main(argv: list[str] | None = None) -> int:
         from imap_chaos import ImapDrill
 
         drill_class = ImapDrill
+    if args.profile == "onprem":
+        drill_class = OnpremDrill
     drill = drill_class(args.size, seed, log_dir, args.plumbing, sentinel=sentinel, phase=not args.no_mailbox_phase)
     report: dict
     try:
@@ -1482,6 +1634,8 @@ def main(argv: list[str] | None = None) -> int:
     report["seed"] = seed
     report["plumbing"] = args.plumbing
     report["source"] = args.source
+    if args.profile:
+        report["profile"] = args.profile
     ok = "error" not in report and passed(report)
     report["passed"] = ok
     os.makedirs(os.path.join(ROOT, "bench-results"), exist_ok=True)
@@ -1491,6 +1645,8 @@ def main(argv: list[str] | None = None) -> int:
                                           "wrong", "unexplained", "max_recovery_s", "failover_recovery_s", "total_s")}
     phase = report.get("mailbox_phase") or {}
     summary.update(replayed_after_restart=phase.get("replayed_after_restart"), passed=ok)
+    if args.profile:
+        summary.update(profile=args.profile, throttling_log_lines=(report.get("throttling") or {}).get("log_lines_naming"))
     print("chaos drill: " + ", ".join(f"{k}={v}" for k, v in summary.items()), file=sys.stderr)
     if ok and not args.keep_logs:
         import shutil
