@@ -10,7 +10,7 @@ SIZE ?= small
 # Which mail source the demo and the chaos drill run against: ews (the EWS emulator) or graph
 # (the Microsoft Graph emulator, Exchange Online).
 SOURCE ?= ews
-# The EWS chaos drill's server profile: empty (the emulator's defaults) or onprem (NTLM, default throttling policy, Exchange 2019)
+# The EWS chaos drill's server profile: empty (the emulator's defaults) or onprem (NTLM, HTTPS with a test CA, default throttling policy, Exchange 2019)
 PROFILE ?=
 QUICK ?=
 
