@@ -179,8 +179,10 @@ def test_redis_restart_loses_nothing(durable, request, redis_server, emulator, l
     if durable:
         expected.add(("erin@example.com", before["item_id"]))
     wait_for(lambda: expected <= queued(conn), message="mail seen during the outage enqueued")
-    # and it was the held mail that went out, not only a later catch-up
-    assert any(line.get("event") == "Redis is back; enqueued held mail" for line in proc.lines())
+    # and it was the held mail that went out, not only a later catch-up (the line follows the
+    # enqueue: wait for it, the queue can show the jobs a moment before the log does)
+    wait_for(lambda: any(line.get("event") == "Redis is back; enqueued held mail" for line in proc.lines()),
+             timeout=10, message="the held mail flushed")
     wait_for(lambda: held_by(conn, "l1", ["erin@example.com"]), message="lease held again")
     after = emulator.deliver("erin@example.com", mail("after"))
     wait_for(lambda: ("erin@example.com", after["item_id"]) in queued(conn), message="mail after the outage")

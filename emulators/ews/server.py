@@ -798,9 +798,11 @@ class Emulator:
                                   "folder_id": item.folder_id})
 
     async def stats(self, request: web.Request) -> web.Response:
+        throttle = throttling.of(self)
         return web.json_response({"streams": len(self.streams), "subscriptions": len(self.store.subscriptions),
                                   "mailboxes": len(self.store.mailboxes), "items": len(self.store.items),
-                                  "operations": dict(self.operations), "pid": os.getpid()})
+                                  "operations": dict(self.operations), "pid": os.getpid(),
+                                  **({"throttling": throttle.stats()} if throttle is not None else {})})
 
     async def reset_all(self, request: web.Request) -> web.Response:
         count = len(self.streams)

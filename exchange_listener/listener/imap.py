@@ -258,8 +258,10 @@ class FolderWatch(threading.Thread):
                     if count:
                         self.last_activity = time.time()
                         self.log.debug("enqueued new IMAP mail", items=count, via=via)
-                    if not _announced(client):  # mail announced during the scan (not in its answer)
+                    if not _announced(client, keep=True):  # mail announced during the scan (not in its answer)
                         break
+                # still announced after the last round: left for the IDLE that follows, which reads
+                # it at once (``_idle``) rather than waiting for the next announcement
             except redis.exceptions.RedisError as exc:
                 self.log.warning("Redis unreachable; new mail stays on the IMAP server until it is back",
                                  error=str(exc))
@@ -288,10 +290,13 @@ class FolderWatch(threading.Thread):
             self._keep_slot()
 
 
-def _announced(client: imapclient.IMAPClient) -> bool:
-    """Take the EXISTS/RECENT a server sent inside another command's answer (imaplib keeps them
-    aside, and the next IDLE would not hear of that mail again); True when there were any."""
+def _announced(client: imapclient.IMAPClient, keep: bool = False) -> bool:
+    """Take (or with ``keep`` only look at) the EXISTS/RECENT a server sent inside another
+    command's answer: imaplib keeps them aside, and the next IDLE would not hear of that mail
+    again. True when there were any."""
     pending = client._imap.untagged_responses
+    if keep:
+        return bool(pending.get("EXISTS")) or bool(pending.get("RECENT"))
     return bool(pending.pop("EXISTS", None)) | bool(pending.pop("RECENT", None))
 
 
