@@ -43,7 +43,7 @@ from exchange_listener.listener.base import (
 from exchange_listener.sources.base import SKEW_SECONDS
 from exchange_listener.sources.imap import session
 from exchange_listener.sources.imap.cursor import CursorStore
-from exchange_listener.sources.imap.scan import Selected, examine, scan
+from exchange_listener.sources.imap.scan import GmailIds, Selected, examine, scan
 from exchange_listener.sources.imap.session import (
     SLOT_TTL,
     Budget,
@@ -254,7 +254,8 @@ class FolderWatch(threading.Thread):
                 for _ in range(ANNOUNCED_ROUNDS):
                     _announced(client)  # what this session was told so far is read by the scan below
                     count = scan(client, self.mailbox, selected, self.listener.cursors, self.listener.ledger,
-                                 self.listener.sink.enqueue, since=self.listener.since(self.mailbox), via=via)
+                                 self.listener.sink.enqueue, since=self.listener.since(self.mailbox), via=via,
+                                 gmail_ids=self.listener.gmail_ids)
                     if count:
                         self.last_activity = time.time()
                         self.log.debug("enqueued new IMAP mail", items=count, via=via)
@@ -283,7 +284,8 @@ class FolderWatch(threading.Thread):
             if cursor is not None and cursor.uidvalidity == validity and uidnext - 1 <= cursor.last_uid:
                 continue
             count = scan(client, self.mailbox, examine(client, name), self.listener.cursors, self.listener.ledger,
-                         self.listener.sink.enqueue, since=self.listener.since(self.mailbox), via="catchup")
+                         self.listener.sink.enqueue, since=self.listener.since(self.mailbox), via="catchup",
+                         gmail_ids=self.listener.gmail_ids)
             if count:
                 self.last_activity = time.time()
                 self.log.info("enqueued mail filed in another folder", folder=name, items=count)
@@ -336,6 +338,7 @@ class ImapListener(BaseListener):
         settings.require("redis_url", "imap_host")
         super().__init__(settings)
         self.cursors = CursorStore(self.conn)
+        self.gmail_ids = GmailIds()  # one message under several Gmail labels: one job
         self.tokens = GoogleTokens(settings) if settings.imap_auth == "xoauth2-google" else None
         self.budget = Budget(settings.imap_max_connections_per_account, self.conn)
         self.folders = folder_list(settings.imap_folders)

@@ -11,13 +11,18 @@ Without a cursor (a folder read for the first time) or with another UIDVALIDITY 
 recreated), every UID received since ``since`` is read; the ledger keeps that from processing
 anything twice.
 
+On Gmail (X-GM-EXT-1) the X-GM-MSGID of each message is read too: a message under several labels
+(INBOX and All Mail) is one job, not one per folder (``GmailIds``).
+
 An item id is ``UIDVALIDITY/UID/folder``: what a worker needs to fetch the mail, and stale (so
 the worker looks for the mail elsewhere) as soon as the folder's UIDs start over.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime as dt
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,6 +36,7 @@ from exchange_listener.sources.base import MAX_MAILS_PER_JOB, NewMail
 from exchange_listener.sources.imap.cursor import Cursor, CursorStore
 from exchange_listener.sources.ledger import Ledger, identity
 
+GMAIL_EXTENSION = b"X-GM-EXT-1"  # Gmail's IMAP extensions (X-GM-MSGID, X-GM-LABELS, X-GM-THRID)
 FETCH_BATCH = 500  # UIDs per UID FETCH: one round trip each, bounded memory
 MESSAGE_ID_ITEM = b"BODY[HEADER.FIELDS (MESSAGE-ID)]"
 SCAN_ITEMS = ["UID", "INTERNALDATE", "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"]
@@ -76,11 +82,41 @@ def _message_id(raw: Any) -> str:
     return normalize(header(mime_headers(bytes(raw)), "message-id")) or ""
 
 
+class GmailIds:
+    """X-GM-MSGIDs this process enqueued lately, per mailbox: on Gmail a message is in every
+    folder its labels name (INBOX and All Mail at least), each time under another UID; its
+    X-GM-MSGID is the same, so a copy met again is not a second job. Bounded; after a restart
+    the ledger (by Message-ID) keeps processed mail from being processed again."""
+
+    def __init__(self, per_mailbox: int = 20_000):
+        self.per_mailbox = per_mailbox
+        self._lock = threading.Lock()
+        self._ids: dict[str, collections.OrderedDict[int, None]] = {}
+
+    def known(self, mailbox: str, ids: Sequence[int]) -> set[int]:
+        with self._lock:
+            have = self._ids.get(mailbox)
+            return {i for i in ids if i in have} if have else set()
+
+    def add(self, mailbox: str, ids: Sequence[int]) -> None:
+        with self._lock:
+            have = self._ids.setdefault(mailbox, collections.OrderedDict())
+            for i in ids:
+                have[i] = None
+                have.move_to_end(i)
+            while len(have) > self.per_mailbox:
+                have.popitem(last=False)
+
+
 def scan(client: imapclient.IMAPClient, mailbox: str, selected: Selected, store: CursorStore, ledger: Ledger,
-         enqueue: Callable[[Sequence[NewMail]], None], *, since: float, via: str) -> int:
+         enqueue: Callable[[Sequence[NewMail]], None], *, since: float, via: str,
+         gmail_ids: GmailIds | None = None) -> int:
     """Enqueue ``selected`` folder's new mail and advance its cursor; returns how many mails were
-    enqueued. ``enqueue`` raises when it cannot (Redis away): the cursor then stays put."""
+    enqueued. ``enqueue`` raises when it cannot (Redis away): the cursor then stays put. On a
+    server with Gmail's X-GM-EXT-1, a message already enqueued from another of its labels
+    (``gmail_ids``) is skipped."""
     folder = selected.folder
+    gmail = gmail_ids is not None and GMAIL_EXTENSION in client.capabilities()
     cursor = store.get(mailbox, folder)
     fresh = cursor is None or cursor.uidvalidity != selected.uidvalidity
     if fresh:
@@ -94,9 +130,10 @@ def scan(client: imapclient.IMAPClient, mailbox: str, selected: Selected, store:
     enqueued = old = 0
     for start in range(0, len(uids), FETCH_BATCH):
         batch = uids[start:start + FETCH_BATCH]
-        data = client.fetch(batch, SCAN_ITEMS)
+        data = client.fetch(batch, SCAN_ITEMS + (["X-GM-MSGID"] if gmail else []))
         seen_at = time.time()
         candidates = []
+        labels: dict[str, int] = {}  # item id -> its X-GM-MSGID
         for uid in batch:
             entry = data.get(uid)
             if entry is None:
@@ -107,13 +144,20 @@ def scan(client: imapclient.IMAPClient, mailbox: str, selected: Selected, store:
                 old += 1
                 continue
             the_id = item_id(folder, selected.uidvalidity, uid)
+            if gmail and isinstance(entry.get(b"X-GM-MSGID"), int):
+                labels[the_id] = entry[b"X-GM-MSGID"]
             candidates.append((identity(message_id, the_id), NewMail(
                 mailbox=mailbox, item_id=the_id, folder=folder, seen_at=seen_at, via=via,
                 message_id=message_id, received_at=received)))
         done = ledger.processed(mailbox, [c[0] for c in candidates])
         mails = [m for key, m in candidates if key not in done]
+        if gmail_ids is not None and labels:
+            other_label = gmail_ids.known(mailbox, list(labels.values()))
+            mails = [m for m in mails if labels.get(m.item_id) not in other_label]
         for first in range(0, len(mails), MAX_MAILS_PER_JOB):
             enqueue(mails[first:first + MAX_MAILS_PER_JOB])
+        if gmail_ids is not None and labels:  # only once enqueued: a failed enqueue is read again
+            gmail_ids.add(mailbox, [labels[m.item_id] for m in mails if m.item_id in labels])
         enqueued += len(mails)
         last = max(last, batch[-1])
         store.put(mailbox, folder, Cursor(selected.uidvalidity, last))  # only now: all up to it is enqueued
