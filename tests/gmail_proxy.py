@@ -11,8 +11,10 @@ means: one message seen under several labels (folders). The proxy therefore
 
 Both directions are literal-aware: a line ending in ``{N}`` / ``{N+}`` is followed by N raw bytes
 (bodies, headers, passwords) that pass through untouched and are never searched. Quoted strings
-in line text are never rewritten either. Not emulated: X-GM-LABELS, X-GM-THRID, X-GM-RAW, SEARCH
-by X-GM-MSGID; a client must not turn on COMPRESS or STARTTLS through it (the stream would no
+in line text are never rewritten either. X-GM-LABELS is emulated on Dovecot's flags: the FETCH
+item becomes FLAGS and the answer's FLAGS become X-GM-LABELS, the keyword ``GmSent`` shown as
+``\\Sent`` (so a client must not ask for FLAGS and X-GM-LABELS at once). Not emulated: X-GM-THRID,
+X-GM-RAW, SEARCH by X-GM-MSGID; a client must not turn on COMPRESS or STARTTLS through it (the stream would no
 longer be readable)."""
 from __future__ import annotations
 
@@ -30,6 +32,10 @@ _LITERAL = re.compile(rb"\{(\d+)(\+?)\}\r?\n\Z")
 _Q = rb'(?P<q>"(?:[^"\\\r\n]|\\.)*")'
 _CLIENT_FETCH = re.compile(rb"\A\S+ (?:UID )?FETCH ", re.IGNORECASE)
 _CLIENT_MSGID = re.compile(_Q + rb"|(?<=[ (])X-GM-MSGID(?=[ )\r\n])", re.IGNORECASE)
+_CLIENT_LABELS = re.compile(_Q + rb"|(?<=[ (])X-GM-LABELS(?=[ )\r\n])", re.IGNORECASE)
+# labels stand on Dovecot's flags: the keyword GmSent is Gmail's \Sent label, \Draft is \Draft
+_SERVER_FLAGS = re.compile(_Q + rb"|(?<=[ (])FLAGS \((?P<flags>[^)\r\n]*)\)", re.IGNORECASE)
+SENT_KEYWORD = "GmSent"  # APPEND a message with this flag to give it Gmail's \Sent label
 _SERVER_FETCH = re.compile(rb"\A\* \d+ FETCH ", re.IGNORECASE)
 # Dovecot's X-GUID: a quoted string in maildir (the file's base name), an atom elsewhere
 _SERVER_GUID = re.compile(_Q + rb'|(?<=[ (])X-GUID (?:"(?P<gq>(?:[^"\\\r\n]|\\.)*)"|(?P<ga>[^ ()\r\n"{]+))'
@@ -56,6 +62,17 @@ def _server_guid(match: re.Match[bytes]) -> bytes:
     guid = match.group("gq")
     guid = re.sub(rb"\\(.)", rb"\1", guid) if guid is not None else match.group("ga")
     return b"X-GM-MSGID %d" % msgid_for_guid(guid)
+
+
+def _client_labels(match: re.Match[bytes]) -> bytes:
+    return match.group("q") or b"FLAGS"
+
+
+def _server_flags(match: re.Match[bytes]) -> bytes:
+    if match.group("q"):
+        return match.group("q")
+    labels = [b"\\Sent" if f.lower() == SENT_KEYWORD.lower().encode() else f for f in match.group("flags").split()]
+    return b"X-GM-LABELS (" + b" ".join(labels) + b")"
 
 
 def _capability_code(match: re.Match[bytes]) -> bytes:
@@ -108,7 +125,7 @@ class _Connection:
                 if fetch is None:
                     fetch = bool(_CLIENT_FETCH.match(line))
                 if fetch:
-                    line = _CLIENT_MSGID.sub(_client_msgid, line)
+                    line = _CLIENT_LABELS.sub(_client_labels, _CLIENT_MSGID.sub(_client_msgid, line))
                 literal = _LITERAL.search(line)
                 if literal is None:
                     self.server.sendall(line)
@@ -147,7 +164,7 @@ class _Connection:
                         self._literal_answer.set()
                     line = _CAPABILITY_LINE.sub(rb"\1 X-GM-EXT-1\2", line)
                 if fetch:
-                    line = _SERVER_GUID.sub(_server_guid, line)
+                    line = _SERVER_FLAGS.sub(_server_flags, _SERVER_GUID.sub(_server_guid, line))
                 else:
                     line = _CAPABILITY_CODE.sub(_capability_code, line)
                 literal = _LITERAL.search(line)

@@ -1,7 +1,8 @@
 """Gmail's ways, against a real Dovecot made to speak Gmail's X-GM-EXT-1 (tests/gmail_proxy.py):
 a message is in every folder its labels name — INBOX, a label, All Mail — each time under another
 UID, and its X-GM-MSGID is the same everywhere. The listener must make one job of it, not one per
-label, and the reply must stop its enrollment once."""
+label, and the reply must stop its enrollment once; the rep's own sent mail and drafts, which All
+Mail holds too (labelled \\Sent, \\Draft), are never taken for incoming mail."""
 from __future__ import annotations
 
 import imaplib
@@ -9,7 +10,7 @@ import time
 
 import mail_samples as mail
 import pytest
-from gmail_proxy import GmailProxy
+from gmail_proxy import SENT_KEYWORD, GmailProxy
 from test_imap_listener import REP, System, wait_for
 
 from exchange_listener import queueing
@@ -65,10 +66,20 @@ def test_one_message_under_several_labels_is_one_job(system, tmp_path):
         wait_for(lambda: all(system.redis.hget(cursors, f) for f in ("INBOX", "Prospects", "All Mail")),
                  message="INBOX, the label and All Mail all read")
         wait_for(lambda: queued_with(system.redis, message_id) >= 1, message="the reply queued")
-        # two more renewals with their sweeps: still one job for the three copies
+        # the rep answers in the thread from an alias (Gmail keeps it in All Mail, labelled \Sent)
+        # and leaves a draft there: never incoming mail, though they reply to our send
+        own = mail.reply(sender="rep.alias@ours.example", to="pat@prospect.example", in_reply_to=sent,
+                         references=sent)
+        dovecot.append(REP, own, folder="All Mail", flags=SENT_KEYWORD)
+        draft = mail.reply(sender="rep.alias@ours.example", to="pat@prospect.example", in_reply_to=sent,
+                           references=sent)
+        dovecot.append(REP, draft, folder="All Mail", flags="\\Draft")
+        own_ids = {normalize(mail_header(own, "Message-ID")), normalize(mail_header(draft, "Message-ID"))}
+        # two more renewals with their sweeps: still one job for the three copies, none for the rest
         wait_for(lambda: system.imap_info().get("connected") == 2, message="still connected")
         time.sleep(4.5)
         assert queued_with(system.redis, message_id) == 1
+        assert all(queued_with(system.redis, i) == 0 for i in own_ids)
 
         system.start("work", "--name", "gmail-worker", name="worker", imap_port=proxy.port)
         wait_for(lambda: system.stopped("e-labels"), message="the reply stopped its enrollment")

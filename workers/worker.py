@@ -97,11 +97,14 @@ class ParentBoundScheduler(RQScheduler):
                     self.acquire_locks()
                 self.heartbeat()
                 self.enqueue_scheduled_jobs()
+                if attempt:
+                    self.log.info("Scheduler: Redis reachable again")
                 attempt = 0
                 wait = float(self.interval)
             except (redis.exceptions.RedisError, OSError) as exc:
                 wait = backoff_delay(attempt, base=0.5, cap=5.0)
                 attempt += 1
+                born = False  # the server that comes back may have lost our record: register again
                 if attempt == 1:
                     self.log.warning("Scheduler: Redis unavailable (%s); retrying", exc)
             time.sleep(wait)

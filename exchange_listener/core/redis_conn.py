@@ -51,11 +51,13 @@ def connect(url: str, *, socket_timeout: float | None = 10.0, shared_by: int = 0
     ``shared_by``: how many threads may use the client at once, when that is more than
     redis-py's pool allows by default (100; one more raises "Too many connections"). The
     pool then holds up to ``POOL_CAP`` connections and a thread beyond it waits its turn
-    (up to ``POOL_WAIT`` s) rather than failing; via Sentinel the pool is only made larger."""
+    (up to ``POOL_WAIT`` s) rather than failing; via Sentinel (whose pool cannot block) the pool
+    is made large enough for every thread instead."""
     options: dict[str, Any] = {"socket_connect_timeout": 5.0, "socket_timeout": socket_timeout, "health_check_interval": 15}
+    sentinel_url = str(url).startswith(SENTINEL_SCHEME + ":")
     if shared_by > 100:
-        options["max_connections"] = min(shared_by, POOL_CAP)
-    if not str(url).startswith(SENTINEL_SCHEME + ":"):
+        options["max_connections"] = shared_by if sentinel_url else min(shared_by, POOL_CAP)
+    if not sentinel_url:
         if shared_by > 100:
             pool = redis.BlockingConnectionPool.from_url(url, timeout=POOL_WAIT, **options)
             return redis.Redis(connection_pool=pool)

@@ -215,7 +215,7 @@ class BaseListener:
         settings.require("redis_url")
         self.settings = settings
         self.listener_id = settings.listener_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.conn = redis_conn.connect(settings.redis_url, socket_timeout=5.0, shared_by=self._redis_users(settings))
+        self.conn = redis_conn.connect(settings.redis_url, socket_timeout=5.0)
         self.leases = leases_mod.Leases(self.conn, self.listener_id, settings.lease_seconds, source=self.source)
         self.ledger = Ledger(self.conn, processed_days=settings.processed_days)
         self.sink = Sink(self.conn, settings, source=self.source)
@@ -231,10 +231,6 @@ class BaseListener:
         self.started_at = time.time()
 
     # -- what a source fills in ----------------------------------------------------------------
-    def _redis_users(self, settings: Settings) -> int:
-        """Threads that may use Redis at once (a source with a thread per folder says more)."""
-        return 0
-
     def held(self) -> list[str]:
         """The mailboxes this listener watches now."""
         raise NotImplementedError

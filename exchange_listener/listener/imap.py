@@ -31,7 +31,7 @@ import imapclient
 import redis
 from imapclient.exceptions import IMAPClientError
 
-from exchange_listener.core import logs, metrics
+from exchange_listener.core import logs, metrics, redis_conn
 from exchange_listener.core.backoff import Backoff
 from exchange_listener.core.config import Settings, folder_list
 from exchange_listener.listener.base import (
@@ -39,6 +39,7 @@ from exchange_listener.listener.base import (
     BaseListener,
     CatchUps,
     Folders,
+    Sink,
 )
 from exchange_listener.sources.base import SKEW_SECONDS
 from exchange_listener.sources.imap import session
@@ -52,12 +53,14 @@ from exchange_listener.sources.imap.session import (
     LimitReached,
     LoginRefused,
 )
+from exchange_listener.sources.ledger import Ledger
 
 IDLE_TICK = 1.0  # seconds per idle_check, so a stop, a drop or a catch-up request is seen within a second
 WATCHDOG_SECONDS = 150.0  # nothing heard this long: prove the connection alive (DONE must be answered)
 EOF_SUSPECT = 0.2  # idle_check came back empty this far before its timeout: the socket hit EOF
 RETRY_CAP = 300.0  # seconds between attempts at most, for a refused login or a missing folder
 REDIS_RETRY = 2.0  # seconds before a read that Redis refused is tried again
+WATCH_REDIS_USERS = 1000  # threads that may use the watch threads' Redis client at once
 STABLE_SECONDS = 60.0  # a connection up this long resets the retry schedule (a server that drops us
 # right after every login must not be hammered once a second)
 ANNOUNCED_ROUNDS = 5  # scans in a row while the server keeps announcing mail during them
@@ -89,6 +92,8 @@ class FolderWatch(threading.Thread):
         self._slot: str | None = None  # our connection's slot in the mailbox's budget
         self._slot_renewed = 0.0
         self._up_since: float | None = None
+        self._sweep_failures: dict[str, str] = {}  # folder -> why the last sweep could not read it
+        self._sweep_failures_said: dict[str, str] = {}
         # the first folder's watch also sweeps the mailbox's other folders
         self.sweeper = folder == listener.folders[0]
         self.log = logs.get_logger(mailbox=mailbox, folder=folder, source="imap")
@@ -120,9 +125,9 @@ class FolderWatch(threading.Thread):
             except REDIS_ERRORS as exc:  # the cursor could not be read: the mail waits on the server
                 if not self.stopping.is_set():
                     self._failed(f"Redis: {exc}", backoff, level="warning")
-            except Exception as exc:  # a watch never dies: it reports and tries again
+            except Exception as exc:  # noqa: BLE001 - a watch never dies: it reports and tries again
                 if not self.stopping.is_set():
-                    self.log.exception("IMAP folder watch failed unexpectedly")
+                    self.log.error("IMAP folder watch failed unexpectedly", where=_where(exc))
                     self._failed(session.describe(exc, self.settings), backoff, level="error")
             finally:
                 self._close()
@@ -153,11 +158,11 @@ class FolderWatch(threading.Thread):
         ends the connection (the budget is full: we wait for room like any new connection)."""
         if self._slot is None or time.monotonic() - self._slot_renewed < SLOT_TTL / 3:
             return
+        self._slot_renewed = time.monotonic()  # also after an error: tried again a third of a slot later
         try:
             kept = self.listener.budget.renew(self.mailbox, self._slot)
         except REDIS_ERRORS:
             return  # Redis away: nothing else can take the slot meanwhile either
-        self._slot_renewed = time.monotonic()
         if not kept:
             raise LimitReached(f"{self.mailbox}: our connection slot lapsed and every slot is taken "
                                "(imap_max_connections_per_account)")
@@ -247,22 +252,12 @@ class FolderWatch(threading.Thread):
         while not self.stopping.is_set():
             self._keep_slot()
             try:
+                self._scan_own(client, selected, via)  # its own folder first: a sweep never delays it
                 if sweep:
                     self._sweep(client)
                     selected = examine(client, selected.folder)
                     sweep = False
-                for _ in range(ANNOUNCED_ROUNDS):
-                    _announced(client)  # what this session was told so far is read by the scan below
-                    count = scan(client, self.mailbox, selected, self.listener.cursors, self.listener.ledger,
-                                 self.listener.sink.enqueue, since=self.listener.since(self.mailbox), via=via,
-                                 gmail_ids=self.listener.gmail_ids)
-                    if count:
-                        self.last_activity = time.time()
-                        self.log.debug("enqueued new IMAP mail", items=count, via=via)
-                    if not _announced(client, keep=True):  # mail announced during the scan (not in its answer)
-                        break
-                # still announced after the last round: left for the IDLE that follows, which reads
-                # it at once (``_idle``) rather than waiting for the next announcement
+                    self._scan_own(client, selected, via)  # and again: mail of the sweep's time
             except redis.exceptions.RedisError as exc:
                 self.log.warning("Redis unreachable; new mail stays on the IMAP server until it is back",
                                  error=str(exc))
@@ -273,23 +268,59 @@ class FolderWatch(threading.Thread):
             return selected
         return selected
 
+    def _scan_own(self, client: imapclient.IMAPClient, selected: Selected, via: str) -> None:
+        """The watch's own folder from its cursor, again while the server announces more mail."""
+        for _ in range(ANNOUNCED_ROUNDS):
+            _announced(client)  # what this session was told so far is read by the scan below
+            count = scan(client, self.mailbox, selected, self.listener.cursors, self.listener.watch_ledger,
+                         self.listener.watch_sink.enqueue, since=self.listener.since(self.mailbox), via=via,
+                         gmail_ids=self.listener.gmail_ids)
+            if count:
+                self.last_activity = time.time()
+                self.log.debug("enqueued new IMAP mail", items=count, via=via)
+            if not _announced(client, keep=True):  # mail announced during the scan (not in its answer)
+                break
+        # still announced after the last round: left for the IDLE that follows, which reads it at
+        # once (``_idle``) rather than waiting for the next announcement
+
     def _sweep(self, client: imapclient.IMAPClient) -> None:
         """The mailbox's other folders, by STATUS against their cursors: a reply a rule, a filter or
         the rep filed away (also while no listener ran) still counts. Own-mail folders (Sent,
         Drafts) are left out; on Gmail, where All Mail holds every label, only All Mail and Trash."""
         for name in sweep_folders(client.list_folders(), self.listener.folders):
-            status = client.folder_status(name, [b"UIDVALIDITY", b"UIDNEXT"])
-            validity, uidnext = int(status.get(b"UIDVALIDITY", 0)), int(status.get(b"UIDNEXT", 0) or 0)
-            cursor = self.listener.cursors.get(self.mailbox, name)
-            if cursor is not None and cursor.uidvalidity == validity and uidnext - 1 <= cursor.last_uid:
+            self._keep_slot()
+            try:
+                status = client.folder_status(name, [b"UIDVALIDITY", b"UIDNEXT"])
+                validity, uidnext = int(status.get(b"UIDVALIDITY", 0)), int(status.get(b"UIDNEXT", 0) or 0)
+                cursor = self.listener.cursors.get(self.mailbox, name)
+                if cursor is not None and cursor.uidvalidity == validity and uidnext - 1 <= cursor.last_uid:
+                    continue
+                count = scan(client, self.mailbox, examine(client, name), self.listener.cursors,
+                             self.listener.watch_ledger, self.listener.watch_sink.enqueue,
+                             since=self.listener.since(self.mailbox), via="catchup", gmail_ids=self.listener.gmail_ids)
+            except IMAPClientError as exc:
+                if isinstance(exc, imapclient.IMAPClient.AbortError):
+                    raise  # the connection is gone: reconnect
+                # one folder we may not read (a shared folder, deleted meanwhile, a broken index)
+                # must not keep the rest, and the watch's own folder, from being read
+                self._sweep_failures[name] = session.describe(exc, self.settings)
+                if self._sweep_failures_said.get(name) != self._sweep_failures[name]:
+                    self._sweep_failures_said[name] = self._sweep_failures[name]
+                    self.log.warning("a folder cannot be read by the sweep; skipped", folder=name,
+                                     error=self._sweep_failures[name])
                 continue
-            count = scan(client, self.mailbox, examine(client, name), self.listener.cursors, self.listener.ledger,
-                         self.listener.sink.enqueue, since=self.listener.since(self.mailbox), via="catchup",
-                         gmail_ids=self.listener.gmail_ids)
+            self._sweep_failures.pop(name, None)
             if count:
                 self.last_activity = time.time()
                 self.log.info("enqueued mail filed in another folder", folder=name, items=count)
-            self._keep_slot()
+
+
+def _where(exc: BaseException) -> str:
+    """file:line of the innermost frame of ``exc`` (a traceback's text could carry values)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}" if tb is not None else "?"
 
 
 def _announced(client: imapclient.IMAPClient, keep: bool = False) -> bool:
@@ -337,18 +368,20 @@ class ImapListener(BaseListener):
     def __init__(self, settings: Settings):
         settings.require("redis_url", "imap_host")
         super().__init__(settings)
-        self.cursors = CursorStore(self.conn)
+        # the watch threads (one per folder: thousands) share a client of their own, whose pool
+        # lets them wait their turn; the main loop's leases and heartbeat never queue behind them
+        self.watch_conn = redis_conn.connect(settings.redis_url, socket_timeout=5.0, shared_by=WATCH_REDIS_USERS)
+        self.watch_ledger = Ledger(self.watch_conn, processed_days=settings.processed_days)
+        self.watch_sink = Sink(self.watch_conn, settings, source=self.source)
+        self.cursors = CursorStore(self.watch_conn)
         self.gmail_ids = GmailIds()  # one message under several Gmail labels: one job
         self.tokens = GoogleTokens(settings) if settings.imap_auth == "xoauth2-google" else None
-        self.budget = Budget(settings.imap_max_connections_per_account, self.conn)
+        self.budget = Budget(settings.imap_max_connections_per_account, self.watch_conn)
         self.folders = folder_list(settings.imap_folders)
         self._watches: dict[str, list[FolderWatch]] = {}
         self._lock = threading.Lock()
         self.catchups: CatchUps[None] = CatchUps(self.holds, self._catch_up, lambda _i: None, settings, threads=1)
         threading.stack_size(STACK_SIZE)
-
-    def _redis_users(self, settings: Settings) -> int:
-        return 1000  # a thread per watched folder: thousands, each reading and writing its cursor
 
     def since(self, mailbox: str) -> float:
         """Mail received before this is not new in ``mailbox`` (before it was added, or older than
@@ -394,6 +427,8 @@ class ImapListener(BaseListener):
         with self._lock:
             watches = [w for ws in self._watches.values() for w in ws]
         failing = [(w, w.error) for w in watches if w.error is not None]
+        unreadable = [{"mailbox": w.mailbox, "folder": f, "error": e} for w in watches
+                      for f, e in list(w._sweep_failures.items())]
         return {
             "groups": [],
             "imap": {
@@ -403,6 +438,8 @@ class ImapListener(BaseListener):
                 "failing": [{"mailbox": w.mailbox, "folder": w.wanted, "since": e[0], "error": e[1]}
                             for w, e in failing[:20] if e is not None],
                 "failing_count": len(failing),
+                "sweep_unreadable": unreadable[:20],  # folders the sweep cannot read (skipped)
+                "sweep_unreadable_count": len(unreadable),
             },
         }
 

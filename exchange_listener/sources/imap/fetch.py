@@ -177,12 +177,21 @@ class ImapFetcher:
                 raise FetchError(f"Redis unreachable for the IMAP connection budget: {exc}") from None
             try:
                 with conn.lock:
+                    if conn.closed:  # the reaper logged it out between our look-up and the lock
+                        continue
                     return work(conn)
+            except ItemGone:
+                raise  # an answer about one item: the connection is fine
             except (IMAPClientError, OSError) as exc:
                 self._discard(mailbox, conn)
                 if attempt == 2 or isinstance(exc, IMAPClientError) and not _connection_lost(exc):
                     raise FetchError(f"IMAP for {mailbox} failed: {session.describe(exc, self.settings)}") from None
-        raise AssertionError("unreachable")
+            except BaseException:
+                # anything else mid-command (the job's timeout, an interrupt) leaves the server's
+                # answer half read: that connection must never serve another job
+                self._discard(mailbox, conn)
+                raise
+        raise FetchError(f"IMAP for {mailbox}: no usable connection")
 
     @staticmethod
     def _select(conn: _Connection, folder: str) -> int:

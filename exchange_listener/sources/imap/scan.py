@@ -11,8 +11,9 @@ Without a cursor (a folder read for the first time) or with another UIDVALIDITY 
 recreated), every UID received since ``since`` is read; the ledger keeps that from processing
 anything twice.
 
-On Gmail (X-GM-EXT-1) the X-GM-MSGID of each message is read too: a message under several labels
-(INBOX and All Mail) is one job, not one per folder (``GmailIds``).
+On Gmail (X-GM-EXT-1) the X-GM-MSGID and X-GM-LABELS of each message are read too: a message
+under several labels (INBOX and All Mail) is one job, not one per folder (``GmailIds``), and the
+rep's own sent mail and drafts, which All Mail holds as well, are never taken.
 
 An item id is ``UIDVALIDITY/UID/folder``: what a worker needs to fetch the mail, and stale (so
 the worker looks for the mail elsewhere) as soon as the folder's UIDs start over.
@@ -20,6 +21,7 @@ the worker looks for the mail elsewhere) as soon as the folder's UIDs start over
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime as dt
 import threading
@@ -92,6 +94,13 @@ class GmailIds:
         self.per_mailbox = per_mailbox
         self._lock = threading.Lock()
         self._ids: dict[str, collections.OrderedDict[int, None]] = {}
+        self._mailbox_locks: dict[str, threading.Lock] = {}
+
+    def lock(self, mailbox: str) -> threading.Lock:
+        """Held from ``known`` to ``add``: two folders' watches meeting the same message at once
+        (a filter labels it on delivery) must not both take it for new."""
+        with self._lock:
+            return self._mailbox_locks.setdefault(mailbox, threading.Lock())
 
     def known(self, mailbox: str, ids: Sequence[int]) -> set[int]:
         with self._lock:
@@ -106,6 +115,14 @@ class GmailIds:
                 have.move_to_end(i)
             while len(have) > self.per_mailbox:
                 have.popitem(last=False)
+
+
+def _own_on_gmail(labels: Any) -> bool:
+    """Gmail labels a message the rep sent or is still writing ``\\Sent`` / ``\\Draft``."""
+    if not isinstance(labels, tuple | list):
+        return False
+    names = {(x.decode() if isinstance(x, bytes) else str(x)).lower() for x in labels}
+    return bool(names & {"\\sent", "\\draft", "\\drafts"})
 
 
 def scan(client: imapclient.IMAPClient, mailbox: str, selected: Selected, store: CursorStore, ledger: Ledger,
@@ -127,10 +144,10 @@ def scan(client: imapclient.IMAPClient, mailbox: str, selected: Selected, store:
         assert cursor is not None
         last = cursor.last_uid
         uids = sorted(u for u in (int(x) for x in client.search(["UID", f"{last + 1}:*"])) if u > last)
-    enqueued = old = 0
+    enqueued = old = own = 0
     for start in range(0, len(uids), FETCH_BATCH):
         batch = uids[start:start + FETCH_BATCH]
-        data = client.fetch(batch, SCAN_ITEMS + (["X-GM-MSGID"] if gmail else []))
+        data = client.fetch(batch, SCAN_ITEMS + (["X-GM-MSGID", "X-GM-LABELS"] if gmail else []))
         seen_at = time.time()
         candidates = []
         labels: dict[str, int] = {}  # item id -> its X-GM-MSGID
@@ -144,6 +161,9 @@ def scan(client: imapclient.IMAPClient, mailbox: str, selected: Selected, store:
                 old += 1
                 continue
             the_id = item_id(folder, selected.uidvalidity, uid)
+            if gmail and _own_on_gmail(entry.get(b"X-GM-LABELS")):
+                own += 1  # the rep's own sent mail or draft, which All Mail holds too: never a reply
+                continue
             if gmail and isinstance(entry.get(b"X-GM-MSGID"), int):
                 labels[the_id] = entry[b"X-GM-MSGID"]
             candidates.append((identity(message_id, the_id), NewMail(
@@ -151,16 +171,20 @@ def scan(client: imapclient.IMAPClient, mailbox: str, selected: Selected, store:
                 message_id=message_id, received_at=received)))
         done = ledger.processed(mailbox, [c[0] for c in candidates])
         mails = [m for key, m in candidates if key not in done]
-        if gmail_ids is not None and labels:
-            other_label = gmail_ids.known(mailbox, list(labels.values()))
-            mails = [m for m in mails if labels.get(m.item_id) not in other_label]
-        for first in range(0, len(mails), MAX_MAILS_PER_JOB):
-            enqueue(mails[first:first + MAX_MAILS_PER_JOB])
-        if gmail_ids is not None and labels:  # only once enqueued: a failed enqueue is read again
-            gmail_ids.add(mailbox, [labels[m.item_id] for m in mails if m.item_id in labels])
+        with gmail_ids.lock(mailbox) if gmail_ids is not None and labels else contextlib.nullcontext():
+            if gmail_ids is not None and labels:
+                other_label = gmail_ids.known(mailbox, list(labels.values()))
+                mails = [m for m in mails if labels.get(m.item_id) not in other_label]
+            for first in range(0, len(mails), MAX_MAILS_PER_JOB):
+                enqueue(mails[first:first + MAX_MAILS_PER_JOB])
+            if gmail_ids is not None and labels:  # only once enqueued: a failed enqueue is read again
+                gmail_ids.add(mailbox, [labels[m.item_id] for m in mails if m.item_id in labels])
         enqueued += len(mails)
         last = max(last, batch[-1])
         store.put(mailbox, folder, Cursor(selected.uidvalidity, last))  # only now: all up to it is enqueued
+    if own:
+        logs.get_logger().debug("the rep's own sent mail and drafts skipped", mailbox=mailbox, folder=folder,
+                                items=own)
     if old and not fresh:  # e.g. an old mail the rep dragged in: said, so it is never silent
         logs.get_logger().info("new UIDs received before the cut-off were not taken", mailbox=mailbox,
                                folder=folder, items=old, cut_off=round(since))
