@@ -135,6 +135,9 @@ def _imap(info: dict, now: float) -> dict:
         "failing": [{"mailbox": f.get("mailbox"), "folder": f.get("folder"), "error": f.get("error"),
                      "failing_for_s": _age(now, f.get("since"))}
                     for f in info.get("failing") or () if isinstance(f, dict)],
+        # other folders the sweep cannot read (skipped; mail filed there is not seen)
+        "sweep_unreadable_count": int(info.get("sweep_unreadable_count") or 0),
+        "sweep_unreadable": [f for f in info.get("sweep_unreadable") or () if isinstance(f, dict)],
     }
 
 

@@ -68,7 +68,9 @@ def render(snap: dict, found: list[str]) -> str:
             graph, imap = item.get("graph"), item.get("imap")
             if imap is not None:
                 detail = (f"IMAP: {imap['connected']}/{imap['folders']} folders in IDLE, "
-                          f"last new mail {_age(imap['last_activity_age_s'])}")
+                          f"last new mail {_age(imap['last_activity_age_s'])}"
+                          + (f", {imap['sweep_unreadable_count']} other folder(s) unreadable"
+                             if imap.get("sweep_unreadable_count") else ""))
             elif graph is not None:
                 detail = (f"{graph['mode']}, {graph['subscriptions']} subscriptions, "
                           f"last notification {_age(graph['last_notification_age_s'])}")
