@@ -151,6 +151,9 @@ class Send:
     @classmethod
     def from_json(cls, raw: bytes | str) -> Send:
         data = json.loads(raw)
+        if data.keys() == _SEND_FIELDS:  # what to_json writes: no loop, no filter (a re-import reads one a line)
+            return cls(tuple(data["message_ids"] or ()), data["enrollment_id"], data["sequence_id"], data["mailbox"],
+                       tuple(data["to"] or ()), tuple(data["cc"] or ()), data["sent_at"])
         for name in ("message_ids", "to", "cc"):
             data[name] = tuple(data.get(name) or ())
         return cls(**{k: v for k, v in data.items() if k in _SEND_FIELDS})  # tolerate fields a newer version adds
