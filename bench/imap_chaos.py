@@ -37,7 +37,6 @@ lines go to stderr.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import functools
@@ -48,7 +47,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -62,17 +60,16 @@ for path in (ROOT, os.path.join(ROOT, "bench")):
 from chaos import (
     PAUSE_DAYS,
     PROCESS_FAULTS,
-    SIZES,
     Drill,
     Enrollment,
     Stack,
     _message_id,
     human_reply,
-    passed,
     record_sends,
     retrying,
     unrelated,
 )
+from chaos import main as chaos_main
 from graph_chaos import GraphDrill
 from rq.job import Job
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
@@ -697,49 +694,8 @@ class ImapDrill(Drill):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``chaos.py --source imap`` on its own: the same options, report and exit status."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: time-based; printed)")
-    parser.add_argument("--keep-logs", action="store_true", help="keep the process logs directory")
-    parser.add_argument("--redis", choices=["sentinel", "single"], default=None,
-                        help="Redis as a Sentinel group (with the failover fault) or one server (the default)")
-    parser.add_argument("--no-mailbox-phase", action="store_true", help="leave out the mailbox-behaviour phase")
-    args = parser.parse_args(argv)
-    seed = args.seed if args.seed is not None else int(time.time())
-    log_dir = tempfile.mkdtemp(prefix=f"el-chaos-{args.size}-imap-")
-    sentinel = None if args.redis is None else args.redis == "sentinel"
-    drill = ImapDrill(args.size, seed, log_dir, sentinel=sentinel, phase=not args.no_mailbox_phase)
-    report: dict
-    try:
-        report = drill.run()
-    except Exception as exc:  # noqa: BLE001 - recorded in the report, never fatal
-        import traceback
-
-        traceback.print_exc()
-        report = {"size": args.size, "error": f"{type(exc).__name__}: {exc}", "injected": len(drill.faults),
-                  "faults": dict(collections.Counter(f["kind"] for f in drill.faults)), "lost": None,
-                  "duplicated": None, "false_stops": None, "max_recovery_s": None, "logs": log_dir}
-    finally:
-        drill.supervisor.stopping.set()
-        drill.stack.stop()
-    report.update(seed=seed, plumbing="ours", source="imap")
-    ok = "error" not in report and passed(report)
-    report["passed"] = ok
-    os.makedirs(os.path.join(ROOT, "bench-results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench-results", f"chaos-{args.size}-imap.json"), "w") as fh:
-        json.dump(report, fh, indent=2, default=str)
-    summary = {k: report.get(k) for k in ("size", "redis", "replies", "injected", "lost", "duplicated", "false_stops",
-                                          "wrong", "unexplained", "max_recovery_s", "total_s")}
-    summary.update(replayed_after_restart=(report.get("mailbox_phase") or {}).get("replayed_after_restart"), passed=ok)
-    print("chaos drill: " + ", ".join(f"{k}={v}" for k, v in summary.items()), file=sys.stderr)
-    if ok and not args.keep_logs:
-        shutil.rmtree(log_dir, ignore_errors=True)
-        report.pop("logs", None)
-    if ok:
-        report.pop("details", None)
-    print(json.dumps(report, separators=(",", ":"), default=str))
-    return 0 if ok else 1
+    """This file on its own: ``chaos.py --source imap`` with the same options."""
+    return chaos_main(["--source", "imap", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
