@@ -138,17 +138,18 @@ def test_verify_tls_false_still_turns_checking_off(wrong_host_emulator, pki, red
         account.check_at_start(settings.replace(verify_tls=True, ca_file=pki["ca"]))
 
 
-def test_work_logs_an_ews_tls_problem_and_keeps_serving(https_emulator, pki, redis_server, tmp_path):
-    """A worker serves Graph and IMAP jobs too: an EWS certificate problem is one error line, not a refusal."""
+def test_work_with_an_unusable_ews_refuses_to_start_in_one_line(https_emulator, pki, redis_server, tmp_path):
+    """EWS configured but its certificate untrusted: the worker does not start (its EWS jobs would
+    each fail into the failed registry; queued, they wait for a worker that can read them)."""
     env = service_env(redis_server.url, https_emulator.ews_url, ca_file=pki["other_ca"])
     proc = CliProcess(["work", "--burst", "--name", "tls-burst"], env, tmp_path / "worker.log")
     try:
-        assert proc.proc.wait(20) == 0
+        assert proc.proc.wait(20) == 2
     finally:
         proc.stop()
     errors = [line for line in proc.lines() if line.get("level") == "error"]
     assert len(errors) == 1 and "untrusted CA" in errors[0]["error"], proc.lines()
-    assert any(line.get("event") == "worker starting" for line in proc.lines())
+    assert not any(line.get("event") == "worker starting" for line in proc.lines())
 
 
 def _settings(redis_server, **overrides) -> config.Settings:

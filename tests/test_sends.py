@@ -233,3 +233,21 @@ def test_an_enrollment_past_the_retention_leaves_both_domain_indexes(registry, r
     registry.record(["<r2@us.example>"], "e-new", "s", "rep@us.example", ["lee@prospect.example"])
     assert [e.enrollment_id for e in registry.domain_enrollments("prospect.example")] == ["e-new"]
     assert redis_client.zrange("el:domain:prospect.example:first", 0, -1) == [b"e-new"]
+
+
+def test_the_bulk_path_packs_commands_exactly_as_redis_py_does():
+    """``record_batches`` writes its commands itself (a third of redis-py's packing cost): byte for
+    byte what redis-py's own ``pack_command`` sends, for the values it packs."""
+    from redis.connection import Connection
+
+    from workers.state.sends import _resp
+
+    samples = [["EVAL", "return 1", 0], ["MGET", "el:send:<ü@x.example>", "el:send:<a@b>"],
+               ["SET", "k", "\u65e5\u672c\u8a9e \u00e9\u00e8 \U0001f600", 7, -3, 0, 10**12],
+               ["WATCH", *[f"el:send:<{i}@x>" for i in range(300)]], ["EXEC"]]
+    for args in samples:
+        assert _resp(args) == b"".join(Connection().pack_command(*args)), args
+    with pytest.raises(TypeError):
+        _resp(["SET", "k", 1.5])
+    with pytest.raises(TypeError):
+        _resp(["SET", "k", True])

@@ -22,12 +22,15 @@ def run(args: argparse.Namespace) -> int:
     from exchange_listener.sources.ews.account import check_at_start
     from workers import worker
 
-    # EWS jobs: autodiscover once at start and check the certificate. A worker also serves Graph and
-    # IMAP jobs, so an EWS problem is one clear error line here, not a refusal to start: the EWS
-    # jobs fail with the same message (and are retried) until it is fixed
+    # EWS configured (ews_url or autodiscover_email): autodiscover once and check the certificate
+    # at start. A problem refuses to start, in one line: a worker that took EWS jobs anyway would
+    # fail each of them, retried until they land in the failed registry, while they could wait in
+    # the queue for a worker that can read them (status then says none is running). A worker for
+    # Graph and IMAP only has no EWS settings and is not checked.
     try:
         settings = check_at_start(settings)
     except ConfigError as exc:
-        log.error("EWS unusable; serving the other sources' jobs, EWS jobs will fail until fixed", error=str(exc))
+        log.error("EWS is configured but unusable from this host; not starting", error=str(exc))
+        return 2
 
     return worker.run(settings, burst=args.burst, name=args.name)

@@ -94,6 +94,7 @@ class FolderWatch(threading.Thread):
         self._up_since: float | None = None
         self._sweep_failures: dict[str, str] = {}  # folder -> why the last sweep could not read it
         self._sweep_failures_said: dict[str, str] = {}
+        self._carried = False  # an announcement was left for IDLE after the last scan
         # the first folder's watch also sweeps the mailbox's other folders
         self.sweeper = folder == listener.folders[0]
         self.log = logs.get_logger(mailbox=mailbox, folder=folder, source="imap")
@@ -263,34 +264,49 @@ class FolderWatch(threading.Thread):
                                  error=str(exc))
                 if self.stopping.wait(REDIS_RETRY):
                     return selected
-                client.noop()  # keep the connection; a dead one raises and reconnects
+                # a sweep may have left another folder selected: the own folder again (this also
+                # proves the connection alive; a dead one raises and reconnects)
+                selected = examine(client, selected.folder)
                 continue
             return selected
         return selected
 
     def _scan_own(self, client: imapclient.IMAPClient, selected: Selected, via: str) -> None:
         """The watch's own folder from its cursor, again while the server announces more mail."""
+        found = 0
         for _ in range(ANNOUNCED_ROUNDS):
             _announced(client)  # what this session was told so far is read by the scan below
             count = scan(client, self.mailbox, selected, self.listener.cursors, self.listener.watch_ledger,
                          self.listener.watch_sink.enqueue, since=self.listener.since(self.mailbox), via=via,
                          gmail_ids=self.listener.gmail_ids)
+            found += count
             if count:
                 self.last_activity = time.time()
                 self.log.debug("enqueued new IMAP mail", items=count, via=via)
             if not _announced(client, keep=True):  # mail announced during the scan (not in its answer)
-                break
+                self._carried = False
+                return
         # still announced after the last round: left for the IDLE that follows, which reads it at
-        # once (``_idle``) rather than waiting for the next announcement
+        # once (``_idle``) rather than waiting for the next announcement; but only once in a row
+        # without new mail (a server may repeat EXISTS with nothing new: no loop without a pause)
+        if found or not self._carried:
+            self._carried = True
+        else:
+            _announced(client)
+            self._carried = False
 
     def _sweep(self, client: imapclient.IMAPClient) -> None:
         """The mailbox's other folders, by STATUS against their cursors: a reply a rule, a filter or
         the rep filed away (also while no listener ran) still counts. Own-mail folders (Sent,
         Drafts) are left out; on Gmail, where All Mail holds every label, only All Mail and Trash."""
-        for name in sweep_folders(client.list_folders(), self.listener.folders):
+        names = sweep_folders(client.list_folders(), self.listener.folders)
+        for gone in set(self._sweep_failures) - set(names):  # deleted or renamed since
+            self._forget_sweep_failure(gone)
+        for name in names:
             self._keep_slot()
             try:
                 status = client.folder_status(name, [b"UIDVALIDITY", b"UIDNEXT"])
+                self._forget_sweep_failure(name)
                 validity, uidnext = int(status.get(b"UIDVALIDITY", 0)), int(status.get(b"UIDNEXT", 0) or 0)
                 cursor = self.listener.cursors.get(self.mailbox, name)
                 if cursor is not None and cursor.uidvalidity == validity and uidnext - 1 <= cursor.last_uid:
@@ -309,10 +325,13 @@ class FolderWatch(threading.Thread):
                     self.log.warning("a folder cannot be read by the sweep; skipped", folder=name,
                                      error=self._sweep_failures[name])
                 continue
-            self._sweep_failures.pop(name, None)
             if count:
                 self.last_activity = time.time()
                 self.log.info("enqueued mail filed in another folder", folder=name, items=count)
+
+    def _forget_sweep_failure(self, name: str) -> None:
+        self._sweep_failures.pop(name, None)
+        self._sweep_failures_said.pop(name, None)
 
 
 def _where(exc: BaseException) -> str:

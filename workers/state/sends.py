@@ -196,8 +196,14 @@ def _resp(args: Sequence[str | int]) -> bytes:
     """One command in Redis's wire protocol, as redis-py's ``pack_command`` packs it (UTF-8,
     ints in decimal) at a third of its cost: a batch's EVAL carries ~1,500 keys, and packing
     them was a fifth of a bulk import's time."""
-    data = [a.encode() if isinstance(a, str) else b"%d" % a for a in args]
+    data = [a.encode() if isinstance(a, str) else _int(a) for a in args]
     return b"".join([b"*%d\r\n" % len(data), *[b"$%d\r\n%b\r\n" % (len(d), d) for d in data]])
+
+
+def _int(value: object) -> bytes:
+    if type(value) is not int:  # a float would be cut, a bool sent as 1: refuse, as redis-py does for bools
+        raise TypeError(f"_resp packs str and int only, not {type(value).__name__}")
+    return b"%d" % value
 
 
 def _watched(drafts: Sequence[SendDraft]) -> list[str]:

@@ -109,6 +109,8 @@ class ImapFetcher:
                 if conn.lock.acquire(blocking=False):  # not in use by a job right now
                     try:
                         self._discard(mailbox, conn)
+                    except REDIS_ERRORS:
+                        pass  # the connection is closed; its slot lapses on its own
                     finally:
                         conn.lock.release()
 
@@ -189,7 +191,8 @@ class ImapFetcher:
             except BaseException:
                 # anything else mid-command (the job's timeout, an interrupt) leaves the server's
                 # answer half read: that connection must never serve another job
-                self._discard(mailbox, conn)
+                with contextlib.suppress(*REDIS_ERRORS):  # (its slot lapses on its own)
+                    self._discard(mailbox, conn)
                 raise
         raise FetchError(f"IMAP for {mailbox}: no usable connection")
 
