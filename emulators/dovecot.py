@@ -58,7 +58,8 @@ class Dovecot:
 
     def __init__(self, root: pathlib.Path | str | None = None, *, port: int | None = None,
                  master_user: str = "master", master_password: str = "master-secret",
-                 oauth2_introspection_url: str | None = None, scale_connections: int | None = None):
+                 oauth2_introspection_url: str | None = None, scale_connections: int | None = None,
+                 tls_cert_file: str | None = None, tls_key_file: str | None = None):
         binary = find_dovecot()
         if binary is None:
             raise RuntimeError("dovecot not found: install it (Debian/Ubuntu: apt-get install dovecot-imapd; "
@@ -84,6 +85,9 @@ class Dovecot:
         # sized for this many concurrent IMAP connections (None: Dovecot's defaults, one imap
         # process per connection); see ``_scale_config``
         self.scale_connections = scale_connections
+        # TLS (a test CA's certificate): IMAPS on ``tls_port`` and STARTTLS on ``port``
+        self.tls_cert_file, self.tls_key_file = tls_cert_file, tls_key_file
+        self.tls_port = free_port() if tls_cert_file else 0
         if os.geteuid() == 0:
             self.system_user, self.uid, self.gid = "nobody", 65534, 65534
             try:
@@ -149,7 +153,7 @@ log_path = {self.log_path}
 info_log_path = {self.log_path}
 protocols = imap
 listen = {self.host}
-ssl = no
+{self._ssl_config()}
 disable_plaintext_auth = no
 auth_mechanisms = plain login xoauth2 oauthbearer
 auth_master_user_separator = *
@@ -199,7 +203,9 @@ service imap-login {{
     port = {self.port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = {self.host}
+    port = {self.tls_port}
+    ssl = {"yes" if self.tls_port else "no"}
   }}
 }}
 service anvil {{
@@ -250,6 +256,12 @@ service anvil {{
   client_limit = {2 * n + 1000}
 }}
 """
+
+    def _ssl_config(self) -> str:
+        if not self.tls_cert_file:
+            return "ssl = no"
+        # both files are read by the master process (root) at start
+        return f"ssl = yes\nssl_cert = <{self.tls_cert_file}\nssl_key = <{self.tls_key_file}"
 
     def start(self) -> Self:
         """``dovecot -F -c FILE`` in its own process group; returns once it accepts connections."""
