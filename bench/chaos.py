@@ -931,8 +931,13 @@ class Drill:
         return warm_up(self.stack, warm, timeout)
 
     # -- deliveries ----------------------------------------------------------------------------
+    def deliver_one(self, mailbox: str, raw: bytes) -> str:
+        """Put one mail in ``mailbox``; its item id (a source's drill delivers its own way)."""
+        if getattr(self, "_deliverer", None) is None:  # one, for its kept-alive connection
+            self._deliverer = Deliverer(self.stack.emulator)
+        return self._deliverer.deliver(mailbox, raw)["item_id"]
+
     def deliver_all(self, stop: threading.Event) -> None:
-        deliverer = Deliverer(self.stack.emulator)
         interval = 1.0 / self.cfg["rate"]
         start = time.monotonic()
         for i, d in enumerate(self.timeline):
@@ -944,13 +949,13 @@ class Drill:
             d.raw = d.duplicate_of.raw if d.duplicate_of and d.duplicate_of.raw else build_raw(d, self.rng)
             try:
                 d.sent_at = time.time()
-                d.item_id = deliverer.deliver(d.mailbox, d.raw)["item_id"]
+                d.item_id = self.deliver_one(d.mailbox, d.raw)
                 if d.enrollment is not None:
                     d.enrollment.delivered.append(d.kind)
                 with self.lock:
                     self.delivered += 1
             except Exception as exc:  # the emulator is never faulted on its delivery endpoint  # noqa: BLE001 - recorded in the report, never fatal
-                self.errors.append(f"delivery failed: {exc}")
+                self.errors.append(f"delivery failed: {type(exc).__name__}: {exc}")
 
     # -- faults --------------------------------------------------------------------------------
     def fault_schedule(self, duration: float) -> list[tuple[float, str]]:

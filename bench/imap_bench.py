@@ -38,6 +38,7 @@ for _path in (ROOT, BENCH):
 
 import chaos
 import redis
+from listener_bench import proc_status, tcp_connections
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -291,53 +292,16 @@ class LatencyRun:
         return out
 
 
-def proc_status(pid: int) -> dict[str, float]:
-    out = {}
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "Threads"):
-                out[key] = float(value.split()[0])
-    return out
-
-
-def tcp_established(pid: int) -> int:
-    """Established TCP connections of ``pid`` (its socket inodes in /proc/net/tcp*)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as fh:
-                next(fh)
-                count += sum(1 for line in fh if line.split()[3] == "01" and line.split()[9] in inodes)
-        except FileNotFoundError:
-            pass
-    return count
-
-
 def group_footprint(pgid: int) -> dict:
     """Processes and summed RSS (MB) of a process group (Dovecot's)."""
-    count, rss_kb = 0, 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    rss_kb = 0.0
+    pids = Dovecot.group_pids(pgid)
+    for pid in pids:
         try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            if int(fields[2]) != pgid:
-                continue
-            count += 1
-            rss_kb += proc_status(int(entry)).get("VmRSS", 0.0)
-        except (OSError, ValueError):
+            rss_kb += proc_status(pid).get("VmRSS", 0.0)
+        except OSError:
             continue
-    return {"processes": count, "rss_mb": round(rss_kb / 1024, 1)}
+    return {"processes": len(pids), "rss_mb": round(rss_kb / 1024, 1)}
 
 
 def raise_nofile(wanted: int) -> tuple[int, int]:
@@ -379,7 +343,7 @@ def footprint(n: int, log_dir: str, timeout: float | None = None, settle: float 
         if listener.alive():
             status = proc_status(listener.pid)
             out.update(rss_mb=round(status["VmRSS"] / 1024, 1), peak_rss_mb=round(status["VmHWM"] / 1024, 1),
-                       threads=int(status["Threads"]), tcp_connections=tcp_established(listener.pid),
+                       threads=int(status["Threads"]), tcp_connections=tcp_connections(listener.pid),
                        fds=len(os.listdir(f"/proc/{listener.pid}/fd")))
             out["rss_kb_per_connection"] = round(status["VmRSS"] / max(1, out["tcp_connections"]), 1)
         if dovecot.proc is not None:

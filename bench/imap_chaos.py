@@ -348,27 +348,8 @@ class ImapDrill(Drill):
         return time.monotonic() - t0
 
     # -- deliveries ----------------------------------------------------------------------------
-    def deliver_all(self, stop: threading.Event) -> None:
-        from chaos import build_raw
-
-        interval = 1.0 / self.cfg["rate"]
-        start = time.monotonic()
-        for i, d in enumerate(self.timeline):
-            if stop.is_set():
-                return
-            delay = start + i * interval - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            d.raw = d.duplicate_of.raw if d.duplicate_of and d.duplicate_of.raw else build_raw(d, self.rng)
-            try:
-                d.sent_at = time.time()
-                d.item_id = self.deliverer.deliver(d.mailbox, d.raw)
-                if d.enrollment is not None:
-                    d.enrollment.delivered.append(d.kind)
-                with self.lock:
-                    self.delivered += 1
-            except Exception as exc:  # noqa: BLE001 - recorded in the report, never fatal
-                self.errors.append(f"delivery failed: {type(exc).__name__}: {exc}")
+    def deliver_one(self, mailbox: str, raw: bytes) -> str:
+        return self.deliverer.deliver(mailbox, raw)
 
     def send_probes(self, fault: dict, mailboxes: list[str] | None = None) -> None:
         """Replies delivered right when a fault hits (to ``mailboxes`` first: those it hit)."""

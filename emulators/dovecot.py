@@ -324,15 +324,10 @@ service anvil {{
             self.proc.stderr.close()
 
     @staticmethod
-    def _group_alive(pgid: int) -> bool:
-        """Whether a live (not zombie) process of the group remains: dead children are reparented
-        and may wait a while to be reaped, which ``killpg(pgid, 0)`` cannot tell apart."""
-        if not os.path.isdir("/proc/self"):
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return False
-            return True
+    def group_pids(pgid: int) -> list[int]:
+        """The live (not zombie) processes of the group: dead children are reparented and may
+        wait a while to be reaped, which ``killpg(pgid, 0)`` cannot tell apart."""
+        found = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
@@ -342,8 +337,18 @@ service anvil {{
             except OSError:
                 continue
             if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                return True
-        return False
+                found.append(int(entry))
+        return found
+
+    @classmethod
+    def _group_alive(cls, pgid: int) -> bool:
+        if not os.path.isdir("/proc/self"):
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return False
+            return True
+        return bool(cls.group_pids(pgid))
 
     def stop(self, grace: float = 1.0) -> None:
         """SIGTERM to the master (its clients get BYE), then after ``grace`` seconds SIGKILL to

@@ -64,7 +64,6 @@ class _Connection:
         self.client = client
         self.slot = slot  # its place in the mailbox's connection budget
         self.renewed = self.used = time.monotonic()
-        self.selected: tuple[str, int] | None = None  # (folder, UIDVALIDITY)
         self.own_folders: set[str] | None = None
         self.lock = threading.Lock()
         self.closed = False
@@ -200,10 +199,7 @@ class ImapFetcher:
     def _select(conn: _Connection, folder: str) -> int:
         """EXAMINE ``folder`` (again, when it is the one selected: only that tells this session
         of mail another session expunged or moved away since); its UIDVALIDITY."""
-        conn.selected = None
-        selected = examine(conn.client, folder)
-        conn.selected = (folder, selected.uidvalidity)
-        return selected.uidvalidity
+        return examine(conn.client, folder).uidvalidity
 
     def _own(self, conn: _Connection) -> set[str]:
         if conn.own_folders is None:

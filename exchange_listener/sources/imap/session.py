@@ -109,10 +109,6 @@ class Budget:
             else:
                 self._open.pop(mailbox, None)
 
-    def used(self, mailbox: str) -> int:
-        with self._lock:
-            return self._open.get(mailbox, 0)
-
 
 class GoogleTokens:
     """Access tokens per rep from a Google service account (domain-wide delegation), cached."""
@@ -203,20 +199,16 @@ def _login(client: imapclient.IMAPClient, settings: Settings, mailbox: str, toke
     except UnicodeEncodeError:  # imaplib sends LOGIN's arguments as ASCII
         raise LoginRefused(f"cannot log in as {mailbox!r} ({how}): the address or the credential has "
                            "characters IMAP LOGIN cannot carry (use imap_auth = plain, which sends UTF-8)") from None
-    except LoginError as exc:
-        if tokens is not None:
+    except (LoginError, OSError, IMAPClientError) as exc:
+        text = str(exc)
+        if any(word in text.lower() for word in _LIMIT_WORDS):
+            raise LimitReached(f"{mailbox}: the IMAP server refuses more connections for this account: "
+                               f"{_safe(text, settings)}") from None
+        if not isinstance(exc, LoginError):
+            raise ImapError(f"IMAP login as {mailbox} failed: {describe(exc, settings)}") from None
+        if tokens is not None:  # refused: a revoked or changed token must not be offered again
             tokens.forget(mailbox)
-        text = str(exc)
-        if any(word in text.lower() for word in _LIMIT_WORDS):
-            raise LimitReached(f"{mailbox}: the IMAP server refuses more connections for this account: "
-                               f"{_safe(text, settings)}") from None
         raise LoginRefused(f"the IMAP server refused to log in as {mailbox} ({how}): {_safe(text, settings)}") from None
-    except (OSError, IMAPClientError) as exc:
-        text = str(exc)
-        if any(word in text.lower() for word in _LIMIT_WORDS):
-            raise LimitReached(f"{mailbox}: the IMAP server refuses more connections for this account: "
-                               f"{_safe(text, settings)}") from None
-        raise ImapError(f"IMAP login as {mailbox} failed: {describe(exc, settings)}") from None
 
 
 def close(client: imapclient.IMAPClient) -> None:
