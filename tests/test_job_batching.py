@@ -18,6 +18,9 @@ from exchange_listener.sources.ews.fetch import EwsFetcher
 from workers import context, jobs
 
 MAILBOX = "rep@ours.example"
+OTHER_MAILBOX = "sam@ours.example"
+PROSPECT = "pat@prospect.example"
+COLLEAGUE = "chris@prospect.example"
 
 
 @pytest.fixture
@@ -53,11 +56,11 @@ def commands(ctx) -> dict[str, int]:
     return {k.removeprefix("cmdstat_"): v["calls"] for k, v in ctx.redis.info("commandstats").items()}
 
 
-def marked(ctx, raw: bytes, item_id: str) -> bool:
+def marked(ctx, raw: bytes, item_id: str, mailbox: str = MAILBOX) -> bool:
     """The ledger holds this mail as processed (keyed by its Message-ID, as the job marks it)."""
     message_id = normalize(raw.split(b"Message-ID: ", 1)[1].split(b"\r\n", 1)[0].decode())
     member = ledger.identity(message_id, item_id)
-    return member in ctx.ledger.processed(MAILBOX, [member])
+    return member in ctx.ledger.processed(mailbox, [member])
 
 
 def other_thread(n: int) -> bytes:
@@ -179,3 +182,62 @@ def test_exchange_report_items_keep_their_mime_read_even_without_report_headers(
     verdict = classify_headers(headers, None)
     assert jobs._body_may_cite(verdict, item("REPORT.IPM.Note.NDR"))
     assert not jobs._body_may_cite(verdict, item("IPM.Note"))
+
+
+def test_one_job_may_carry_mail_of_several_mailboxes_each_asked_once(ctx):
+    """Stream mail that arrived together shares a job (RQ's cost paid once); each mailbox's
+    items are still fetched in one GetItem of their own, and each reply stops its enrollment."""
+    first = send(ctx, "e-first", PROSPECT)
+    other_send = mail.new_id("ours.example")
+    ctx.sends.record([other_send], "e-other", "seq-1", OTHER_MAILBOX, to=[COLLEAGUE])
+    raws = [mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=first, references=first),
+            mail.reply(sender="news@else.example", to=MAILBOX, in_reply_to=None, references=None)]
+    mine = [ctx.emulator.deliver(MAILBOX, raw)["item_id"] for raw in raws]
+    their_raw = mail.reply(sender=COLLEAGUE, to=OTHER_MAILBOX, in_reply_to=other_send, references=other_send)
+    theirs = ctx.emulator.deliver(OTHER_MAILBOX, their_raw)["item_id"]
+    mails = [NewMail(MAILBOX, mine[0], "inbox", time.time()), NewMail(OTHER_MAILBOX, theirs, "inbox", time.time()),
+             NewMail(MAILBOX, mine[1], "inbox", time.time())]
+    payload = queueing.payload(mails)
+    assert "mailbox" not in payload and payload["mailboxes"] == [MAILBOX, OTHER_MAILBOX]
+    before = get_items(ctx)
+    summary = jobs.handle_mail(payload)
+    # per mailbox, one GetItem for the headers and one for the texts of its matched human replies
+    # (one per mail would be 3 + 2)
+    assert get_items(ctx) - before == 4
+    assert summary["mailboxes"] == [MAILBOX, OTHER_MAILBOX] and summary["split"] == []
+    assert summary["transitions"] == 2 and summary["unmatched"] == 1 and len(summary["items"]) == 3
+    for enrollment, mailbox in (("e-first", MAILBOX), ("e-other", OTHER_MAILBOX)):
+        got = ctx.enrollments.get(enrollment)
+        assert (got["status"], got["reason"], got["mailbox"]) == ("stopped", "replied", mailbox)
+    # each mail is remembered under its own mailbox, where that mailbox's catch-up looks
+    assert marked(ctx, their_raw, theirs, OTHER_MAILBOX) and not marked(ctx, their_raw, theirs, MAILBOX)
+    assert all(marked(ctx, raw, item) for raw, item in zip(raws, mine))
+
+
+def test_a_mailbox_failing_inside_a_shared_job_goes_on_alone_and_the_others_are_done(ctx):
+    first = send(ctx, "e-ok", PROSPECT)
+    other_send = mail.new_id("ours.example")
+    ctx.sends.record([other_send], "e-later", "seq-1", OTHER_MAILBOX, to=[COLLEAGUE])
+    ok_item = ctx.emulator.deliver(MAILBOX, mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=first,
+                                                       references=first))["item_id"]
+    failing_item = ctx.emulator.deliver(OTHER_MAILBOX, mail.reply(sender=COLLEAGUE, to=OTHER_MAILBOX,
+                                                                  in_reply_to=other_send,
+                                                                  references=other_send))["item_id"]
+    ctx.emulator.fault(kind="mailbox_error", mailbox=OTHER_MAILBOX, code="ErrorMailboxMoveInProgress",
+                       operations=["GetItem"])
+    failing = [NewMail(OTHER_MAILBOX, failing_item, "inbox", time.time())]
+    summary = jobs.handle_mail(queueing.payload([NewMail(MAILBOX, ok_item, "inbox", time.time()), *failing]))
+    assert ctx.enrollments.get("e-ok")["status"] == "stopped"
+    assert ctx.enrollments.get("e-later")["status"] == "active"
+    (split,) = summary["split"]
+    assert split["mailbox"] == OTHER_MAILBOX and split["items"] == 1
+    assert "ErrorMailboxMoveInProgress" in split["error"]
+    queue = queueing.make_queue(ctx.redis, ctx.settings.queue_name)
+    # due SPLIT_DELAY seconds later, with the whole retry policy, carrying only that mailbox's mail
+    assert split["job_id"] in queue.scheduled_job_registry.get_job_ids()
+    job = queue.fetch_job(split["job_id"])
+    assert job.args[0] == queueing.payload(failing) and job.retries_left == ctx.settings.job_retries
+    assert job.id == queueing.job_id(OTHER_MAILBOX, [failing_item])
+    ctx.emulator.fault(kind="clear_mailbox_error", mailbox=OTHER_MAILBOX)
+    assert jobs.handle_mail(job.args[0])["transitions"] == 1  # what a worker runs when it falls due
+    assert ctx.enrollments.get("e-later")["status"] == "stopped"

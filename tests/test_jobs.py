@@ -22,6 +22,7 @@ from workers import context, jobs
 from workers.classify import KINDS
 
 MAILBOX = "rep@ours.example"
+OTHER_MAILBOX = "sam@ours.example"
 PROSPECT = "pat@prospect.example"
 COLLEAGUE = "chris@prospect.example"
 CCD = "cam@prospect.example"
@@ -196,6 +197,12 @@ def test_gone_items_are_skipped_and_the_others_processed(ctx):
     ({"mailbox": MAILBOX, "mails": [{"item_id": ""}]}, "item_id"),
     ({"mailbox": MAILBOX, "mails": [{"item_id": "x", "mailbox": "other@ours.example"}]}, "another mailbox"),
     ({"mailbox": MAILBOX, "source": "pop3", "mails": [{"item_id": "x"}]}, "unknown mail source"),
+    ({"mailboxes": [MAILBOX, "not-an-address"], "mails": [{"item_id": "x", "mailbox": MAILBOX}]}, "mailboxes"),
+    ({"mailboxes": [MAILBOX, OTHER_MAILBOX], "mails": [{"item_id": "x"}]}, "needs a mailbox"),
+    ({"mailboxes": [MAILBOX, OTHER_MAILBOX], "mails": [{"item_id": "x", "mailbox": "third@ours.example"}]},
+     "another mailbox"),
+    ({"mailboxes": [MAILBOX, OTHER_MAILBOX], "source": "pop3",
+      "mails": [{"item_id": "x", "mailbox": MAILBOX}, {"item_id": "y", "mailbox": OTHER_MAILBOX}]}, "unknown mail source"),
 ])
 def test_a_bad_payload_fails_with_a_clear_error(ctx, payload, message):
     with pytest.raises(ValueError, match=message):
@@ -308,9 +315,11 @@ json_values = st.recursive(
 )
 payload_like = st.fixed_dictionaries(
     {}, optional={"mailbox": st.one_of(st.just(MAILBOX), json_values), "source": st.one_of(st.just("ews"), json_values),
+                  "mailboxes": st.one_of(st.just([MAILBOX, OTHER_MAILBOX]), json_values),
                   "mails": st.one_of(st.lists(st.one_of(st.fixed_dictionaries(
                       {"item_id": st.one_of(st.text(min_size=1, max_size=30), json_values)},
-                      optional={"seen_at": json_values, "via": json_values, "mailbox": json_values,
+                      optional={"seen_at": json_values, "via": json_values,
+                                "mailbox": st.one_of(st.sampled_from([MAILBOX, OTHER_MAILBOX]), json_values),
                                 "folder": json_values, "extra": json_values}), json_values), max_size=3), json_values)})
 
 
@@ -318,12 +327,14 @@ payload_like = st.fixed_dictionaries(
 @settings(max_examples=300, deadline=None)
 def test_any_json_payload_is_accepted_or_refused_with_invalid_payload(payload):
     try:
-        mailbox, source, mails = jobs._validate(payload)
+        source, groups = jobs._validate(payload)
     except jobs.InvalidPayload as exc:
         assert str(exc).startswith("payload")
     else:
-        assert "@" in mailbox and isinstance(source, str) and mails
-        assert all(m.mailbox.lower() == mailbox.lower() and m.item_id for m in mails)
+        assert isinstance(source, str) and groups
+        for mailbox, mails in groups:
+            assert "@" in mailbox and mails
+            assert all(m.mailbox.lower() == mailbox.lower() and m.item_id for m in mails)
 
 
 HEADER_NAMES = ["From", "To", "Cc", "Subject", "Message-ID", "In-Reply-To", "References", "Content-Type",

@@ -62,6 +62,7 @@ from rq import get_current_job
 from rq.timeouts import BaseTimeoutException
 from structlog.typing import FilteringBoundLogger
 
+from exchange_listener import queueing
 from exchange_listener.core import keys, logs, metrics
 from exchange_listener.core.lua import Script
 from exchange_listener.mail.message_ids import normalize, references_of
@@ -104,11 +105,23 @@ class ItemsFailed(RuntimeError):
     """Some items of the job could not be processed (the others were)."""
 
 
-def _validate(payload: Any) -> tuple[str, str, list[NewMail]]:
+def _address(value: Any) -> bool:
+    return isinstance(value, str) and "@" in value and not any(c in value for c in "\r\n")
+
+
+def _validate(payload: Any) -> tuple[str, list[tuple[str, list[NewMail]]]]:
+    """(source, [(mailbox, its mails), ...] in the order the payload names them)."""
     if not isinstance(payload, dict):
         raise InvalidPayload(f"payload must be an object, got {type(payload).__name__}")
-    mailbox, source, mails = payload.get("mailbox"), payload.get("source", "ews"), payload.get("mails")
-    if not isinstance(mailbox, str) or "@" not in mailbox or any(c in mailbox for c in "\r\n"):
+    source, mails = payload.get("source", "ews"), payload.get("mails")
+    if "mailboxes" in payload and "mailbox" not in payload:
+        listed = payload["mailboxes"]
+        if not isinstance(listed, list) or not listed or not all(_address(m) for m in listed):
+            raise InvalidPayload("payload.mailboxes must be a non-empty list of email addresses")
+        mailboxes = {m.lower(): m for m in listed}
+    elif _address(payload.get("mailbox")):
+        mailboxes = {payload["mailbox"].lower(): payload["mailbox"]}
+    else:
         raise InvalidPayload("payload.mailbox must be an email address")
     if not isinstance(source, str) or not source:
         raise InvalidPayload("payload.source must be a non-empty string")
@@ -116,7 +129,8 @@ def _validate(payload: Any) -> tuple[str, str, list[NewMail]]:
         raise InvalidPayload("payload.mails must be a non-empty list")
     if len(mails) > MAX_ITEMS:
         raise InvalidPayload(f"payload.mails has {len(mails)} items (at most {MAX_ITEMS})")
-    parsed = []
+    groups: dict[str, list[NewMail]] = {}
+    only = next(iter(mailboxes.values())) if len(mailboxes) == 1 else None
     for index, raw in enumerate(mails):
         where = f"payload.mails[{index}]"
         if not isinstance(raw, dict) or not isinstance(raw.get("item_id"), str) or not raw["item_id"]:
@@ -127,11 +141,13 @@ def _validate(payload: Any) -> tuple[str, str, list[NewMail]]:
         seen_at = raw.get("seen_at") or 0
         if isinstance(seen_at, bool) or not isinstance(seen_at, (int, float)) or not math.isfinite(seen_at):
             raise InvalidPayload(f"{where}.seen_at must be a number (epoch seconds)")
-        mail = NewMail.from_dict({**raw, "mailbox": raw.get("mailbox") or mailbox, "seen_at": float(seen_at)})
-        if mail.mailbox.lower() != mailbox.lower():
-            raise InvalidPayload(f"{where} belongs to another mailbox")
-        parsed.append(mail)
-    return mailbox, source, parsed
+        mailbox = mailboxes.get((raw.get("mailbox") or only or "").lower())
+        if mailbox is None:
+            raise InvalidPayload(f"{where} belongs to another mailbox" if raw.get("mailbox")
+                                 else f"{where} needs a mailbox (the job names several)")
+        groups.setdefault(mailbox, []).append(NewMail.from_dict({**raw, "mailbox": raw.get("mailbox") or mailbox,
+                                                                 "seen_at": float(seen_at)}))
+    return source, list(groups.items())
 
 
 def _identity(mailbox: str, item: FetchedMessage, classification: Classification) -> str:
@@ -483,34 +499,86 @@ def _apply(ctx: context.Context, mail: NewMail, action: policy.Action, common: d
 
 def handle_mail(payload: dict) -> dict:
     """Process one job (see the module docstring). Returns a JSON-safe summary."""
-    started = time.monotonic()
     job = get_current_job()  # None when called outside a worker (tests, tools)
     job_id = job.id if job is not None else None
     with structlog.contextvars.bound_contextvars(job_id=job_id):
         try:
-            mailbox, source, mails = _validate(payload)
+            source, groups = _validate(payload)
         except InvalidPayload as exc:
             metrics.JOBS_PROCESSED.labels("invalid").inc()
             log.error("job payload invalid; failing without retry", error=str(exc))
             if job is not None:
                 job.retries_left = 0  # a retry cannot fix it: straight to the failed registry
             raise
-        with structlog.contextvars.bound_contextvars(mailbox=mailbox):
-            try:
-                summary = _handle(mailbox, source, mails)
-            except BaseTimeoutException:
-                metrics.JOBS_PROCESSED.labels("timeout").inc()
-                log.error("job timed out", items=len(mails), seconds=round(time.monotonic() - started, 2))
-                raise
-            except Exception as exc:
-                metrics.JOBS_PROCESSED.labels("failed").inc()
-                log.error("job failed", error=f"{type(exc).__name__}: {exc}", items=len(mails))
-                raise
-            metrics.JOBS_PROCESSED.labels("ok").inc()
-            summary["seconds"] = round(time.monotonic() - started, 4)
-            log.info("job done", outcome="ok", items=len(mails), kinds=summary["kinds"], transitions=summary["transitions"],
-                     unmatched=summary["unmatched"], gone=summary["gone"], seconds=summary["seconds"])
-            return summary
+        if len(groups) == 1:
+            return _handle_group(*groups[0], source)
+        return _handle_groups(groups, source)
+
+
+def _handle_group(mailbox: str, mails: list[NewMail], source: str) -> dict:
+    """The mails of one mailbox: the job's whole work, or one part of a job of several mailboxes."""
+    started = time.monotonic()
+    with structlog.contextvars.bound_contextvars(mailbox=mailbox):
+        try:
+            summary = _handle(mailbox, source, mails)
+        except BaseTimeoutException:
+            metrics.JOBS_PROCESSED.labels("timeout").inc()
+            log.error("job timed out", items=len(mails), seconds=round(time.monotonic() - started, 2))
+            raise
+        except Exception as exc:
+            metrics.JOBS_PROCESSED.labels("failed").inc()
+            log.error("job failed", error=f"{type(exc).__name__}: {exc}", items=len(mails))
+            raise
+        metrics.JOBS_PROCESSED.labels("ok").inc()
+        summary["seconds"] = round(time.monotonic() - started, 4)
+        log.info("job done", outcome="ok", items=len(mails), kinds=summary["kinds"], transitions=summary["transitions"],
+                 unmatched=summary["unmatched"], gone=summary["gone"], seconds=summary["seconds"])
+        return summary
+
+
+SPLIT_DELAY = 2.0  # seconds before the mail of a mailbox that failed inside a shared job is tried again
+
+
+def _handle_groups(groups: list[tuple[str, list[NewMail]]], source: str) -> dict:
+    """A job carrying mail of several mailboxes: each mailbox's part on its own. A part that
+    fails does not fail the others: it goes on as a job of its own (due ``SPLIT_DELAY`` s later,
+    with the full retry policy), so RQ's retries and the failed registry hold only that
+    mailbox's mail. If that job cannot be enqueued, this whole job fails for RQ to retry (the
+    parts that went through are then replayed: harmless, their decisions and transitions are
+    stored once)."""
+    context.get().fetcher(source)  # an unknown source fails the job as it is, not once per mailbox
+    parts, failed = [], []
+    for mailbox, mails in groups:
+        try:
+            parts.append(_handle_group(mailbox, mails, source))
+        except BaseTimeoutException:
+            raise  # RQ's job timeout: the job ends here and is retried whole
+        except Exception as exc:  # noqa: BLE001 - logged by _handle_group; split off below
+            failed.append((mailbox, mails, exc))
+    split = []
+    ctx = context.get()
+    for mailbox, mails, error in failed:
+        try:
+            job = queueing.enqueue_later(queueing.make_queue(ctx.redis, ctx.settings.queue_name), mails, SPLIT_DELAY,
+                                         retries=ctx.settings.job_retries, job_timeout=ctx.settings.job_timeout,
+                                         source=source, failure_ttl=max(queueing.FAILURE_TTL,
+                                                                        ctx.settings.processed_days * 86400))
+        except Exception as enqueue_error:  # noqa: BLE001 - the part's own error is the one to retry on
+            log.error("could not split off a failed mailbox's mail; the whole job is retried", mailbox=mailbox,
+                      error=f"{type(enqueue_error).__name__}: {enqueue_error}")
+            raise error from None
+        split.append({"mailbox": mailbox, "items": len(mails), "job_id": job.id if job else None,
+                      "error": f"{type(error).__name__}: {error}"[:500]})
+        log.warning("mail of one mailbox failed inside a shared job; it goes on in a job of its own",
+                    mailbox=mailbox, items=len(mails), split_job_id=job.id if job else None)
+    items = [i for p in parts for i in p["items"]]
+    kinds: dict[str, int] = {}
+    for p in parts:
+        for kind, n in p["kinds"].items():
+            kinds[kind] = kinds.get(kind, 0) + n
+    return {"mailboxes": [m for m, _ in groups], "items": items, "kinds": kinds,
+            "transitions": sum(p["transitions"] for p in parts), "unmatched": sum(p["unmatched"] for p in parts),
+            "gone": sum(p["gone"] for p in parts), "split": split}
 
 
 NOWHERE_RETRIES = 2  # a job that finds its mail nowhere is retried this often before saying so

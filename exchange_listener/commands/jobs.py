@@ -17,6 +17,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
+from exchange_listener import queueing
 from exchange_listener.commands import add_config_argument, load_settings
 from exchange_listener.core import redis_conn
 from exchange_listener.queueing import make_queue
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     for job in jobs:
         row = {
             "id": job.id,
-            "mailbox": (job.args[0] or {}).get("mailbox") if job.args and isinstance(job.args[0], dict) else None,
+            "mailbox": queueing.describe(job.args[0]) if job.args else None,
             "ended_at": job.ended_at.isoformat() if job.ended_at else None,
             "error": _last_error_line(job),
         }

@@ -35,7 +35,7 @@ from exchange_listener.core.backoff import Backoff
 from exchange_listener.core.config import Settings, scrub
 from exchange_listener.listener import leases as leases_mod
 from exchange_listener.listener import mailboxes as mailboxes_mod
-from exchange_listener.sources.base import NewMail
+from exchange_listener.sources.base import MAX_MAILS_PER_JOB, NewMail
 from exchange_listener.sources.ledger import Ledger
 
 REDIS_ERRORS = (redis.exceptions.RedisError,  # unreachable, loading, read-only after a failover, OOM: all buffered
@@ -50,15 +50,28 @@ Folders = set[str] | None  # some folders (a checkpoint), or None: the whole mai
 
 
 class Sink:
-    """Enqueue new mail; while Redis is unreachable, hold it in memory and flush later."""
+    """Enqueue new mail; while Redis is unreachable, hold it in memory and flush later.
+
+    Stream mail (``put``) is handed to the sink's own thread, so a stream never waits on Redis.
+    The thread enqueues whatever is pending when it comes round, up to ``MAX_MAILS_PER_JOB``
+    mails of any mailboxes, as one job: a lone mail goes out at once (no added wait), and mail
+    that arrives during one enqueue forms the next job, so under load RQ's per-job cost is
+    shared by many mails. Catch-ups call ``enqueue``, which enqueues now or raises.
+    """
 
     def __init__(self, conn: redis.Redis, settings: Settings, source: str = "ews"):
         self.queue = queueing.make_queue(conn, settings.queue_name)
         self.settings = settings
         self.source = source
-        self.buffer: collections.deque[Sequence[NewMail]] = collections.deque()
+        self.buffer: collections.deque[Sequence[NewMail]] = collections.deque()  # held while Redis is away
         self.overflowed = False
         self._lock = threading.Lock()
+        self._pending: collections.deque[NewMail] = collections.deque()  # handed over, not yet enqueued
+        self._wake = threading.Condition(self._lock)
+        self._sending = 0  # mails the thread is enqueuing right now
+        self._held = 0  # mails in ``buffer``
+        self._thread: threading.Thread | None = None
+        self._closing = False
         self.log = logs.get_logger()
 
     def enqueue(self, mails: Sequence[NewMail]) -> None:
@@ -71,24 +84,73 @@ class Sink:
             self.log.debug("enqueued", mailbox=mails[0].mailbox, job_id=job.id, items=len(mails), via=mails[0].via)
 
     def put(self, mails: Sequence[NewMail]) -> None:
-        """Enqueue from a stream; never raises."""
+        """Hand stream mail to the sink's thread; never raises, never waits on Redis."""
         with self._lock:
-            if self.buffer:
+            if self.buffer or self._closing:  # Redis is away (or we are stopping): behind what is held
                 self._hold(mails)
                 return
-        try:
-            self.enqueue(mails)
-        except REDIS_ERRORS as exc:
+            if len(self._pending) >= BUFFER_LIMIT:  # Redis answers, but slower than mail comes
+                self.overflowed = True  # the main loop has every mailbox caught up
+                return
+            self._pending.extend(mails)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._send_pending, name="sink", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def in_memory(self) -> int:
+        """Mails not enqueued yet: held while Redis is away, or handed over and not sent yet."""
+        with self._lock:
+            return self._held + len(self._pending) + self._sending
+
+    def _send_pending(self) -> None:
+        while True:
             with self._lock:
-                if not self.buffer:
-                    self.log.warning("Redis unreachable; holding new mail in memory until it is back", error=str(exc))
-                self._hold(mails)
+                while not self._pending and not self._closing:
+                    self._wake.wait()
+                if not self._pending:
+                    self._thread = None
+                    self._wake.notify_all()
+                    return
+                batch = [self._pending.popleft() for _ in range(min(len(self._pending), MAX_MAILS_PER_JOB))]
+                self._sending = len(batch)
+            try:
+                self.enqueue(batch)
+            except Exception as exc:  # noqa: BLE001 - Redis away (or a bug): nothing is dropped, the main loop flushes
+                with self._lock:
+                    if not self.buffer:
+                        if isinstance(exc, REDIS_ERRORS):
+                            self.log.warning("Redis unreachable; holding new mail in memory until it is back",
+                                             error=str(exc))
+                        else:
+                            self.log.error("enqueue failed; holding new mail in memory for the main loop's flush",
+                                           error=f"{type(exc).__name__}: {exc}")
+                    self._hold(batch)
+                    while self._pending:  # behind the batch, in order; put() holds from now on
+                        self._hold([self._pending.popleft() for _ in range(min(len(self._pending),
+                                                                                MAX_MAILS_PER_JOB))])
+            finally:
+                with self._lock:
+                    self._sending = 0
+                    self._wake.notify_all()
+
+    def close(self, deadline: float) -> None:
+        """Let the thread send what was handed over (until ``deadline``, a monotonic time); what
+        is still pending then is held, for ``flush``. Later ``put``s hold too."""
+        with self._lock:
+            self._closing = True
+            self._wake.notify_all()
+            while (self._thread is not None) and time.monotonic() < deadline:
+                self._wake.wait(max(0.0, deadline - time.monotonic()))
+            while self._pending:
+                self._hold([self._pending.popleft() for _ in range(min(len(self._pending), MAX_MAILS_PER_JOB))])
 
     def _hold(self, mails: Sequence[NewMail]) -> None:
         if len(self.buffer) >= BUFFER_LIMIT:
             self.overflowed = True  # the oldest stay; catch-up finds the rest once Redis is back
             return
         self.buffer.append(mails)
+        self._held += len(mails)
 
     def flush(self, budget: float | None = None) -> int:
         """Enqueue what was held, for at most ``budget`` seconds (None: all of it); returns how
@@ -103,9 +165,10 @@ class Sink:
             self.enqueue(mails)
             with self._lock:
                 self.buffer.popleft()
+                self._held -= len(mails)
             sent += 1
         if sent:
-            self.log.info("Redis is back; enqueued held mail", jobs=sent, still_held=len(self.buffer))
+            self.log.info("Redis is back; enqueued held mail", jobs=sent, still_held=self.in_memory())
         return sent
 
 
@@ -300,9 +363,9 @@ class BaseListener:
                     next_balance = now + balance_every
                 if self.sink.buffer:
                     self.sink.flush(budget=FLUSH_SLICE_SECONDS)
-                    if self.sink.overflowed:
-                        self.sink.overflowed = False
-                        self.catchups.request(self.held(), "buffer_overflow")
+                if self.sink.overflowed:
+                    self.sink.overflowed = False
+                    self.catchups.request(self.held(), "buffer_overflow")
                 if not self._redis_ok:
                     self._redis_ok = True
                     self.log.info("Redis reachable again")
@@ -375,7 +438,7 @@ class BaseListener:
 
     def _info(self) -> dict[str, Any]:
         return {"host": socket.gethostname(), "pid": os.getpid(), "started_at": self.started_at,
-                "source": self.source, "mailboxes": len(self.held()), "held_in_memory": len(self.sink.buffer),
+                "source": self.source, "mailboxes": len(self.held()), "held_in_memory": self.sink.in_memory(),
                 "catchups_pending": self.catchups.pending(), **self._source_info()}
 
     def _publish(self) -> None:
@@ -386,6 +449,7 @@ class BaseListener:
         held = self.held()
         self.log.info("listener stopping", mailboxes=len(held))
         summary = self._stop_source(deadline)
+        self.sink.close(deadline)
         try:
             if self.sink.buffer:
                 self.sink.flush()

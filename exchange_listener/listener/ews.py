@@ -91,8 +91,7 @@ class EwsListener(BaseListener):
         return list(self.group_of)
 
     def _on_mail(self, mails: Sequence[NewMail], *, subscription_id: str, group: str) -> None:
-        for mail in mails:  # one job per item, the id a catch-up gives it too (RQ dedupes the twins)
-            self.sink.put([mail])
+        self.sink.put(mails)  # the sink's thread batches what arrives together, across mailboxes
         self._note_activity(mails[0].mailbox, {m.folder for m in mails})
         self.log.debug("new mail", mailbox=mails[0].mailbox, group=group, subscription_id=subscription_id,
                        items=len(mails))
