@@ -190,6 +190,21 @@ def test_gone_items_are_skipped_and_the_others_processed(ctx):
     assert summary["gone"] == 1 and summary["transitions"] == 1
 
 
+def test_a_job_of_several_mailboxes_delivers_every_transition_once_it_is_done(ctx):
+    sent = send(ctx, "e-here")
+    theirs = mail.new_id("ours.example")
+    ctx.sends.record([theirs], "e-there", "seq-1", OTHER_MAILBOX, to=[COLLEAGUE])
+    here = ctx.emulator.deliver(MAILBOX, mail.reply(sender=PROSPECT, to=MAILBOX, in_reply_to=sent,
+                                                    references=sent))["item_id"]
+    there = ctx.emulator.deliver(OTHER_MAILBOX, mail.reply(sender=COLLEAGUE, to=OTHER_MAILBOX, in_reply_to=theirs,
+                                                           references=theirs))["item_id"]
+    summary = jobs.handle_mail(queueing.payload([NewMail(MAILBOX, here, "inbox", time.time()),
+                                                 NewMail(OTHER_MAILBOX, there, "inbox", time.time())]))
+    assert summary["transitions"] == 2
+    # the callback ran before the job returned, for both mailboxes' transitions
+    assert sorted((t["enrollment_id"], t["mailbox"]) for t in CALLED) == [("e-here", MAILBOX), ("e-there", OTHER_MAILBOX)]
+
+
 @pytest.mark.parametrize("payload, message", [
     (None, "object"),
     ({"mailbox": "not-an-address", "mails": [{"item_id": "x"}]}, "mailbox"),

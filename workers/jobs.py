@@ -515,12 +515,13 @@ def handle_mail(payload: dict) -> dict:
         return _handle_groups(groups, source)
 
 
-def _handle_group(mailbox: str, mails: list[NewMail], source: str) -> dict:
-    """The mails of one mailbox: the job's whole work, or one part of a job of several mailboxes."""
+def _handle_group(mailbox: str, mails: list[NewMail], source: str, notify: bool = True) -> dict:
+    """The mails of one mailbox: the job's whole work, or one part of a job of several mailboxes
+    (``notify`` False: the job delivers the outbox once, after its last part)."""
     started = time.monotonic()
     with structlog.contextvars.bound_contextvars(mailbox=mailbox):
         try:
-            summary = _handle(mailbox, source, mails)
+            summary = _handle(mailbox, source, mails, notify)
         except BaseTimeoutException:
             metrics.JOBS_PROCESSED.labels("timeout").inc()
             log.error("job timed out", items=len(mails), seconds=round(time.monotonic() - started, 2))
@@ -550,7 +551,7 @@ def _handle_groups(groups: list[tuple[str, list[NewMail]]], source: str) -> dict
     parts, failed = [], []
     for mailbox, mails in groups:
         try:
-            parts.append(_handle_group(mailbox, mails, source))
+            parts.append(_handle_group(mailbox, mails, source, notify=False))
         except BaseTimeoutException:
             raise  # RQ's job timeout: the job ends here and is retried whole
         except Exception as exc:  # noqa: BLE001 - logged by _handle_group; split off below
@@ -571,6 +572,8 @@ def _handle_groups(groups: list[tuple[str, list[NewMail]]], source: str) -> dict
                       "error": f"{type(error).__name__}: {error}"[:500]})
         log.warning("mail of one mailbox failed inside a shared job; it goes on in a job of its own",
                     mailbox=mailbox, items=len(mails), split_job_id=job.id if job else None)
+    if failed or any(p["transitions"] for p in parts):  # a failed part may have made transitions too
+        _notify(ctx)
     items = [i for p in parts for i in p["items"]]
     kinds: dict[str, int] = {}
     for p in parts:
@@ -655,7 +658,7 @@ def _item(ctx: context.Context, fetcher: MailFetcher, mailbox: str, mail: NewMai
     return _gone(mail, cast(ItemGone, fetched), "nowhere", bound)
 
 
-def _handle(mailbox: str, source: str, mails: list[NewMail]) -> dict:
+def _handle(mailbox: str, source: str, mails: list[NewMail], notify: bool = True) -> dict:
     ctx = context.get()
     fetcher = ctx.fetcher(source)
     items, errors = [], []
@@ -689,7 +692,7 @@ def _handle(mailbox: str, source: str, mails: list[NewMail]) -> dict:
             _mark_after_interruption(ctx, mailbox, marks)
     ctx.ledger.mark_processed_many(mailbox, marks)  # after every transition of the job, so a catch-up never skips one
     transitions = sum(1 for i in items for a in i["actions"] if a.get("applied"))
-    if transitions:
+    if transitions and notify:
         _notify(ctx)
     if errors:
         raise ItemsFailed(f"{len(errors)} of {len(mails)} item(s) failed: " + "; ".join(errors)[:2000])
