@@ -11,9 +11,17 @@ so trust is process-wide: ``verify_tls = false`` turns verification off, else ``
 private CA's PEM) is what an adapter verifies against, else the system's CAs
 (``discovery.adapter_class``). The endpoint is ``ews_url`` or, when that is empty, the one
 autodiscover found (``sources.ews.discovery``).
+
+Proxies and a CA bundle from the environment (HTTPS_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE, ...)
+apply as requests applies them, but are read once per session and host rather than on every
+request: requests' own per-request scan of the environment was a tenth of a worker's CPU per
+reply. A daemon's environment does not change while it runs.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import requests
 from exchangelib import (
     DELEGATE,
     IMPERSONATION,
@@ -72,10 +80,36 @@ def _version(settings: Settings) -> Version | None:
     return Version(build=Build(*parts[:4]))
 
 
+def remember_environment(session: requests.Session) -> requests.Session:
+    """Have ``session`` merge the environment's proxy and CA settings once per host and
+    per-request arguments, then reuse the result (see the module docstring)."""
+    merge = session.merge_environment_settings
+    known: dict[tuple, dict[str, Any]] = {}
+
+    def merged(url: str, proxies: Any, stream: Any, verify: Any, cert: Any) -> dict[str, Any]:
+        scheme, _, rest = url.partition("://")
+        key = (scheme, rest.split("/", 1)[0], tuple(sorted((proxies or {}).items())), stream, verify, cert)
+        found = known.get(key)
+        if found is None:
+            found = known[key] = merge(url, proxies, stream, verify, cert)
+        return {**found, "proxies": dict(found["proxies"])}  # requests may add to the dict it is given
+
+    session.merge_environment_settings = merged  # type: ignore[method-assign]
+    return session
+
+
+_raw_session = BaseProtocol.raw_session.__func__
+
+
+def _raw_session_remembering(cls: type[BaseProtocol], *args: Any, **kwargs: Any) -> requests.Session:
+    return remember_environment(_raw_session(cls, *args, **kwargs))
+
+
 def make_configuration(settings: Settings, *, pool: str = "default", max_connections: int = 4) -> Configuration:
     """A Configuration whose Protocol is private to ``pool``; sends no EWS request (autodiscover
     runs here only when ``ews_url`` is empty and nothing is cached in Redis yet)."""
     BaseProtocol.HTTP_ADAPTER_CLS = discovery.adapter_class(settings)
+    BaseProtocol.raw_session = classmethod(_raw_session_remembering)
     return Configuration(
         service_endpoint=discovery.ews_url(settings, lambda: make_credentials(settings, "autodiscover")),
         credentials=make_credentials(settings, pool),
