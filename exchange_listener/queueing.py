@@ -90,12 +90,12 @@ def enqueue_new_mail(queue: Queue, mails: Sequence[NewMail], *, retries: int = d
 
 
 def enqueue_later(queue: Queue, mails: Sequence[NewMail], delay: float, *, retries: int, job_timeout: int,
-                  source: str, failure_ttl: int = FAILURE_TTL) -> Job | None:
-    """``enqueue_new_mail``, due ``delay`` seconds from now (RQ's scheduler enqueues it then).
-    Returns None if its twin is pending."""
+                  source: str, failure_ttl: int = FAILURE_TTL, meta: dict[str, Any] | None = None) -> Job | None:
+    """``enqueue_new_mail``, due ``delay`` seconds from now (RQ's scheduler enqueues it then),
+    with ``meta`` as the job's meta. Returns None if its twin is pending."""
     opts = _job_options(mails, retries, job_timeout, failure_ttl)
     job = queue.create_job(JOB_FUNC, args=(payload(mails, source),), job_id=opts.pop("job_id"),
-                           timeout=opts.pop("job_timeout"), **opts)
+                           timeout=opts.pop("job_timeout"), meta=meta, **opts)
     when = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=delay)
     try:
         return queue.schedule_job(job, when, unique=True)

@@ -2,7 +2,8 @@
 read the environment once per host (``sources.ews.account.remember_environment``), not on every
 request, and must still send every request through the proxy. Real emulator, real HTTP; the
 proxy is a TCP forwarder (the emulator's server takes the absolute-form request line a client
-sends a plain-HTTP proxy)."""
+sends a plain-HTTP proxy), and the EWS URL names a host that does not resolve, so only requests
+that went through the proxy can succeed."""
 from __future__ import annotations
 
 import mail_samples as mail
@@ -22,7 +23,9 @@ def test_ews_requests_go_through_the_proxy_the_environment_names(emulator, monke
         for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
             monkeypatch.delenv(name, raising=False)
         monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
-        settings = config.load(env={}, overrides={"redis_url": redis_server.url, "ews_url": emulator.ews_url,
+        # a host only the proxy can reach: a request that skipped the proxy would fail to resolve it
+        only_via_proxy = emulator.ews_url.replace("127.0.0.1", "ews.invalid")
+        settings = config.load(env={}, overrides={"redis_url": redis_server.url, "ews_url": only_via_proxy,
                                                   "ews_username": "svc", "ews_password": "svc-password"})
         fetcher = EwsFetcher(settings)
         items = [emulator.deliver(MAILBOX, mail.reply(sender="pat@prospect.example", to=MAILBOX, in_reply_to=None,

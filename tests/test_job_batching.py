@@ -241,3 +241,29 @@ def test_a_mailbox_failing_inside_a_shared_job_goes_on_alone_and_the_others_are_
     ctx.emulator.fault(kind="clear_mailbox_error", mailbox=OTHER_MAILBOX)
     assert jobs.handle_mail(job.args[0])["transitions"] == 1  # what a worker runs when it falls due
     assert ctx.enrollments.get("e-later")["status"] == "stopped"
+
+
+def test_parts_not_started_by_half_the_job_timeout_go_on_as_jobs_of_their_own(ctx):
+    """A slow server must not let one shared job time out with every mailbox's mail in it: past
+    half its timeout, the parts not started are enqueued alone (due now), none dropped."""
+    boxes = [f"slow{i}@ours.example" for i in range(4)]
+    mails = [NewMail(box, ctx.emulator.deliver(box, mail.reply(sender="x@else.example", to=box, in_reply_to=None,
+                                                                references=None))["item_id"], "inbox", time.time())
+             for box in boxes]
+    queue = queueing.make_queue(ctx.redis, ctx.settings.queue_name)
+    job = queueing.enqueue_new_mail(queue, mails, job_timeout=2, retries=3)  # half of it: 1 s
+    ctx.emulator.fault(kind="latency", ms=600)  # each part's GetItem takes 0.6 s
+    try:
+        summary = job.perform()  # as a worker runs it (RQ's current job is this one)
+    finally:
+        ctx.emulator.fault(kind="latency", ms=0)
+    done = {i["item_id"] for i in summary["items"]}
+    split = {s["mailbox"]: s for s in summary["split"]}
+    assert mails[0].item_id in done and boxes[-1] in split  # the first always runs; the last never can
+    for m in mails:  # each mail processed here or carried by a job of its own, never both, never neither
+        assert (m.item_id in done) != (m.mailbox in split)
+    for box, entry in split.items():
+        assert "half the job's timeout" in entry["error"]
+        later = queue.fetch_job(entry["job_id"])
+        assert later.args[0]["mailbox"] == box and later.retries_left == ctx.settings.job_retries
+        assert entry["job_id"] in queue.scheduled_job_registry.get_job_ids()

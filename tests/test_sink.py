@@ -58,10 +58,8 @@ def test_mail_handed_over_together_goes_out_in_few_jobs_across_mailboxes(sink, r
 
 def test_a_lone_mail_goes_out_at_once_in_a_job_of_its_own(sink, redis_client):
     mail = new_mail(7)
-    started = time.monotonic()
     sink.put([mail])
-    wait_for(lambda: carried(redis_client), timeout=2, message="the mail enqueued")
-    assert time.monotonic() - started < 0.5
+    wait_for(lambda: carried(redis_client), timeout=2, message="the mail enqueued")  # nothing waits for more
     (job,) = queued_jobs(redis_client)
     # the id a catch-up gives the same single mail, so RQ merges the twins
     assert job.id == queueing.job_id(mail.mailbox, [mail.item_id])
@@ -70,10 +68,10 @@ def test_a_lone_mail_goes_out_at_once_in_a_job_of_its_own(sink, redis_client):
 
 def test_mail_that_arrives_during_an_enqueue_forms_the_next_job(sink, redis_client):
     pauser = redis.Redis.from_url(sink.settings.redis_url)
-    pauser.execute_command("CLIENT", "PAUSE", 600, "WRITE")  # the first enqueue waits on the server
+    pauser.execute_command("CLIENT", "PAUSE", 1000, "WRITE")  # the first enqueue waits on the server
     try:
         sink.put([new_mail(0)])
-        time.sleep(0.1)
+        wait_for(lambda: sink._sending == 1, timeout=0.9, message="the thread sending mail 0")
         for n in range(1, 31):
             sink.put([new_mail(n)])
     finally:
@@ -91,6 +89,8 @@ def test_mail_is_held_while_redis_is_away_and_flushed_when_it_is_back(tmp_path):
         wait_for(lambda: sink.buffer and sink.in_memory() == 70, message="the batch held in memory")
         sink.put([new_mail(n) for n in range(70, 75)])  # behind what is held, never around it
         assert sink.in_memory() == 75
+        held = [(m.mailbox, m.item_id) for batch in sink.buffer for m in batch]
+        assert held == [(m.mailbox, m.item_id) for m in map(new_mail, range(75))]  # in the order handed over
         with pytest.raises(redis.exceptions.ConnectionError):
             sink.flush()
         server.start()
@@ -114,4 +114,28 @@ def test_close_sends_what_was_handed_over_and_holds_what_comes_after(sink, redis
     sink.put([new_mail(60)])  # e.g. a stream's last notification while the listener stops
     assert sink.in_memory() == 1 and sink.flush() == 1
     assert len(carried(redis_client)) == 61
+    pauser.close()
+
+
+def test_mail_that_cannot_be_enqueued_for_another_reason_is_reported_for_catch_up(sink, redis_client):
+    """Not Redis but a bug (here: a field JSON cannot carry): holding it would fail every flush,
+    so the mail is dropped from memory and its mailboxes are named for a catch-up."""
+    broken = [NewMail(MAILBOXES[0], "AAMk1", b"inbox", time.time()),  # type: ignore[arg-type]
+              NewMail(MAILBOXES[1], "AAMk2", "inbox", time.time())]
+    sink.put(broken)
+    wait_for(lambda: sink.in_memory() == 0 and not sink._sending, message="the batch settled")
+    assert sink.take_lost() == {MAILBOXES[0], MAILBOXES[1]} and sink.take_lost() == set()
+    assert not sink.buffer
+    sink.put([new_mail(1)])  # the thread lives on
+    wait_for(lambda: len(carried(redis_client)) == 1, message="the next mail enqueued")
+
+
+def test_more_pending_than_the_limit_asks_for_a_catch_up_instead(sink, monkeypatch):
+    monkeypatch.setattr("exchange_listener.listener.base.BUFFER_LIMIT", 10)
+    pauser = redis.Redis.from_url(sink.settings.redis_url)
+    pauser.execute_command("CLIENT", "PAUSE", 500, "WRITE")
+    sink.put([new_mail(n) for n in range(8)])
+    sink.put([new_mail(n) for n in range(8, 16)])  # over the limit while the first are pending
+    assert sink.overflowed
+    wait_for(lambda: sink.in_memory() == 0, message="the first eight sent")
     pauser.close()

@@ -1,7 +1,9 @@
 """The job: fetch a mailbox's new items, classify each, match it to recorded sends, and act.
 
 ``handle_mail(payload)`` is what the listener enqueues (see ``exchange_listener.queueing``).
-A job may carry many mails of one mailbox, and what can be asked for all of them together is
+A job may carry many mails of one mailbox, or of several (stream mail that arrived together:
+each mailbox's part is then handled as below on its own, and a part that fails is split off as
+a job of its own). What can be asked for all the mails of a mailbox together is
 (``_prepare``): one GetItem for the headers, one MGET for the sends their header ids name, one
 pipeline of first-received scripts and stored decisions, one GetItem for the texts of the
 matched replies that look human, and one ledger write at the end. Per item:
@@ -515,20 +517,21 @@ def handle_mail(payload: dict) -> dict:
         return _handle_groups(groups, source)
 
 
-def _handle_group(mailbox: str, mails: list[NewMail], source: str, notify: bool = True) -> dict:
-    """The mails of one mailbox: the job's whole work, or one part of a job of several mailboxes
-    (``notify`` False: the job delivers the outbox once, after its last part)."""
+def _handle_group(mailbox: str, mails: list[NewMail], source: str, part: bool = False) -> dict:
+    """The mails of one mailbox: the job's whole work, or (``part``) one part of a job of several
+    mailboxes, whose failure is the caller's to handle and whose outbox the job delivers once."""
     started = time.monotonic()
     with structlog.contextvars.bound_contextvars(mailbox=mailbox):
         try:
-            summary = _handle(mailbox, source, mails, notify)
+            summary = _handle(mailbox, source, mails, notify=not part)
         except BaseTimeoutException:
             metrics.JOBS_PROCESSED.labels("timeout").inc()
             log.error("job timed out", items=len(mails), seconds=round(time.monotonic() - started, 2))
             raise
         except Exception as exc:
-            metrics.JOBS_PROCESSED.labels("failed").inc()
-            log.error("job failed", error=f"{type(exc).__name__}: {exc}", items=len(mails))
+            if not part:
+                metrics.JOBS_PROCESSED.labels("failed").inc()
+                log.error("job failed", error=f"{type(exc).__name__}: {exc}", items=len(mails))
             raise
         metrics.JOBS_PROCESSED.labels("ok").inc()
         summary["seconds"] = round(time.monotonic() - started, 4)
@@ -544,35 +547,45 @@ def _handle_groups(groups: list[tuple[str, list[NewMail]]], source: str) -> dict
     """A job carrying mail of several mailboxes: each mailbox's part on its own. A part that
     fails does not fail the others: it goes on as a job of its own (due ``SPLIT_DELAY`` s later,
     with the full retry policy), so RQ's retries and the failed registry hold only that
-    mailbox's mail. If that job cannot be enqueued, this whole job fails for RQ to retry (the
-    parts that went through are then replayed: harmless, their decisions and transitions are
-    stored once)."""
-    context.get().fetcher(source)  # an unknown source fails the job as it is, not once per mailbox
-    parts, failed = [], []
-    for mailbox, mails in groups:
+    mailbox's mail. Once half the job's timeout is spent (a slow server), the parts not started
+    go on as jobs of their own too, so one slow mailbox never times the others out. If such a
+    job cannot be enqueued, this whole job fails for RQ to retry (the parts that went through are
+    then replayed: harmless, their decisions and transitions are stored once)."""
+    ctx = context.get()
+    ctx.fetcher(source)  # an unknown source fails the job as it is, not once per mailbox
+    job = get_current_job()
+    budget = (job.timeout or ctx.settings.job_timeout) / 2 if job is not None else None
+    started = time.monotonic()
+    parts: list[dict] = []
+    later: list[tuple[str, list[NewMail], str, float]] = []  # (mailbox, mails, why, delay)
+    for index, (mailbox, mails) in enumerate(groups):
+        if budget is not None and time.monotonic() - started > budget:
+            later.extend((m, ms, "half the job's timeout spent before its turn", 0.0) for m, ms in groups[index:])
+            break
         try:
-            parts.append(_handle_group(mailbox, mails, source, notify=False))
+            parts.append(_handle_group(mailbox, mails, source, part=True))
         except BaseTimeoutException:
             raise  # RQ's job timeout: the job ends here and is retried whole
-        except Exception as exc:  # noqa: BLE001 - logged by _handle_group; split off below
-            failed.append((mailbox, mails, exc))
+        except Exception as exc:  # noqa: BLE001 - split off below
+            later.append((mailbox, mails, f"{type(exc).__name__}: {exc}"[:500], SPLIT_DELAY))
+            metrics.JOBS_PROCESSED.labels("split").inc()
+            log.warning("mail of one mailbox failed inside a shared job; it goes on in a job of its own",
+                        mailbox=mailbox, items=len(mails), error=f"{type(exc).__name__}: {exc}")
     split = []
-    ctx = context.get()
-    for mailbox, mails, error in failed:
+    for mailbox, mails, why, delay in later:
         try:
-            job = queueing.enqueue_later(queueing.make_queue(ctx.redis, ctx.settings.queue_name), mails, SPLIT_DELAY,
-                                         retries=ctx.settings.job_retries, job_timeout=ctx.settings.job_timeout,
-                                         source=source, failure_ttl=max(queueing.FAILURE_TTL,
-                                                                        ctx.settings.processed_days * 86400))
-        except Exception as enqueue_error:  # noqa: BLE001 - the part's own error is the one to retry on
-            log.error("could not split off a failed mailbox's mail; the whole job is retried", mailbox=mailbox,
+            again = _split_off(ctx, job, mailbox, mails, source, delay)
+        except BaseTimeoutException:
+            raise
+        except Exception as enqueue_error:  # the job is retried whole instead
+            log.error("could not split off a mailbox's mail; the whole job is retried", mailbox=mailbox,
                       error=f"{type(enqueue_error).__name__}: {enqueue_error}")
-            raise error from None
-        split.append({"mailbox": mailbox, "items": len(mails), "job_id": job.id if job else None,
-                      "error": f"{type(error).__name__}: {error}"[:500]})
-        log.warning("mail of one mailbox failed inside a shared job; it goes on in a job of its own",
-                    mailbox=mailbox, items=len(mails), split_job_id=job.id if job else None)
-    if failed or any(p["transitions"] for p in parts):  # a failed part may have made transitions too
+            raise RuntimeError(f"mail of {mailbox} could not go on alone ({why})") from enqueue_error
+        split.append({"mailbox": mailbox, "items": len(mails), "job_id": again.id if again else None, "error": why})
+    if split:
+        log.info("parts of a shared job go on as jobs of their own", parts=len(split),
+                 split_job_ids=[s["job_id"] for s in split])
+    if split or any(p["transitions"] for p in parts):  # a failed part may have made transitions too
         _notify(ctx)
     items = [i for p in parts for i in p["items"]]
     kinds: dict[str, int] = {}
@@ -582,6 +595,18 @@ def _handle_groups(groups: list[tuple[str, list[NewMail]]], source: str) -> dict
     return {"mailboxes": [m for m, _ in groups], "items": items, "kinds": kinds,
             "transitions": sum(p["transitions"] for p in parts), "unmatched": sum(p["unmatched"] for p in parts),
             "gone": sum(p["gone"] for p in parts), "split": split}
+
+
+def _split_off(ctx: context.Context, job: Any, mailbox: str, mails: list[NewMail], source: str, delay: float) -> Any:
+    """Enqueue one mailbox's part of a shared job as a job of its own, due ``delay`` s from now,
+    carrying what the shared job counted for its mails (``nowhere_attempts``)."""
+    attempts = (job.meta.get("nowhere_attempts") or {}) if job is not None else {}
+    carried = {m.item_id: attempts[m.item_id] for m in mails if m.item_id in attempts}
+    return queueing.enqueue_later(queueing.make_queue(ctx.redis, ctx.settings.queue_name), mails, delay,
+                                  retries=ctx.settings.job_retries, job_timeout=ctx.settings.job_timeout,
+                                  source=source, failure_ttl=max(queueing.FAILURE_TTL,
+                                                                 ctx.settings.processed_days * 86400),
+                                  meta={"nowhere_attempts": carried} if carried else None)
 
 
 NOWHERE_RETRIES = 2  # a job that finds its mail nowhere is retried this often before saying so

@@ -4,7 +4,8 @@ A listener holds the leases of its fair share of the watched mailboxes of its so
 (``settings.source``), publishes its liveness, and enqueues every new mail a source reports.
 Nothing is lost on the way to the queue:
 
-- new mail is enqueued at once; while Redis is unreachable it waits in memory (``Sink``) and is
+- new mail is enqueued at once (stream mail by the sink's thread, which puts what arrived
+  together in one job); while Redis is unreachable it waits in memory (``Sink``) and is
   flushed when Redis is back, in slices between lease renewals, so a backlog never costs the
   leases;
 - catch-ups (``CatchUps``) run on a few threads, one run per mailbox at a time, retried with
@@ -18,6 +19,7 @@ in how a mailbox is taken, dropped, caught up and stopped.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import queue as queue_mod
 import signal
@@ -40,7 +42,8 @@ from exchange_listener.sources.ledger import Ledger
 
 REDIS_ERRORS = (redis.exceptions.RedisError,  # unreachable, loading, read-only after a failover, OOM: all buffered
                 OSError)
-BUFFER_LIMIT = 200_000  # mails held in memory while Redis is away; beyond it, catch-up recovers them
+BUFFER_LIMIT = 200_000  # mails held in memory (while Redis is away, or handed to the sink and not sent yet);
+# beyond it, catch-up recovers them
 CATCHUP_THREADS = 4
 SHUTDOWN_BUDGET = 5.0  # seconds of cleanup; supervisord kills after 10, so keep a margin for a loaded host
 FLUSH_SLICE_SECONDS = 0.25  # held mail enqueued per main-loop tick, so leases keep renewing meanwhile
@@ -72,6 +75,7 @@ class Sink:
         self._held = 0  # mails in ``buffer``
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._lost: set[str] = set()  # mailboxes whose mail was dropped on an error other than Redis'
         self.log = logs.get_logger()
 
     def enqueue(self, mails: Sequence[NewMail]) -> None:
@@ -89,19 +93,57 @@ class Sink:
             if self.buffer or self._closing:  # Redis is away (or we are stopping): behind what is held
                 self._hold(mails)
                 return
-            if len(self._pending) >= BUFFER_LIMIT:  # Redis answers, but slower than mail comes
+            if len(self._pending) + len(mails) > BUFFER_LIMIT:  # Redis answers, but slower than mail comes
                 self.overflowed = True  # the main loop has every mailbox caught up
                 return
             self._pending.extend(mails)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._send_pending, name="sink", daemon=True)
-                self._thread.start()
+            self._start_thread()
             self._wake.notify()
 
     def in_memory(self) -> int:
         """Mails not enqueued yet: held while Redis is away, or handed over and not sent yet."""
         with self._lock:
             return self._held + len(self._pending) + self._sending
+
+    def take_lost(self) -> set[str]:
+        """Mailboxes whose mail could not be enqueued for a reason other than Redis (a bug): the
+        mail was dropped from memory, so the caller has them caught up."""
+        with self._lock:
+            lost, self._lost = self._lost, set()
+            return lost
+
+    def check(self) -> None:
+        """Start the thread again if it is gone with mail pending (it never should be)."""
+        with self._lock:
+            if self._pending and not self._closing:
+                self._start_thread()
+
+    def _start_thread(self) -> None:
+        """With the lock held: a thread serving ``_pending``, if none is alive. If none can be
+        started, the pending mail is held for the main loop's flush."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        thread = threading.Thread(target=self._send_pending, name="sink", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as exc:  # "can't start new thread": out of threads or memory
+            self._thread = None
+            self._hold_pending()
+            self.log.error("cannot start the sink's thread; the main loop enqueues held mail", error=str(exc))
+            return
+        self._thread = thread
+
+    def _next_batch(self) -> list[NewMail]:
+        """With the lock held: up to ``MAX_MAILS_PER_JOB`` pending mails, each once."""
+        batch: list[NewMail] = []
+        seen: set[tuple[str, str]] = set()
+        while self._pending and len(batch) < MAX_MAILS_PER_JOB:
+            mail = self._pending.popleft()
+            key = (mail.mailbox.lower(), mail.item_id)
+            if key not in seen:  # the same item reported twice is one mail
+                seen.add(key)
+                batch.append(mail)
+        return batch
 
     def _send_pending(self) -> None:
         while True:
@@ -112,27 +154,36 @@ class Sink:
                     self._thread = None
                     self._wake.notify_all()
                     return
-                batch = [self._pending.popleft() for _ in range(min(len(self._pending), MAX_MAILS_PER_JOB))]
+                batch = self._next_batch()
                 self._sending = len(batch)
+            error: Exception | None = None
             try:
                 self.enqueue(batch)
-            except Exception as exc:  # noqa: BLE001 - Redis away (or a bug): nothing is dropped, the main loop flushes
-                with self._lock:
-                    if not self.buffer:
-                        if isinstance(exc, REDIS_ERRORS):
-                            self.log.warning("Redis unreachable; holding new mail in memory until it is back",
-                                             error=str(exc))
-                        else:
-                            self.log.error("enqueue failed; holding new mail in memory for the main loop's flush",
-                                           error=f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # noqa: BLE001 - kept below; the thread must outlive any error
+                error = exc
+            with self._lock:
+                self._sending = 0
+                first = not self.buffer
+                if isinstance(error, REDIS_ERRORS):
                     self._hold(batch)
-                    while self._pending:  # behind the batch, in order; put() holds from now on
-                        self._hold([self._pending.popleft() for _ in range(min(len(self._pending),
-                                                                                MAX_MAILS_PER_JOB))])
-            finally:
-                with self._lock:
-                    self._sending = 0
-                    self._wake.notify_all()
+                    self._hold_pending()  # behind the batch, in order; put() holds from now on
+                elif error is not None:  # a bug: holding it would fail every flush; a catch-up finds it
+                    self._lost.update(m.mailbox for m in batch)
+                self._wake.notify_all()
+            if error is not None:  # logged once the mail is safe
+                with contextlib.suppress(Exception):
+                    if not isinstance(error, REDIS_ERRORS):
+                        self.log.error("enqueue failed; the mailboxes are caught up instead",
+                                       error=f"{type(error).__name__}: {error}",
+                                       mailboxes=len({m.mailbox for m in batch}), items=len(batch))
+                    elif first:
+                        self.log.warning("Redis unreachable; holding new mail in memory until it is back",
+                                         error=str(error))
+
+    def _hold_pending(self) -> None:
+        """With the lock held: move what is pending into ``buffer``, in order."""
+        while self._pending:
+            self._hold(self._next_batch())
 
     def close(self, deadline: float) -> None:
         """Let the thread send what was handed over (until ``deadline``, a monotonic time); what
@@ -140,13 +191,12 @@ class Sink:
         with self._lock:
             self._closing = True
             self._wake.notify_all()
-            while (self._thread is not None) and time.monotonic() < deadline:
+            while self._thread is not None and self._thread.is_alive() and time.monotonic() < deadline:
                 self._wake.wait(max(0.0, deadline - time.monotonic()))
-            while self._pending:
-                self._hold([self._pending.popleft() for _ in range(min(len(self._pending), MAX_MAILS_PER_JOB))])
+            self._hold_pending()
 
     def _hold(self, mails: Sequence[NewMail]) -> None:
-        if len(self.buffer) >= BUFFER_LIMIT:
+        if self._held + len(mails) > BUFFER_LIMIT:
             self.overflowed = True  # the oldest stay; catch-up finds the rest once Redis is back
             return
         self.buffer.append(mails)
@@ -162,7 +212,15 @@ class Sink:
                 if not self.buffer:
                     break
                 mails = self.buffer[0]
-            self.enqueue(mails)
+            try:
+                self.enqueue(mails)
+            except REDIS_ERRORS:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug: it would fail every flush; a catch-up finds the mail
+                self.log.error("enqueue of held mail failed; the mailboxes are caught up instead",
+                               error=f"{type(exc).__name__}: {exc}", items=len(mails))
+                with self._lock:
+                    self._lost.update(m.mailbox for m in mails)
             with self._lock:
                 self.buffer.popleft()
                 self._held -= len(mails)
@@ -366,6 +424,10 @@ class BaseListener:
                 if self.sink.overflowed:
                     self.sink.overflowed = False
                     self.catchups.request(self.held(), "buffer_overflow")
+                self.sink.check()
+                lost = self.sink.take_lost()
+                if lost:
+                    self.catchups.request([m for m in lost if self.holds(m)], "enqueue_failed")
                 if not self._redis_ok:
                     self._redis_ok = True
                     self.log.info("Redis reachable again")
@@ -456,6 +518,7 @@ class BaseListener:
             self.leases.release(held)
             self.leases.leave()
         except REDIS_ERRORS as exc:
-            self.log.warning("could not release leases; they expire on their own", error=str(exc))
+            self.log.warning("could not release leases; they expire on their own (mail still in memory is found "
+                             "by the next holder's catch-up)", error=str(exc), in_memory=self.sink.in_memory())
         self.log.info("listener stopped", **summary)
         return 0

@@ -11,8 +11,9 @@ import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-# Mails of one mailbox a listener puts in one job at most (catch-up and stream, every source): RQ's
-# own work, ~2 ms CPU per job, is then shared by many mails, and a job stays far inside job_timeout.
+# Mails a listener puts in one job at most (a catch-up page of one mailbox; stream mail of any
+# mailboxes that arrived together): RQ's own work, ~2 ms CPU per job, is then shared by many
+# mails, and a job stays far inside job_timeout.
 MAX_MAILS_PER_JOB = 50
 # Mail received up to this long before a mailbox was added (or before the ledger's horizon) is
 # still taken by a catch-up, to cover clock skew between us and the server (every source).
