@@ -236,3 +236,23 @@ def test_fetch_reads_the_xml_exactly_as_exchangelibs_message_model_does(emulator
         assert isinstance(got, FetchedMessage)
         assert {**vars(got), "received_at": None} == {**vars(want), "received_at": None}
         assert got.received_at.timestamp() == want.received_at.timestamp()
+
+
+@pytest.mark.parametrize("paths", ["_HEADER_PATHS", "_TEXT_PATHS", "_MIME_PATHS"])
+def test_the_getitem_request_is_byte_for_byte_exchangelibs(fetcher, paths):
+    """``_GetItem.get_payload`` builds the ItemShape once per field set and plain ItemIds itself:
+    what it sends must be exactly what exchangelib's own GetItem would (asked twice, so the
+    cached shape is met too)."""
+    from exchangelib.properties import ItemId
+    from exchangelib.services import GetItem
+    from exchangelib.util import xml_to_str
+
+    account = fetcher._account(MAILBOX)
+    fields = getattr(fetch_module, paths)
+    for ids in (["AAMkAD+/=one"], ["AAMkAD+/=one", "AAMkAD&<two>", "AAMkAD\"three\""]):
+        items = [ItemId(id=i) for i in ids]
+        ours = fetch_module._GetItem(account=account, chunk_size=len(ids))
+        theirs = GetItem(account=account, chunk_size=len(ids))
+        for _ in range(2):
+            assert xml_to_str(ours.get_payload(items, fields, fetch_module.ID_ONLY)) == \
+                xml_to_str(theirs.get_payload(items, fields, fetch_module.ID_ONLY))

@@ -110,8 +110,9 @@ def test_replies_moved_deleted_or_hard_deleted_before_a_worker_runs_still_stop(s
     assert {delivered[e] for e in stopped} <= relocated
     assert delivered["e-purged"] not in relocated
     assert all(len(enrollments.history(e)) == 1 for e in stopped)
-    gone = [i for i in items if i.get("gone")]
-    assert len(gone) == 1 and gone[0]["item_id"] == delivered["e-purged"]
+    # only the purged reply exists nowhere (the listener's start-up catch-up, still reading the
+    # inbox when the replies arrived, may have queued it in a second job, which reports it too)
+    assert {i["item_id"] for i in items if i.get("gone")} == {delivered["e-purged"]}
 
 
 def test_a_reply_moved_while_no_listener_ran_is_found_in_its_new_folder(system, redis_client, emulator):

@@ -43,17 +43,31 @@ def sink(redis_client, redis_server):
     made.close(time.monotonic() + 5)
 
 
-def test_mail_handed_over_together_goes_out_in_few_jobs_across_mailboxes(sink, redis_client):
+def test_while_workers_are_behind_mail_handed_over_together_shares_jobs_across_mailboxes(sink, redis_client):
+    waiting = new_mail(999, "else@ours.example")
+    queueing.enqueue_new_mail(sink.queue, [waiting])  # a job waits: the workers are behind
     mails = [new_mail(n) for n in range(120)]
     sink.put(mails)  # one notification's worth for the thread
-    wait_for(lambda: len(carried(redis_client)) == 120 and sink.in_memory() == 0, message="all 120 enqueued")
-    found = queued_jobs(redis_client)
+    wait_for(lambda: len(carried(redis_client)) == 121 and sink.in_memory() == 0, message="all 120 enqueued")
+    found = [job for job in queued_jobs(redis_client) if job.args[0].get("mailbox") != waiting.mailbox]
     assert sorted(len(job.args[0]["mails"]) for job in found) == [20, MAX_MAILS_PER_JOB, MAX_MAILS_PER_JOB]
-    assert sorted(carried(redis_client)) == sorted((m.mailbox, m.item_id) for m in mails)  # each exactly once
+    assert sorted(carried(redis_client)) == sorted((m.mailbox, m.item_id) for m in [*mails, waiting])  # each once
     for job in found:
         source, groups = jobs._validate(job.args[0])  # what a worker accepts
         assert source == "ews" and {mailbox for mailbox, _ in groups} == set(MAILBOXES)
         assert job.id == queueing.mails_job_id([NewMail.from_dict(m) for m in job.args[0]["mails"]])
+
+
+def test_while_the_queue_is_empty_each_mailbox_gets_a_job_for_idle_workers_to_share(sink, redis_client):
+    mails = [new_mail(n) for n in range(12)]  # two of each of the six mailboxes
+    sink.put(mails)
+    wait_for(lambda: len(carried(redis_client)) == 12 and sink.in_memory() == 0, message="all 12 enqueued")
+    found = queued_jobs(redis_client)
+    assert sorted(job.args[0]["mailbox"] for job in found) == sorted(MAILBOXES)
+    for job in found:
+        mine = [m for m in mails if m.mailbox == job.args[0]["mailbox"]]
+        assert job.args[0] == queueing.payload(mine) and job.id == queueing.job_id(mine[0].mailbox,
+                                                                                   [m.item_id for m in mine])
 
 
 def test_a_lone_mail_goes_out_at_once_in_a_job_of_its_own(sink, redis_client):

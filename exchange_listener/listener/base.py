@@ -57,9 +57,11 @@ class Sink:
 
     Stream mail (``put``) is handed to the sink's own thread, so a stream never waits on Redis.
     The thread enqueues whatever is pending when it comes round, up to ``MAX_MAILS_PER_JOB``
-    mails of any mailboxes, as one job: a lone mail goes out at once (no added wait), and mail
-    that arrives during one enqueue forms the next job, so under load RQ's per-job cost is
-    shared by many mails. Catch-ups call ``enqueue``, which enqueues now or raises.
+    mails: a lone mail goes out at once (no added wait), and mail that arrives during one
+    enqueue forms the next batch. While a job waits in the queue (the workers are behind), a
+    batch of several mailboxes is one job, so RQ's per-job cost is shared by many mails; else it
+    is one job per mailbox, for idle workers to take in parallel. Catch-ups call ``enqueue``,
+    which enqueues now or raises.
     """
 
     def __init__(self, conn: redis.Redis, settings: Settings, source: str = "ews"):
@@ -158,7 +160,7 @@ class Sink:
                 self._sending = len(batch)
             error: Exception | None = None
             try:
-                self.enqueue(batch)
+                self._send(batch)
             except Exception as exc:  # noqa: BLE001 - kept below; the thread must outlive any error
                 error = exc
             with self._lock:
@@ -179,6 +181,19 @@ class Sink:
                     elif first:
                         self.log.warning("Redis unreachable; holding new mail in memory until it is back",
                                          error=str(error))
+
+    def _send(self, batch: list[NewMail]) -> None:
+        """One job for ``batch`` while workers are behind (a job waits in the queue: sharing RQ's
+        cost then drains the queue sooner), else one job per mailbox, so that idle workers take
+        the mailboxes in parallel (each mailbox costs a job its own round trips to the server)."""
+        by_mailbox: dict[str, list[NewMail]] = {}
+        for mail in batch:
+            by_mailbox.setdefault(mail.mailbox.lower(), []).append(mail)
+        if len(by_mailbox) == 1 or self.queue.count > 0:
+            self.enqueue(batch)
+            return
+        for mails in by_mailbox.values():  # an error part-way holds the whole batch (a part sent may run twice)
+            self.enqueue(mails)
 
     def _hold_pending(self) -> None:
         """With the lock held: move what is pending into ``buffer``, in order."""
