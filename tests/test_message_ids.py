@@ -49,6 +49,14 @@ def test_parse_id_list_real_forms():
     assert parse_id_list(None) == [] and parse_id_list("") == [] and parse_id_list("(just a comment)") == []
 
 
+def test_an_unclosed_comment_never_swallows_the_ids_after_it():
+    """Two References headers are read as one list; a comment left open in the first (found by
+    the property test of handle_mail) must not hide the id of our send in the second."""
+    assert parse_id_list("( <prop-send@ours.example>") == ["<prop-send@ours.example>"]
+    assert parse_id_list("(truncated comment <a@x.com> <b@y.com>") == ["<a@x.com>", "<b@y.com>"]
+    assert references_of(None, "( " + "<a@x.com>") == ["<a@x.com>"]
+
+
 def test_references_of_puts_in_reply_to_first():
     refs = references_of("<c@z.com>", "<a@x.com> <b@y.com> <c@z.com>")
     assert refs == ["<c@z.com>", "<a@x.com>", "<b@y.com>"]

@@ -17,8 +17,9 @@ DEFAULT_LIMIT = 10000
 _WS = re.compile(r"\s+")
 _BAD_CHARS = re.compile(r"[<>\x00-\x1f\x7f]")
 # One token of an id list: a bracketed id (folding may put whitespace inside), an unclosed
-# bracket (a truncated id: up to the next separator), a comment, or a bare word.
-_TOKEN = re.compile(r"<[^<>]*>|<[^<>\s,]*|\([^()]*\)?|[^\s<>(),;\"]+")
+# bracket (a truncated id: up to the next separator), a comment (one left open ends before the
+# next "<", so it never hides the ids after it), or a bare word.
+_TOKEN = re.compile(r"<[^<>]*>|<[^<>\s,]*|\([^()<>]*\)?|[^\s<>(),;\"]+")
 _DOMAIN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$")
 
 
