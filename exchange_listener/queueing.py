@@ -69,11 +69,18 @@ def describe(job_payload: Any) -> str | None:
     return ", ".join(str(m) for m in several) if isinstance(several, list) and several else None
 
 
-def retry_policy(retries: int) -> Retry | None:
-    if retries <= 0:
+def retry_policy(retries: int, used: int = 0) -> Retry | None:
+    """RQ's Retry for ``retries`` retries in all, ``used`` of them spent already (a job that goes
+    on from another: it keeps the same schedule)."""
+    if retries - used <= 0:
         return None
-    intervals = RETRY_INTERVALS[: min(retries, len(RETRY_INTERVALS))] + [RETRY_INTERVALS[-1]] * max(0, retries - len(RETRY_INTERVALS))
-    return Retry(max=retries, interval=intervals)
+    last = len(RETRY_INTERVALS) - 1
+    return Retry(max=retries - used, interval=[RETRY_INTERVALS[min(i, last)] for i in range(used, retries)])
+
+
+def retry_delay(used: int) -> int:
+    """Seconds RQ waits before retry number ``used + 1`` under ``retry_policy``."""
+    return RETRY_INTERVALS[min(used, len(RETRY_INTERVALS) - 1)]
 
 
 def enqueue_new_mail(queue: Queue, mails: Sequence[NewMail], *, retries: int = default("job_retries"),
@@ -90,10 +97,12 @@ def enqueue_new_mail(queue: Queue, mails: Sequence[NewMail], *, retries: int = d
 
 
 def enqueue_later(queue: Queue, mails: Sequence[NewMail], delay: float, *, retries: int, job_timeout: int,
-                  source: str, failure_ttl: int = FAILURE_TTL, meta: dict[str, Any] | None = None) -> Job | None:
+                  source: str, failure_ttl: int = FAILURE_TTL, meta: dict[str, Any] | None = None,
+                  retries_used: int = 0) -> Job | None:
     """``enqueue_new_mail``, due ``delay`` seconds from now (RQ's scheduler enqueues it then),
-    with ``meta`` as the job's meta. Returns None if its twin is pending."""
-    opts = _job_options(mails, retries, job_timeout, failure_ttl)
+    with ``meta`` as the job's meta and ``retries_used`` of its retries spent. Returns None if
+    its twin is pending."""
+    opts = _job_options(mails, retries, job_timeout, failure_ttl, retries_used)
     job = queue.create_job(JOB_FUNC, args=(payload(mails, source),), job_id=opts.pop("job_id"),
                            timeout=opts.pop("job_timeout"), meta=meta, **opts)
     when = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=delay)
@@ -103,8 +112,9 @@ def enqueue_later(queue: Queue, mails: Sequence[NewMail], delay: float, *, retri
         return None
 
 
-def _job_options(mails: Sequence[NewMail], retries: int, job_timeout: int, failure_ttl: int) -> dict[str, Any]:
+def _job_options(mails: Sequence[NewMail], retries: int, job_timeout: int, failure_ttl: int,
+                 retries_used: int = 0) -> dict[str, Any]:
     mailboxes = list(dict.fromkeys(m.mailbox.lower() for m in mails))
     whose = mailboxes[0] if len(mailboxes) == 1 else f"{len(mailboxes)} mailboxes"
-    return {"job_id": mails_job_id(mails), "retry": retry_policy(retries), "job_timeout": job_timeout,
+    return {"job_id": mails_job_id(mails), "retry": retry_policy(retries, retries_used), "job_timeout": job_timeout,
             "result_ttl": 3600, "failure_ttl": failure_ttl, "description": f"new mail for {whose} ({len(mails)} item(s))"}

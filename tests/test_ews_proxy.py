@@ -34,6 +34,9 @@ def test_ews_requests_go_through_the_proxy_the_environment_names(emulator, monke
             (fetched,) = fetcher.fetch(MAILBOX, [item])
             assert fetched.item_id == item
         assert proxy.accepted >= 1
+        session = fetcher._account(MAILBOX).protocol.get_session()  # the sessions merge the environment once
+        assert session.merge_environment_settings.__name__ == "merged"
+        fetcher._account(MAILBOX).protocol.release_session(session)
         fetcher.close()
     finally:
         proxy.close()

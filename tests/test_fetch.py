@@ -249,8 +249,9 @@ def test_the_getitem_request_is_byte_for_byte_exchangelibs(fetcher, paths):
 
     account = fetcher._account(MAILBOX)
     fields = getattr(fetch_module, paths)
-    for ids in (["AAMkAD+/=one"], ["AAMkAD+/=one", "AAMkAD&<two>", "AAMkAD\"three\""]):
-        items = [ItemId(id=i) for i in ids]
+    for items in ([ItemId(id="AAMkAD+/=one")], [ItemId(id=i) for i in ("AAMkAD+/=one", "AAMkAD&<two>", 'AAMkAD"3"')],
+                  [ItemId(id="AAMkAD+/=one"), ItemId(id="AAMkAD=two", changekey="CQAAABYA")]):  # exchangelib's own
+        ids = [item.id for item in items]
         ours = fetch_module._GetItem(account=account, chunk_size=len(ids))
         theirs = GetItem(account=account, chunk_size=len(ids))
         for _ in range(2):

@@ -233,10 +233,14 @@ def test_a_mailbox_failing_inside_a_shared_job_goes_on_alone_and_the_others_are_
     assert split["mailbox"] == OTHER_MAILBOX and split["items"] == 1
     assert "ErrorMailboxMoveInProgress" in split["error"]
     queue = queueing.make_queue(ctx.redis, ctx.settings.queue_name)
-    # due SPLIT_DELAY seconds later, with the whole retry policy, carrying only that mailbox's mail
+    # due when the shared job's first retry would have been, carrying only that mailbox's mail, on
+    # the rest of the retry schedule (this attempt was its first)
     assert split["job_id"] in queue.scheduled_job_registry.get_job_ids()
+    due = queue.scheduled_job_registry.get_scheduled_time(split["job_id"]).timestamp() - time.time()
+    assert 0 < due <= queueing.RETRY_INTERVALS[0]
     job = queue.fetch_job(split["job_id"])
-    assert job.args[0] == queueing.payload(failing) and job.retries_left == ctx.settings.job_retries
+    assert job.args[0] == queueing.payload(failing) and job.retries_left == ctx.settings.job_retries - 1
+    assert job.retry_intervals == queueing.retry_policy(ctx.settings.job_retries, 1).intervals
     assert job.id == queueing.job_id(OTHER_MAILBOX, [failing_item])
     ctx.emulator.fault(kind="clear_mailbox_error", mailbox=OTHER_MAILBOX)
     assert jobs.handle_mail(job.args[0])["transitions"] == 1  # what a worker runs when it falls due
@@ -265,5 +269,24 @@ def test_parts_not_started_by_half_the_job_timeout_go_on_as_jobs_of_their_own(ct
     for box, entry in split.items():
         assert "half the job's timeout" in entry["error"]
         later = queue.fetch_job(entry["job_id"])
-        assert later.args[0]["mailbox"] == box and later.retries_left == ctx.settings.job_retries
+        assert later.args[0]["mailbox"] == box and later.retries_left == 3  # none of the job's retries spent
         assert entry["job_id"] in queue.scheduled_job_registry.get_job_ids()
+
+
+def test_a_shared_job_run_again_after_failing_only_splits_into_its_mailboxes(ctx):
+    """Its first run failed as a whole (e.g. RQ's timeout in one slow mailbox's part): running
+    every part again in one job could fail the same way, so each mailbox goes on alone, on the
+    rest of the shared job's retry schedule."""
+    boxes = [f"again{i}@ours.example" for i in range(3)]
+    mails = [NewMail(box, f"AAMkAgain{i}", "inbox", time.time()) for i, box in enumerate(boxes)]
+    queue = queueing.make_queue(ctx.redis, ctx.settings.queue_name)
+    job = queueing.enqueue_new_mail(queue, mails, retries=3)
+    job.retries_left = 2  # what RQ leaves on the job it retries
+    job.save()
+    before = get_items(ctx)
+    summary = job.perform()
+    assert get_items(ctx) == before and summary["items"] == []  # nothing fetched in the shared job
+    assert sorted(s["mailbox"] for s in summary["split"]) == sorted(boxes)
+    for entry in summary["split"]:
+        alone = queue.fetch_job(entry["job_id"])
+        assert alone.retries_left == 2 and alone.retry_intervals == queueing.retry_policy(3, 1).intervals

@@ -540,41 +540,46 @@ def _handle_group(mailbox: str, mails: list[NewMail], source: str, part: bool = 
         return summary
 
 
-SPLIT_DELAY = 2.0  # seconds before the mail of a mailbox that failed inside a shared job is tried again
-
-
 def _handle_groups(groups: list[tuple[str, list[NewMail]]], source: str) -> dict:
     """A job carrying mail of several mailboxes: each mailbox's part on its own. A part that
-    fails does not fail the others: it goes on as a job of its own (due ``SPLIT_DELAY`` s later,
-    with the full retry policy), so RQ's retries and the failed registry hold only that
-    mailbox's mail. Once half the job's timeout is spent (a slow server), the parts not started
-    go on as jobs of their own too, so one slow mailbox never times the others out. If such a
-    job cannot be enqueued, this whole job fails for RQ to retry (the parts that went through are
-    then replayed: harmless, their decisions and transitions are stored once)."""
+    fails does not fail the others: it goes on as a job of its own, on the retry schedule the
+    shared job was on (its next retry is due when the shared job's would have been), so RQ's
+    retries and the failed registry hold only that mailbox's mail. Once half the job's timeout
+    is spent (a slow server), the parts not started go on as jobs of their own at once; and a
+    shared job run again after a failure of its own (a timeout) only splits into its parts. If
+    such a job cannot be enqueued, this whole job fails for RQ to retry (the parts that went
+    through are then replayed: harmless, their decisions and transitions are stored once)."""
     ctx = context.get()
     ctx.fetcher(source)  # an unknown source fails the job as it is, not once per mailbox
     job = get_current_job()
     budget = (job.timeout or ctx.settings.job_timeout) / 2 if job is not None else None
+    used = max(0, len(job.retry_intervals or []) - (job.retries_left or 0)) if job is not None else 0
+    retries = len(job.retry_intervals or []) if job is not None else ctx.settings.job_retries
     started = time.monotonic()
     parts: list[dict] = []
-    later: list[tuple[str, list[NewMail], str, float]] = []  # (mailbox, mails, why, delay)
+    later: list[tuple[str, list[NewMail], str, float, int]] = []  # (mailbox, mails, why, delay, retries used)
     for index, (mailbox, mails) in enumerate(groups):
+        if used:
+            later.extend((m, ms, "the shared job failed before; each mailbox goes on alone", 0.0, used)
+                         for m, ms in groups[index:])
+            break
         if budget is not None and time.monotonic() - started > budget:
-            later.extend((m, ms, "half the job's timeout spent before its turn", 0.0) for m, ms in groups[index:])
+            later.extend((m, ms, "half the job's timeout spent before its turn", 0.0, used) for m, ms in groups[index:])
             break
         try:
             parts.append(_handle_group(mailbox, mails, source, part=True))
         except BaseTimeoutException:
             raise  # RQ's job timeout: the job ends here and is retried whole
         except Exception as exc:  # noqa: BLE001 - split off below
-            later.append((mailbox, mails, f"{type(exc).__name__}: {exc}"[:500], SPLIT_DELAY))
+            # this attempt counts as one of the part's tries: it goes on as the shared job's retry would
+            later.append((mailbox, mails, f"{type(exc).__name__}: {exc}"[:500], queueing.retry_delay(used), used + 1))
             metrics.JOBS_PROCESSED.labels("split").inc()
             log.warning("mail of one mailbox failed inside a shared job; it goes on in a job of its own",
                         mailbox=mailbox, items=len(mails), error=f"{type(exc).__name__}: {exc}")
     split = []
-    for mailbox, mails, why, delay in later:
+    for mailbox, mails, why, delay, spent in later:
         try:
-            again = _split_off(ctx, job, mailbox, mails, source, delay)
+            again = _split_off(ctx, job, mailbox, mails, source, delay, retries, spent)
         except BaseTimeoutException:
             raise
         except Exception as enqueue_error:  # the job is retried whole instead
@@ -597,16 +602,17 @@ def _handle_groups(groups: list[tuple[str, list[NewMail]]], source: str) -> dict
             "gone": sum(p["gone"] for p in parts), "split": split}
 
 
-def _split_off(ctx: context.Context, job: Any, mailbox: str, mails: list[NewMail], source: str, delay: float) -> Any:
+def _split_off(ctx: context.Context, job: Any, mailbox: str, mails: list[NewMail], source: str, delay: float,
+               retries: int, used: int) -> Any:
     """Enqueue one mailbox's part of a shared job as a job of its own, due ``delay`` s from now,
-    carrying what the shared job counted for its mails (``nowhere_attempts``)."""
+    with ``used`` of its ``retries`` spent, carrying what the shared job counted for its mails
+    (``nowhere_attempts``)."""
     attempts = (job.meta.get("nowhere_attempts") or {}) if job is not None else {}
     carried = {m.item_id: attempts[m.item_id] for m in mails if m.item_id in attempts}
     return queueing.enqueue_later(queueing.make_queue(ctx.redis, ctx.settings.queue_name), mails, delay,
-                                  retries=ctx.settings.job_retries, job_timeout=ctx.settings.job_timeout,
-                                  source=source, failure_ttl=max(queueing.FAILURE_TTL,
-                                                                 ctx.settings.processed_days * 86400),
-                                  meta={"nowhere_attempts": carried} if carried else None)
+                                  retries=retries, job_timeout=ctx.settings.job_timeout, source=source,
+                                  failure_ttl=max(queueing.FAILURE_TTL, ctx.settings.processed_days * 86400),
+                                  meta={"nowhere_attempts": carried} if carried else None, retries_used=used)
 
 
 NOWHERE_RETRIES = 2  # a job that finds its mail nowhere is retried this often before saying so

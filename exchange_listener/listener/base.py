@@ -4,7 +4,7 @@ A listener holds the leases of its fair share of the watched mailboxes of its so
 (``settings.source``), publishes its liveness, and enqueues every new mail a source reports.
 Nothing is lost on the way to the queue:
 
-- new mail is enqueued at once (stream mail by the sink's thread, which puts what arrived
+- new mail is enqueued at once (stream mail by the sink's thread, which may put what arrived
   together in one job); while Redis is unreachable it waits in memory (``Sink``) and is
   flushed when Redis is back, in slices between lease renewals, so a backlog never costs the
   leases;
@@ -93,9 +93,10 @@ class Sink:
         """Hand stream mail to the sink's thread; never raises, never waits on Redis."""
         with self._lock:
             if self.buffer or self._closing:  # Redis is away (or we are stopping): behind what is held
-                self._hold(mails)
+                for start in range(0, len(mails), MAX_MAILS_PER_JOB):  # held as the jobs flush will make
+                    self._hold(mails[start:start + MAX_MAILS_PER_JOB])
                 return
-            if len(self._pending) + len(mails) > BUFFER_LIMIT:  # Redis answers, but slower than mail comes
+            if len(self._pending) + self._sending + len(mails) > BUFFER_LIMIT:  # Redis slower than mail comes
                 self.overflowed = True  # the main loop has every mailbox caught up
                 return
             self._pending.extend(mails)
@@ -535,5 +536,5 @@ class BaseListener:
         except REDIS_ERRORS as exc:
             self.log.warning("could not release leases; they expire on their own (mail still in memory is found "
                              "by the next holder's catch-up)", error=str(exc), in_memory=self.sink.in_memory())
-        self.log.info("listener stopped", **summary)
+        self.log.info("listener stopped", in_memory=self.sink.in_memory(), **summary)
         return 0

@@ -97,7 +97,8 @@ class _GetItem(WholeBody, GetItem):
         field models was a tenth of a worker's CPU per reply) and plain ItemIds (ours carry no
         ChangeKey); tests/test_fetch.py checks it is byte for byte what exchangelib builds."""
         version = self.account.version
-        key = (shape, tuple(sorted(f.path for f in additional_fields or ())), str(version))
+        key = (shape, tuple(sorted((getattr(f.field, "field_uri", ""), f.path) for f in additional_fields or ())),
+               str(version))
         cached = _GetItem._shapes.get(key)
         if cached is None:
             cached = _GetItem._shapes[key] = shape_element(tag="m:ItemShape", shape=shape,
@@ -106,7 +107,7 @@ class _GetItem(WholeBody, GetItem):
         payload.append(copy.deepcopy(cached))
         ids = create_element("m:ItemIds")
         for item in items:
-            if not isinstance(item, ItemId) or item.changekey:
+            if type(item) is not ItemId or item.changekey:  # a subclass has another element name
                 payload.append(item_ids_element(items=items, version=version))  # exchangelib's own, as it was
                 return payload
             ids.append(create_element("t:ItemId", attrs={"Id": item.id}))
