@@ -2,10 +2,10 @@
 
     python bench/restart_bench.py [--quick] [--out bench-results/restart.json]
 
-One listener holds N mailboxes (1,000; quick: 50) of the EWS emulator; M mails (10,000; quick:
-200) are delivered while it streams and processed by `exchange-listener work --burst`
+One listener holds N mailboxes (1,000; quick: 20) of the EWS emulator; M mails (10,000; quick:
+100) are delivered while it streams and processed by `exchange-listener work --burst`
 processes (the ledger then remembers them). The listener is stopped with SIGTERM, G mails
-(100; quick: 20) arrive while none runs, and a new listener starts. Measured after the restart,
+(100; quick: 10) arrive while none runs, and a new listener starts. Measured after the restart,
 until every mailbox is streamed and caught up and the queue is drained by another burst
 worker: jobs enqueued, GetItem calls (the emulator counts its operations), SyncFolderItems and
 SyncFolderHierarchy calls, and the seconds to caught up. The goal: jobs and GetItem calls after
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     workdir = Path(tempfile.mkdtemp(prefix="el-restart-bench-"))
-    sizes = (50, 200, 20) if args.quick else (1000, 10_000, 100)
+    sizes = (20, 100, 10) if args.quick else (1000, 10_000, 100)
     result = {"quick": args.quick, **run(*sizes, workdir), "logs": str(workdir)}
     result["goal"] = "mails enqueued and GetItem calls after the restart ~= gap mails"
     result["goal_met"] = (result["mails_after_restart"] <= result["gap_mails"] * 1.05

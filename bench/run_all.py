@@ -31,7 +31,7 @@ one listener + N workers per system (run one after the other, never at the same 
 8. latency p99 at 80% of the highest replies/s of (2) (ours only), delivered on a schedule by a few
    threads, with the best worker count;
 9. listener start-up and footprint (``bench/listener_bench.py``): seconds until 5,000 mailboxes all
-   stream, RSS at 20,000 mailboxes (quick: at 100; the table row's ``mailboxes`` says the size);
+   stream, RSS at 20,000 mailboxes (quick: at 50; the table row's ``mailboxes`` says the size);
 10. the Microsoft Graph source (``bench/graph_bench.py``, ``graph_*`` rows, ``e2e.graph``): ours
    with ``source = graph`` on the Graph emulator (its listener's notification receiver on a free
    port), the same mailboxes and worker counts: delivery -> stop latency at the rate of (1),
@@ -786,7 +786,7 @@ def imap_rows(imap: dict, ews: dict, ews_best: dict) -> dict:
 
 
 def footprint_row(footprints: dict, mailboxes: int, key: str) -> tuple:
-    """A listener figure at ``mailboxes``, else at the largest size measured (quick: 100), the
+    """A listener figure at ``mailboxes``, else at the largest size measured (quick: 50), the
     size used named in the row (``mailboxes``); a figure at another size is never judged."""
     sizes = sorted((int(n) for n, e in footprints.items() if n.isdigit() and isinstance(e, dict) and e.get(key) is not None),
                    key=lambda n: (n != mailboxes, -n))

@@ -125,10 +125,10 @@ def table(result: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small run (well under 30 s)")
-    parser.add_argument("--replies", type=int, help="replies to process (default 2000; 100 with --quick)")
+    parser.add_argument("--replies", type=int, help="replies to process (default 2000; 50 with --quick)")
     parser.add_argument("--out", default=str(ROOT / "bench-results" / "worker.json"))
     args = parser.parse_args()
-    replies = args.replies or (100 if args.quick else 2000)
+    replies = args.replies or (50 if args.quick else 2000)
     result = bench(replies)
     result.update(quick=args.quick, machine={"cpus": os.cpu_count(), "python": platform.python_version()},
                   measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
