@@ -74,8 +74,7 @@ def retry_policy(retries: int, used: int = 0) -> Retry | None:
     on from another: it keeps the same schedule)."""
     if retries - used <= 0:
         return None
-    last = len(RETRY_INTERVALS) - 1
-    return Retry(max=retries - used, interval=[RETRY_INTERVALS[min(i, last)] for i in range(used, retries)])
+    return Retry(max=retries - used, interval=[retry_delay(i) for i in range(used, retries)])
 
 
 def retry_delay(used: int) -> int:

@@ -51,6 +51,7 @@ ends the job.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime as dt
 import hashlib
@@ -592,14 +593,7 @@ def _handle_groups(groups: list[tuple[str, list[NewMail]]], source: str) -> dict
                  split_job_ids=[s["job_id"] for s in split])
     if split or any(p["transitions"] for p in parts):  # a failed part may have made transitions too
         _notify(ctx)
-    items = [i for p in parts for i in p["items"]]
-    kinds: dict[str, int] = {}
-    for p in parts:
-        for kind, n in p["kinds"].items():
-            kinds[kind] = kinds.get(kind, 0) + n
-    return {"mailboxes": [m for m, _ in groups], "items": items, "kinds": kinds,
-            "transitions": sum(p["transitions"] for p in parts), "unmatched": sum(p["unmatched"] for p in parts),
-            "gone": sum(p["gone"] for p in parts), "split": split}
+    return {"mailboxes": [m for m, _ in groups], **_tally([i for p in parts for i in p["items"]]), "split": split}
 
 
 def _split_off(ctx: context.Context, job: Any, mailbox: str, mails: list[NewMail], source: str, delay: float,
@@ -722,20 +716,20 @@ def _handle(mailbox: str, source: str, mails: list[NewMail], notify: bool = True
         if not finished:  # RQ's job timeout ended the job half-way: keep the marks of the items done
             _mark_after_interruption(ctx, mailbox, marks)
     ctx.ledger.mark_processed_many(mailbox, marks)  # after every transition of the job, so a catch-up never skips one
-    transitions = sum(1 for i in items for a in i["actions"] if a.get("applied"))
-    if transitions and notify:
+    summary = {"mailbox": mailbox, **_tally(items)}
+    if summary["transitions"] and notify:
         _notify(ctx)
     if errors:
         raise ItemsFailed(f"{len(errors)} of {len(mails)} item(s) failed: " + "; ".join(errors)[:2000])
-    kinds: dict[str, int] = {}
-    for i in items:
-        if i["kind"]:
-            kinds[i["kind"]] = kinds.get(i["kind"], 0) + 1
+    return summary
+
+
+def _tally(items: list[dict]) -> dict:
+    """A job's (or a part's) summary counts, from its items' summaries."""
     return {
-        "mailbox": mailbox,
         "items": items,
-        "kinds": kinds,
-        "transitions": transitions,
+        "kinds": dict(collections.Counter(i["kind"] for i in items if i["kind"])),
+        "transitions": sum(1 for i in items for a in i["actions"] if a.get("applied")),
         "unmatched": sum(1 for i in items if i["kind"] and not i["matched"] and not i.get("skipped")),
         "gone": sum(1 for i in items if i.get("gone")),
     }

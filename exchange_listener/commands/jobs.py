@@ -20,7 +20,6 @@ from rq.serializers import JSONSerializer
 from exchange_listener import queueing
 from exchange_listener.commands import add_config_argument, load_settings
 from exchange_listener.core import redis_conn
-from exchange_listener.queueing import make_queue
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +67,7 @@ def _print_failed_notifications(rows: list[dict], limit: int, as_json: bool) -> 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     conn = redis_conn.connect(settings.redis_url)
-    queue = make_queue(conn, settings.queue_name)
+    queue = queueing.make_queue(conn, settings.queue_name)
     registry = FailedJobRegistry(queue=queue)
     if args.action == "queue":
         print(json.dumps({"queue": settings.queue_name, "queued": queue.count, "failed": registry.count}))
