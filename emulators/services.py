@@ -156,7 +156,23 @@ class RedisServer:
         args += self.extra_args
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port, proc=self.proc)
+        self._wait_loaded()
         return self
+
+    def _wait_loaded(self, timeout: float = 10.0) -> None:
+        """Until PING answers PONG: a server restarted with an AOF listens before it has read it
+        back, and answers LOADING meanwhile (a caller's first command would fail on it)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise TimeoutError(f"redis-server on {self.port} still loading after {timeout}s")
 
     def stop(self) -> None:
         """Graceful shutdown (with AOF, what was written survives a restart)."""
